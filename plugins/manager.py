@@ -1,0 +1,231 @@
+"""Loads plugins and collects what they register: a typed facade over pluggy.
+
+Built-in plugins are the modules in DEFAULT_PLUGINS; third-party plugins come
+from the entry-point group ``imagesearch``. Each plugin's hooks are called one
+plugin at a time so that a broken plugin is reported by name and skipped,
+while a duplicate extractor or metric name stops start-up: silently letting
+one plugin shadow another would change search results without a trace.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from importlib import metadata
+from types import ModuleType
+from typing import Any
+
+import pluggy
+
+from imagesearch.plugins import hookspecs
+from imagesearch.plugins.types import ALL_INDEX_TYPES, Extractor, Metric
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "imagesearch"
+# Comma-separated plugin names. When set, only these third-party plugins load.
+ALLOW_ENV = "IMAGESEARCH_PLUGINS"
+# Comma-separated plugin names (built-in or third-party) that never load.
+BLOCK_ENV = "IMAGESEARCH_DISABLE_PLUGINS"
+
+DEFAULT_PLUGINS: dict[str, str] = {
+    "metrics": "imagesearch.plugins.metrics",
+    "onnx_cnn": "imagesearch.plugins.onnx_cnn",
+}
+
+
+class PluginConflictError(RuntimeError):
+    """Two plugins registered the same extractor or metric name."""
+
+
+@dataclass(frozen=True)
+class Registered:
+    """Something a plugin registered, remembered with the plugin's name."""
+
+    item: Any
+    plugin: str
+
+
+def _names_from_env(env: Mapping[str, str], key: str) -> set[str] | None:
+    raw = env.get(key)
+    if raw is None:
+        return None
+    return {part.strip() for part in raw.split(",") if part.strip()}
+
+
+def _check_name(kind: str, obj: object) -> None:
+    name = getattr(obj, "name", None)
+    if not isinstance(name, str) or not name.strip():
+        raise TypeError(f"{kind} {obj!r} has no usable name: {name!r}")
+
+
+def _check_extractor(obj: object) -> None:
+    missing = [
+        attr for attr in ("name", "version", "dim", "default_metric", "extract") if not hasattr(obj, attr)
+    ]
+    if missing:
+        raise TypeError(f"extractor {obj!r} lacks {', '.join(missing)}")
+    _check_name("extractor", obj)
+    dim = obj.dim  # type: ignore[attr-defined]
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
+        raise TypeError(f"extractor {obj.name!r} has invalid dim {dim!r}")  # type: ignore[attr-defined]
+    for attr in ("version", "default_metric"):
+        if not isinstance(getattr(obj, attr), str):
+            raise TypeError(f"extractor {obj.name!r}: {attr} must be a str")  # type: ignore[attr-defined]
+    if not callable(obj.extract):  # type: ignore[attr-defined]
+        raise TypeError(f"extractor {obj.name!r}: extract is not callable")  # type: ignore[attr-defined]
+
+
+def _check_metric(obj: object) -> None:
+    if not isinstance(obj, Metric):
+        raise TypeError(f"metric {obj!r} is not an imagesearch.plugins.types.Metric")
+    _check_name("metric", obj)
+    unknown = set(obj.index_types) - ALL_INDEX_TYPES
+    if not obj.index_types or unknown:
+        raise TypeError(
+            f"metric {obj.name!r}: index_types must be a non-empty subset of {sorted(ALL_INDEX_TYPES)}"
+        )
+
+
+class PluginRegistry:
+    """The extractors and metrics available to this process.
+
+    ``problems`` lists plugins that failed (and were skipped) with the reason;
+    ``skipped`` lists plugins that were deliberately not loaded (blocked or
+    not allow-listed), so an operator can see why a plugin is missing.
+    """
+
+    def __init__(
+        self,
+        extra_plugins: Iterable[tuple[str, object]] = (),
+        *,
+        load_entry_points: bool = True,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        env = os.environ if env is None else env
+        self._allow = _names_from_env(env, ALLOW_ENV)
+        self._block = _names_from_env(env, BLOCK_ENV) or set()
+        self.problems: list[str] = []
+        self.skipped: list[str] = []
+        self.extractors: dict[str, Registered] = {}
+        self.metrics: dict[str, Registered] = {}
+        self._pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+        self._pm.add_hookspecs(hookspecs)
+        for name, module_path in DEFAULT_PLUGINS.items():
+            if self._not_blocked(name):
+                self._load(name, lambda path=module_path: importlib.import_module(path))
+        extra_plugins = list(extra_plugins)
+        self._local_names = set(DEFAULT_PLUGINS) | {name for name, _ in extra_plugins}
+        for name, plugin in extra_plugins:
+            if self._not_blocked(name):
+                self._load(name, lambda plugin=plugin: plugin)
+        if load_entry_points:
+            self._load_entry_points()
+        self._collect("register_extractors", self.extractors, _check_extractor, "extractor")
+        self._collect("register_metrics", self.metrics, _check_metric, "metric")
+        self._check_default_metrics()
+
+    # -- loading -------------------------------------------------------------
+    def _problem(self, message: str) -> None:
+        log.warning("plugin problem: %s", message)
+        self.problems.append(message)
+
+    def _not_blocked(self, name: str) -> bool:
+        if name in self._block:
+            self.skipped.append(f"plugin {name!r} is blocked by {BLOCK_ENV}")
+            return False
+        return True
+
+    def _load(self, name: str, load: Callable[[], object]) -> None:
+        try:
+            plugin = load()
+            self._pm.register(plugin, name=name)
+        except Exception as exc:  # a plugin's import can fail in any way
+            self._problem(f"plugin {name!r} failed to load: {type(exc).__name__}: {exc}")
+            return
+        try:
+            self._pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            self._pm.unregister(name=name)
+            self._problem(f"plugin {name!r} implements an unknown hook: {exc}")
+            return
+        if not any(caller.get_hookimpls() for caller in self._pm.get_hookcallers(plugin) or ()):
+            self._problem(f"plugin {name!r} implements no imagesearch hook (functions lack @hookimpl?)")
+
+    def _load_entry_points(self) -> None:
+        found: set[str] = set()
+        for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
+            name = entry_point.name
+            found.add(name)
+            if not self._not_blocked(name):
+                continue
+            if self._allow is not None and name not in self._allow:
+                self.skipped.append(f"plugin {name!r} is not in {ALLOW_ENV}")
+                continue
+            if self._pm.get_plugin(name) is not None:
+                self._problem(f"plugin {name!r} ({entry_point.value}) clashes with a loaded plugin's name")
+                continue
+            self._load(name, entry_point.load)
+        # A misspelt allow-list entry would otherwise disable a plugin without a word.
+        for name in sorted((self._allow or set()) - found - self._block - self._local_names):
+            self._problem(f"plugin {name!r} is named in {ALLOW_ENV} but no such plugin is installed")
+
+    def _collect(
+        self,
+        hook_name: str,
+        into: dict[str, Registered],
+        check: Callable[[object], None],
+        kind: str,
+    ) -> None:
+        """Call one hook plugin by plugin; a plugin whose hook fails contributes nothing to it."""
+        caller = getattr(self._pm.hook, hook_name)
+        for impl in caller.get_hookimpls():
+            staged: list[object] = []
+
+            def register(obj: object, staged: list[object] = staged) -> None:
+                check(obj)
+                staged.append(obj)
+
+            try:
+                impl.function(register=register)
+            except Exception as exc:
+                self._problem(
+                    f"plugin {impl.plugin_name!r} failed in {hook_name}: {type(exc).__name__}: {exc}"
+                )
+                continue
+            # Checked here, outside the plugin's code, so a plugin cannot swallow the error.
+            for obj in staged:
+                name = obj.name  # type: ignore[attr-defined]
+                if name in into:
+                    raise PluginConflictError(
+                        f"{kind} {name!r} is registered by both plugin {into[name].plugin!r} and plugin "
+                        f"{impl.plugin_name!r}; block one with {BLOCK_ENV}"
+                    )
+                into[name] = Registered(obj, impl.plugin_name)
+
+    def _check_default_metrics(self) -> None:
+        for name, registered in self.extractors.items():
+            metric = registered.item.default_metric
+            if metric not in self.metrics:
+                self._problem(
+                    f"extractor {name!r} (plugin {registered.plugin!r}) defaults to metric {metric!r}, "
+                    "which no loaded plugin registers"
+                )
+
+    # -- queries -------------------------------------------------------------
+    def plugin_names(self) -> list[str]:
+        return sorted(name for name, _ in self._pm.list_name_plugin())
+
+    def plugin_module(self, name: str) -> ModuleType | object | None:
+        return self._pm.get_plugin(name)
+
+    def extractor(self, name: str) -> Extractor:
+        """The extractor registered as ``name``; KeyError if none."""
+        return self.extractors[name].item
+
+    def metric(self, name: str) -> Metric:
+        """The metric registered as ``name``; KeyError if none."""
+        return self.metrics[name].item

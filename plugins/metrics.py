@@ -1,0 +1,64 @@
+"""Built-in metrics: l2, inner_product and cosine, each a FAISS metric plus a score."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import faiss
+import numpy as np
+
+from imagesearch.plugins.hookspecs import hookimpl
+from imagesearch.plugins.types import ALL_INDEX_TYPES, Metric, l2_normalize
+
+
+def _sqrt_nonnegative(squared: np.ndarray) -> np.ndarray:
+    # FAISS can return tiny negative squared distances through rounding.
+    return np.sqrt(np.maximum(squared, 0.0))
+
+
+def inverse_distance_score(distance: np.ndarray) -> np.ndarray:
+    """Map a distance in [0, inf) to a similarity in (0, 1]: 1 / (1 + d)."""
+    return 1.0 / (1.0 + distance)
+
+
+def _same(values: np.ndarray) -> np.ndarray:
+    return values
+
+
+L2 = Metric(
+    name="l2",
+    faiss_metric=faiss.METRIC_L2,
+    description="Euclidean distance; distance = ||a - b||, score = 1 / (1 + distance).",
+    higher_is_closer=False,
+    to_distance=_sqrt_nonnegative,
+    to_score=inverse_distance_score,
+    index_types=ALL_INDEX_TYPES,
+)
+
+INNER_PRODUCT = Metric(
+    name="inner_product",
+    faiss_metric=faiss.METRIC_INNER_PRODUCT,
+    description="Dot product of the raw vectors; distance = score = a . b.",
+    higher_is_closer=True,
+    to_score=_same,
+    index_types=ALL_INDEX_TYPES,
+)
+
+COSINE = Metric(
+    name="cosine",
+    faiss_metric=faiss.METRIC_INNER_PRODUCT,
+    description="Cosine similarity (vectors L2-normalised, then inner product); "
+    "distance = score = cos(a, b) in [-1, 1].",
+    higher_is_closer=True,
+    prepare=l2_normalize,
+    to_score=_same,
+    index_types=ALL_INDEX_TYPES,
+)
+
+BUILTIN_METRICS = (L2, INNER_PRODUCT, COSINE)
+
+
+@hookimpl
+def register_metrics(register: Callable[[Metric], None]) -> None:
+    for metric in BUILTIN_METRICS:
+        register(metric)

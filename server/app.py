@@ -1,0 +1,134 @@
+"""Assemble and run the server: plugins, catalog, engine, gRPC, health, reflection.
+
+``run_server`` is the one way to start a server; the CLI, the tests and the
+benchmarks all use it, so what the tests exercise is what operators run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from imagesearch.plugins.manager import PluginRegistry
+from imagesearch.server.catalog import Catalog
+from imagesearch.server.config import ServerConfig
+from imagesearch.server.engine import Engine
+from imagesearch.server.servicer import ImageSearchServicer
+from imagesearch.v1 import image_search_service_pb2 as pb
+from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ImageSearchService"].full_name
+
+
+@dataclass
+class RunningServer:
+    """What ``run_server`` yields: the gRPC server, its port and the parts behind it."""
+
+    server: grpc.Server
+    port: int
+    engine: Engine
+    health: health.HealthServicer
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+class _SnapshotThread(threading.Thread):
+    def __init__(self, catalog: Catalog, config: ServerConfig) -> None:
+        super().__init__(name="snapshotter", daemon=True)
+        self.catalog, self.config = catalog, config
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        period = max(0.5, min(self.config.snapshot_interval_s, 5.0))
+        while not self.stopped.wait(period):
+            self.catalog.snapshot_due(self.config.snapshot_every_ops, self.config.snapshot_interval_s)
+
+
+def _grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
+    size = config.limits.max_message_bytes
+    return [
+        ("grpc.max_receive_message_length", size),
+        ("grpc.max_send_message_length", size),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+@contextmanager
+def run_server(
+    config: ServerConfig | None = None,
+    *,
+    extra_plugins: Iterable[tuple[str, object]] = (),
+    registry: PluginRegistry | None = None,
+) -> Iterator[RunningServer]:
+    """Start a server (port 0 picks a free one); stop it, drained and snapshotted, on exit."""
+    config = config or ServerConfig()
+    os.environ.setdefault("IMAGESEARCH_MODELS", str(config.models_dir))
+    registry = registry or PluginRegistry(extra_plugins)
+    catalog = Catalog(config.data_dir, registry)
+    try:
+        if config.create_default_collection:
+            catalog.ensure_default(config.default_extractor)
+        engine = Engine(config, registry, catalog)
+        from concurrent.futures import ThreadPoolExecutor
+
+        server = grpc.server(
+            ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
+            options=_grpc_options(config),
+            maximum_concurrent_rpcs=config.limits.max_concurrent_rpcs,
+        )
+        pb_grpc.add_ImageSearchServiceServicer_to_server(ImageSearchServicer(engine), server)
+        health_servicer = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        port = server.add_insecure_port(f"{config.host}:{config.port}")
+        if port == 0:
+            raise OSError(f"could not bind {config.host}:{config.port}")
+        server.start()
+        for service in ("", SERVICE_NAME):
+            health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+        snapshotter = _SnapshotThread(catalog, config)
+        snapshotter.start()
+        log.info("serving", extra={"address": f"{config.host}:{port}", "data_dir": str(config.data_dir)})
+        try:
+            yield RunningServer(server, port, engine, health_servicer)
+        finally:
+            # Tell load balancers first, then let in-flight calls finish, then persist.
+            health_servicer.enter_graceful_shutdown()
+            server.stop(config.shutdown_grace_s).wait()
+            snapshotter.stopped.set()
+            snapshotter.join()
+            log.info("stopped")
+    finally:
+        catalog.close()
+
+
+def serve_forever(config: ServerConfig, on_ready=None) -> None:
+    """Run until SIGTERM or SIGINT; used by ``imagesearch serve``."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    with run_server(config) as running:
+        if on_ready is not None:
+            on_ready(running)
+        stop.wait()
+        log.info("signal received: draining")

@@ -1,0 +1,242 @@
+"""The data directory: which collections exist, and the lock that makes it ours.
+
+Layout: ``<data>/LOCK`` (flock held for the life of the process, with our pid
+inside for the error message) and ``<data>/collections/<name>/`` per
+collection. Creation builds the directory under a temporary name and renames
+it into place; deletion renames it away first. Either way a crash never
+leaves a half-made collection under a real name.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+from imagesearch.plugins.manager import PluginRegistry
+from imagesearch.plugins.types import FLAT, HNSW, IVF, Extractor
+from imagesearch.server.collection import Collection, CollectionSpec, check_collection_name
+from imagesearch.server.errors import (
+    AlreadyExists,
+    DataDirLocked,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
+from imagesearch.server.snapshot import fsync_dir
+
+log = logging.getLogger(__name__)
+
+DEFAULT_COLLECTION = "default"
+
+
+class DataDirLock:
+    """An exclusive flock on ``<data>/LOCK``; released by the OS if the process dies."""
+
+    def __init__(self, data_dir: Path) -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.path = data_dir / "LOCK"
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self._fd)
+            raise DataDirLocked(
+                f"data directory {data_dir} is in use by another process (pid {holder})"
+            ) from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = -1
+
+
+class Catalog:
+    def __init__(self, data_dir: Path, registry: PluginRegistry) -> None:
+        self.data_dir = data_dir
+        self.registry = registry
+        self._lock = DataDirLock(data_dir)
+        self._root = data_dir / "collections"
+        self._root.mkdir(exist_ok=True)
+        self._collections: dict[str, Collection] = {}
+        self._mutex = threading.Lock()
+        self._clean_leftovers()
+        for path in sorted(self._root.iterdir()):
+            if path.is_dir() and not path.name.startswith("."):
+                self._open(path)
+
+    def _clean_leftovers(self) -> None:
+        """Remove half-created and half-deleted collections from an earlier crash."""
+        for path in self._root.iterdir():
+            if path.name.startswith((".creating-", ".deleting-")):
+                log.info("removing leftover %s", path)
+                shutil.rmtree(path, ignore_errors=True)
+
+    def _matching_extractor(self, spec: CollectionSpec) -> Extractor | None:
+        registered = self.registry.extractors.get(spec.extractor)
+        if registered is None:
+            log.warning("collection %s: extractor %s is not loaded", spec.name, spec.extractor)
+            return None
+        if registered.item.version != spec.extractor_version:
+            log.warning(
+                "collection %s: built with %s %s, server has %s; image queries will be refused",
+                spec.name,
+                spec.extractor,
+                spec.extractor_version,
+                registered.item.version,
+            )
+            return None
+        return registered.item
+
+    def _open(self, path: Path) -> None:
+        spec = Collection.read_spec(path)
+        metric = self.registry.metrics.get(spec.metric)
+        if metric is None:
+            log.error(
+                "collection %s needs metric %s, which no plugin provides; not loaded", spec.name, spec.metric
+            )
+            return
+        started = time.monotonic()
+        collection = Collection(path, spec, metric.item, self._matching_extractor(spec))
+        self._collections[spec.name] = collection
+        log.info(
+            "collection %s loaded: %d images in %.1f ms",
+            spec.name,
+            collection.count,
+            (time.monotonic() - started) * 1000,
+        )
+
+    # -- queries -------------------------------------------------------------------
+    def get(self, name: str) -> Collection:
+        name = name or DEFAULT_COLLECTION
+        collection = self._collections.get(name)
+        if collection is None or collection.closed:
+            raise NotFound(
+                f"collection {name!r} not found", field="collection", reason="COLLECTION_NOT_FOUND"
+            )
+        return collection
+
+    def list(self) -> list[Collection]:
+        return sorted(self._collections.values(), key=lambda c: c.spec.name)
+
+    # -- changes -------------------------------------------------------------------
+    def create(
+        self,
+        name: str,
+        *,
+        extractor: str,
+        metric: str = "",
+        index_type: str = FLAT,
+        params: dict[str, int] | None = None,
+        store_originals: bool = False,
+        description: str = "",
+    ) -> Collection:
+        check_collection_name(name)
+        registered = self.registry.extractors.get(extractor)
+        if registered is None:
+            available = ", ".join(sorted(self.registry.extractors)) or "none"
+            raise InvalidArgument(
+                f"unknown extractor {extractor!r} (available: {available})",
+                field="extractor",
+                reason="UNKNOWN_EXTRACTOR",
+            )
+        chosen = registered.item
+        metric = metric or chosen.default_metric
+        if metric not in self.registry.metrics:
+            available = ", ".join(sorted(self.registry.metrics))
+            raise InvalidArgument(
+                f"unknown metric {metric!r} (available: {available})", field="metric", reason="UNKNOWN_METRIC"
+            )
+        metric_obj = self.registry.metric(metric)
+        if index_type not in (FLAT, IVF, HNSW):
+            raise InvalidArgument(
+                f"unknown index type {index_type!r}", field="index_type", reason="UNKNOWN_INDEX_TYPE"
+            )
+        if index_type not in metric_obj.index_types:
+            raise FailedPrecondition(
+                f"metric {metric!r} supports index types {sorted(metric_obj.index_types)}, not {index_type!r}",
+                field="index_type",
+                reason="METRIC_INDEX_MISMATCH",
+            )
+        params = {key: value for key, value in (params or {}).items() if value}
+        for key, value in params.items():
+            if value < 0:
+                raise InvalidArgument(
+                    f"{key} must be positive, got {value}", field=key, reason="BAD_INDEX_PARAM"
+                )
+        spec = CollectionSpec(
+            name=name,
+            extractor=chosen.name,
+            extractor_version=chosen.version,
+            metric=metric,
+            dim=chosen.dim,
+            index_type=index_type,
+            store_originals=store_originals,
+            description=description,
+            **params,
+        )
+        with self._mutex:
+            if name in self._collections:
+                raise AlreadyExists(
+                    f"collection {name!r} already exists", field="name", reason="COLLECTION_EXISTS"
+                )
+            staging = self._root / f".creating-{name}"
+            shutil.rmtree(staging, ignore_errors=True)
+            Collection.create(staging, spec, metric_obj, chosen).close(snapshot=False)
+            os.replace(staging, self._root / name)
+            fsync_dir(self._root)
+            collection = Collection(self._root / name, spec, metric_obj, chosen)
+            self._collections[name] = collection
+        log.info(
+            "collection %s created: %s %s, %s, %s", name, chosen.name, chosen.version, metric, index_type
+        )
+        return collection
+
+    def delete(self, name: str) -> None:
+        with self._mutex:
+            collection = self.get(name)
+            collection.close(snapshot=False)
+            del self._collections[collection.spec.name]
+            doomed = self._root / f".deleting-{collection.spec.name}-{time.time_ns()}"
+            os.replace(collection.directory, doomed)
+            fsync_dir(self._root)
+        shutil.rmtree(doomed, ignore_errors=True)
+        log.info("collection %s deleted", name)
+
+    def ensure_default(self, extractor: str) -> None:
+        """Create the zero-setup ``default`` collection (default CNN + cosine) if it is missing."""
+        if DEFAULT_COLLECTION in self._collections:
+            return
+        if extractor not in self.registry.extractors:
+            log.warning(
+                "default collection not created: extractor %s is not loaded (run `make models` or "
+                "`imagesearch model export %s`)",
+                extractor,
+                extractor,
+            )
+            return
+        self.create(
+            DEFAULT_COLLECTION, extractor=extractor, metric="cosine", description="zero-setup collection"
+        )
+
+    def snapshot_due(self, every_ops: int, interval_s: float) -> None:
+        for collection in list(self._collections.values()):
+            try:
+                collection.snapshot_if_due(every_ops, interval_s)
+            except OSError as exc:
+                log.error("collection %s: snapshot failed: %s", collection.spec.name, exc)
+
+    def close(self) -> None:
+        with self._mutex:
+            for collection in self._collections.values():
+                collection.close()
+            self._collections.clear()
+        self._lock.release()

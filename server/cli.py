@@ -1,0 +1,106 @@
+"""The `imagesearch` command: serve, list plugins, manage models."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from imagesearch.server.config import load_config
+from imagesearch.server.errors import DataDirLocked
+from imagesearch.server.logs import configure_logging
+
+log = logging.getLogger("imagesearch")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from imagesearch.server.app import serve_forever
+    from imagesearch.server.plugins_cli import print_ready_banner
+
+    config = load_config(
+        args.config,
+        host=args.host,
+        port=args.port,
+        data_dir=args.data,
+        models_dir=args.models,
+        log_format=args.log_format,
+    )
+    configure_logging(config.log_format, config.log_level)
+
+    def on_ready(running) -> None:
+        print_ready_banner(running)
+        if args.demo:
+            from imagesearch.server.demo import run_demo
+
+            run_demo(running.target, config.data_dir.parent / "demo")
+            print("\nserver is running; press Ctrl-C to stop", flush=True)
+
+    try:
+        serve_forever(config, on_ready)
+    except DataDirLocked as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _plugins(args: argparse.Namespace) -> int:
+    from imagesearch.server.plugins_cli import print_plugins
+
+    return print_plugins()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imagesearch", description="Content-based image retrieval over gRPC."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the gRPC server")
+    serve.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 50051; 0 picks a free one)")
+    serve.add_argument(
+        "--data", type=Path, help="data directory (default $IMAGESEARCH_DATA or ./var/imagesearch)"
+    )
+    serve.add_argument(
+        "--models", type=Path, help="ONNX models directory (default $IMAGESEARCH_MODELS or ./var/models)"
+    )
+    serve.add_argument("--config", type=Path, help="TOML file with settings and a [limits] table")
+    serve.add_argument("--log-format", choices=("json", "text"), help="log line format (default json)")
+    serve.add_argument(
+        "--demo", action="store_true", help="index sample photos and print a first search result"
+    )
+    serve.set_defaults(handler=_serve)
+
+    plugins = commands.add_parser("plugins", help="list loaded extractors and metrics, and plugin problems")
+    plugins.set_defaults(handler=_plugins)
+
+    try:
+        from imagesearch.server.model_cli import add_model_commands
+    except ImportError:
+        pass
+    else:
+        add_model_commands(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    try:
+        return int(args.handler(args) or 0)
+    except ModuleNotFoundError as exc:
+        print(f"error: {exc}. The server needs `pip install 'imagesearch[server]'`.", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,332 @@
+"""One collection: its spec, its store, its index, and the rules that bind them.
+
+A collection fixes an extractor (name and version), a metric and an index
+type when it is created. The store is written first and is the truth; the
+index follows it and can always be rebuilt from it. Writes hold the writer
+lock, searches the reader lock, so searches run concurrently with each other
+but never see an index mid-update.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from imagesearch.plugins.types import FLAT, HNSW, IVF, Extractor, Metric
+from imagesearch.server.errors import FailedPrecondition, InvalidArgument, NotFound
+from imagesearch.server.rwlock import ReadWriteLock
+from imagesearch.server.snapshot import SnapshotError, read_snapshot, write_snapshot
+from imagesearch.server.store import CollectionStore, ImageRow, NewImage
+from imagesearch.server.vector_index import IndexSpec, VectorIndex, brute_force
+
+log = logging.getLogger(__name__)
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+INDEX_TYPES = (FLAT, IVF, HNSW)
+STORE_FILE = "store.sqlite3"
+SNAPSHOT_FILE = "index.snapshot"
+
+
+def check_collection_name(name: str) -> str:
+    if not NAME_PATTERN.match(name):
+        raise InvalidArgument(
+            f"invalid collection name {name!r}: use 1-64 characters of A-Z a-z 0-9 _ -, starting with a letter or digit",
+            field="name",
+            reason="BAD_COLLECTION_NAME",
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class CollectionSpec:
+    """What a collection is bound to; persisted in its store and never changed."""
+
+    name: str
+    extractor: str
+    extractor_version: str
+    metric: str
+    dim: int
+    index_type: str = FLAT
+    nlist: int = 100
+    nprobe: int = 10
+    train_size: int = 0
+    hnsw_m: int = 32
+    ef_construction: int = 40
+    ef_search: int = 64
+    store_originals: bool = False
+    description: str = ""
+    created: float = field(default_factory=time.time)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> CollectionSpec:
+        return cls(**json.loads(text))
+
+    def index_spec(self, metric: Metric) -> IndexSpec:
+        return IndexSpec(
+            kind=self.index_type,
+            dim=self.dim,
+            metric=metric,
+            nlist=self.nlist,
+            nprobe=self.nprobe,
+            train_size=self.train_size,
+            hnsw_m=self.hnsw_m,
+            ef_construction=self.ef_construction,
+            ef_search=self.ef_search,
+        )
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: str
+    score: float
+    distance: float
+    label: str
+    metadata: dict[str, str]
+
+
+class Collection:
+    def __init__(self, directory: Path, spec: CollectionSpec, metric: Metric, extractor: Extractor | None):
+        self.directory = directory
+        self.spec = spec
+        self.metric = metric
+        self._extractor = extractor
+        self.store = CollectionStore(directory / STORE_FILE)
+        self.lock = ReadWriteLock()
+        self._snapshot_lock = threading.Lock()
+        self._applied_seq = 0
+        self._snapshot_seq = 0
+        self._last_snapshot = time.monotonic()
+        self.closed = False
+        self.index = self._load_index()
+
+    # -- opening -------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls, directory: Path, spec: CollectionSpec, metric: Metric, extractor: Extractor | None
+    ) -> Collection:
+        directory.mkdir(parents=True, exist_ok=False)
+        store = CollectionStore(directory / STORE_FILE)
+        store.set_meta("spec", spec.to_json())
+        store.close()
+        return cls(directory, spec, metric, extractor)
+
+    @staticmethod
+    def read_spec(directory: Path) -> CollectionSpec:
+        store = CollectionStore(directory / STORE_FILE)
+        try:
+            text = store.get_meta("spec")
+        finally:
+            store.close()
+        if text is None:
+            raise ValueError(f"{directory} has no collection spec")
+        return CollectionSpec.from_json(text)
+
+    def _load_index(self) -> VectorIndex:
+        """Snapshot plus the store's tail; a full rebuild when the snapshot is unusable or disagrees."""
+        index_spec = self.spec.index_spec(self.metric)
+        path = self.directory / SNAPSHOT_FILE
+        try:
+            index, seq = read_snapshot(path, index_spec)
+        except SnapshotError as exc:
+            if path.exists():
+                log.warning(
+                    "collection %s: snapshot unusable (%s); rebuilding from the store", self.spec.name, exc
+                )
+            return self._rebuild(index_spec)
+        self._snapshot_seq = seq
+        self._replay(index, after_seq=seq)
+        if index.size != self.store.count():
+            log.warning(
+                "collection %s: index holds %d vectors after replay but the store %d; rebuilding",
+                self.spec.name,
+                index.size,
+                self.store.count(),
+            )
+            return self._rebuild(index_spec)
+        return index
+
+    def _replay(self, index: VectorIndex, after_seq: int) -> None:
+        applied = after_seq
+        for row_ids, vectors, last in self.store.iter_vectors(after_seq):
+            index.add(row_ids, self.metric.prepare(vectors))
+            applied = max(applied, last)
+        removals = self.store.removals_after(after_seq)
+        if removals:
+            present = set(index.ids().tolist())
+            index.remove(np.array([r for _, r in removals if r in present], dtype=np.int64))
+            applied = max(applied, removals[-1][0])
+        self._applied_seq = max(applied, self.store.last_seq())
+
+    def _rebuild(self, index_spec: IndexSpec) -> VectorIndex:
+        index = VectorIndex(index_spec)
+        self._snapshot_seq = 0
+        self._replay(index, after_seq=0)
+        return index
+
+    # -- extractor -----------------------------------------------------------------
+    @property
+    def extractor(self) -> Extractor:
+        """The extractor that serves this collection; FailedPrecondition if the server lacks that exact one."""
+        if self._extractor is None:
+            raise FailedPrecondition(
+                f"collection {self.spec.name!r} was built with extractor {self.spec.extractor!r} "
+                f"version {self.spec.extractor_version!r}, which this server does not provide; "
+                "install or enable that plugin, or re-index into a new collection",
+                reason="EXTRACTOR_UNAVAILABLE",
+            )
+        return self._extractor
+
+    # -- writes --------------------------------------------------------------------
+    def add(self, images: Sequence[NewImage]) -> list[int]:
+        """Commit rows to the store, then to the index. Returns row ids."""
+        with self.lock.write():
+            self._check_open()
+            row_ids, seqs = self.store.insert(images)
+            vectors = np.stack([np.asarray(image.vector, dtype=np.float32) for image in images])
+            self.index.add(np.array(row_ids, dtype=np.int64), self.metric.prepare(vectors))
+            self._applied_seq = seqs[-1]
+        return row_ids
+
+    def remove(self, ids: Sequence[str]) -> int:
+        with self.lock.write():
+            self._check_open()
+            removed = self.store.delete(ids)
+            self.index.remove(np.array(removed, dtype=np.int64))
+            self._applied_seq = self.store.last_seq()
+            if self.index.needs_compaction():
+                self.index = self._rebuild(self.index.spec)
+        return len(removed)
+
+    # -- reads ---------------------------------------------------------------------
+    def search(
+        self,
+        raw_query: np.ndarray,
+        k: int,
+        labels: Sequence[str] = (),
+        metric: Metric | None = None,
+        exclude_row_id: int | None = None,
+    ) -> list[Hit]:
+        metric = metric or self.metric
+        with self.lock.read():
+            self._check_open()
+            allowed = self.store.row_ids_with_labels(labels) if labels else None
+            if allowed is not None and len(allowed) == 0:
+                return []
+            want = k + (1 if exclude_row_id is not None else 0)
+            if metric.name == self.metric.name:
+                query = self.metric.prepare(raw_query.reshape(1, -1))
+                raw, ids = self.index.search(query, want, allowed)
+            else:
+                raw, ids = self._search_other_metric(metric, raw_query, want, allowed)
+            pairs = [
+                (float(d), int(i))
+                for d, i in zip(raw[0], ids[0], strict=True)
+                if i >= 0 and i != exclude_row_id
+            ]
+            rows = self.store.rows_by_row_id([i for _, i in pairs])
+        distances = metric.to_distance(np.array([d for d, _ in pairs], dtype=np.float32))
+        scores = metric.to_score(distances)
+        hits = [
+            Hit(row.id, float(score), float(distance), row.label, row.metadata)
+            for (_, row_id), distance, score in zip(pairs, distances, scores, strict=True)
+            if (row := rows.get(row_id)) is not None
+        ]
+        hits.sort(key=lambda hit: hit.score, reverse=True)
+        return hits[:k]
+
+    def _search_other_metric(self, metric: Metric, raw_query: np.ndarray, k: int, allowed: np.ndarray | None):
+        """Exact search with another metric over a flat collection's stored vectors."""
+        if self.spec.index_type != FLAT:
+            raise FailedPrecondition(
+                f"metric override needs a flat index; collection {self.spec.name!r} is {self.spec.index_type}",
+                field="metric",
+                reason="METRIC_OVERRIDE_UNSUPPORTED",
+            )
+        ids = self.index.ids()
+        base = self.index.stored_vectors()
+        if allowed is not None:
+            mask = np.isin(ids, allowed)
+            ids, base = ids[mask], base[mask]
+        if len(ids) == 0:
+            return np.zeros((1, 0), np.float32), np.zeros((1, 0), np.int64)
+        # Stored vectors went through the collection metric's prepare; put the query in the same space first.
+        query = metric.prepare(self.metric.prepare(raw_query.reshape(1, -1)))
+        raw, positions = brute_force(metric, metric.prepare(base), query, k)
+        return raw, np.where(positions >= 0, ids[np.maximum(positions, 0)], -1)
+
+    def get(self, image_id: str, *, with_original: bool = False, with_vector: bool = False) -> ImageRow:
+        self._check_open()
+        row = self.store.get(image_id, with_original=with_original, with_vector=with_vector)
+        if row is None:
+            raise NotFound(
+                f"image {image_id!r} not found in collection {self.spec.name!r}", reason="IMAGE_NOT_FOUND"
+            )
+        return row
+
+    def vector_of(self, image_id: str) -> tuple[int, np.ndarray]:
+        self._check_open()
+        found = self.store.vector_of(image_id)
+        if found is None:
+            raise NotFound(
+                f"image {image_id!r} not found in collection {self.spec.name!r}", reason="IMAGE_NOT_FOUND"
+            )
+        return found
+
+    @property
+    def count(self) -> int:
+        return self.store.count()
+
+    # -- snapshots & lifecycle -------------------------------------------------------
+    def pending_ops(self) -> int:
+        return self._applied_seq - self._snapshot_seq
+
+    def snapshot_if_due(self, every_ops: int, interval_s: float) -> bool:
+        pending = self.pending_ops()
+        if pending <= 0:
+            return False
+        if pending < every_ops and time.monotonic() - self._last_snapshot < interval_s:
+            return False
+        self.snapshot()
+        return True
+
+    def snapshot(self) -> None:
+        """Persist the index (under the reader lock: searches continue, writes wait)."""
+        with self._snapshot_lock:
+            with self.lock.read():
+                if self.closed:
+                    return
+                seq = self._applied_seq
+                if seq == self._snapshot_seq and (self.directory / SNAPSHOT_FILE).exists():
+                    return
+                write_snapshot(self.directory / SNAPSHOT_FILE, self.index, seq)
+            with self.lock.write():
+                self.store.prune_removals(seq)
+            self._snapshot_seq = seq
+            self._last_snapshot = time.monotonic()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise NotFound(f"collection {self.spec.name!r} was deleted", reason="COLLECTION_NOT_FOUND")
+
+    def close(self, *, snapshot: bool = True) -> None:
+        if self.closed:
+            return
+        if snapshot:
+            try:
+                self.snapshot()
+            except OSError as exc:
+                log.error("collection %s: final snapshot failed: %s", self.spec.name, exc)
+        with self.lock.write():
+            self.closed = True
+            self.store.close()

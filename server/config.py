@@ -1,0 +1,97 @@
+"""Server configuration: embedded defaults, overridden by a TOML file, then by flags.
+
+Every limit that protects the server lives here with a default that is safe on
+a small machine, so `imagesearch serve` with no arguments is a sane production
+start and an operator can see every knob in one place (docs/operations.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MIB = 1024 * 1024
+DATA_ENV = "IMAGESEARCH_DATA"
+MODELS_ENV = "IMAGESEARCH_MODELS"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Hard limits: requests beyond them fail with a clear status instead of hurting the server."""
+
+    max_message_bytes: int = 32 * MIB
+    max_image_bytes: int = 20 * MIB
+    max_image_pixels: int = 40_000_000
+    max_batch_size: int = 256
+    default_top_k: int = 10
+    max_top_k: int = 1000
+    max_concurrent_rpcs: int = 64
+    max_metadata_entries: int = 64
+    max_metadata_bytes: int = 16 * 1024
+    max_id_length: int = 256
+    max_label_length: int = 256
+    max_page_size: int = 1000
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    data_dir: Path = field(default_factory=lambda: Path(os.environ.get(DATA_ENV, "var/imagesearch")))
+    models_dir: Path = field(default_factory=lambda: Path(os.environ.get(MODELS_ENV, "var/models")))
+    workers: int = 8
+    default_extractor: str = "efficientnet-lite0"
+    create_default_collection: bool = True
+    thumbnail_size: int = 256
+    thumbnail_quality: int = 85
+    # Snapshot the FAISS index after this many writes or this many seconds with writes pending.
+    snapshot_every_ops: int = 5000
+    snapshot_interval_s: float = 60.0
+    # Seconds in-flight calls get to finish on SIGTERM before they are cancelled.
+    shutdown_grace_s: float = 10.0
+    log_format: str = "json"  # "json" or "text"
+    log_level: str = "INFO"
+    limits: Limits = field(default_factory=Limits)
+
+    def replace(self, **changes: Any) -> ServerConfig:
+        """A copy with some fields changed (``limits`` may be a dict of limit fields)."""
+        limits = changes.pop("limits", None)
+        if isinstance(limits, dict):
+            changes["limits"] = dataclasses.replace(self.limits, **limits)
+        elif limits is not None:
+            changes["limits"] = limits
+        return dataclasses.replace(self, **changes)
+
+
+_PATH_FIELDS = {"data_dir", "models_dir"}
+
+
+def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
+    """Defaults, then the TOML file at ``path`` (top-level keys and a [limits] table), then overrides.
+
+    Unknown keys are an error, not a silent no-op: a misspelt limit must not
+    leave the server unprotected.
+    """
+    config = ServerConfig()
+    values: dict[str, Any] = {}
+    if path is not None:
+        with open(path, "rb") as handle:
+            values = tomllib.load(handle)
+    values.update({key: value for key, value in overrides.items() if value is not None})
+    known = {f.name for f in dataclasses.fields(ServerConfig)}
+    known_limits = {f.name for f in dataclasses.fields(Limits)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown configuration keys: {', '.join(unknown)}")
+    limits = values.get("limits", {})
+    if isinstance(limits, dict):
+        bad = sorted(set(limits) - known_limits)
+        if bad:
+            raise ValueError(f"unknown [limits] keys: {', '.join(bad)}")
+    for key in _PATH_FIELDS & set(values):
+        values[key] = Path(values[key])
+    return config.replace(**values)

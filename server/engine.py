@@ -1,0 +1,420 @@
+"""The use cases: add, search, remove, get, list — validated, timed, protocol-free.
+
+The servicer turns protobuf into the plain inputs below and calls one method
+per RPC; everything the API promises (all-or-nothing batches, per-item
+results, limits, deadlines, stage timings) is decided here, once, so the
+unary and the streaming upload behave identically.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from imagesearch.plugins.manager import PluginRegistry
+from imagesearch.plugins.types import Metric
+from imagesearch.server.catalog import Catalog
+from imagesearch.server.collection import Collection, Hit
+from imagesearch.server.config import ServerConfig
+from imagesearch.server.errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    FailedPrecondition,
+    ImageSearchError,
+    Internal,
+    InvalidArgument,
+    ResourceExhausted,
+)
+from imagesearch.server.imaging import decode_image, make_thumbnail
+from imagesearch.server.store import ImageRow, NewImage
+
+OK_CODE = 0
+# google.rpc.Code values, used in per-item results (domain code stays grpc-free).
+CODE_OF = {
+    "InvalidArgument": 3,
+    "DeadlineExceeded": 4,
+    "NotFound": 5,
+    "AlreadyExists": 6,
+    "FailedPrecondition": 9,
+    "ResourceExhausted": 8,
+    "Internal": 13,
+}
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """One image of an AddImages batch: ``content`` bytes or a ``vector``, not both."""
+
+    id: str = ""
+    content: bytes | None = None
+    vector: Sequence[float] | None = None
+    label: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    index: int
+    id: str
+    code: int = OK_CODE
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class AddOutcome:
+    ids: list[str]
+    results: list[ItemResult]
+
+    @property
+    def added_count(self) -> int:
+        return sum(1 for r in self.results if r.code == OK_CODE)
+
+
+@dataclass(frozen=True)
+class SearchQuery:
+    collection: str = ""
+    image: bytes | None = None
+    image_id: str | None = None
+    vector: Sequence[float] | None = None
+    top_k: int = 0
+    labels: Sequence[str] = ()
+    metric: str = ""
+    exclude_query: bool = False
+    extractor: str = ""
+
+
+@dataclass(frozen=True)
+class Timings:
+    decode_ms: float = 0.0
+    extract_ms: float = 0.0
+    search_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class SearchOutcome:
+    hits: list[Hit]
+    timings: Timings
+    metric: str
+
+
+def check_deadline(deadline: float | None, stage: str) -> None:
+    """``deadline`` is a time.monotonic() value; past it, stop before doing more work."""
+    if deadline is not None and time.monotonic() > deadline:
+        raise DeadlineExceeded(f"deadline exceeded before {stage}", reason="DEADLINE_EXCEEDED")
+
+
+def _ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1000
+
+
+class Engine:
+    def __init__(self, config: ServerConfig, registry: PluginRegistry, catalog: Catalog) -> None:
+        self.config = config
+        self.limits = config.limits
+        self.registry = registry
+        self.catalog = catalog
+
+    # -- validation helpers -------------------------------------------------------------
+    def _check_vector(self, values: Sequence[float], collection: Collection, field_name: str) -> np.ndarray:
+        vector = np.asarray(values, dtype=np.float32)
+        if vector.shape != (collection.spec.dim,):
+            raise InvalidArgument(
+                f"vector has {vector.size} values; collection {collection.spec.name!r} has dimension {collection.spec.dim}",
+                field=field_name,
+                reason="DIMENSION_MISMATCH",
+            )
+        if not np.all(np.isfinite(vector)):
+            raise InvalidArgument(
+                "vector contains NaN or infinity", field=field_name, reason="NON_FINITE_VECTOR"
+            )
+        return vector
+
+    def _check_fields(self, item: ImageItem, prefix: str) -> None:
+        limits = self.limits
+        if len(item.id) > limits.max_id_length or any(ch in item.id for ch in "\x00\n\r\t"):
+            raise InvalidArgument(
+                f"id must be at most {limits.max_id_length} characters without control characters",
+                field=f"{prefix}.id",
+                reason="BAD_ID",
+            )
+        if len(item.label) > limits.max_label_length:
+            raise InvalidArgument(
+                f"label is longer than {limits.max_label_length} characters",
+                field=f"{prefix}.label",
+                reason="BAD_LABEL",
+            )
+        size = sum(len(k) + len(v) for k, v in item.metadata.items())
+        if len(item.metadata) > limits.max_metadata_entries or size > limits.max_metadata_bytes:
+            raise InvalidArgument(
+                f"metadata is limited to {limits.max_metadata_entries} entries and {limits.max_metadata_bytes} bytes",
+                field=f"{prefix}.metadata",
+                reason="METADATA_TOO_LARGE",
+            )
+
+    def _extract(self, collection: Collection, images: list[np.ndarray]) -> np.ndarray:
+        extractor = collection.extractor
+        vectors = np.asarray(extractor.extract(images), dtype=np.float32)
+        if vectors.shape != (len(images), collection.spec.dim) or not np.all(np.isfinite(vectors)):
+            raise Internal(
+                f"extractor {extractor.name!r} returned {vectors.shape} (or non-finite values) for "
+                f"{len(images)} images of dimension {collection.spec.dim}",
+                reason="EXTRACTOR_FAILED",
+            )
+        return vectors
+
+    def _min_side(self, collection: Collection) -> int | None:
+        extractor = collection._extractor
+        wanted = getattr(extractor, "min_input_side", None) if extractor is not None else None
+        return max(wanted, self.config.thumbnail_size) if wanted else None
+
+    # -- add -----------------------------------------------------------------------------
+    def add_images(
+        self,
+        collection_name: str,
+        items: Sequence[ImageItem],
+        *,
+        skip_invalid: bool = False,
+        deadline: float | None = None,
+        index_offset: int = 0,
+    ) -> AddOutcome:
+        collection = self.catalog.get(collection_name)
+        if not items:
+            raise InvalidArgument("no images in the request", field="images", reason="EMPTY_BATCH")
+        if len(items) > self.limits.max_batch_size:
+            raise ResourceExhausted(
+                f"batch has {len(items)} images; the limit is {self.limits.max_batch_size} "
+                "(split it, or use AddImagesStream)",
+                field="images",
+                reason="BATCH_TOO_LARGE",
+            )
+        errors: dict[int, ImageSearchError] = {}
+        rows: dict[int, NewImage] = {}
+        decoded: dict[int, np.ndarray] = {}
+        ids = [item.id or uuid.uuid4().hex for item in items]
+        seen: dict[str, int] = {}
+        min_side = self._min_side(collection)
+
+        def fail(position: int, error: ImageSearchError) -> None:
+            error.message = f"images[{position + index_offset}]: {error.message}"
+            if not skip_invalid:
+                raise error
+            errors[position] = error
+
+        for position, item in enumerate(items):
+            prefix = f"images[{position + index_offset}]"
+            try:
+                self._check_fields(item, prefix)
+                if ids[position] in seen:
+                    raise AlreadyExists(
+                        f"id {ids[position]!r} appears twice in the batch (also at index "
+                        f"{seen[ids[position]] + index_offset})",
+                        field=f"{prefix}.id",
+                        reason="DUPLICATE_ID",
+                    )
+                seen[ids[position]] = position
+                common = {"id": ids[position], "label": item.label, "metadata": dict(item.metadata)}
+                if item.content is not None and item.vector is not None:
+                    raise InvalidArgument(
+                        "give content or vector, not both", field=prefix, reason="BAD_SOURCE"
+                    )
+                if item.content is not None:
+                    image = decode_image(item.content, self.limits, f"{prefix}.content", min_side)
+                    decoded[position] = image.pixels
+                    rows[position] = NewImage(
+                        vector=np.empty(0, np.float32),
+                        thumbnail=make_thumbnail(
+                            image.pixels, self.config.thumbnail_size, self.config.thumbnail_quality
+                        ),
+                        original=item.content if collection.spec.store_originals else None,
+                        width=image.header.width,
+                        height=image.header.height,
+                        **common,
+                    )
+                elif item.vector is not None:
+                    vector = self._check_vector(item.vector, collection, f"{prefix}.vector")
+                    rows[position] = NewImage(vector=vector, **common)
+                else:
+                    raise InvalidArgument(
+                        "image has neither content nor vector", field=prefix, reason="NO_SOURCE"
+                    )
+            except ImageSearchError as error:
+                fail(position, error)
+
+        existing = collection.store.existing_ids([rows[p].id for p in rows])
+        for position in [p for p in rows if rows[p].id in existing]:
+            fail(
+                position,
+                AlreadyExists(
+                    f"id {rows[position].id!r} already exists in collection {collection.spec.name!r}",
+                    field=f"images[{position + index_offset}].id",
+                    reason="IMAGE_EXISTS",
+                ),
+            )
+            rows.pop(position)
+            decoded.pop(position, None)
+
+        check_deadline(deadline, "feature extraction")
+        if decoded:
+            positions = list(decoded)
+            vectors = self._extract(collection, [decoded[p] for p in positions])
+            for position, vector in zip(positions, vectors, strict=True):
+                old = rows[position]
+                rows[position] = NewImage(**{**old.__dict__, "vector": vector})
+        check_deadline(deadline, "storing the batch")
+        if rows:
+            collection.add([rows[p] for p in sorted(rows)])
+        results = [
+            ItemResult(p + index_offset, "", CODE_OF.get(type(errors[p]).__name__, 13), errors[p].message)
+            if p in errors
+            else ItemResult(p + index_offset, ids[p])
+            for p in range(len(items))
+        ]
+        return AddOutcome([r.id for r in results], results)
+
+    # -- search ----------------------------------------------------------------------------
+    def _resolve_metric(self, collection: Collection, name: str) -> Metric:
+        if not name or name == collection.spec.metric:
+            return collection.metric
+        registered = self.registry.metrics.get(name)
+        if registered is None:
+            available = ", ".join(sorted(self.registry.metrics))
+            raise InvalidArgument(
+                f"unknown metric {name!r} (available: {available})", field="metric", reason="UNKNOWN_METRIC"
+            )
+        return registered.item
+
+    def _top_k(self, top_k: int) -> int:
+        if top_k < 0:
+            raise InvalidArgument(f"top_k must be >= 0, got {top_k}", field="top_k", reason="BAD_TOP_K")
+        if top_k > self.limits.max_top_k:
+            raise InvalidArgument(
+                f"top_k {top_k} is over the limit of {self.limits.max_top_k}",
+                field="top_k",
+                reason="BAD_TOP_K",
+            )
+        return top_k or self.limits.default_top_k
+
+    def search(self, query: SearchQuery, deadline: float | None = None) -> SearchOutcome:
+        started = time.perf_counter()
+        collection = self.catalog.get(query.collection)
+        k = self._top_k(query.top_k)
+        metric = self._resolve_metric(collection, query.metric)
+        if query.extractor and query.extractor != collection.spec.extractor:
+            raise FailedPrecondition(
+                f"collection {collection.spec.name!r} is indexed with extractor {collection.spec.extractor!r}, "
+                f"not {query.extractor!r}",
+                field="extractor",
+                reason="EXTRACTOR_MISMATCH",
+            )
+        if query.exclude_query and query.image_id is None:
+            raise InvalidArgument(
+                "exclude_query needs an image_id query", field="exclude_query", reason="BAD_QUERY"
+            )
+        decode_ms = extract_ms = 0.0
+        exclude = None
+        if query.image is not None:
+            extractor = collection.extractor
+            step = time.perf_counter()
+            image = decode_image(query.image, self.limits, "image", self._min_side(collection))
+            decode_ms = _ms(step)
+            check_deadline(deadline, "feature extraction")
+            step = time.perf_counter()
+            vector = self._extract(collection, [image.pixels])[0]
+            extract_ms = _ms(step)
+            del extractor
+        elif query.image_id is not None:
+            row_id, vector = collection.vector_of(query.image_id)
+            exclude = row_id if query.exclude_query else None
+        elif query.vector is not None:
+            vector = self._check_vector(query.vector, collection, "vector")
+        else:
+            raise InvalidArgument(
+                "the query needs image, image_id or vector", field="query", reason="NO_QUERY"
+            )
+        check_deadline(deadline, "the index search")
+        step = time.perf_counter()
+        hits = collection.search(vector, k, query.labels, metric, exclude)
+        search_ms = _ms(step)
+        if any(math.isnan(hit.score) for hit in hits):
+            raise Internal(f"metric {metric.name!r} produced NaN scores", reason="METRIC_FAILED")
+        return SearchOutcome(hits, Timings(decode_ms, extract_ms, search_ms, _ms(started)), metric.name)
+
+    # -- the rest ---------------------------------------------------------------------------
+    def remove_images(self, collection_name: str, ids: Sequence[str], allow_missing: bool) -> int:
+        collection = self.catalog.get(collection_name)
+        if not ids:
+            raise InvalidArgument("no ids given", field="ids", reason="EMPTY_BATCH")
+        if not allow_missing:
+            missing = sorted(set(ids) - collection.store.existing_ids(list(ids)))
+            if missing:
+                from imagesearch.server.errors import NotFound
+
+                shown = ", ".join(repr(m) for m in missing[:5])
+                raise NotFound(
+                    f"{len(missing)} id(s) not in collection {collection.spec.name!r}: {shown}"
+                    " (nothing removed; set allow_missing to ignore them)",
+                    field="ids",
+                    reason="IMAGE_NOT_FOUND",
+                )
+        return collection.remove(list(dict.fromkeys(ids)))
+
+    def get_image(
+        self, collection_name: str, image_id: str, with_original: bool, with_vector: bool
+    ) -> ImageRow:
+        if not image_id:
+            raise InvalidArgument("id is required", field="id", reason="BAD_ID")
+        return self.catalog.get(collection_name).get(
+            image_id, with_original=with_original, with_vector=with_vector
+        )
+
+    def list_images(
+        self, collection_name: str, page_size: int, page_token: str, label: str
+    ) -> tuple[list[ImageRow], str, int]:
+        collection = self.catalog.get(collection_name)
+        if page_size < 0:
+            raise InvalidArgument("page_size must be >= 0", field="page_size", reason="BAD_PAGE_SIZE")
+        size = min(page_size or 100, self.limits.max_page_size)
+        after = decode_page_token(page_token, collection.spec.name, label)
+        rows = collection.store.page(after, size + 1, label or None)
+        more = len(rows) > size
+        rows = rows[:size]
+        token = encode_page_token(rows[-1].row_id, collection.spec.name, label) if more else ""
+        return rows, token, collection.store.count(label or None)
+
+
+def _token_key(collection: str, label: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(f"{collection}\x00{label}".encode()).hexdigest()[:12]
+
+
+def encode_page_token(after_row_id: int, collection: str, label: str) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(f"v1:{after_row_id}:{_token_key(collection, label)}".encode()).decode()
+
+
+def decode_page_token(token: str, collection: str, label: str) -> int:
+    """The row id to continue after; InvalidArgument for a token from another listing."""
+    import base64
+    import binascii
+
+    if not token:
+        return 0
+    try:
+        version, after, key = base64.urlsafe_b64decode(token.encode()).decode().split(":")
+        if version != "v1" or key != _token_key(collection, label):
+            raise ValueError
+        return int(after)
+    except (ValueError, UnicodeDecodeError, binascii.Error) as exc:
+        raise InvalidArgument(
+            "page_token is invalid or belongs to a different listing (collection or label changed)",
+            field="page_token",
+            reason="BAD_PAGE_TOKEN",
+        ) from exc

@@ -1,0 +1,42 @@
+"""Console output of the CLI: the ready banner and the plugin table."""
+
+from __future__ import annotations
+
+from imagesearch.plugins.manager import PluginRegistry
+
+
+def print_ready_banner(running) -> None:
+    engine = running.engine
+    port = running.port
+    collections = ", ".join(f"{c.spec.name} ({c.count} images)" for c in engine.catalog.list()) or "none"
+    print(
+        f"""
+imagesearch is serving on {engine.config.host}:{port}
+  data:        {engine.config.data_dir}
+  collections: {collections}
+  extractors:  {", ".join(sorted(engine.registry.extractors)) or "none (run `make models`)"}
+  metrics:     {", ".join(sorted(engine.registry.metrics))}
+
+Query it:
+  grpcurl -plaintext 127.0.0.1:{port} list
+  grpcurl -plaintext -d '{{"collection":"demo","image_id":"chelsea","top_k":3}}' \\
+      127.0.0.1:{port} imagesearch.v1.ImageSearchService/Search
+  python -c "from imagesearch.client import ImageSearchClient as C; \\
+print(C('127.0.0.1:{port}').search(image=open('photo.jpg','rb').read()))"
+""",
+        flush=True,
+    )
+
+
+def print_plugins() -> int:
+    registry = PluginRegistry()
+    print("extractors:")
+    for name, registered in sorted(registry.extractors.items()):
+        item = registered.item
+        print(f"  {name:<24} dim {item.dim:<5} v{item.version:<16} from {registered.plugin}")
+    print("metrics:")
+    for name, registered in sorted(registry.metrics.items()):
+        print(f"  {name:<24} {registered.item.description}  (from {registered.plugin})")
+    for problem in registry.problems:
+        print(f"problem: {problem}")
+    return 1 if registry.problems else 0

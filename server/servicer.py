@@ -1,0 +1,369 @@
+"""The gRPC servicer: protobuf in, domain call, protobuf out; domain errors to status codes.
+
+Nothing here decides behaviour. Each domain error class maps to exactly one
+status code, with google.rpc rich details (BadRequest naming the field for
+INVALID_ARGUMENT, ErrorInfo with a stable reason otherwise). Any other
+exception is a bug: it is logged with the request id and reported as
+INTERNAL, never UNKNOWN.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from imagesearch.plugins.types import FLAT, HNSW, IVF
+from imagesearch.server import errors
+from imagesearch.server.collection import Collection
+from imagesearch.server.engine import AddOutcome, Engine, ImageItem, SearchQuery
+from imagesearch.server.store import ImageRow
+from imagesearch.v1 import image_search_service_pb2 as pb
+from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger("imagesearch.rpc")
+
+ERROR_DOMAIN = "imagesearch.v1"
+STATUS_OF: dict[type[errors.ImageSearchError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.Internal: grpc.StatusCode.INTERNAL,
+}
+INDEX_TYPE_TO_PB = {FLAT: pb.INDEX_TYPE_FLAT, IVF: pb.INDEX_TYPE_IVF, HNSW: pb.INDEX_TYPE_HNSW}
+INDEX_TYPE_FROM_PB = {pb.INDEX_TYPE_UNSPECIFIED: FLAT, **{v: k for k, v in INDEX_TYPE_TO_PB.items()}}
+REQUEST_ID_KEY = "x-request-id"
+
+
+def _packed(message: Any) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def to_rpc_status(error: errors.ImageSearchError) -> status_pb2.Status:
+    code = STATUS_OF.get(type(error), grpc.StatusCode.INTERNAL)
+    details = [_packed(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN))]
+    if error.field:
+        violation = error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.message)
+        details.append(_packed(error_details_pb2.BadRequest(field_violations=[violation])))
+    return status_pb2.Status(code=code.value[0], message=error.message, details=details)
+
+
+def _request_id(context: grpc.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY and value:
+            return str(value)[:64]
+    return uuid.uuid4().hex
+
+
+def _deadline(context: grpc.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a handler: request id, structured access log, error mapping."""
+
+    @functools.wraps(method)
+    def handler(self: ImageSearchServicer, request: Any, context: grpc.ServicerContext) -> Any:
+        request_id = _request_id(context)
+        context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+        started = time.perf_counter()
+        outcome = "OK"
+        try:
+            return method(self, request, context)
+        except errors.ImageSearchError as error:
+            outcome = STATUS_OF.get(type(error), grpc.StatusCode.INTERNAL).name
+            if isinstance(error, errors.Internal):
+                log.error(
+                    "internal error", extra={"request_id": request_id, "rpc": method.__name__}, exc_info=True
+                )
+            context.abort_with_status(rpc_status.to_status(to_rpc_status(error)))
+        except Exception as exc:  # a bug: report INTERNAL with the request id, never UNKNOWN
+            outcome = "INTERNAL"
+            log.exception("unhandled error", extra={"request_id": request_id, "rpc": method.__name__})
+            status = status_pb2.Status(
+                code=code_pb2.INTERNAL,
+                message=f"internal error ({type(exc).__name__}); request id {request_id}",
+                details=[_packed(error_details_pb2.ErrorInfo(reason="INTERNAL", domain=ERROR_DOMAIN))],
+            )
+            context.abort_with_status(rpc_status.to_status(status))
+        finally:
+            log.info(
+                "rpc",
+                extra={
+                    "request_id": request_id,
+                    "rpc": method.__name__,
+                    "status": outcome,
+                    "ms": round((time.perf_counter() - started) * 1000, 2),
+                },
+            )
+
+    return handler
+
+
+# -- conversions ---------------------------------------------------------------------------
+def image_item(message: pb.ImageInput) -> ImageItem:
+    source = message.WhichOneof("source")
+    return ImageItem(
+        id=message.id,
+        content=message.content if source == "content" else None,
+        vector=list(message.vector.values) if source == "vector" else None,
+        label=message.label,
+        metadata=dict(message.metadata),
+    )
+
+
+def outcome_fields(outcome: AddOutcome) -> dict[str, Any]:
+    return {
+        "ids": outcome.ids,
+        "results": [
+            pb.ItemResult(index=r.index, id=r.id, code=r.code, message=r.message) for r in outcome.results
+        ],
+        "added_count": outcome.added_count,
+    }
+
+
+def image_message(row: ImageRow, *, full: bool) -> pb.Image:
+    message = pb.Image(
+        id=row.id,
+        label=row.label,
+        metadata=row.metadata,
+        width=row.width,
+        height=row.height,
+        create_time_unix=row.created,
+    )
+    if full:
+        if row.thumbnail:
+            message.thumbnail = row.thumbnail
+        if row.original:
+            message.original = row.original
+        if row.vector is not None:
+            message.vector.values.extend(row.vector.tolist())
+    return message
+
+
+def collection_message(collection: Collection) -> pb.Collection:
+    spec = collection.spec
+    return pb.Collection(
+        name=spec.name,
+        extractor=spec.extractor,
+        extractor_version=spec.extractor_version,
+        metric=spec.metric,
+        index_type=INDEX_TYPE_TO_PB[spec.index_type],
+        ivf=pb.IvfParams(nlist=spec.nlist, nprobe=spec.nprobe, train_size=spec.train_size or 39 * spec.nlist)
+        if spec.index_type == IVF
+        else None,
+        hnsw=pb.HnswParams(m=spec.hnsw_m, ef_construction=spec.ef_construction, ef_search=spec.ef_search)
+        if spec.index_type == HNSW
+        else None,
+        dimension=spec.dim,
+        image_count=collection.count,
+        store_originals=spec.store_originals,
+        description=spec.description,
+        create_time_unix=spec.created,
+        index_trained=collection.index.trained if spec.index_type == IVF else False,
+    )
+
+
+class ImageSearchServicer(pb_grpc.ImageSearchServiceServicer):
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @rpc
+    def AddImages(self, request: pb.AddImagesRequest, context: grpc.ServicerContext) -> pb.AddImagesResponse:
+        outcome = self.engine.add_images(
+            request.collection,
+            [image_item(m) for m in request.images],
+            skip_invalid=request.skip_invalid,
+            deadline=_deadline(context),
+        )
+        return pb.AddImagesResponse(**outcome_fields(outcome))
+
+    @rpc
+    def AddImagesStream(
+        self, request_iterator: Iterator[pb.AddImagesStreamRequest], context: grpc.ServicerContext
+    ) -> pb.AddImagesStreamResponse:
+        response = pb.AddImagesStreamResponse()
+        collection, skip_invalid = None, False
+        for chunk in request_iterator:
+            if collection is None:
+                collection, skip_invalid = chunk.collection, chunk.skip_invalid
+            response.chunk_count += 1
+            if not chunk.images:
+                continue
+            try:
+                outcome = self.engine.add_images(
+                    collection,
+                    [image_item(m) for m in chunk.images],
+                    skip_invalid=skip_invalid,
+                    deadline=_deadline(context),
+                    index_offset=len(response.ids),
+                )
+            except errors.ImageSearchError as error:
+                error.message = (
+                    f"chunk {response.chunk_count}: {error.message} "
+                    f"({response.added_count} images from earlier chunks were stored)"
+                )
+                raise
+            fields = outcome_fields(outcome)
+            response.ids.extend(fields["ids"])
+            response.results.extend(fields["results"])
+            response.added_count += fields["added_count"]
+        return response
+
+    @rpc
+    def Search(self, request: pb.SearchRequest, context: grpc.ServicerContext) -> pb.SearchResponse:
+        kind = request.WhichOneof("query")
+        query = SearchQuery(
+            collection=request.collection,
+            image=request.image if kind == "image" else None,
+            image_id=request.image_id if kind == "image_id" else None,
+            vector=list(request.vector.values) if kind == "vector" else None,
+            top_k=request.top_k,
+            labels=list(request.labels),
+            metric=request.metric,
+            exclude_query=request.exclude_query,
+            extractor=request.extractor,
+        )
+        outcome = self.engine.search(query, deadline=_deadline(context))
+        timings = outcome.timings
+        return pb.SearchResponse(
+            hits=[
+                pb.SearchHit(id=h.id, score=h.score, distance=h.distance, label=h.label, metadata=h.metadata)
+                for h in outcome.hits
+            ],
+            timings=pb.StageTimings(
+                decode_ms=timings.decode_ms,
+                extract_ms=timings.extract_ms,
+                search_ms=timings.search_ms,
+                total_ms=timings.total_ms,
+            ),
+            metric=outcome.metric,
+        )
+
+    @rpc
+    def RemoveImages(
+        self, request: pb.RemoveImagesRequest, context: grpc.ServicerContext
+    ) -> pb.RemoveImagesResponse:
+        removed = self.engine.remove_images(request.collection, list(request.ids), request.allow_missing)
+        return pb.RemoveImagesResponse(removed_count=removed)
+
+    @rpc
+    def GetImage(self, request: pb.GetImageRequest, context: grpc.ServicerContext) -> pb.GetImageResponse:
+        row = self.engine.get_image(
+            request.collection, request.id, request.include_original, request.include_vector
+        )
+        return pb.GetImageResponse(image=image_message(row, full=True))
+
+    @rpc
+    def ListImages(
+        self, request: pb.ListImagesRequest, context: grpc.ServicerContext
+    ) -> pb.ListImagesResponse:
+        rows, token, total = self.engine.list_images(
+            request.collection, request.page_size, request.page_token, request.label
+        )
+        return pb.ListImagesResponse(
+            images=[image_message(r, full=False) for r in rows], next_page_token=token, total_size=total
+        )
+
+    @rpc
+    def CreateCollection(
+        self, request: pb.CreateCollectionRequest, context: grpc.ServicerContext
+    ) -> pb.CreateCollectionResponse:
+        wanted = request.collection
+        if wanted.index_type not in INDEX_TYPE_FROM_PB:
+            raise errors.InvalidArgument(
+                f"unknown index_type {wanted.index_type}",
+                field="collection.index_type",
+                reason="UNKNOWN_INDEX_TYPE",
+            )
+        index_type = INDEX_TYPE_FROM_PB[wanted.index_type]
+        params: dict[str, int] = {}
+        if index_type == IVF:
+            params = {
+                "nlist": wanted.ivf.nlist,
+                "nprobe": wanted.ivf.nprobe,
+                "train_size": wanted.ivf.train_size,
+            }
+        elif index_type == HNSW:
+            params = {
+                "hnsw_m": wanted.hnsw.m,
+                "ef_construction": wanted.hnsw.ef_construction,
+                "ef_search": wanted.hnsw.ef_search,
+            }
+        collection = self.engine.catalog.create(
+            wanted.name,
+            extractor=wanted.extractor or self.engine.config.default_extractor,
+            metric=wanted.metric,
+            index_type=index_type,
+            params=params,
+            store_originals=wanted.store_originals,
+            description=wanted.description,
+        )
+        return pb.CreateCollectionResponse(collection=collection_message(collection))
+
+    @rpc
+    def GetCollection(
+        self, request: pb.GetCollectionRequest, context: grpc.ServicerContext
+    ) -> pb.GetCollectionResponse:
+        return pb.GetCollectionResponse(collection=collection_message(self.engine.catalog.get(request.name)))
+
+    @rpc
+    def ListCollections(
+        self, request: pb.ListCollectionsRequest, context: grpc.ServicerContext
+    ) -> pb.ListCollectionsResponse:
+        return pb.ListCollectionsResponse(
+            collections=[collection_message(c) for c in self.engine.catalog.list()]
+        )
+
+    @rpc
+    def DeleteCollection(
+        self, request: pb.DeleteCollectionRequest, context: grpc.ServicerContext
+    ) -> pb.DeleteCollectionResponse:
+        if not request.name:
+            raise errors.InvalidArgument("name is required", field="name", reason="BAD_COLLECTION_NAME")
+        self.engine.catalog.delete(request.name)
+        return pb.DeleteCollectionResponse()
+
+    @rpc
+    def ListPlugins(
+        self, request: pb.ListPluginsRequest, context: grpc.ServicerContext
+    ) -> pb.ListPluginsResponse:
+        registry = self.engine.registry
+        extractors = [
+            pb.ExtractorInfo(
+                name=name,
+                version=r.item.version,
+                dimension=r.item.dim,
+                default_metric=r.item.default_metric,
+                description=getattr(r.item, "description", ""),
+                plugin=r.plugin,
+                trainable=hasattr(r.item, "fit"),
+            )
+            for name, r in sorted(registry.extractors.items())
+        ]
+        metrics = [
+            pb.MetricInfo(
+                name=name,
+                version=r.item.version,
+                description=r.item.description,
+                plugin=r.plugin,
+                index_types=[INDEX_TYPE_TO_PB[t] for t in sorted(r.item.index_types)],
+            )
+            for name, r in sorted(registry.metrics.items())
+        ]
+        return pb.ListPluginsResponse(extractors=extractors, metrics=metrics, problems=registry.problems)

@@ -1,0 +1,304 @@
+"""SQLite storage of one collection: the source of truth.
+
+Everything needed to rebuild the FAISS index lives here: ids, labels,
+metadata, raw feature vectors, thumbnails, optional originals, the extractor
+state and a monotonically increasing sequence number per change. WAL mode
+with synchronous=FULL means a committed AddImages survives `kill -9` and power
+loss; the FAISS index is only ever a cache of these rows.
+
+Row ids (INTEGER PRIMARY KEY AUTOINCREMENT, never reused) double as FAISS ids,
+so the index maps hits back to rows without a second lookup table.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from imagesearch.server.errors import AlreadyExists
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS images (
+    row_id    INTEGER PRIMARY KEY AUTOINCREMENT,
+    id        TEXT NOT NULL UNIQUE,
+    seq       INTEGER NOT NULL,
+    label     TEXT NOT NULL,
+    metadata  TEXT NOT NULL,
+    vector    BLOB NOT NULL,
+    thumbnail BLOB,
+    original  BLOB,
+    width     INTEGER NOT NULL DEFAULT 0,
+    height    INTEGER NOT NULL DEFAULT 0,
+    created   REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS images_label ON images(label, row_id);
+CREATE INDEX IF NOT EXISTS images_seq ON images(seq);
+CREATE TABLE IF NOT EXISTS removals (seq INTEGER PRIMARY KEY, row_id INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS blobs (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class NewImage:
+    """A row to insert: the vector is the extractor's raw output (not metric-prepared)."""
+
+    id: str
+    label: str
+    vector: np.ndarray
+    metadata: dict[str, str] = field(default_factory=dict)
+    thumbnail: bytes | None = None
+    original: bytes | None = None
+    width: int = 0
+    height: int = 0
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    row_id: int
+    id: str
+    label: str
+    metadata: dict[str, str]
+    width: int
+    height: int
+    created: float
+    thumbnail: bytes | None = None
+    original: bytes | None = None
+    vector: np.ndarray | None = None
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+class CollectionStore:
+    """One collection's SQLite database.
+
+    Writes go through a single connection and must be serialised by the caller
+    (the collection's writer lock); reads use one connection per thread, which
+    WAL lets run alongside the writer.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._writer = _connect(path)
+        self._writer.executescript(SCHEMA)
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+
+    # -- connections -----------------------------------------------------------
+    def _reader(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = _connect(self.path)
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
+    def close(self) -> None:
+        with self._readers_lock:
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()
+        self._writer.close()
+
+    # -- small key/value state ---------------------------------------------------
+    def get_meta(self, key: str) -> str | None:
+        row = self._reader().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._writer.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+    def get_blob(self, key: str) -> bytes | None:
+        row = self._reader().execute("SELECT value FROM blobs WHERE key = ?", (key,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def set_blob(self, key: str, value: bytes) -> None:
+        self._writer.execute("INSERT OR REPLACE INTO blobs(key, value) VALUES (?, ?)", (key, value))
+
+    def last_seq(self) -> int:
+        value = self.get_meta("seq")
+        return int(value) if value is not None else 0
+
+    # -- writes ------------------------------------------------------------------
+    def existing_ids(self, ids: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        conn = self._reader()
+        for start in range(0, len(ids), 500):
+            chunk = list(ids[start : start + 500])
+            marks = ",".join("?" * len(chunk))
+            found.update(r[0] for r in conn.execute(f"SELECT id FROM images WHERE id IN ({marks})", chunk))
+        return found
+
+    def insert(self, images: Sequence[NewImage]) -> tuple[list[int], list[int]]:
+        """Insert all rows in one transaction; return (row_ids, seqs). AlreadyExists on a taken id."""
+        conn = self._writer
+        now = time.time()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            seq = self.last_seq()
+            row_ids, seqs = [], []
+            for image in images:
+                seq += 1
+                try:
+                    cursor = conn.execute(
+                        "INSERT INTO images(id, seq, label, metadata, vector, thumbnail, original, width, height,"
+                        " created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            image.id,
+                            seq,
+                            image.label,
+                            json.dumps(image.metadata, sort_keys=True),
+                            np.asarray(image.vector, dtype=np.float32).tobytes(),
+                            image.thumbnail,
+                            image.original,
+                            image.width,
+                            image.height,
+                            now,
+                        ),
+                    )
+                except sqlite3.IntegrityError as exc:
+                    raise AlreadyExists(
+                        f"image id {image.id!r} already exists", reason="IMAGE_EXISTS"
+                    ) from exc
+                row_ids.append(int(cursor.lastrowid))
+                seqs.append(seq)
+            self.set_meta("seq", str(seq))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return row_ids, seqs
+
+    def delete(self, ids: Sequence[str]) -> list[int]:
+        """Delete rows by id in one transaction, logging each removal with a sequence number."""
+        conn = self._writer
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            seq = self.last_seq()
+            removed: list[int] = []
+            for image_id in ids:
+                row = conn.execute("SELECT row_id FROM images WHERE id = ?", (image_id,)).fetchone()
+                if row is None:
+                    continue
+                seq += 1
+                conn.execute("DELETE FROM images WHERE row_id = ?", (row[0],))
+                conn.execute("INSERT INTO removals(seq, row_id) VALUES (?, ?)", (seq, row[0]))
+                removed.append(int(row[0]))
+            self.set_meta("seq", str(seq))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return removed
+
+    def prune_removals(self, upto_seq: int) -> None:
+        """Forget removals an index snapshot already covers."""
+        self._writer.execute("DELETE FROM removals WHERE seq <= ?", (upto_seq,))
+
+    # -- reads -------------------------------------------------------------------
+    def count(self, label: str | None = None) -> int:
+        if label:
+            sql, args = "SELECT COUNT(*) FROM images WHERE label = ?", (label,)
+        else:
+            sql, args = "SELECT COUNT(*) FROM images", ()
+        return int(self._reader().execute(sql, args).fetchone()[0])
+
+    def get(
+        self, image_id: str, *, with_original: bool = False, with_vector: bool = False
+    ) -> ImageRow | None:
+        row = (
+            self._reader()
+            .execute(
+                "SELECT row_id, id, label, metadata, width, height, created, thumbnail, original, vector"
+                " FROM images WHERE id = ?",
+                (image_id,),
+            )
+            .fetchone()
+        )
+        if row is None:
+            return None
+        return ImageRow(
+            row_id=row[0],
+            id=row[1],
+            label=row[2],
+            metadata=json.loads(row[3]),
+            width=row[4],
+            height=row[5],
+            created=row[6],
+            thumbnail=row[7],
+            original=row[8] if with_original else None,
+            vector=np.frombuffer(row[9], dtype=np.float32).copy() if with_vector else None,
+        )
+
+    def vector_of(self, image_id: str) -> tuple[int, np.ndarray] | None:
+        row = self._reader().execute("SELECT row_id, vector FROM images WHERE id = ?", (image_id,)).fetchone()
+        if row is None:
+            return None
+        return int(row[0]), np.frombuffer(row[1], dtype=np.float32).copy()
+
+    def rows_by_row_id(self, row_ids: Sequence[int]) -> dict[int, ImageRow]:
+        """Id, label and metadata of search hits, keyed by row id."""
+        if not row_ids:
+            return {}
+        marks = ",".join("?" * len(row_ids))
+        rows = self._reader().execute(
+            f"SELECT row_id, id, label, metadata, width, height, created FROM images WHERE row_id IN ({marks})",
+            [int(r) for r in row_ids],
+        )
+        return {r[0]: ImageRow(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5], r[6]) for r in rows}
+
+    def row_ids_with_labels(self, labels: Sequence[str]) -> np.ndarray:
+        marks = ",".join("?" * len(labels))
+        rows = self._reader().execute(f"SELECT row_id FROM images WHERE label IN ({marks})", list(labels))
+        return np.fromiter((r[0] for r in rows), dtype=np.int64)
+
+    def page(self, after_row_id: int, limit: int, label: str | None = None) -> list[ImageRow]:
+        """Rows in insertion order after ``after_row_id`` (keyset pagination: stable under concurrent writes)."""
+        sql = "SELECT row_id, id, label, metadata, width, height, created FROM images WHERE row_id > ?"
+        args: list[object] = [after_row_id]
+        if label:
+            sql += " AND label = ?"
+            args.append(label)
+        sql += " ORDER BY row_id LIMIT ?"
+        args.append(limit)
+        return [
+            ImageRow(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5], r[6])
+            for r in self._reader().execute(sql, args)
+        ]
+
+    def iter_vectors(
+        self, after_seq: int = 0, chunk: int = 4096
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+        """Yield (row_ids, raw vectors, max seq) in seq order for rows added after ``after_seq``."""
+        conn = self._reader()
+        last = after_seq
+        while True:
+            rows = conn.execute(
+                "SELECT row_id, vector, seq FROM images WHERE seq > ? ORDER BY seq LIMIT ?", (last, chunk)
+            ).fetchall()
+            if not rows:
+                return
+            ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            vectors = np.stack([np.frombuffer(r[1], dtype=np.float32) for r in rows])
+            last = rows[-1][2]
+            yield ids, vectors, last
+
+    def removals_after(self, seq: int) -> list[tuple[int, int]]:
+        """(seq, row_id) of removals logged after ``seq``."""
+        rows = self._reader().execute("SELECT seq, row_id FROM removals WHERE seq > ? ORDER BY seq", (seq,))
+        return [(int(s), int(r)) for s, r in rows]
