@@ -10,7 +10,8 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -82,8 +83,6 @@ def run_server(
         if config.create_default_collection:
             catalog.ensure_default(config.default_extractor)
         engine = Engine(config, registry, catalog)
-        from concurrent.futures import ThreadPoolExecutor
-
         server = grpc.server(
             ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
             options=_grpc_options(config),
@@ -122,12 +121,16 @@ def run_server(
         catalog.close()
 
 
-def serve_forever(config: ServerConfig, on_ready=None) -> None:
-    """Run until SIGTERM or SIGINT; used by ``imagesearch serve``."""
+def serve_forever(
+    config: ServerConfig,
+    on_ready: Callable[[RunningServer], None] | None = None,
+    extra_plugins: Iterable[tuple[str, object]] = (),
+) -> None:
+    """Run until SIGTERM or SIGINT, then drain and stop; used by ``imagesearch serve``."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    with run_server(config) as running:
+    with run_server(config, extra_plugins=extra_plugins) as running:
         if on_ready is not None:
             on_ready(running)
         stop.wait()

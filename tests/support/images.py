@@ -13,12 +13,12 @@ def pattern(seed: int, size: tuple[int, int] = (96, 128)) -> np.ndarray:
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
     image = np.zeros((h, w, 3), np.float32)
     for channel in range(3):
-        fx, fy, phase = rng.uniform(0.5, 4, 2).tolist() + [rng.uniform(0, 6.3)]
+        fx, fy, phase = [*rng.uniform(0.5, 4, 2).tolist(), rng.uniform(0, 6.3)]
         image[..., channel] = 127 + 120 * np.sin(fx * x / w * 6.28 + fy * y / h * 6.28 + phase)
     for _ in range(4):
         center = (int(rng.integers(0, w)), int(rng.integers(0, h)))
         color = tuple(int(c) for c in rng.integers(0, 255, 3))
-        cv2.circle(image, center, int(rng.integers(5, h // 3)), color, -1)
+        cv2.circle(image, center, int(rng.integers(1, max(2, h // 3))), color, -1)
     return np.clip(image, 0, 255).astype(np.uint8)
 
 

@@ -1,0 +1,48 @@
+"""Shared fixtures: a real in-process server on a free port, its stub, and a CLI server helper."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from imagesearch.server.app import RunningServer, run_server
+from imagesearch.server.config import ServerConfig
+from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
+from tests.support.tiny_plugin import TINY_PLUGIN, TinyExtractor
+
+
+def tiny_config(data_dir: Path, **changes) -> ServerConfig:
+    """A server on a free localhost port whose default collection uses the fast test extractor."""
+    base = ServerConfig(
+        port=0,
+        data_dir=data_dir,
+        default_extractor=TinyExtractor.name,
+        log_format="text",
+        shutdown_grace_s=2.0,
+    )
+    return base.replace(**changes)
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def server(data_dir: Path) -> Iterator[RunningServer]:
+    with run_server(tiny_config(data_dir), extra_plugins=[TINY_PLUGIN]) as running:
+        yield running
+
+
+@pytest.fixture
+def channel(server: RunningServer) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(server.target) as chan:
+        yield chan
+
+
+@pytest.fixture
+def stub(channel: grpc.Channel) -> pb_grpc.ImageSearchServiceStub:
+    return pb_grpc.ImageSearchServiceStub(channel)

@@ -1,0 +1,119 @@
+"""Data survives restarts and crashes: kill -9 after an acknowledged write, damaged snapshots, the data-dir lock."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+
+from imagesearch.server.app import run_server
+from imagesearch.server.collection import SNAPSHOT_FILE
+from imagesearch.server.errors import DataDirLocked
+from imagesearch.v1 import image_search_service_pb2 as pb
+from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
+from tests.conftest import tiny_config
+from tests.support.images import encode, pattern
+from tests.support.process import tiny_server
+from tests.support.tiny_plugin import TINY_PLUGIN
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def add_range(stub, start: int, stop: int) -> None:
+    images = [
+        pb.ImageInput(id=f"img{i}", content=encode(pattern(i)), label=str(i % 2)) for i in range(start, stop)
+    ]
+    assert stub.AddImages(pb.AddImagesRequest(images=images)).added_count == stop - start
+
+
+def check_all_present(target: str, count: int) -> None:
+    with grpc.insecure_channel(target) as chan:
+        stub = pb_grpc.ImageSearchServiceStub(chan)
+        listed = stub.ListImages(pb.ListImagesRequest(page_size=1000))
+        assert [i.id for i in listed.images] == [f"img{i}" for i in range(count)]
+        for i in (0, count // 2, count - 1):
+            assert stub.Search(pb.SearchRequest(image=encode(pattern(i)), top_k=1)).hits[0].id == f"img{i}"
+
+
+def test_acknowledged_adds_survive_kill_9(data_dir):
+    server = tiny_server(data_dir)
+    with grpc.insecure_channel(server.target) as chan:
+        stub = pb_grpc.ImageSearchServiceStub(chan)
+        for start in range(0, 40, 10):
+            add_range(stub, start, start + 10)
+    server.kill9()  # no snapshot was ever written: everything comes back from SQLite
+    assert not (data_dir / "collections" / "default" / SNAPSHOT_FILE).exists()
+    again = tiny_server(data_dir)
+    try:
+        check_all_present(again.target, 40)
+    finally:
+        assert again.terminate() == 0
+
+
+def test_snapshot_plus_tail_replay_after_kill_9(data_dir):
+    server = tiny_server(data_dir, "snapshot_every_ops=10", "snapshot_interval_s=0.2")
+    with grpc.insecure_channel(server.target) as chan:
+        stub = pb_grpc.ImageSearchServiceStub(chan)
+        add_range(stub, 0, 30)
+        snapshot = data_dir / "collections" / "default" / SNAPSHOT_FILE
+        deadline = time.monotonic() + 20
+        while not snapshot.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert snapshot.exists(), "the snapshotter should have written the index"
+        stub.RemoveImages(pb.RemoveImagesRequest(ids=["img29"]))
+        add_range(stub, 30, 35)
+    server.kill9()
+    again = tiny_server(data_dir)
+    try:
+        with grpc.insecure_channel(again.target) as chan:
+            stub = pb_grpc.ImageSearchServiceStub(chan)
+            ids = [i.id for i in stub.ListImages(pb.ListImagesRequest(page_size=100)).images]
+            assert ids == [f"img{i}" for i in range(35) if i != 29]
+            hits = stub.Search(pb.SearchRequest(image=encode(pattern(29)), top_k=40)).hits
+            assert "img29" not in {h.id for h in hits} and len(hits) == 34
+            assert stub.Search(pb.SearchRequest(image=encode(pattern(33)), top_k=1)).hits[0].id == "img33"
+    finally:
+        assert again.terminate() == 0
+
+
+def test_damaged_snapshot_is_rebuilt_from_the_store(data_dir, caplog):
+    config = tiny_config(data_dir)
+    with (
+        run_server(config, extra_plugins=[TINY_PLUGIN]) as running,
+        grpc.insecure_channel(running.target) as chan,
+    ):
+        add_range(pb_grpc.ImageSearchServiceStub(chan), 0, 12)
+    snapshot = data_dir / "collections" / "default" / SNAPSHOT_FILE
+    assert snapshot.exists(), "a clean stop writes a snapshot"
+    data = bytearray(snapshot.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    snapshot.write_bytes(bytes(data))
+    with run_server(config, extra_plugins=[TINY_PLUGIN]) as running:
+        check_all_present(running.target, 12)
+    assert "snapshot unusable" in caplog.text and "checksum" in caplog.text
+
+
+def test_one_process_owns_a_data_directory(data_dir):
+    config = tiny_config(data_dir)
+    with (
+        run_server(config, extra_plugins=[TINY_PLUGIN]),
+        pytest.raises(DataDirLocked, match="in use by another process"),
+        run_server(config, extra_plugins=[TINY_PLUGIN]),
+    ):
+        pass
+    with run_server(config, extra_plugins=[TINY_PLUGIN]):  # released on stop
+        pass
+
+
+def test_sigterm_drains_and_persists(data_dir):
+    server = tiny_server(data_dir)
+    with grpc.insecure_channel(server.target) as chan:
+        add_range(pb_grpc.ImageSearchServiceStub(chan), 0, 5)
+    assert server.terminate() == 0
+    assert (data_dir / "collections" / "default" / SNAPSHOT_FILE).exists()
+    again = tiny_server(data_dir)
+    try:
+        check_all_present(again.target, 5)
+    finally:
+        again.terminate()
