@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -113,6 +114,7 @@ def run_server(
         finally:
             # Tell load balancers first, then let in-flight calls finish, then persist.
             health_servicer.enter_graceful_shutdown()
+            time.sleep(config.shutdown_announce_s)
             server.stop(config.shutdown_grace_s).wait()
             snapshotter.stopped.set()
             snapshotter.join()

@@ -51,7 +51,9 @@ class ServerConfig:
     # Snapshot the FAISS index after this many writes or this many seconds with writes pending.
     snapshot_every_ops: int = 5000
     snapshot_interval_s: float = 60.0
-    # Seconds in-flight calls get to finish on SIGTERM before they are cancelled.
+    # On SIGTERM: health reports NOT_SERVING for this long while still answering (so load
+    # balancers move traffic away), then in-flight calls get shutdown_grace_s to finish.
+    shutdown_announce_s: float = 1.0
     shutdown_grace_s: float = 10.0
     log_format: str = "json"  # "json" or "text"
     log_level: str = "INFO"

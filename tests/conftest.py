@@ -22,6 +22,7 @@ def tiny_config(data_dir: Path, **changes) -> ServerConfig:
         default_extractor=TinyExtractor.name,
         log_format="text",
         shutdown_grace_s=2.0,
+        shutdown_announce_s=0.0,
     )
     return base.replace(**changes)
 

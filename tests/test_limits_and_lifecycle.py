@@ -1,0 +1,110 @@
+"""Limits that protect the server, deadlines, graceful drain, request ids, configuration."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from imagesearch.server.app import run_server
+from imagesearch.server.config import load_config
+from imagesearch.v1 import image_search_service_pb2 as pb
+from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
+from tests.conftest import tiny_config
+from tests.support.gate_plugin import GatePlugin
+from tests.support.images import encode, pattern
+
+pytestmark = pytest.mark.e2e
+
+
+def gated_server(data_dir, **changes):
+    plugin = GatePlugin()
+    config = tiny_config(data_dir, default_extractor="gated", **changes)
+    return plugin.extractor, run_server(config, extra_plugins=[("gate", plugin)])
+
+
+def add_one(stub, image_id: str, **kwargs):
+    request = pb.AddImagesRequest(images=[pb.ImageInput(id=image_id, content=encode(pattern(1)))])
+    return stub.AddImages(request, **kwargs)
+
+
+def test_concurrent_rpc_limit_answers_resource_exhausted(data_dir):
+    gate, server = gated_server(data_dir, limits={"max_concurrent_rpcs": 1})
+    with server as running, grpc.insecure_channel(running.target) as chan:
+        stub = pb_grpc.ImageSearchServiceStub(chan)
+        first = stub.AddImages.future(
+            pb.AddImagesRequest(images=[pb.ImageInput(id="a", content=encode(pattern(1)))])
+        )
+        assert gate.entered.wait(10)
+        with pytest.raises(grpc.RpcError) as error:
+            stub.ListCollections(pb.ListCollectionsRequest())
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        gate.release.set()
+        assert first.result(10).ids == ["a"]
+
+
+def test_deadline_passed_during_extraction_stores_nothing(data_dir):
+    gate, server = gated_server(data_dir)
+    with server as running, grpc.insecure_channel(running.target) as chan:
+        stub = pb_grpc.ImageSearchServiceStub(chan)
+        threading.Timer(0.6, gate.release.set).start()
+        with pytest.raises(grpc.RpcError) as error:
+            add_one(stub, "late", timeout=0.3)
+        assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        time.sleep(0.6)  # the server finishes its side and must not commit
+        assert stub.ListImages(pb.ListImagesRequest()).images == []
+
+
+def test_stop_drains_in_flight_calls(data_dir):
+    gate, server = gated_server(data_dir, shutdown_grace_s=10.0, shutdown_announce_s=1.0)
+    results = {}
+    with server as running:
+        chan = grpc.insecure_channel(running.target)
+        stub = pb_grpc.ImageSearchServiceStub(chan)
+        health = health_pb2_grpc.HealthStub(chan)
+        future = stub.AddImages.future(
+            pb.AddImagesRequest(images=[pb.ImageInput(id="inflight", content=encode(pattern(2)))])
+        )
+        assert gate.entered.wait(10)
+
+        def release_later() -> None:
+            time.sleep(0.3)
+            results["health"] = health.Check(health_pb2.HealthCheckRequest()).status
+            time.sleep(1.2)  # past the announce period: server.stop() is now waiting on this call
+            gate.release.set()
+
+        threading.Thread(target=release_later).start()
+    # run_server's exit waited for the call: it completed and was stored.
+    assert future.result(5).ids == ["inflight"]
+    assert results["health"] == health_pb2.HealthCheckResponse.NOT_SERVING
+    chan.close()
+    gate.release.set()
+    _, server = gated_server(data_dir)
+    with server as running, grpc.insecure_channel(running.target) as chan:
+        images = pb_grpc.ImageSearchServiceStub(chan).ListImages(pb.ListImagesRequest()).images
+        assert [i.id for i in images] == ["inflight"]
+
+
+def test_request_id_is_echoed(stub):
+    _, call = stub.ListCollections.with_call(
+        pb.ListCollectionsRequest(), metadata=[("x-request-id", "abc123")]
+    )
+    assert ("x-request-id", "abc123") in call.trailing_metadata()
+    _, call = stub.ListCollections.with_call(pb.ListCollectionsRequest())
+    assert len(dict(call.trailing_metadata())["x-request-id"]) == 32
+
+
+def test_config_file_and_unknown_keys(tmp_path):
+    path = tmp_path / "server.toml"
+    path.write_text("port = 6000\nworkers = 3\n[limits]\nmax_top_k = 77\n")
+    config = load_config(path, port=7000)
+    assert (config.port, config.workers, config.limits.max_top_k) == (7000, 3, 77)
+    path.write_text("[limits]\nmax_topk = 5\n")
+    with pytest.raises(ValueError, match="unknown \\[limits\\] keys: max_topk"):
+        load_config(path)
+    path.write_text("prot = 1\n")
+    with pytest.raises(ValueError, match="unknown configuration keys: prot"):
+        load_config(path)
