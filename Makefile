@@ -23,7 +23,7 @@ $(BIN)/.installed: pyproject.toml setup.py protos/imagesearch/v1/*.proto
 	$(PY) -m pip install --quiet --upgrade pip
 	# Torch is an export-time tool only; 2.13.0 is the CPU build this machine holds on disk.
 	$(PY) -m pip install --quiet "torch==2.13.0"
-	$(PY) -m pip install --quiet "setuptools>=69" "grpcio-tools==1.85.1"
+	$(PY) -m pip install --quiet "setuptools>=77" "grpcio-tools==1.85.1"
 	$(PY) protos/codegen.py >/dev/null
 	$(PY) -m pip install --quiet --no-build-isolation -e ".[dev]"
 	touch $@

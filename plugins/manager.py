@@ -190,7 +190,8 @@ class PluginRegistry:
                 staged.append(obj)
 
             try:
-                impl.function(register=register)
+                # Pass only the arguments the implementation declares, as pluggy itself would.
+                impl.function(*({"register": register}[arg] for arg in impl.argnames))
             except Exception as exc:
                 self._problem(
                     f"plugin {impl.plugin_name!r} failed in {hook_name}: {type(exc).__name__}: {exc}"

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as exc:
         print(f"error: {exc}. The server needs `pip install 'imagesearch[server]'`.", file=sys.stderr)
         return 2
-    except ValueError as exc:
+    except (ValueError, RuntimeError) as exc:  # bad configuration, plugin conflicts
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
+import numpy as np
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -121,7 +122,7 @@ def image_item(message: pb.ImageInput) -> ImageItem:
     return ImageItem(
         id=message.id,
         content=message.content if source == "content" else None,
-        vector=list(message.vector.values) if source == "vector" else None,
+        vector=np.array(message.vector.values, dtype=np.float32) if source == "vector" else None,
         label=message.label,
         metadata=dict(message.metadata),
     )
@@ -232,7 +233,7 @@ class ImageSearchServicer(pb_grpc.ImageSearchServiceServicer):
             collection=request.collection,
             image=request.image if kind == "image" else None,
             image_id=request.image_id if kind == "image_id" else None,
-            vector=list(request.vector.values) if kind == "vector" else None,
+            vector=np.array(request.vector.values, dtype=np.float32) if kind == "vector" else None,
             top_k=request.top_k,
             labels=list(request.labels),
             metric=request.metric,
@@ -366,4 +367,6 @@ class ImageSearchServicer(pb_grpc.ImageSearchServiceServicer):
             )
             for name, r in sorted(registry.metrics.items())
         ]
-        return pb.ListPluginsResponse(extractors=extractors, metrics=metrics, problems=registry.problems)
+        return pb.ListPluginsResponse(
+            extractors=extractors, metrics=metrics, problems=[*registry.problems, *registry.skipped]
+        )

@@ -11,6 +11,7 @@ import pytest
 from imagesearch.server.app import RunningServer, run_server
 from imagesearch.server.config import ServerConfig
 from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
+from tests.plugin_fixtures import colorhist_plugin  # noqa: F401  (the example plugin, pip-installed)
 from tests.support.tiny_plugin import TINY_PLUGIN, TinyExtractor
 
 

@@ -1,0 +1,65 @@
+"""Helpers shared by the benchmark scripts: timing, result files, plots, machine description."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{platform.machine()}, {os.cpu_count()} cores, {cpu}, Python {platform.python_version()}"
+
+
+def best_rate(work: Callable[[], int], repeats: int = 3) -> float:
+    """Items per second of the best of ``repeats`` runs (the machine is shared and noisy)."""
+    best = 0.0
+    for _ in range(repeats):
+        started = time.perf_counter()
+        items = work()
+        best = max(best, items / (time.perf_counter() - started))
+    return best
+
+
+def save(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **payload}, indent=2))
+    return path
+
+
+def bar_plot(name: str, title: str, labels: list[str], series: dict[str, list[float]], ylabel: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    x = np.arange(len(labels))
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for offset, (key, values) in enumerate(series.items()):
+        ax.bar(x + offset * width - 0.4 + width / 2, values, width, label=key)
+    ax.set_xticks(x, labels)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    path = RESULTS / f"{name}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
