@@ -15,7 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from imagesearch.client import ImageSearchClient
+from imagesearch.client import ImageItem, ImageSearchClient
 from imagesearch.client.contact_sheet import SheetItem, render_contact_sheet
 
 log = logging.getLogger(__name__)
@@ -73,10 +73,10 @@ def run_demo(target: str, out_dir: Path) -> Path | None:
             client.create_collection(DEMO_COLLECTION, description="sample photos indexed by --demo")
             items = []
             for name, image in photos.items():
-                items.append({"id": f"{name}", "content": _jpeg(image), "label": name})
+                items.append(ImageItem(id=name, content=_jpeg(image), label=name))
                 for edit, copy in edited_copies(image).items():
                     if edit != "crop":  # the crop is kept back as the query
-                        items.append({"id": f"{name}-{edit}", "content": _jpeg(copy), "label": name})
+                        items.append(ImageItem(id=f"{name}-{edit}", content=_jpeg(copy), label=name))
             client.add_images(items, collection=DEMO_COLLECTION)
         query_name = "chelsea" if "chelsea" in photos else next(iter(photos))
         query = _jpeg(edited_copies(photos[query_name])["crop"], quality=40)
