@@ -176,6 +176,11 @@ class Collection:
 
     # -- extractor -----------------------------------------------------------------
     @property
+    def loaded_extractor(self) -> Extractor | None:
+        """The matching extractor if this server has it, else None (no error)."""
+        return self._extractor
+
+    @property
     def extractor(self) -> Extractor:
         """The extractor that serves this collection; FailedPrecondition if the server lacks that exact one."""
         if self._extractor is None:

@@ -8,6 +8,10 @@ unary and the streaming upload behave identically.
 
 from __future__ import annotations
 
+import base64
+import dataclasses
+import binascii
+import hashlib
 import math
 import time
 import uuid
@@ -28,6 +32,7 @@ from imagesearch.server.errors import (
     ImageSearchError,
     Internal,
     InvalidArgument,
+    NotFound,
     ResourceExhausted,
 )
 from imagesearch.server.imaging import decode_image, make_thumbnail
@@ -169,8 +174,7 @@ class Engine:
         return vectors
 
     def _min_side(self, collection: Collection) -> int | None:
-        extractor = collection._extractor
-        wanted = getattr(extractor, "min_input_side", None) if extractor is not None else None
+        wanted = getattr(collection.loaded_extractor, "min_input_side", None)
         return max(wanted, self.config.thumbnail_size) if wanted else None
 
     # -- add -----------------------------------------------------------------------------
@@ -264,8 +268,7 @@ class Engine:
             positions = list(decoded)
             vectors = self._extract(collection, [decoded[p] for p in positions])
             for position, vector in zip(positions, vectors, strict=True):
-                old = rows[position]
-                rows[position] = NewImage(**{**old.__dict__, "vector": vector})
+                rows[position] = dataclasses.replace(rows[position], vector=vector)
         check_deadline(deadline, "storing the batch")
         if rows:
             collection.add([rows[p] for p in sorted(rows)])
@@ -319,7 +322,7 @@ class Engine:
         decode_ms = extract_ms = 0.0
         exclude = None
         if query.image is not None:
-            extractor = collection.extractor
+            collection.extractor  # noqa: B018  fail fast (FAILED_PRECONDITION) before decoding
             step = time.perf_counter()
             image = decode_image(query.image, self.limits, "image", self._min_side(collection))
             decode_ms = _ms(step)
@@ -327,7 +330,6 @@ class Engine:
             step = time.perf_counter()
             vector = self._extract(collection, [image.pixels])[0]
             extract_ms = _ms(step)
-            del extractor
         elif query.image_id is not None:
             row_id, vector = collection.vector_of(query.image_id)
             exclude = row_id if query.exclude_query else None
@@ -353,8 +355,6 @@ class Engine:
         if not allow_missing:
             missing = sorted(set(ids) - collection.store.existing_ids(list(ids)))
             if missing:
-                from imagesearch.server.errors import NotFound
-
                 shown = ", ".join(repr(m) for m in missing[:5])
                 raise NotFound(
                     f"{len(missing)} id(s) not in collection {collection.spec.name!r}: {shown}"
@@ -389,22 +389,15 @@ class Engine:
 
 
 def _token_key(collection: str, label: str) -> str:
-    import hashlib
-
     return hashlib.sha256(f"{collection}\x00{label}".encode()).hexdigest()[:12]
 
 
 def encode_page_token(after_row_id: int, collection: str, label: str) -> str:
-    import base64
-
     return base64.urlsafe_b64encode(f"v1:{after_row_id}:{_token_key(collection, label)}".encode()).decode()
 
 
 def decode_page_token(token: str, collection: str, label: str) -> int:
     """The row id to continue after; InvalidArgument for a token from another listing."""
-    import base64
-    import binascii
-
     if not token:
         return 0
     try:

@@ -106,7 +106,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     images = []
     for path in args.images:
         try:
-            images.append(decode_reduced(Path(path).read_bytes(), extractor.input_short_side))
+            images.append(decode_reduced(Path(path).read_bytes(), extractor.min_decode_side))
         except (OSError, ValueError) as exc:
             return _error(f"{path}: {exc}")
     embeddings = extractor.extract(images)
@@ -141,7 +141,9 @@ def add_model_commands(subparsers: argparse._SubParsersAction) -> None:
         "IMAGENET1K weights (needs network); efficientnet-lite0 takes its weights from its pip package",
     )
     export.add_argument("--out", help="output directory (default: the models directory)")
-    export.add_argument("--name", help="model name (default: the recipe name); files are NAME.onnx and NAME.json")
+    export.add_argument(
+        "--name", help="model name (default: the recipe name); files are NAME.onnx and NAME.json"
+    )
     export.add_argument(
         "--resize-short-side", type=int, help="override the resize before the centre crop (e.g. 232)"
     )
