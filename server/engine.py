@@ -9,8 +9,8 @@ unary and the streaming upload behave identically.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import binascii
+import dataclasses
 import hashlib
 import math
 import time
