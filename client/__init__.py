@@ -1,1 +1,91 @@
-"""imagesearch Python client."""
+"""imagesearch Python client: find similar images on an imagesearch server over gRPC.
+
+Install with ``pip install imagesearch`` (client only: grpcio, grpcio-status,
+protobuf, numpy). Usage::
+
+    from pathlib import Path
+    from imagesearch.client import ImageSearchClient, ImageItem, NotFound
+
+    with ImageSearchClient("127.0.0.1:50051") as client:
+        client.add_images([ImageItem(id="cat-1", content=Path("cat.jpg").read_bytes(), label="cat")])
+        client.add_files(sorted(Path("photos").glob("*/*.jpg")), labels=lambda p: p.parent.name)
+        for hit in client.search("query.jpg", top_k=5, labels=["cat", "dog"]):
+            print(hit.id, hit.label, round(hit.score, 3), hit.metadata)
+        try:
+            client.get_image("no-such-id")
+        except NotFound as error:
+            print(error.reason, error.request_id)
+
+``AsyncImageSearchClient`` (in ``imagesearch.client.aio``, re-exported here) has the
+same methods for asyncio. See docs/client.md for every method and error.
+"""
+
+from imagesearch.client._requests import CallOptions
+from imagesearch.client.aio import AsyncImageSearchClient
+from imagesearch.client.client import ImageSearchClient
+from imagesearch.client.errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    ErrorDetails,
+    FailedPrecondition,
+    FieldViolation,
+    ImageSearchError,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+    from_rpc_error,
+)
+from imagesearch.client.types import (
+    AddResult,
+    CollectionInfo,
+    ExtractorInfo,
+    HnswParams,
+    ImageItem,
+    ImagePage,
+    ImageRecord,
+    IndexType,
+    ItemResult,
+    IvfParams,
+    MetricInfo,
+    PluginList,
+    SearchHit,
+    SearchResult,
+    StageTimings,
+)
+
+__all__ = [
+    "AddResult",
+    "AlreadyExists",
+    "AsyncImageSearchClient",
+    "CallOptions",
+    "CollectionInfo",
+    "DeadlineExceeded",
+    "ErrorDetails",
+    "ExtractorInfo",
+    "FailedPrecondition",
+    "FieldViolation",
+    "HnswParams",
+    "ImageItem",
+    "ImagePage",
+    "ImageRecord",
+    "ImageSearchClient",
+    "ImageSearchError",
+    "IndexType",
+    "Internal",
+    "InvalidArgument",
+    "ItemResult",
+    "IvfParams",
+    "MetricInfo",
+    "NotFound",
+    "PluginList",
+    "ResourceExhausted",
+    "SearchHit",
+    "SearchResult",
+    "StageTimings",
+    "Unauthenticated",
+    "Unavailable",
+    "from_rpc_error",
+]

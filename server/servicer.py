@@ -75,6 +75,12 @@ def _deadline(context: grpc.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
+def _with_request_id(status: grpc.Status, request_id: str) -> grpc.Status:
+    """abort_with_status replaces the trailers, so the request id must ride in the status itself."""
+    status.trailing_metadata = (*status.trailing_metadata, (REQUEST_ID_KEY, request_id))
+    return status
+
+
 def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a handler: request id, structured access log, error mapping."""
 
@@ -92,7 +98,7 @@ def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
                 log.error(
                     "internal error", extra={"request_id": request_id, "rpc": method.__name__}, exc_info=True
                 )
-            context.abort_with_status(rpc_status.to_status(to_rpc_status(error)))
+            context.abort_with_status(_with_request_id(rpc_status.to_status(to_rpc_status(error)), request_id))
         except Exception as exc:  # a bug: report INTERNAL with the request id, never UNKNOWN
             outcome = "INTERNAL"
             log.exception("unhandled error", extra={"request_id": request_id, "rpc": method.__name__})
@@ -101,7 +107,7 @@ def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
                 message=f"internal error ({type(exc).__name__}); request id {request_id}",
                 details=[_packed(error_details_pb2.ErrorInfo(reason="INTERNAL", domain=ERROR_DOMAIN))],
             )
-            context.abort_with_status(rpc_status.to_status(status))
+            context.abort_with_status(_with_request_id(rpc_status.to_status(status), request_id))
         finally:
             log.info(
                 "rpc",

@@ -108,3 +108,9 @@ def test_config_file_and_unknown_keys(tmp_path):
     path.write_text("prot = 1\n")
     with pytest.raises(ValueError, match="unknown configuration keys: prot"):
         load_config(path)
+
+
+def test_request_id_is_echoed_on_errors(stub):
+    with pytest.raises(grpc.RpcError) as error:
+        stub.GetImage(pb.GetImageRequest(id="missing"), metadata=[("x-request-id", "err-42")])
+    assert ("x-request-id", "err-42") in error.value.trailing_metadata()

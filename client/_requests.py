@@ -1,0 +1,326 @@
+"""Everything the sync and async clients share: request building, response conversion, call options.
+
+Each public operation is a pure function returning an ``Rpc``: which method to
+call, the request message, and how to turn the response into a result type. The
+two clients only differ in *how* they send it (blocking vs ``await``), so every
+argument check, default and conversion lives here once and is unit-tested
+without a server.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, TypedDict, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+from google.protobuf import message_factory
+from google.protobuf.descriptor import MethodDescriptor
+from google.protobuf.message import Message
+
+from imagesearch.client import _health
+from imagesearch.client.errors import REQUEST_ID_HEADER
+from imagesearch.client.types import (
+    AddResult,
+    CollectionInfo,
+    HnswParams,
+    ImageItem,
+    ImagePage,
+    ImageRecord,
+    IndexType,
+    IvfParams,
+    PathLike,
+    PluginList,
+    SearchResult,
+    VectorLike,
+)
+from imagesearch.v1 import image_search_service_pb2 as pb
+
+T = TypeVar("T")
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_TIMEOUT = 30.0
+DEFAULT_MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+
+_SERVICE = pb.DESCRIPTOR.services_by_name["ImageSearchService"]
+
+
+class CallOptions(TypedDict, total=False):
+    """Per-call keyword options every client method accepts.
+
+    ``timeout``: seconds (None: no deadline); defaults to the client's timeout.
+    ``request_id``: sent as ``x-request-id``; a fresh uuid4 hex when omitted.
+    ``metadata``: extra (key, value) headers for this call, after the client's own.
+    ``wait_for_ready``: queue the call until the server is reachable instead of failing fast.
+    """
+
+    timeout: float | None
+    request_id: str
+    metadata: Sequence[tuple[str, str]]
+    wait_for_ready: bool
+
+
+@dataclass(frozen=True)
+class Rpc(Generic[T]):
+    """One call to make: the method, its request, and the conversion of its response."""
+
+    method: MethodDescriptor
+    request: Message
+    convert: Callable[[Any], T]
+
+
+def method_path(method: MethodDescriptor) -> str:
+    """The HTTP/2 path of a method, e.g. ``/imagesearch.v1.ImageSearchService/Search``."""
+    return f"/{method.containing_service.full_name}/{method.name}"
+
+
+def codec(method: MethodDescriptor) -> tuple[Callable[[Any], bytes], Callable[[bytes], Any]]:
+    """The (request serializer, response deserializer) pair of a method."""
+    request_type = message_factory.GetMessageClass(method.input_type)
+    response_type = message_factory.GetMessageClass(method.output_type)
+    return request_type.SerializeToString, response_type.FromString
+
+
+def _method(name: str) -> MethodDescriptor:
+    return _SERVICE.methods_by_name[name]
+
+
+ADD_IMAGES_STREAM = _method("AddImagesStream")
+
+
+# ---------------------------------------------------------------------------------------------
+# Channel and call settings
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    """Channel arguments: both message limits, and a user agent that names the SDK."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.primary_user_agent", "imagesearch-python"),
+    ]
+
+
+@dataclass(frozen=True)
+class CallSettings:
+    """What a client applies to every call unless the call's options override it."""
+
+    timeout: float | None = DEFAULT_TIMEOUT
+    metadata: tuple[tuple[str, str], ...] = ()
+
+    def resolve(self, options: CallOptions, *, deadline: bool = True) -> tuple[dict[str, Any], str]:
+        """The keyword arguments for a gRPC multicallable, and the request id they carry.
+
+        ``deadline=False`` drops the client's default timeout (bulk uploads run as
+        long as they need); a ``timeout`` in the call's options still applies.
+        """
+        request_id = options.get("request_id") or uuid.uuid4().hex
+        metadata = (*self.metadata, *options.get("metadata", ()), (REQUEST_ID_HEADER, request_id))
+        kwargs: dict[str, Any] = {
+            "timeout": options.get("timeout", self.timeout if deadline else None),
+            "metadata": metadata,
+        }
+        if "wait_for_ready" in options:
+            kwargs["wait_for_ready"] = options["wait_for_ready"]
+        return kwargs, request_id
+
+
+def metadata_pairs(
+    metadata: Mapping[str, str] | Sequence[tuple[str, str]] | None,
+) -> tuple[tuple[str, str], ...]:
+    """Client-wide metadata as gRPC wants it: (key, value) pairs with lower-case keys."""
+    if metadata is None:
+        return ()
+    items = metadata.items() if isinstance(metadata, Mapping) else metadata
+    return tuple((key.lower(), value) for key, value in items)
+
+
+# ---------------------------------------------------------------------------------------------
+# Small conversions
+
+
+def _collection(name: str | None) -> str:
+    return name or ""
+
+
+def _vector(values: VectorLike, what: str) -> pb.FloatVector:
+    array: npt.NDArray[np.float32] = np.asarray(values, dtype=np.float32)
+    if array.ndim != 1 or array.size == 0:
+        raise ValueError(f"{what} must be a non-empty 1-D sequence of floats, got shape {array.shape}")
+    return pb.FloatVector(values=array.tolist())
+
+
+def _is_path(value: object) -> bool:
+    return isinstance(value, str | os.PathLike)
+
+
+def image_input(item: ImageItem | PathLike, *, where: str = "item") -> pb.ImageInput:
+    """The ImageInput of an ImageItem, or of a file path (read now, id left to the server)."""
+    if _is_path(item):
+        item = ImageItem.from_path(item)  # type: ignore[arg-type]
+    if not isinstance(item, ImageItem):
+        raise TypeError(f"{where} must be an ImageItem or a file path, not {type(item).__name__}")
+    message = pb.ImageInput(id=item.id, label=item.label, metadata=dict(item.metadata))
+    if item.content is not None:
+        message.content = bytes(item.content)
+    else:
+        message.vector.CopyFrom(_vector(item.vector, f"{where}.vector"))
+    return message
+
+
+def _params(value: Any, cls: type[Any], what: str) -> Any:
+    if value is None or isinstance(value, cls):
+        return value
+    if isinstance(value, Mapping):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - names)
+        if unknown:
+            raise ValueError(f"unknown {what} parameter(s) {unknown}; expected some of {sorted(names)}")
+        return cls(**value)
+    raise TypeError(f"{what} must be a {cls.__name__} or a mapping, not {type(value).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------
+# One function per RPC
+
+
+def add_images(
+    items: Iterable[ImageItem | PathLike], collection: str | None, skip_invalid: bool
+) -> Rpc[AddResult]:
+    images = [image_input(item, where=f"items[{i}]") for i, item in enumerate(items)]
+    request = pb.AddImagesRequest(
+        collection=_collection(collection), images=images, skip_invalid=skip_invalid
+    )
+    return Rpc(_method("AddImages"), request, AddResult.from_proto)
+
+
+def search(
+    image: bytes | PathLike | None,
+    *,
+    image_id: str | None,
+    vector: VectorLike | None,
+    top_k: int,
+    labels: Iterable[str],
+    metric: str | None,
+    exclude_query: bool,
+    extractor: str | None,
+    collection: str | None,
+) -> Rpc[SearchResult]:
+    given = [
+        name
+        for name, value in (("image", image), ("image_id", image_id), ("vector", vector))
+        if value is not None
+    ]
+    if len(given) != 1:
+        raise ValueError(f"search needs exactly one of image, image_id or vector; got {given or 'none'}")
+    if isinstance(labels, str):
+        raise TypeError("labels must be a collection of strings, not a single string")
+    request = pb.SearchRequest(
+        collection=_collection(collection),
+        top_k=top_k,
+        labels=list(labels),
+        metric=metric or "",
+        exclude_query=exclude_query,
+        extractor=extractor or "",
+    )
+    if image is not None:
+        request.image = Path(image).read_bytes() if _is_path(image) else bytes(image)  # type: ignore[arg-type]
+    elif image_id is not None:
+        request.image_id = image_id
+    else:
+        request.vector.CopyFrom(_vector(vector, "vector"))
+    return Rpc(_method("Search"), request, SearchResult.from_proto)
+
+
+def remove_images(ids: Iterable[str], collection: str | None, allow_missing: bool) -> Rpc[int]:
+    if isinstance(ids, str):
+        raise TypeError("ids must be a collection of strings, not a single string")
+    request = pb.RemoveImagesRequest(
+        collection=_collection(collection), ids=list(ids), allow_missing=allow_missing
+    )
+    return Rpc(_method("RemoveImages"), request, lambda response: response.removed_count)
+
+
+def get_image(
+    image_id: str, collection: str | None, include_original: bool, include_vector: bool
+) -> Rpc[ImageRecord]:
+    request = pb.GetImageRequest(
+        collection=_collection(collection),
+        id=image_id,
+        include_original=include_original,
+        include_vector=include_vector,
+    )
+    return Rpc(_method("GetImage"), request, lambda response: ImageRecord.from_proto(response.image))
+
+
+def list_images(collection: str | None, page_size: int, page_token: str, label: str | None) -> Rpc[ImagePage]:
+    request = pb.ListImagesRequest(
+        collection=_collection(collection), page_size=page_size, page_token=page_token, label=label or ""
+    )
+    return Rpc(_method("ListImages"), request, ImagePage.from_proto)
+
+
+def create_collection(
+    name: str,
+    *,
+    extractor: str | None,
+    metric: str | None,
+    index_type: IndexType | str,
+    ivf: IvfParams | Mapping[str, int] | None,
+    hnsw: HnswParams | Mapping[str, int] | None,
+    store_originals: bool,
+    description: str,
+) -> Rpc[CollectionInfo]:
+    kind = IndexType.parse(index_type)
+    ivf_params = _params(ivf, IvfParams, "ivf")
+    hnsw_params = _params(hnsw, HnswParams, "hnsw")
+    if ivf_params is not None and kind is not IndexType.IVF:
+        raise ValueError(f"ivf parameters need index_type='ivf', not {kind.value!r}")
+    if hnsw_params is not None and kind is not IndexType.HNSW:
+        raise ValueError(f"hnsw parameters need index_type='hnsw', not {kind.value!r}")
+    collection = pb.Collection(
+        name=name,
+        extractor=extractor or "",
+        metric=metric or "",
+        index_type=kind.to_proto(),
+        store_originals=store_originals,
+        description=description,
+    )
+    if ivf_params is not None:
+        collection.ivf.CopyFrom(ivf_params.to_proto())
+    if hnsw_params is not None:
+        collection.hnsw.CopyFrom(hnsw_params.to_proto())
+    request = pb.CreateCollectionRequest(collection=collection)
+    return Rpc(_method("CreateCollection"), request, lambda r: CollectionInfo.from_proto(r.collection))
+
+
+def get_collection(name: str | None) -> Rpc[CollectionInfo]:
+    request = pb.GetCollectionRequest(name=_collection(name))
+    return Rpc(_method("GetCollection"), request, lambda r: CollectionInfo.from_proto(r.collection))
+
+
+def list_collections() -> Rpc[list[CollectionInfo]]:
+    return Rpc(
+        _method("ListCollections"),
+        pb.ListCollectionsRequest(),
+        lambda r: [CollectionInfo.from_proto(c) for c in r.collections],
+    )
+
+
+def delete_collection(name: str) -> Rpc[None]:
+    if not name:
+        raise ValueError("delete_collection needs a collection name")
+    return Rpc(_method("DeleteCollection"), pb.DeleteCollectionRequest(name=name), lambda r: None)
+
+
+def list_plugins() -> Rpc[PluginList]:
+    return Rpc(_method("ListPlugins"), pb.ListPluginsRequest(), PluginList.from_proto)
+
+
+def health(service: str) -> Rpc[str]:
+    return Rpc(_health.CHECK, _health.HealthCheckRequest(service=service), _health.status_name)

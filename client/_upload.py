@@ -1,0 +1,166 @@
+"""Chunked streaming upload of image files through AddImagesStream.
+
+Planned up front (every file stat-ed, chunk boundaries fixed by count and bytes)
+and read lazily, so an import of any size needs one chunk of memory and fails
+before sending anything when a file is missing or too large.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from imagesearch.client.types import AddResult, PathLike
+from imagesearch.v1 import image_search_service_pb2 as pb
+
+# Room left in a chunk for the collection name, field tags and length prefixes.
+_CHUNK_HEADROOM = 1024
+_ITEM_OVERHEAD = 16
+
+Progress = Callable[[int, int], None]
+"""``progress(sent, total)``: images handed to gRPC so far, out of all images of the upload."""
+
+PerFile = Sequence[str] | Callable[[Path], str] | None
+"""A value per file: a sequence parallel to the paths, a function of the path, or None (empty)."""
+
+
+NOTHING_ADDED = AddResult(ids=(), results=(), added_count=0, chunk_count=0)
+"""What uploading no files adds (answered locally, without a call)."""
+
+
+@dataclass(frozen=True)
+class _File:
+    path: Path
+    size: int
+    id: str
+    label: str
+
+
+def _per_file(values: PerFile, paths: Sequence[Path], what: str) -> list[str]:
+    if values is None:
+        return [""] * len(paths)
+    if callable(values):
+        return [values(path) for path in paths]
+    if isinstance(values, str):
+        raise TypeError(f"{what} must be a sequence or a function of the path, not a single string")
+    if len(values) != len(paths):
+        raise ValueError(f"{what} has {len(values)} entries for {len(paths)} paths")
+    return list(values)
+
+
+class Upload:
+    """A chunked AddImagesStream upload of files, planned up front and read lazily.
+
+    Planning stats every file first, so a missing or oversized file fails before
+    anything is sent. Chunks hold at most ``batch_size`` images and stay below the
+    message limit. Iterating yields the stream's messages; an error while
+    iterating (a file unreadable mid-stream, a failing ``progress`` callback) is
+    kept in ``error`` and re-raised, so gRPC cancels the stream and the client
+    reports that error (the server keeps the chunks committed before it).
+    """
+
+    def __init__(
+        self,
+        paths: Iterable[PathLike],
+        *,
+        labels: PerFile,
+        ids: PerFile,
+        collection: str | None,
+        skip_invalid: bool,
+        batch_size: int,
+        max_message_bytes: int,
+        progress: Progress | None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        files = [Path(p) for p in paths]
+        label_list = _per_file(labels, files, "labels")
+        id_list = _per_file(ids, files, "ids")
+        budget = max_message_bytes - _CHUNK_HEADROOM
+        self.files = [
+            _File(path, _file_size(path), file_id, label)
+            for path, file_id, label in zip(files, id_list, label_list, strict=True)
+        ]
+        entries = [_entry_bytes(f) for f in self.files]
+        for file, size in zip(self.files, entries, strict=True):
+            if size > budget:
+                raise ValueError(
+                    f"{file.path} needs {size} bytes, more than one message may carry ({budget}); "
+                    "raise max_message_bytes on the client and the server, or shrink the image"
+                )
+        self.collection = collection or ""
+        self.skip_invalid = skip_invalid
+        self.chunks = _chunk_sizes(entries, batch_size, budget)
+        self.progress = progress
+        self.sent = 0
+        self.error: BaseException | None = None
+
+    @property
+    def total(self) -> int:
+        return len(self.files)
+
+    def __iter__(self) -> Iterator[pb.AddImagesStreamRequest]:
+        # gRPC swallows what the request iterator raises (it only cancels the call), so keep
+        # it: the client re-raises this error instead of a bare CANCELLED / UNKNOWN.
+        try:
+            yield from self._messages()
+        except Exception as error:
+            self.error = error
+            raise
+
+    def _messages(self) -> Iterator[pb.AddImagesStreamRequest]:
+        start = 0
+        for size in self.chunks:
+            images = [_file_input(f) for f in self.files[start : start + size]]
+            yield pb.AddImagesStreamRequest(
+                collection=self.collection, images=images, skip_invalid=self.skip_invalid
+            )
+            start += size
+            self.sent = start
+            if self.progress is not None:
+                self.progress(self.sent, self.total)
+
+    def failure(self) -> BaseException | None:
+        """The local error that broke the stream, annotated with what was sent before it."""
+        if self.error is not None:
+            self.error.add_note(
+                f"imagesearch: {self.sent} of {self.total} images were sent before this error; "
+                "the server keeps every chunk it received."
+            )
+        return self.error
+
+
+def _file_size(path: Path) -> int:
+    size = path.stat().st_size  # FileNotFoundError / PermissionError before anything is sent
+    if not path.is_file():
+        raise IsADirectoryError(f"not a regular file: {path}")
+    return size
+
+
+def _file_input(file: _File) -> pb.ImageInput:
+    content = file.path.read_bytes()
+    if len(content) != file.size:  # the chunk was sized for the planned bytes
+        raise OSError(f"{file.path} changed size during the upload ({file.size} -> {len(content)} bytes)")
+    return pb.ImageInput(id=file.id, content=content, label=file.label, metadata={"path": str(file.path)})
+
+
+def _entry_bytes(file: _File) -> int:
+    """Upper bound of the file's serialized ImageInput inside a chunk."""
+    shell = pb.ImageInput(id=file.id, label=file.label, metadata={"path": str(file.path)})
+    return shell.ByteSize() + file.size + _ITEM_OVERHEAD
+
+
+def _chunk_sizes(entry_bytes: Sequence[int], batch_size: int, budget: int) -> list[int]:
+    """Greedy split into consecutive chunks of at most ``batch_size`` entries and ``budget`` bytes."""
+    chunks: list[int] = []
+    count = used = 0
+    for size in entry_bytes:
+        if count and (count == batch_size or used + size > budget):
+            chunks.append(count)
+            count = used = 0
+        count += 1
+        used += size
+    if count:
+        chunks.append(count)
+    return chunks

@@ -1,0 +1,309 @@
+"""The blocking client: one method per API operation, typed results, typed errors.
+
+Request building and response conversion live in ``_requests`` (shared with the
+asyncio client); this module only sends calls and maps ``grpc.RpcError`` to
+``imagesearch.client.errors``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from types import TracebackType
+from typing import Self, TypeVar, Unpack
+
+import grpc
+
+from imagesearch.client import _requests as R
+from imagesearch.client._base import ClientBase
+from imagesearch.client._requests import CallOptions
+from imagesearch.client._upload import NOTHING_ADDED, PerFile, Progress, Upload
+from imagesearch.client.errors import from_rpc_error
+from imagesearch.client.types import (
+    AddResult,
+    CollectionInfo,
+    HnswParams,
+    ImageItem,
+    ImagePage,
+    ImageRecord,
+    IndexType,
+    IvfParams,
+    PathLike,
+    PluginList,
+    SearchResult,
+    VectorLike,
+)
+
+T = TypeVar("T")
+
+
+class ImageSearchClient(ClientBase):
+    """A connection to an imagesearch server.
+
+    ``target`` is ``host:port``. ``timeout`` (seconds, None for none) applies to
+    every call except ``add_files``. ``max_message_bytes`` bounds messages both
+    ways and should match the server's limit. Pass ``credentials`` for TLS, or a
+    ready ``channel`` (which the client then does not close). ``metadata`` is sent
+    with every call (e.g. an API key). Use it as a context manager, or call
+    ``close()``. Safe to share between threads.
+
+    Every method also takes the keyword options of ``CallOptions``: ``timeout``,
+    ``request_id`` (sent as ``x-request-id``; a fresh uuid4 hex otherwise),
+    ``metadata`` and ``wait_for_ready``.
+    """
+
+    def __init__(
+        self,
+        target: str = R.DEFAULT_TARGET,
+        *,
+        timeout: float | None = R.DEFAULT_TIMEOUT,
+        max_message_bytes: int = R.DEFAULT_MAX_MESSAGE_BYTES,
+        credentials: grpc.ChannelCredentials | None = None,
+        channel: grpc.Channel | None = None,
+        metadata: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
+    ) -> None:
+        super().__init__(
+            grpc,
+            target,
+            timeout=timeout,
+            max_message_bytes=max_message_bytes,
+            credentials=credentials,
+            channel=channel,
+            metadata=metadata,
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the channel (unless it was passed in)."""
+        if self._owns_channel:
+            self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # -- sending -----------------------------------------------------------------------------
+
+    def _call(self, rpc: R.Rpc[T], options: CallOptions) -> T:
+        kwargs, request_id = self._settings.resolve(options)
+        try:
+            response = self._multicallable(rpc.method)(rpc.request, **kwargs)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error, request_id=request_id) from error
+        return rpc.convert(response)
+
+    # -- images ------------------------------------------------------------------------------
+
+    def add_images(
+        self,
+        items: Iterable[ImageItem | PathLike],
+        *,
+        collection: str | None = None,
+        skip_invalid: bool = False,
+        **options: Unpack[CallOptions],
+    ) -> AddResult:
+        """Add a batch of images in one call (at most the server's max batch size, 256 by default).
+
+        Each item is an ``ImageItem`` (encoded ``content`` or a ``vector``) or a file
+        path (read now; the server assigns the id). All-or-nothing: one bad image
+        raises ``InvalidArgument`` naming it and nothing is stored — unless
+        ``skip_invalid``, which stores the good ones and reports the bad ones in
+        ``AddResult.results`` / ``AddResult.failed``.
+        """
+        return self._call(R.add_images(items, collection, skip_invalid), options)
+
+    def add_files(
+        self,
+        paths: Iterable[PathLike],
+        *,
+        labels: PerFile = None,
+        ids: PerFile = None,
+        collection: str | None = None,
+        skip_invalid: bool = False,
+        batch_size: int = 32,
+        progress: Progress | None = None,
+        **options: Unpack[CallOptions],
+    ) -> AddResult:
+        """Upload image files of any number through one AddImagesStream call.
+
+        Files are read lazily and sent in chunks of at most ``batch_size`` images
+        that stay below ``max_message_bytes``; the server commits each chunk as
+        it arrives. ``labels`` / ``ids``: a list parallel to ``paths`` or a function
+        of the path (``labels=lambda p: p.parent.name`` for folder-per-class); ids
+        default to server-assigned. Each image's metadata records its ``path``.
+        ``progress(sent, total)`` is called after each chunk is handed to gRPC.
+        No default deadline applies (pass ``timeout=`` to set one). A file that
+        is missing or too large fails before anything is sent.
+        """
+        upload = Upload(
+            paths,
+            labels=labels,
+            ids=ids,
+            collection=collection,
+            skip_invalid=skip_invalid,
+            batch_size=batch_size,
+            max_message_bytes=self.max_message_bytes,
+            progress=progress,
+        )
+        if not upload.total:
+            return NOTHING_ADDED
+        kwargs, request_id = self._settings.resolve(options, deadline=False)
+        try:
+            response = self._multicallable(R.ADD_IMAGES_STREAM)(iter(upload), **kwargs)
+        except grpc.RpcError as error:
+            raise (upload.failure() or from_rpc_error(error, request_id=request_id)) from error
+        return AddResult.from_proto(response)
+
+    def search(
+        self,
+        image: bytes | PathLike | None = None,
+        *,
+        image_id: str | None = None,
+        vector: VectorLike | None = None,
+        top_k: int = 10,
+        labels: Iterable[str] = (),
+        metric: str | None = None,
+        exclude_query: bool = False,
+        extractor: str | None = None,
+        collection: str | None = None,
+        **options: Unpack[CallOptions],
+    ) -> SearchResult:
+        """Find the ``top_k`` images most similar to one query, best first.
+
+        The query is exactly one of: ``image`` (encoded bytes, or a file path),
+        ``image_id`` (an image already in the collection; ``exclude_query`` drops it
+        from the hits) or ``vector``. ``labels`` restricts hits to those labels;
+        ``metric`` overrides the collection's (flat indexes only); ``extractor``, when
+        given, makes the search fail with ``FailedPrecondition`` if the collection
+        was built with another extractor.
+        """
+        rpc = R.search(
+            image,
+            image_id=image_id,
+            vector=vector,
+            top_k=top_k,
+            labels=labels,
+            metric=metric,
+            exclude_query=exclude_query,
+            extractor=extractor,
+            collection=collection,
+        )
+        return self._call(rpc, options)
+
+    def remove_images(
+        self,
+        ids: Iterable[str],
+        *,
+        collection: str | None = None,
+        allow_missing: bool = False,
+        **options: Unpack[CallOptions],
+    ) -> int:
+        """Remove images by id; return how many were removed. Unknown ids raise ``NotFound`` unless ``allow_missing``."""
+        return self._call(R.remove_images(ids, collection, allow_missing), options)
+
+    def get_image(
+        self,
+        image_id: str,
+        *,
+        collection: str | None = None,
+        include_original: bool = False,
+        include_vector: bool = False,
+        **options: Unpack[CallOptions],
+    ) -> ImageRecord:
+        """One image's record with its thumbnail; optionally the original bytes and the feature vector."""
+        return self._call(R.get_image(image_id, collection, include_original, include_vector), options)
+
+    def list_images(
+        self,
+        *,
+        collection: str | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+        label: str | None = None,
+        **options: Unpack[CallOptions],
+    ) -> ImagePage:
+        """One page of a collection's images in insertion order (no thumbnails; use ``get_image``).
+
+        ``page_size`` 0 means the server default (100). Pass the page's
+        ``next_page_token`` to get the next one; ``iter_images`` does that for you.
+        """
+        return self._call(R.list_images(collection, page_size, page_token, label), options)
+
+    def iter_images(
+        self,
+        *,
+        collection: str | None = None,
+        label: str | None = None,
+        page_size: int = 0,
+        **options: Unpack[CallOptions],
+    ) -> Iterator[ImageRecord]:
+        """Every image of a collection (optionally of one label), fetching pages as needed."""
+        token = ""
+        while True:
+            page = self.list_images(
+                collection=collection, page_size=page_size, page_token=token, label=label, **options
+            )
+            yield from page.images
+            token = page.next_page_token
+            if not token:
+                return
+
+    # -- collections -------------------------------------------------------------------------
+
+    def create_collection(
+        self,
+        name: str,
+        *,
+        extractor: str | None = None,
+        metric: str | None = None,
+        index_type: IndexType | str = IndexType.FLAT,
+        ivf: IvfParams | Mapping[str, int] | None = None,
+        hnsw: HnswParams | Mapping[str, int] | None = None,
+        store_originals: bool = False,
+        description: str = "",
+        **options: Unpack[CallOptions],
+    ) -> CollectionInfo:
+        """Create a collection bound to one extractor, one metric and one index type.
+
+        ``extractor`` None: the server's default; ``metric`` None: the extractor's
+        default. ``ivf`` / ``hnsw`` (an ``IvfParams`` / ``HnswParams`` or a dict such as
+        ``{"nlist": 64}``) only go with the matching ``index_type``. ``store_originals``
+        keeps each image's bytes (for download and re-indexing).
+        """
+        rpc = R.create_collection(
+            name,
+            extractor=extractor,
+            metric=metric,
+            index_type=index_type,
+            ivf=ivf,
+            hnsw=hnsw,
+            store_originals=store_originals,
+            description=description,
+        )
+        return self._call(rpc, options)
+
+    def get_collection(self, name: str | None = None, **options: Unpack[CallOptions]) -> CollectionInfo:
+        """Describe a collection (None: the default collection)."""
+        return self._call(R.get_collection(name), options)
+
+    def list_collections(self, **options: Unpack[CallOptions]) -> list[CollectionInfo]:
+        """All collections, sorted by name."""
+        return self._call(R.list_collections(), options)
+
+    def delete_collection(self, name: str, **options: Unpack[CallOptions]) -> None:
+        """Delete a collection and everything stored in it."""
+        self._call(R.delete_collection(name), options)
+
+    # -- server ------------------------------------------------------------------------------
+
+    def list_plugins(self, **options: Unpack[CallOptions]) -> PluginList:
+        """The feature extractors and metrics the server has loaded, and plugins that failed."""
+        return self._call(R.list_plugins(), options)
+
+    def health(self, service: str = "", **options: Unpack[CallOptions]) -> str:
+        """The grpc.health.v1 serving status: "SERVING", "NOT_SERVING", ... ("" asks about the whole server)."""
+        return self._call(R.health(service), options)

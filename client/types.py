@@ -1,0 +1,426 @@
+"""Plain Python values the client returns and accepts, so callers never touch protobuf.
+
+Results are frozen dataclasses built by ``from_proto`` class methods: they are
+safe to share between threads and to keep after the response is gone. Fields
+that the server leaves empty when absent (thumbnail, original, vector, times)
+become ``None`` so "not returned" cannot be mistaken for a real value.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Self, TypeVar
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+
+from imagesearch.v1 import image_search_service_pb2 as pb
+
+VectorLike = npt.ArrayLike
+"""Anything ``numpy.asarray`` turns into a 1-D float vector: an ndarray, a list of floats, ..."""
+
+PathLike = str | os.PathLike[str]
+
+_STATUS_BY_NUMBER: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def status_code(number: int) -> grpc.StatusCode:
+    """The grpc.StatusCode of a google.rpc.Code number (unknown numbers become UNKNOWN)."""
+    return _STATUS_BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
+
+
+def _vector(message: pb.FloatVector) -> npt.NDArray[np.float32]:
+    return np.asarray(message.values, dtype=np.float32)
+
+
+def _time(unix: float) -> datetime | None:
+    return datetime.fromtimestamp(unix, tz=UTC) if unix else None
+
+
+class IndexType(enum.StrEnum):
+    """How a collection's vectors are indexed (the API's ``IndexType`` enum, by short name)."""
+
+    FLAT = "flat"
+    IVF = "ivf"
+    HNSW = "hnsw"
+
+    @classmethod
+    def parse(cls, value: IndexType | str) -> IndexType:
+        """Accept an IndexType or its name in any case ("flat", "IVF", ...)."""
+        if isinstance(value, IndexType):
+            return value
+        try:
+            return cls(value.lower())
+        except ValueError:
+            choices = ", ".join(repr(member.value) for member in cls)
+            raise ValueError(f"unknown index type {value!r}; expected one of {choices}") from None
+
+    def to_proto(self) -> pb.IndexType.ValueType:
+        return pb.IndexType.Value(f"INDEX_TYPE_{self.name}")
+
+    @classmethod
+    def from_proto(cls, value: int) -> IndexType:
+        """UNSPECIFIED means the default, FLAT (as the API defines it)."""
+        name = pb.IndexType.Name(value).removeprefix("INDEX_TYPE_")
+        return cls.FLAT if name == "UNSPECIFIED" else cls[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """One image to add: encoded ``content`` bytes or a precomputed ``vector``, never both.
+
+    ``id`` empty lets the server assign one; ``label`` is the class / bucket that
+    searches can filter on; ``metadata`` is returned with every hit.
+    """
+
+    id: str = ""
+    content: bytes | None = None
+    vector: VectorLike | None = field(default=None, compare=False)
+    label: str = ""
+    metadata: Mapping[str, str] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        if (self.content is None) == (self.vector is None):
+            raise ValueError("ImageItem needs exactly one of `content` (encoded bytes) or `vector`")
+        if self.content is not None and not isinstance(self.content, bytes | bytearray | memoryview):
+            raise TypeError(f"ImageItem.content must be bytes, not {type(self.content).__name__}")
+
+    @classmethod
+    def from_path(
+        cls, path: PathLike, *, id: str = "", label: str = "", metadata: Mapping[str, str] | None = None
+    ) -> Self:
+        """Read an encoded image file (JPEG, PNG, WebP, ...) into an item."""
+        return cls(id=id, content=Path(path).read_bytes(), label=label, metadata=dict(metadata or {}))
+
+
+@dataclass(frozen=True)
+class IvfParams:
+    """IVF index parameters; 0 means the server default (nlist 100, nprobe 10, train_size 39 * nlist)."""
+
+    nlist: int = 0
+    nprobe: int = 0
+    train_size: int = 0
+
+    def to_proto(self) -> pb.IvfParams:
+        return pb.IvfParams(nlist=self.nlist, nprobe=self.nprobe, train_size=self.train_size)
+
+    @classmethod
+    def from_proto(cls, message: pb.IvfParams) -> Self:
+        return cls(nlist=message.nlist, nprobe=message.nprobe, train_size=message.train_size)
+
+
+@dataclass(frozen=True)
+class HnswParams:
+    """HNSW index parameters; 0 means the server default (m 32, ef_construction 40, ef_search 64)."""
+
+    m: int = 0
+    ef_construction: int = 0
+    ef_search: int = 0
+
+    def to_proto(self) -> pb.HnswParams:
+        return pb.HnswParams(m=self.m, ef_construction=self.ef_construction, ef_search=self.ef_search)
+
+    @classmethod
+    def from_proto(cls, message: pb.HnswParams) -> Self:
+        return cls(m=message.m, ef_construction=message.ef_construction, ef_search=message.ef_search)
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    """One similar image: ``score`` is higher for more similar, ``distance`` the metric's raw value."""
+
+    id: str
+    score: float
+    distance: float
+    label: str = ""
+    metadata: Mapping[str, str] = field(default_factory=dict, hash=False)
+
+    @classmethod
+    def from_proto(cls, message: pb.SearchHit) -> Self:
+        return cls(
+            id=message.id,
+            score=message.score,
+            distance=message.distance,
+            label=message.label,
+            metadata=dict(message.metadata),
+        )
+
+
+@dataclass(frozen=True)
+class StageTimings:
+    """Server-side milliseconds per stage of a search."""
+
+    decode_ms: float = 0.0
+    extract_ms: float = 0.0
+    search_ms: float = 0.0
+    total_ms: float = 0.0
+
+    @classmethod
+    def from_proto(cls, message: pb.StageTimings) -> Self:
+        return cls(
+            decode_ms=message.decode_ms,
+            extract_ms=message.extract_ms,
+            search_ms=message.search_ms,
+            total_ms=message.total_ms,
+        )
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """Hits sorted by descending score, the metric that scored them, and server timings.
+
+    Iterating a result iterates its hits; ``len(result)`` is the number of hits.
+    """
+
+    hits: tuple[SearchHit, ...]
+    timings: StageTimings
+    metric: str = ""
+
+    @property
+    def ids(self) -> list[str]:
+        return [hit.id for hit in self.hits]
+
+    def __iter__(self) -> Iterator[SearchHit]:
+        return iter(self.hits)
+
+    def __len__(self) -> int:
+        return len(self.hits)
+
+    @classmethod
+    def from_proto(cls, message: pb.SearchResponse) -> Self:
+        return cls(
+            hits=tuple(SearchHit.from_proto(hit) for hit in message.hits),
+            timings=StageTimings.from_proto(message.timings),
+            metric=message.metric,
+        )
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    """The outcome of one image of an add: ``code`` is OK when it was stored."""
+
+    index: int
+    id: str
+    code: grpc.StatusCode
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.code is grpc.StatusCode.OK
+
+    @classmethod
+    def from_proto(cls, message: pb.ItemResult) -> Self:
+        return cls(
+            index=message.index, id=message.id, code=status_code(message.code), message=message.message
+        )
+
+
+@dataclass(frozen=True)
+class AddResult:
+    """What an add stored: ids in request order ("" for images rejected under ``skip_invalid``).
+
+    ``chunk_count`` is the number of streamed chunks (1 for ``add_images``).
+    """
+
+    ids: tuple[str, ...]
+    results: tuple[ItemResult, ...]
+    added_count: int
+    chunk_count: int = 1
+
+    @property
+    def failed(self) -> tuple[ItemResult, ...]:
+        """The rejected images (only possible with ``skip_invalid=True``)."""
+        return tuple(result for result in self.results if not result.ok)
+
+    @classmethod
+    def from_proto(cls, message: pb.AddImagesResponse | pb.AddImagesStreamResponse) -> Self:
+        chunks = message.chunk_count if isinstance(message, pb.AddImagesStreamResponse) else 1
+        return cls(
+            ids=tuple(message.ids),
+            results=tuple(ItemResult.from_proto(result) for result in message.results),
+            added_count=message.added_count,
+            chunk_count=chunks,
+        )
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """A stored image. ``thumbnail`` (JPEG), ``original`` and ``vector`` are None when not returned."""
+
+    id: str
+    label: str = ""
+    metadata: Mapping[str, str] = field(default_factory=dict, hash=False)
+    thumbnail: bytes | None = None
+    original: bytes | None = None
+    vector: npt.NDArray[np.float32] | None = field(default=None, compare=False)
+    width: int = 0
+    height: int = 0
+    created_at: datetime | None = None
+
+    @classmethod
+    def from_proto(cls, message: pb.Image) -> Self:
+        return cls(
+            id=message.id,
+            label=message.label,
+            metadata=dict(message.metadata),
+            thumbnail=message.thumbnail or None,
+            original=message.original or None,
+            vector=_vector(message.vector) if message.HasField("vector") else None,
+            width=message.width,
+            height=message.height,
+            created_at=_time(message.create_time_unix),
+        )
+
+
+@dataclass(frozen=True)
+class ImagePage:
+    """One page of ``list_images``; pass ``next_page_token`` back for the next ("" on the last page)."""
+
+    images: tuple[ImageRecord, ...]
+    next_page_token: str
+    total_size: int
+
+    @classmethod
+    def from_proto(cls, message: pb.ListImagesResponse) -> Self:
+        return cls(
+            images=tuple(ImageRecord.from_proto(image) for image in message.images),
+            next_page_token=message.next_page_token,
+            total_size=message.total_size,
+        )
+
+
+@dataclass(frozen=True)
+class CollectionInfo:
+    """A collection: one extractor (and version), one metric, one index.
+
+    ``ivf`` / ``hnsw`` are set only for collections of that index type.
+    """
+
+    name: str
+    extractor: str
+    extractor_version: str
+    metric: str
+    index_type: IndexType
+    dimension: int
+    image_count: int
+    store_originals: bool = False
+    description: str = ""
+    ivf: IvfParams | None = None
+    hnsw: HnswParams | None = None
+    created_at: datetime | None = None
+    index_trained: bool = False
+
+    @classmethod
+    def from_proto(cls, message: pb.Collection) -> Self:
+        index_type = IndexType.from_proto(message.index_type)
+        return cls(
+            name=message.name,
+            extractor=message.extractor,
+            extractor_version=message.extractor_version,
+            metric=message.metric,
+            index_type=index_type,
+            dimension=message.dimension,
+            image_count=message.image_count,
+            store_originals=message.store_originals,
+            description=message.description,
+            ivf=IvfParams.from_proto(message.ivf) if index_type is IndexType.IVF else None,
+            hnsw=HnswParams.from_proto(message.hnsw) if index_type is IndexType.HNSW else None,
+            created_at=_time(message.create_time_unix),
+            index_trained=message.index_trained,
+        )
+
+
+@dataclass(frozen=True)
+class ExtractorInfo:
+    """A feature extractor the server has loaded."""
+
+    name: str
+    version: str
+    dimension: int
+    default_metric: str
+    description: str = ""
+    plugin: str = ""
+    trainable: bool = False
+
+    @classmethod
+    def from_proto(cls, message: pb.ExtractorInfo) -> Self:
+        return cls(
+            name=message.name,
+            version=message.version,
+            dimension=message.dimension,
+            default_metric=message.default_metric,
+            description=message.description,
+            plugin=message.plugin,
+            trainable=message.trainable,
+        )
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """A distance metric the server has loaded, and the index types it works with."""
+
+    name: str
+    version: str
+    description: str = ""
+    plugin: str = ""
+    index_types: tuple[IndexType, ...] = ()
+
+    @classmethod
+    def from_proto(cls, message: pb.MetricInfo) -> Self:
+        return cls(
+            name=message.name,
+            version=message.version,
+            description=message.description,
+            plugin=message.plugin,
+            index_types=tuple(IndexType.from_proto(value) for value in message.index_types),
+        )
+
+
+@dataclass(frozen=True)
+class PluginList:
+    """Loaded extractors and metrics (sorted by name) and plugins that failed to load, with why."""
+
+    extractors: tuple[ExtractorInfo, ...]
+    metrics: tuple[MetricInfo, ...]
+    problems: tuple[str, ...] = ()
+
+    def extractor(self, name: str) -> ExtractorInfo:
+        """The extractor called ``name`` (KeyError if the server has none)."""
+        return _by_name(self.extractors, name, "extractor")
+
+    def metric(self, name: str) -> MetricInfo:
+        """The metric called ``name`` (KeyError if the server has none)."""
+        return _by_name(self.metrics, name, "metric")
+
+    @classmethod
+    def from_proto(cls, message: pb.ListPluginsResponse) -> Self:
+        return cls(
+            extractors=tuple(ExtractorInfo.from_proto(item) for item in message.extractors),
+            metrics=tuple(MetricInfo.from_proto(item) for item in message.metrics),
+            problems=tuple(message.problems),
+        )
+
+
+_Named = TypeVar("_Named", ExtractorInfo, MetricInfo)
+
+
+def _by_name(items: Sequence[_Named], name: str, kind: str) -> _Named:
+    for item in items:
+        if item.name == name:
+            return item
+    known = ", ".join(item.name for item in items) or "none"
+    raise KeyError(f"no {kind} named {name!r} on the server (loaded: {known})")

@@ -1,0 +1,569 @@
+"""Fast tests of the client: request building, response conversion, error mapping, streaming.
+
+The pure parts are tested directly; everything that crosses the wire runs against
+``fake_server`` (real gRPC on a free localhost port, scripted answers and rich
+error details), so no model, index or OpenCV is involved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from imagesearch.client import (
+    AddResult,
+    AlreadyExists,
+    AsyncImageSearchClient,
+    CollectionInfo,
+    DeadlineExceeded,
+    FailedPrecondition,
+    HnswParams,
+    ImageItem,
+    ImageRecord,
+    ImageSearchClient,
+    ImageSearchError,
+    IndexType,
+    InvalidArgument,
+    ItemResult,
+    IvfParams,
+    NotFound,
+    Unavailable,
+)
+from imagesearch.client import _requests as R
+from imagesearch.client import _upload as U
+from imagesearch.v1 import image_search_service_pb2 as pb
+from tests.support.fake_server import LISTED_IMAGES, FakeServicer, fake_server
+
+UUID_HEX = re.compile(r"^[0-9a-f]{32}$")
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "client.md"
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[tuple[FakeServicer, str]]:
+    with fake_server() as (servicer, target):
+        yield servicer, target
+
+
+@pytest.fixture()
+def servicer(served: tuple[FakeServicer, str]) -> FakeServicer:
+    return served[0]
+
+
+@pytest.fixture()
+def client(served: tuple[FakeServicer, str]) -> Iterator[ImageSearchClient]:
+    with ImageSearchClient(served[1], timeout=10.0, metadata={"X-Api-Key": "k1"}) as client:
+        yield client
+
+
+def _search(**overrides: object) -> pb.SearchRequest:
+    args: dict[str, object] = dict(
+        image_id=None,
+        vector=None,
+        top_k=10,
+        labels=(),
+        metric=None,
+        exclude_query=False,
+        extractor=None,
+        collection=None,
+    )
+    image = overrides.pop("image", None)
+    args.update(overrides)
+    return R.search(image, **args).request  # type: ignore[arg-type]
+
+
+# -------------------------------------------------------------------------------------------------
+# Request building (no server)
+
+
+def test_search_request_carries_each_query_kind(tmp_path: Path) -> None:
+    image_file = tmp_path / "q.jpg"
+    image_file.write_bytes(b"jpeg-bytes")
+
+    assert _search(image=b"raw").image == b"raw"
+    from_path = _search(image=image_file, labels=["a", "b"], metric="l2", collection="c", top_k=3)
+    assert from_path.image == b"jpeg-bytes"
+    assert (list(from_path.labels), from_path.metric, from_path.collection, from_path.top_k) == (
+        ["a", "b"],
+        "l2",
+        "c",
+        3,
+    )
+    by_id = _search(image_id="x", exclude_query=True, extractor="sift")
+    assert by_id.WhichOneof("query") == "image_id"
+    assert (by_id.image_id, by_id.exclude_query, by_id.extractor) == ("x", True, "sift")
+    by_vector = _search(vector=np.array([1.0, 2.5, -3.0], dtype=np.float64))
+    assert list(by_vector.vector.values) == [1.0, 2.5, -3.0]
+    assert (by_vector.collection, by_vector.metric) == ("", "")  # server defaults
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"image": b"x", "image_id": "y"}, {"image_id": "y", "vector": [1.0]}],
+)
+def test_search_needs_exactly_one_query(overrides: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match="exactly one of image, image_id or vector"):
+        _search(**overrides)
+
+
+def test_search_rejects_bad_vectors_and_label_strings() -> None:
+    with pytest.raises(ValueError, match="1-D"):
+        _search(vector=np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="non-empty"):
+        _search(vector=[])
+    with pytest.raises(TypeError, match="single string"):
+        _search(image_id="x", labels="cat")
+
+
+def test_add_images_request_from_items_and_paths(tmp_path: Path) -> None:
+    path = tmp_path / "a.png"
+    path.write_bytes(b"png-bytes")
+    items = [
+        ImageItem(id="one", content=b"abc", label="cat", metadata={"k": "v"}),
+        ImageItem(vector=[0.5, 1.5]),
+        path,
+        str(path),
+    ]
+    request = R.add_images(items, "col", True).request
+    assert (request.collection, request.skip_invalid, len(request.images)) == ("col", True, 4)
+    first, second, third, fourth = request.images
+    assert (first.id, first.content, first.label, dict(first.metadata)) == ("one", b"abc", "cat", {"k": "v"})
+    assert second.WhichOneof("source") == "vector" and list(second.vector.values) == [0.5, 1.5]
+    assert third.content == fourth.content == b"png-bytes" and third.id == ""
+
+
+def test_image_item_needs_exactly_one_source() -> None:
+    with pytest.raises(ValueError, match="exactly one"):
+        ImageItem(id="x")
+    with pytest.raises(ValueError, match="exactly one"):
+        ImageItem(content=b"a", vector=[1.0])
+    with pytest.raises(TypeError, match="bytes"):
+        ImageItem(content="not-bytes")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="items\\[0\\]"):
+        R.add_images([42], None, False)  # type: ignore[list-item]
+
+
+def test_create_collection_request_params() -> None:
+    def build(**kwargs: object) -> pb.Collection:
+        args: dict[str, object] = dict(
+            extractor=None,
+            metric=None,
+            index_type="flat",
+            ivf=None,
+            hnsw=None,
+            store_originals=False,
+            description="",
+        )
+        args.update(kwargs)
+        return R.create_collection("c", **args).request.collection  # type: ignore[arg-type]
+
+    ivf = build(index_type="IVF", ivf={"nlist": 64, "nprobe": 4}, extractor="sift", metric="l2")
+    assert ivf.index_type == pb.INDEX_TYPE_IVF
+    assert (ivf.ivf.nlist, ivf.ivf.nprobe, ivf.ivf.train_size) == (64, 4, 0)
+    assert (ivf.extractor, ivf.metric) == ("sift", "l2")
+    hnsw = build(index_type=IndexType.HNSW, hnsw=HnswParams(m=16), store_originals=True, description="d")
+    assert (hnsw.index_type, hnsw.hnsw.m, hnsw.store_originals, hnsw.description) == (
+        pb.INDEX_TYPE_HNSW,
+        16,
+        True,
+        "d",
+    )
+    flat = build()
+    assert flat.index_type == pb.INDEX_TYPE_FLAT and not flat.HasField("ivf") and not flat.HasField("hnsw")
+    with pytest.raises(ValueError, match="index_type='ivf'"):
+        build(ivf={"nlist": 8})
+    with pytest.raises(ValueError, match="unknown ivf parameter"):
+        build(index_type="ivf", ivf={"nlists": 8})
+    with pytest.raises(ValueError, match="unknown index type"):
+        build(index_type="annoy")
+
+
+def test_call_settings_request_id_metadata_and_timeout() -> None:
+    settings = R.CallSettings(timeout=5.0, metadata=R.metadata_pairs({"X-Api-Key": "k"}))
+    first, first_id = settings.resolve({})
+    _, second_id = settings.resolve({})
+    assert UUID_HEX.match(first_id) and UUID_HEX.match(second_id) and first_id != second_id
+    assert first["metadata"] == (("x-api-key", "k"), (R.REQUEST_ID_HEADER, first_id))
+    assert first["timeout"] == 5.0 and "wait_for_ready" not in first
+
+    mine, mine_id = settings.resolve(
+        {"request_id": "abc", "timeout": None, "metadata": [("a", "1")], "wait_for_ready": True}
+    )
+    assert mine_id == "abc"
+    assert mine == {
+        "timeout": None,
+        "metadata": (("x-api-key", "k"), ("a", "1"), (R.REQUEST_ID_HEADER, "abc")),
+        "wait_for_ready": True,
+    }
+    assert settings.resolve({}, deadline=False)[0]["timeout"] is None
+    assert settings.resolve({"timeout": 2.0}, deadline=False)[0]["timeout"] == 2.0
+
+
+def test_chunk_sizes_respect_count_and_bytes() -> None:
+    assert U._chunk_sizes([10] * 7, 3, 1000) == [3, 3, 1]
+    assert U._chunk_sizes([400, 400, 400, 100, 900], 10, 1000) == [2, 2, 1]
+    assert U._chunk_sizes([], 3, 1000) == []
+
+
+def _files(tmp_path: Path, sizes: list[int]) -> list[Path]:
+    paths = []
+    for i, size in enumerate(sizes):
+        path = tmp_path / f"class{i % 2}" / f"img{i}.jpg"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(bytes([i % 256]) * size)
+        paths.append(path)
+    return paths
+
+
+def test_upload_fails_before_sending_for_bad_files(tmp_path: Path) -> None:
+    def plan(paths: list[Path], **kwargs: object) -> U.Upload:
+        args: dict[str, object] = dict(
+            labels=None, ids=None, collection=None, skip_invalid=False, batch_size=8, max_message_bytes=8192
+        )
+        args.update(kwargs)
+        return U.Upload(paths, progress=None, **args)  # type: ignore[arg-type]
+
+    small, big = _files(tmp_path, [100, 8000])
+    with pytest.raises(ValueError, match="more than one message may carry"):
+        plan([small, big])
+    with pytest.raises(FileNotFoundError):
+        plan([small, tmp_path / "missing.jpg"])
+    with pytest.raises(IsADirectoryError):
+        plan([tmp_path])
+    with pytest.raises(ValueError, match="1 entries for 2 paths"):
+        plan([small, small], labels=["a"])
+    with pytest.raises(ValueError, match="batch_size"):
+        plan([small], batch_size=0)
+
+
+# -------------------------------------------------------------------------------------------------
+# Response conversion (no server)
+
+
+def test_image_record_marks_absent_fields_none() -> None:
+    bare = ImageRecord.from_proto(pb.Image(id="v", label="l"))
+    assert (bare.thumbnail, bare.original, bare.vector, bare.created_at) == (None, None, None, None)
+    full = ImageRecord.from_proto(
+        pb.Image(
+            id="i", thumbnail=b"t", original=b"o", vector=pb.FloatVector(values=[1, 2]), create_time_unix=60.0
+        )
+    )
+    assert (full.thumbnail, full.original) == (b"t", b"o")
+    assert full.vector is not None and full.vector.dtype == np.float32 and full.vector.tolist() == [1.0, 2.0]
+    assert full.created_at is not None and full.created_at.timestamp() == 60.0
+
+
+def test_collection_info_and_index_types() -> None:
+    ivf = CollectionInfo.from_proto(
+        pb.Collection(name="c", index_type=pb.INDEX_TYPE_IVF, ivf=pb.IvfParams(nlist=4))
+    )
+    assert (ivf.index_type, ivf.ivf, ivf.hnsw) == (IndexType.IVF, IvfParams(nlist=4), None)
+    unspecified = CollectionInfo.from_proto(pb.Collection(name="d"))
+    assert unspecified.index_type is IndexType.FLAT and unspecified.created_at is None
+    for kind in IndexType:
+        assert IndexType.from_proto(kind.to_proto()) is kind
+    assert IndexType.parse("Hnsw") is IndexType.HNSW and str(IndexType.IVF) == "ivf"
+
+
+def test_item_results_map_codes() -> None:
+    result = AddResult.from_proto(
+        pb.AddImagesResponse(
+            ids=["a", ""],
+            results=[pb.ItemResult(index=0, id="a", code=0), pb.ItemResult(index=1, code=3, message="bad")],
+            added_count=1,
+        )
+    )
+    assert result.failed == (
+        ItemResult(index=1, id="", code=grpc.StatusCode.INVALID_ARGUMENT, message="bad"),
+    )
+    assert result.results[0].ok and result.chunk_count == 1
+    assert ItemResult.from_proto(pb.ItemResult(code=999)).code is grpc.StatusCode.UNKNOWN
+
+
+# -------------------------------------------------------------------------------------------------
+# Over the wire: the fake server
+
+
+def test_search_round_trip_and_request_ids(client: ImageSearchClient, servicer: FakeServicer) -> None:
+    result = client.search(image_id="q", top_k=3, labels=["cat", "dog"], metric="l2")
+    assert result.ids == ["hit-0", "hit-1", "hit-2"]
+    assert [hit.label for hit in result] == ["cat", "dog", "cat"]
+    assert [hit.metadata for hit in result] == [{"query": "image_id"}] * 3
+    assert result.hits[1].score == pytest.approx(0.99) and result.hits[2].distance == pytest.approx(0.2)
+    assert (result.metric, result.timings.extract_ms, result.timings.total_ms, len(result)) == (
+        "l2",
+        2.5,
+        5.0,
+        3,
+    )
+
+    first = servicer.last("Search").metadata
+    client.search(vector=[1.0, 2.0])
+    second = servicer.last("Search").metadata
+    assert UUID_HEX.match(first["x-request-id"]) and UUID_HEX.match(second["x-request-id"])
+    assert first["x-request-id"] != second["x-request-id"]
+    assert first["x-api-key"] == "k1"
+
+    client.search(image=b"img", request_id="trace-42", metadata=[("x-extra", "1")])
+    third = servicer.last("Search")
+    assert (third.metadata["x-request-id"], third.metadata["x-extra"]) == ("trace-42", "1")
+    assert third.request.image == b"img"
+
+
+def test_error_details_are_parsed(client: ImageSearchClient) -> None:
+    with pytest.raises(NotFound) as not_found:
+        client.search(image_id="missing", request_id="rid-1")
+    error = not_found.value
+    assert (error.code, error.message, error.reason) == (
+        grpc.StatusCode.NOT_FOUND,
+        "no image 'missing'",
+        "IMAGE_NOT_FOUND",
+    )
+    assert (error.details.domain, dict(error.details.metadata), error.request_id) == (
+        "imagesearch.v1",
+        {"k": "v"},
+        "rid-1",
+    )
+    assert "IMAGE_NOT_FOUND" in str(error) and "rid-1" in str(error)
+
+    with pytest.raises(InvalidArgument) as invalid:
+        client.search(image_id="q", top_k=5000)
+    assert [(v.field, v.description) for v in invalid.value.field_violations] == [
+        ("top_k", "must be at most 1000")
+    ]
+    assert "field=top_k: must be at most 1000" in str(invalid.value)
+    assert invalid.value.request_id is not None and UUID_HEX.match(invalid.value.request_id)
+
+    with pytest.raises(AlreadyExists) as exists:
+        client.create_collection("taken", request_id="r" * 100)
+    assert exists.value.reason == "COLLECTION_EXISTS"
+    assert exists.value.request_id == "r" * 64  # the id the server echoed (and logged) wins
+
+
+def test_errors_without_usable_details(client: ImageSearchClient) -> None:
+    with pytest.raises(FailedPrecondition) as plain:
+        client.delete_collection("busy")
+    assert plain.value.message == "plain abort without rich details" and plain.value.details.reason == ""
+
+    # The rich status says INTERNAL while the call says NOT_FOUND: trust the call, drop the details.
+    with pytest.raises(NotFound) as inconsistent:
+        client.get_collection("inconsistent")
+    assert inconsistent.value.reason == "" and inconsistent.value.field_violations == ()
+
+    # A code without a dedicated class still becomes an ImageSearchError.
+    with pytest.raises(ImageSearchError) as unimplemented:
+        client.remove_images(["a"])
+    assert type(unimplemented.value) is ImageSearchError
+    assert unimplemented.value.code is grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_deadline_and_unreachable_server(client: ImageSearchClient) -> None:
+    with pytest.raises(DeadlineExceeded):
+        client.search(image_id="slow", timeout=0.2)
+    with ImageSearchClient("127.0.0.1:1", timeout=5.0) as nowhere, pytest.raises(Unavailable):
+        nowhere.list_collections()
+
+
+def test_add_images_all_or_nothing_and_skip_invalid(client: ImageSearchClient) -> None:
+    items = [ImageItem(id="a", content=b"ok"), ImageItem(content=b"bad"), ImageItem(vector=[1.0])]
+    with pytest.raises(InvalidArgument) as error:
+        client.add_images(items)
+    assert [v.field for v in error.value.field_violations] == ["images[1].content"]
+
+    result = client.add_images(items, collection="c", skip_invalid=True)
+    assert result.ids == ("a", "", "auto-2") and result.added_count == 2
+    assert [(r.index, r.code) for r in result.failed] == [(1, grpc.StatusCode.INVALID_ARGUMENT)]
+
+
+def test_add_files_streams_chunks_below_limits(tmp_path: Path, served: tuple[FakeServicer, str]) -> None:
+    servicer, target = served
+    paths = _files(tmp_path, [3000] * 7)
+    limit = 8 * 1024  # two 3000-byte files fit in a message, three do not
+    seen: list[tuple[int, int]] = []
+    with ImageSearchClient(target, max_message_bytes=limit) as client:
+        result = client.add_files(
+            paths,
+            labels=lambda p: p.parent.name,
+            collection="files",
+            batch_size=3,
+            progress=lambda sent, total: seen.append((sent, total)),
+        )
+    chunks = servicer.last("AddImagesStream").request
+    assert [len(chunk.images) for chunk in chunks] == [2, 2, 2, 1]
+    assert all(chunk.ByteSize() <= limit for chunk in chunks)
+    assert chunks[0].collection == "files"
+    sent = [image for chunk in chunks for image in chunk.images]
+    assert [image.content for image in sent] == [p.read_bytes() for p in paths]
+    assert [image.label for image in sent] == [p.parent.name for p in paths]
+    assert [image.metadata["path"] for image in sent] == [str(p) for p in paths]
+    assert seen == [(2, 7), (4, 7), (6, 7), (7, 7)]
+    assert (result.added_count, result.chunk_count, result.ids[0]) == (7, 4, "auto-0")
+
+    with ImageSearchClient(target) as client:
+        by_count = client.add_files(paths, ids=[f"id{i}" for i in range(7)], batch_size=3)
+        assert client.add_files([]) == U.NOTHING_ADDED
+    assert [len(c.images) for c in servicer.last("AddImagesStream").request] == [3, 3, 1]
+    assert by_count.ids == tuple(f"id{i}" for i in range(7))
+
+
+def test_add_files_reports_a_file_lost_mid_stream(client: ImageSearchClient, tmp_path: Path) -> None:
+    paths = _files(tmp_path, [100] * 4)
+
+    def lose_the_last_file(sent: int, total: int) -> None:
+        paths[-1].unlink(missing_ok=True)
+
+    with pytest.raises(FileNotFoundError) as error:
+        client.add_files(paths, batch_size=2, progress=lose_the_last_file)
+    assert any("2 of 4 images were sent" in note for note in error.value.__notes__)
+
+
+def test_add_files_surfaces_local_errors_not_cancelled(client: ImageSearchClient, tmp_path: Path) -> None:
+    paths = _files(tmp_path, [100] * 4)
+
+    def grow_the_last_file(sent: int, total: int) -> None:
+        paths[-1].write_bytes(b"x" * 5000)
+
+    with pytest.raises(OSError, match="changed size during the upload"):
+        client.add_files(paths, batch_size=2, progress=grow_the_last_file)
+
+    def broken_progress(sent: int, total: int) -> None:
+        raise RuntimeError("progress bar crashed")
+
+    with pytest.raises(RuntimeError, match="progress bar crashed"):
+        client.add_files(paths[:2], batch_size=1, progress=broken_progress)
+
+
+def test_listing_and_records(client: ImageSearchClient) -> None:
+    page = client.list_images(page_size=10, label="cat")
+    assert (len(page.images), page.next_page_token, page.total_size) == (10, "10", LISTED_IMAGES)
+    assert page.images[0].label == "cat"
+    assert [image.id for image in client.iter_images(page_size=10)] == [
+        f"img-{i}" for i in range(LISTED_IMAGES)
+    ]
+
+    record = client.get_image("x", include_original=True, include_vector=True)
+    assert (record.thumbnail, record.original, record.width, record.height) == (
+        b"\xff\xd8thumb",
+        b"original-bytes",
+        64,
+        48,
+    )
+    assert record.vector is not None and record.vector.tolist() == [0.25, -1.0, 3.5]
+    assert record.created_at is not None and record.created_at.timestamp() == 1_700_000_000.5
+    assert client.get_image("x").original is None
+
+
+def test_collections_plugins_and_health(client: ImageSearchClient, servicer: FakeServicer) -> None:
+    created = client.create_collection("new", extractor="sift", index_type="ivf", ivf=IvfParams(nlist=32))
+    assert (created.name, created.extractor, created.index_type, created.ivf) == (
+        "new",
+        "sift",
+        IndexType.IVF,
+        IvfParams(nlist=32),
+    )
+    assert (created.dimension, created.extractor_version) == (128, "1")
+
+    assert client.get_collection().name == "default"
+    assert servicer.last("GetCollection").request.name == ""
+    collections = client.list_collections()
+    assert [(c.name, c.index_type, c.hnsw, c.ivf) for c in collections] == [
+        ("a", IndexType.HNSW, HnswParams(m=16), None),
+        ("b", IndexType.IVF, None, IvfParams(nlist=8)),
+    ]
+    assert collections[1].index_trained
+    client.delete_collection("old")
+    assert servicer.last("DeleteCollection").request.name == "old"
+
+    plugins = client.list_plugins()
+    assert plugins.extractor("sift").trainable and plugins.extractor("sift").dimension == 512
+    assert plugins.metric("cosine").index_types == (IndexType.FLAT, IndexType.HNSW)
+    assert plugins.problems == ("broken-plugin: ImportError",)
+    with pytest.raises(KeyError, match="loaded: sift"):
+        plugins.extractor("resnet")
+
+    assert client.health() == "SERVING"
+    assert client.health("imagesearch.v1.ImageSearchService") == "NOT_SERVING"
+    with pytest.raises(NotFound):
+        client.health("no.such.Service")
+
+
+def test_passed_channel_is_left_open(served: tuple[FakeServicer, str]) -> None:
+    channel = grpc.insecure_channel(served[1])
+    with ImageSearchClient(channel=channel) as client:
+        assert client.health() == "SERVING"
+    with ImageSearchClient(channel=channel) as again:  # still usable after the first client closed
+        assert again.health() == "SERVING"
+    channel.close()
+
+
+def test_async_client_matches_sync(served: tuple[FakeServicer, str], tmp_path: Path) -> None:
+    servicer, target = served
+    paths = _files(tmp_path, [500] * 5)
+
+    async def scenario() -> None:
+        async with AsyncImageSearchClient(target, metadata=[("x-api-key", "k2")]) as client:
+            result = await client.search(image_id="q", top_k=2, labels=["x"], request_id="async-1")
+            assert result.ids == ["hit-0", "hit-1"] and [h.label for h in result] == ["x", "x"]
+            assert servicer.last("Search").metadata["x-request-id"] == "async-1"
+            assert servicer.last("Search").metadata["x-api-key"] == "k2"
+
+            ids = [image.id async for image in client.iter_images(page_size=7)]
+            assert ids == [f"img-{i}" for i in range(LISTED_IMAGES)]
+
+            added = await client.add_files(paths, batch_size=2, labels=["l"] * 5)
+            assert (added.added_count, added.chunk_count) == (5, 3)
+
+            with pytest.raises(NotFound) as error:
+                await client.get_image("missing", request_id="async-2")
+            assert (error.value.reason, error.value.request_id) == ("IMAGE_NOT_FOUND", "async-2")
+            with pytest.raises(InvalidArgument) as invalid:
+                await client.add_images([ImageItem(content=b"bad")])
+            assert invalid.value.field_violations[0].field == "images[0].content"
+            with pytest.raises(DeadlineExceeded):
+                await client.search(image_id="slow", timeout=0.2)
+            assert await client.health() == "SERVING"
+
+            def lose_the_last_file(sent: int, total: int) -> None:
+                paths[-1].unlink(missing_ok=True)
+
+            with pytest.raises(FileNotFoundError):
+                await client.add_files(paths, batch_size=2, progress=lose_the_last_file)
+
+    asyncio.run(scenario())
+
+
+# -------------------------------------------------------------------------------------------------
+# The two clients stay one API, and the docs cover it
+
+
+def _public_methods(cls: type) -> dict[str, inspect.Signature]:
+    return {
+        name: inspect.signature(member)
+        for name, member in inspect.getmembers(cls, inspect.isfunction)
+        if not name.startswith("_")
+    }
+
+
+def test_async_client_mirrors_the_sync_client() -> None:
+    sync_methods, async_methods = _public_methods(ImageSearchClient), _public_methods(AsyncImageSearchClient)
+    assert sync_methods.keys() == async_methods.keys()
+    for name, signature in sync_methods.items():
+        assert signature.parameters == async_methods[name].parameters, name
+    assert (
+        inspect.signature(ImageSearchClient).parameters.keys()
+        == inspect.signature(AsyncImageSearchClient).parameters.keys()
+    )
+
+
+def test_every_method_is_documented() -> None:
+    text = DOCS.read_text()
+    undocumented = [
+        name for name in _public_methods(ImageSearchClient) if name != "close" and f"**`{name}(" not in text
+    ]
+    assert not undocumented
