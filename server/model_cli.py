@@ -106,7 +106,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     images = []
     for path in args.images:
         try:
-            images.append(decode_reduced(Path(path).read_bytes(), extractor.min_decode_side))
+            images.append(decode_reduced(Path(path).read_bytes(), extractor.min_input_side))
         except (OSError, ValueError) as exc:
             return _error(f"{path}: {exc}")
     embeddings = extractor.extract(images)
@@ -124,14 +124,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def add_model_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add the `model` command (list, export, verify); each sets ``func`` to a handler returning an exit code."""
+    """Add the `model` command (list, export, verify); each sets ``handler`` to a function returning an exit code."""
     model = subparsers.add_parser("model", help="list, export and verify CNN models (ONNX)")
     commands = model.add_subparsers(dest="model_command", required=True, metavar="{list,export,verify}")
 
     models_help = "models directory (default: $IMAGESEARCH_MODELS or var/models)"
     listing = commands.add_parser("list", help="models in the models directory, and recipes to export")
     listing.add_argument("--models", help=models_help)
-    listing.set_defaults(func=cmd_list)
+    listing.set_defaults(handler=cmd_list)
 
     export = commands.add_parser("export", help="export a recipe's weights to ONNX + JSON sidecar")
     export.add_argument("recipe", metavar="NAME", help=f"recipe: {', '.join(RECIPES)}")
@@ -147,21 +147,21 @@ def add_model_commands(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument(
         "--resize-short-side", type=int, help="override the resize before the centre crop (e.g. 232)"
     )
-    export.set_defaults(func=cmd_export)
+    export.set_defaults(handler=cmd_export)
 
     verify = commands.add_parser("verify", help="classify images (top-5) and check ONNX vs torch parity")
     verify.add_argument("model", metavar="NAME", help="model name in the models directory")
     verify.add_argument("images", metavar="IMAGE", nargs="+")
     verify.add_argument("--models", help=models_help)
     verify.add_argument("--top", type=int, default=5, help="how many classes to show (default 5)")
-    verify.set_defaults(func=cmd_verify)
+    verify.set_defaults(handler=cmd_verify)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="imagesearch", description="imagesearch model tools")
     add_model_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    return args.func(args)
+    return args.handler(args)
 
 
 if __name__ == "__main__":

@@ -98,7 +98,9 @@ def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
                 log.error(
                     "internal error", extra={"request_id": request_id, "rpc": method.__name__}, exc_info=True
                 )
-            context.abort_with_status(_with_request_id(rpc_status.to_status(to_rpc_status(error)), request_id))
+            context.abort_with_status(
+                _with_request_id(rpc_status.to_status(to_rpc_status(error)), request_id)
+            )
         except Exception as exc:  # a bug: report INTERNAL with the request id, never UNKNOWN
             outcome = "INTERNAL"
             log.exception("unhandled error", extra={"request_id": request_id, "rpc": method.__name__})
