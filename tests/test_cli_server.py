@@ -1,0 +1,86 @@
+"""The real command (`imagesearch serve`) with the real default model, end to end over gRPC."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from imagesearch.client import ImageItem, ImageSearchClient
+from imagesearch.server.config import Limits
+from imagesearch.server.imaging import decode_image
+from tests.cnn_fixtures import default_extractor, default_models_dir, distorted_copy, jpeg_bytes, photos  # noqa: F401
+from tests.support.process import ServerProcess
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+@pytest.fixture
+def cli_server(tmp_path, default_models_dir) -> Iterator[ServerProcess]:  # noqa: F811
+    args = [
+        sys.executable,
+        "-m",
+        "imagesearch.server.cli",
+        "serve",
+        "--port",
+        "0",
+        "--data",
+        str(tmp_path / "data"),
+    ]
+    args += ["--models", str(default_models_dir), "--log-format", "text"]
+    server = ServerProcess(args, ready=r"serving on [\d.]+:(\d+)")
+    try:
+        yield server
+    finally:
+        if server.proc.poll() is None:
+            server.terminate()
+
+
+def test_default_collection_finds_photos_and_matches_in_process(cli_server, photos, default_extractor):  # noqa: F811
+    with ImageSearchClient(cli_server.target) as client:
+        assert client.health() == "SERVING"
+        info = client.get_collection()
+        assert (info.name, info.extractor, info.metric, info.dimension) == (
+            "default",
+            "efficientnet-lite0",
+            "cosine",
+            1280,
+        )
+        originals = {name: jpeg_bytes(image) for name, image in photos.items()}
+        client.add_images([ImageItem(id=name, content=data, label=name) for name, data in originals.items()])
+        for name, image in photos.items():
+            hits = client.search(jpeg_bytes(distorted_copy(image)), top_k=4).hits
+            assert hits[0].id == name, f"an edited copy of {name} should find its original first: {hits}"
+            assert hits[0].score > hits[1].score
+        # Serving-path parity: the stored vector equals the plugin's embedding computed in-process
+        # on the same bytes through the same decode path.
+        for name, data in originals.items():
+            served = client.get_image(name, include_vector=True).vector
+            decoded = decode_image(data, Limits(), "image", min_side=default_extractor.min_input_side).pixels
+            local = default_extractor.extract([decoded])[0]
+            np.testing.assert_allclose(served, local, atol=1e-5)
+    assert cli_server.terminate() == 0
+
+
+def test_data_dir_in_use_is_a_clear_error(cli_server, tmp_path, default_models_dir):  # noqa: F811
+    import subprocess
+
+    second = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "imagesearch.server.cli",
+            "serve",
+            "--port",
+            "0",
+            "--data",
+            str(tmp_path / "data"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert second.returncode == 2
+    assert "in use by another process" in second.stderr
