@@ -40,7 +40,7 @@ $(DEFAULT_MODEL): $(BIN)/.installed
 models: $(DEFAULT_MODEL)
 
 run: $(DEFAULT_MODEL)
-	IMAGESEARCH_MODELS=$(MODELS) $(BIN)/imagesearch serve --data $(DATA) --demo
+	IMAGESEARCH_MODELS=$(MODELS) $(BIN)/imagesearch serve --data $(DATA) --log-format text --demo
 
 test: $(DEFAULT_MODEL)
 	IMAGESEARCH_MODELS=$(abspath $(MODELS)) $(PY) -m pytest $(PYTEST_ARGS)

@@ -29,12 +29,13 @@ def sample_photos() -> dict[str, np.ndarray]:
     try:
         from skimage import data as skdata
 
-        for name in ("chelsea", "coffee", "astronaut", "rocket", "cat"):
+        # Colour photos bundled in the wheel (others are fetched on demand, which we never do).
+        for name in ("chelsea", "coffee", "astronaut", "rocket", "hubble_deep_field", "immunohistochemistry"):
             loader = getattr(skdata, name, None)
             if loader is not None:
                 try:
                     photos[name] = cv2.cvtColor(np.asarray(loader()), cv2.COLOR_RGB2BGR)
-                except Exception as exc:  # some skimage images are fetched on demand
+                except Exception as exc:
                     log.info("skipping sample %s: %s", name, exc)
     except ImportError:
         pass
@@ -84,9 +85,9 @@ def run_demo(target: str, out_dir: Path) -> Path | None:
         print(
             f"\ndemo: searched collection '{DEMO_COLLECTION}' with a cropped, JPEG-q40 copy of '{query_name}':"
         )
-        print(f"  {'rank':>4}  {'id':<20} {'label':<10} {'score':>7}")
+        print(f"  {'rank':>4}  {'id':<30} {'label':<22} {'score':>7}")
         for rank, hit in enumerate(result.hits, 1):
-            print(f"  {rank:>4}  {hit.id:<20} {hit.label:<10} {hit.score:>7.4f}")
+            print(f"  {rank:>4}  {hit.id:<30} {hit.label:<22} {hit.score:>7.4f}")
         timings = result.timings
         print(
             f"  decode {timings.decode_ms:.1f} ms, extract {timings.extract_ms:.1f} ms, "

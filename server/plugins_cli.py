@@ -19,10 +19,10 @@ imagesearch is serving on {engine.config.host}:{port}
 
 Query it:
   grpcurl -plaintext 127.0.0.1:{port} list
-  grpcurl -plaintext -d '{{"collection":"demo","image_id":"chelsea","top_k":3}}' \\
+  grpcurl -plaintext -d "{{\\"image\\": \\"$(base64 -w0 photo.jpg)\\", \\"top_k\\": 3}}" \\
       127.0.0.1:{port} imagesearch.v1.ImageSearchService/Search
-  python -c "from imagesearch.client import ImageSearchClient as C; \\
-print(C('127.0.0.1:{port}').search(image=open('photo.jpg','rb').read()))"
+  .venv/bin/python -c "from imagesearch.client import ImageSearchClient as C; \\
+print(C('127.0.0.1:{port}').search('photo.jpg', top_k=3))"
 """,
         flush=True,
     )
