@@ -20,12 +20,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import bar_plot, best_rate, machine, save  # noqa: E402
-from imagesearch.plugins.types import l2_normalize  # noqa: E402
-from imagesearch.server.app import run_server  # noqa: E402
-from imagesearch.server.config import ServerConfig  # noqa: E402
-from imagesearch.v1 import image_search_service_pb2 as pb  # noqa: E402
-from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc  # noqa: E402
+from bench.common import bar_plot, best_rate, machine, save
+from imagesearch.plugins.types import l2_normalize
+from imagesearch.server.app import run_server
+from imagesearch.server.config import ServerConfig
+from imagesearch.v1 import image_search_service_pb2 as pb
+from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
 
 
 class VectorOnlyExtractor:
@@ -80,16 +80,22 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         plugin = Plugin(args.dim)
-        config = ServerConfig(port=0, data_dir=Path(tmp), default_extractor=plugin.extractor.name, log_level="WARNING")
+        config = ServerConfig(
+            port=0, data_dir=Path(tmp), default_extractor=plugin.extractor.name, log_level="WARNING"
+        )
         with run_server(config, extra_plugins=[("bench", plugin)]) as running:
-            options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+            options = [
+                ("grpc.max_send_message_length", 64 << 20),
+                ("grpc.max_receive_message_length", 64 << 20),
+            ]
             with grpc.insecure_channel(running.target, options=options) as channel:
                 stub = pb_grpc.ImageSearchServiceStub(channel)
 
                 def server_add() -> int:
                     for start, batch in zip(range(0, args.n, 256), batches, strict=True):
                         images = [
-                            pb.ImageInput(id=str(start + i), vector=pb.FloatVector(values=v.tolist())) for i, v in enumerate(batch)
+                            pb.ImageInput(id=str(start + i), vector=pb.FloatVector(values=v.tolist()))
+                            for i, v in enumerate(batch)
                         ]
                         stub.AddImages(pb.AddImagesRequest(images=images))
                     return args.n

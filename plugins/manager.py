@@ -21,7 +21,7 @@ from typing import Any
 import pluggy
 
 from imagesearch.plugins import hookspecs
-from imagesearch.plugins.types import ALL_INDEX_TYPES, Extractor, Metric
+from imagesearch.plugins.types import ALL_INDEX_TYPES, Extractor, Metric, RegistrationProblems
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +192,9 @@ class PluginRegistry:
             try:
                 # Pass only the arguments the implementation declares, as pluggy itself would.
                 impl.function(*({"register": register}[arg] for arg in impl.argnames))
+            except RegistrationProblems as report:
+                for problem in report.problems:
+                    self._problem(f"plugin {impl.plugin_name!r} in {hook_name}: {problem}")
             except Exception as exc:
                 self._problem(
                     f"plugin {impl.plugin_name!r} failed in {hook_name}: {type(exc).__name__}: {exc}"

@@ -55,6 +55,17 @@ class TrainableExtractor(Extractor, Protocol):
         ...
 
 
+class RegistrationProblems(Exception):
+    """Raise from a hook *after* registering what works: those registrations are kept
+    and each problem is reported under the plugin's name (e.g. one bad model file
+    among good ones). Any other exception discards everything the hook registered.
+    """
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = list(problems)
+
+
 def _identity(vectors: np.ndarray) -> np.ndarray:
     return vectors
 

@@ -7,20 +7,17 @@ not gigabytes of RAM.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
+
+import cv2
+import numpy as np
 
 from imagesearch.server.config import Limits
 from imagesearch.server.errors import InvalidArgument, ResourceExhausted
 from imagesearch.server.image_header import HeaderError, ImageHeader, looks_complete, read_header
 
-# OpenCV's own guard, a second line of defence behind our header check; it must
-# be set before cv2 is first imported.
-os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(1 << 30))
-
-import cv2
-import numpy as np
-
+# (OPENCV_IO_MAX_IMAGE_PIXELS, OpenCV's own guard behind this module's header check, is set in
+# imagesearch/server/__init__.py, before anything imports cv2.)
 _REDUCED_FLAGS = (
     (8, cv2.IMREAD_REDUCED_COLOR_8),
     (4, cv2.IMREAD_REDUCED_COLOR_4),

@@ -16,8 +16,11 @@ import numpy as np
 
 from imagesearch.plugins import onnx_cnn
 from imagesearch.plugins.cnn.labels import top_k
-from imagesearch.plugins.cnn.preprocess import decode_reduced, preprocess
+from imagesearch.plugins.cnn.preprocess import preprocess
 from imagesearch.plugins.cnn.recipes import RECIPES
+from imagesearch.server.config import Limits
+from imagesearch.server.errors import ImageSearchError
+from imagesearch.server.imaging import decode_image
 
 
 def _models_dir(args: argparse.Namespace) -> Path:
@@ -106,8 +109,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     images = []
     for path in args.images:
         try:
-            images.append(decode_reduced(Path(path).read_bytes(), extractor.min_input_side))
-        except (OSError, ValueError) as exc:
+            images.append(
+                decode_image(Path(path).read_bytes(), Limits(), path, extractor.min_input_side).pixels
+            )
+        except (OSError, ImageSearchError) as exc:
             return _error(f"{path}: {exc}")
     embeddings = extractor.extract(images)
     logits = extractor.classify(images) if extractor.has_logits else None

@@ -77,8 +77,7 @@ def _deadline(context: grpc.ServicerContext) -> float | None:
 
 def _with_request_id(status: grpc.Status, request_id: str) -> grpc.Status:
     """abort_with_status replaces the trailers, so the request id must ride in the status itself."""
-    status.trailing_metadata = (*status.trailing_metadata, (REQUEST_ID_KEY, request_id))
-    return status
+    return status._replace(trailing_metadata=(*status.trailing_metadata, (REQUEST_ID_KEY, request_id)))
 
 
 def rpc(method: Callable[..., Any]) -> Callable[..., Any]:

@@ -15,7 +15,9 @@ pytestmark = pytest.mark.e2e
 
 def test_concurrent_searches_and_writes(stub):
     images = {i: encode(pattern(i)) for i in range(60)}
-    stub.AddImages(pb.AddImagesRequest(images=[pb.ImageInput(id=f"img{i}", content=images[i]) for i in range(20)]))
+    stub.AddImages(
+        pb.AddImagesRequest(images=[pb.ImageInput(id=f"img{i}", content=images[i]) for i in range(20)])
+    )
     stop = threading.Event()
     errors: list[BaseException] = []
 

@@ -8,6 +8,7 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 
 from imagesearch.server.app import run_server
 from imagesearch.server.config import load_config
@@ -113,4 +114,6 @@ def test_config_file_and_unknown_keys(tmp_path):
 def test_request_id_is_echoed_on_errors(stub):
     with pytest.raises(grpc.RpcError) as error:
         stub.GetImage(pb.GetImageRequest(id="missing"), metadata=[("x-request-id", "err-42")])
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
     assert ("x-request-id", "err-42") in error.value.trailing_metadata()
+    assert rpc_status.from_call(error.value).details, "rich details survive next to the request id"

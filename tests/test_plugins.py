@@ -443,3 +443,26 @@ class SwallowingPlugin:
 def test_a_plugin_cannot_swallow_a_conflict() -> None:
     with pytest.raises(PluginConflictError, match="metric 'cosine'"):
         make_registry(("sneaky", SwallowingPlugin()))
+
+
+def test_registration_problems_keep_what_was_registered():
+    """A hook may register what works, then raise RegistrationProblems for the rest."""
+    from imagesearch.plugins.types import RegistrationProblems
+
+    class PartlyBroken:
+        @hookimpl
+        def register_extractors(self, register):
+            register(_PartialExtractor())
+            raise RegistrationProblems(["model a.onnx is corrupt", "model b.onnx has no sidecar"])
+
+    registry = PluginRegistry([("partly", PartlyBroken())], load_entry_points=False)
+    assert registry.extractors["partial"].plugin == "partly"
+    assert any("partly" in p and "a.onnx is corrupt" in p for p in registry.problems)
+    assert any("b.onnx has no sidecar" in p for p in registry.problems)
+
+
+class _PartialExtractor:
+    name, version, dim, default_metric, description = "partial", "1", 4, "cosine", "test"
+
+    def extract(self, images):
+        raise NotImplementedError
