@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from imagesearch.plugins.manager import PluginRegistry
 from imagesearch.server.catalog import Catalog
-from imagesearch.server.config import ServerConfig
+from imagesearch.server.config import MODELS_ENV, ServerConfig
 from imagesearch.server.engine import Engine
 from imagesearch.server.servicer import ImageSearchServicer
 from imagesearch.v1 import image_search_service_pb2 as pb
@@ -69,6 +69,21 @@ def _grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
 
 
 @contextmanager
+def _models_env(config: ServerConfig) -> Iterator[None]:
+    """The onnx_cnn plugin finds models through the environment: point it at the configured
+    directory while plugins register, then restore what was there (tests run many servers)."""
+    previous = os.environ.get(MODELS_ENV)
+    os.environ[MODELS_ENV] = str(config.models_dir)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(MODELS_ENV, None)
+        else:
+            os.environ[MODELS_ENV] = previous
+
+
+@contextmanager
 def run_server(
     config: ServerConfig | None = None,
     *,
@@ -77,8 +92,8 @@ def run_server(
 ) -> Iterator[RunningServer]:
     """Start a server (port 0 picks a free one); stop it, drained and snapshotted, on exit."""
     config = config or ServerConfig()
-    os.environ.setdefault("IMAGESEARCH_MODELS", str(config.models_dir))
-    registry = registry or PluginRegistry(extra_plugins)
+    with _models_env(config):
+        registry = registry or PluginRegistry(extra_plugins)
     catalog = Catalog(config.data_dir, registry)
     try:
         if config.create_default_collection:

@@ -59,6 +59,13 @@ class DataDirLock:
             self._fd = -1
 
 
+def _warm_up(extractor: Extractor) -> None:
+    """Load an extractor's model now (if it has a warm_up), so a broken one fails at start, not mid-request."""
+    warm_up = getattr(extractor, "warm_up", None)
+    if callable(warm_up):
+        warm_up()
+
+
 class Catalog:
     def __init__(self, data_dir: Path, registry: PluginRegistry) -> None:
         self.data_dir = data_dir
@@ -93,6 +100,11 @@ class Catalog:
                 spec.extractor_version,
                 registered.item.version,
             )
+            return None
+        try:
+            _warm_up(registered.item)
+        except Exception as exc:  # a replaced or corrupt model: refuse image queries, keep the data
+            log.error("collection %s: extractor %s cannot start: %s", spec.name, spec.extractor, exc)
             return None
         return registered.item
 
@@ -149,6 +161,14 @@ class Catalog:
                 reason="UNKNOWN_EXTRACTOR",
             )
         chosen = registered.item
+        try:
+            _warm_up(chosen)
+        except Exception as exc:
+            raise FailedPrecondition(
+                f"extractor {extractor!r} cannot start: {exc}",
+                field="extractor",
+                reason="EXTRACTOR_UNAVAILABLE",
+            ) from exc
         metric = metric or chosen.default_metric
         if metric not in self.registry.metrics:
             available = ", ".join(sorted(self.registry.metrics))
@@ -223,9 +243,12 @@ class Catalog:
                 extractor,
             )
             return
-        self.create(
-            DEFAULT_COLLECTION, extractor=extractor, metric="cosine", description="zero-setup collection"
-        )
+        try:
+            self.create(
+                DEFAULT_COLLECTION, extractor=extractor, metric="cosine", description="zero-setup collection"
+            )
+        except FailedPrecondition as exc:
+            log.error("default collection not created: %s", exc.message)
 
     def snapshot_due(self, every_ops: int, interval_s: float) -> None:
         for collection in list(self._collections.values()):

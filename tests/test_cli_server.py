@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from imagesearch.client import ImageItem, ImageSearchClient
+from imagesearch.client import FailedPrecondition, ImageItem, ImageSearchClient
 from imagesearch.server.config import Limits
 from imagesearch.server.imaging import decode_image
 from tests.cnn_fixtures import default_extractor, default_models_dir, distorted_copy, jpeg_bytes, photos  # noqa: F401
@@ -84,3 +84,23 @@ def test_data_dir_in_use_is_a_clear_error(cli_server, tmp_path, default_models_d
     )
     assert second.returncode == 2
     assert "in use by another process" in second.stderr
+
+
+def test_corrupt_default_model_keeps_the_server_up(tmp_path, default_models_dir):  # noqa: F811
+    import shutil
+
+    from imagesearch.server.app import run_server
+    from imagesearch.server.config import ServerConfig
+
+    models = tmp_path / "models"
+    shutil.copytree(default_models_dir, models)
+    onnx = next(models.glob("efficientnet-lite0.onnx"))
+    data = bytearray(onnx.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, different bytes: only the sha256 check can tell
+    onnx.write_bytes(bytes(data))
+    config = ServerConfig(port=0, data_dir=tmp_path / "data", models_dir=models, shutdown_announce_s=0)
+    with run_server(config) as running, ImageSearchClient(running.target) as client:
+        assert client.health() == "SERVING"
+        assert "default" not in {c.name for c in client.list_collections()}
+        with pytest.raises(FailedPrecondition, match="cannot start"):
+            client.create_collection("photos", extractor="efficientnet-lite0")
