@@ -123,7 +123,8 @@ def main() -> None:
         f"flat cosine, {args.n} x {args.dim}",
         labels,
         {k: [v[label] for label in labels] for k, v in results.items()},
-        "items / second (log)",
+        "items / second (log scale)",
+        log=True,
     )
     print(f"wrote {path}")
 

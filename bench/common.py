@@ -41,7 +41,15 @@ def save(name: str, payload: dict) -> Path:
     return path
 
 
-def bar_plot(name: str, title: str, labels: list[str], series: dict[str, list[float]], ylabel: str) -> Path:
+def bar_plot(
+    name: str,
+    title: str,
+    labels: list[str],
+    series: dict[str, list[float]],
+    ylabel: str,
+    *,
+    log: bool = False,
+) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,13 +59,16 @@ def bar_plot(name: str, title: str, labels: list[str], series: dict[str, list[fl
     RESULTS.mkdir(parents=True, exist_ok=True)
     x = np.arange(len(labels))
     width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.4))
     for offset, (key, values) in enumerate(series.items()):
         ax.bar(x + offset * width - 0.4 + width / 2, values, width, label=key)
     ax.set_xticks(x, labels)
+    if log:
+        ax.set_yscale("log")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend()
+    # Below the axes, so it never hides a bar.
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(series), frameon=False)
     fig.tight_layout()
     path = RESULTS / f"{name}.png"
     fig.savefig(path, dpi=110)
