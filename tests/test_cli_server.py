@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,20 +19,17 @@ from tests.support.process import ServerProcess
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
+def serve_command(data_dir: Path, models_dir: Path) -> list[str]:
+    """`imagesearch serve` exactly as an operator runs it, on a free port."""
+    return [sys.executable, "-m", "imagesearch.server.cli", "serve", "--port", "0", "--data", str(data_dir),
+            "--models", str(models_dir), "--log-format", "text"]  # fmt: skip
+
+
 @pytest.fixture
 def cli_server(tmp_path, default_models_dir) -> Iterator[ServerProcess]:  # noqa: F811
-    args = [
-        sys.executable,
-        "-m",
-        "imagesearch.server.cli",
-        "serve",
-        "--port",
-        "0",
-        "--data",
-        str(tmp_path / "data"),
-    ]
-    args += ["--models", str(default_models_dir), "--log-format", "text"]
-    server = ServerProcess(args, ready=r"serving on [\d.]+:(\d+)")
+    server = ServerProcess(
+        serve_command(tmp_path / "data", default_models_dir), ready=r"serving on [\d.]+:(\d+)"
+    )
     try:
         yield server
     finally:
@@ -65,19 +64,8 @@ def test_default_collection_finds_photos_and_matches_in_process(cli_server, phot
 
 
 def test_data_dir_in_use_is_a_clear_error(cli_server, tmp_path, default_models_dir):  # noqa: F811
-    import subprocess
-
     second = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "imagesearch.server.cli",
-            "serve",
-            "--port",
-            "0",
-            "--data",
-            str(tmp_path / "data"),
-        ],
+        serve_command(tmp_path / "data", default_models_dir),
         capture_output=True,
         text=True,
         timeout=60,
