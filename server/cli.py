@@ -16,7 +16,7 @@ log = logging.getLogger("imagesearch")
 
 def _serve(args: argparse.Namespace) -> int:
     from imagesearch.server.app import serve_forever
-    from imagesearch.server.plugins_cli import print_ready_banner
+    from imagesearch.server.console import print_ready_banner
 
     config = load_config(
         args.config,
@@ -48,7 +48,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _plugins(args: argparse.Namespace) -> int:
-    from imagesearch.server.plugins_cli import print_plugins
+    from imagesearch.server.console import print_plugins
 
     return print_plugins()
 
