@@ -27,6 +27,8 @@ class Limits:
     max_image_bytes: int = 20 * MIB
     max_image_pixels: int = 40_000_000
     max_batch_size: int = 256
+    # Pixels one batch may decode to at once (BGR, 3 bytes each): 200 MP is 600 MB per call.
+    max_batch_pixels: int = 200_000_000
     default_top_k: int = 10
     max_top_k: int = 1000
     max_concurrent_rpcs: int = 64

@@ -35,7 +35,8 @@ from imagesearch.server.errors import (
     NotFound,
     ResourceExhausted,
 )
-from imagesearch.server.imaging import decode_image, make_thumbnail
+from imagesearch.server.image_header import HeaderError, read_header
+from imagesearch.server.imaging import decode_image, decoded_pixels, make_thumbnail
 from imagesearch.server.store import ImageRow, NewImage
 
 OK_CODE = 0
@@ -177,6 +178,31 @@ class Engine:
         wanted = getattr(collection.loaded_extractor, "min_input_side", None)
         return max(wanted, self.config.thumbnail_size) if wanted else None
 
+    def _check_batch_pixels(self, items: Sequence[ImageItem], min_side: int | None) -> None:
+        """Refuse a batch whose images would together decode to more than the memory budget.
+
+        Each image may be within the per-image limits while 256 of them are not: 256
+        highly compressed 40-megapixel PNGs fit in one message and would need 30 GB.
+        Read from the headers, before anything is decoded; bad headers and images over the
+        per-image limit are left to the per-image checks, which name them.
+        """
+        total = 0
+        for item in items:
+            if item.content:
+                try:
+                    header = read_header(item.content)
+                except HeaderError:
+                    continue
+                if header.pixels <= self.limits.max_image_pixels:  # else its own check names it
+                    total += decoded_pixels(header, min_side)
+        if total > self.limits.max_batch_pixels:
+            raise ResourceExhausted(
+                f"the batch decodes to {total} pixels; the limit is {self.limits.max_batch_pixels} "
+                "(send fewer or smaller images per call)",
+                field="images",
+                reason="BATCH_TOO_MANY_PIXELS",
+            )
+
     # -- add -----------------------------------------------------------------------------
     def add_images(
         self,
@@ -210,6 +236,7 @@ class Engine:
                 raise error
             errors[position] = error
 
+        self._check_batch_pixels(items, min_side)
         for position, item in enumerate(items):
             prefix = f"images[{position + index_offset}]"
             try:

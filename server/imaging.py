@@ -18,11 +18,12 @@ from imagesearch.server.image_header import HeaderError, ImageHeader, looks_comp
 
 # (OPENCV_IO_MAX_IMAGE_PIXELS, OpenCV's own guard behind this module's header check, is set in
 # imagesearch/server/__init__.py, before anything imports cv2.)
-_REDUCED_FLAGS = (
-    (8, cv2.IMREAD_REDUCED_COLOR_8),
-    (4, cv2.IMREAD_REDUCED_COLOR_4),
-    (2, cv2.IMREAD_REDUCED_COLOR_2),
-)
+_REDUCED_FLAGS = {
+    8: cv2.IMREAD_REDUCED_COLOR_8,
+    4: cv2.IMREAD_REDUCED_COLOR_4,
+    2: cv2.IMREAD_REDUCED_COLOR_2,
+    1: cv2.IMREAD_COLOR,
+}
 
 
 @dataclass(frozen=True)
@@ -63,18 +64,29 @@ def check_image(data: bytes, limits: Limits, field: str) -> ImageHeader:
     return header
 
 
-def reduction_flag(header: ImageHeader, min_side: int | None) -> int:
-    """The cheapest OpenCV read flag that still leaves the short side >= min_side.
+def reduction_factor(header: ImageHeader, min_side: int | None) -> int:
+    """The largest of 8, 4, 2 that still leaves the short side >= min_side (JPEG only), else 1.
 
     JPEG decodes at 1/2, 1/4 or 1/8 scale almost for free (DCT scaling), which
     makes large photos several times cheaper to ingest.
     """
     if min_side and header.format == "jpeg":
         short = min(header.width, header.height)
-        for factor, flag in _REDUCED_FLAGS:
+        for factor in (8, 4, 2):
             if short // factor >= min_side:
-                return flag
-    return cv2.IMREAD_COLOR
+                return factor
+    return 1
+
+
+def reduction_flag(header: ImageHeader, min_side: int | None) -> int:
+    """The OpenCV read flag for ``reduction_factor``."""
+    return _REDUCED_FLAGS[reduction_factor(header, min_side)]
+
+
+def decoded_pixels(header: ImageHeader, min_side: int | None) -> int:
+    """How many pixels decoding will allocate: what a batch's memory budget counts."""
+    factor = reduction_factor(header, min_side)
+    return -(-header.width // factor) * -(-header.height // factor)
 
 
 def decode_image(data: bytes, limits: Limits, field: str, min_side: int | None = None) -> DecodedImage:

@@ -180,6 +180,19 @@ def test_batch_over_the_limit(stub):
     assert stored_ids(stub) == ["seed"]
 
 
+def test_batch_over_the_pixel_budget(data_dir):
+    limits = {"max_image_pixels": 200 * 200, "max_batch_pixels": 3 * 150 * 150}
+    with (
+        run_server(tiny_config(data_dir, limits=limits), extra_plugins=[TINY_PLUGIN]) as running,
+        grpc.insecure_channel(running.target) as chan,
+    ):
+        stub = pb_grpc.ImageSearchServiceStub(chan)
+        each_fine = [pb.ImageInput(id=f"i{i}", content=encode(pattern(i, size=(150, 150)))) for i in range(4)]
+        error = call_error(stub.AddImages, pb.AddImagesRequest(images=each_fine))
+        assert error.code() == Code.RESOURCE_EXHAUSTED and "decodes to 90000 pixels" in error.details()
+        assert stub.AddImages(pb.AddImagesRequest(images=each_fine[:3])).added_count == 3
+
+
 def test_oversized_message(stub):
     huge = pb.ImageInput(id="huge", content=b"\xff\xd8\xff" + b"\x00" * (2 << 20))
     error = call_error(stub.AddImages, pb.AddImagesRequest(images=[huge]))
