@@ -13,6 +13,7 @@ import fcntl
 import logging
 import os
 import shutil
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -32,6 +33,10 @@ from imagesearch.server.snapshot import fsync_dir
 log = logging.getLogger(__name__)
 
 DEFAULT_COLLECTION = "default"
+
+
+class CollectionUnreadable(RuntimeError):
+    """A collection on disk cannot be opened; the server refuses to start rather than hide it."""
 
 
 class DataDirLock:
@@ -75,10 +80,17 @@ class Catalog:
         self._root.mkdir(exist_ok=True)
         self._collections: dict[str, Collection] = {}
         self._mutex = threading.Lock()
-        self._clean_leftovers()
-        for path in sorted(self._root.iterdir()):
-            if path.is_dir() and not path.name.startswith("."):
-                self._open(path)
+        try:
+            self._clean_leftovers()
+            for path in sorted(self._root.iterdir()):
+                if path.is_dir() and not path.name.startswith("."):
+                    self._open(path)
+        except (sqlite3.DatabaseError, ValueError, OSError) as exc:
+            self.close()
+            raise CollectionUnreadable(
+                f"cannot open {path}: {exc}. Nothing was changed; restore it from a backup or move it "
+                "out of the data directory to start without it"
+            ) from exc
 
     def _clean_leftovers(self) -> None:
         """Remove half-created and half-deleted collections from an earlier crash."""

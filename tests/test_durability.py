@@ -8,6 +8,7 @@ import grpc
 import pytest
 
 from imagesearch.server.app import run_server
+from imagesearch.server.catalog import CollectionUnreadable
 from imagesearch.server.collection import SNAPSHOT_FILE
 from imagesearch.server.errors import DataDirLocked
 from imagesearch.v1 import image_search_service_pb2 as pb
@@ -117,3 +118,23 @@ def test_sigterm_drains_and_persists(data_dir):
         check_all_present(again.target, 5)
     finally:
         again.terminate()
+
+
+def test_unreadable_store_stops_start_with_a_clear_error(data_dir):
+    config = tiny_config(data_dir)
+    with (
+        run_server(config, extra_plugins=[TINY_PLUGIN]) as running,
+        grpc.insecure_channel(running.target) as chan,
+    ):
+        add_range(pb_grpc.ImageSearchServiceStub(chan), 0, 3)
+    store = data_dir / "collections" / "default" / "store.sqlite3"
+    store.write_bytes(b"this is not a database" * 100)
+    with (
+        pytest.raises(CollectionUnreadable, match=r"collections/default: file is not a database"),
+        run_server(config, extra_plugins=[TINY_PLUGIN]),
+    ):
+        pass
+    store.unlink()
+    (data_dir / "collections" / "default").rename(data_dir / "aside")
+    with run_server(config, extra_plugins=[TINY_PLUGIN]):  # the lock was released; starts without it
+        pass
