@@ -1,0 +1,64 @@
+"""A misbehaving plugin is INTERNAL with the request id, never UNKNOWN, and the server keeps serving."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+import numpy as np
+import pytest
+
+from imagesearch.plugins.hookspecs import hookimpl
+from imagesearch.server.app import run_server
+from imagesearch.v1 import image_search_service_pb2 as pb
+from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
+from tests.conftest import tiny_config
+from tests.support.images import encode, pattern
+from tests.support.tiny_plugin import TINY_PLUGIN, TinyExtractor
+
+pytestmark = pytest.mark.e2e
+
+
+class Crashing(TinyExtractor):
+    name = "crashing"
+
+    def extract(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        raise RuntimeError("model exploded")
+
+
+class NaNs(TinyExtractor):
+    name = "nans"
+
+    def extract(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        return np.full((len(images), self.dim), np.nan, np.float32)
+
+
+class BadPlugin:
+    @hookimpl
+    def register_extractors(self, register) -> None:
+        register(Crashing())
+        register(NaNs())
+
+
+@pytest.mark.parametrize(("extractor", "text"), [("crashing", "RuntimeError"), ("nans", "non-finite")])
+def test_plugin_failures_are_internal(data_dir, extractor, text):
+    config = tiny_config(data_dir)
+    with (
+        run_server(config, extra_plugins=[TINY_PLUGIN, ("bad", BadPlugin())]) as running,
+        grpc.insecure_channel(running.target) as chan,
+    ):
+        stub = pb_grpc.ImageSearchServiceStub(chan)
+        stub.CreateCollection(
+            pb.CreateCollectionRequest(collection=pb.Collection(name="c", extractor=extractor))
+        )
+        request = pb.AddImagesRequest(
+            collection="c", images=[pb.ImageInput(id="a", content=encode(pattern(1)))]
+        )
+        with pytest.raises(grpc.RpcError) as error:
+            stub.AddImages(request, metadata=[("x-request-id", "req-7")])
+        assert error.value.code() == grpc.StatusCode.INTERNAL
+        assert text in error.value.details()
+        assert ("x-request-id", "req-7") in error.value.trailing_metadata()
+        assert stub.ListImages(pb.ListImagesRequest(collection="c")).images == []
+        stub.AddImages(pb.AddImagesRequest(images=[pb.ImageInput(id="ok", content=encode(pattern(2)))]))
+        assert stub.Search(pb.SearchRequest(image_id="ok")).hits[0].id == "ok"
