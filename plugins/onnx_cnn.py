@@ -143,7 +143,7 @@ class OnnxCnnExtractor:
 
     @property
     def min_input_side(self) -> int:
-        """The short side a JPEG may be shrunk to while decoding (``decode_reduced``) at little cost.
+        """The short side a JPEG may be shrunk to while decoding (the server's ``decode_image``) at little cost.
 
         Twice the resize target: shrinking all the way to it changed embeddings by up
         to 1 - cos = 0.03 on large JPEGs, keeping 2x left at most 0.004 (docs/models.md).
