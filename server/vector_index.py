@@ -141,7 +141,7 @@ class VectorIndex:
             else:
                 selector = alive
         if self.spec.kind == HNSW:
-            params = faiss.SearchParametersHNSW(efSearch=max(self.spec.ef_search, 1))
+            params = faiss.SearchParametersHNSW(efSearch=self.spec.ef_search)
         elif self.trained:
             params = faiss.SearchParametersIVF(nprobe=self.spec.nprobe)
         elif selector is None:
@@ -152,18 +152,17 @@ class VectorIndex:
             params.sel = selector
         return params, keep
 
-    def search(self, prepared_queries: np.ndarray, k: int, allowed: np.ndarray | None = None):
+    def search(
+        self, prepared_queries: np.ndarray, k: int, allowed: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Return (raw FAISS distances, ids); ids of -1 mark empty slots."""
         queries = np.ascontiguousarray(prepared_queries, dtype=np.float32)
         k = max(1, min(k, max(self.size, 1)))
+        params, _keep = self._params(allowed)  # _keep holds the selectors alive during the search
         if self.spec.kind == HNSW:
             # HNSW's beam must be at least k wide or it returns fewer hits than it could.
-            ef = max(self.spec.ef_search, k)
-        params, _keep = self._params(allowed)
-        if self.spec.kind == HNSW:
-            params.efSearch = ef
-        distances, ids = self._index.search(queries, k, params=params)
-        return distances, ids
+            params.efSearch = max(self.spec.ef_search, k)
+        return self._index.search(queries, k, params=params)
 
     # -- persistence -------------------------------------------------------------
     def serialize(self) -> tuple[bytes, np.ndarray]:
