@@ -19,6 +19,7 @@ from typing import Self, TypeVar
 import grpc
 import numpy as np
 import numpy.typing as npt
+from google.protobuf import timestamp_pb2
 
 from imagesearch.v1 import image_search_service_pb2 as pb
 
@@ -39,8 +40,11 @@ def _vector(message: pb.FloatVector) -> npt.NDArray[np.float32]:
     return np.asarray(message.values, dtype=np.float32)
 
 
-def _time(unix: float) -> datetime | None:
-    return datetime.fromtimestamp(unix, tz=UTC) if unix else None
+def _time(stamp: timestamp_pb2.Timestamp) -> datetime | None:
+    """An aware UTC datetime; None when the server left the field unset."""
+    if not stamp.seconds and not stamp.nanos:
+        return None
+    return datetime.fromtimestamp(stamp.seconds + stamp.nanos / 1e9, tz=UTC)
 
 
 class IndexType(enum.StrEnum):
@@ -282,7 +286,7 @@ class ImageRecord:
             vector=_vector(message.vector) if message.HasField("vector") else None,
             width=message.width,
             height=message.height,
-            created_at=_time(message.create_time_unix),
+            created_at=_time(message.create_time),
         )
 
 
@@ -339,7 +343,7 @@ class CollectionInfo:
             description=message.description,
             ivf=IvfParams.from_proto(message.ivf) if index_type is IndexType.IVF else None,
             hnsw=HnswParams.from_proto(message.hnsw) if index_type is IndexType.HNSW else None,
-            created_at=_time(message.create_time_unix),
+            created_at=_time(message.create_time),
             index_trained=message.index_trained,
         )
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 import numpy as np
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -145,6 +145,12 @@ def outcome_fields(outcome: AddOutcome) -> dict[str, Any]:
     }
 
 
+def _timestamp(unix_seconds: float) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(round(unix_seconds * 1e9))
+    return stamp
+
+
 def image_message(row: ImageRow, *, full: bool) -> pb.Image:
     message = pb.Image(
         id=row.id,
@@ -152,7 +158,7 @@ def image_message(row: ImageRow, *, full: bool) -> pb.Image:
         metadata=row.metadata,
         width=row.width,
         height=row.height,
-        create_time_unix=row.created,
+        create_time=_timestamp(row.created),
     )
     if full:
         if row.thumbnail:
@@ -182,7 +188,7 @@ def collection_message(collection: Collection) -> pb.Collection:
         image_count=collection.count,
         store_originals=spec.store_originals,
         description=spec.description,
-        create_time_unix=spec.created,
+        create_time=_timestamp(spec.created),
         index_trained=collection.index.trained if spec.index_type == IVF else False,
     )
 

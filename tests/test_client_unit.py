@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from google.protobuf import timestamp_pb2
 
 from imagesearch.client import (
     AddResult,
@@ -251,7 +252,11 @@ def test_image_record_marks_absent_fields_none() -> None:
     assert (bare.thumbnail, bare.original, bare.vector, bare.created_at) == (None, None, None, None)
     full = ImageRecord.from_proto(
         pb.Image(
-            id="i", thumbnail=b"t", original=b"o", vector=pb.FloatVector(values=[1, 2]), create_time_unix=60.0
+            id="i",
+            thumbnail=b"t",
+            original=b"o",
+            vector=pb.FloatVector(values=[1, 2]),
+            create_time=timestamp_pb2.Timestamp(seconds=60),
         )
     )
     assert (full.thumbnail, full.original) == (b"t", b"o")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import numpy as np
 import pytest
@@ -152,6 +154,7 @@ def test_get_image_returns_thumbnail_and_original(stub):
     add(stub, [pb.ImageInput(id="big", content=big, label="x")], collection="keep")
     image = stub.GetImage(pb.GetImageRequest(collection="keep", id="big", include_original=True)).image
     assert image.original == big and (image.width, image.height) == (800, 600)
+    assert abs(image.create_time.ToSeconds() - time.time()) < 60
     assert image.thumbnail[:3] == b"\xff\xd8\xff"
     import cv2
 

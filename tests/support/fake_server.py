@@ -180,7 +180,7 @@ class FakeServicer(pb_grpc.ImageSearchServiceServicer):
         image = pb.Image(
             id=request.id, label="cat", metadata={"a": "b"}, thumbnail=b"\xff\xd8thumb", width=64, height=48
         )
-        image.create_time_unix = 1_700_000_000.5
+        image.create_time.FromNanoseconds(1_700_000_000_500_000_000)
         if request.include_original:
             image.original = b"original-bytes"
         if request.include_vector:
@@ -217,7 +217,7 @@ class FakeServicer(pb_grpc.ImageSearchServiceServicer):
         collection.CopyFrom(request.collection)
         collection.extractor_version = "1"
         collection.dimension = 128
-        collection.create_time_unix = 1_700_000_000.0
+        collection.create_time.FromSeconds(1_700_000_000)
         return pb.CreateCollectionResponse(collection=collection)
 
     def GetCollection(
