@@ -304,11 +304,12 @@ def get_collection(name: str | None) -> Rpc[CollectionInfo]:
     return Rpc(_method("GetCollection"), request, lambda r: CollectionInfo.from_proto(r.collection))
 
 
-def list_collections() -> Rpc[list[CollectionInfo]]:
+def list_collections(page_token: str = "") -> Rpc[tuple[list[CollectionInfo], str]]:
+    """One page of collections and the next page's token ("" after the last)."""
     return Rpc(
         _method("ListCollections"),
-        pb.ListCollectionsRequest(),
-        lambda r: [CollectionInfo.from_proto(c) for c in r.collections],
+        pb.ListCollectionsRequest(page_token=page_token),
+        lambda r: ([CollectionInfo.from_proto(c) for c in r.collections], r.next_page_token),
     )
 
 

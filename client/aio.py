@@ -258,7 +258,11 @@ class AsyncImageSearchClient(ClientBase):
 
     async def list_collections(self, **options: Unpack[CallOptions]) -> list[CollectionInfo]:
         """See ``ImageSearchClient.list_collections``."""
-        return await self._call(R.list_collections(), options)
+        collections, token = await self._call(R.list_collections(), options)
+        while token:
+            page, token = await self._call(R.list_collections(token), options)
+            collections += page
+        return collections
 
     async def delete_collection(self, name: str, **options: Unpack[CallOptions]) -> None:
         """See ``ImageSearchClient.delete_collection``."""

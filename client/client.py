@@ -292,7 +292,11 @@ class ImageSearchClient(ClientBase):
 
     def list_collections(self, **options: Unpack[CallOptions]) -> list[CollectionInfo]:
         """All collections, sorted by name."""
-        return self._call(R.list_collections(), options)
+        collections, token = self._call(R.list_collections(), options)
+        while token:
+            page, token = self._call(R.list_collections(token), options)
+            collections += page
+        return collections
 
     def delete_collection(self, name: str, **options: Unpack[CallOptions]) -> None:
         """Delete a collection and everything stored in it."""

@@ -400,41 +400,60 @@ class Engine:
             image_id, with_original=with_original, with_vector=with_vector
         )
 
+    def _page_size(self, page_size: int) -> int:
+        if page_size < 0:
+            raise InvalidArgument("page_size must be >= 0", field="page_size", reason="BAD_PAGE_SIZE")
+        return min(page_size or 100, self.limits.max_page_size)
+
     def list_images(
         self, collection_name: str, page_size: int, page_token: str, label: str
     ) -> tuple[list[ImageRow], str, int]:
         collection = self.catalog.get(collection_name)
-        if page_size < 0:
-            raise InvalidArgument("page_size must be >= 0", field="page_size", reason="BAD_PAGE_SIZE")
-        size = min(page_size or 100, self.limits.max_page_size)
-        after = decode_page_token(page_token, collection.spec.name, label)
-        rows = collection.store.page(after, size + 1, label or None)
+        size = self._page_size(page_size)
+        scope = f"images\x00{collection.spec.name}\x00{label}"
+        after = decode_page_token(page_token, scope)
+        try:
+            after_row_id = int(after) if after is not None else 0
+        except ValueError:
+            raise InvalidArgument(
+                "page_token is invalid", field="page_token", reason="BAD_PAGE_TOKEN"
+            ) from None
+        rows = collection.store.page(after_row_id, size + 1, label or None)
         more = len(rows) > size
         rows = rows[:size]
-        token = encode_page_token(rows[-1].row_id, collection.spec.name, label) if more else ""
+        token = encode_page_token(str(rows[-1].row_id), scope) if more else ""
         return rows, token, collection.store.count(label or None)
 
+    def list_collections(self, page_size: int, page_token: str) -> tuple[list[Collection], str]:
+        """Collections sorted by name, paginated by name (stable while collections come and go)."""
+        size = self._page_size(page_size)
+        after = decode_page_token(page_token, "collections")
+        remaining = [c for c in self.catalog.list() if after is None or c.spec.name > after]
+        page = remaining[:size]
+        return page, encode_page_token(page[-1].spec.name, "collections") if len(remaining) > size else ""
 
-def _token_key(collection: str, label: str) -> str:
-    return hashlib.sha256(f"{collection}\x00{label}".encode()).hexdigest()[:12]
+
+def _scope_key(scope: str) -> str:
+    return hashlib.sha256(scope.encode()).hexdigest()[:12]
 
 
-def encode_page_token(after_row_id: int, collection: str, label: str) -> str:
-    return base64.urlsafe_b64encode(f"v1:{after_row_id}:{_token_key(collection, label)}".encode()).decode()
+def encode_page_token(after: str, scope: str) -> str:
+    """An opaque token: continue after ``after`` in the listing identified by ``scope``."""
+    return base64.urlsafe_b64encode(f"v1:{_scope_key(scope)}:{after}".encode()).decode()
 
 
-def decode_page_token(token: str, collection: str, label: str) -> int:
-    """The row id to continue after; InvalidArgument for a token from another listing."""
+def decode_page_token(token: str, scope: str) -> str | None:
+    """The position to continue after (None for the first page); InvalidArgument for a foreign token."""
     if not token:
-        return 0
+        return None
     try:
-        version, after, key = base64.urlsafe_b64decode(token.encode()).decode().split(":")
-        if version != "v1" or key != _token_key(collection, label):
+        version, key, after = base64.urlsafe_b64decode(token.encode()).decode().split(":", 2)
+        if version != "v1" or key != _scope_key(scope):
             raise ValueError
-        return int(after)
+        return after
     except (ValueError, UnicodeDecodeError, binascii.Error) as exc:
         raise InvalidArgument(
-            "page_token is invalid or belongs to a different listing (collection or label changed)",
+            "page_token is invalid or belongs to a different listing (collection or filter changed)",
             field="page_token",
             reason="BAD_PAGE_TOKEN",
         ) from exc

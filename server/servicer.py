@@ -340,8 +340,9 @@ class ImageSearchServicer(pb_grpc.ImageSearchServiceServicer):
     def ListCollections(
         self, request: pb.ListCollectionsRequest, context: grpc.ServicerContext
     ) -> pb.ListCollectionsResponse:
+        collections, token = self.engine.list_collections(request.page_size, request.page_token)
         return pb.ListCollectionsResponse(
-            collections=[collection_message(c) for c in self.engine.catalog.list()]
+            collections=[collection_message(c) for c in collections], next_page_token=token
         )
 
     @rpc

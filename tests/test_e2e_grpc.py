@@ -252,3 +252,28 @@ def test_restart_keeps_everything(data_dir):
         assert [h.score for h in after.hits] == pytest.approx([h.score for h in before.hits], abs=1e-6)
         image = stub.GetImage(pb.GetImageRequest(id="img8")).image
         assert image.label == "cars" and image.metadata["n"] == "8" and image.thumbnail
+
+
+def test_collections_are_paginated(data_dir):
+    from imagesearch.client import ImageSearchClient
+
+    config = tiny_config(data_dir, limits={"max_page_size": 2})
+    with run_server(config, extra_plugins=[TINY_PLUGIN]) as running, grpc.insecure_channel(running.target) as chan:
+        stub = pb_grpc.ImageSearchServiceStub(chan)
+        for name in ("d", "b", "c", "a"):
+            stub.CreateCollection(pb.CreateCollectionRequest(collection=pb.Collection(name=name)))
+        names, token, pages = [], "", 0
+        while True:
+            page = stub.ListCollections(pb.ListCollectionsRequest(page_size=10, page_token=token))
+            names += [c.name for c in page.collections]
+            pages += 1
+            token = page.next_page_token
+            if not token:
+                break
+        assert names == ["a", "b", "c", "d", "default"] and pages == 3
+        with ImageSearchClient(running.target) as client:  # the client walks the pages itself
+            assert [c.name for c in client.list_collections()] == names
+        image_token = stub.ListImages(pb.ListImagesRequest(page_size=1)).next_page_token or "x"
+        with pytest.raises(grpc.RpcError) as error:
+            stub.ListCollections(pb.ListCollectionsRequest(page_token=image_token))
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
