@@ -258,7 +258,10 @@ def test_collections_are_paginated(data_dir):
     from imagesearch.client import ImageSearchClient
 
     config = tiny_config(data_dir, limits={"max_page_size": 2})
-    with run_server(config, extra_plugins=[TINY_PLUGIN]) as running, grpc.insecure_channel(running.target) as chan:
+    with (
+        run_server(config, extra_plugins=[TINY_PLUGIN]) as running,
+        grpc.insecure_channel(running.target) as chan,
+    ):
         stub = pb_grpc.ImageSearchServiceStub(chan)
         for name in ("d", "b", "c", "a"):
             stub.CreateCollection(pb.CreateCollectionRequest(collection=pb.Collection(name=name)))
