@@ -23,3 +23,22 @@ def test_bad_config_file_is_a_clear_error(tmp_path, capsys):
 def test_usage_errors_exit_with_argparse_code(capsys):
     assert main(["serve", "--port", "not-a-number"]) == 2
     assert main([]) == 2
+
+
+def test_documented_config_example_loads_and_lists_every_limit(tmp_path):
+    """docs/operations.md's TOML example is valid and shows every limit with its real default."""
+    import dataclasses
+    import re
+    import tomllib
+    from pathlib import Path
+
+    from imagesearch.server.config import Limits, load_config
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "operations.md").read_text()
+    (example,) = re.findall(r"```toml\n(.*?)```", doc, flags=re.S)
+    path = tmp_path / "server.toml"
+    path.write_text(example)
+    load_config(path)
+    documented = tomllib.loads(example)["limits"]
+    defaults = dataclasses.asdict(Limits())
+    assert documented == defaults
