@@ -203,6 +203,32 @@ class Engine:
                 reason="BATCH_TOO_MANY_PIXELS",
             )
 
+    def _prepare(
+        self, item: ImageItem, image_id: str, prefix: str, collection: Collection, min_side: int | None
+    ) -> tuple[NewImage, np.ndarray | None]:
+        """Validate one image; decode it and make its thumbnail. Returns the row (vector still
+        missing for decoded images) and the decoded pixels (None for a precomputed vector)."""
+        self._check_fields(item, prefix)
+        common = {"id": image_id, "label": item.label, "metadata": dict(item.metadata)}
+        if item.content is not None and item.vector is not None:
+            raise InvalidArgument("give content or vector, not both", field=prefix, reason="BAD_SOURCE")
+        if item.vector is not None:
+            return NewImage(
+                vector=self._check_vector(item.vector, collection, f"{prefix}.vector"), **common
+            ), None
+        if item.content is None:
+            raise InvalidArgument("image has neither content nor vector", field=prefix, reason="NO_SOURCE")
+        image = decode_image(item.content, self.limits, f"{prefix}.content", min_side)
+        row = NewImage(
+            vector=np.empty(0, np.float32),
+            thumbnail=make_thumbnail(image.pixels, self.config.thumbnail_size, self.config.thumbnail_quality),
+            original=item.content if collection.spec.store_originals else None,
+            width=image.header.width,
+            height=image.header.height,
+            **common,
+        )
+        return row, image.pixels
+
     # -- add -----------------------------------------------------------------------------
     def add_images(
         self,
@@ -237,10 +263,11 @@ class Engine:
             errors[position] = error
 
         self._check_batch_pixels(items, min_side)
+        if any(item.content is not None for item in items):
+            collection.extractor  # noqa: B018  FAILED_PRECONDITION before decoding anything
         for position, item in enumerate(items):
             prefix = f"images[{position + index_offset}]"
             try:
-                self._check_fields(item, prefix)
                 if ids[position] in seen:
                     raise AlreadyExists(
                         f"id {ids[position]!r} appears twice in the batch (also at index "
@@ -249,31 +276,9 @@ class Engine:
                         reason="DUPLICATE_ID",
                     )
                 seen[ids[position]] = position
-                common = {"id": ids[position], "label": item.label, "metadata": dict(item.metadata)}
-                if item.content is not None and item.vector is not None:
-                    raise InvalidArgument(
-                        "give content or vector, not both", field=prefix, reason="BAD_SOURCE"
-                    )
-                if item.content is not None:
-                    image = decode_image(item.content, self.limits, f"{prefix}.content", min_side)
-                    decoded[position] = image.pixels
-                    rows[position] = NewImage(
-                        vector=np.empty(0, np.float32),
-                        thumbnail=make_thumbnail(
-                            image.pixels, self.config.thumbnail_size, self.config.thumbnail_quality
-                        ),
-                        original=item.content if collection.spec.store_originals else None,
-                        width=image.header.width,
-                        height=image.header.height,
-                        **common,
-                    )
-                elif item.vector is not None:
-                    vector = self._check_vector(item.vector, collection, f"{prefix}.vector")
-                    rows[position] = NewImage(vector=vector, **common)
-                else:
-                    raise InvalidArgument(
-                        "image has neither content nor vector", field=prefix, reason="NO_SOURCE"
-                    )
+                rows[position], pixels = self._prepare(item, ids[position], prefix, collection, min_side)
+                if pixels is not None:
+                    decoded[position] = pixels
             except ImageSearchError as error:
                 fail(position, error)
 
