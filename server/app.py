@@ -6,6 +6,7 @@ benchmarks all use it, so what the tests exercise is what operators run.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
@@ -130,7 +131,8 @@ def run_server(
             # Tell load balancers first, then let in-flight calls finish, then persist.
             health_servicer.enter_graceful_shutdown()
             time.sleep(config.shutdown_announce_s)
-            server.stop(config.shutdown_grace_s).wait()
+            if not server.stop(config.shutdown_grace_s).wait(config.shutdown_grace_s + 5):
+                log.error("gRPC server did not stop within its grace period; persisting anyway")
             snapshotter.stopped.set()
             snapshotter.join()
             log.info("stopped")
@@ -143,12 +145,35 @@ def serve_forever(
     on_ready: Callable[[RunningServer], None] | None = None,
     extra_plugins: Iterable[tuple[str, object]] = (),
 ) -> None:
-    """Run until SIGTERM or SIGINT, then drain and stop; used by ``imagesearch serve``."""
-    stop = threading.Event()
+    """Run until SIGTERM or SIGINT, then drain and stop; used by ``imagesearch serve``.
+
+    The signal handler only flips a flag: taking a lock (``Event.set``) inside a
+    handler can deadlock against the very thread it interrupts. The main thread
+    polls the flag instead.
+    """
+    received: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, lambda signum, _frame: received.append(signum))
+    # `kill -USR1 <pid>` prints every thread's stack to stderr: how to see what a stuck server does.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     with run_server(config, extra_plugins=extra_plugins) as running:
         if on_ready is not None:
             on_ready(running)
-        stop.wait()
-        log.info("signal received: draining")
+        while not received:
+            time.sleep(0.2)
+        log.info("signal %s received: draining", signal.Signals(received[0]).name)
+        _exit_if_stuck(config.shutdown_announce_s + config.shutdown_grace_s + 30)
+
+
+def _exit_if_stuck(after_s: float) -> None:
+    """A last resort, like a service manager's stop timeout: if shutdown has not finished
+    after ``after_s`` seconds, print every thread's stack and exit. Every acknowledged write
+    is already in SQLite; a missing snapshot is rebuilt on the next start."""
+
+    def watchdog() -> None:
+        time.sleep(after_s)
+        log.error("shutdown still running after %.0f s; exiting without finishing it", after_s)
+        faulthandler.dump_traceback(all_threads=True)
+        os._exit(1)
+
+    threading.Thread(target=watchdog, name="shutdown-watchdog", daemon=True).start()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -60,8 +61,16 @@ class ServerProcess:
         self.proc.wait(10)
 
     def terminate(self, timeout: float = 30) -> int:
+        """SIGTERM and wait; on a hang, dump the server's thread stacks (SIGUSR1) into the error."""
         self.proc.terminate()
-        return self.proc.wait(timeout)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGUSR1)
+            time.sleep(1)
+            self.proc.kill()
+            self.proc.wait(10)
+            raise AssertionError("server did not stop on SIGTERM:\n" + "".join(self.output)) from None
 
 
 def tiny_server(data_dir: Path, *overrides: str) -> ServerProcess:
