@@ -29,7 +29,6 @@ L2 = Metric(
     name="l2",
     faiss_metric=faiss.METRIC_L2,
     description="Euclidean distance; distance = ||a - b||, score = 1 / (1 + distance).",
-    higher_is_closer=False,
     to_distance=_sqrt_nonnegative,
     to_score=inverse_distance_score,
     index_types=ALL_INDEX_TYPES,
@@ -39,7 +38,6 @@ INNER_PRODUCT = Metric(
     name="inner_product",
     faiss_metric=faiss.METRIC_INNER_PRODUCT,
     description="Dot product of the raw vectors; distance = score = a . b.",
-    higher_is_closer=True,
     to_score=_same,
     index_types=ALL_INDEX_TYPES,
 )
@@ -49,7 +47,6 @@ COSINE = Metric(
     faiss_metric=faiss.METRIC_INNER_PRODUCT,
     description="Cosine similarity (vectors L2-normalised, then inner product); "
     "distance = score = cos(a, b) in [-1, 1].",
-    higher_is_closer=True,
     prepare=l2_normalize,
     to_score=_same,
     index_types=ALL_INDEX_TYPES,

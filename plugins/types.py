@@ -85,14 +85,12 @@ class Metric:
     (cosine normalises). ``to_distance`` turns FAISS's raw output into the
     metric's natural value (L2: FAISS returns squared distances, we report the
     distance). ``to_score`` turns that distance into a similarity where higher
-    is better; hits are sorted by it. ``higher_is_closer`` says which way FAISS
-    orders the raw values, so the host can check its sort.
+    is better; hits are sorted by it.
     """
 
     name: str
     faiss_metric: int
     description: str
-    higher_is_closer: bool
     to_score: Callable[[np.ndarray], np.ndarray]
     prepare: Callable[[np.ndarray], np.ndarray] = _identity
     to_distance: Callable[[np.ndarray], np.ndarray] = _identity

@@ -50,9 +50,7 @@ class FakeExtractor:
 
 
 def metric(name: str, faiss_metric: int = faiss.METRIC_L2) -> Metric:
-    return Metric(
-        name=name, faiss_metric=faiss_metric, description="test", higher_is_closer=False, to_score=abs
-    )
+    return Metric(name=name, faiss_metric=faiss_metric, description="test", to_score=abs)
 
 
 class Plugin:
@@ -110,8 +108,7 @@ GOOD_THIRD_PARTY = """
 
     @hookimpl
     def register_metrics(register):
-        register(Metric(name="{metric}", faiss_metric=faiss.METRIC_L1, description="",
-                        higher_is_closer=False, to_score=lambda d: -d))
+        register(Metric(name="{metric}", faiss_metric=faiss.METRIC_L1, description="", to_score=lambda d: -d))
 """
 
 
@@ -136,7 +133,6 @@ def test_hook_register_metrics() -> None:
         name="linf",
         faiss_metric=faiss.METRIC_Linf,
         description="largest coordinate difference",
-        higher_is_closer=False,
         to_score=builtin_metrics.inverse_distance_score,
     )
     registry = make_registry(("chebyshev", Plugin(metrics=(linf,))))
@@ -205,7 +201,7 @@ def test_builtin_metric_maps_to_faiss_and_scores_consistently(
 ) -> None:
     """FAISS through the metric equals the NumPy definition; scores are higher-is-better."""
     chosen = make_registry().metric(name)
-    assert (chosen.faiss_metric, chosen.higher_is_closer) == (faiss_metric, higher_is_closer)
+    assert chosen.faiss_metric == faiss_metric
     assert chosen.index_types == ALL_INDEX_TYPES
 
     rng = np.random.default_rng(11)

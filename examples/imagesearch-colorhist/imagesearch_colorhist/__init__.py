@@ -93,7 +93,6 @@ L1 = Metric(
     faiss_metric=faiss.METRIC_L1,
     description="Manhattan distance; distance = sum |a - b| (0 to 2 between normalised histograms), "
     "score = 1 / (1 + distance). Flat indexes only.",
-    higher_is_closer=False,
     to_score=inverse_distance_score,
     version="1",
     index_types=frozenset({FLAT}),
@@ -105,7 +104,6 @@ JENSEN_SHANNON = Metric(
     description="Jensen-Shannon divergence (natural log, 0 to ln 2) between vectors made into "
     "distributions (negatives clipped, bins floored at 1e-6, rows summing to 1); "
     "score = 1 / (1 + distance). Flat indexes only.",
-    higher_is_closer=False,
     prepare=_as_distribution,
     to_score=inverse_distance_score,
     version="1",
