@@ -39,17 +39,7 @@ from imagesearch.server.image_header import HeaderError, read_header
 from imagesearch.server.imaging import decode_image, decoded_pixels, make_thumbnail
 from imagesearch.server.store import ImageRow, NewImage
 
-OK_CODE = 0
-# google.rpc.Code values, used in per-item results (domain code stays grpc-free).
-CODE_OF = {
-    "InvalidArgument": 3,
-    "DeadlineExceeded": 4,
-    "NotFound": 5,
-    "AlreadyExists": 6,
-    "FailedPrecondition": 9,
-    "ResourceExhausted": 8,
-    "Internal": 13,
-}
+OK_CODE = 0  # google.rpc.Code OK; failures carry their error's code
 
 
 @dataclass(frozen=True)
@@ -305,7 +295,7 @@ class Engine:
         if rows:
             collection.add([rows[p] for p in sorted(rows)])
         results = [
-            ItemResult(p + index_offset, "", CODE_OF.get(type(errors[p]).__name__, 13), errors[p].message)
+            ItemResult(p + index_offset, "", errors[p].code, errors[p].message)
             if p in errors
             else ItemResult(p + index_offset, ids[p])
             for p in range(len(items))

@@ -1,7 +1,8 @@
 """Domain errors: what went wrong, in terms the servicer maps to gRPC status codes.
 
-Domain code never imports grpc; it raises these, and the servicer turns each
-class into exactly one status code (see servicer.STATUS_OF). ``reason`` is a
+Domain code never imports grpc; it raises these. Each class carries its
+``code``, the google.rpc.Code number of exactly one gRPC status, which the
+servicer reports and per-item results (skip_invalid) carry. ``reason`` is a
 stable machine-readable string (google.rpc.ErrorInfo.reason) and ``field`` names
 the offending request field for INVALID_ARGUMENT (google.rpc.BadRequest).
 """
@@ -13,6 +14,7 @@ class ImageSearchError(Exception):
     """Base class of every error a client can cause or observe."""
 
     reason = "ERROR"
+    code = 13  # INTERNAL unless a subclass says otherwise
 
     def __init__(self, message: str, *, field: str | None = None, reason: str | None = None) -> None:
         super().__init__(message)
@@ -24,36 +26,44 @@ class ImageSearchError(Exception):
 
 class InvalidArgument(ImageSearchError):
     reason = "INVALID_ARGUMENT"
+    code = 3
 
 
 class NotFound(ImageSearchError):
     reason = "NOT_FOUND"
+    code = 5
 
 
 class AlreadyExists(ImageSearchError):
     reason = "ALREADY_EXISTS"
+    code = 6
 
 
 class FailedPrecondition(ImageSearchError):
     reason = "FAILED_PRECONDITION"
+    code = 9
 
 
 class ResourceExhausted(ImageSearchError):
     reason = "LIMIT_EXCEEDED"
+    code = 8
 
 
 class DeadlineExceeded(ImageSearchError):
     reason = "DEADLINE_EXCEEDED"
+    code = 4
 
 
 class Unavailable(ImageSearchError):
     reason = "UNAVAILABLE"
+    code = 14
 
 
 class Internal(ImageSearchError):
     """A bug or a broken invariant on the server side (never the client's fault)."""
 
     reason = "INTERNAL"
+    code = 13
 
 
 class DataDirLocked(RuntimeError):

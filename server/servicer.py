@@ -33,16 +33,13 @@ from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
 log = logging.getLogger("imagesearch.rpc")
 
 ERROR_DOMAIN = "imagesearch.v1"
-STATUS_OF: dict[type[errors.ImageSearchError], grpc.StatusCode] = {
-    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.NotFound: grpc.StatusCode.NOT_FOUND,
-    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
-    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
-    errors.Internal: grpc.StatusCode.INTERNAL,
-}
+_STATUS_BY_NUMBER = {status.value[0]: status for status in grpc.StatusCode}
+
+
+def status_of(error: errors.ImageSearchError) -> grpc.StatusCode:
+    return _STATUS_BY_NUMBER.get(error.code, grpc.StatusCode.INTERNAL)
+
+
 INDEX_TYPE_TO_PB = {FLAT: pb.INDEX_TYPE_FLAT, IVF: pb.INDEX_TYPE_IVF, HNSW: pb.INDEX_TYPE_HNSW}
 INDEX_TYPE_FROM_PB = {pb.INDEX_TYPE_UNSPECIFIED: FLAT, **{v: k for k, v in INDEX_TYPE_TO_PB.items()}}
 REQUEST_ID_KEY = "x-request-id"
@@ -55,7 +52,7 @@ def _packed(message: Any) -> any_pb2.Any:
 
 
 def to_rpc_status(error: errors.ImageSearchError) -> status_pb2.Status:
-    code = STATUS_OF.get(type(error), grpc.StatusCode.INTERNAL)
+    code = status_of(error)
     details = [_packed(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN))]
     if error.field:
         violation = error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.message)
@@ -92,7 +89,7 @@ def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return method(self, request, context)
         except errors.ImageSearchError as error:
-            outcome = STATUS_OF.get(type(error), grpc.StatusCode.INTERNAL).name
+            outcome = status_of(error).name
             if isinstance(error, errors.Internal):
                 log.error(
                     "internal error", extra={"request_id": request_id, "rpc": method.__name__}, exc_info=True

@@ -62,3 +62,21 @@ def test_plugin_failures_are_internal(data_dir, extractor, text):
         assert stub.ListImages(pb.ListImagesRequest(collection="c")).images == []
         stub.AddImages(pb.AddImagesRequest(images=[pb.ImageInput(id="ok", content=encode(pattern(2)))]))
         assert stub.Search(pb.SearchRequest(image_id="ok")).hits[0].id == "ok"
+
+
+def test_every_domain_error_has_its_own_status():
+    from imagesearch.server import errors
+    from imagesearch.server.servicer import status_of
+
+    expected = {
+        errors.InvalidArgument: "INVALID_ARGUMENT",
+        errors.NotFound: "NOT_FOUND",
+        errors.AlreadyExists: "ALREADY_EXISTS",
+        errors.FailedPrecondition: "FAILED_PRECONDITION",
+        errors.ResourceExhausted: "RESOURCE_EXHAUSTED",
+        errors.DeadlineExceeded: "DEADLINE_EXCEEDED",
+        errors.Unavailable: "UNAVAILABLE",
+        errors.Internal: "INTERNAL",
+    }
+    assert set(expected) == set(errors.ImageSearchError.__subclasses__())
+    assert {cls: status_of(cls("x")).name for cls in expected} == expected
