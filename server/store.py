@@ -1,8 +1,9 @@
 """SQLite storage of one collection: the source of truth.
 
 Everything needed to rebuild the FAISS index lives here: ids, labels,
-metadata, raw feature vectors, thumbnails, optional originals, the extractor
-state and a monotonically increasing sequence number per change. WAL mode
+metadata, raw feature vectors, thumbnails, optional originals, the collection
+spec and a monotonically increasing sequence number per change. (A trainable
+extractor's fitted state will get its table with the first such extractor.) WAL mode
 with synchronous=FULL means a committed AddImages survives `kill -9` and power
 loss; the FAISS index is only ever a cache of these rows.
 
@@ -42,7 +43,6 @@ CREATE TABLE IF NOT EXISTS images (
 CREATE INDEX IF NOT EXISTS images_label ON images(label, row_id);
 CREATE INDEX IF NOT EXISTS images_seq ON images(seq);
 CREATE TABLE IF NOT EXISTS removals (seq INTEGER PRIMARY KEY, row_id INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS blobs (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 """
 
 
@@ -122,13 +122,6 @@ class CollectionStore:
 
     def set_meta(self, key: str, value: str) -> None:
         self._writer.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
-
-    def get_blob(self, key: str) -> bytes | None:
-        row = self._reader().execute("SELECT value FROM blobs WHERE key = ?", (key,)).fetchone()
-        return None if row is None else bytes(row[0])
-
-    def set_blob(self, key: str, value: bytes) -> None:
-        self._writer.execute("INSERT OR REPLACE INTO blobs(key, value) VALUES (?, ?)", (key, value))
 
     def last_seq(self) -> int:
         value = self.get_meta("seq")

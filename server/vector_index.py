@@ -75,10 +75,6 @@ class VectorIndex:
         """Live vectors (tombstoned ones excluded)."""
         return int(self._index.ntotal) - len(self._tombstones)
 
-    @property
-    def tombstone_count(self) -> int:
-        return len(self._tombstones)
-
     def ids(self) -> np.ndarray:
         return faiss.vector_to_array(self._index.id_map).astype(np.int64)
 
