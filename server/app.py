@@ -34,6 +34,31 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ImageSearchService"].full_name
 
 
+COLLECTION_HEALTH_PREFIX = SERVICE_NAME + "/"
+
+
+class CollectionHealth(health.HealthServicer):
+    """grpc.health.v1 plus one name per collection, ``imagesearch.v1.ImageSearchService/<name>``:
+    SERVING when it can search, NOT_SERVING when it is read-only or unavailable (the reason is
+    in GetCollection and the log), NOT_FOUND when there is no such collection. Worked out at each
+    Check, so it is never stale; Watch covers the fixed names only."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        super().__init__()
+        self._catalog = catalog
+
+    def Check(self, request, context):
+        if not request.service.startswith(COLLECTION_HEALTH_PREFIX):
+            return super().Check(request, context)
+        problem = self._catalog.problem(request.service[len(COLLECTION_HEALTH_PREFIX) :])
+        if problem is None:
+            context.set_code(grpc.StatusCode.NOT_FOUND)
+            return health_pb2.HealthCheckResponse()
+        serving = not problem and not self._gracefully_shutting_down
+        Status = health_pb2.HealthCheckResponse
+        return Status(status=Status.SERVING if serving else Status.NOT_SERVING)
+
+
 @dataclass
 class RunningServer:
     """What ``run_server`` yields: the gRPC server, its port and the parts behind it."""
@@ -95,7 +120,7 @@ def run_server(
     config = config or ServerConfig()
     with _models_env(config):
         registry = registry or PluginRegistry(extra_plugins)
-    catalog = Catalog(config.data_dir, registry)
+    catalog = Catalog(config.data_dir, registry, config.limits)
     try:
         if config.create_default_collection:
             catalog.ensure_default(config.default_extractor)
@@ -106,7 +131,7 @@ def run_server(
             maximum_concurrent_rpcs=config.limits.max_concurrent_rpcs,
         )
         pb_grpc.add_ImageSearchServiceServicer_to_server(ImageSearchServicer(engine), server)
-        health_servicer = health.HealthServicer()
+        health_servicer = CollectionHealth(catalog)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
             (

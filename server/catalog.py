@@ -20,23 +20,26 @@ from pathlib import Path
 
 from imagesearch.plugins.manager import PluginRegistry
 from imagesearch.plugins.types import FLAT, HNSW, IVF, Extractor
-from imagesearch.server.collection import Collection, CollectionSpec, check_collection_name
+from imagesearch.server.collection import (
+    Collection,
+    CollectionSpec,
+    check_collection_name,
+    check_index_params,
+)
+from imagesearch.server.config import Limits
 from imagesearch.server.errors import (
     AlreadyExists,
     DataDirLocked,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    shown,
 )
 from imagesearch.server.snapshot import fsync_dir
 
 log = logging.getLogger(__name__)
 
 DEFAULT_COLLECTION = "default"
-
-
-class CollectionUnreadable(RuntimeError):
-    """A collection on disk cannot be opened; the server refuses to start rather than hide it."""
 
 
 class DataDirLock:
@@ -72,25 +75,36 @@ def _warm_up(extractor: Extractor) -> None:
 
 
 class Catalog:
-    def __init__(self, data_dir: Path, registry: PluginRegistry) -> None:
+    def __init__(self, data_dir: Path, registry: PluginRegistry, limits: Limits | None = None) -> None:
         self.data_dir = data_dir
         self.registry = registry
+        self.limits = limits or Limits()
         self._lock = DataDirLock(data_dir)
         self._root = data_dir / "collections"
         self._root.mkdir(exist_ok=True)
         self._collections: dict[str, Collection] = {}
+        # Collections on disk that cannot be opened at all, with the reason: reported, never hidden,
+        # and never a reason to stop serving the others.
+        self._unavailable: dict[str, str] = {}
         self._mutex = threading.Lock()
+        self._clean_leftovers()
+        for path in sorted(self._root.iterdir()):
+            if path.is_dir() and not path.name.startswith("."):
+                self._open_or_report(path)
+
+    def _open_or_report(self, path: Path) -> None:
         try:
-            self._clean_leftovers()
-            for path in sorted(self._root.iterdir()):
-                if path.is_dir() and not path.name.startswith("."):
-                    self._open(path)
-        except (sqlite3.DatabaseError, ValueError, OSError) as exc:
-            self.close()
-            raise CollectionUnreadable(
-                f"cannot open {path}: {exc}. Nothing was changed; restore it from a backup or move it "
-                "out of the data directory to start without it"
-            ) from exc
+            self._open(path)
+        except (sqlite3.DatabaseError, ValueError, TypeError, OSError) as exc:
+            self._report_unavailable(
+                path.name,
+                f"{path} cannot be opened: {exc}. Nothing was changed; restore it from a backup, "
+                "or delete the collection",
+            )
+
+    def _report_unavailable(self, name: str, reason: str) -> None:
+        self._unavailable[name] = reason
+        log.error("collection %s is unavailable: %s", name, reason)
 
     def _clean_leftovers(self) -> None:
         """Remove half-created and half-deleted collections from an earlier crash."""
@@ -124,8 +138,8 @@ class Catalog:
         spec = Collection.read_spec(path)
         metric = self.registry.metrics.get(spec.metric)
         if metric is None:
-            log.error(
-                "collection %s needs metric %s, which no plugin provides; not loaded", spec.name, spec.metric
+            self._report_unavailable(
+                path.name, f"it needs metric {spec.metric!r}, which no loaded plugin provides"
             )
             return
         started = time.monotonic()
@@ -143,10 +157,23 @@ class Catalog:
         name = name or DEFAULT_COLLECTION
         collection = self._collections.get(name)
         if collection is None or collection.closed:
+            if name in self._unavailable:
+                raise FailedPrecondition(
+                    f"collection {name!r} is unavailable: {self._unavailable[name]}",
+                    field="collection",
+                    reason="COLLECTION_UNAVAILABLE",
+                )
             raise NotFound(
-                f"collection {name!r} not found", field="collection", reason="COLLECTION_NOT_FOUND"
+                f"collection {shown(name)} not found", field="collection", reason="COLLECTION_NOT_FOUND"
             )
         return collection
+
+    def problem(self, name: str) -> str | None:
+        """Why a collection cannot serve searches ("" when it can); None if there is no such collection."""
+        if name in self._unavailable:
+            return self._unavailable[name]
+        collection = self._collections.get(name)
+        return None if collection is None else collection.problem
 
     def list(self) -> list[Collection]:
         return sorted(self._collections.values(), key=lambda c: c.spec.name)
@@ -168,7 +195,7 @@ class Catalog:
         if registered is None:
             available = ", ".join(sorted(self.registry.extractors)) or "none"
             raise InvalidArgument(
-                f"unknown extractor {extractor!r} (available: {available})",
+                f"unknown extractor {shown(extractor)} (available: {available})",
                 field="extractor",
                 reason="UNKNOWN_EXTRACTOR",
             )
@@ -177,7 +204,7 @@ class Catalog:
             _warm_up(chosen)
         except Exception as exc:
             raise FailedPrecondition(
-                f"extractor {extractor!r} cannot start: {exc}",
+                f"extractor {shown(extractor)} cannot start: {exc}",
                 field="extractor",
                 reason="EXTRACTOR_UNAVAILABLE",
             ) from exc
@@ -185,12 +212,14 @@ class Catalog:
         if metric not in self.registry.metrics:
             available = ", ".join(sorted(self.registry.metrics))
             raise InvalidArgument(
-                f"unknown metric {metric!r} (available: {available})", field="metric", reason="UNKNOWN_METRIC"
+                f"unknown metric {shown(metric)} (available: {available})",
+                field="metric",
+                reason="UNKNOWN_METRIC",
             )
         metric_obj = self.registry.metric(metric)
         if index_type not in (FLAT, IVF, HNSW):
             raise InvalidArgument(
-                f"unknown index type {index_type!r}", field="index_type", reason="UNKNOWN_INDEX_TYPE"
+                f"unknown index type {shown(index_type)}", field="index_type", reason="UNKNOWN_INDEX_TYPE"
             )
         if index_type not in metric_obj.index_types:
             raise FailedPrecondition(
@@ -198,12 +227,6 @@ class Catalog:
                 field="index_type",
                 reason="METRIC_INDEX_MISMATCH",
             )
-        params = {key: value for key, value in (params or {}).items() if value}
-        for key, value in params.items():
-            if value < 0:
-                raise InvalidArgument(
-                    f"{key} must be positive, got {value}", field=key, reason="BAD_INDEX_PARAM"
-                )
         spec = CollectionSpec(
             name=name,
             extractor=chosen.name,
@@ -213,10 +236,11 @@ class Catalog:
             index_type=index_type,
             store_originals=store_originals,
             description=description,
-            **params,
+            **{key: value for key, value in (params or {}).items() if value},  # 0: the default
         )
+        check_index_params(spec, self.limits)
         with self._mutex:
-            if name in self._collections:
+            if name in self._collections or name in self._unavailable:
                 raise AlreadyExists(
                     f"collection {name!r} already exists", field="name", reason="COLLECTION_EXISTS"
                 )
@@ -233,12 +257,18 @@ class Catalog:
         return collection
 
     def delete(self, name: str) -> None:
+        """Delete a collection, an unavailable one included (that is how an operator clears it)."""
         with self._mutex:
-            collection = self.get(name)
-            collection.close(snapshot=False)
-            del self._collections[collection.spec.name]
-            doomed = self._root / f".deleting-{collection.spec.name}-{time.time_ns()}"
-            os.replace(collection.directory, doomed)
+            if name in self._unavailable:
+                directory = self._root / name
+                del self._unavailable[name]
+            else:
+                collection = self.get(name)
+                collection.close(snapshot=False)
+                del self._collections[collection.spec.name]
+                directory = collection.directory
+            doomed = self._root / f".deleting-{name}-{time.time_ns()}"
+            os.replace(directory, doomed)
             fsync_dir(self._root)
         shutil.rmtree(doomed, ignore_errors=True)
         log.info("collection %s deleted", name)

@@ -14,14 +14,15 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from imagesearch.plugins.types import FLAT, HNSW, IVF, Extractor, Metric
-from imagesearch.server.errors import FailedPrecondition, InvalidArgument, NotFound
+from imagesearch.plugins.types import FLAT, Extractor, Metric
+from imagesearch.server.config import Limits
+from imagesearch.server.errors import FailedPrecondition, InvalidArgument, NotFound, shown
 from imagesearch.server.rwlock import ReadWriteLock
 from imagesearch.server.snapshot import SnapshotError, read_snapshot, write_snapshot
 from imagesearch.server.store import CollectionStore, ImageRow, NewImage
@@ -29,16 +30,15 @@ from imagesearch.server.vector_index import IndexSpec, VectorIndex, brute_force
 
 log = logging.getLogger(__name__)
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-INDEX_TYPES = (FLAT, IVF, HNSW)
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # used with fullmatch: no "$" before "\n"
 STORE_FILE = "store.sqlite3"
 SNAPSHOT_FILE = "index.snapshot"
 
 
 def check_collection_name(name: str) -> str:
-    if not NAME_PATTERN.match(name):
+    if not NAME_PATTERN.fullmatch(name):
         raise InvalidArgument(
-            f"invalid collection name {name!r}: use 1-64 characters of A-Z a-z 0-9 _ -, starting with a letter or digit",
+            f"invalid collection name {shown(name)}: use 1-64 characters of A-Z a-z 0-9 _ -, starting with a letter or digit",
             field="name",
             reason="BAD_COLLECTION_NAME",
         )
@@ -86,6 +86,33 @@ class CollectionSpec:
         )
 
 
+def check_index_params(spec: CollectionSpec, limits: Limits) -> None:
+    """Every index parameter within its bound, or INVALID_ARGUMENT naming the field and the bound.
+
+    FAISS itself asserts (and aborts the process) or allocates without limit on
+    values past these, so they are refused before anything is built.
+    """
+    bounds = {  # parameter: (field, lowest, highest)
+        "nlist": ("collection.ivf.nlist", 1, limits.max_nlist),
+        "nprobe": ("collection.ivf.nprobe", 1, spec.nlist),
+        "train_size": ("collection.ivf.train_size", spec.nlist, limits.max_train_size),
+        "hnsw_m": ("collection.hnsw.m", 2, limits.max_hnsw_m),
+        "ef_construction": ("collection.hnsw.ef_construction", 1, limits.max_ef),
+        "ef_search": ("collection.hnsw.ef_search", 1, limits.max_ef),
+    }
+    for name, (field_path, lowest, highest) in bounds.items():
+        value = getattr(spec, name)
+        if name == "train_size" and value == 0:  # unset: 39 per list
+            continue
+        if not lowest <= value <= highest:
+            raise InvalidArgument(
+                f"{field_path.rsplit('.', 1)[1]} is {value}; it must be between {lowest} and {highest}"
+                + (" (k-means needs at least one training vector per list)" if name == "train_size" else ""),
+                field=field_path,
+                reason="BAD_INDEX_PARAM",
+            )
+
+
 @dataclass(frozen=True)
 class Hit:
     id: str
@@ -108,7 +135,27 @@ class Collection:
         self._snapshot_seq = 0
         self._last_snapshot = time.monotonic()
         self.closed = False
-        self.index = self._load_index()
+        self.problem = ""  # why the index is unavailable (the collection is then read-only)
+        self.index: VectorIndex | None = None
+        try:
+            self.index = self._load_index()
+        except Exception as exc:  # one broken collection must not stop the server
+            self._index_failed(f"its index could not be built from the store: {exc}")
+
+    def _index_failed(self, problem: str) -> None:
+        """Serve the store read-only: the data is safe, only the index is missing."""
+        self.index, self.problem = None, problem
+        log.error("collection %s is read-only: %s", self.spec.name, problem, exc_info=True)
+
+    def live_index(self) -> VectorIndex:
+        """The index, or FailedPrecondition saying why this collection is read-only."""
+        if self.index is None:
+            raise FailedPrecondition(
+                f"collection {self.spec.name!r} is read-only: {self.problem}; its images can still be "
+                "read and listed (fix the cause and restart, or delete and re-create it)",
+                reason="INDEX_UNAVAILABLE",
+            )
+        return self.index
 
     # -- opening -------------------------------------------------------------------
     @classmethod
@@ -163,8 +210,7 @@ class Collection:
             applied = max(applied, last)
         removals = self.store.removals_after(after_seq)
         if removals:
-            present = set(index.ids().tolist())
-            index.remove(np.array([r for _, r in removals if r in present], dtype=np.int64))
+            index.remove(np.array([r for _, r in removals], dtype=np.int64))
             applied = max(applied, removals[-1][0])
         self._applied_seq = max(applied, self.store.last_seq())
 
@@ -197,21 +243,40 @@ class Collection:
         """Commit rows to the store, then to the index. Returns row ids."""
         with self.lock.write():
             self._check_open()
+            index = self.live_index()
             row_ids, seqs = self.store.insert(images)
             vectors = np.stack([np.asarray(image.vector, dtype=np.float32) for image in images])
-            self.index.add(np.array(row_ids, dtype=np.int64), self.metric.prepare(vectors))
+            self._follow_store(
+                lambda: index.add(np.array(row_ids, dtype=np.int64), self.metric.prepare(vectors))
+            )
             self._applied_seq = seqs[-1]
         return row_ids
 
     def remove(self, ids: Sequence[str]) -> int:
         with self.lock.write():
             self._check_open()
+            index = self.live_index()
             removed = self.store.delete(ids)
-            self.index.remove(np.array(removed, dtype=np.int64))
+            self._follow_store(lambda: index.remove(np.array(removed, dtype=np.int64)))
             self._applied_seq = self.store.last_seq()
-            if self.index.needs_compaction():
+            if self.index is not None and self.index.needs_compaction():
                 self.index = self._rebuild(self.index.spec)
         return len(removed)
+
+    def _follow_store(self, change: Callable[[], None]) -> None:
+        """Apply a committed change to the index; if FAISS refuses it, rebuild from the store.
+
+        The rows are committed and so the request succeeded: an index that fell
+        behind is rebuilt at once, or the collection turns read-only, saying why.
+        """
+        try:
+            change()
+        except Exception as exc:
+            log.error("collection %s: index update failed (%s); rebuilding", self.spec.name, exc)
+            try:
+                self.index = self._rebuild(self.spec.index_spec(self.metric))
+            except Exception as again:
+                self._index_failed(f"its index could not be rebuilt after a failed update: {again}")
 
     # -- reads ---------------------------------------------------------------------
     def search(
@@ -231,7 +296,7 @@ class Collection:
             want = k + (1 if exclude_row_id is not None else 0)
             if metric.name == self.metric.name:
                 query = self.metric.prepare(raw_query.reshape(1, -1))
-                raw, ids = self.index.search(query, want, allowed)
+                raw, ids = self.live_index().search(query, want, allowed)
             else:
                 raw, ids = self._search_other_metric(metric, raw_query, want, allowed)
             pairs = [
@@ -258,8 +323,9 @@ class Collection:
                 field="metric",
                 reason="METRIC_OVERRIDE_UNSUPPORTED",
             )
-        ids = self.index.ids()
-        base = self.index.stored_vectors()
+        index = self.live_index()
+        ids = index.ids()
+        base = index.stored_vectors()
         if allowed is not None:
             mask = np.isin(ids, allowed)
             ids, base = ids[mask], base[mask]
@@ -275,7 +341,8 @@ class Collection:
         row = self.store.get(image_id, with_original=with_original, with_vector=with_vector)
         if row is None:
             raise NotFound(
-                f"image {image_id!r} not found in collection {self.spec.name!r}", reason="IMAGE_NOT_FOUND"
+                f"image {shown(image_id)} not found in collection {self.spec.name!r}",
+                reason="IMAGE_NOT_FOUND",
             )
         return row
 
@@ -284,7 +351,8 @@ class Collection:
         found = self.store.vector_of(image_id)
         if found is None:
             raise NotFound(
-                f"image {image_id!r} not found in collection {self.spec.name!r}", reason="IMAGE_NOT_FOUND"
+                f"image {shown(image_id)} not found in collection {self.spec.name!r}",
+                reason="IMAGE_NOT_FOUND",
             )
         return found
 
@@ -312,6 +380,8 @@ class Collection:
                 if self.closed:
                     return
                 seq = self._applied_seq
+                if self.index is None:
+                    return
                 if seq == self._snapshot_seq and (self.directory / SNAPSHOT_FILE).exists():
                     return
                 write_snapshot(self.directory / SNAPSHOT_FILE, self.index, seq)

@@ -37,6 +37,13 @@ class Limits:
     max_id_length: int = 256
     max_label_length: int = 256
     max_page_size: int = 1000
+    # Index parameters a client may choose (CreateCollection). Each bound keeps one collection's
+    # index memory and build time proportional to its vectors: HNSW m=100000 costs 156 MB per
+    # 200 vectors.
+    max_nlist: int = 65536
+    max_train_size: int = 10_000_000
+    max_hnsw_m: int = 64
+    max_ef: int = 4096  # ef_construction and ef_search
 
 
 @dataclass(frozen=True)

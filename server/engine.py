@@ -34,6 +34,7 @@ from imagesearch.server.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    shown,
 )
 from imagesearch.server.image_header import HeaderError, read_header
 from imagesearch.server.imaging import decode_image, decoded_pixels, make_thumbnail
@@ -99,6 +100,17 @@ class SearchOutcome:
     metric: str
 
 
+# Squared L2 distances and inner products of vectors up to this norm stay far inside float32
+# (|a - b|^2 <= 4e36 < 3.4e38), so FAISS can rank them; beyond it a stored vector is unreachable.
+MAX_VECTOR_NORM = 1e18
+
+
+def within_index_range(vectors: np.ndarray) -> bool:
+    """Whether every row is finite with a norm FAISS can compute distances for."""
+    rows = np.atleast_2d(vectors).astype(np.float64)
+    return bool(np.all(np.isfinite(rows)) and np.all(np.einsum("ij,ij->i", rows, rows) <= MAX_VECTOR_NORM**2))
+
+
 def check_deadline(deadline: float | None, stage: str) -> None:
     """``deadline`` is a time.monotonic() value; past it, stop before doing more work."""
     if deadline is not None and time.monotonic() > deadline:
@@ -129,6 +141,13 @@ class Engine:
             raise InvalidArgument(
                 "vector contains NaN or infinity", field=field_name, reason="NON_FINITE_VECTOR"
             )
+        if not within_index_range(vector):
+            raise InvalidArgument(
+                f"vector norm is over {MAX_VECTOR_NORM:.0e}: distances to it would overflow float32, "
+                "so the index could never return it (scale it down)",
+                field=field_name,
+                reason="VECTOR_OUT_OF_RANGE",
+            )
         return vector
 
     def _check_fields(self, item: ImageItem, prefix: str) -> None:
@@ -156,7 +175,7 @@ class Engine:
     def _extract(self, collection: Collection, images: list[np.ndarray]) -> np.ndarray:
         extractor = collection.extractor
         vectors = np.asarray(extractor.extract(images), dtype=np.float32)
-        if vectors.shape != (len(images), collection.spec.dim) or not np.all(np.isfinite(vectors)):
+        if vectors.shape != (len(images), collection.spec.dim) or not within_index_range(vectors):
             raise Internal(
                 f"extractor {extractor.name!r} returned {vectors.shape} (or non-finite values) for "
                 f"{len(images)} images of dimension {collection.spec.dim}",
@@ -260,7 +279,7 @@ class Engine:
             try:
                 if ids[position] in seen:
                     raise AlreadyExists(
-                        f"id {ids[position]!r} appears twice in the batch (also at index "
+                        f"id {shown(ids[position])} appears twice in the batch (also at index "
                         f"{seen[ids[position]] + index_offset})",
                         field=f"{prefix}.id",
                         reason="DUPLICATE_ID",
@@ -277,7 +296,7 @@ class Engine:
             fail(
                 position,
                 AlreadyExists(
-                    f"id {rows[position].id!r} already exists in collection {collection.spec.name!r}",
+                    f"id {shown(rows[position].id)} already exists in collection {collection.spec.name!r}",
                     field=f"images[{position + index_offset}].id",
                     reason="IMAGE_EXISTS",
                 ),
@@ -310,7 +329,9 @@ class Engine:
         if registered is None:
             available = ", ".join(sorted(self.registry.metrics))
             raise InvalidArgument(
-                f"unknown metric {name!r} (available: {available})", field="metric", reason="UNKNOWN_METRIC"
+                f"unknown metric {shown(name)} (available: {available})",
+                field="metric",
+                reason="UNKNOWN_METRIC",
             )
         return registered.item
 
@@ -333,7 +354,7 @@ class Engine:
         if query.extractor and query.extractor != collection.spec.extractor:
             raise FailedPrecondition(
                 f"collection {collection.spec.name!r} is indexed with extractor {collection.spec.extractor!r}, "
-                f"not {query.extractor!r}",
+                f"not {shown(query.extractor)}",
                 field="extractor",
                 reason="EXTRACTOR_MISMATCH",
             )
@@ -377,9 +398,9 @@ class Engine:
         if not allow_missing:
             missing = sorted(set(ids) - collection.store.existing_ids(list(ids)))
             if missing:
-                shown = ", ".join(repr(m) for m in missing[:5])
+                listed = ", ".join(shown(m) for m in missing[:5])
                 raise NotFound(
-                    f"{len(missing)} id(s) not in collection {collection.spec.name!r}: {shown}"
+                    f"{len(missing)} id(s) not in collection {collection.spec.name!r}: {listed}"
                     " (nothing removed; set allow_missing to ignore them)",
                     field="ids",
                     reason="IMAGE_NOT_FOUND",
@@ -407,12 +428,7 @@ class Engine:
         size = self._page_size(page_size)
         scope = f"images\x00{collection.spec.name}\x00{label}"
         after = decode_page_token(page_token, scope)
-        try:
-            after_row_id = int(after) if after is not None else 0
-        except ValueError:
-            raise InvalidArgument(
-                "page_token is invalid", field="page_token", reason="BAD_PAGE_TOKEN"
-            ) from None
+        after_row_id = 0 if after is None else _row_position(after)
         rows = collection.store.page(after_row_id, size + 1, label or None)
         more = len(rows) > size
         rows = rows[:size]
@@ -426,6 +442,16 @@ class Engine:
         remaining = [c for c in self.catalog.list() if after is None or c.spec.name > after]
         page = remaining[:size]
         return page, encode_page_token(page[-1].spec.name, "collections") if len(remaining) > size else ""
+
+
+MAX_ROW_ID = 2**63 - 1  # SQLite's INTEGER range
+
+
+def _row_position(after: str) -> int:
+    """A listing position from a page token: a row id SQLite can hold, else BAD_PAGE_TOKEN."""
+    if after.isascii() and after.isdigit() and int(after) <= MAX_ROW_ID:
+        return int(after)
+    raise InvalidArgument("page_token is invalid", field="page_token", reason="BAD_PAGE_TOKEN")
 
 
 def _scope_key(scope: str) -> str:

@@ -9,6 +9,18 @@ the offending request field for INVALID_ARGUMENT (google.rpc.BadRequest).
 
 from __future__ import annotations
 
+SHOWN_CHARS = 80
+
+
+def shown(value: str, limit: int = SHOWN_CHARS) -> str:
+    """A client's string as error messages quote it: repr'd and cut to ``limit`` characters.
+
+    Echoing input whole lets a 1 MB id turn a NOT_FOUND into a status too large to send.
+    """
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
+
 
 class ImageSearchError(Exception):
     """Base class of every error a client can cause or observe."""

@@ -1,9 +1,15 @@
-"""Crash-safe snapshots of a collection's FAISS index.
+"""Crash-safe snapshots of a collection's FAISS index, streamed to and from disk.
 
-One file holds the index, its tombstones and the store sequence number it
-covers, behind a magic, a JSON header and a CRC. It is written to a temp file,
-fsynced, renamed over the old one and the directory fsynced, so a crash at any
-instant leaves either the old snapshot or the new one, never half of one.
+Layout: magic, a length-prefixed JSON header (sequence number covered, index
+layout, tombstone count), the tombstones, the FAISS index bytes, then a trailer
+with the index's byte count and a CRC32 of everything after the header. The
+index is written by FAISS straight into the file in 1 MiB pieces and read back
+the same way, so a snapshot costs the index's memory once, not twice: no
+serialised copy of the whole index is ever held in memory.
+
+The file is written to a temp name, fsynced, renamed over the old one and the
+directory fsynced, so a crash at any instant leaves either the old snapshot or
+the new one, never half of one.
 """
 
 from __future__ import annotations
@@ -12,13 +18,19 @@ import json
 import os
 import struct
 import zlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
+import faiss
 import numpy as np
 
 from imagesearch.server.vector_index import IndexSpec, VectorIndex
 
-MAGIC = b"IMAGESEARCH-INDEX\x01"
+MAGIC = b"IMAGESEARCH-INDEX\x02"  # \x01 held a serialised copy; it is rebuilt from the store
+TRAILER = struct.Struct("<QI4s")  # index bytes, crc32, end marker
+END = b"END."
+CHUNK = 1 << 20
 
 
 class SnapshotError(RuntimeError):
@@ -33,60 +45,104 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, chunks: list[bytes]) -> None:
-    """Write ``chunks`` to ``path`` so that readers see the old file or the whole new one."""
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Run ``write`` on a temp file, then make it ``path``: readers see the old file or the whole new one."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        for chunk in chunks:
-            handle.write(chunk)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 
+class _CrcWriter:
+    """FAISS's write callback: pass bytes to the file, keeping their count and CRC."""
+
+    def __init__(self, handle: BinaryIO, crc: int) -> None:
+        self.handle, self.crc, self.count = handle, crc, 0
+
+    def __call__(self, data: bytes) -> int:
+        self.handle.write(data)
+        self.crc = zlib.crc32(data, self.crc)
+        self.count += len(data)
+        return len(data)
+
+
 def write_snapshot(path: Path, index: VectorIndex, seq: int) -> None:
-    data, tombstones = index.serialize()
-    dead = tombstones.tobytes()
+    dead = index.tombstones.tobytes()
     header = json.dumps(
         {
             "seq": seq,
             "kind": index.spec.kind,
             "dim": index.spec.dim,
             "metric": index.spec.metric.name,
-            "index_bytes": len(data),
-            "tombstones": len(tombstones),
-            "crc32": zlib.crc32(dead + data),
+            "tombstones": len(dead) // 8,
         }
     ).encode()
-    atomic_write(path, [MAGIC, struct.pack("<I", len(header)), header, dead, data])
+
+    def write(handle: BinaryIO) -> None:
+        handle.write(MAGIC + struct.pack("<I", len(header)) + header + dead)
+        sink = _CrcWriter(handle, zlib.crc32(dead))
+        faiss.write_index(index.faiss_index, faiss.PyCallbackIOWriter(sink, CHUNK))
+        handle.write(TRAILER.pack(sink.count, sink.crc, END))
+
+    atomic_write(path, write)
+
+
+def _read_exact(handle: BinaryIO, size: int) -> bytes:
+    data = handle.read(size)
+    if len(data) != size:
+        raise SnapshotError("snapshot is truncated")
+    return data
+
+
+def _verify_body(handle: BinaryIO, start: int, end: int) -> int:
+    """CRC32 of the file between ``start`` and ``end``, read in pieces."""
+    handle.seek(start)
+    crc, remaining = 0, end - start
+    while remaining:
+        piece = _read_exact(handle, min(CHUNK, remaining))
+        crc = zlib.crc32(piece, crc)
+        remaining -= len(piece)
+    return crc
 
 
 def read_snapshot(path: Path, spec: IndexSpec) -> tuple[VectorIndex, int]:
     """Load a snapshot; SnapshotError if it is absent, damaged or does not match ``spec``."""
     try:
-        raw = path.read_bytes()
+        handle = open(path, "rb")  # noqa: SIM115  closed below
     except FileNotFoundError as exc:
         raise SnapshotError("no snapshot") from exc
-    if not raw.startswith(MAGIC):
-        raise SnapshotError("not an index snapshot (bad magic)")
-    try:
-        offset = len(MAGIC)
-        (header_len,) = struct.unpack("<I", raw[offset : offset + 4])
-        offset += 4
-        header = json.loads(raw[offset : offset + header_len])
-        offset += header_len
-        dead_len = 8 * header["tombstones"]
-        body = raw[offset : offset + dead_len + header["index_bytes"]]
-    except (struct.error, ValueError, KeyError) as exc:
-        raise SnapshotError(f"damaged snapshot header: {exc}") from exc
-    if len(body) != dead_len + header["index_bytes"] or zlib.crc32(body) != header["crc32"]:
-        raise SnapshotError("snapshot checksum mismatch (truncated or corrupted file)")
-    if (header["kind"], header["dim"], header["metric"]) != (spec.kind, spec.dim, spec.metric.name):
-        raise SnapshotError("snapshot was made for a different index layout")
-    tombstones = np.frombuffer(body[:dead_len], dtype=np.int64)
-    try:
-        index = VectorIndex.deserialize(spec, body[dead_len:], tombstones)
-    except Exception as exc:  # FAISS raises RuntimeError subclasses of its own
-        raise SnapshotError(f"FAISS could not read the snapshot: {exc}") from exc
+    with handle:
+        size = os.fstat(handle.fileno()).st_size
+        if handle.read(len(MAGIC)) != MAGIC:
+            raise SnapshotError("not an index snapshot of this version (bad magic)")
+        try:
+            (header_len,) = struct.unpack("<I", _read_exact(handle, 4))
+            header = json.loads(_read_exact(handle, header_len))
+            dead_len = 8 * int(header["tombstones"])
+            body_start = handle.tell()
+            handle.seek(size - TRAILER.size)
+            index_bytes, crc, end = TRAILER.unpack(_read_exact(handle, TRAILER.size))
+        except (struct.error, ValueError, KeyError, OSError) as exc:
+            raise SnapshotError(f"damaged snapshot header: {exc}") from exc
+        if end != END or body_start + dead_len + index_bytes + TRAILER.size != size:
+            raise SnapshotError("snapshot is truncated or has trailing garbage")
+        if _verify_body(handle, body_start, size - TRAILER.size) != crc:
+            raise SnapshotError("snapshot checksum mismatch (corrupted file)")
+        if (header["kind"], header["dim"], header["metric"]) != (spec.kind, spec.dim, spec.metric.name):
+            raise SnapshotError("snapshot was made for a different index layout")
+        handle.seek(body_start)
+        tombstones = _read_exact(handle, dead_len)
+        try:
+            loaded = faiss.read_index(faiss.PyCallbackIOReader(handle.read, CHUNK))
+            index = VectorIndex(spec, loaded, np.frombuffer(tombstones, dtype=np.int64))
+            index.check_layout()
+        except (RuntimeError, ValueError) as exc:  # FAISS raises RuntimeError subclasses of its own
+            raise SnapshotError(f"FAISS could not read the snapshot: {exc}") from exc
     return index, int(header["seq"])

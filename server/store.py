@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imagesearch.server.errors import AlreadyExists
+from imagesearch.server.errors import AlreadyExists, shown
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -166,7 +166,7 @@ class CollectionStore:
                     )
                 except sqlite3.IntegrityError as exc:
                     raise AlreadyExists(
-                        f"image id {image.id!r} already exists", reason="IMAGE_EXISTS"
+                        f"image id {shown(image.id)} already exists", reason="IMAGE_EXISTS"
                     ) from exc
                 row_ids.append(int(cursor.lastrowid))
                 seqs.append(seq)

@@ -1,21 +1,36 @@
 """The FAISS index of one collection: a derived, rebuildable cache of the store.
 
-Wraps flat, IVF and HNSW indexes behind one interface with stable int64 ids
-(IndexIDMap2), label filtering through ID selectors, and removal everywhere:
-HNSW cannot delete, so removed ids become tombstones that every search
-excludes until the next rebuild compacts them away. IVF cannot search before
-it is trained, so an IVF collection searches exactly (a flat index) until it
-holds ``train_size`` vectors, then trains on all of them and switches over.
+Wraps flat, IVF and HNSW indexes behind one interface keyed by the store's
+stable int64 row ids, with label filtering through ID selectors and removal
+everywhere. How each kind keeps ids is chosen so that no id can ever point at
+another row:
+
+- flat: ``IndexIDMap2(IndexFlat)``. FAISS's flat ``remove_ids`` compacts rows
+  in order and the id map compacts the same way (FAISS asserts it).
+- IVF: the trained ``IndexIVFFlat`` itself, which stores each vector's id in its
+  inverted list and removes by id natively. (``IndexIDMap`` around IVF is wrong
+  after a removal: IVF does not renumber its rows the way the map assumes.)
+  Until it holds ``train_size`` vectors an IVF collection searches exactly
+  (flat), then trains on all of them and switches over. A training failure
+  keeps the exact index serving and is reported, never raised into a write.
+- HNSW cannot delete: removed ids become tombstones that every search excludes
+  until the next rebuild compacts them away.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import faiss
 import numpy as np
 
 from imagesearch.plugins.types import FLAT, HNSW, IVF, Metric
+
+log = logging.getLogger(__name__)
+
+# FAISS's rule of thumb for a well-trained k-means: at least 39 points per centroid.
+TRAIN_POINTS_PER_LIST = 39
 
 
 @dataclass(frozen=True)
@@ -25,14 +40,19 @@ class IndexSpec:
     metric: Metric
     nlist: int = 100
     nprobe: int = 10
-    train_size: int = 0  # 0: 39 * nlist, FAISS's minimum for a well-trained k-means
+    train_size: int = 0  # 0: TRAIN_POINTS_PER_LIST * nlist
     hnsw_m: int = 32
     ef_construction: int = 40
     ef_search: int = 64
 
     @property
     def effective_train_size(self) -> int:
-        return self.train_size or 39 * self.nlist
+        return default_train_size(self.nlist, self.train_size)
+
+
+def default_train_size(nlist: int, train_size: int) -> int:
+    """The number of vectors an IVF index trains on: ``train_size``, or 39 per list when unset."""
+    return train_size or TRAIN_POINTS_PER_LIST * nlist
 
 
 def _flat(spec: IndexSpec) -> faiss.Index:
@@ -40,6 +60,11 @@ def _flat(spec: IndexSpec) -> faiss.Index:
     if spec.metric.metric_arg:
         index.metric_arg = spec.metric.metric_arg
     return index
+
+
+def as_float32(vectors: np.ndarray) -> np.ndarray:
+    """The C-contiguous float32 matrix FAISS wants, without a copy when it already is one."""
+    return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
 class VectorIndex:
@@ -51,6 +76,7 @@ class VectorIndex:
         self.spec = spec
         self._index = index if index is not None else self._empty()
         self._tombstones: set[int] = set() if tombstones is None else {int(t) for t in tombstones}
+        self.training_error = ""
 
     def _empty(self) -> faiss.Index:
         if self.spec.kind == HNSW:
@@ -62,25 +88,40 @@ class VectorIndex:
 
     # -- state -------------------------------------------------------------------
     @property
-    def inner(self) -> faiss.Index:
-        return faiss.downcast_index(self._index.index)
+    def faiss_index(self) -> faiss.Index:
+        """The FAISS object itself (for persistence)."""
+        return self._index
 
     @property
     def trained(self) -> bool:
         """For IVF: whether the inverted-file index is in use yet."""
-        return isinstance(self.inner, faiss.IndexIVF)
+        return isinstance(self._index, faiss.IndexIVF)
 
     @property
     def size(self) -> int:
         """Live vectors (tombstoned ones excluded)."""
         return int(self._index.ntotal) - len(self._tombstones)
 
+    @property
+    def tombstones(self) -> np.ndarray:
+        return np.fromiter(sorted(self._tombstones), dtype=np.int64, count=len(self._tombstones))
+
     def ids(self) -> np.ndarray:
+        """Every id the index holds (tombstoned ones included), in storage order."""
+        if self.trained:
+            ivf = faiss.extract_index_ivf(self._index)
+            lists = ivf.invlists
+            parts = [
+                faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
+                for i in range(ivf.nlist)
+                if lists.list_size(i)
+            ]
+            return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
         return faiss.vector_to_array(self._index.id_map).astype(np.int64)
 
     def stored_vectors(self) -> np.ndarray:
         """A zero-copy view of a flat index's (prepared) vectors, in ids() order."""
-        inner = self.inner
+        inner = faiss.downcast_index(self._index.index) if not self.trained else None
         if not isinstance(inner, faiss.IndexFlat):
             raise TypeError("only flat indexes expose their vectors")
         return faiss.rev_swig_ptr(inner.get_xb(), inner.ntotal * inner.d).reshape(inner.ntotal, inner.d)
@@ -89,12 +130,11 @@ class VectorIndex:
     def add(self, ids: np.ndarray, prepared: np.ndarray) -> None:
         if len(ids) == 0:
             return
-        self._index.add_with_ids(
-            np.ascontiguousarray(prepared, dtype=np.float32), np.asarray(ids, dtype=np.int64)
-        )
+        self._index.add_with_ids(as_float32(prepared), np.asarray(ids, dtype=np.int64))
         if (
             self.spec.kind == IVF
             and not self.trained
+            and not self.training_error
             and self._index.ntotal >= self.spec.effective_train_size
         ):
             self._train_ivf()
@@ -104,20 +144,32 @@ class VectorIndex:
         if len(ids) == 0:
             return
         if self.spec.kind == HNSW:
-            self._tombstones.update(int(i) for i in ids)
-        else:
+            # Only ids the index holds: a tombstone for an absent id would make size() lie.
+            present = ids[np.isin(ids, self.ids())]
+            self._tombstones.update(int(i) for i in present)
+        else:  # flat (IDMap2 over a compacting flat index) and trained IVF (native ids)
             self._index.remove_ids(faiss.IDSelectorBatch(ids))
 
     def _train_ivf(self) -> None:
-        """Train IVF on every vector held so far and move them into it."""
+        """Train IVF on every vector held so far and move them into it, keyed by their own ids.
+
+        On failure the exact index keeps serving and the reason is kept for
+        GetCollection and the logs: a write must never fail after its rows are committed.
+        """
         ids, vectors = self.ids(), np.array(self.stored_vectors())
-        quantizer = _flat(self.spec)
-        ivf = faiss.IndexIVFFlat(quantizer, self.spec.dim, self.spec.nlist, self.spec.metric.faiss_metric)
-        ivf.train(vectors)
-        ivf.nprobe = self.spec.nprobe
-        index = faiss.IndexIDMap2(ivf)
-        index.add_with_ids(vectors, ids)
-        self._index = index
+        try:
+            if len(vectors) < self.spec.nlist:
+                raise ValueError(f"{len(vectors)} vectors cannot train {self.spec.nlist} lists")
+            quantizer = _flat(self.spec)
+            ivf = faiss.IndexIVFFlat(quantizer, self.spec.dim, self.spec.nlist, self.spec.metric.faiss_metric)
+            ivf.train(vectors)
+            ivf.nprobe = self.spec.nprobe
+            ivf.add_with_ids(vectors, ids)
+        except (RuntimeError, ValueError) as exc:
+            self.training_error = f"IVF training failed, searching exactly instead: {exc}"
+            log.error("%s", self.training_error)
+            return
+        self._index = ivf
 
     # -- search ------------------------------------------------------------------
     def _params(self, allowed: np.ndarray | None) -> tuple[faiss.SearchParameters | None, list[object]]:
@@ -128,7 +180,7 @@ class VectorIndex:
             selector = faiss.IDSelectorBatch(np.asarray(allowed, dtype=np.int64))
             keep.append(selector)
         if self._tombstones:
-            dead = faiss.IDSelectorBatch(np.fromiter(self._tombstones, dtype=np.int64))
+            dead = faiss.IDSelectorBatch(self.tombstones)
             alive = faiss.IDSelectorNot(dead)
             keep += [dead, alive]
             if selector is not None:
@@ -152,7 +204,7 @@ class VectorIndex:
         self, prepared_queries: np.ndarray, k: int, allowed: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Return (raw FAISS distances, ids); ids of -1 mark empty slots."""
-        queries = np.ascontiguousarray(prepared_queries, dtype=np.float32)
+        queries = as_float32(prepared_queries)
         k = max(1, min(k, max(self.size, 1)))
         params, _keep = self._params(allowed)  # _keep holds the selectors alive during the search
         if self.spec.kind == HNSW:
@@ -160,18 +212,23 @@ class VectorIndex:
             params.efSearch = max(self.spec.ef_search, k)
         return self._index.search(queries, k, params=params)
 
-    # -- persistence -------------------------------------------------------------
-    def serialize(self) -> tuple[bytes, np.ndarray]:
-        return faiss.serialize_index(self._index).tobytes(), np.fromiter(
-            sorted(self._tombstones), dtype=np.int64
-        )
-
-    @classmethod
-    def deserialize(cls, spec: IndexSpec, data: bytes, tombstones: np.ndarray) -> VectorIndex:
-        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
-        if index.d != spec.dim:
-            raise ValueError(f"snapshot has dimension {index.d}, collection has {spec.dim}")
-        return cls(spec, index, tombstones)
+    def check_layout(self) -> None:
+        """Refuse a loaded FAISS object that is not what this spec builds (old or foreign snapshots)."""
+        index = self._index
+        if index.d != self.spec.dim:
+            raise ValueError(f"index has dimension {index.d}, collection has {self.spec.dim}")
+        if isinstance(index, faiss.IndexIVF):
+            ok = self.spec.kind == IVF and index.nlist == self.spec.nlist
+        elif isinstance(index, faiss.IndexIDMap2):
+            inner = faiss.downcast_index(index.index)
+            wanted = faiss.IndexHNSWFlat if self.spec.kind == HNSW else faiss.IndexFlat
+            ok = isinstance(inner, wanted) and not isinstance(inner, faiss.IndexIVF)
+        else:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"index of type {type(index).__name__} does not fit a {self.spec.kind} collection"
+            )
 
     def needs_compaction(self) -> bool:
         return self.spec.kind == HNSW and len(self._tombstones) > max(1000, self._index.ntotal // 4)
@@ -182,10 +239,8 @@ def brute_force(metric: Metric, prepared_base: np.ndarray, prepared_queries: np.
     index = faiss.IndexFlat(prepared_base.shape[1], metric.faiss_metric)
     if metric.metric_arg:
         index.metric_arg = metric.metric_arg
-    index.add(np.ascontiguousarray(prepared_base, dtype=np.float32))
-    return index.search(
-        np.ascontiguousarray(prepared_queries, dtype=np.float32), max(1, min(k, len(prepared_base)))
-    )
+    index.add(as_float32(prepared_base))
+    return index.search(as_float32(prepared_queries), max(1, min(k, len(prepared_base))))
 
 
-__all__ = ["FLAT", "HNSW", "IVF", "IndexSpec", "VectorIndex", "brute_force"]
+__all__ = ["FLAT", "HNSW", "IVF", "IndexSpec", "VectorIndex", "brute_force", "default_train_size"]

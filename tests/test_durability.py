@@ -6,9 +6,9 @@ import time
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from imagesearch.server.app import run_server
-from imagesearch.server.catalog import CollectionUnreadable
 from imagesearch.server.collection import SNAPSHOT_FILE
 from imagesearch.server.errors import DataDirLocked
 from imagesearch.v1 import image_search_service_pb2 as pb
@@ -120,21 +120,41 @@ def test_sigterm_drains_and_persists(data_dir):
         again.terminate()
 
 
-def test_unreadable_store_stops_start_with_a_clear_error(data_dir):
+def health_of(stub: health_pb2_grpc.HealthStub, collection: str) -> int:
+    service = f"imagesearch.v1.ImageSearchService/{collection}"
+    return stub.Check(health_pb2.HealthCheckRequest(service=service)).status
+
+
+def test_an_unreadable_store_is_reported_while_the_others_serve(data_dir):
     config = tiny_config(data_dir)
     with (
         run_server(config, extra_plugins=[TINY_PLUGIN]) as running,
         grpc.insecure_channel(running.target) as chan,
     ):
-        add_range(pb_grpc.ImageSearchServiceStub(chan), 0, 3)
-    store = data_dir / "collections" / "default" / "store.sqlite3"
+        stub = pb_grpc.ImageSearchServiceStub(chan)
+        add_range(stub, 0, 3)
+        stub.CreateCollection(pb.CreateCollectionRequest(collection=pb.Collection(name="other")))
+    store = data_dir / "collections" / "other" / "store.sqlite3"
     store.write_bytes(b"this is not a database" * 100)
     with (
-        pytest.raises(CollectionUnreadable, match=r"collections/default: file is not a database"),
-        run_server(config, extra_plugins=[TINY_PLUGIN]),
+        run_server(config, extra_plugins=[TINY_PLUGIN]) as running,
+        grpc.insecure_channel(running.target) as chan,
     ):
-        pass
-    store.unlink()
-    (data_dir / "collections" / "default").rename(data_dir / "aside")
-    with run_server(config, extra_plugins=[TINY_PLUGIN]):  # the lock was released; starts without it
-        pass
+        stub = pb_grpc.ImageSearchServiceStub(chan)
+        health = health_pb2_grpc.HealthStub(chan)
+        check_all_present(running.target, 3)
+        assert health_of(health, "default") == health_pb2.HealthCheckResponse.SERVING
+        assert health_of(health, "other") == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.GetCollection(pb.GetCollectionRequest(name="other"))
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "collections/other" in caught.value.details()
+        assert "file is not a database" in caught.value.details()
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.CreateCollection(pb.CreateCollectionRequest(collection=pb.Collection(name="other")))
+        assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        stub.DeleteCollection(pb.DeleteCollectionRequest(name="other"))  # how an operator clears it
+        with pytest.raises(grpc.RpcError) as caught:
+            health_of(health, "other")
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert not (data_dir / "collections" / "other").exists()

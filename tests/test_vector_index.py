@@ -1,0 +1,91 @@
+"""VectorIndex below the gRPC layer: every index kind agrees with a NumPy brute force after
+adds, removals and re-adds, including IVF after training and HNSW past compaction."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from imagesearch.plugins.metrics import L2
+from imagesearch.plugins.types import FLAT, HNSW, IVF
+from imagesearch.server.vector_index import IndexSpec, VectorIndex
+
+DIM = 16
+
+
+def spec(kind: str, **params) -> IndexSpec:
+    defaults = {"nlist": 4, "nprobe": 4, "train_size": 40} if kind == IVF else {}
+    return IndexSpec(kind=kind, dim=DIM, metric=L2, **{**defaults, **params})
+
+
+def brute_force_ids(base: dict[int, np.ndarray], query: np.ndarray, k: int) -> list[int]:
+    ids = np.array(sorted(base))
+    vectors = np.stack([base[i] for i in ids])
+    order = np.argsort(((vectors - query) ** 2).sum(axis=1), kind="stable")
+    return ids[order[:k]].tolist()
+
+
+def check_against_brute_force(index: VectorIndex, base: dict[int, np.ndarray], rng) -> None:
+    """Every stored vector finds itself first; random queries get the brute-force top 5."""
+    assert index.size == len(base)
+    for row_id, vector in base.items():
+        _, ids = index.search(vector[None, :], 1)
+        assert ids[0, 0] == row_id
+    for query in rng.normal(size=(10, DIM)).astype(np.float32):
+        _, ids = index.search(query[None, :], 5)
+        assert ids[0].tolist() == brute_force_ids(base, query, 5)
+
+
+@pytest.mark.parametrize("kind", [FLAT, IVF, HNSW])
+def test_removal_and_re_add_agree_with_brute_force(kind):
+    rng = np.random.default_rng(7)
+    index = VectorIndex(spec(kind))
+    base: dict[int, np.ndarray] = {}
+    next_id = 1
+    for round_ in range(6):
+        vectors = rng.normal(size=(30, DIM)).astype(np.float32)
+        ids = np.arange(next_id, next_id + 30, dtype=np.int64)
+        next_id += 30
+        index.add(ids, vectors)
+        base.update(zip(ids.tolist(), vectors, strict=True))
+        doomed = rng.choice(sorted(base), size=12, replace=False)
+        index.remove(doomed)
+        for row_id in doomed.tolist():
+            del base[row_id]
+        index.remove(np.array([10_000 + round_]))  # an id it never held: no effect
+        check_against_brute_force(index, base, rng)
+    if kind == IVF:
+        assert index.trained, "past train_size the IVF index is in use"
+
+
+def test_ivf_switches_from_exact_to_trained_keeping_every_id():
+    rng = np.random.default_rng(1)
+    index = VectorIndex(spec(IVF))
+    vectors = rng.normal(size=(39, DIM)).astype(np.float32)
+    index.add(np.arange(100, 139), vectors)
+    assert not index.trained
+    index.add(np.array([139]), rng.normal(size=(1, DIM)).astype(np.float32))
+    assert index.trained
+    assert sorted(index.ids().tolist()) == list(range(100, 140))
+
+
+def test_ivf_training_failure_keeps_the_exact_index_serving():
+    """Fewer distinct training rows than lists: FAISS refuses; adds still succeed."""
+    index = VectorIndex(spec(IVF, nlist=4, train_size=2))  # below nlist: CreateCollection refuses this
+    vectors = np.eye(DIM, dtype=np.float32)[:3]
+    index.add(np.array([1, 2, 3]), vectors)
+    assert not index.trained and "IVF training failed" in index.training_error
+    _, ids = index.search(vectors[2:3], 1)
+    assert ids[0, 0] == 3
+
+
+def test_hnsw_tombstones_only_what_it_holds_and_needs_compaction_past_a_quarter():
+    rng = np.random.default_rng(3)
+    index = VectorIndex(spec(HNSW, hnsw_m=8))
+    index.add(np.arange(1, 4001), rng.normal(size=(4000, DIM)).astype(np.float32))
+    index.remove(np.arange(5000, 5100))  # absent: no tombstones, size unchanged
+    assert index.size == 4000 and not index.needs_compaction()
+    index.remove(np.arange(1, 1002))
+    assert index.size == 2999 and index.needs_compaction()
+    _, ids = index.search(rng.normal(size=(3, DIM)).astype(np.float32), 50)
+    assert not set(ids.ravel().tolist()) & set(range(1, 1002))
