@@ -190,11 +190,14 @@ def _params(value: Any, cls: type[Any], what: str) -> Any:
 
 
 def add_images(
-    items: Iterable[ImageItem | PathLike], collection: str | None, skip_invalid: bool
+    items: Iterable[ImageItem | PathLike], collection: str | None, skip_invalid: bool, skip_existing: bool
 ) -> Rpc[AddResult]:
     images = [image_input(item, where=f"items[{i}]") for i, item in enumerate(items)]
     request = pb.AddImagesRequest(
-        collection=_collection(collection), images=images, skip_invalid=skip_invalid
+        collection=_collection(collection),
+        images=images,
+        skip_invalid=skip_invalid,
+        skip_existing=skip_existing,
     )
     return Rpc(_method("AddImages"), request, AddResult.from_proto)
 

@@ -7,10 +7,12 @@ before sending anything when a file is missing or too large.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from imagesearch.client.errors import ImageSearchError
 from imagesearch.client.types import AddResult, PathLike
 from imagesearch.v1 import image_search_service_pb2 as pb
 
@@ -68,6 +70,7 @@ class Upload:
         ids: PerFile,
         collection: str | None,
         skip_invalid: bool,
+        skip_existing: bool,
         batch_size: int,
         max_message_bytes: int,
         progress: Progress | None,
@@ -76,7 +79,9 @@ class Upload:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         files = [Path(p) for p in paths]
         label_list = _per_file(labels, files, "labels")
-        id_list = _per_file(ids, files, "ids")
+        # Every image gets its id before anything is sent, so a retry can name the same images:
+        # with skip_existing, those already stored are left as they are (stored once, whatever failed).
+        id_list = _per_file(ids, files, "ids") if ids is not None else [uuid.uuid4().hex for _ in files]
         budget = max_message_bytes - _CHUNK_HEADROOM
         self.files = [
             _File(path, _file_size(path), file_id, label)
@@ -91,6 +96,7 @@ class Upload:
                 )
         self.collection = collection or ""
         self.skip_invalid = skip_invalid
+        self.skip_existing = skip_existing or ids is None  # our own fresh ids cannot clash
         self.chunks = _chunk_sizes(entries, batch_size, budget)
         self.progress = progress
         self.sent = 0
@@ -114,12 +120,30 @@ class Upload:
         for size in self.chunks:
             images = [_file_input(f) for f in self.files[start : start + size]]
             yield pb.AddImagesStreamRequest(
-                collection=self.collection, images=images, skip_invalid=self.skip_invalid
+                collection=self.collection,
+                images=images,
+                skip_invalid=self.skip_invalid,
+                skip_existing=self.skip_existing,
             )
             start += size
             self.sent = start
             if self.progress is not None:
                 self.progress(self.sent, self.total)
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        return tuple(f.id for f in self.files)
+
+    def annotate(self, error: ImageSearchError) -> ImageSearchError:
+        """Say what the failed upload stored and how to finish it without storing anything twice."""
+        error.upload_ids = self.ids
+        stored = error.details.stored
+        error.add_note(
+            f"imagesearch: {stored.added_count if stored else 'an unknown number'} of {self.total} images "
+            "were stored before this error (error.details.stored). To finish, call add_files again "
+            "with ids=error.upload_ids and skip_existing=True: images already stored are left as they are."
+        )
+        return error
 
     def failure(self) -> BaseException | None:
         """The local error that broke the stream, annotated with what was sent before it."""

@@ -98,10 +98,11 @@ class AsyncImageSearchClient(ClientBase):
         *,
         collection: str | None = None,
         skip_invalid: bool = False,
+        skip_existing: bool = False,
         **options: Unpack[CallOptions],
     ) -> AddResult:
         """See ``ImageSearchClient.add_images``."""
-        return await self._call(R.add_images(items, collection, skip_invalid), options)
+        return await self._call(R.add_images(items, collection, skip_invalid, skip_existing), options)
 
     async def add_files(
         self,
@@ -111,6 +112,7 @@ class AsyncImageSearchClient(ClientBase):
         ids: PerFile = None,
         collection: str | None = None,
         skip_invalid: bool = False,
+        skip_existing: bool = False,
         batch_size: int = 32,
         progress: Progress | None = None,
         **options: Unpack[CallOptions],
@@ -122,6 +124,7 @@ class AsyncImageSearchClient(ClientBase):
             ids=ids,
             collection=collection,
             skip_invalid=skip_invalid,
+            skip_existing=skip_existing,
             batch_size=batch_size,
             max_message_bytes=self.max_message_bytes,
             progress=progress,
@@ -138,7 +141,7 @@ class AsyncImageSearchClient(ClientBase):
                 raise failure from error
             if isinstance(error, asyncio.CancelledError):
                 raise
-            raise from_rpc_error(error, request_id=request_id) from error
+            raise upload.annotate(from_rpc_error(error, request_id=request_id)) from error
         return AddResult.from_proto(response)
 
     async def search(

@@ -104,6 +104,7 @@ class ImageSearchClient(ClientBase):
         *,
         collection: str | None = None,
         skip_invalid: bool = False,
+        skip_existing: bool = False,
         **options: Unpack[CallOptions],
     ) -> AddResult:
         """Add a batch of images in one call (at most the server's max batch size, 256 by default).
@@ -112,9 +113,11 @@ class ImageSearchClient(ClientBase):
         path (read now; the server assigns the id). All-or-nothing: one bad image
         raises ``InvalidArgument`` naming it and nothing is stored — unless
         ``skip_invalid``, which stores the good ones and reports the bad ones in
-        ``AddResult.results`` / ``AddResult.failed``.
+        ``AddResult.results`` / ``AddResult.failed``. ``skip_existing``: an item whose id is
+        already stored is left as it is and reported with code ALREADY_EXISTS instead of
+        failing the batch (what makes a retry with your own ids idempotent).
         """
-        return self._call(R.add_images(items, collection, skip_invalid), options)
+        return self._call(R.add_images(items, collection, skip_invalid, skip_existing), options)
 
     def add_files(
         self,
@@ -124,6 +127,7 @@ class ImageSearchClient(ClientBase):
         ids: PerFile = None,
         collection: str | None = None,
         skip_invalid: bool = False,
+        skip_existing: bool = False,
         batch_size: int = 32,
         progress: Progress | None = None,
         **options: Unpack[CallOptions],
@@ -133,8 +137,12 @@ class ImageSearchClient(ClientBase):
         Files are read lazily and sent in chunks of at most ``batch_size`` images
         that stay below ``max_message_bytes``; the server commits each chunk as
         it arrives. ``labels`` / ``ids``: a list parallel to ``paths`` or a function
-        of the path (``labels=lambda p: p.parent.name`` for folder-per-class); ids
-        default to server-assigned. Each image's metadata records its ``path``.
+        of the path (``labels=lambda p: p.parent.name`` for folder-per-class). Without
+        ``ids`` each file gets a fresh random id before anything is sent, and the upload
+        runs with ``skip_existing``; if it fails, the error's ``upload_ids`` and
+        ``details.stored`` say what it planned and what was stored, and
+        ``add_files(paths, ids=error.upload_ids, skip_existing=True)`` finishes it, storing
+        each image once. Each image's metadata records its ``path``.
         ``progress(sent, total)`` is called after each chunk is handed to gRPC.
         No default deadline applies (pass ``timeout=`` to set one). A file that
         is missing or too large fails before anything is sent.
@@ -145,6 +153,7 @@ class ImageSearchClient(ClientBase):
             ids=ids,
             collection=collection,
             skip_invalid=skip_invalid,
+            skip_existing=skip_existing,
             batch_size=batch_size,
             max_message_bytes=self.max_message_bytes,
             progress=progress,
@@ -155,7 +164,9 @@ class ImageSearchClient(ClientBase):
         try:
             response = self._multicallable(R.ADD_IMAGES_STREAM)(iter(upload), **kwargs)
         except grpc.RpcError as error:
-            raise (upload.failure() or from_rpc_error(error, request_id=request_id)) from error
+            raise (
+                upload.failure() or upload.annotate(from_rpc_error(error, request_id=request_id))
+            ) from error
         return AddResult.from_proto(response)
 
     def search(

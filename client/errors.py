@@ -19,6 +19,9 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from imagesearch.client.types import AddResult
+from imagesearch.v1 import image_search_service_pb2 as pb
+
 REQUEST_ID_HEADER = "x-request-id"
 
 
@@ -38,6 +41,8 @@ class ErrorDetails:
     domain: str = ""
     metadata: Mapping[str, str] = field(default_factory=dict, hash=False)
     field_violations: tuple[FieldViolation, ...] = ()
+    stored: AddResult | None = None
+    """For a failed AddImagesStream: what the stream had stored before the error."""
 
 
 class ImageSearchError(Exception):
@@ -45,8 +50,11 @@ class ImageSearchError(Exception):
 
     ``code`` is the grpc.StatusCode, ``message`` the server's message, ``details``
     the parsed rich status, ``request_id`` the ``x-request-id`` the call was sent
-    with (quote it when you look for the call in the server's logs).
+    with (quote it when you look for the call in the server's logs). For a failed
+    ``add_files``, ``upload_ids`` holds the id of every file of the upload, to resume with.
     """
+
+    upload_ids: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -146,7 +154,7 @@ def parse_details(error: grpc.RpcError) -> ErrorDetails:
         return ErrorDetails()
     if status is None:
         return ErrorDetails()
-    reason, domain, metadata, violations = "", "", {}, []
+    reason, domain, metadata, violations, stored = "", "", {}, [], None
     for detail in status.details:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()
@@ -158,7 +166,13 @@ def parse_details(error: grpc.RpcError) -> ErrorDetails:
             violations.extend(
                 FieldViolation(field=v.field, description=v.description) for v in bad_request.field_violations
             )
-    return ErrorDetails(reason=reason, domain=domain, metadata=metadata, field_violations=tuple(violations))
+        elif detail.Is(pb.AddImagesStreamResponse.DESCRIPTOR):
+            progress = pb.AddImagesStreamResponse()
+            detail.Unpack(progress)
+            stored = AddResult.from_proto(progress)
+    return ErrorDetails(
+        reason=reason, domain=domain, metadata=metadata, field_violations=tuple(violations), stored=stored
+    )
 
 
 def _echoed_request_id(error: grpc.RpcError) -> str | None:

@@ -3,9 +3,11 @@
 OpenCV reads OPENCV_IO_MAX_IMAGE_PIXELS once, when cv2 is first imported, so the
 server package sets it before any of its modules (or the plugins it loads)
 import cv2. It is a second line of defence behind the header check in
-imaging.check_image.
+imaging.check_image, with the decoded-size check after decoding as the third.
 """
 
 import os
 
-os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(1 << 30))
+# The default max_image_pixels (server.config.Limits); the server refuses a larger limit unless
+# this variable is raised with it (imaging.check_decoder_cap).
+os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", "40000000")

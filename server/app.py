@@ -25,9 +25,9 @@ from imagesearch.plugins.manager import PluginRegistry
 from imagesearch.server.catalog import Catalog
 from imagesearch.server.config import MODELS_ENV, ServerConfig
 from imagesearch.server.engine import Engine
-from imagesearch.server.servicer import ImageSearchServicer
+from imagesearch.server.imaging import check_decoder_cap
+from imagesearch.server.servicer import ImageSearchServicer, add_to_server
 from imagesearch.v1 import image_search_service_pb2 as pb
-from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,7 @@ def run_server(
 ) -> Iterator[RunningServer]:
     """Start a server (port 0 picks a free one); stop it, drained and snapshotted, on exit."""
     config = config or ServerConfig()
+    check_decoder_cap(config.limits)
     with _models_env(config):
         registry = registry or PluginRegistry(extra_plugins)
     catalog = Catalog(config.data_dir, registry, config.limits)
@@ -130,7 +131,7 @@ def run_server(
             options=_grpc_options(config),
             maximum_concurrent_rpcs=config.limits.max_concurrent_rpcs,
         )
-        pb_grpc.add_ImageSearchServiceServicer_to_server(ImageSearchServicer(engine), server)
+        add_to_server(ImageSearchServicer(engine), server)
         health_servicer = CollectionHealth(catalog)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
@@ -154,6 +155,7 @@ def run_server(
             yield RunningServer(server, port, engine, health_servicer)
         finally:
             # Tell load balancers first, then let in-flight calls finish, then persist.
+            engine.begin_shutdown()
             health_servicer.enter_graceful_shutdown()
             time.sleep(config.shutdown_announce_s)
             if not server.stop(config.shutdown_grace_s).wait(config.shutdown_grace_s + 5):

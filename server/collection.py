@@ -360,6 +360,16 @@ class Collection:
     def count(self) -> int:
         return self.store.count()
 
+    @property
+    def index_trained(self) -> bool:
+        """For IVF: whether the trained index is in use (False for other kinds)."""
+        return self.index is not None and self.index.trained
+
+    @property
+    def state_reason(self) -> str:
+        """Why the collection is read-only, or a warning about its index; "" when all is well."""
+        return self.problem or (self.index.training_error if self.index is not None else "")
+
     # -- snapshots & lifecycle -------------------------------------------------------
     def pending_ops(self) -> int:
         return self._applied_seq - self._snapshot_seq

@@ -13,6 +13,7 @@ import binascii
 import dataclasses
 import hashlib
 import math
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -23,7 +24,7 @@ import numpy as np
 from imagesearch.plugins.manager import PluginRegistry
 from imagesearch.plugins.types import Metric
 from imagesearch.server.catalog import Catalog
-from imagesearch.server.collection import Collection, Hit
+from imagesearch.server.collection import NAME_PATTERN, Collection, Hit
 from imagesearch.server.config import ServerConfig
 from imagesearch.server.errors import (
     AlreadyExists,
@@ -34,6 +35,7 @@ from imagesearch.server.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    Unavailable,
     shown,
 )
 from imagesearch.server.image_header import HeaderError, read_header
@@ -127,6 +129,21 @@ class Engine:
         self.limits = config.limits
         self.registry = registry
         self.catalog = catalog
+        self._stopping = threading.Event()
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def begin_shutdown(self) -> None:
+        """From now on, streams stop at their next chunk, saying what they stored."""
+        self._stopping.set()
+
+    def check_accepting_writes(self) -> None:
+        """Unavailable once shutdown has begun: a long upload must not outlive the drain."""
+        if self._stopping.is_set():
+            raise Unavailable(
+                "the server is shutting down; resend the rest to a running server (with the same ids "
+                "and skip_existing, anything already stored is left as it is)",
+                reason="SHUTTING_DOWN",
+            )
 
     # -- validation helpers -------------------------------------------------------------
     def _check_vector(self, values: Sequence[float], collection: Collection, field_name: str) -> np.ndarray:
@@ -232,8 +249,8 @@ class Engine:
             vector=np.empty(0, np.float32),
             thumbnail=make_thumbnail(image.pixels, self.config.thumbnail_size, self.config.thumbnail_quality),
             original=item.content if collection.spec.store_originals else None,
-            width=image.header.width,
-            height=image.header.height,
+            width=image.width,
+            height=image.height,
             **common,
         )
         return row, image.pixels
@@ -245,6 +262,7 @@ class Engine:
         items: Sequence[ImageItem],
         *,
         skip_invalid: bool = False,
+        skip_existing: bool = False,
         deadline: float | None = None,
         index_offset: int = 0,
     ) -> AddOutcome:
@@ -274,6 +292,8 @@ class Engine:
         self._check_batch_pixels(items, min_side)
         if any(item.content is not None for item in items):
             collection.extractor  # noqa: B018  FAILED_PRECONDITION before decoding anything
+        existing = collection.store.existing_ids([item.id for item in items if item.id])
+        kept: dict[int, ImageSearchError] = {}  # already stored, left as they are (skip_existing)
         for position, item in enumerate(items):
             prefix = f"images[{position + index_offset}]"
             try:
@@ -285,24 +305,22 @@ class Engine:
                         reason="DUPLICATE_ID",
                     )
                 seen[ids[position]] = position
+                if ids[position] in existing:
+                    error = AlreadyExists(
+                        f"id {shown(ids[position])} already exists in collection {collection.spec.name!r}",
+                        field=f"{prefix}.id",
+                        reason="IMAGE_EXISTS",
+                    )
+                    if not skip_existing:
+                        raise error
+                    error.message = f"{prefix}: {error.message} (skip_existing: left as it is)"
+                    kept[position] = error
+                    continue
                 rows[position], pixels = self._prepare(item, ids[position], prefix, collection, min_side)
                 if pixels is not None:
                     decoded[position] = pixels
             except ImageSearchError as error:
                 fail(position, error)
-
-        existing = collection.store.existing_ids([rows[p].id for p in rows])
-        for position in [p for p in rows if rows[p].id in existing]:
-            fail(
-                position,
-                AlreadyExists(
-                    f"id {shown(rows[position].id)} already exists in collection {collection.spec.name!r}",
-                    field=f"images[{position + index_offset}].id",
-                    reason="IMAGE_EXISTS",
-                ),
-            )
-            rows.pop(position)
-            decoded.pop(position, None)
 
         check_deadline(deadline, "feature extraction")
         if decoded:
@@ -316,6 +334,8 @@ class Engine:
         results = [
             ItemResult(p + index_offset, "", errors[p].code, errors[p].message)
             if p in errors
+            else ItemResult(p + index_offset, ids[p], kept[p].code, kept[p].message)
+            if p in kept
             else ItemResult(p + index_offset, ids[p])
             for p in range(len(items))
         ]
@@ -439,6 +459,8 @@ class Engine:
         """Collections sorted by name, paginated by name (stable while collections come and go)."""
         size = self._page_size(page_size)
         after = decode_page_token(page_token, "collections")
+        if after is not None and not NAME_PATTERN.fullmatch(after):
+            raise InvalidArgument("page_token is invalid", field="page_token", reason="BAD_PAGE_TOKEN")
         remaining = [c for c in self.catalog.list() if after is None or c.spec.name > after]
         page = remaining[:size]
         return page, encode_page_token(page[-1].spec.name, "collections") if len(remaining) > size else ""

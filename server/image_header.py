@@ -93,14 +93,24 @@ def _webp(data: bytes) -> tuple[int, int]:
 
 
 def _tiff(data: bytes) -> tuple[int, int]:
+    """Width and height from the first IFD, the one decoders read.
+
+    A tag that appears twice is refused: libtiff takes one occurrence and a naive
+    reader another, and a header that says 64x64 to us and 20000x20000 to libtiff
+    would cost gigabytes past the pixel limit.
+    """
     endian = "<" if data[:2] == b"II" else ">"
     try:
         (offset,) = struct.unpack(endian + "I", data[4:8])
         (count,) = struct.unpack(endian + "H", data[offset : offset + 2])
+        seen: set[int] = set()
         found: dict[int, int] = {}
         for index in range(count):
             entry = data[offset + 2 + 12 * index : offset + 14 + 12 * index]
             tag, kind = struct.unpack(endian + "HH", entry[:4])
+            if tag in seen:
+                raise HeaderError(f"damaged TIFF header (tag {tag} appears twice)")
+            seen.add(tag)
             if tag in (256, 257):
                 value = struct.unpack(
                     endian + ("H" if kind == 3 else "I"), entry[8 : 10 if kind == 3 else 12]

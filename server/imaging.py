@@ -7,6 +7,7 @@ not gigabytes of RAM.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import cv2
@@ -16,8 +17,23 @@ from imagesearch.server.config import Limits
 from imagesearch.server.errors import InvalidArgument, ResourceExhausted
 from imagesearch.server.image_header import HeaderError, ImageHeader, looks_complete, read_header
 
-# (OPENCV_IO_MAX_IMAGE_PIXELS, OpenCV's own guard behind this module's header check, is set in
-# imagesearch/server/__init__.py, before anything imports cv2.)
+# OPENCV_IO_MAX_IMAGE_PIXELS, OpenCV's own guard behind this module's header check, is set in
+# imagesearch/server/__init__.py before anything imports cv2; the server refuses a pixel limit
+# above it (check_decoder_cap), so a header that lies to us still cannot make the decoder
+# allocate more than the limit.
+DECODER_CAP_ENV = "OPENCV_IO_MAX_IMAGE_PIXELS"
+
+
+def check_decoder_cap(limits: Limits) -> None:
+    """Refuse to start with a pixel limit OpenCV's own cap would not back up."""
+    cap = int(os.environ.get(DECODER_CAP_ENV, "0") or 0)
+    if cap and limits.max_image_pixels > cap:
+        raise ValueError(
+            f"max_image_pixels is {limits.max_image_pixels} but the decoder's cap {DECODER_CAP_ENV} is "
+            f"{cap}: set {DECODER_CAP_ENV}={limits.max_image_pixels} in the environment as well"
+        )
+
+
 _REDUCED_FLAGS = {
     8: cv2.IMREAD_REDUCED_COLOR_8,
     4: cv2.IMREAD_REDUCED_COLOR_4,
@@ -28,8 +44,10 @@ _REDUCED_FLAGS = {
 
 @dataclass(frozen=True)
 class DecodedImage:
-    pixels: np.ndarray  # BGR uint8 (h, w, 3)
+    pixels: np.ndarray  # BGR uint8 (h, w, 3), turned upright by its EXIF orientation
     header: ImageHeader
+    width: int  # the upright full-resolution size (the header's, swapped for a 90-degree EXIF turn)
+    height: int
 
 
 def check_image(data: bytes, limits: Limits, field: str) -> ImageHeader:
@@ -83,10 +101,16 @@ def reduction_flag(header: ImageHeader, min_side: int | None) -> int:
     return _REDUCED_FLAGS[reduction_factor(header, min_side)]
 
 
+def decoded_shape(header: ImageHeader, min_side: int | None) -> tuple[int, int]:
+    """(height, width) the decoder will produce before any EXIF turn (libjpeg rounds scaled sizes up)."""
+    factor = reduction_factor(header, min_side)
+    return -(-header.height // factor), -(-header.width // factor)
+
+
 def decoded_pixels(header: ImageHeader, min_side: int | None) -> int:
     """How many pixels decoding will allocate: what a batch's memory budget counts."""
-    factor = reduction_factor(header, min_side)
-    return -(-header.width // factor) * -(-header.height // factor)
+    height, width = decoded_shape(header, min_side)
+    return height * width
 
 
 def decode_image(data: bytes, limits: Limits, field: str, min_side: int | None = None) -> DecodedImage:
@@ -105,9 +129,21 @@ def decode_image(data: bytes, limits: Limits, field: str, min_side: int | None =
             field=field,
             reason="IMAGE_UNDECODABLE",
         )
+    expected = decoded_shape(header, min_side)
+    if pixels.shape[:2] == expected:
+        width, height = header.width, header.height
+    elif pixels.shape[:2] == expected[::-1]:  # EXIF orientation turned it by 90 degrees
+        width, height = header.height, header.width
+    else:  # the header we checked is not the one the decoder read: never trust such an image
+        raise InvalidArgument(
+            f"{header.format.upper()} header says {header.width}x{header.height} but the image decodes to "
+            f"{pixels.shape[1]}x{pixels.shape[0]}",
+            field=field,
+            reason="IMAGE_UNDECODABLE",
+        )
     if pixels.ndim == 2:
         pixels = cv2.cvtColor(pixels, cv2.COLOR_GRAY2BGR)
-    return DecodedImage(np.ascontiguousarray(pixels), header)
+    return DecodedImage(np.ascontiguousarray(pixels), header, width, height)
 
 
 def shrink_to_fit(pixels: np.ndarray, max_side: int) -> np.ndarray:

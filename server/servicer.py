@@ -27,6 +27,7 @@ from imagesearch.server import errors
 from imagesearch.server.collection import Collection
 from imagesearch.server.engine import AddOutcome, Engine, ImageItem, SearchQuery
 from imagesearch.server.store import ImageRow
+from imagesearch.server.vector_index import default_train_size
 from imagesearch.v1 import image_search_service_pb2 as pb
 from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
 
@@ -45,15 +46,70 @@ INDEX_TYPE_FROM_PB = {pb.INDEX_TYPE_UNSPECIFIED: FLAT, **{v: k for k, v in INDEX
 REQUEST_ID_KEY = "x-request-id"
 
 
+ADDED_COUNT_KEY = "imagesearch-added-count"
+SERVICE = pb.DESCRIPTOR.services_by_name["ImageSearchService"]
+
+
+class MalformedRequest:
+    """What a request that is not a valid protobuf message parses to, so the handler can
+    answer INVALID_ARGUMENT (grpc itself would answer INTERNAL, as if it were our bug)."""
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+
+    def error(self) -> errors.InvalidArgument:
+        return errors.InvalidArgument(
+            f"the request is not a valid message: {self.problem}", reason="MALFORMED_REQUEST"
+        )
+
+
+def _tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def parse_or_mark(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as exc:  # DecodeError: corrupt wire data or invalid UTF-8 in a string
+            return MalformedRequest(str(exc))
+
+    return parse_or_mark
+
+
+def add_to_server(servicer: ImageSearchServicer, server: grpc.Server) -> None:
+    """Register every RPC of the service, parsing requests with ``_tolerant``."""
+    handlers = {}
+    for method in SERVICE.methods:
+        request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+        make = (
+            grpc.stream_unary_rpc_method_handler
+            if method.client_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=_tolerant(request.FromString),
+            response_serializer=response.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
+    server.add_registered_method_handlers(SERVICE.full_name, handlers)
+
+
+class StreamFailure(Exception):
+    """A domain error that ended a stream, with what the stream had committed before it."""
+
+    def __init__(self, error: errors.ImageSearchError, progress: pb.AddImagesStreamResponse) -> None:
+        super().__init__(error.message)
+        self.error, self.progress = error, progress
+
+
 def _packed(message: Any) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(message)
     return packed
 
 
-def to_rpc_status(error: errors.ImageSearchError) -> status_pb2.Status:
+def to_rpc_status(error: errors.ImageSearchError, extra: tuple[Any, ...] = ()) -> status_pb2.Status:
     code = status_of(error)
     details = [_packed(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN))]
+    details += [_packed(message) for message in extra]
     if error.field:
         violation = error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.message)
         details.append(_packed(error_details_pb2.BadRequest(field_violations=[violation])))
@@ -87,16 +143,22 @@ def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
         started = time.perf_counter()
         outcome = "OK"
         try:
+            if isinstance(request, MalformedRequest):
+                raise request.error()
             return method(self, request, context)
-        except errors.ImageSearchError as error:
+        except (errors.ImageSearchError, StreamFailure) as caught:
+            error, extra, trailers = caught, (), ()
+            if isinstance(caught, StreamFailure):
+                error, extra = caught.error, (caught.progress,)
+                trailers = ((ADDED_COUNT_KEY, str(caught.progress.added_count)),)
             outcome = status_of(error).name
             if isinstance(error, errors.Internal):
                 log.error(
                     "internal error", extra={"request_id": request_id, "rpc": method.__name__}, exc_info=True
                 )
-            context.abort_with_status(
-                _with_request_id(rpc_status.to_status(to_rpc_status(error)), request_id)
-            )
+            status = rpc_status.to_status(to_rpc_status(error, extra))
+            status = status._replace(trailing_metadata=(*status.trailing_metadata, *trailers))
+            context.abort_with_status(_with_request_id(status, request_id))
         except Exception as exc:  # a bug: report INTERNAL with the request id, never UNKNOWN
             outcome = "INTERNAL"
             log.exception("unhandled error", extra={"request_id": request_id, "rpc": method.__name__})
@@ -175,7 +237,9 @@ def collection_message(collection: Collection) -> pb.Collection:
         extractor_version=spec.extractor_version,
         metric=spec.metric,
         index_type=INDEX_TYPE_TO_PB[spec.index_type],
-        ivf=pb.IvfParams(nlist=spec.nlist, nprobe=spec.nprobe, train_size=spec.train_size or 39 * spec.nlist)
+        ivf=pb.IvfParams(
+            nlist=spec.nlist, nprobe=spec.nprobe, train_size=default_train_size(spec.nlist, spec.train_size)
+        )
         if spec.index_type == IVF
         else None,
         hnsw=pb.HnswParams(m=spec.hnsw_m, ef_construction=spec.ef_construction, ef_search=spec.ef_search)
@@ -186,7 +250,9 @@ def collection_message(collection: Collection) -> pb.Collection:
         store_originals=spec.store_originals,
         description=spec.description,
         create_time=_timestamp(spec.created),
-        index_trained=collection.index.trained if spec.index_type == IVF else False,
+        index_trained=collection.index_trained,
+        state=pb.COLLECTION_STATE_READ_ONLY if collection.problem else pb.COLLECTION_STATE_READY,
+        state_reason=collection.state_reason,
     )
 
 
@@ -200,6 +266,7 @@ class ImageSearchServicer(pb_grpc.ImageSearchServiceServicer):
             request.collection,
             [image_item(m) for m in request.images],
             skip_invalid=request.skip_invalid,
+            skip_existing=request.skip_existing,
             deadline=_deadline(context),
         )
         return pb.AddImagesResponse(**outcome_fields(outcome))
@@ -209,31 +276,34 @@ class ImageSearchServicer(pb_grpc.ImageSearchServiceServicer):
         self, request_iterator: Iterator[pb.AddImagesStreamRequest], context: grpc.ServicerContext
     ) -> pb.AddImagesStreamResponse:
         response = pb.AddImagesStreamResponse()
-        collection, skip_invalid = None, False
-        for chunk in request_iterator:
-            if collection is None:
-                collection, skip_invalid = chunk.collection, chunk.skip_invalid
-            response.chunk_count += 1
-            if not chunk.images:
-                continue
-            try:
+        first: pb.AddImagesStreamRequest | None = None
+        try:
+            for chunk in request_iterator:
+                if isinstance(chunk, MalformedRequest):
+                    raise chunk.error()
+                first = first or chunk
+                response.chunk_count += 1
+                self.engine.check_accepting_writes()
+                if not chunk.images:
+                    continue
                 outcome = self.engine.add_images(
-                    collection,
+                    first.collection,
                     [image_item(m) for m in chunk.images],
-                    skip_invalid=skip_invalid,
+                    skip_invalid=first.skip_invalid,
+                    skip_existing=first.skip_existing,
                     deadline=_deadline(context),
                     index_offset=len(response.ids),
                 )
-            except errors.ImageSearchError as error:
-                error.message = (
-                    f"chunk {response.chunk_count}: {error.message} "
-                    f"({response.added_count} images from earlier chunks were stored)"
-                )
-                raise
-            fields = outcome_fields(outcome)
-            response.ids.extend(fields["ids"])
-            response.results.extend(fields["results"])
-            response.added_count += fields["added_count"]
+                fields = outcome_fields(outcome)
+                response.ids.extend(fields["ids"])
+                response.results.extend(fields["results"])
+                response.added_count += fields["added_count"]
+        except errors.ImageSearchError as error:
+            error.message = (
+                f"chunk {response.chunk_count}: {error.message} ({response.added_count} images from "
+                "earlier chunks were stored; their ids are in this status's AddImagesStreamResponse detail)"
+            )
+            raise StreamFailure(error, response) from error
         return response
 
     @rpc

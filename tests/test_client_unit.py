@@ -131,7 +131,7 @@ def test_add_images_request_from_items_and_paths(tmp_path: Path) -> None:
         path,
         str(path),
     ]
-    request = R.add_images(items, "col", True).request
+    request = R.add_images(items, "col", True, False).request
     assert (request.collection, request.skip_invalid, len(request.images)) == ("col", True, 4)
     first, second, third, fourth = request.images
     assert (first.id, first.content, first.label, dict(first.metadata)) == ("one", b"abc", "cat", {"k": "v"})
@@ -147,7 +147,7 @@ def test_image_item_needs_exactly_one_source() -> None:
     with pytest.raises(TypeError, match="bytes"):
         ImageItem(content="not-bytes")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="items\\[0\\]"):
-        R.add_images([42], None, False)  # type: ignore[list-item]
+        R.add_images([42], None, False, False)  # type: ignore[list-item]
 
 
 def test_create_collection_request_params() -> None:
@@ -225,7 +225,13 @@ def _files(tmp_path: Path, sizes: list[int]) -> list[Path]:
 def test_upload_fails_before_sending_for_bad_files(tmp_path: Path) -> None:
     def plan(paths: list[Path], **kwargs: object) -> U.Upload:
         args: dict[str, object] = dict(
-            labels=None, ids=None, collection=None, skip_invalid=False, batch_size=8, max_message_bytes=8192
+            labels=None,
+            ids=None,
+            collection=None,
+            skip_invalid=False,
+            skip_existing=False,
+            batch_size=8,
+            max_message_bytes=8192,
         )
         args.update(kwargs)
         return U.Upload(paths, progress=None, **args)  # type: ignore[arg-type]
@@ -408,7 +414,10 @@ def test_add_files_streams_chunks_below_limits(tmp_path: Path, served: tuple[Fak
     assert [image.label for image in sent] == [p.parent.name for p in paths]
     assert [image.metadata["path"] for image in sent] == [str(p) for p in paths]
     assert seen == [(2, 7), (4, 7), (6, 7), (7, 7)]
-    assert (result.added_count, result.chunk_count, result.ids[0]) == (7, 4, "auto-0")
+    assert (result.added_count, result.chunk_count) == (7, 4)
+    planned = [image.id for image in sent]  # ids chosen before sending, so a retry can name them
+    assert len(set(planned)) == 7 and all(len(i) == 32 for i in planned)
+    assert all(chunk.skip_existing for chunk in chunks)
 
     with ImageSearchClient(target) as client:
         by_count = client.add_files(paths, ids=[f"id{i}" for i in range(7)], batch_size=3)

@@ -1,0 +1,129 @@
+"""A stream that fails, or that a shutdown cuts, tells the client what it stored; client ids with
+skip_existing make the retry store every image exactly once."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from grpc_status import rpc_status
+
+from imagesearch.client import ImageSearchClient, InvalidArgument
+from imagesearch.server.servicer import ADDED_COUNT_KEY
+from imagesearch.v1 import image_search_service_pb2 as pb
+from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
+from tests.support.images import encode, pattern
+from tests.support.process import tiny_server
+
+pytestmark = pytest.mark.e2e
+
+
+def stored_progress(error: grpc.RpcError) -> pb.AddImagesStreamResponse:
+    """The AddImagesStreamResponse the server packed into the failed stream's status."""
+    status = rpc_status.from_call(error)
+    assert status is not None, "the error carries rich status details"
+    (detail,) = [d for d in status.details if d.Is(pb.AddImagesStreamResponse.DESCRIPTOR)]
+    progress = pb.AddImagesStreamResponse()
+    detail.Unpack(progress)
+    return progress
+
+
+def listed_ids(stub: pb_grpc.ImageSearchServiceStub) -> list[str]:
+    return [i.id for i in stub.ListImages(pb.ListImagesRequest(page_size=1000)).images]
+
+
+def chunk(first: int, count: int, **fields) -> pb.AddImagesStreamRequest:
+    images = [
+        pb.ImageInput(id=f"img{i}", content=encode(pattern(i, size=(24, 32))))
+        for i in range(first, first + count)
+    ]
+    return pb.AddImagesStreamRequest(images=images, **fields)
+
+
+def test_a_failed_chunk_reports_what_earlier_chunks_stored(stub):
+    bad = pb.AddImagesStreamRequest(images=[pb.ImageInput(id="bad", content=b"not an image at all")])
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.AddImagesStream(iter([chunk(0, 3), chunk(3, 2), bad, chunk(5, 2)]))
+    error = caught.value
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "5 images from earlier chunks were stored" in error.details()
+    progress = stored_progress(error)
+    assert list(progress.ids) == [f"img{i}" for i in range(5)] and progress.added_count == 5
+    assert (ADDED_COUNT_KEY, "5") in error.trailing_metadata()
+    assert listed_ids(stub) == [f"img{i}" for i in range(5)]
+
+
+def test_skip_existing_makes_a_retry_store_each_image_once(stub):
+    stub.AddImagesStream(iter([chunk(0, 3)]))
+    retry = stub.AddImagesStream(iter([chunk(0, 3, skip_existing=True), chunk(3, 3)]))
+    assert retry.added_count == 3
+    assert [r.code for r in retry.results] == [grpc.StatusCode.ALREADY_EXISTS.value[0]] * 3 + [0] * 3
+    assert list(retry.ids) == [f"img{i}" for i in range(6)]
+    assert listed_ids(stub) == [f"img{i}" for i in range(6)]
+    with pytest.raises(grpc.RpcError) as caught:  # without it, a stored id still fails the batch
+        stub.AddImages(pb.AddImagesRequest(images=[chunk(0, 1).images[0]]))
+    assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+def test_the_sdk_upload_says_how_to_finish_and_finishing_stores_each_file_once(server, tmp_path):
+    paths = []
+    for i in range(8):
+        path = tmp_path / f"{i}.png"
+        path.write_bytes(b"broken" if i == 4 else encode(pattern(i, size=(24, 32))))
+        paths.append(path)
+    with ImageSearchClient(server.target) as client:
+        with pytest.raises(InvalidArgument) as caught:
+            client.add_files(paths, batch_size=2)
+        error = caught.value
+        assert error.details.stored is not None and error.details.stored.added_count == 4
+        assert len(error.upload_ids) == 8 and "ids=error.upload_ids" in "".join(error.__notes__)
+        paths[4].write_bytes(encode(pattern(4, size=(24, 32))))
+        finished = client.add_files(paths, ids=error.upload_ids, skip_existing=True, batch_size=2)
+        assert finished.added_count == 4
+        stored = {image.id for image in client.iter_images()}
+    assert stored == set(error.upload_ids)
+
+
+def slow_stream(stop_after: threading.Event, sent: list[int]) -> Iterator[pb.AddImagesStreamRequest]:
+    """Chunks of two images, 20 a second, until told to stop (the server will cut it first)."""
+    for number in range(400):
+        if stop_after.is_set() and number > sent[0] + 50:
+            return
+        yield chunk(2 * number, 2, skip_existing=True)
+        sent[0] = number
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_sigterm_cuts_a_stream_at_a_chunk_and_says_exactly_what_was_stored(data_dir):
+    server = tiny_server(data_dir)
+    sent, terminated = [0], threading.Event()
+
+    def terminate_soon() -> None:
+        time.sleep(0.6)
+        server.proc.terminate()
+        terminated.set()
+
+    with grpc.insecure_channel(server.target) as chan:
+        threading.Thread(target=terminate_soon, daemon=True).start()
+        with pytest.raises(grpc.RpcError) as caught:
+            pb_grpc.ImageSearchServiceStub(chan).AddImagesStream(slow_stream(terminated, sent))
+    assert server.proc.wait(30) == 0
+    error = caught.value
+    assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
+    progress = stored_progress(error)
+    assert progress.added_count > 0
+    again = tiny_server(data_dir)
+    try:
+        with grpc.insecure_channel(again.target) as chan:
+            stub = pb_grpc.ImageSearchServiceStub(chan)
+            assert listed_ids(stub) == list(progress.ids)
+            total = 2 * (sent[0] + 1)
+            resumed = stub.AddImagesStream(iter([chunk(0, total, skip_existing=True)]))
+            assert resumed.added_count == total - progress.added_count
+            assert sorted(listed_ids(stub)) == sorted(f"img{i}" for i in range(total))
+    finally:
+        again.terminate()
