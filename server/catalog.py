@@ -25,6 +25,7 @@ from imagesearch.server.collection import (
     CollectionSpec,
     check_collection_name,
     check_index_params,
+    index_params,
 )
 from imagesearch.server.config import Limits
 from imagesearch.server.errors import (
@@ -236,7 +237,7 @@ class Catalog:
             index_type=index_type,
             store_originals=store_originals,
             description=description,
-            **{key: value for key, value in (params or {}).items() if value},  # 0: the default
+            **index_params(index_type, params or {}),
         )
         check_index_params(spec, self.limits)
         with self._mutex:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imagesearch.plugins.types import FLAT, Extractor, Metric
+from imagesearch.plugins.types import FLAT, IVF, Extractor, Metric
 from imagesearch.server.config import Limits
 from imagesearch.server.errors import FailedPrecondition, InvalidArgument, NotFound, shown
 from imagesearch.server.rwlock import ReadWriteLock
@@ -86,6 +86,17 @@ class CollectionSpec:
         )
 
 
+def index_params(index_type: str, given: dict[str, int]) -> dict[str, int]:
+    """The parameters a new collection gets: the given ones (0 = unset) over the spec's defaults.
+
+    nprobe's default, 10 lists, is capped at nlist: probing more lists than exist is meaningless.
+    """
+    chosen = {key: value for key, value in given.items() if value}
+    if index_type == IVF and "nprobe" not in chosen:
+        chosen["nprobe"] = min(CollectionSpec.nprobe, chosen.get("nlist", CollectionSpec.nlist))
+    return chosen
+
+
 def check_index_params(spec: CollectionSpec, limits: Limits) -> None:
     """Every index parameter within its bound, or INVALID_ARGUMENT naming the field and the bound.
 
@@ -146,6 +157,10 @@ class Collection:
         """Serve the store read-only: the data is safe, only the index is missing."""
         self.index, self.problem = None, problem
         log.error("collection %s is read-only: %s", self.spec.name, problem, exc_info=True)
+
+    def check_serving(self) -> None:
+        """FailedPrecondition if the collection is read-only: checked before a request's own validation."""
+        self.live_index()
 
     def live_index(self) -> VectorIndex:
         """The index, or FailedPrecondition saying why this collection is read-only."""

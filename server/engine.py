@@ -267,6 +267,7 @@ class Engine:
         index_offset: int = 0,
     ) -> AddOutcome:
         collection = self.catalog.get(collection_name)
+        collection.check_serving()
         if not items:
             raise InvalidArgument("no images in the request", field="images", reason="EMPTY_BATCH")
         if len(items) > self.limits.max_batch_size:
@@ -369,6 +370,7 @@ class Engine:
     def search(self, query: SearchQuery, deadline: float | None = None) -> SearchOutcome:
         started = time.perf_counter()
         collection = self.catalog.get(query.collection)
+        collection.check_serving()
         k = self._top_k(query.top_k)
         metric = self._resolve_metric(collection, query.metric)
         if query.extractor and query.extractor != collection.spec.extractor:
@@ -413,6 +415,7 @@ class Engine:
     # -- the rest ---------------------------------------------------------------------------
     def remove_images(self, collection_name: str, ids: Sequence[str], allow_missing: bool) -> int:
         collection = self.catalog.get(collection_name)
+        collection.check_serving()
         if not ids:
             raise InvalidArgument("no ids given", field="ids", reason="EMPTY_BATCH")
         if not allow_missing:
