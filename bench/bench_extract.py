@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import bar_plot, best_rate, machine, save
 from imagesearch.plugins import onnx_cnn
 from imagesearch.server.app import run_server
-from imagesearch.server.config import Limits, ServerConfig
+from imagesearch.server.config import Limits, ServerConfig, default_models_dir
 from imagesearch.server.imaging import decode_image
 from imagesearch.v1 import image_search_service_pb2 as pb
 from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds, best of each (default 5)")
     args = parser.parse_args()
 
-    models = onnx_cnn.models_dir().resolve()
+    models = default_models_dir().resolve()
     extractors, problems = onnx_cnn.discover(models)
     extractor = {e.name: e for e in extractors}.get(args.model)
     if extractor is None:

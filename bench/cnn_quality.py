@@ -35,7 +35,7 @@ from imagesearch.plugins.cnn.preprocess import (
     prepare_image,
     resized_size,
 )
-from imagesearch.server.config import Limits
+from imagesearch.server.config import Limits, default_models_dir
 from imagesearch.server.imaging import decode_image
 from tests.cnn_fixtures import distorted_copy
 
@@ -255,11 +255,11 @@ def main() -> None:
     parser.add_argument("--model", default="efficientnet-lite0")
     parser.add_argument("--sections", default=",".join(SECTIONS))
     args = parser.parse_args()
-    extractors, problems = onnx_cnn.discover()
+    extractors, problems = onnx_cnn.discover(default_models_dir())
     extractor = {e.name: e for e in extractors}.get(args.model)
     if extractor is None:
         sys.exit(
-            f"no model {args.model!r} in {onnx_cnn.models_dir()} ({'; '.join(problems) or 'run `make models`'})"
+            f"no model {args.model!r} in {default_models_dir()} ({'; '.join(problems) or 'run `make models`'})"
         )
     print(f"machine: {machine()}\nmodel: {extractor.name} {extractor.version}")
     results = {name: SECTIONS[name](extractor) for name in args.sections.split(",")}

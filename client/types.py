@@ -221,6 +221,10 @@ class ItemResult:
     id: str
     code: grpc.StatusCode
     message: str = ""
+    reason: str = ""
+    """The stable reason (as ``ImageSearchError.reason`` would give it), e.g. ``IMAGE_UNDECODABLE``."""
+    field: str = ""
+    """The request field at fault, e.g. ``images[3].content``."""
 
     @property
     def ok(self) -> bool:
@@ -229,7 +233,12 @@ class ItemResult:
     @classmethod
     def from_proto(cls, message: pb.ItemResult) -> Self:
         return cls(
-            index=message.index, id=message.id, code=status_code(message.code), message=message.message
+            index=message.index,
+            id=message.id,
+            code=status_code(message.code),
+            message=message.message,
+            reason=message.reason,
+            field=message.field,
         )
 
 

@@ -2,7 +2,10 @@
 
 Hooks receive a `register` callable owned by the host, instead of returning
 objects, so the host sees every registration with its plugin name and can
-refuse duplicates with a clear start-up error (the simonw/llm pattern).
+refuse duplicates with a clear start-up error (the simonw/llm pattern). A hook
+that declares a `context` argument also gets the host's PluginContext (the
+models directory, the plugin's own config table); pluggy passes only the
+arguments an implementation declares, so `context` is optional.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from collections.abc import Callable
 
 import pluggy
 
+from imagesearch.plugins.types import PluginContext
+
 PROJECT_NAME = "imagesearch"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
@@ -18,16 +23,16 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 
 @hookspec
-def register_extractors(register: Callable[..., None]) -> None:
+def register_extractors(register: Callable[..., None], context: PluginContext) -> None:
     """Register feature extractors: call ``register(extractor)`` once per extractor.
 
     An extractor turns a batch of decoded images into one float32 vector each;
-    see :class:`imagesearch.plugins.types.Extractor` for the interface.
+    see :class:`imagesearch.plugins.Extractor` for the interface.
     """
 
 
 @hookspec
-def register_metrics(register: Callable[..., None]) -> None:
+def register_metrics(register: Callable[..., None], context: PluginContext) -> None:
     """Register distance metrics: call ``register(metric)`` once per metric.
 
     A metric tells FAISS how to compare vectors and how to turn its raw value

@@ -15,13 +15,13 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from importlib import metadata
-from types import ModuleType
+from pathlib import Path
 from typing import Any
 
 import pluggy
 
 from imagesearch.plugins import hookspecs
-from imagesearch.plugins.types import ALL_INDEX_TYPES, Extractor, Metric, RegistrationProblems
+from imagesearch.plugins.types import ALL_INDEX_TYPES, Extractor, Metric, PluginContext, RegistrationProblems
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +63,9 @@ def _check_name(kind: str, obj: object) -> None:
 
 
 def _check_extractor(obj: object) -> None:
-    missing = [
-        attr for attr in ("name", "version", "dim", "default_metric", "extract") if not hasattr(obj, attr)
-    ]
+    if not isinstance(obj, Extractor):
+        raise TypeError(f"extractor {obj!r} is not a subclass of imagesearch.plugins.Extractor")
+    missing = [attr for attr in ("name", "version", "dim", "default_metric") if not hasattr(obj, attr)]
     if missing:
         raise TypeError(f"extractor {obj!r} lacks {', '.join(missing)}")
     _check_name("extractor", obj)
@@ -104,14 +104,19 @@ class PluginRegistry:
         *,
         load_entry_points: bool = True,
         env: Mapping[str, str] | None = None,
+        models_dir: Path | None = None,
+        plugin_config: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         env = os.environ if env is None else env
+        self._models_dir = models_dir
+        self._plugin_config = plugin_config or {}
         self._allow = _names_from_env(env, ALLOW_ENV)
         self._block = _names_from_env(env, BLOCK_ENV) or set()
         self.problems: list[str] = []
         self.skipped: list[str] = []
         self.extractors: dict[str, Registered] = {}
         self.metrics: dict[str, Registered] = {}
+        self.loaded: dict[str, object] = {}  # plugin name -> the plugin (a module or an object)
         self._pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self._pm.add_hookspecs(hookspecs)
         for name, module_path in DEFAULT_PLUGINS.items():
@@ -143,6 +148,7 @@ class PluginRegistry:
         try:
             plugin = load()
             self._pm.register(plugin, name=name)
+            self.loaded[name] = plugin
         except Exception as exc:  # a plugin's import can fail in any way
             self._problem(f"plugin {name!r} failed to load: {type(exc).__name__}: {exc}")
             return
@@ -150,6 +156,7 @@ class PluginRegistry:
             self._pm.check_pending()
         except pluggy.PluginValidationError as exc:
             self._pm.unregister(name=name)
+            del self.loaded[name]
             self._problem(f"plugin {name!r} implements an unknown hook: {exc}")
             return
         if not any(caller.get_hookimpls() for caller in self._pm.get_hookcallers(plugin) or ()):
@@ -189,9 +196,11 @@ class PluginRegistry:
                 check(obj)
                 staged.append(obj)
 
+            context = PluginContext(self._models_dir, dict(self._plugin_config.get(impl.plugin_name, {})))
             try:
                 # Pass only the arguments the implementation declares, as pluggy itself would.
-                impl.function(*({"register": register}[arg] for arg in impl.argnames))
+                arguments = {"register": register, "context": context}
+                impl.function(*(arguments[arg] for arg in impl.argnames))
             except RegistrationProblems as report:
                 for problem in report.problems:
                     self._problem(f"plugin {impl.plugin_name!r} in {hook_name}: {problem}")
@@ -218,18 +227,3 @@ class PluginRegistry:
                     f"extractor {name!r} (plugin {registered.plugin!r}) defaults to metric {metric!r}, "
                     "which no loaded plugin registers"
                 )
-
-    # -- queries -------------------------------------------------------------
-    def plugin_names(self) -> list[str]:
-        return sorted(name for name, _ in self._pm.list_name_plugin())
-
-    def plugin_module(self, name: str) -> ModuleType | object | None:
-        return self._pm.get_plugin(name)
-
-    def extractor(self, name: str) -> Extractor:
-        """The extractor registered as ``name``; KeyError if none."""
-        return self.extractors[name].item
-
-    def metric(self, name: str) -> Metric:
-        """The metric registered as ``name``; KeyError if none."""
-        return self.metrics[name].item

@@ -7,18 +7,12 @@ from collections.abc import Callable
 import faiss
 import numpy as np
 
-from imagesearch.plugins.hookspecs import hookimpl
-from imagesearch.plugins.types import ALL_INDEX_TYPES, Metric, l2_normalize
+from imagesearch.plugins import ALL_INDEX_TYPES, Metric, hookimpl, inverse_distance_score, l2_normalize
 
 
 def _sqrt_nonnegative(squared: np.ndarray) -> np.ndarray:
     # FAISS can return tiny negative squared distances through rounding.
     return np.sqrt(np.maximum(squared, 0.0))
-
-
-def inverse_distance_score(distance: np.ndarray) -> np.ndarray:
-    """Map a distance in [0, inf) to a similarity in (0, 1]: 1 / (1 + d)."""
-    return 1.0 / (1.0 + distance)
 
 
 def _same(values: np.ndarray) -> np.ndarray:

@@ -23,21 +23,18 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from imagesearch.plugins import Extractor, PluginContext, RegistrationProblems, hookimpl
 from imagesearch.plugins.cnn.preprocess import preprocess
 from imagesearch.plugins.cnn.sidecar import FORMAT, Sidecar, SidecarError, read_sidecar, sha256_file
-from imagesearch.plugins.hookspecs import hookimpl
-from imagesearch.plugins.types import RegistrationProblems
 
 log = logging.getLogger(__name__)
 
-MODELS_ENV = "IMAGESEARCH_MODELS"
-DEFAULT_MODELS_DIR = "var/models"
 THREADS_ENV = "IMAGESEARCH_ORT_THREADS"
 MAX_BATCH_ENV = "IMAGESEARCH_ORT_MAX_BATCH"
 DEFAULT_MAX_BATCH = 32
@@ -45,10 +42,6 @@ DEFAULT_MAX_BATCH = 32
 
 class ModelError(RuntimeError):
     """A model in the models directory is unusable; the message names the file."""
-
-
-def models_dir() -> Path:
-    return Path(os.environ.get(MODELS_ENV, DEFAULT_MODELS_DIR))
 
 
 def _positive_int_env(key: str, default: int) -> int:
@@ -122,7 +115,7 @@ def get_session(path: Path, sidecar: Sidecar, threads: int) -> Any:
 # -------------------------------------------------------------------------- extractor
 
 
-class OnnxCnnExtractor:
+class OnnxCnnExtractor(Extractor):
     """A CNN served by onnxruntime, described entirely by its sidecar."""
 
     default_metric = "cosine"
@@ -208,9 +201,19 @@ def _is_orphan_sidecar(path: Path) -> bool:
         return False
 
 
-def discover(directory: Path | None = None) -> tuple[list[OnnxCnnExtractor], list[str]]:
-    """Extractors for the usable models in ``directory``, and one message per unusable model."""
-    directory = models_dir() if directory is None else Path(directory)
+def discover(
+    directory: Path, settings: Mapping[str, Any] | None = None
+) -> tuple[list[OnnxCnnExtractor], list[str]]:
+    """Extractors for the usable models in ``directory``, and one message per unusable model.
+
+    ``settings``: the plugin's config table; ``threads`` and ``max_batch`` override
+    IMAGESEARCH_ORT_THREADS and IMAGESEARCH_ORT_MAX_BATCH.
+    """
+    directory = Path(directory)
+    settings = settings or {}
+    for key in set(settings) & {"threads", "max_batch"}:
+        if isinstance(settings[key], bool) or not isinstance(settings[key], int) or settings[key] <= 0:
+            raise ModelError(f"[plugins.onnx_cnn] {key} must be a positive integer, got {settings[key]!r}")
     extractors: list[OnnxCnnExtractor] = []
     problems: list[str] = []
     if not directory.is_dir():
@@ -229,7 +232,11 @@ def discover(directory: Path | None = None) -> tuple[list[OnnxCnnExtractor], lis
             )
             continue
         seen[sidecar.name] = onnx_path
-        extractors.append(OnnxCnnExtractor(sidecar, onnx_path))
+        extractors.append(
+            OnnxCnnExtractor(
+                sidecar, onnx_path, max_batch=settings.get("max_batch"), threads=settings.get("threads")
+            )
+        )
     problems.extend(
         f"{path}: sidecar without its model file {path.with_suffix('.onnx').name}"
         for path in sorted(directory.glob("*.json"))
@@ -239,14 +246,18 @@ def discover(directory: Path | None = None) -> tuple[list[OnnxCnnExtractor], lis
 
 
 @hookimpl
-def register_extractors(register: Callable[[OnnxCnnExtractor], None]) -> None:
+def register_extractors(register: Callable[[OnnxCnnExtractor], None], context: PluginContext) -> None:
     """Register every good model, then report each bad model file by name.
 
     A broken file is an operator's mistake to fix, not something to skip
     quietly, but it must not take the good models (the default one) down with it.
     """
-    extractors, problems = discover()
+    if context.models_dir is None:
+        return
+    extractors, problems = discover(context.models_dir, context.config)
     for extractor in extractors:
         register(extractor)
     if problems:
-        raise RegistrationProblems([f"unusable model in {models_dir()}: {problem}" for problem in problems])
+        raise RegistrationProblems(
+            [f"unusable model in {context.models_dir}: {problem}" for problem in problems]
+        )

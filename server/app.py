@@ -19,13 +19,13 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from imagesearch.plugins.manager import PluginRegistry
 from imagesearch.server.catalog import Catalog
-from imagesearch.server.config import MODELS_ENV, ServerConfig
+from imagesearch.server.config import ServerConfig
 from imagesearch.server.engine import Engine
 from imagesearch.server.imaging import check_decoder_cap
+from imagesearch.server.reflection import enable_reflection
 from imagesearch.server.servicer import ImageSearchServicer, add_to_server
 from imagesearch.v1 import image_search_service_pb2 as pb
 
@@ -67,6 +67,7 @@ class RunningServer:
     port: int
     engine: Engine
     health: health.HealthServicer
+    config: ServerConfig
 
     @property
     def target(self) -> str:
@@ -94,19 +95,9 @@ def _grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
     ]
 
 
-@contextmanager
-def _models_env(config: ServerConfig) -> Iterator[None]:
-    """The onnx_cnn plugin finds models through the environment: point it at the configured
-    directory while plugins register, then restore what was there (tests run many servers)."""
-    previous = os.environ.get(MODELS_ENV)
-    os.environ[MODELS_ENV] = str(config.models_dir)
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(MODELS_ENV, None)
-        else:
-            os.environ[MODELS_ENV] = previous
+def plugin_registry(config: ServerConfig, extra_plugins: Iterable[tuple[str, object]] = ()) -> PluginRegistry:
+    """The plugins a server with ``config`` loads, each told the models directory and its own table."""
+    return PluginRegistry(extra_plugins, models_dir=config.models_dir, plugin_config=config.plugins)
 
 
 @contextmanager
@@ -119,8 +110,7 @@ def run_server(
     """Start a server (port 0 picks a free one); stop it, drained and snapshotted, on exit."""
     config = config or ServerConfig()
     check_decoder_cap(config.limits)
-    with _models_env(config):
-        registry = registry or PluginRegistry(extra_plugins)
+    registry = registry or plugin_registry(config, extra_plugins)
     catalog = Catalog(config.data_dir, registry, config.limits)
     try:
         if config.create_default_collection:
@@ -134,14 +124,7 @@ def run_server(
         add_to_server(ImageSearchServicer(engine), server)
         health_servicer = CollectionHealth(catalog)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            (
-                SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            server,
-        )
+        enable_reflection(server, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
         port = server.add_insecure_port(f"{config.host}:{config.port}")
         if port == 0:
             raise OSError(f"could not bind {config.host}:{config.port}")
@@ -152,7 +135,7 @@ def run_server(
         snapshotter.start()
         log.info("serving", extra={"address": f"{config.host}:{port}", "data_dir": str(config.data_dir)})
         try:
-            yield RunningServer(server, port, engine, health_servicer)
+            yield RunningServer(server, port, engine, health_servicer, config)
         finally:
             # Tell load balancers first, then let in-flight calls finish, then persist.
             engine.begin_shutdown()

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from imagesearch.plugins.manager import PluginRegistry
-from imagesearch.plugins.types import FLAT, HNSW, IVF, Extractor
+from imagesearch.plugins.types import ALL_INDEX_TYPES, FLAT, Extractor, Metric
 from imagesearch.server.collection import (
     Collection,
     CollectionSpec,
@@ -36,7 +36,7 @@ from imagesearch.server.errors import (
     NotFound,
     shown,
 )
-from imagesearch.server.snapshot import fsync_dir
+from imagesearch.server.files import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +66,6 @@ class DataDirLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = -1
-
-
-def _warm_up(extractor: Extractor) -> None:
-    """Load an extractor's model now (if it has a warm_up), so a broken one fails at start, not mid-request."""
-    warm_up = getattr(extractor, "warm_up", None)
-    if callable(warm_up):
-        warm_up()
 
 
 class Catalog:
@@ -129,7 +122,7 @@ class Catalog:
             )
             return None
         try:
-            _warm_up(registered.item)
+            registered.item.warm_up()
         except Exception as exc:  # a replaced or corrupt model: refuse image queries, keep the data
             log.error("collection %s: extractor %s cannot start: %s", spec.name, spec.extractor, exc)
             return None
@@ -149,7 +142,7 @@ class Catalog:
         log.info(
             "collection %s loaded: %d images in %.1f ms",
             spec.name,
-            collection.count,
+            collection.count(),
             (time.monotonic() - started) * 1000,
         )
 
@@ -179,6 +172,30 @@ class Catalog:
     def list(self) -> list[Collection]:
         return sorted(self._collections.values(), key=lambda c: c.spec.name)
 
+    def extractor(self, name: str) -> Extractor:
+        """The registered extractor ``name``, or INVALID_ARGUMENT listing the available ones."""
+        registered = self.registry.extractors.get(name)
+        if registered is None:
+            available = ", ".join(sorted(self.registry.extractors)) or "none"
+            raise InvalidArgument(
+                f"unknown extractor {shown(name)} (available: {available})",
+                field="extractor",
+                reason="UNKNOWN_EXTRACTOR",
+            )
+        return registered.item
+
+    def metric(self, name: str) -> Metric:
+        """The registered metric ``name``, or INVALID_ARGUMENT listing the available ones."""
+        registered = self.registry.metrics.get(name)
+        if registered is None:
+            available = ", ".join(sorted(self.registry.metrics))
+            raise InvalidArgument(
+                f"unknown metric {shown(name)} (available: {available})",
+                field="metric",
+                reason="UNKNOWN_METRIC",
+            )
+        return registered.item
+
     # -- changes -------------------------------------------------------------------
     def create(
         self,
@@ -192,17 +209,9 @@ class Catalog:
         description: str = "",
     ) -> Collection:
         check_collection_name(name)
-        registered = self.registry.extractors.get(extractor)
-        if registered is None:
-            available = ", ".join(sorted(self.registry.extractors)) or "none"
-            raise InvalidArgument(
-                f"unknown extractor {shown(extractor)} (available: {available})",
-                field="extractor",
-                reason="UNKNOWN_EXTRACTOR",
-            )
-        chosen = registered.item
+        chosen = self.extractor(extractor)
         try:
-            _warm_up(chosen)
+            chosen.warm_up()
         except Exception as exc:
             raise FailedPrecondition(
                 f"extractor {shown(extractor)} cannot start: {exc}",
@@ -210,17 +219,12 @@ class Catalog:
                 reason="EXTRACTOR_UNAVAILABLE",
             ) from exc
         metric = metric or chosen.default_metric
-        if metric not in self.registry.metrics:
-            available = ", ".join(sorted(self.registry.metrics))
+        metric_obj = self.metric(metric)
+        if index_type not in ALL_INDEX_TYPES:
             raise InvalidArgument(
-                f"unknown metric {shown(metric)} (available: {available})",
-                field="metric",
-                reason="UNKNOWN_METRIC",
-            )
-        metric_obj = self.registry.metric(metric)
-        if index_type not in (FLAT, IVF, HNSW):
-            raise InvalidArgument(
-                f"unknown index type {shown(index_type)}", field="index_type", reason="UNKNOWN_INDEX_TYPE"
+                f"unknown index_type {shown(index_type)} (available: {', '.join(sorted(ALL_INDEX_TYPES))})",
+                field="collection.index_type",
+                reason="UNKNOWN_INDEX_TYPE",
             )
         if index_type not in metric_obj.index_types:
             raise FailedPrecondition(

@@ -50,7 +50,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _plugins(args: argparse.Namespace) -> int:
     from imagesearch.server.console import print_plugins
 
-    return print_plugins()
+    return print_plugins(load_config(args.config, models_dir=args.models))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=_serve)
 
     plugins = commands.add_parser("plugins", help="list loaded extractors and metrics, and plugin problems")
+    plugins.add_argument("--models", type=Path, help="ONNX models directory (as for serve)")
+    plugins.add_argument("--config", type=Path, help="TOML file (as for serve: models_dir, [plugins.*])")
     plugins.set_defaults(handler=_plugins)
 
     try:

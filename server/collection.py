@@ -9,6 +9,7 @@ but never see an index mid-update.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -26,7 +27,7 @@ from imagesearch.server.errors import FailedPrecondition, InvalidArgument, NotFo
 from imagesearch.server.rwlock import ReadWriteLock
 from imagesearch.server.snapshot import SnapshotError, read_snapshot, write_snapshot
 from imagesearch.server.store import CollectionStore, ImageRow, NewImage
-from imagesearch.server.vector_index import IndexSpec, VectorIndex, brute_force
+from imagesearch.server.vector_index import IndexSpec, VectorIndex, brute_force, default_train_size
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,19 @@ def check_index_params(spec: CollectionSpec, limits: Limits) -> None:
                 + (" (k-means needs at least one training vector per list)" if name == "train_size" else ""),
                 field=field_path,
                 reason="BAD_INDEX_PARAM",
+                metadata={"min": str(lowest), "max": str(highest), "value": str(value)},
             )
+
+
+@dataclass(frozen=True)
+class CollectionInfo:
+    """A collection as the API shows it: its spec (defaults resolved) and its current state."""
+
+    spec: CollectionSpec
+    image_count: int
+    index_trained: bool
+    read_only: bool
+    state_reason: str
 
 
 @dataclass(frozen=True)
@@ -241,6 +254,10 @@ class Collection:
         """The matching extractor if this server has it, else None (no error)."""
         return self._extractor
 
+    def check_extractor(self) -> None:
+        """FailedPrecondition unless this server has the collection's exact extractor (before decoding)."""
+        self.extractor  # noqa: B018  (the property raises)
+
     @property
     def extractor(self) -> Extractor:
         """The extractor that serves this collection; FailedPrecondition if the server lacks that exact one."""
@@ -299,17 +316,18 @@ class Collection:
         raw_query: np.ndarray,
         k: int,
         labels: Sequence[str] = (),
-        metric: Metric | None = None,
+        metric_override: Metric | None = None,
         exclude_row_id: int | None = None,
     ) -> list[Hit]:
-        metric = metric or self.metric
+        """The k best hits for a raw (not yet metric-prepared) query vector, best first."""
+        metric = metric_override or self.metric
         with self.lock.read():
             self._check_open()
             allowed = self.store.row_ids_with_labels(labels) if labels else None
             if allowed is not None and len(allowed) == 0:
                 return []
             want = k + (1 if exclude_row_id is not None else 0)
-            if metric.name == self.metric.name:
+            if metric_override is None:
                 query = self.metric.prepare(raw_query.reshape(1, -1))
                 raw, ids = self.live_index().search(query, want, allowed)
             else:
@@ -371,9 +389,29 @@ class Collection:
             )
         return found
 
-    @property
-    def count(self) -> int:
-        return self.store.count()
+    def count(self, label: str | None = None) -> int:
+        """Images stored (with ``label``, when given)."""
+        return self.store.count(label or None)
+
+    def existing_ids(self, ids: Sequence[str]) -> set[str]:
+        """Which of ``ids`` are stored."""
+        return self.store.existing_ids(ids)
+
+    def page(self, after_row_id: int, limit: int, label: str | None = None) -> list[ImageRow]:
+        """Rows in insertion order after a position (keyset pagination)."""
+        self._check_open()
+        return self.store.page(after_row_id, limit, label or None)
+
+    def info(self) -> CollectionInfo:
+        """What GetCollection reports, with every default resolved."""
+        spec = self.spec
+        return CollectionInfo(
+            spec=dataclasses.replace(spec, train_size=default_train_size(spec.nlist, spec.train_size)),
+            image_count=self.count(),
+            index_trained=self.index_trained,
+            read_only=bool(self.problem),
+            state_reason=self.state_reason,
+        )
 
     @property
     def index_trained(self) -> bool:

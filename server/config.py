@@ -19,6 +19,11 @@ DATA_ENV = "IMAGESEARCH_DATA"
 MODELS_ENV = "IMAGESEARCH_MODELS"
 
 
+def default_models_dir() -> Path:
+    """Where ONNX models live unless configured: $IMAGESEARCH_MODELS, else var/models."""
+    return Path(os.environ.get(MODELS_ENV, "var/models"))
+
+
 @dataclass(frozen=True)
 class Limits:
     """Hard limits: requests beyond them fail with a clear status instead of hurting the server."""
@@ -36,6 +41,7 @@ class Limits:
     max_metadata_bytes: int = 16 * 1024
     max_id_length: int = 256
     max_label_length: int = 256
+    default_page_size: int = 100
     max_page_size: int = 1000
     # Index parameters a client may choose (CreateCollection). Each bound keeps one collection's
     # index memory and build time proportional to its vectors: HNSW m=100000 costs 156 MB per
@@ -51,7 +57,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     data_dir: Path = field(default_factory=lambda: Path(os.environ.get(DATA_ENV, "var/imagesearch")))
-    models_dir: Path = field(default_factory=lambda: Path(os.environ.get(MODELS_ENV, "var/models")))
+    models_dir: Path = field(default_factory=default_models_dir)
     workers: int = 8
     default_extractor: str = "efficientnet-lite0"
     create_default_collection: bool = True
@@ -67,6 +73,8 @@ class ServerConfig:
     log_format: str = "json"  # "json" or "text"
     log_level: str = "INFO"
     limits: Limits = field(default_factory=Limits)
+    # Each plugin's own settings, [plugins.<plugin name>] in the TOML file (PluginContext.config).
+    plugins: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def replace(self, **changes: Any) -> ServerConfig:
         """A copy with some fields changed (``limits`` may be a dict of limit fields)."""

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-from imagesearch.plugins.manager import PluginRegistry
+from imagesearch.server.app import plugin_registry
+from imagesearch.server.config import ServerConfig
 
 
 def print_ready_banner(running) -> None:
-    engine = running.engine
-    port = running.port
-    collections = ", ".join(f"{c.spec.name} ({c.count} images)" for c in engine.catalog.list()) or "none"
+    engine, config, port = running.engine, running.config, running.port
+    plugins = engine.list_plugins()
+    collections = ", ".join(f"{c.spec.name} ({c.image_count} images)" for c in engine.collections()) or "none"
     print(
         f"""
-imagesearch is serving on {engine.config.host}:{port}
-  data:        {engine.config.data_dir}
+imagesearch is serving on {config.host}:{port}
+  data:        {config.data_dir}
   collections: {collections}
-  extractors:  {", ".join(sorted(engine.registry.extractors)) or "none (run `make models`)"}
-  metrics:     {", ".join(sorted(engine.registry.metrics))}
+  extractors:  {", ".join(e.name for e in plugins.extractors) or "none (run `make models`)"}
+  metrics:     {", ".join(m.name for m in plugins.metrics)}
 
 Query it:
   grpcurl -plaintext 127.0.0.1:{port} list
@@ -28,8 +29,8 @@ print(C('127.0.0.1:{port}').search('photo.jpg', top_k=3))"
     )
 
 
-def print_plugins() -> int:
-    registry = PluginRegistry()
+def print_plugins(config: ServerConfig) -> int:
+    registry = plugin_registry(config)
     print("extractors:")
     for name, registered in sorted(registry.extractors.items()):
         item = registered.item

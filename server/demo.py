@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 
 from imagesearch.client import ImageItem, ImageSearchClient
-from imagesearch.client.contact_sheet import SheetItem, render_contact_sheet
+from imagesearch.server.contact_sheet import SheetItem, render_contact_sheet
 
 log = logging.getLogger(__name__)
 

@@ -8,10 +8,7 @@ unary and the streaming upload behave identically.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
-import hashlib
 import math
 import threading
 import time
@@ -22,9 +19,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from imagesearch.plugins.manager import PluginRegistry
-from imagesearch.plugins.types import Metric
+from imagesearch.plugins.types import FLAT, Metric, TrainableExtractor
 from imagesearch.server.catalog import Catalog
-from imagesearch.server.collection import NAME_PATTERN, Collection, Hit
+from imagesearch.server.collection import NAME_PATTERN, Collection, CollectionInfo, Hit
 from imagesearch.server.config import ServerConfig
 from imagesearch.server.errors import (
     AlreadyExists,
@@ -40,6 +37,7 @@ from imagesearch.server.errors import (
 )
 from imagesearch.server.image_header import HeaderError, read_header
 from imagesearch.server.imaging import decode_image, decoded_pixels, make_thumbnail
+from imagesearch.server.page_tokens import decode_page_token, encode_page_token, row_position
 from imagesearch.server.store import ImageRow, NewImage
 
 OK_CODE = 0  # google.rpc.Code OK; failures carry their error's code
@@ -62,6 +60,13 @@ class ItemResult:
     id: str
     code: int = OK_CODE
     message: str = ""
+    reason: str = ""
+    field: str = ""
+
+    @classmethod
+    def failed(cls, index: int, image_id: str, error: ImageSearchError) -> ItemResult:
+        """The per-item form of ``error``: the same code, reason and field a whole request would get."""
+        return cls(index, image_id, error.code, error.message, error.reason, error.field or "")
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,46 @@ class SearchQuery:
     metric: str = ""
     exclude_query: bool = False
     extractor: str = ""
+
+
+@dataclass(frozen=True)
+class NewCollection:
+    """CreateCollection's input; zeros and empty strings mean "the server's default"."""
+
+    name: str
+    extractor: str = ""
+    metric: str = ""
+    index_type: str = FLAT
+    params: dict[str, int] = field(default_factory=dict)
+    store_originals: bool = False
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ExtractorInfo:
+    name: str
+    version: str
+    dim: int
+    default_metric: str
+    description: str
+    plugin: str
+    trainable: bool
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    name: str
+    version: str
+    description: str
+    plugin: str
+    index_types: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PluginList:
+    extractors: list[ExtractorInfo]
+    metrics: list[MetricInfo]
+    problems: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -201,7 +246,9 @@ class Engine:
         return vectors
 
     def _min_side(self, collection: Collection) -> int | None:
-        wanted = getattr(collection.loaded_extractor, "min_input_side", None)
+        """How far a JPEG may be shrunk while decoding: enough for the extractor and the thumbnail."""
+        extractor = collection.loaded_extractor
+        wanted = extractor.min_input_side if extractor is not None else 0
         return max(wanted, self.config.thumbnail_size) if wanted else None
 
     def _check_batch_pixels(self, items: Sequence[ImageItem], min_side: int | None) -> None:
@@ -227,6 +274,7 @@ class Engine:
                 "(send fewer or smaller images per call)",
                 field="images",
                 reason="BATCH_TOO_MANY_PIXELS",
+                metadata={"limit": str(self.limits.max_batch_pixels), "value": str(total)},
             )
 
     def _prepare(
@@ -276,6 +324,7 @@ class Engine:
                 "(split it, or use AddImagesStream)",
                 field="images",
                 reason="BATCH_TOO_LARGE",
+                metadata={"limit": str(self.limits.max_batch_size), "value": str(len(items))},
             )
         errors: dict[int, ImageSearchError] = {}
         rows: dict[int, NewImage] = {}
@@ -292,8 +341,8 @@ class Engine:
 
         self._check_batch_pixels(items, min_side)
         if any(item.content is not None for item in items):
-            collection.extractor  # noqa: B018  FAILED_PRECONDITION before decoding anything
-        existing = collection.store.existing_ids([item.id for item in items if item.id])
+            collection.check_extractor()  # FAILED_PRECONDITION before decoding anything
+        existing = collection.existing_ids([item.id for item in items if item.id])
         kept: dict[int, ImageSearchError] = {}  # already stored, left as they are (skip_existing)
         for position, item in enumerate(items):
             prefix = f"images[{position + index_offset}]"
@@ -333,9 +382,9 @@ class Engine:
         if rows:
             collection.add([rows[p] for p in sorted(rows)])
         results = [
-            ItemResult(p + index_offset, "", errors[p].code, errors[p].message)
+            ItemResult.failed(p + index_offset, "", errors[p])
             if p in errors
-            else ItemResult(p + index_offset, ids[p], kept[p].code, kept[p].message)
+            else ItemResult.failed(p + index_offset, ids[p], kept[p])
             if p in kept
             else ItemResult(p + index_offset, ids[p])
             for p in range(len(items))
@@ -343,18 +392,11 @@ class Engine:
         return AddOutcome([r.id for r in results], results)
 
     # -- search ----------------------------------------------------------------------------
-    def _resolve_metric(self, collection: Collection, name: str) -> Metric:
+    def _metric_override(self, collection: Collection, name: str) -> Metric | None:
+        """The metric a search asks for instead of the collection's own; None for its own."""
         if not name or name == collection.spec.metric:
-            return collection.metric
-        registered = self.registry.metrics.get(name)
-        if registered is None:
-            available = ", ".join(sorted(self.registry.metrics))
-            raise InvalidArgument(
-                f"unknown metric {shown(name)} (available: {available})",
-                field="metric",
-                reason="UNKNOWN_METRIC",
-            )
-        return registered.item
+            return None
+        return self.catalog.metric(name)
 
     def _top_k(self, top_k: int) -> int:
         if top_k < 0:
@@ -364,6 +406,7 @@ class Engine:
                 f"top_k {top_k} is over the limit of {self.limits.max_top_k}",
                 field="top_k",
                 reason="BAD_TOP_K",
+                metadata={"limit": str(self.limits.max_top_k), "value": str(top_k)},
             )
         return top_k or self.limits.default_top_k
 
@@ -372,7 +415,7 @@ class Engine:
         collection = self.catalog.get(query.collection)
         collection.check_serving()
         k = self._top_k(query.top_k)
-        metric = self._resolve_metric(collection, query.metric)
+        override = self._metric_override(collection, query.metric)
         if query.extractor and query.extractor != collection.spec.extractor:
             raise FailedPrecondition(
                 f"collection {collection.spec.name!r} is indexed with extractor {collection.spec.extractor!r}, "
@@ -387,7 +430,7 @@ class Engine:
         decode_ms = extract_ms = 0.0
         exclude = None
         if query.image is not None:
-            collection.extractor  # noqa: B018  fail fast (FAILED_PRECONDITION) before decoding
+            collection.check_extractor()
             step = time.perf_counter()
             image = decode_image(query.image, self.limits, "image", self._min_side(collection))
             decode_ms = _ms(step)
@@ -406,8 +449,9 @@ class Engine:
             )
         check_deadline(deadline, "the index search")
         step = time.perf_counter()
-        hits = collection.search(vector, k, query.labels, metric, exclude)
+        hits = collection.search(vector, k, query.labels, override, exclude)
         search_ms = _ms(step)
+        metric = override or collection.metric
         if any(math.isnan(hit.score) for hit in hits):
             raise Internal(f"metric {metric.name!r} produced NaN scores", reason="METRIC_FAILED")
         return SearchOutcome(hits, Timings(decode_ms, extract_ms, search_ms, _ms(started)), metric.name)
@@ -419,7 +463,7 @@ class Engine:
         if not ids:
             raise InvalidArgument("no ids given", field="ids", reason="EMPTY_BATCH")
         if not allow_missing:
-            missing = sorted(set(ids) - collection.store.existing_ids(list(ids)))
+            missing = sorted(set(ids) - collection.existing_ids(list(ids)))
             if missing:
                 listed = ", ".join(shown(m) for m in missing[:5])
                 raise NotFound(
@@ -442,7 +486,7 @@ class Engine:
     def _page_size(self, page_size: int) -> int:
         if page_size < 0:
             raise InvalidArgument("page_size must be >= 0", field="page_size", reason="BAD_PAGE_SIZE")
-        return min(page_size or 100, self.limits.max_page_size)
+        return min(page_size or self.limits.default_page_size, self.limits.max_page_size)
 
     def list_images(
         self, collection_name: str, page_size: int, page_token: str, label: str
@@ -451,14 +495,39 @@ class Engine:
         size = self._page_size(page_size)
         scope = f"images\x00{collection.spec.name}\x00{label}"
         after = decode_page_token(page_token, scope)
-        after_row_id = 0 if after is None else _row_position(after)
-        rows = collection.store.page(after_row_id, size + 1, label or None)
+        after_row_id = 0 if after is None else row_position(after)
+        rows = collection.page(after_row_id, size + 1, label)
         more = len(rows) > size
         rows = rows[:size]
         token = encode_page_token(str(rows[-1].row_id), scope) if more else ""
-        return rows, token, collection.store.count(label or None)
+        return rows, token, collection.count(label)
 
-    def list_collections(self, page_size: int, page_token: str) -> tuple[list[Collection], str]:
+    # -- collections and plugins -----------------------------------------------------------
+    def create_collection(self, wanted: NewCollection) -> CollectionInfo:
+        """Create a collection; an empty extractor means the server's default extractor."""
+        return self.catalog.create(
+            wanted.name,
+            extractor=wanted.extractor or self.config.default_extractor,
+            metric=wanted.metric,
+            index_type=wanted.index_type,
+            params=wanted.params,
+            store_originals=wanted.store_originals,
+            description=wanted.description,
+        ).info()
+
+    def get_collection(self, name: str) -> CollectionInfo:
+        return self.catalog.get(name).info()
+
+    def delete_collection(self, name: str) -> None:
+        if not name:
+            raise InvalidArgument("name is required", field="name", reason="BAD_COLLECTION_NAME")
+        self.catalog.delete(name)
+
+    def collections(self) -> list[CollectionInfo]:
+        """Every serving collection, sorted by name."""
+        return [c.info() for c in self.catalog.list()]
+
+    def list_collections(self, page_size: int, page_token: str) -> tuple[list[CollectionInfo], str]:
         """Collections sorted by name, paginated by name (stable while collections come and go)."""
         size = self._page_size(page_size)
         after = decode_page_token(page_token, "collections")
@@ -466,40 +535,31 @@ class Engine:
             raise InvalidArgument("page_token is invalid", field="page_token", reason="BAD_PAGE_TOKEN")
         remaining = [c for c in self.catalog.list() if after is None or c.spec.name > after]
         page = remaining[:size]
-        return page, encode_page_token(page[-1].spec.name, "collections") if len(remaining) > size else ""
+        token = encode_page_token(page[-1].spec.name, "collections") if len(remaining) > size else ""
+        return [c.info() for c in page], token
 
-
-MAX_ROW_ID = 2**63 - 1  # SQLite's INTEGER range
-
-
-def _row_position(after: str) -> int:
-    """A listing position from a page token: a row id SQLite can hold, else BAD_PAGE_TOKEN."""
-    if after.isascii() and after.isdigit() and int(after) <= MAX_ROW_ID:
-        return int(after)
-    raise InvalidArgument("page_token is invalid", field="page_token", reason="BAD_PAGE_TOKEN")
-
-
-def _scope_key(scope: str) -> str:
-    return hashlib.sha256(scope.encode()).hexdigest()[:12]
-
-
-def encode_page_token(after: str, scope: str) -> str:
-    """An opaque token: continue after ``after`` in the listing identified by ``scope``."""
-    return base64.urlsafe_b64encode(f"v1:{_scope_key(scope)}:{after}".encode()).decode()
-
-
-def decode_page_token(token: str, scope: str) -> str | None:
-    """The position to continue after (None for the first page); InvalidArgument for a foreign token."""
-    if not token:
-        return None
-    try:
-        version, key, after = base64.urlsafe_b64decode(token.encode()).decode().split(":", 2)
-        if version != "v1" or key != _scope_key(scope):
-            raise ValueError
-        return after
-    except (ValueError, UnicodeDecodeError, binascii.Error) as exc:
-        raise InvalidArgument(
-            "page_token is invalid or belongs to a different listing (collection or filter changed)",
-            field="page_token",
-            reason="BAD_PAGE_TOKEN",
-        ) from exc
+    def list_plugins(self) -> PluginList:
+        """What the plugins registered, and what went wrong loading them."""
+        extractors = [
+            ExtractorInfo(
+                name=name,
+                version=r.item.version,
+                dim=r.item.dim,
+                default_metric=r.item.default_metric,
+                description=r.item.description,
+                plugin=r.plugin,
+                trainable=isinstance(r.item, TrainableExtractor),
+            )
+            for name, r in sorted(self.registry.extractors.items())
+        ]
+        metrics = [
+            MetricInfo(
+                name=name,
+                version=r.item.version,
+                description=r.item.description,
+                plugin=r.plugin,
+                index_types=tuple(sorted(r.item.index_types)),
+            )
+            for name, r in sorted(self.registry.metrics.items())
+        ]
+        return PluginList(extractors, metrics, (*self.registry.problems, *self.registry.skipped))

@@ -3,8 +3,9 @@
 Domain code never imports grpc; it raises these. Each class carries its
 ``code``, the google.rpc.Code number of exactly one gRPC status, which the
 servicer reports and per-item results (skip_invalid) carry. ``reason`` is a
-stable machine-readable string (google.rpc.ErrorInfo.reason) and ``field`` names
-the offending request field for INVALID_ARGUMENT (google.rpc.BadRequest).
+stable machine-readable string (google.rpc.ErrorInfo.reason), ``field`` names
+the offending request field (google.rpc.BadRequest) and ``metadata`` carries
+the values behind the error, such as the limit that was hit (ErrorInfo.metadata).
 """
 
 from __future__ import annotations
@@ -28,12 +29,21 @@ class ImageSearchError(Exception):
     reason = "ERROR"
     code = 13  # INTERNAL unless a subclass says otherwise
 
-    def __init__(self, message: str, *, field: str | None = None, reason: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        field: str | None = None,
+        reason: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.field = field
         if reason is not None:
             self.reason = reason
+        # google.rpc.ErrorInfo.metadata (AIP-193): the values a program needs, such as the limit.
+        self.metadata = dict(metadata or {})
 
 
 class InvalidArgument(ImageSearchError):

@@ -59,6 +59,7 @@ def check_image(data: bytes, limits: Limits, field: str) -> ImageHeader:
             f"image is {len(data)} bytes; the limit is {limits.max_image_bytes} bytes",
             field=field,
             reason="IMAGE_TOO_LARGE",
+            metadata={"limit": str(limits.max_image_bytes), "value": str(len(data))},
         )
     try:
         header = read_header(data)
@@ -72,6 +73,7 @@ def check_image(data: bytes, limits: Limits, field: str) -> ImageHeader:
             f"the limit is {limits.max_image_pixels} pixels",
             field=field,
             reason="IMAGE_TOO_MANY_PIXELS",
+            metadata={"limit": str(limits.max_image_pixels), "value": str(header.pixels)},
         )
     if not looks_complete(header.format, data):
         raise InvalidArgument(

@@ -18,13 +18,13 @@ from imagesearch.plugins import onnx_cnn
 from imagesearch.plugins.cnn.labels import top_k
 from imagesearch.plugins.cnn.preprocess import preprocess
 from imagesearch.plugins.cnn.recipes import RECIPES
-from imagesearch.server.config import Limits
+from imagesearch.server.config import Limits, default_models_dir
 from imagesearch.server.errors import ImageSearchError
 from imagesearch.server.imaging import decode_image
 
 
 def _models_dir(args: argparse.Namespace) -> Path:
-    return Path(args.models) if args.models else onnx_cnn.models_dir()
+    return Path(args.models) if args.models else default_models_dir()
 
 
 def _error(message: str) -> int:
@@ -67,7 +67,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         return _error(f"export needs torch and onnx: pip install 'imagesearch[export]' ({exc})")
     if args.recipe not in RECIPES:
         return _error(f"unknown recipe {args.recipe!r}; known: {', '.join(RECIPES)}")
-    out = Path(args.out) if args.out else onnx_cnn.models_dir()
+    out = Path(args.out) if args.out else default_models_dir()
     try:
         export_recipe(
             args.recipe,

@@ -17,28 +17,26 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
-import numpy as np
 from google.protobuf import any_pb2, timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from imagesearch.client.types import status_code
 from imagesearch.plugins.types import FLAT, HNSW, IVF
 from imagesearch.server import errors
-from imagesearch.server.collection import Collection
-from imagesearch.server.engine import AddOutcome, Engine, ImageItem, SearchQuery
+from imagesearch.server.collection import CollectionInfo
+from imagesearch.server.engine import AddOutcome, Engine, ImageItem, NewCollection, SearchQuery
 from imagesearch.server.store import ImageRow
-from imagesearch.server.vector_index import default_train_size
 from imagesearch.v1 import image_search_service_pb2 as pb
 from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger("imagesearch.rpc")
 
 ERROR_DOMAIN = "imagesearch.v1"
-_STATUS_BY_NUMBER = {status.value[0]: status for status in grpc.StatusCode}
 
 
 def status_of(error: errors.ImageSearchError) -> grpc.StatusCode:
-    return _STATUS_BY_NUMBER.get(error.code, grpc.StatusCode.INTERNAL)
+    return status_code(error.code)
 
 
 INDEX_TYPE_TO_PB = {FLAT: pb.INDEX_TYPE_FLAT, IVF: pb.INDEX_TYPE_IVF, HNSW: pb.INDEX_TYPE_HNSW}
@@ -106,9 +104,19 @@ def _packed(message: Any) -> any_pb2.Any:
     return packed
 
 
-def to_rpc_status(error: errors.ImageSearchError, extra: tuple[Any, ...] = ()) -> status_pb2.Status:
+def to_rpc_status(
+    error: errors.ImageSearchError, extra: tuple[Any, ...] = (), collection: str | None = None
+) -> status_pb2.Status:
+    """The google.rpc.Status of a domain error: ErrorInfo (reason; metadata with the collection, the
+    field and the error's own values such as a limit), BadRequest for a field, then ``extra``."""
     code = status_of(error)
-    details = [_packed(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN))]
+    metadata = {**error.metadata}
+    if collection is not None:
+        metadata.setdefault("collection", errors.shown(collection or "default").strip("'"))
+    if error.field:
+        metadata.setdefault("field", error.field)
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=metadata)
+    details = [_packed(info)]
     details += [_packed(message) for message in extra]
     if error.field:
         violation = error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.message)
@@ -156,7 +164,9 @@ def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
                 log.error(
                     "internal error", extra={"request_id": request_id, "rpc": method.__name__}, exc_info=True
                 )
-            status = rpc_status.to_status(to_rpc_status(error, extra))
+            collection = getattr(request, "collection", None)  # most requests name one
+            named = collection if isinstance(collection, str) else None
+            status = rpc_status.to_status(to_rpc_status(error, extra, named))
             status = status._replace(trailing_metadata=(*status.trailing_metadata, *trailers))
             context.abort_with_status(_with_request_id(status, request_id))
         except Exception as exc:  # a bug: report INTERNAL with the request id, never UNKNOWN
@@ -188,7 +198,7 @@ def image_item(message: pb.ImageInput) -> ImageItem:
     return ImageItem(
         id=message.id,
         content=message.content if source == "content" else None,
-        vector=np.array(message.vector.values, dtype=np.float32) if source == "vector" else None,
+        vector=message.vector.values if source == "vector" else None,
         label=message.label,
         metadata=dict(message.metadata),
     )
@@ -198,7 +208,10 @@ def outcome_fields(outcome: AddOutcome) -> dict[str, Any]:
     return {
         "ids": outcome.ids,
         "results": [
-            pb.ItemResult(index=r.index, id=r.id, code=r.code, message=r.message) for r in outcome.results
+            pb.ItemResult(
+                index=r.index, id=r.id, code=r.code, message=r.message, reason=r.reason, field=r.field
+            )
+            for r in outcome.results
         ],
         "added_count": outcome.added_count,
     }
@@ -229,30 +242,28 @@ def image_message(row: ImageRow, *, full: bool) -> pb.Image:
     return message
 
 
-def collection_message(collection: Collection) -> pb.Collection:
-    spec = collection.spec
+def collection_message(info: CollectionInfo) -> pb.Collection:
+    spec = info.spec
     return pb.Collection(
         name=spec.name,
         extractor=spec.extractor,
         extractor_version=spec.extractor_version,
         metric=spec.metric,
         index_type=INDEX_TYPE_TO_PB[spec.index_type],
-        ivf=pb.IvfParams(
-            nlist=spec.nlist, nprobe=spec.nprobe, train_size=default_train_size(spec.nlist, spec.train_size)
-        )
+        ivf=pb.IvfParams(nlist=spec.nlist, nprobe=spec.nprobe, train_size=spec.train_size)
         if spec.index_type == IVF
         else None,
         hnsw=pb.HnswParams(m=spec.hnsw_m, ef_construction=spec.ef_construction, ef_search=spec.ef_search)
         if spec.index_type == HNSW
         else None,
         dimension=spec.dim,
-        image_count=collection.count,
+        image_count=info.image_count,
         store_originals=spec.store_originals,
         description=spec.description,
         create_time=_timestamp(spec.created),
-        index_trained=collection.index_trained,
-        state=pb.COLLECTION_STATE_READ_ONLY if collection.problem else pb.COLLECTION_STATE_READY,
-        state_reason=collection.state_reason,
+        index_trained=info.index_trained,
+        state=pb.COLLECTION_STATE_READ_ONLY if info.read_only else pb.COLLECTION_STATE_READY,
+        state_reason=info.state_reason,
     )
 
 
@@ -313,7 +324,7 @@ class ImageSearchServicer(pb_grpc.ImageSearchServiceServicer):
             collection=request.collection,
             image=request.image if kind == "image" else None,
             image_id=request.image_id if kind == "image_id" else None,
-            vector=np.array(request.vector.values, dtype=np.float32) if kind == "vector" else None,
+            vector=request.vector.values if kind == "vector" else None,
             top_k=request.top_k,
             labels=list(request.labels),
             metric=request.metric,
@@ -366,88 +377,78 @@ class ImageSearchServicer(pb_grpc.ImageSearchServiceServicer):
         self, request: pb.CreateCollectionRequest, context: grpc.ServicerContext
     ) -> pb.CreateCollectionResponse:
         wanted = request.collection
-        if wanted.index_type not in INDEX_TYPE_FROM_PB:
-            raise errors.InvalidArgument(
-                f"unknown index_type {wanted.index_type}",
-                field="collection.index_type",
-                reason="UNKNOWN_INDEX_TYPE",
+        info = self.engine.create_collection(
+            NewCollection(
+                name=wanted.name,
+                extractor=wanted.extractor,
+                metric=wanted.metric,
+                # An enum number this server does not know is passed on for the engine to refuse.
+                index_type=INDEX_TYPE_FROM_PB.get(wanted.index_type, str(wanted.index_type)),
+                params={
+                    "nlist": wanted.ivf.nlist,
+                    "nprobe": wanted.ivf.nprobe,
+                    "train_size": wanted.ivf.train_size,
+                    "hnsw_m": wanted.hnsw.m,
+                    "ef_construction": wanted.hnsw.ef_construction,
+                    "ef_search": wanted.hnsw.ef_search,
+                },
+                store_originals=wanted.store_originals,
+                description=wanted.description,
             )
-        index_type = INDEX_TYPE_FROM_PB[wanted.index_type]
-        params: dict[str, int] = {}
-        if index_type == IVF:
-            params = {
-                "nlist": wanted.ivf.nlist,
-                "nprobe": wanted.ivf.nprobe,
-                "train_size": wanted.ivf.train_size,
-            }
-        elif index_type == HNSW:
-            params = {
-                "hnsw_m": wanted.hnsw.m,
-                "ef_construction": wanted.hnsw.ef_construction,
-                "ef_search": wanted.hnsw.ef_search,
-            }
-        collection = self.engine.catalog.create(
-            wanted.name,
-            extractor=wanted.extractor or self.engine.config.default_extractor,
-            metric=wanted.metric,
-            index_type=index_type,
-            params=params,
-            store_originals=wanted.store_originals,
-            description=wanted.description,
         )
-        return pb.CreateCollectionResponse(collection=collection_message(collection))
+        return pb.CreateCollectionResponse(collection=collection_message(info))
 
     @rpc
     def GetCollection(
         self, request: pb.GetCollectionRequest, context: grpc.ServicerContext
     ) -> pb.GetCollectionResponse:
-        return pb.GetCollectionResponse(collection=collection_message(self.engine.catalog.get(request.name)))
+        return pb.GetCollectionResponse(
+            collection=collection_message(self.engine.get_collection(request.name))
+        )
 
     @rpc
     def ListCollections(
         self, request: pb.ListCollectionsRequest, context: grpc.ServicerContext
     ) -> pb.ListCollectionsResponse:
-        collections, token = self.engine.list_collections(request.page_size, request.page_token)
+        infos, token = self.engine.list_collections(request.page_size, request.page_token)
         return pb.ListCollectionsResponse(
-            collections=[collection_message(c) for c in collections], next_page_token=token
+            collections=[collection_message(info) for info in infos], next_page_token=token
         )
 
     @rpc
     def DeleteCollection(
         self, request: pb.DeleteCollectionRequest, context: grpc.ServicerContext
     ) -> pb.DeleteCollectionResponse:
-        if not request.name:
-            raise errors.InvalidArgument("name is required", field="name", reason="BAD_COLLECTION_NAME")
-        self.engine.catalog.delete(request.name)
+        self.engine.delete_collection(request.name)
         return pb.DeleteCollectionResponse()
 
     @rpc
     def ListPlugins(
         self, request: pb.ListPluginsRequest, context: grpc.ServicerContext
     ) -> pb.ListPluginsResponse:
-        registry = self.engine.registry
-        extractors = [
-            pb.ExtractorInfo(
-                name=name,
-                version=r.item.version,
-                dimension=r.item.dim,
-                default_metric=r.item.default_metric,
-                description=getattr(r.item, "description", ""),
-                plugin=r.plugin,
-                trainable=hasattr(r.item, "fit"),
-            )
-            for name, r in sorted(registry.extractors.items())
-        ]
-        metrics = [
-            pb.MetricInfo(
-                name=name,
-                version=r.item.version,
-                description=r.item.description,
-                plugin=r.plugin,
-                index_types=[INDEX_TYPE_TO_PB[t] for t in sorted(r.item.index_types)],
-            )
-            for name, r in sorted(registry.metrics.items())
-        ]
+        plugins = self.engine.list_plugins()
         return pb.ListPluginsResponse(
-            extractors=extractors, metrics=metrics, problems=[*registry.problems, *registry.skipped]
+            extractors=[
+                pb.ExtractorInfo(
+                    name=e.name,
+                    version=e.version,
+                    dimension=e.dim,
+                    default_metric=e.default_metric,
+                    description=e.description,
+                    plugin=e.plugin,
+                    trainable=e.trainable,
+                )
+                for e in plugins.extractors
+            ],
+            metrics=[
+                pb.MetricInfo(
+                    name=m.name,
+                    version=m.version,
+                    description=m.description,
+                    plugin=m.plugin,
+                    index_types=[INDEX_TYPE_TO_PB[t] for t in m.index_types],
+                )
+                for m in plugins.metrics
+            ],
+            problems=plugins.problems,
         )

@@ -18,13 +18,13 @@ import json
 import os
 import struct
 import zlib
-from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
 import faiss
 import numpy as np
 
+from imagesearch.server.files import atomic_write
 from imagesearch.server.vector_index import IndexSpec, VectorIndex
 
 MAGIC = b"IMAGESEARCH-INDEX\x02"  # \x01 held a serialised copy; it is rebuilt from the store
@@ -35,29 +35,6 @@ CHUNK = 1 << 20
 
 class SnapshotError(RuntimeError):
     """The snapshot is missing, damaged or belongs to another collection layout."""
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Run ``write`` on a temp file, then make it ``path``: readers see the old file or the whole new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 class _CrcWriter:

@@ -16,7 +16,8 @@ import cv2
 import numpy as np
 import pytest
 
-from imagesearch.plugins.onnx_cnn import MODELS_ENV, OnnxCnnExtractor, discover
+from imagesearch.plugins.onnx_cnn import OnnxCnnExtractor, discover
+from imagesearch.server.config import MODELS_ENV
 
 DEFAULT_MODEL = "efficientnet-lite0"
 _exported: dict[str, Path] = {}

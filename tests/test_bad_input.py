@@ -228,3 +228,35 @@ def test_metric_override_needs_a_flat_index(stub):
     )
     error = call_error(stub.Search, pb.SearchRequest(collection="graph", image_id="a", metric="l2"))
     assert error.code() == Code.FAILED_PRECONDITION and "flat" in error.details()
+
+
+def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo:
+    status = rpc_status.from_call(error)
+    (detail,) = [d for d in status.details if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR)]
+    info = error_details_pb2.ErrorInfo()
+    detail.Unpack(info)
+    return info
+
+
+def test_error_info_metadata_names_the_collection_the_field_and_the_limit(stub):
+    images = [pb.ImageInput(content=encode(pattern(i, size=(8, 8)))) for i in range(9)]
+    info = error_info(call_error(stub.AddImages, pb.AddImagesRequest(images=images)))
+    assert info.reason == "BATCH_TOO_LARGE"
+    assert dict(info.metadata) == {"collection": "default", "field": "images", "limit": "8", "value": "9"}
+    hnsw = pb.Collection(name="h", index_type=pb.INDEX_TYPE_HNSW, hnsw=pb.HnswParams(m=100_000))
+    info = error_info(call_error(stub.CreateCollection, pb.CreateCollectionRequest(collection=hnsw)))
+    assert info.reason == "BAD_INDEX_PARAM"
+    assert dict(info.metadata) == {"field": "collection.hnsw.m", "min": "2", "max": "64", "value": "100000"}
+
+
+def test_per_item_results_carry_the_reason_and_field_a_whole_request_would(stub):
+    images = [
+        pb.ImageInput(id="ok", content=encode(pattern(3))),
+        pb.ImageInput(id="bad", content=b"junk data!"),
+    ]
+    response = stub.AddImages(pb.AddImagesRequest(images=images, skip_invalid=True))
+    good, bad = response.results
+    assert (good.code, good.reason, good.field) == (0, "", "")
+    assert (bad.reason, bad.field) == ("IMAGE_UNDECODABLE", "images[1].content")
+    whole = error_info(call_error(stub.AddImages, pb.AddImagesRequest(images=images[1:])))
+    assert whole.reason == bad.reason

@@ -17,6 +17,6 @@ def test_demo_indexes_samples_and_writes_a_contact_sheet(server, tmp_path, capsy
     assert sheet.count('<figure class="hit">') == 8 and "data:image/jpeg;base64," in sheet
     ranking = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert ranking[0][1].startswith("chelsea"), out
-    assert server.engine.catalog.get(DEMO_COLLECTION).count == 4 * len(sample_photos())
+    assert server.engine.get_collection(DEMO_COLLECTION).image_count == 4 * len(sample_photos())
     run_demo(server.target, tmp_path)  # a second run reuses the collection
-    assert server.engine.catalog.get(DEMO_COLLECTION).count == 4 * len(sample_photos())
+    assert server.engine.get_collection(DEMO_COLLECTION).image_count == 4 * len(sample_photos())

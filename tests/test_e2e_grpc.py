@@ -224,6 +224,26 @@ def test_health_and_reflection(channel):
     )
     services = {s.name for r in responses for s in r.list_services_response.service}
     assert {SERVICE_NAME, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= services
+    assert "grpc.reflection.v1.ServerReflection" in services
+
+
+def test_reflection_answers_clients_that_speak_only_v1(channel):
+    """A v1 client calls /grpc.reflection.v1.ServerReflection/...; its messages have v1alpha's wire format."""
+    call = channel.stream_stream(
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    (listing, described) = call(
+        iter(
+            [
+                reflection_pb2.ServerReflectionRequest(list_services=""),
+                reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE_NAME),
+            ]
+        )
+    )
+    assert SERVICE_NAME in {s.name for s in listing.list_services_response.service}
+    assert described.file_descriptor_response.file_descriptor_proto, "the contract's descriptor comes back"
 
 
 def test_restart_keeps_everything(data_dir):

@@ -35,20 +35,20 @@ def colour_images(rng: np.random.Generator, bgr: tuple[int, int, int], count: in
 def test_installed_as_a_distribution_with_an_entry_point() -> None:
     entry_points = metadata.entry_points(group="imagesearch")
     assert (EXAMPLE_PLUGIN, EXAMPLE_MODULE) in {(ep.name, ep.value) for ep in entry_points}
-    assert metadata.distribution("imagesearch-colorhist").version == "0.1.0"
+    assert metadata.distribution("imagesearch-colorhist").version == "0.2.0"
 
 
 def test_registry_discovers_the_plugin_through_its_entry_point(registry: PluginRegistry) -> None:
-    assert EXAMPLE_PLUGIN in registry.plugin_names()
+    assert EXAMPLE_PLUGIN in sorted(registry.loaded)
     assert not [problem for problem in registry.problems if EXAMPLE_PLUGIN in problem]
-    module_file = Path(registry.plugin_module(EXAMPLE_PLUGIN).__file__).resolve()
+    module_file = Path(registry.loaded[EXAMPLE_PLUGIN].__file__).resolve()
     assert not module_file.is_relative_to(EXAMPLE_DIR), "loaded the source tree, not the installed copy"
     assert registry.extractors["colorhist-hsv"].plugin == EXAMPLE_PLUGIN
     assert registry.metrics["l1"].plugin == EXAMPLE_PLUGIN
     assert registry.metrics["jensen_shannon"].plugin == EXAMPLE_PLUGIN
-    extractor = registry.extractor("colorhist-hsv")
+    extractor = registry.extractors["colorhist-hsv"].item
     assert (extractor.dim, extractor.default_metric) == (128, "l1")
-    assert registry.metric("l1").faiss_metric == faiss.METRIC_L1
+    assert registry.metrics["l1"].item.faiss_metric == faiss.METRIC_L1
     # The built-ins are untouched by the third-party plugin.
     assert registry.metrics["l2"].plugin == "metrics"
 
@@ -63,7 +63,7 @@ def test_registry_discovers_the_plugin_through_its_entry_point(registry: PluginR
 )
 def test_env_vars_enable_and_disable_the_installed_plugin(env: dict[str, str], loaded: bool) -> None:
     registry = PluginRegistry(env=env)
-    assert (EXAMPLE_PLUGIN in registry.plugin_names()) is loaded
+    assert (EXAMPLE_PLUGIN in sorted(registry.loaded)) is loaded
     assert ("colorhist-hsv" in registry.extractors) is loaded
     assert "l2" in registry.metrics  # built-ins load either way
     assert any(EXAMPLE_PLUGIN in reason for reason in registry.skipped) is not loaded
@@ -71,7 +71,7 @@ def test_env_vars_enable_and_disable_the_installed_plugin(env: dict[str, str], l
 
 def test_red_is_closer_to_red_than_to_blue_under_l1(registry: PluginRegistry) -> None:
     rng = np.random.default_rng(0)
-    extractor, metric = registry.extractor("colorhist-hsv"), registry.metric("l1")
+    extractor, metric = registry.extractors["colorhist-hsv"].item, registry.metrics["l1"].item
     red_a, red_b = colour_images(rng, (30, 30, 220), 2)
     (blue,) = colour_images(rng, (220, 30, 30), 1)
     vectors = metric.prepare(extractor.extract([red_a, red_b, blue]))
@@ -102,7 +102,7 @@ def test_metric_through_faiss_matches_numpy_brute_force(
 ) -> None:
     """A flat FAISS index with the plugin's metric returns the brute-force nearest neighbours."""
     rng = np.random.default_rng(7)
-    extractor, metric = registry.extractor("colorhist-hsv"), registry.metric(metric_name)
+    extractor, metric = registry.extractors["colorhist-hsv"].item, registry.metrics[metric_name].item
     images = [img for bgr in rng.integers(0, 256, (60, 3)) for img in colour_images(rng, tuple(bgr), 4)]
     vectors = metric.prepare(extractor.extract(images))
     queries, stored = vectors[:8], vectors[8:]

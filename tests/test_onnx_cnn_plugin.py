@@ -14,6 +14,8 @@ from imagesearch.plugins import onnx_cnn
 from imagesearch.plugins.manager import PluginRegistry
 from imagesearch.plugins.onnx_cnn import ModelError, OnnxCnnExtractor, discover
 from imagesearch.plugins.types import Extractor
+from imagesearch.server import config
+from imagesearch.server.config import MODELS_ENV
 from tests.cnn_fixtures import DEFAULT_MODEL, default_extractor, default_models_dir, photos  # noqa: F401
 
 
@@ -24,12 +26,17 @@ def models_dir(tmp_path, default_models_dir, monkeypatch):  # noqa: F811
     directory.mkdir()
     for suffix in (".onnx", ".json"):
         shutil.copy(default_models_dir / f"{DEFAULT_MODEL}{suffix}", directory / f"{DEFAULT_MODEL}{suffix}")
-    monkeypatch.setenv(onnx_cnn.MODELS_ENV, str(directory))
+    monkeypatch.setenv(MODELS_ENV, str(directory))
     return directory
 
 
-def _registry() -> PluginRegistry:
-    return PluginRegistry(load_entry_points=False)
+def _registry(**plugin_config) -> PluginRegistry:
+    """The registry a server configured from the environment builds (models dir from IMAGESEARCH_MODELS)."""
+    return PluginRegistry(
+        load_entry_points=False,
+        models_dir=config.default_models_dir(),
+        plugin_config={"onnx_cnn": plugin_config},
+    )
 
 
 def _add_renamed_copy(directory: Path, new_name: str) -> Path:
@@ -46,10 +53,10 @@ def test_registers_one_extractor_per_model(models_dir):
     _add_renamed_copy(models_dir, "lite-copy")
     registry = _registry()
     assert registry.problems == []
-    extractor = registry.extractor(DEFAULT_MODEL)
+    extractor = registry.extractors[DEFAULT_MODEL].item
     assert isinstance(extractor, Extractor)
     assert registry.extractors[DEFAULT_MODEL].plugin == "onnx_cnn"
-    assert registry.extractor("lite-copy").dim == 1280
+    assert registry.extractors["lite-copy"].item.dim == 1280
     sidecar = json.loads((models_dir / f"{DEFAULT_MODEL}.json").read_text())
     assert extractor.version == f"{sidecar['version']}+{sidecar['onnx']['sha256'][:12]}"
     assert extractor.dim == 1280
@@ -59,14 +66,28 @@ def test_registers_one_extractor_per_model(models_dir):
 
 def test_registration_reads_sidecars_only(models_dir):
     before = set(onnx_cnn._sessions)
-    extractor = _registry().extractor(DEFAULT_MODEL)
+    extractor = _registry().extractors[DEFAULT_MODEL].item
     assert set(onnx_cnn._sessions) == before  # no session until first use
     extractor.warm_up()
     assert any(key[0] == str((models_dir / f"{DEFAULT_MODEL}.onnx").resolve()) for key in onnx_cnn._sessions)
 
 
+def test_the_plugin_config_table_sets_threads_and_batch(models_dir):
+    extractor = _registry(threads=1, max_batch=4).extractors[DEFAULT_MODEL].item
+    assert (extractor.threads, extractor.max_batch) == (1, 4)
+    broken = _registry(threads="two")
+    assert DEFAULT_MODEL not in broken.extractors
+    assert any("threads must be a positive integer" in p for p in broken.problems)
+
+
+def test_no_models_dir_from_the_host_registers_nothing():
+    registry = PluginRegistry(load_entry_points=False)
+    assert not any(r.plugin == "onnx_cnn" for r in registry.extractors.values())
+    assert registry.problems == []
+
+
 def test_missing_models_dir_registers_nothing(tmp_path, monkeypatch):
-    monkeypatch.setenv(onnx_cnn.MODELS_ENV, str(tmp_path / "absent"))
+    monkeypatch.setenv(MODELS_ENV, str(tmp_path / "absent"))
     registry = _registry()
     assert not any(r.plugin == "onnx_cnn" for r in registry.extractors.values())
     assert registry.problems == []
@@ -116,7 +137,7 @@ def test_replaced_model_file_is_caught_on_first_use(models_dir, photos):  # noqa
     data = bytearray(model.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, different bytes
     model.write_bytes(bytes(data))
-    extractor = _registry().extractor(DEFAULT_MODEL)
+    extractor = _registry().extractors[DEFAULT_MODEL].item
     with pytest.raises(ModelError, match=r"efficientnet-lite0\.onnx: sha256 .* does not match"):
         extractor.extract([photos["coffee"]])
 

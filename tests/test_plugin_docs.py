@@ -16,7 +16,7 @@ import numpy as np
 import pluggy
 import pytest
 
-from imagesearch.plugins import hookspecs
+from imagesearch.plugins import Extractor, Metric, PluginContext, TrainableExtractor, hookspecs
 from imagesearch.plugins.manager import (
     ALLOW_ENV,
     BLOCK_ENV,
@@ -25,7 +25,6 @@ from imagesearch.plugins.manager import (
     PluginRegistry,
 )
 from imagesearch.plugins.metrics import BUILTIN_METRICS
-from imagesearch.plugins.types import Extractor, Metric, TrainableExtractor
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = (ROOT / "docs" / "plugins.md").read_text()
@@ -90,6 +89,7 @@ INTERFACES = {
     "The Extractor interface": _members(Extractor),
     "Trainable extractors": _members(TrainableExtractor),
     "The Metric interface": [field.name for field in dataclasses.fields(Metric)],
+    "Hook reference": [field.name for field in dataclasses.fields(PluginContext)],
 }
 
 
@@ -137,8 +137,8 @@ def test_the_one_file_plugin_and_its_documented_tests_run(monkeypatch: pytest.Mo
     registry = PluginRegistry(
         extra_plugins=[("meancolor", plugin)], load_entry_points=False, env={BLOCK_ENV: "onnx_cnn"}
     )
-    extractor = registry.extractor("mean-bgr")
-    metric = registry.metric(extractor.default_metric)
+    extractor = registry.extractors["mean-bgr"].item
+    metric = registry.metrics[extractor.default_metric].item
     red, dark_red, blue = (
         np.full((8, 8, 3), bgr, np.uint8) for bgr in [(0, 0, 255), (0, 0, 200), (255, 0, 0)]
     )

@@ -20,7 +20,6 @@ import faiss
 import numpy as np
 import pytest
 
-from imagesearch.plugins import metrics as builtin_metrics
 from imagesearch.plugins.hookspecs import hookimpl
 from imagesearch.plugins.manager import (
     ALLOW_ENV,
@@ -31,14 +30,14 @@ from imagesearch.plugins.manager import (
     PluginRegistry,
     Registered,
 )
-from imagesearch.plugins.types import ALL_INDEX_TYPES, Metric
+from imagesearch.plugins.types import ALL_INDEX_TYPES, Extractor, Metric, inverse_distance_score
 
 # The CNN plugin needs exported models; these tests are about the plugin machinery.
 NO_CNN = {BLOCK_ENV: "onnx_cnn"}
 
 
 @dataclass
-class FakeExtractor:
+class FakeExtractor(Extractor):
     name: str
     dim: int = 4
     version: str = "1"
@@ -47,6 +46,10 @@ class FakeExtractor:
 
     def extract(self, images: list[np.ndarray]) -> np.ndarray:
         return np.asarray([image.reshape(-1)[: self.dim] for image in images], dtype=np.float32)
+
+
+class Nameless(Extractor):
+    """Subclasses the base but sets none of the required attributes."""
 
 
 def metric(name: str, faiss_metric: int = faiss.METRIC_L2) -> Metric:
@@ -120,11 +123,10 @@ def test_hook_register_extractors() -> None:
     registry = make_registry(("fakes", Plugin(extractors=(extractor,))))
     assert registry.problems == []
     assert registry.extractors["fake"] == Registered(extractor, "fakes")
-    assert registry.extractor("fake") is extractor
+    assert registry.extractors["fake"].item is extractor
     images = [np.arange(12, dtype=np.uint8).reshape(2, 2, 3)]
-    np.testing.assert_array_equal(registry.extractor("fake").extract(images), [[0, 1, 2, 3]])
-    with pytest.raises(KeyError):
-        registry.extractor("missing")
+    np.testing.assert_array_equal(registry.extractors["fake"].item.extract(images), [[0, 1, 2, 3]])
+    assert "missing" not in registry.extractors
 
 
 def test_hook_register_metrics() -> None:
@@ -133,17 +135,16 @@ def test_hook_register_metrics() -> None:
         name="linf",
         faiss_metric=faiss.METRIC_Linf,
         description="largest coordinate difference",
-        to_score=builtin_metrics.inverse_distance_score,
+        to_score=inverse_distance_score,
     )
     registry = make_registry(("chebyshev", Plugin(metrics=(linf,))))
     assert registry.problems == []
     assert registry.metrics["linf"] == Registered(linf, "chebyshev")
-    with pytest.raises(KeyError):
-        registry.metric("missing")
+    assert "missing" not in registry.metrics
 
     rng = np.random.default_rng(3)
     stored, queries = rng.random((300, 16), dtype=np.float32), rng.random((5, 16), dtype=np.float32)
-    chosen = registry.metric("linf")
+    chosen = registry.metrics["linf"].item
     index = faiss.IndexFlat(16, chosen.faiss_metric)
     index.add(chosen.prepare(stored))
     raw, ids = index.search(chosen.prepare(queries), 5)
@@ -157,8 +158,8 @@ def test_hook_register_metrics() -> None:
 
 def test_default_plugins_are_ordinary_modules_registered_under_their_names() -> None:
     registry = make_registry()
-    assert registry.plugin_names() == sorted(set(DEFAULT_PLUGINS) - {"onnx_cnn"})
-    assert registry.plugin_module("metrics").__name__ == DEFAULT_PLUGINS["metrics"]
+    assert sorted(registry.loaded) == sorted(set(DEFAULT_PLUGINS) - {"onnx_cnn"})
+    assert registry.loaded["metrics"].__name__ == DEFAULT_PLUGINS["metrics"]
     assert {name: r.plugin for name, r in registry.metrics.items()} == {
         "l2": "metrics",
         "inner_product": "metrics",
@@ -169,7 +170,7 @@ def test_default_plugins_are_ordinary_modules_registered_under_their_names() -> 
 def test_all_default_plugins_load_without_problems() -> None:
     registry = PluginRegistry(load_entry_points=False, env={})
     assert registry.problems == []
-    assert set(DEFAULT_PLUGINS) <= set(registry.plugin_names())
+    assert set(DEFAULT_PLUGINS) <= set(sorted(registry.loaded))
 
 
 def _l2(q: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -200,7 +201,7 @@ def test_builtin_metric_maps_to_faiss_and_scores_consistently(
     score_of: Callable[[np.ndarray], np.ndarray],
 ) -> None:
     """FAISS through the metric equals the NumPy definition; scores are higher-is-better."""
-    chosen = make_registry().metric(name)
+    chosen = make_registry().metrics[name].item
     assert chosen.faiss_metric == faiss_metric
     assert chosen.index_types == ALL_INDEX_TYPES
 
@@ -222,7 +223,7 @@ def test_builtin_metric_maps_to_faiss_and_scores_consistently(
 
 
 def test_cosine_ignores_vector_length_and_scores_identical_direction_one() -> None:
-    cosine, l2 = make_registry().metric("cosine"), make_registry().metric("l2")
+    cosine, l2 = make_registry().metrics["cosine"].item, make_registry().metrics["l2"].item
     vectors = np.array([[3.0, 4.0], [0.0, 0.0]], dtype=np.float32)
     np.testing.assert_allclose(cosine.prepare(vectors), [[0.6, 0.8], [0.0, 0.0]])  # zero rows stay zero
     index = faiss.IndexFlat(2, cosine.faiss_metric)
@@ -255,7 +256,8 @@ def test_a_raising_hook_is_reported_and_contributes_nothing() -> None:
 @pytest.mark.parametrize(
     ("extractors", "metrics", "reason"),
     [
-        ((object(),), (), "lacks name, version, dim, default_metric, extract"),
+        ((object(),), (), "is not a subclass of imagesearch.plugins.Extractor"),
+        ((Nameless(),), (), "lacks name, version, dim, default_metric"),
         ((FakeExtractor("zero", dim=0),), (), "invalid dim 0"),
         ((FakeExtractor("float", dim=2.5),), (), "invalid dim 2.5"),  # type: ignore[arg-type]
         ((FakeExtractor(""),), (), "no usable name"),
@@ -271,7 +273,7 @@ def test_an_invalid_registered_object_is_reported(extractors: tuple, metrics: tu
     (problem,) = registry.problems
     assert problem.startswith(f"plugin 'bad' failed in {hook}: TypeError")
     assert reason in problem
-    assert registry.extractor("good") is good
+    assert registry.extractors["good"].item is good
 
 
 class UnknownHookPlugin:
@@ -289,7 +291,7 @@ def test_a_plugin_implementing_an_unknown_hook_is_reported_and_unloaded() -> Non
     (problem,) = registry.problems
     assert problem.startswith("plugin 'future' implements an unknown hook")
     assert "register_index_backends" in problem
-    assert "future" not in registry.plugin_names()
+    assert "future" not in sorted(registry.loaded)
     assert "from_unknown_hook_plugin" not in registry.metrics
     assert "l2" in registry.metrics
 
@@ -356,7 +358,7 @@ def test_third_party_plugins_are_discovered_through_the_entry_point_group(third_
     registry = PluginRegistry(env={**NO_CNN, ALLOW_ENV: "alpha"})
     assert registry.problems == []
     assert registry.metrics["alpha_metric"].plugin == "alpha"
-    assert registry.plugin_module("alpha").__name__ == module
+    assert registry.loaded["alpha"].__name__ == module
 
 
 def test_the_allow_list_loads_only_the_named_third_party_plugins(third_party) -> None:
@@ -370,7 +372,7 @@ def test_the_allow_list_loads_only_the_named_third_party_plugins(third_party) ->
 
     nothing = PluginRegistry(env={**NO_CNN, ALLOW_ENV: ""})
     assert not {"alpha_metric", "beta_metric"} & set(nothing.metrics)
-    assert nothing.plugin_names() == ["metrics"]
+    assert sorted(nothing.loaded) == ["metrics"]
 
 
 def test_a_misspelt_allow_list_entry_is_reported(third_party) -> None:
@@ -386,7 +388,7 @@ def test_the_block_list_stops_builtin_and_third_party_plugins(third_party) -> No
     registry = PluginRegistry(env={ALLOW_ENV: "alpha,beta", BLOCK_ENV: "onnx_cnn,metrics,alpha"})
     assert registry.problems == []
     assert set(registry.metrics) == {"beta_metric"}
-    assert registry.plugin_names() == ["beta"]
+    assert sorted(registry.loaded) == ["beta"]
     blocked = {f"plugin {name!r} is blocked by {BLOCK_ENV}" for name in ("onnx_cnn", "metrics", "alpha")}
     assert blocked <= set(registry.skipped)
 
@@ -457,7 +459,7 @@ def test_registration_problems_keep_what_was_registered():
     assert any("b.onnx has no sidecar" in p for p in registry.problems)
 
 
-class _PartialExtractor:
+class _PartialExtractor(Extractor):
     name, version, dim, default_metric, description = "partial", "1", 4, "cosine", "test"
 
     def extract(self, images):

@@ -24,7 +24,8 @@ from torch import nn
 
 from imagesearch.plugins.cnn import architectures
 from imagesearch.plugins.cnn.recipes import Preprocessing, Recipe, get_recipe
-from imagesearch.plugins.cnn.sidecar import Sidecar, atomic_write_bytes, sha256_file, write_sidecar
+from imagesearch.plugins.cnn.sidecar import Sidecar, sha256_file, write_sidecar
+from imagesearch.server.files import atomic_write_bytes
 
 OPSET = 17
 IMAGENET = "imagenet"

@@ -12,12 +12,12 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from imagesearch.plugins.hookspecs import hookimpl
+from imagesearch.plugins import Extractor, hookimpl
 
 SIDE = 8
 
 
-class TinyExtractor:
+class TinyExtractor(Extractor):
     name = "tiny-8x8"
     version = "1"
     dim = SIDE * SIDE * 3

@@ -14,11 +14,9 @@ import cv2
 import faiss
 import numpy as np
 
-from imagesearch.plugins.hookspecs import hookimpl
-from imagesearch.plugins.metrics import inverse_distance_score
-from imagesearch.plugins.types import FLAT, Metric
+from imagesearch.plugins import FLAT, Extractor, Metric, hookimpl, inverse_distance_score
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Bins per HSV channel: hue matters most for "same colours", so it gets the most bins.
 HUE_BINS, SATURATION_BINS, VALUE_BINS = 8, 4, 4
@@ -40,7 +38,7 @@ def _as_bgr(image: np.ndarray) -> np.ndarray:
     raise ValueError(f"expected an (h, w, 3) BGR image, got shape {image.shape}")
 
 
-class HSVHistogram:
+class HSVHistogram(Extractor):
     """A joint hue x saturation x value histogram, L1-normalised (the bins sum to 1).
 
     Normalising makes images of different sizes comparable and turns each

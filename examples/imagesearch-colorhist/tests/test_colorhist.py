@@ -79,4 +79,4 @@ def test_imagesearch_loads_the_plugin_without_problems() -> None:
     assert registry.problems == []
     assert registry.extractors["colorhist-hsv"].plugin == "colorhist"
     assert {"l1", "jensen_shannon"} <= set(registry.metrics)
-    assert registry.extractor("colorhist-hsv").default_metric in registry.metrics
+    assert registry.extractors["colorhist-hsv"].item.default_metric in registry.metrics
