@@ -21,14 +21,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import bar_plot, best_rate, machine, save
-from imagesearch.plugins.types import l2_normalize
+from imagesearch.plugins import Extractor, hookimpl, l2_normalize
 from imagesearch.server.app import run_server
 from imagesearch.server.config import ServerConfig
 from imagesearch.v1 import image_search_service_pb2 as pb
 from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
 
 
-class VectorOnlyExtractor:
+class VectorOnlyExtractor(Extractor):
     """Registers the dimension; the benchmark only sends precomputed vectors."""
 
     version, default_metric, description = "1", "cosine", "benchmark placeholder (vectors only)"
@@ -43,8 +43,6 @@ class VectorOnlyExtractor:
 class Plugin:
     def __init__(self, dim: int) -> None:
         self.extractor = VectorOnlyExtractor(dim)
-
-    from imagesearch.plugins.hookspecs import hookimpl
 
     @hookimpl
     def register_extractors(self, register) -> None:

@@ -150,7 +150,7 @@ class AsyncImageSearchClient(ClientBase):
         *,
         image_id: str | None = None,
         vector: VectorLike | None = None,
-        top_k: int = 10,
+        top_k: int = 0,
         labels: Iterable[str] = (),
         metric: str | None = None,
         exclude_query: bool = False,

@@ -175,7 +175,7 @@ class ImageSearchClient(ClientBase):
         *,
         image_id: str | None = None,
         vector: VectorLike | None = None,
-        top_k: int = 10,
+        top_k: int = 0,
         labels: Iterable[str] = (),
         metric: str | None = None,
         exclude_query: bool = False,
@@ -183,7 +183,8 @@ class ImageSearchClient(ClientBase):
         collection: str | None = None,
         **options: Unpack[CallOptions],
     ) -> SearchResult:
-        """Find the ``top_k`` images most similar to one query, best first.
+        """Find the ``top_k`` images most similar to one query, best first (0: the server's
+        default, 10 unless its operator changed it).
 
         The query is exactly one of: ``image`` (encoded bytes, or a file path),
         ``image_id`` (an image already in the collection; ``exclude_query`` drops it

@@ -6,16 +6,18 @@ benchmarks all use it, so what the tests exercise is what operators run.
 
 from __future__ import annotations
 
+import asyncio
 import faulthandler
 import logging
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -27,46 +29,66 @@ from imagesearch.server.engine import Engine
 from imagesearch.server.imaging import check_decoder_cap
 from imagesearch.server.reflection import enable_reflection
 from imagesearch.server.servicer import ImageSearchServicer, add_to_server
+from imagesearch.server.streams import StreamGuard
 from imagesearch.v1 import image_search_service_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ImageSearchService"].full_name
+T = TypeVar("T")
 
 
 COLLECTION_HEALTH_PREFIX = SERVICE_NAME + "/"
 
 
-class CollectionHealth(health.HealthServicer):
+class CollectionHealth(health.aio.HealthServicer):
     """grpc.health.v1 plus one name per collection, ``imagesearch.v1.ImageSearchService/<name>``:
     SERVING when it can search, NOT_SERVING when it is read-only or unavailable (the reason is
     in GetCollection and the log), NOT_FOUND when there is no such collection. Worked out at each
-    Check, so it is never stale; Watch covers the fixed names only."""
+    Check, so it is never stale; Watch covers the fixed names only. Answered on the event loop
+    itself, so no amount of queued work delays it."""
 
     def __init__(self, catalog: Catalog) -> None:
         super().__init__()
         self._catalog = catalog
 
-    def Check(self, request, context):
+    async def Check(self, request, context):
         if not request.service.startswith(COLLECTION_HEALTH_PREFIX):
-            return super().Check(request, context)
+            return await super().Check(request, context)
         problem = self._catalog.problem(request.service[len(COLLECTION_HEALTH_PREFIX) :])
         if problem is None:
-            context.set_code(grpc.StatusCode.NOT_FOUND)
-            return health_pb2.HealthCheckResponse()
+            await context.abort(grpc.StatusCode.NOT_FOUND)
         serving = not problem and not self._gracefully_shutting_down
         Status = health_pb2.HealthCheckResponse
         return Status(status=Status.SERVING if serving else Status.NOT_SERVING)
+
+
+class _EventLoopThread:
+    """The asyncio loop the gRPC server lives on, in a thread of its own, so that ``run_server``
+    stays an ordinary context manager for the CLI, the tests and the benchmarks."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="grpc-aio", daemon=True)
+        self._thread.start()
+
+    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()
 
 
 @dataclass
 class RunningServer:
     """What ``run_server`` yields: the gRPC server, its port and the parts behind it."""
 
-    server: grpc.Server
+    server: grpc.aio.Server
     port: int
     engine: Engine
-    health: health.HealthServicer
+    health: CollectionHealth
     config: ServerConfig
 
     @property
@@ -100,6 +122,55 @@ def plugin_registry(config: ServerConfig, extra_plugins: Iterable[tuple[str, obj
     return PluginRegistry(extra_plugins, models_dir=config.models_dir, plugin_config=config.plugins)
 
 
+@dataclass
+class _Pools:
+    """The threads engine work runs on: ``workers`` for adds, searches and removals (searches
+    waiting to join a batch wait here too), two for the cheap reads so they never queue behind."""
+
+    workers: ThreadPoolExecutor
+    reads: ThreadPoolExecutor
+
+    @classmethod
+    def for_config(cls, config: ServerConfig) -> _Pools:
+        return cls(
+            ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="work"),
+            ThreadPoolExecutor(max_workers=2, thread_name_prefix="read"),
+        )
+
+    def shutdown(self) -> None:
+        self.workers.shutdown(wait=True)
+        self.reads.shutdown(wait=True)
+
+
+async def _start(
+    config: ServerConfig, engine: Engine, catalog: Catalog, pools: _Pools
+) -> tuple[grpc.aio.Server, int, CollectionHealth]:
+    server = grpc.aio.server(
+        options=_grpc_options(config), maximum_concurrent_rpcs=config.limits.max_concurrent_rpcs
+    )
+    streams = StreamGuard(config.limits.max_streams_per_peer, config.limits.stream_idle_timeout_s)
+    add_to_server(ImageSearchServicer(engine, pools.workers, pools.reads, streams), server)
+    health_servicer = CollectionHealth(catalog)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    enable_reflection(server, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"could not bind {config.host}:{config.port}")
+    await server.start()
+    for service in ("", SERVICE_NAME):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    return server, port, health_servicer
+
+
+async def _announce_and_stop(
+    server: grpc.aio.Server, health_servicer: CollectionHealth, config: ServerConfig
+) -> None:
+    """Tell load balancers first (NOT_SERVING while still answering), then drain in-flight calls."""
+    await health_servicer.enter_graceful_shutdown()
+    await asyncio.sleep(config.shutdown_announce_s)
+    await server.stop(config.shutdown_grace_s)
+
+
 @contextmanager
 def run_server(
     config: ServerConfig | None = None,
@@ -112,41 +183,33 @@ def run_server(
     check_decoder_cap(config.limits)
     registry = registry or plugin_registry(config, extra_plugins)
     catalog = Catalog(config.data_dir, registry, config.limits)
+    loop = pools = None
     try:
         if config.create_default_collection:
             catalog.ensure_default(config.default_extractor)
         engine = Engine(config, registry, catalog)
-        server = grpc.server(
-            ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
-            options=_grpc_options(config),
-            maximum_concurrent_rpcs=config.limits.max_concurrent_rpcs,
-        )
-        add_to_server(ImageSearchServicer(engine), server)
-        health_servicer = CollectionHealth(catalog)
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        enable_reflection(server, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
-        port = server.add_insecure_port(f"{config.host}:{config.port}")
-        if port == 0:
-            raise OSError(f"could not bind {config.host}:{config.port}")
-        server.start()
-        for service in ("", SERVICE_NAME):
-            health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+        loop, pools = _EventLoopThread(), _Pools.for_config(config)
+        server, port, health_servicer = loop.run(_start(config, engine, catalog, pools))
         snapshotter = _SnapshotThread(catalog, config)
         snapshotter.start()
         log.info("serving", extra={"address": f"{config.host}:{port}", "data_dir": str(config.data_dir)})
         try:
             yield RunningServer(server, port, engine, health_servicer, config)
         finally:
-            # Tell load balancers first, then let in-flight calls finish, then persist.
-            engine.begin_shutdown()
-            health_servicer.enter_graceful_shutdown()
-            time.sleep(config.shutdown_announce_s)
-            if not server.stop(config.shutdown_grace_s).wait(config.shutdown_grace_s + 5):
+            engine.begin_shutdown()  # streams stop at their next chunk, saying what they stored
+            budget = config.shutdown_announce_s + config.shutdown_grace_s + 5
+            try:
+                loop.run(_announce_and_stop(server, health_servicer, config), timeout=budget)
+            except TimeoutError:
                 log.error("gRPC server did not stop within its grace period; persisting anyway")
             snapshotter.stopped.set()
             snapshotter.join()
             log.info("stopped")
     finally:
+        if pools is not None:
+            pools.shutdown()
+        if loop is not None:
+            loop.close()
         catalog.close()
 
 

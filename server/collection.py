@@ -146,6 +146,19 @@ class Hit:
     metadata: dict[str, str]
 
 
+def _hits(metric: Metric, pairs: list[tuple[float, int]], rows: dict[int, ImageRow], k: int) -> list[Hit]:
+    """Raw (FAISS distance, row id) pairs to the k best hits, scored by ``metric``, best first."""
+    distances = metric.to_distance(np.array([d for d, _ in pairs], dtype=np.float32))
+    scores = metric.to_score(distances)
+    hits = [
+        Hit(row.id, float(score), float(distance), row.label, row.metadata)
+        for (_, row_id), distance, score in zip(pairs, distances, scores, strict=True)
+        if (row := rows.get(row_id)) is not None
+    ]
+    hits.sort(key=lambda hit: hit.score, reverse=True)
+    return hits[:k]
+
+
 class Collection:
     def __init__(self, directory: Path, spec: CollectionSpec, metric: Metric, extractor: Extractor | None):
         self.directory = directory
@@ -320,35 +333,49 @@ class Collection:
         exclude_row_id: int | None = None,
     ) -> list[Hit]:
         """The k best hits for a raw (not yet metric-prepared) query vector, best first."""
+        return self.search_many(raw_query.reshape(1, -1), [k], labels, metric_override, [exclude_row_id])[0]
+
+    def search_many(
+        self,
+        raw_queries: np.ndarray,
+        ks: Sequence[int],
+        labels: Sequence[str] = (),
+        metric_override: Metric | None = None,
+        exclude_row_ids: Sequence[int | None] | None = None,
+    ) -> list[list[Hit]]:
+        """Hits for several queries with one index call (a matrix-matrix product on flat indexes).
+
+        Each query gets its own ``k`` and excluded row; the index is asked for the largest
+        and each list is cut to its own, which gives every query exactly the hits it would
+        get alone on flat and IVF indexes (HNSW's beam depends on k: the engine batches
+        HNSW queries of equal k only).
+        """
+        excludes = list(exclude_row_ids) if exclude_row_ids is not None else [None] * len(ks)
         metric = metric_override or self.metric
         with self.lock.read():
             self._check_open()
             allowed = self.store.row_ids_with_labels(labels) if labels else None
             if allowed is not None and len(allowed) == 0:
-                return []
-            want = k + (1 if exclude_row_id is not None else 0)
+                return [[] for _ in ks]
+            want = max(k + (exclude is not None) for k, exclude in zip(ks, excludes, strict=True))
             if metric_override is None:
-                query = self.metric.prepare(raw_query.reshape(1, -1))
-                raw, ids = self.live_index().search(query, want, allowed)
+                raw, ids = self.live_index().search(self.metric.prepare(raw_queries), want, allowed)
             else:
-                raw, ids = self._search_other_metric(metric, raw_query, want, allowed)
-            pairs = [
-                (float(d), int(i))
-                for d, i in zip(raw[0], ids[0], strict=True)
-                if i >= 0 and i != exclude_row_id
+                raw, ids = self._search_other_metric(metric, raw_queries, want, allowed)
+            found = [
+                [
+                    (float(d), int(i))
+                    for d, i in zip(raw[q], ids[q], strict=True)
+                    if i >= 0 and i != excludes[q]
+                ]
+                for q in range(len(ks))
             ]
-            rows = self.store.rows_by_row_id([i for _, i in pairs])
-        distances = metric.to_distance(np.array([d for d, _ in pairs], dtype=np.float32))
-        scores = metric.to_score(distances)
-        hits = [
-            Hit(row.id, float(score), float(distance), row.label, row.metadata)
-            for (_, row_id), distance, score in zip(pairs, distances, scores, strict=True)
-            if (row := rows.get(row_id)) is not None
-        ]
-        hits.sort(key=lambda hit: hit.score, reverse=True)
-        return hits[:k]
+            rows = self.store.rows_by_row_id(sorted({i for pairs in found for _, i in pairs}))
+        return [_hits(metric, pairs, rows, k) for pairs, k in zip(found, ks, strict=True)]
 
-    def _search_other_metric(self, metric: Metric, raw_query: np.ndarray, k: int, allowed: np.ndarray | None):
+    def _search_other_metric(
+        self, metric: Metric, raw_queries: np.ndarray, k: int, allowed: np.ndarray | None
+    ):
         """Exact search with another metric over a flat collection's stored vectors."""
         if self.spec.index_type != FLAT:
             raise FailedPrecondition(
@@ -363,9 +390,9 @@ class Collection:
             mask = np.isin(ids, allowed)
             ids, base = ids[mask], base[mask]
         if len(ids) == 0:
-            return np.zeros((1, 0), np.float32), np.zeros((1, 0), np.int64)
-        # Stored vectors went through the collection metric's prepare; put the query in the same space first.
-        query = metric.prepare(self.metric.prepare(raw_query.reshape(1, -1)))
+            return np.zeros((len(raw_queries), 0), np.float32), np.zeros((len(raw_queries), 0), np.int64)
+        # Stored vectors went through the collection metric's prepare; put the queries in the same space first.
+        query = metric.prepare(self.metric.prepare(raw_queries))
         raw, positions = brute_force(metric, metric.prepare(base), query, k)
         return raw, np.where(positions >= 0, ids[np.maximum(positions, 0)], -1)
 

@@ -34,9 +34,14 @@ class Limits:
     max_batch_size: int = 256
     # Pixels one batch may decode to at once (BGR, 3 bytes each): 200 MP is 600 MB per call.
     max_batch_pixels: int = 200_000_000
+    # Pixels all calls together may hold decoded at once (1.2 GB of BGR); calls beyond it wait.
+    max_decoding_pixels: int = 400_000_000
     default_top_k: int = 10
     max_top_k: int = 1000
-    max_concurrent_rpcs: int = 64
+    # In-flight calls of every kind; on the asyncio server a waiting call holds no thread.
+    max_concurrent_rpcs: int = 256
+    max_streams_per_peer: int = 32  # open AddImagesStream calls from one client address
+    stream_idle_timeout_s: float = 60.0  # a stream that sends nothing this long is closed
     max_metadata_entries: int = 64
     max_metadata_bytes: int = 16 * 1024
     max_id_length: int = 256
@@ -58,7 +63,13 @@ class ServerConfig:
     port: int = 50051
     data_dir: Path = field(default_factory=lambda: Path(os.environ.get(DATA_ENV, "var/imagesearch")))
     models_dir: Path = field(default_factory=default_models_dir)
-    workers: int = 8
+    workers: int = 16  # threads for engine work; decoding memory is bounded by max_decoding_pixels
+    # Micro-batching: concurrent searches share one index call, concurrent images one extractor
+    # run. A batch starts at once when the server is idle; batch_max_wait_ms > 0 lets a busy
+    # server wait that long for more company (latency for throughput).
+    batch_max_wait_ms: float = 0.0
+    search_max_batch: int = 256
+    extract_max_batch: int = 64
     default_extractor: str = "efficientnet-lite0"
     create_default_collection: bool = True
     thumbnail_size: int = 256

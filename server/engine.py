@@ -8,18 +8,22 @@ unary and the streaming upload behave identically.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import math
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from imagesearch.plugins.manager import PluginRegistry
-from imagesearch.plugins.types import FLAT, Metric, TrainableExtractor
+from imagesearch.plugins.types import FLAT, HNSW, Extractor, Metric, TrainableExtractor
+from imagesearch.server.batching import Batcher
+from imagesearch.server.budget import PixelBudget
 from imagesearch.server.catalog import Catalog
 from imagesearch.server.collection import NAME_PATTERN, Collection, CollectionInfo, Hit
 from imagesearch.server.config import ServerConfig
@@ -132,6 +136,47 @@ class PluginList:
     problems: tuple[str, ...]
 
 
+@dataclass(eq=False)
+class _Plan:
+    """One query of a search batch on its way: validated, then given a vector, then searched."""
+
+    collection: Collection
+    k: int
+    labels: tuple[str, ...]
+    override: Metric | None
+    vector: np.ndarray | None = None
+    pixels: np.ndarray | None = None
+    exclude: int | None = None
+    decode_ms: float = 0.0
+    extract_ms: float = 0.0
+    error: ImageSearchError | None = None
+
+    def pending(self) -> PendingSearch:
+        assert self.vector is not None
+        return PendingSearch(self.collection, self.vector, self.k, self.labels, self.override, self.exclude)
+
+
+def _for_query(error: ImageSearchError, position: int, count: int) -> ImageSearchError:
+    """In a batch of several queries, name the query an error belongs to (field queries[i])."""
+    if count > 1 and not error.message.startswith("queries["):
+        error = copy.copy(error)
+        error.message = f"queries[{position}]: {error.message}"
+        error.field = f"queries[{position}]" + (f".{error.field}" if error.field else "")
+    return error
+
+
+@dataclass(frozen=True)
+class PendingSearch:
+    """A search whose query vector is known, waiting to share an index call with others."""
+
+    collection: Collection
+    vector: np.ndarray
+    k: int
+    labels: tuple[str, ...]
+    override: Metric | None
+    exclude: int | None
+
+
 @dataclass(frozen=True)
 class Timings:
     decode_ms: float = 0.0
@@ -158,6 +203,18 @@ def within_index_range(vectors: np.ndarray) -> bool:
     return bool(np.all(np.isfinite(rows)) and np.all(np.einsum("ij,ij->i", rows, rows) <= MAX_VECTOR_NORM**2))
 
 
+def _checked_extract(extractor: Extractor, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Run an extractor and refuse output the index could not use (a plugin bug: INTERNAL)."""
+    vectors = np.asarray(extractor.extract(images), dtype=np.float32)
+    if vectors.shape != (len(images), extractor.dim) or not within_index_range(vectors):
+        raise Internal(
+            f"extractor {extractor.name!r} returned {vectors.shape} (or non-finite values) for "
+            f"{len(images)} images of dimension {extractor.dim}",
+            reason="EXTRACTOR_FAILED",
+        )
+    return list(vectors)
+
+
 def check_deadline(deadline: float | None, stage: str) -> None:
     """``deadline`` is a time.monotonic() value; past it, stop before doing more work."""
     if deadline is not None and time.monotonic() > deadline:
@@ -175,6 +232,15 @@ class Engine:
         self.registry = registry
         self.catalog = catalog
         self._stopping = threading.Event()
+        wait_s = config.batch_max_wait_ms / 1000
+        # Concurrent searches run as one index call per collection and filter; concurrent images
+        # (searches by image and AddImages alike) go through their extractor as one batch.
+        self.searches: Batcher[PendingSearch, list[Hit] | ImageSearchError] = Batcher(
+            self._run_searches, config.search_max_batch, wait_s
+        )
+        self._extractions: dict[int, Batcher[np.ndarray, np.ndarray]] = {}
+        self._extractions_lock = threading.Lock()
+        self.pixels = PixelBudget(config.limits.max_decoding_pixels)
 
     # -- lifecycle ---------------------------------------------------------------------
     def begin_shutdown(self) -> None:
@@ -235,15 +301,18 @@ class Engine:
             )
 
     def _extract(self, collection: Collection, images: list[np.ndarray]) -> np.ndarray:
+        """Vectors for decoded images, extracted together with other callers' images."""
         extractor = collection.extractor
-        vectors = np.asarray(extractor.extract(images), dtype=np.float32)
-        if vectors.shape != (len(images), collection.spec.dim) or not within_index_range(vectors):
-            raise Internal(
-                f"extractor {extractor.name!r} returned {vectors.shape} (or non-finite values) for "
-                f"{len(images)} images of dimension {collection.spec.dim}",
-                reason="EXTRACTOR_FAILED",
-            )
-        return vectors
+        with self._extractions_lock:
+            batcher = self._extractions.get(id(extractor))
+            if batcher is None:
+                batcher = Batcher(
+                    functools.partial(_checked_extract, extractor),
+                    self.config.extract_max_batch,
+                    self.config.batch_max_wait_ms / 1000,
+                )
+                self._extractions[id(extractor)] = batcher
+        return np.stack(batcher.submit_many(images))
 
     def _min_side(self, collection: Collection) -> int | None:
         """How far a JPEG may be shrunk while decoding: enough for the extractor and the thumbnail."""
@@ -251,23 +320,28 @@ class Engine:
         wanted = extractor.min_input_side if extractor is not None else 0
         return max(wanted, self.config.thumbnail_size) if wanted else None
 
-    def _check_batch_pixels(self, items: Sequence[ImageItem], min_side: int | None) -> None:
-        """Refuse a batch whose images would together decode to more than the memory budget.
+    def _decoded_total(self, contents: Iterable[bytes | None], min_side: int | None) -> int:
+        """The pixels these images will decode to, read from their headers. Bad headers and images
+        over the per-image limit count nothing: the per-image checks refuse and name them."""
+        total = 0
+        for content in contents:
+            if content:
+                try:
+                    header = read_header(content)
+                except HeaderError:
+                    continue
+                if header.pixels <= self.limits.max_image_pixels:
+                    total += decoded_pixels(header, min_side)
+        return total
+
+    def _check_batch_pixels(self, items: Sequence[ImageItem], min_side: int | None) -> int:
+        """Refuse a batch whose images would together decode to more than the per-call budget.
 
         Each image may be within the per-image limits while 256 of them are not: 256
         highly compressed 40-megapixel PNGs fit in one message and would need 30 GB.
-        Read from the headers, before anything is decoded; bad headers and images over the
-        per-image limit are left to the per-image checks, which name them.
+        Read from the headers, before anything is decoded. Returns the total.
         """
-        total = 0
-        for item in items:
-            if item.content:
-                try:
-                    header = read_header(item.content)
-                except HeaderError:
-                    continue
-                if header.pixels <= self.limits.max_image_pixels:  # else its own check names it
-                    total += decoded_pixels(header, min_side)
+        total = self._decoded_total((item.content for item in items), min_side)
         if total > self.limits.max_batch_pixels:
             raise ResourceExhausted(
                 f"the batch decodes to {total} pixels; the limit is {self.limits.max_batch_pixels} "
@@ -276,6 +350,7 @@ class Engine:
                 reason="BATCH_TOO_MANY_PIXELS",
                 metadata={"limit": str(self.limits.max_batch_pixels), "value": str(total)},
             )
+        return total
 
     def _prepare(
         self, item: ImageItem, image_id: str, prefix: str, collection: Collection, min_side: int | None
@@ -339,57 +414,58 @@ class Engine:
                 raise error
             errors[position] = error
 
-        self._check_batch_pixels(items, min_side)
-        if any(item.content is not None for item in items):
-            collection.check_extractor()  # FAILED_PRECONDITION before decoding anything
-        existing = collection.existing_ids([item.id for item in items if item.id])
-        kept: dict[int, ImageSearchError] = {}  # already stored, left as they are (skip_existing)
-        for position, item in enumerate(items):
-            prefix = f"images[{position + index_offset}]"
-            try:
-                if ids[position] in seen:
-                    raise AlreadyExists(
-                        f"id {shown(ids[position])} appears twice in the batch (also at index "
-                        f"{seen[ids[position]] + index_offset})",
-                        field=f"{prefix}.id",
-                        reason="DUPLICATE_ID",
-                    )
-                seen[ids[position]] = position
-                if ids[position] in existing:
-                    error = AlreadyExists(
-                        f"id {shown(ids[position])} already exists in collection {collection.spec.name!r}",
-                        field=f"{prefix}.id",
-                        reason="IMAGE_EXISTS",
-                    )
-                    if not skip_existing:
-                        raise error
-                    error.message = f"{prefix}: {error.message} (skip_existing: left as it is)"
-                    kept[position] = error
-                    continue
-                rows[position], pixels = self._prepare(item, ids[position], prefix, collection, min_side)
-                if pixels is not None:
-                    decoded[position] = pixels
-            except ImageSearchError as error:
-                fail(position, error)
+        decoding = self._check_batch_pixels(items, min_side)
+        with self.pixels.hold(decoding):  # all calls together stay within max_decoding_pixels
+            if any(item.content is not None for item in items):
+                collection.check_extractor()  # FAILED_PRECONDITION before decoding anything
+            existing = collection.existing_ids([item.id for item in items if item.id])
+            kept: dict[int, ImageSearchError] = {}  # already stored, left as they are (skip_existing)
+            for position, item in enumerate(items):
+                prefix = f"images[{position + index_offset}]"
+                try:
+                    if ids[position] in seen:
+                        raise AlreadyExists(
+                            f"id {shown(ids[position])} appears twice in the batch (also at index "
+                            f"{seen[ids[position]] + index_offset})",
+                            field=f"{prefix}.id",
+                            reason="DUPLICATE_ID",
+                        )
+                    seen[ids[position]] = position
+                    if ids[position] in existing:
+                        error = AlreadyExists(
+                            f"id {shown(ids[position])} already exists in collection {collection.spec.name!r}",
+                            field=f"{prefix}.id",
+                            reason="IMAGE_EXISTS",
+                        )
+                        if not skip_existing:
+                            raise error
+                        error.message = f"{prefix}: {error.message} (skip_existing: left as it is)"
+                        kept[position] = error
+                        continue
+                    rows[position], pixels = self._prepare(item, ids[position], prefix, collection, min_side)
+                    if pixels is not None:
+                        decoded[position] = pixels
+                except ImageSearchError as error:
+                    fail(position, error)
 
-        check_deadline(deadline, "feature extraction")
-        if decoded:
-            positions = list(decoded)
-            vectors = self._extract(collection, [decoded[p] for p in positions])
-            for position, vector in zip(positions, vectors, strict=True):
-                rows[position] = dataclasses.replace(rows[position], vector=vector)
-        check_deadline(deadline, "storing the batch")
-        if rows:
-            collection.add([rows[p] for p in sorted(rows)])
-        results = [
-            ItemResult.failed(p + index_offset, "", errors[p])
-            if p in errors
-            else ItemResult.failed(p + index_offset, ids[p], kept[p])
-            if p in kept
-            else ItemResult(p + index_offset, ids[p])
-            for p in range(len(items))
-        ]
-        return AddOutcome([r.id for r in results], results)
+            check_deadline(deadline, "feature extraction")
+            if decoded:
+                positions = list(decoded)
+                vectors = self._extract(collection, [decoded[p] for p in positions])
+                for position, vector in zip(positions, vectors, strict=True):
+                    rows[position] = dataclasses.replace(rows[position], vector=vector)
+            check_deadline(deadline, "storing the batch")
+            if rows:
+                collection.add([rows[p] for p in sorted(rows)])
+            results = [
+                ItemResult.failed(p + index_offset, "", errors[p])
+                if p in errors
+                else ItemResult.failed(p + index_offset, ids[p], kept[p])
+                if p in kept
+                else ItemResult(p + index_offset, ids[p])
+                for p in range(len(items))
+            ]
+            return AddOutcome([r.id for r in results], results)
 
     # -- search ----------------------------------------------------------------------------
     def _metric_override(self, collection: Collection, name: str) -> Metric | None:
@@ -411,7 +487,58 @@ class Engine:
         return top_k or self.limits.default_top_k
 
     def search(self, query: SearchQuery, deadline: float | None = None) -> SearchOutcome:
+        outcome = self.search_batch([query], deadline)[0]
+        if isinstance(outcome, ImageSearchError):
+            raise outcome
+        return outcome
+
+    def search_batch(
+        self, queries: Sequence[SearchQuery], deadline: float | None = None
+    ) -> list[SearchOutcome | ImageSearchError]:
+        """Run searches together: decode each image, extract all of one collection's images in one
+        extractor call, then search through the shared batcher. Each query fails on its own."""
         started = time.perf_counter()
+        if len(queries) > self.limits.max_batch_size:
+            raise ResourceExhausted(
+                f"{len(queries)} queries; the limit is {self.limits.max_batch_size}",
+                field="queries",
+                reason="BATCH_TOO_LARGE",
+                metadata={"limit": str(self.limits.max_batch_size), "value": str(len(queries))},
+            )
+        plans: list[_Plan | ImageSearchError] = []
+        with self.pixels.hold(self._decoded_total((q.image for q in queries), None)):
+            for position, query in enumerate(queries):
+                try:
+                    plans.append(self._plan(query, deadline))
+                except ImageSearchError as error:
+                    plans.append(_for_query(error, position, len(queries)))
+            self._extract_plans([p for p in plans if isinstance(p, _Plan)], deadline)
+        ready = [p for p in plans if isinstance(p, _Plan) and p.error is None]
+        step = time.perf_counter()
+        found = self.searches.submit_many([p.pending() for p in ready]) if ready else []
+        search_ms = _ms(step)
+        by_plan = dict(zip(map(id, ready), found, strict=True))
+        outcomes: list[SearchOutcome | ImageSearchError] = []
+        for position, plan in enumerate(plans):
+            if not isinstance(plan, _Plan):
+                outcomes.append(plan)
+                continue
+            hits = plan.error or by_plan[id(plan)]
+            if isinstance(hits, ImageSearchError):
+                outcomes.append(_for_query(hits, position, len(queries)))
+                continue
+            metric = plan.override or plan.collection.metric
+            if any(math.isnan(hit.score) for hit in hits):
+                outcomes.append(
+                    Internal(f"metric {metric.name!r} produced NaN scores", reason="METRIC_FAILED")
+                )
+                continue
+            timings = Timings(plan.decode_ms, plan.extract_ms, search_ms, _ms(started))
+            outcomes.append(SearchOutcome(hits, timings, metric.name))
+        return outcomes
+
+    def _plan(self, query: SearchQuery, deadline: float | None) -> _Plan:
+        """Validate one query and find its vector, or the decoded image to extract it from."""
         collection = self.catalog.get(query.collection)
         collection.check_serving()
         k = self._top_k(query.top_k)
@@ -427,34 +554,70 @@ class Engine:
             raise InvalidArgument(
                 "exclude_query needs an image_id query", field="exclude_query", reason="BAD_QUERY"
             )
-        decode_ms = extract_ms = 0.0
-        exclude = None
+        plan = _Plan(collection, k, tuple(query.labels), override)
         if query.image is not None:
             collection.check_extractor()
             step = time.perf_counter()
-            image = decode_image(query.image, self.limits, "image", self._min_side(collection))
-            decode_ms = _ms(step)
-            check_deadline(deadline, "feature extraction")
-            step = time.perf_counter()
-            vector = self._extract(collection, [image.pixels])[0]
-            extract_ms = _ms(step)
+            plan.pixels = decode_image(query.image, self.limits, "image", self._min_side(collection)).pixels
+            plan.decode_ms = _ms(step)
         elif query.image_id is not None:
-            row_id, vector = collection.vector_of(query.image_id)
-            exclude = row_id if query.exclude_query else None
+            row_id, plan.vector = collection.vector_of(query.image_id)
+            plan.exclude = row_id if query.exclude_query else None
         elif query.vector is not None:
-            vector = self._check_vector(query.vector, collection, "vector")
+            plan.vector = self._check_vector(query.vector, collection, "vector")
         else:
             raise InvalidArgument(
                 "the query needs image, image_id or vector", field="query", reason="NO_QUERY"
             )
-        check_deadline(deadline, "the index search")
-        step = time.perf_counter()
-        hits = collection.search(vector, k, query.labels, override, exclude)
-        search_ms = _ms(step)
-        metric = override or collection.metric
-        if any(math.isnan(hit.score) for hit in hits):
-            raise Internal(f"metric {metric.name!r} produced NaN scores", reason="METRIC_FAILED")
-        return SearchOutcome(hits, Timings(decode_ms, extract_ms, search_ms, _ms(started)), metric.name)
+        return plan
+
+    def _extract_plans(self, plans: Sequence[_Plan], deadline: float | None) -> None:
+        """One extractor call per collection for the plans that carry decoded images."""
+        by_collection: dict[int, list[_Plan]] = {}
+        for plan in plans:
+            if plan.pixels is not None:
+                by_collection.setdefault(id(plan.collection), []).append(plan)
+        for group in by_collection.values():
+            step = time.perf_counter()
+            try:
+                check_deadline(deadline, "feature extraction")
+                vectors = self._extract(group[0].collection, [plan.pixels for plan in group])
+            except ImageSearchError as error:
+                for plan in group:
+                    plan.error = error
+                continue
+            for plan, vector in zip(group, vectors, strict=True):
+                plan.vector, plan.pixels, plan.extract_ms = vector, None, _ms(step)
+        if plans and deadline is not None and time.monotonic() > deadline:
+            for plan in plans:
+                plan.error = plan.error or DeadlineExceeded(
+                    "deadline exceeded before the index search", reason="DEADLINE_EXCEEDED"
+                )
+
+    def _run_searches(self, pending: Sequence[PendingSearch]) -> list[list[Hit] | ImageSearchError]:
+        """One index call per group of searches that can share it: same collection, label filter
+        and metric (and, on HNSW, the same k, since its beam width follows k)."""
+        groups: dict[tuple, list[int]] = {}
+        for position, search in enumerate(pending):
+            hnsw_k = search.k if search.collection.spec.index_type == HNSW else 0
+            key = (id(search.collection), search.labels, search.override and search.override.name, hnsw_k)
+            groups.setdefault(key, []).append(position)
+        results: list[list[Hit] | ImageSearchError] = [[] for _ in pending]
+        for positions in groups.values():
+            first = pending[positions[0]]
+            try:
+                found = first.collection.search_many(
+                    np.stack([pending[p].vector for p in positions]),
+                    [pending[p].k for p in positions],
+                    first.labels,
+                    first.override,
+                    [pending[p].exclude for p in positions],
+                )
+            except ImageSearchError as error:
+                found = [error] * len(positions)
+            for position, hits in zip(positions, found, strict=True):
+                results[position] = hits
+        return results
 
     # -- the rest ---------------------------------------------------------------------------
     def remove_images(self, collection_name: str, ids: Sequence[str], allow_missing: bool) -> int:

@@ -36,6 +36,7 @@ class ImageSearchError(Exception):
         field: str | None = None,
         reason: str | None = None,
         metadata: dict[str, str] | None = None,
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -44,6 +45,8 @@ class ImageSearchError(Exception):
             self.reason = reason
         # google.rpc.ErrorInfo.metadata (AIP-193): the values a program needs, such as the limit.
         self.metadata = dict(metadata or {})
+        # For back-pressure: when trying again makes sense (google.rpc.RetryInfo).
+        self.retry_after_s = retry_after_s
 
 
 class InvalidArgument(ImageSearchError):

@@ -18,9 +18,9 @@ V1ALPHA_SERVICE = reflection.SERVICE_NAME
 V1_SERVICE = "grpc.reflection.v1.ServerReflection"
 
 
-def enable_reflection(server: grpc.Server, service_names: Iterable[str]) -> None:
+def enable_reflection(server: grpc.aio.Server, service_names: Iterable[str]) -> None:
     names = (*service_names, V1_SERVICE, V1ALPHA_SERVICE)
-    servicer = reflection.ReflectionServicer(names)
+    servicer = reflection.aio.ReflectionServicer(names)
     handler = grpc.stream_stream_rpc_method_handler(
         servicer.ServerReflectionInfo,
         request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,

@@ -9,15 +9,17 @@ INTERNAL, never UNKNOWN.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor
 from typing import Any
 
 import grpc
-from google.protobuf import any_pb2, timestamp_pb2
+from google.protobuf import any_pb2, duration_pb2, timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -25,8 +27,9 @@ from imagesearch.client.types import status_code
 from imagesearch.plugins.types import FLAT, HNSW, IVF
 from imagesearch.server import errors
 from imagesearch.server.collection import CollectionInfo
-from imagesearch.server.engine import AddOutcome, Engine, ImageItem, NewCollection, SearchQuery
+from imagesearch.server.engine import AddOutcome, Engine, ImageItem, NewCollection, SearchOutcome, SearchQuery
 from imagesearch.server.store import ImageRow
+from imagesearch.server.streams import StreamGuard
 from imagesearch.v1 import image_search_service_pb2 as pb
 from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
 
@@ -71,7 +74,7 @@ def _tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return parse_or_mark
 
 
-def add_to_server(servicer: ImageSearchServicer, server: grpc.Server) -> None:
+def add_to_server(servicer: ImageSearchServicer, server: grpc.aio.Server) -> None:
     """Register every RPC of the service, parsing requests with ``_tolerant``."""
     handlers = {}
     for method in SERVICE.methods:
@@ -118,20 +121,24 @@ def to_rpc_status(
     info = error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=metadata)
     details = [_packed(info)]
     details += [_packed(message) for message in extra]
+    if error.retry_after_s is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(round(error.retry_after_s * 1e9))
+        details.append(_packed(error_details_pb2.RetryInfo(retry_delay=delay)))
     if error.field:
         violation = error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.message)
         details.append(_packed(error_details_pb2.BadRequest(field_violations=[violation])))
     return status_pb2.Status(code=code.value[0], message=error.message, details=details)
 
 
-def _request_id(context: grpc.ServicerContext) -> str:
+def _request_id(context: grpc.aio.ServicerContext) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_KEY and value:
             return str(value)[:64]
     return uuid.uuid4().hex
 
 
-def _deadline(context: grpc.ServicerContext) -> float | None:
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
 
@@ -142,10 +149,10 @@ def _with_request_id(status: grpc.Status, request_id: str) -> grpc.Status:
 
 
 def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a handler: request id, structured access log, error mapping."""
+    """Wrap an async handler: request id, structured access log, error mapping."""
 
     @functools.wraps(method)
-    def handler(self: ImageSearchServicer, request: Any, context: grpc.ServicerContext) -> Any:
+    async def handler(self: ImageSearchServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
         request_id = _request_id(context)
         context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
         started = time.perf_counter()
@@ -153,7 +160,7 @@ def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
         try:
             if isinstance(request, MalformedRequest):
                 raise request.error()
-            return method(self, request, context)
+            return await method(self, request, context)
         except (errors.ImageSearchError, StreamFailure) as caught:
             error, extra, trailers = caught, (), ()
             if isinstance(caught, StreamFailure):
@@ -168,7 +175,10 @@ def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
             named = collection if isinstance(collection, str) else None
             status = rpc_status.to_status(to_rpc_status(error, extra, named))
             status = status._replace(trailing_metadata=(*status.trailing_metadata, *trailers))
-            context.abort_with_status(_with_request_id(status, request_id))
+            await context.abort_with_status(_with_request_id(status, request_id))
+        except asyncio.CancelledError:
+            outcome = "CANCELLED"
+            raise
         except Exception as exc:  # a bug: report INTERNAL with the request id, never UNKNOWN
             outcome = "INTERNAL"
             log.exception("unhandled error", extra={"request_id": request_id, "rpc": method.__name__})
@@ -177,7 +187,7 @@ def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
                 message=f"internal error ({type(exc).__name__}); request id {request_id}",
                 details=[_packed(error_details_pb2.ErrorInfo(reason="INTERNAL", domain=ERROR_DOMAIN))],
             )
-            context.abort_with_status(_with_request_id(rpc_status.to_status(status), request_id))
+            await context.abort_with_status(_with_request_id(rpc_status.to_status(status), request_id))
         finally:
             log.info(
                 "rpc",
@@ -267,13 +277,69 @@ def collection_message(info: CollectionInfo) -> pb.Collection:
     )
 
 
+def search_query(request: pb.SearchRequest) -> SearchQuery:
+    kind = request.WhichOneof("query")
+    return SearchQuery(
+        collection=request.collection,
+        image=request.image if kind == "image" else None,
+        image_id=request.image_id if kind == "image_id" else None,
+        vector=request.vector.values if kind == "vector" else None,
+        top_k=request.top_k,
+        labels=list(request.labels),
+        metric=request.metric,
+        exclude_query=request.exclude_query,
+        extractor=request.extractor,
+    )
+
+
+def search_response(outcome: SearchOutcome) -> pb.SearchResponse:
+    timings = outcome.timings
+    return pb.SearchResponse(
+        hits=[
+            pb.SearchHit(id=h.id, score=h.score, distance=h.distance, label=h.label, metadata=h.metadata)
+            for h in outcome.hits
+        ],
+        timings=pb.StageTimings(
+            decode_ms=timings.decode_ms,
+            extract_ms=timings.extract_ms,
+            search_ms=timings.search_ms,
+            total_ms=timings.total_ms,
+        ),
+        metric=outcome.metric,
+    )
+
+
+def batch_result(outcome: SearchOutcome | errors.ImageSearchError) -> pb.SearchBatchResult:
+    if isinstance(outcome, errors.ImageSearchError):
+        return pb.SearchBatchResult(
+            code=outcome.code, message=outcome.message, reason=outcome.reason, field=outcome.field or ""
+        )
+    return pb.SearchBatchResult(response=search_response(outcome))
+
+
 class ImageSearchServicer(pb_grpc.ImageSearchServiceServicer):
-    def __init__(self, engine: Engine) -> None:
+    """Every handler is a coroutine: waiting for a slow client or an idle stream holds no thread.
+    Engine calls (decoding, extraction, FAISS, SQLite) run on the ``workers`` pool; the cheap
+    reads on their own small pool, so they answer promptly while heavy work queues."""
+
+    def __init__(self, engine: Engine, workers: Executor, reads: Executor, streams: StreamGuard) -> None:
         self.engine = engine
+        self._workers, self._reads, self._streams = workers, reads, streams
+
+    async def _work(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._workers, functools.partial(call, *args, **kwargs)
+        )
+
+    async def _read(self, call: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._reads, functools.partial(call, *args))
 
     @rpc
-    def AddImages(self, request: pb.AddImagesRequest, context: grpc.ServicerContext) -> pb.AddImagesResponse:
-        outcome = self.engine.add_images(
+    async def AddImages(
+        self, request: pb.AddImagesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AddImagesResponse:
+        outcome = await self._work(
+            self.engine.add_images,
             request.collection,
             [image_item(m) for m in request.images],
             skip_invalid=request.skip_invalid,
@@ -283,32 +349,34 @@ class ImageSearchServicer(pb_grpc.ImageSearchServiceServicer):
         return pb.AddImagesResponse(**outcome_fields(outcome))
 
     @rpc
-    def AddImagesStream(
-        self, request_iterator: Iterator[pb.AddImagesStreamRequest], context: grpc.ServicerContext
+    async def AddImagesStream(
+        self, request_iterator: AsyncIterator[pb.AddImagesStreamRequest], context: grpc.aio.ServicerContext
     ) -> pb.AddImagesStreamResponse:
         response = pb.AddImagesStreamResponse()
         first: pb.AddImagesStreamRequest | None = None
         try:
-            for chunk in request_iterator:
-                if isinstance(chunk, MalformedRequest):
-                    raise chunk.error()
-                first = first or chunk
-                response.chunk_count += 1
-                self.engine.check_accepting_writes()
-                if not chunk.images:
-                    continue
-                outcome = self.engine.add_images(
-                    first.collection,
-                    [image_item(m) for m in chunk.images],
-                    skip_invalid=first.skip_invalid,
-                    skip_existing=first.skip_existing,
-                    deadline=_deadline(context),
-                    index_offset=len(response.ids),
-                )
-                fields = outcome_fields(outcome)
-                response.ids.extend(fields["ids"])
-                response.results.extend(fields["results"])
-                response.added_count += fields["added_count"]
+            with self._streams.admit(context.peer()):
+                while (chunk := await self._streams.next_chunk(context)) is not None:
+                    if isinstance(chunk, MalformedRequest):
+                        raise chunk.error()
+                    first = first or chunk
+                    response.chunk_count += 1
+                    self.engine.check_accepting_writes()
+                    if not chunk.images:
+                        continue
+                    outcome = await self._work(
+                        self.engine.add_images,
+                        first.collection,
+                        [image_item(m) for m in chunk.images],
+                        skip_invalid=first.skip_invalid,
+                        skip_existing=first.skip_existing,
+                        deadline=_deadline(context),
+                        index_offset=len(response.ids),
+                    )
+                    fields = outcome_fields(outcome)
+                    response.ids.extend(fields["ids"])
+                    response.results.extend(fields["results"])
+                    response.added_count += fields["added_count"]
         except errors.ImageSearchError as error:
             error.message = (
                 f"chunk {response.chunk_count}: {error.message} ({response.added_count} images from "
@@ -318,66 +386,58 @@ class ImageSearchServicer(pb_grpc.ImageSearchServiceServicer):
         return response
 
     @rpc
-    def Search(self, request: pb.SearchRequest, context: grpc.ServicerContext) -> pb.SearchResponse:
-        kind = request.WhichOneof("query")
-        query = SearchQuery(
-            collection=request.collection,
-            image=request.image if kind == "image" else None,
-            image_id=request.image_id if kind == "image_id" else None,
-            vector=request.vector.values if kind == "vector" else None,
-            top_k=request.top_k,
-            labels=list(request.labels),
-            metric=request.metric,
-            exclude_query=request.exclude_query,
-            extractor=request.extractor,
-        )
-        outcome = self.engine.search(query, deadline=_deadline(context))
-        timings = outcome.timings
-        return pb.SearchResponse(
-            hits=[
-                pb.SearchHit(id=h.id, score=h.score, distance=h.distance, label=h.label, metadata=h.metadata)
-                for h in outcome.hits
-            ],
-            timings=pb.StageTimings(
-                decode_ms=timings.decode_ms,
-                extract_ms=timings.extract_ms,
-                search_ms=timings.search_ms,
-                total_ms=timings.total_ms,
-            ),
-            metric=outcome.metric,
-        )
+    async def Search(self, request: pb.SearchRequest, context: grpc.aio.ServicerContext) -> pb.SearchResponse:
+        outcome = await self._work(self.engine.search, search_query(request), deadline=_deadline(context))
+        return search_response(outcome)
 
     @rpc
-    def RemoveImages(
-        self, request: pb.RemoveImagesRequest, context: grpc.ServicerContext
+    async def SearchBatch(
+        self, request: pb.SearchBatchRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SearchBatchResponse:
+        queries = [search_query(q) for q in request.queries]
+        outcomes = await self._work(self.engine.search_batch, queries, deadline=_deadline(context))
+        return pb.SearchBatchResponse(results=[batch_result(o) for o in outcomes])
+
+    @rpc
+    async def RemoveImages(
+        self, request: pb.RemoveImagesRequest, context: grpc.aio.ServicerContext
     ) -> pb.RemoveImagesResponse:
-        removed = self.engine.remove_images(request.collection, list(request.ids), request.allow_missing)
+        removed = await self._work(
+            self.engine.remove_images, request.collection, list(request.ids), request.allow_missing
+        )
         return pb.RemoveImagesResponse(removed_count=removed)
 
     @rpc
-    def GetImage(self, request: pb.GetImageRequest, context: grpc.ServicerContext) -> pb.GetImageResponse:
-        row = self.engine.get_image(
-            request.collection, request.id, request.include_original, request.include_vector
+    async def GetImage(
+        self, request: pb.GetImageRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetImageResponse:
+        row = await self._read(
+            self.engine.get_image,
+            request.collection,
+            request.id,
+            request.include_original,
+            request.include_vector,
         )
         return pb.GetImageResponse(image=image_message(row, full=True))
 
     @rpc
-    def ListImages(
-        self, request: pb.ListImagesRequest, context: grpc.ServicerContext
+    async def ListImages(
+        self, request: pb.ListImagesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListImagesResponse:
-        rows, token, total = self.engine.list_images(
-            request.collection, request.page_size, request.page_token, request.label
+        rows, token, total = await self._read(
+            self.engine.list_images, request.collection, request.page_size, request.page_token, request.label
         )
         return pb.ListImagesResponse(
             images=[image_message(r, full=False) for r in rows], next_page_token=token, total_size=total
         )
 
     @rpc
-    def CreateCollection(
-        self, request: pb.CreateCollectionRequest, context: grpc.ServicerContext
+    async def CreateCollection(
+        self, request: pb.CreateCollectionRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateCollectionResponse:
         wanted = request.collection
-        info = self.engine.create_collection(
+        info = await self._work(
+            self.engine.create_collection,
             NewCollection(
                 name=wanted.name,
                 extractor=wanted.extractor,
@@ -394,37 +454,36 @@ class ImageSearchServicer(pb_grpc.ImageSearchServiceServicer):
                 },
                 store_originals=wanted.store_originals,
                 description=wanted.description,
-            )
+            ),
         )
         return pb.CreateCollectionResponse(collection=collection_message(info))
 
     @rpc
-    def GetCollection(
-        self, request: pb.GetCollectionRequest, context: grpc.ServicerContext
+    async def GetCollection(
+        self, request: pb.GetCollectionRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetCollectionResponse:
-        return pb.GetCollectionResponse(
-            collection=collection_message(self.engine.get_collection(request.name))
-        )
+        info = await self._read(self.engine.get_collection, request.name)
+        return pb.GetCollectionResponse(collection=collection_message(info))
 
     @rpc
-    def ListCollections(
-        self, request: pb.ListCollectionsRequest, context: grpc.ServicerContext
+    async def ListCollections(
+        self, request: pb.ListCollectionsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListCollectionsResponse:
-        infos, token = self.engine.list_collections(request.page_size, request.page_token)
+        infos, token = await self._read(self.engine.list_collections, request.page_size, request.page_token)
         return pb.ListCollectionsResponse(
             collections=[collection_message(info) for info in infos], next_page_token=token
         )
 
     @rpc
-    def DeleteCollection(
-        self, request: pb.DeleteCollectionRequest, context: grpc.ServicerContext
+    async def DeleteCollection(
+        self, request: pb.DeleteCollectionRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteCollectionResponse:
-        self.engine.delete_collection(request.name)
+        await self._work(self.engine.delete_collection, request.name)
         return pb.DeleteCollectionResponse()
 
     @rpc
-    def ListPlugins(
-        self, request: pb.ListPluginsRequest, context: grpc.ServicerContext
+    async def ListPlugins(
+        self, request: pb.ListPluginsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListPluginsResponse:
         plugins = self.engine.list_plugins()
         return pb.ListPluginsResponse(

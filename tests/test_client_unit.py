@@ -301,6 +301,13 @@ def test_item_results_map_codes() -> None:
 # Over the wire: the fake server
 
 
+def test_search_leaves_the_default_top_k_to_the_server(
+    client: ImageSearchClient, servicer: FakeServicer
+) -> None:
+    client.search(image_id="q")
+    assert servicer.last("Search").request.top_k == 0
+
+
 def test_search_round_trip_and_request_ids(client: ImageSearchClient, servicer: FakeServicer) -> None:
     result = client.search(image_id="q", top_k=3, labels=["cat", "dog"], metric="l2")
     assert result.ids == ["hit-0", "hit-1", "hit-2"]

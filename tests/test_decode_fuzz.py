@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from imagesearch.server.config import Limits
 from imagesearch.server.errors import InvalidArgument, ResourceExhausted
 from imagesearch.server.imaging import decode_image
+from tests.support.fuzzing import fuzz_examples
 from tests.support.images import encode, pattern
 
 SEEDS = {ext: encode(pattern(5, size=(40, 56)), ext) for ext in (".jpg", ".png", ".webp", ".bmp", ".tiff")}
@@ -25,7 +26,7 @@ def damaged(draw: st.DrawFn) -> bytes:
     return bytes(data[:cut]) if draw(st.booleans()) else bytes(data)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=fuzz_examples(400), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(damaged())
 def test_damaged_images_decode_or_fail_cleanly(data):
     try:

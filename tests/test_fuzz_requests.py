@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import os
 import struct
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -37,10 +36,11 @@ from imagesearch.server.imaging import decode_image
 from imagesearch.v1 import image_search_service_pb2 as pb
 from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
 from tests.conftest import tiny_config
+from tests.support.fuzzing import fuzz_examples
 from tests.support.images import encode, pattern
 from tests.support.tiny_plugin import TINY_PLUGIN, TinyExtractor
 
-EXAMPLES = int(os.environ.get("IMAGESEARCH_FUZZ_EXAMPLES", "60"))
+EXAMPLES = fuzz_examples(60)
 FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=None,

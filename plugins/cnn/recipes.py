@@ -10,7 +10,7 @@ Pure data: importing this module needs neither torch nor onnxruntime.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 # Resize with cv2.INTER_AREA when shrinking and cv2.INTER_LINEAR when enlarging
@@ -121,8 +121,6 @@ class Recipe:
     weights_licence: str = "unknown: state the licence of the weights you export"
     package_weights: PackageWeights | None = None
     imagenet: ImagenetWeights | None = None
-    quantized_from: str | None = None  # set for a recipe made by quantising another's ONNX model
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
 
 _TV = "https://download.pytorch.org/models/"
