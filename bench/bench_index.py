@@ -20,33 +20,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import bar_plot, best_rate, machine, save
-from imagesearch.plugins import Extractor, hookimpl, l2_normalize
+from bench.common import VectorPlugin, bar_plot, best_rate, machine, save
+from imagesearch.plugins import l2_normalize
 from imagesearch.server.app import run_server
 from imagesearch.server.config import ServerConfig
 from imagesearch.v1 import image_search_service_pb2 as pb
 from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
-
-
-class VectorOnlyExtractor(Extractor):
-    """Registers the dimension; the benchmark only sends precomputed vectors."""
-
-    version, default_metric, description = "1", "cosine", "benchmark placeholder (vectors only)"
-
-    def __init__(self, dim: int) -> None:
-        self.name, self.dim = f"vectors-{dim}", dim
-
-    def extract(self, images):
-        raise RuntimeError("vector-only benchmark extractor")
-
-
-class Plugin:
-    def __init__(self, dim: int) -> None:
-        self.extractor = VectorOnlyExtractor(dim)
-
-    @hookimpl
-    def register_extractors(self, register) -> None:
-        register(self.extractor)
 
 
 def main() -> None:
@@ -77,7 +56,7 @@ def main() -> None:
     results["raw FAISS"]["search queries/s"] = best_rate(raw_search)
 
     with tempfile.TemporaryDirectory() as tmp:
-        plugin = Plugin(args.dim)
+        plugin = VectorPlugin(args.dim)
         config = ServerConfig(
             port=0, data_dir=Path(tmp), default_extractor=plugin.extractor.name, log_level="WARNING"
         )

@@ -9,6 +9,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from imagesearch.plugins import Extractor, hookimpl
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -74,3 +76,32 @@ def bar_plot(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+class VectorOnlyExtractor(Extractor):
+    """Registers a dimension for collections that are only ever given precomputed vectors."""
+
+    version, default_metric, description = "1", "cosine", "benchmark placeholder (vectors only)"
+
+    def __init__(self, dim: int) -> None:
+        self.name, self.dim = f"vectors-{dim}", dim
+
+    def extract(self, images):
+        raise RuntimeError("vector-only benchmark extractor")
+
+
+class VectorPlugin:
+    """A plugin registering one ``VectorOnlyExtractor``: bring-your-own-vector benchmarks."""
+
+    def __init__(self, dim: int) -> None:
+        self.extractor = VectorOnlyExtractor(dim)
+
+    @hookimpl
+    def register_extractors(self, register) -> None:
+        register(self.extractor)
+
+
+def percentile(values: list[float], q: float) -> float:
+    import numpy as np
+
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["bench_index.py", "bench_extract.py"]
+SCRIPTS = ["bench_index.py", "bench_extract.py", "bench_concurrency.py"]
 
 
 def main() -> int:

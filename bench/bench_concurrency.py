@@ -1,0 +1,322 @@
+"""Many callers at once: the asyncio server with micro-batching against the raw libraries, same run.
+
+Prints, on 20,000 x 1280 flat cosine vectors (bring-your-own vectors):
+1. one caller, search by vector: server p50 against raw FAISS p50 at 1 and at 2 threads;
+2. 1..32 concurrent callers: server queries/s, p50, p99, against raw FAISS answering batches of
+   that many queries at its best thread count (the most any server could get out of FAISS);
+3. 16 callers searching by image (the default CNN): images/s against one caller, and against
+   onnxruntime extracting batches of 16 in-process;
+4. 64 idle AddImagesStream calls open: health and search latency against idle;
+5. durable ingest of the 20,000 vectors in batches of 256 against a bare SQLite insert of the
+   same rows with the same durability (WAL, synchronous=FULL, one commit per batch);
+and plots queries/s and p99 against callers (bench/results/concurrency.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import faiss
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import RESULTS, VectorPlugin, machine, percentile, save
+from imagesearch.plugins import l2_normalize, onnx_cnn
+from imagesearch.server.app import run_server
+from imagesearch.server.config import Limits, ServerConfig, default_models_dir
+from imagesearch.server.imaging import decode_image
+from imagesearch.v1 import image_search_service_pb2 as pb
+from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
+
+MODEL = "efficientnet-lite0"
+OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+
+
+def latencies(call: Callable[[int], object], callers: int, seconds: float) -> tuple[float, list[float]]:
+    """Run ``call(i)`` from ``callers`` threads for ``seconds``; return (calls/s, latencies in ms)."""
+    stop, times, lock = threading.Event(), [], threading.Lock()
+
+    def loop(worker: int) -> None:
+        i = worker
+        mine = []
+        while not stop.is_set():
+            started = time.perf_counter()
+            call(i)
+            mine.append((time.perf_counter() - started) * 1000)
+            i += callers
+        with lock:
+            times.extend(mine)
+
+    with ThreadPoolExecutor(callers) as pool:
+        started = time.perf_counter()
+        for worker in range(callers):
+            pool.submit(loop, worker)
+        time.sleep(seconds)
+        stop.set()
+    return len(times) / (time.perf_counter() - started), times
+
+
+def raw_faiss(base: np.ndarray, queries: np.ndarray, callers: list[int]) -> dict:
+    """Raw FAISS at its best: single-query p50 at 1 and 2 threads; batches of c queries at 2 threads."""
+    index = faiss.IndexFlatIP(base.shape[1])
+    index.add(l2_normalize(base))
+    prepared = l2_normalize(queries)
+    single = {}
+    for threads in (1, 2):
+        faiss.omp_set_num_threads(threads)
+        times = []
+        for q in prepared[:200]:
+            started = time.perf_counter()
+            index.search(q[None], 10)
+            times.append((time.perf_counter() - started) * 1000)
+        single[threads] = percentile(times, 50)
+    faiss.omp_set_num_threads(2)
+    batched = {}
+    for c in callers:
+        times = []
+        for start in range(0, min(len(prepared), 40 * c), c):
+            started = time.perf_counter()
+            index.search(prepared[start : start + c], 10)
+            times.append((time.perf_counter() - started) * 1000)
+        batch_ms = percentile(times, 50)
+        batched[c] = {"qps": c * 1000 / batch_ms, "p50_ms": batch_ms, "p99_ms": percentile(times, 99)}
+    return {"single_p50_ms": single, "batched": batched}
+
+
+def bare_sqlite_rate(vectors: np.ndarray, directory: Path) -> float:
+    """Rows/s of the same rows inserted with the store's durability, and no server around it."""
+    conn = sqlite3.connect(directory / "bare.sqlite3", isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute(
+        "CREATE TABLE images (row_id INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE, seq INTEGER, vector BLOB)"
+    )
+    started = time.perf_counter()
+    for start in range(0, len(vectors), 256):
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(
+            "INSERT INTO images(id, seq, vector) VALUES (?, ?, ?)",
+            [(str(start + i), start + i, v.tobytes()) for i, v in enumerate(vectors[start : start + 256])],
+        )
+        conn.execute("COMMIT")
+    rate = len(vectors) / (time.perf_counter() - started)
+    conn.close()
+    return rate
+
+
+def sample_jpegs(count: int) -> list[bytes]:
+    """Real photos shipped by scikit-image, cropped and resized to ~640x480 JPEGs."""
+    from skimage import data
+
+    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket(), data.hubble_deep_field()]
+    jpegs = []
+    for i in range(count):
+        rgb = photos[i % len(photos)]
+        h, w = rgb.shape[:2]
+        crop = rgb[(i * 7) % (h // 8) :, (i * 11) % (w // 8) :]
+        bgr = cv2.resize(cv2.cvtColor(crop, cv2.COLOR_RGB2BGR), (640, 480))
+        jpegs.append(cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes())
+    return jpegs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=20000)
+    parser.add_argument("--dim", type=int, default=1280)
+    parser.add_argument("--callers", default="1,2,4,8,16,32")
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--idle-streams", type=int, default=64)
+    args = parser.parse_args()
+    callers = [int(c) for c in args.callers.split(",")]
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(args.n, args.dim)).astype(np.float32)
+    queries = rng.normal(size=(2000, args.dim)).astype(np.float32)
+    query_messages = [pb.FloatVector(values=q.tolist()) for q in queries]
+    results: dict = {"n": args.n, "dim": args.dim, "machine": machine()}
+
+    raw = raw_faiss(base, queries, callers)
+    results["raw_faiss"] = raw
+    models = default_models_dir().resolve()
+    extractors = {e.name: e for e in onnx_cnn.discover(models)[0]}
+    jpegs = sample_jpegs(64)
+    have_cnn = MODEL in extractors
+    if have_cnn:
+        decoded = [decode_image(j, Limits(), "image").pixels for j in jpegs[:16]]
+        extractors[MODEL].extract(decoded)  # warm up
+        started = time.perf_counter()
+        for _ in range(3):
+            extractors[MODEL].extract(decoded)
+        results["raw_onnxruntime_batch16_img_s"] = 48 / (time.perf_counter() - started)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        plugin = VectorPlugin(args.dim)
+        config = ServerConfig(
+            port=0,
+            data_dir=Path(tmp) / "data",
+            models_dir=models,
+            default_extractor=MODEL,
+            log_level="WARNING",
+            workers=64,
+        ).replace(limits={"max_streams_per_peer": args.idle_streams + 8})
+        with (
+            run_server(config, extra_plugins=[("bench", plugin)]) as running,
+            grpc.insecure_channel(running.target, options=OPTIONS) as channel,
+        ):
+            stub = pb_grpc.ImageSearchServiceStub(channel)
+            stub.CreateCollection(
+                pb.CreateCollectionRequest(
+                    collection=pb.Collection(name="vec", extractor=plugin.extractor.name)
+                )
+            )
+            started = time.perf_counter()
+            for start in range(0, args.n, 256):
+                images = [
+                    pb.ImageInput(id=str(start + i), vector=pb.FloatVector(values=v.tolist()))
+                    for i, v in enumerate(base[start : start + 256])
+                ]
+                stub.AddImages(pb.AddImagesRequest(collection="vec", images=images))
+            results["ingest"] = {
+                "server_vectors_s": args.n / (time.perf_counter() - started),
+                "bare_sqlite_rows_s": bare_sqlite_rate(base, Path(tmp)),
+            }
+
+            def search_vector(i: int) -> object:
+                return stub.Search(
+                    pb.SearchRequest(collection="vec", vector=query_messages[i % len(queries)], top_k=10)
+                )
+
+            levels = {}
+            for c in callers:
+                qps, times = latencies(search_vector, c, args.seconds)
+                levels[c] = {"qps": qps, "p50_ms": percentile(times, 50), "p99_ms": percentile(times, 99)}
+            results["server_by_vector"] = levels
+
+            if have_cnn:
+
+                def search_image(i: int) -> object:
+                    return stub.Search(pb.SearchRequest(image=jpegs[i % len(jpegs)], top_k=10))
+
+                stub.AddImages(pb.AddImagesRequest(images=[pb.ImageInput(content=j) for j in jpegs[:32]]))
+                results["server_by_image"] = {
+                    c: dict(zip(("img_s", "p50_ms"), (r[0], percentile(r[1], 50)), strict=True))
+                    for c in (1, 16)
+                    for r in [latencies(search_image, c, args.seconds)]
+                }
+
+            _, idle = latencies(search_vector, 1, 2)
+            health = health_pb2_grpc.HealthStub(channel)
+            release = threading.Event()
+
+            def silent():
+                yield pb.AddImagesStreamRequest(collection="vec")
+                release.wait(120)
+
+            streams = [stub.AddImagesStream.future(silent()) for _ in range(args.idle_streams)]
+            time.sleep(1.0)
+            health_ms = []
+            for _ in range(20):
+                started = time.perf_counter()
+                health.Check(health_pb2.HealthCheckRequest())
+                health_ms.append((time.perf_counter() - started) * 1000)
+            _, busy = latencies(search_vector, 1, 2)
+            release.set()
+            for s in streams:
+                s.result(timeout=30)
+            results["idle_streams"] = {
+                "streams": args.idle_streams,
+                "health_p50_ms": percentile(health_ms, 50),
+                "health_max_ms": max(health_ms),
+                "search_p50_idle_ms": percentile(idle, 50),
+                "search_p50_with_streams_ms": percentile(busy, 50),
+            }
+    report(results, callers)
+
+
+def report(results: dict, callers: list[int]) -> None:
+    raw, levels = results["raw_faiss"], results["server_by_vector"]
+    best_single = min(raw["single_p50_ms"].values())
+    print(f"machine: {results['machine']}")
+    print(f"data: {results['n']} x {results['dim']} flat cosine, top-10")
+    print(
+        f"1 caller, search by vector: server p50 {levels[1]['p50_ms']:.2f} ms; raw FAISS p50 "
+        f"{raw['single_p50_ms'][1]:.2f} ms (1 thread), {raw['single_p50_ms'][2]:.2f} ms (2 threads); "
+        f"ratio to the best {levels[1]['p50_ms'] / best_single:.2f}"
+    )
+    print(
+        f"{'callers':>8}{'server q/s':>12}{'p50 ms':>9}{'p99 ms':>9}{'p99/p50':>9}{'raw FAISS batched q/s':>23}"
+    )
+    for c in callers:
+        s, r = levels[c], raw["batched"][c]
+        print(
+            f"{c:8d}{s['qps']:12.1f}{s['p50_ms']:9.2f}{s['p99_ms']:9.2f}{s['p99_ms'] / s['p50_ms']:9.2f}{r['qps']:23.1f}"
+        )
+    if 16 in levels:
+        print(
+            f"16 callers vs 1 caller, search by vector: {levels[16]['qps'] / levels[1]['qps']:.2f}x queries/s"
+        )
+    if "server_by_image" in results:
+        by_image = results["server_by_image"]
+        print(
+            f"search by image: 1 caller {by_image[1]['img_s']:.1f} img/s, 16 callers {by_image[16]['img_s']:.1f} img/s "
+            f"({by_image[16]['img_s'] / by_image[1]['img_s']:.2f}x); onnxruntime in-process, batches of 16: "
+            f"{results['raw_onnxruntime_batch16_img_s']:.1f} img/s"
+        )
+    idle = results["idle_streams"]
+    print(
+        f"{idle['streams']} idle streams open: health p50 {idle['health_p50_ms']:.2f} ms (max {idle['health_max_ms']:.2f}); "
+        f"search p50 {idle['search_p50_with_streams_ms']:.2f} ms vs {idle['search_p50_idle_ms']:.2f} ms idle"
+    )
+    ingest = results["ingest"]
+    print(
+        f"durable ingest, batches of 256: server {ingest['server_vectors_s']:.0f} vectors/s, bare SQLite "
+        f"{ingest['bare_sqlite_rows_s']:.0f} rows/s (ratio {ingest['server_vectors_s'] / ingest['bare_sqlite_rows_s']:.2f})"
+    )
+    save("concurrency", results)
+    plot(results, callers)
+    print(f"wrote {RESULTS / 'concurrency.png'}")
+
+
+def plot(results: dict, callers: list[int]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels, raw = results["server_by_vector"], results["raw_faiss"]["batched"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
+    left.plot(callers, [levels[c]["qps"] for c in callers], "o-", label="server (gRPC, batched)")
+    left.plot(callers, [raw[c]["qps"] for c in callers], "s--", label="raw FAISS, batch = callers")
+    left.set_xscale("log", base=2)
+    left.set_xlabel("concurrent callers")
+    left.set_ylabel("queries / second")
+    left.set_title("throughput")
+    right.plot(callers, [levels[c]["p99_ms"] for c in callers], "o-", label="server p99")
+    right.plot(callers, [levels[c]["p50_ms"] for c in callers], "^-", label="server p50")
+    right.plot(callers, [raw[c]["p50_ms"] for c in callers], "s--", label="raw FAISS batch time")
+    right.set_xscale("log", base=2)
+    right.set_xlabel("concurrent callers")
+    right.set_ylabel("ms")
+    right.set_title("latency")
+    for ax in (left, right):
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), frameon=False, ncol=2, fontsize=8)
+    fig.suptitle(f"search by vector, {results['n']} x {results['dim']} flat cosine, top-10")
+    fig.tight_layout()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    fig.savefig(RESULTS / "concurrency.png", dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""The leader/follower batcher: every caller gets its own result, concurrent callers share batches,
+an idle caller runs at once, and an error reaches exactly the callers of its batch."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from imagesearch.server.batching import Batcher
+from imagesearch.server.budget import PixelBudget
+
+
+class SlowDoubler:
+    """Doubles numbers, taking a while per batch (not per item), and records the batch sizes."""
+
+    def __init__(self, delay_s: float = 0.02) -> None:
+        self.delay_s = delay_s
+        self.sizes: list[int] = []
+
+    def __call__(self, items: Sequence[int]) -> list[int]:
+        self.sizes.append(len(items))
+        time.sleep(self.delay_s)
+        return [2 * item for item in items]
+
+
+def test_an_idle_caller_runs_at_once_alone():
+    work = SlowDoubler(0.0)
+    batcher = Batcher(work)
+    started = time.perf_counter()
+    assert batcher.submit(21) == 42
+    assert time.perf_counter() - started < 0.01
+    assert work.sizes == [1]
+
+
+def test_concurrent_callers_share_batches_and_each_gets_its_own_result():
+    work = SlowDoubler()
+    batcher = Batcher(work)
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(batcher.submit, range(200)))
+    assert results == [2 * i for i in range(200)]
+    assert sum(work.sizes) == 200
+    assert len(work.sizes) < 60, f"200 callers in {len(work.sizes)} batches: {work.sizes}"
+    assert max(work.sizes) > 1
+
+
+def test_submit_many_keeps_order_and_respects_max_batch():
+    work = SlowDoubler(0.0)
+    batcher = Batcher(work, max_batch=4)
+    assert batcher.submit_many(list(range(10))) == [2 * i for i in range(10)]
+    assert work.sizes == [4, 4, 2]
+
+
+def test_an_error_reaches_the_callers_of_its_batch_only():
+    calls: list[Sequence[int]] = []
+
+    def fails_on_13(items: Sequence[int]) -> list[int]:
+        calls.append(items)
+        if 13 in items:
+            raise ValueError("unlucky")
+        return list(items)
+
+    batcher = Batcher(fails_on_13)
+    with pytest.raises(ValueError, match="unlucky"):
+        batcher.submit(13)
+    assert batcher.submit(7) == 7  # the batcher is not stuck after a failure
+
+
+def test_callers_arriving_during_a_batch_are_served_by_the_next_one():
+    release = threading.Event()
+    sizes: list[int] = []
+
+    def gated(items: Sequence[int]) -> list[int]:
+        sizes.append(len(items))
+        if len(sizes) == 1:
+            release.wait(5)
+        return list(items)
+
+    batcher = Batcher(gated)
+    with ThreadPoolExecutor(8) as pool:
+        first = pool.submit(batcher.submit, 0)
+        time.sleep(0.05)  # the first batch is running
+        later = [pool.submit(batcher.submit, i) for i in range(1, 8)]
+        time.sleep(0.05)
+        release.set()
+        assert first.result() == 0 and [f.result() for f in later] == list(range(1, 8))
+    assert sizes == [1, 7]
+
+
+def test_the_pixel_budget_makes_overdrawing_callers_wait():
+    budget = PixelBudget(100)
+    order: list[str] = []
+
+    def second() -> None:
+        with budget.hold(50):
+            order.append("second")
+
+    with budget.hold(80):
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        time.sleep(0.05)
+        order.append("first releases")
+    waiter.join(2)
+    assert order == ["first releases", "second"]
+    with budget.hold(10**9):  # more than the whole budget: holds all of it, never deadlocks
+        assert budget.free == 0

@@ -1,0 +1,199 @@
+"""Many callers at once on the asyncio server: batched answers equal one-by-one answers, idle
+streams hold nothing that others need, and back-pressure is a clear status with a retry hint."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+
+from imagesearch.server.app import run_server
+from imagesearch.server.engine import Engine
+from imagesearch.v1 import image_search_service_pb2 as pb
+from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
+from tests.conftest import tiny_config
+from tests.support.images import encode, pattern
+from tests.support.tiny_plugin import TINY_PLUGIN, TinyExtractor
+
+pytestmark = pytest.mark.e2e
+DIM = TinyExtractor.dim
+INDEXES = {
+    "flat": pb.Collection(name="flat", metric="l2"),
+    "ivf": pb.Collection(
+        name="ivf",
+        metric="l2",
+        index_type=pb.INDEX_TYPE_IVF,
+        ivf=pb.IvfParams(nlist=8, nprobe=3, train_size=200),
+    ),
+    "hnsw": pb.Collection(
+        name="hnsw", metric="cosine", index_type=pb.INDEX_TYPE_HNSW, hnsw=pb.HnswParams(m=16)
+    ),
+}
+
+
+def vector(values: np.ndarray) -> pb.FloatVector:
+    return pb.FloatVector(values=values.tolist())
+
+
+@pytest.fixture(scope="module")
+def filled(tmp_path_factory) -> Iterator[tuple[str, np.ndarray, Engine]]:
+    """A server with a flat, a trained IVF and an HNSW collection of the same 600 vectors."""
+    config = tiny_config(tmp_path_factory.mktemp("many") / "data", workers=32)
+    rng = np.random.default_rng(11)
+    base = rng.normal(size=(600, DIM)).astype(np.float32)
+    labels = [f"l{i % 3}" for i in range(600)]
+    with (
+        run_server(config, extra_plugins=[TINY_PLUGIN]) as running,
+        grpc.insecure_channel(running.target) as chan,
+    ):
+        stub = pb_grpc.ImageSearchServiceStub(chan)
+        for wanted in INDEXES.values():
+            stub.CreateCollection(pb.CreateCollectionRequest(collection=wanted))
+            for start in range(0, 600, 200):
+                images = [
+                    pb.ImageInput(id=f"v{i}", vector=vector(base[i]), label=labels[i])
+                    for i in range(start, start + 200)
+                ]
+                stub.AddImages(pb.AddImagesRequest(collection=wanted.name, images=images))
+        yield running.target, base, running.engine
+
+
+def queries(base: np.ndarray) -> list[pb.SearchRequest]:
+    """A mix of options, so that batches hold several groups: k, labels, exclusion, metric override."""
+    rng = np.random.default_rng(5)
+    made = []
+    for i in range(48):
+        request = pb.SearchRequest(top_k=int(rng.choice([1, 5, 10, 25])))
+        if i % 3 == 0:
+            request.image_id = f"v{i * 7}"
+            request.exclude_query = bool(i % 2)
+        else:
+            request.vector.CopyFrom(vector(base[i] + rng.normal(scale=0.1, size=DIM).astype(np.float32)))
+        if i % 4 == 1:
+            request.labels.append(f"l{i % 3}")
+        made.append(request)
+    return made
+
+
+def answer(response: pb.SearchResponse) -> list[tuple[str, float]]:
+    return [(hit.id, round(hit.score, 5)) for hit in response.hits]
+
+
+@pytest.mark.parametrize("name", sorted(INDEXES))
+def test_batched_answers_equal_one_by_one_answers(filled, name):
+    target, base, _ = filled
+    asked = [
+        pb.SearchRequest(collection=name, **{f.name: v for f, v in q.ListFields()}) for q in queries(base)
+    ]
+    with grpc.insecure_channel(target) as chan:
+        stub = pb_grpc.ImageSearchServiceStub(chan)
+        alone = [answer(stub.Search(q)) for q in asked]
+        with ThreadPoolExecutor(16) as pool:
+            together = [answer(r) for r in pool.map(stub.Search, asked)]
+        in_one_call = stub.SearchBatch(pb.SearchBatchRequest(queries=asked))
+    assert together == alone
+    assert [answer(r.response) for r in in_one_call.results] == alone
+    assert all(r.code == 0 for r in in_one_call.results)
+
+
+def test_concurrent_searches_are_answered_in_shared_batches(filled):
+    target, base, engine = filled
+    asked = [pb.SearchRequest(collection="flat", vector=vector(row), top_k=5) for row in base[:200]]
+    batches, items = engine.searches.batches, engine.searches.items
+    with grpc.insecure_channel(target) as chan, ThreadPoolExecutor(32) as pool:
+        stub = pb_grpc.ImageSearchServiceStub(chan)
+        hits = list(pool.map(lambda q: stub.Search(q).hits[0].id, asked))
+    assert hits == [f"v{i}" for i in range(200)]
+    assert engine.searches.items - items == 200
+    assert engine.searches.batches - batches < 150, "32 concurrent callers must share index calls"
+
+
+def test_a_search_batch_reports_each_query_on_its_own(filled):
+    target, base, _ = filled
+    asked = [
+        pb.SearchRequest(collection="flat", vector=vector(base[3]), top_k=1),
+        pb.SearchRequest(collection="flat", vector=pb.FloatVector(values=[1.0, 2.0])),
+        pb.SearchRequest(collection="nope", image_id="v1"),
+        pb.SearchRequest(collection="flat", image=b"not an image"),
+    ]
+    with grpc.insecure_channel(target) as chan:
+        results = (
+            pb_grpc.ImageSearchServiceStub(chan).SearchBatch(pb.SearchBatchRequest(queries=asked)).results
+        )
+    assert [r.response.hits[0].id for r in results[:1]] == ["v3"]
+    assert [(r.code, r.reason) for r in results[1:]] == [
+        (grpc.StatusCode.INVALID_ARGUMENT.value[0], "DIMENSION_MISMATCH"),
+        (grpc.StatusCode.NOT_FOUND.value[0], "COLLECTION_NOT_FOUND"),
+        (grpc.StatusCode.INVALID_ARGUMENT.value[0], "IMAGE_UNDECODABLE"),
+    ]
+    assert results[1].field == "queries[1].vector" and results[1].message.startswith("queries[1]: ")
+
+
+def idle_stream(stub, release: threading.Event) -> grpc.Future:
+    """An AddImagesStream that sends one small chunk, then nothing until ``release``."""
+
+    def chunks() -> Iterator[pb.AddImagesStreamRequest]:
+        yield pb.AddImagesStreamRequest()
+        release.wait(30)
+
+    return stub.AddImagesStream.future(chunks())
+
+
+def test_idle_streams_hold_no_thread_and_past_the_cap_are_refused_with_a_retry_hint(data_dir):
+    limits = {"max_streams_per_peer": 8}
+    config = tiny_config(data_dir, workers=2, limits=limits)
+    release = threading.Event()
+    with (
+        run_server(config, extra_plugins=[TINY_PLUGIN]) as running,
+        grpc.insecure_channel(running.target) as chan,
+    ):
+        stub = pb_grpc.ImageSearchServiceStub(chan)
+        stub.AddImages(pb.AddImagesRequest(images=[pb.ImageInput(id="a", content=encode(pattern(1)))]))
+        streams = [idle_stream(stub, release) for _ in range(8)]  # four times the worker threads
+        time.sleep(0.3)
+        with pytest.raises(grpc.RpcError) as caught:
+            idle_stream(stub, release).result(timeout=5)
+        error = caught.value
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit is 8" in error.details()
+        retry = [
+            d for d in rpc_status.from_call(error).details if d.Is(error_details_pb2.RetryInfo.DESCRIPTOR)
+        ]
+        assert retry, "back-pressure says when to retry"
+        health = health_pb2_grpc.HealthStub(chan)
+        started = time.perf_counter()
+        assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+        hits = stub.Search(pb.SearchRequest(image_id="a", top_k=1), timeout=5).hits
+        assert hits[0].id == "a" and time.perf_counter() - started < 2
+        release.set()
+        assert all(s.result(timeout=10).chunk_count == 1 for s in streams)
+
+
+def test_a_stream_silent_too_long_is_closed_saying_what_it_stored(data_dir):
+    config = tiny_config(data_dir, limits={"stream_idle_timeout_s": 0.5})
+    release = threading.Event()
+
+    def chunks() -> Iterator[pb.AddImagesStreamRequest]:
+        yield pb.AddImagesStreamRequest(images=[pb.ImageInput(id="first", content=encode(pattern(2)))])
+        release.wait(10)
+
+    with (
+        run_server(config, extra_plugins=[TINY_PLUGIN]) as running,
+        grpc.insecure_channel(running.target) as chan,
+    ):
+        with pytest.raises(grpc.RpcError) as caught:
+            pb_grpc.ImageSearchServiceStub(chan).AddImagesStream(chunks(), timeout=10)
+        release.set()
+    error = caught.value
+    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "sent nothing for 0.5 s" in error.details()
+    progress = [d for d in rpc_status.from_call(error).details if d.Is(pb.AddImagesStreamResponse.DESCRIPTOR)]
+    stored = pb.AddImagesStreamResponse()
+    progress[0].Unpack(stored)
+    assert list(stored.ids) == ["first"]
