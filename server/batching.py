@@ -46,7 +46,7 @@ class Batcher(Generic[Item, Result]):
     def __init__(
         self, run: Callable[[Sequence[Item]], Sequence[Result]], max_batch: int = 256, max_wait_s: float = 0.0
     ) -> None:
-        self._run = run
+        self.run = run
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self._lock = threading.Lock()
@@ -85,7 +85,7 @@ class Batcher(Generic[Item, Result]):
         with self._lock:
             batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
         try:
-            results = self._run([slot.item for slot in batch])
+            results = self.run([slot.item for slot in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"batch of {len(batch)} gave {len(results)} results")
             for slot, result in zip(batch, results, strict=True):

@@ -258,25 +258,45 @@ class Engine:
 
     # -- validation helpers -------------------------------------------------------------
     def _check_vector(self, values: Sequence[float], collection: Collection, field_name: str) -> np.ndarray:
-        vector = np.asarray(values, dtype=np.float32)
-        if vector.shape != (collection.spec.dim,):
-            raise InvalidArgument(
-                f"vector has {vector.size} values; collection {collection.spec.name!r} has dimension {collection.spec.dim}",
-                field=field_name,
+        checked = self._check_vectors([values], collection, [field_name])[0]
+        if isinstance(checked, ImageSearchError):
+            raise checked
+        return checked
+
+    def _check_vectors(
+        self, values: Sequence[Sequence[float]], collection: Collection, fields: Sequence[str]
+    ) -> list[np.ndarray | InvalidArgument]:
+        """Each vector as float32, or the error that refuses it; checked as one matrix (fast for batches)."""
+        dim = collection.spec.dim
+        vectors = [np.asarray(v, dtype=np.float32) for v in values]
+        fitting = [i for i, v in enumerate(vectors) if v.shape == (dim,)]
+        matrix = np.stack([vectors[i] for i in fitting]) if fitting else np.zeros((0, dim), np.float32)
+        finite = np.isfinite(matrix).all(axis=1)
+        wide = np.where(np.isfinite(matrix), matrix, 0).astype(np.float64)
+        in_range = np.einsum("ij,ij->i", wide, wide) <= MAX_VECTOR_NORM**2
+        verdicts: list[np.ndarray | InvalidArgument] = [
+            InvalidArgument(
+                f"vector has {v.size} values; collection {collection.spec.name!r} has dimension {dim}",
+                field=field,
                 reason="DIMENSION_MISMATCH",
             )
-        if not np.all(np.isfinite(vector)):
-            raise InvalidArgument(
-                "vector contains NaN or infinity", field=field_name, reason="NON_FINITE_VECTOR"
-            )
-        if not within_index_range(vector):
-            raise InvalidArgument(
-                f"vector norm is over {MAX_VECTOR_NORM:.0e}: distances to it would overflow float32, "
-                "so the index could never return it (scale it down)",
-                field=field_name,
-                reason="VECTOR_OUT_OF_RANGE",
-            )
-        return vector
+            for v, field in zip(vectors, fields, strict=True)
+        ]
+        for row, i in enumerate(fitting):
+            if not finite[row]:
+                verdicts[i] = InvalidArgument(
+                    "vector contains NaN or infinity", field=fields[i], reason="NON_FINITE_VECTOR"
+                )
+            elif not in_range[row]:
+                verdicts[i] = InvalidArgument(
+                    f"vector norm is over {MAX_VECTOR_NORM:.0e}: distances to it would overflow float32, "
+                    "so the index could never return it (scale it down)",
+                    field=fields[i],
+                    reason="VECTOR_OUT_OF_RANGE",
+                )
+            else:
+                verdicts[i] = vectors[i]
+        return verdicts
 
     def _check_fields(self, item: ImageItem, prefix: str) -> None:
         limits = self.limits
@@ -353,18 +373,25 @@ class Engine:
         return total
 
     def _prepare(
-        self, item: ImageItem, image_id: str, prefix: str, collection: Collection, min_side: int | None
+        self,
+        item: ImageItem,
+        image_id: str,
+        prefix: str,
+        collection: Collection,
+        min_side: int | None,
+        vector: np.ndarray | InvalidArgument | None,
     ) -> tuple[NewImage, np.ndarray | None]:
         """Validate one image; decode it and make its thumbnail. Returns the row (vector still
-        missing for decoded images) and the decoded pixels (None for a precomputed vector)."""
+        missing for decoded images) and the decoded pixels (None for a precomputed vector, which
+        ``_check_vectors`` has already checked with the rest of the batch)."""
         self._check_fields(item, prefix)
         common = {"id": image_id, "label": item.label, "metadata": dict(item.metadata)}
         if item.content is not None and item.vector is not None:
             raise InvalidArgument("give content or vector, not both", field=prefix, reason="BAD_SOURCE")
-        if item.vector is not None:
-            return NewImage(
-                vector=self._check_vector(item.vector, collection, f"{prefix}.vector"), **common
-            ), None
+        if isinstance(vector, InvalidArgument):
+            raise vector
+        if vector is not None:
+            return NewImage(vector=vector, **common), None
         if item.content is None:
             raise InvalidArgument("image has neither content nor vector", field=prefix, reason="NO_SOURCE")
         image = decode_image(item.content, self.limits, f"{prefix}.content", min_side)
@@ -420,6 +447,13 @@ class Engine:
                 collection.check_extractor()  # FAILED_PRECONDITION before decoding anything
             existing = collection.existing_ids([item.id for item in items if item.id])
             kept: dict[int, ImageSearchError] = {}  # already stored, left as they are (skip_existing)
+            given = [p for p, item in enumerate(items) if item.vector is not None and item.content is None]
+            checked = self._check_vectors(
+                [items[p].vector for p in given],
+                collection,
+                [f"images[{p + index_offset}].vector" for p in given],
+            )
+            vectors = dict(zip(given, checked, strict=True))
             for position, item in enumerate(items):
                 prefix = f"images[{position + index_offset}]"
                 try:
@@ -442,7 +476,9 @@ class Engine:
                         error.message = f"{prefix}: {error.message} (skip_existing: left as it is)"
                         kept[position] = error
                         continue
-                    rows[position], pixels = self._prepare(item, ids[position], prefix, collection, min_side)
+                    rows[position], pixels = self._prepare(
+                        item, ids[position], prefix, collection, min_side, vectors.get(position)
+                    )
                     if pixels is not None:
                         decoded[position] = pixels
                 except ImageSearchError as error:

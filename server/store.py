@@ -138,44 +138,68 @@ class CollectionStore:
         return found
 
     def insert(self, images: Sequence[NewImage]) -> tuple[list[int], list[int]]:
-        """Insert all rows in one transaction; return (row_ids, seqs). AlreadyExists on a taken id."""
+        """Insert all rows in one transaction (one executemany); return (row_ids, seqs).
+
+        Row ids are given explicitly, continuing after the largest ever used (what
+        AUTOINCREMENT would pick), so they are known without a query per row. An id
+        already stored raises AlreadyExists and the whole batch rolls back.
+        """
         conn = self._writer
         now = time.time()
         conn.execute("BEGIN IMMEDIATE")
         try:
             seq = self.last_seq()
-            row_ids, seqs = [], []
-            for image in images:
-                seq += 1
-                try:
-                    cursor = conn.execute(
-                        "INSERT INTO images(id, seq, label, metadata, vector, thumbnail, original, width, height,"
-                        " created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (
-                            image.id,
-                            seq,
-                            image.label,
-                            json.dumps(image.metadata, sort_keys=True),
-                            np.asarray(image.vector, dtype=np.float32).tobytes(),
-                            image.thumbnail,
-                            image.original,
-                            image.width,
-                            image.height,
-                            now,
-                        ),
-                    )
-                except sqlite3.IntegrityError as exc:
-                    raise AlreadyExists(
-                        f"image id {shown(image.id)} already exists", reason="IMAGE_EXISTS"
-                    ) from exc
-                row_ids.append(int(cursor.lastrowid))
-                seqs.append(seq)
-            self.set_meta("seq", str(seq))
+            first = self._last_row_id() + 1
+            rows = [
+                (
+                    first + offset,
+                    image.id,
+                    seq + 1 + offset,
+                    image.label,
+                    json.dumps(image.metadata, sort_keys=True) if image.metadata else "{}",
+                    np.asarray(image.vector, dtype=np.float32).tobytes(),
+                    image.thumbnail,
+                    image.original,
+                    image.width,
+                    image.height,
+                    now,
+                )
+                for offset, image in enumerate(images)
+            ]
+            try:
+                conn.executemany(
+                    "INSERT INTO images(row_id, id, seq, label, metadata, vector, thumbnail, original, width,"
+                    " height, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+            except sqlite3.IntegrityError as exc:
+                taken = self._taken([image.id for image in images])
+                raise AlreadyExists(
+                    f"image id {shown(taken[0]) if taken else '(unknown)'} already exists",
+                    reason="IMAGE_EXISTS",
+                ) from exc
+            self.set_meta("seq", str(seq + len(images)))
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        return row_ids, seqs
+        return [row[0] for row in rows], [row[2] for row in rows]
+
+    def _last_row_id(self) -> int:
+        """The largest row id ever used (deleted rows included: ids are never reused)."""
+        row = self._writer.execute("SELECT seq FROM sqlite_sequence WHERE name = 'images'").fetchone()
+        largest = self._writer.execute("SELECT MAX(row_id) FROM images").fetchone()[0]
+        return max(row[0] if row else 0, largest or 0)
+
+    def _taken(self, ids: Sequence[str]) -> list[str]:
+        """Which of ``ids`` are stored, or repeated within ``ids`` (inside the writer's transaction)."""
+        seen: set[str] = set()
+        repeated = [i for i in ids if i in seen or seen.add(i)]
+        marks = ",".join("?" * len(ids))
+        stored = [
+            r[0] for r in self._writer.execute(f"SELECT id FROM images WHERE id IN ({marks})", list(ids))
+        ]
+        return repeated + stored
 
     def delete(self, ids: Sequence[str]) -> list[int]:
         """Delete rows by id in one transaction, logging each removal with a sequence number."""

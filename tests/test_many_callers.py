@@ -104,8 +104,12 @@ def test_batched_answers_equal_one_by_one_answers(filled, name):
     assert all(r.code == 0 for r in in_one_call.results)
 
 
-def test_concurrent_searches_are_answered_in_shared_batches(filled):
+def test_concurrent_searches_are_answered_in_shared_batches(filled, monkeypatch):
+    """Each index call is made to take 20 ms, as a large collection's would: callers arriving
+    meanwhile must be answered together by the next call, not one by one."""
     target, base, engine = filled
+    run = engine.searches.run
+    monkeypatch.setattr(engine.searches, "run", lambda items: (time.sleep(0.02), run(items))[1])
     asked = [pb.SearchRequest(collection="flat", vector=vector(row), top_k=5) for row in base[:200]]
     batches, items = engine.searches.batches, engine.searches.items
     with grpc.insecure_channel(target) as chan, ThreadPoolExecutor(32) as pool:
@@ -113,7 +117,7 @@ def test_concurrent_searches_are_answered_in_shared_batches(filled):
         hits = list(pool.map(lambda q: stub.Search(q).hits[0].id, asked))
     assert hits == [f"v{i}" for i in range(200)]
     assert engine.searches.items - items == 200
-    assert engine.searches.batches - batches < 150, "32 concurrent callers must share index calls"
+    assert engine.searches.batches - batches <= 40, "32 concurrent callers must share index calls"
 
 
 def test_a_search_batch_reports_each_query_on_its_own(filled):
