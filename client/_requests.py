@@ -268,6 +268,14 @@ def list_images(collection: str | None, page_size: int, page_token: str, label: 
     return Rpc(_method("ListImages"), request, ImagePage.from_proto)
 
 
+STORAGES = {
+    None: pb.VECTOR_STORAGE_UNSPECIFIED,
+    "float32": pb.VECTOR_STORAGE_FLOAT32,
+    "float16": pb.VECTOR_STORAGE_FLOAT16,
+}
+"""The in-memory forms a flat index may keep its vectors in (None: the server's default, float32)."""
+
+
 def create_collection(
     name: str,
     *,
@@ -278,8 +286,11 @@ def create_collection(
     hnsw: HnswParams | Mapping[str, int] | None,
     store_originals: bool,
     description: str,
+    storage: str | None = None,
 ) -> Rpc[CollectionInfo]:
     kind = IndexType.parse(index_type)
+    if storage not in STORAGES:
+        raise ValueError(f"storage must be one of {sorted(STORAGES, key=str)}, not {storage!r}")
     ivf_params = _params(ivf, IvfParams, "ivf")
     hnsw_params = _params(hnsw, HnswParams, "hnsw")
     if ivf_params is not None and kind is not IndexType.IVF:
@@ -293,6 +304,7 @@ def create_collection(
         index_type=kind.to_proto(),
         store_originals=store_originals,
         description=description,
+        storage=STORAGES[storage],
     )
     if ivf_params is not None:
         collection.ivf.CopyFrom(ivf_params.to_proto())

@@ -240,6 +240,7 @@ class AsyncImageSearchClient(ClientBase):
         hnsw: HnswParams | Mapping[str, int] | None = None,
         store_originals: bool = False,
         description: str = "",
+        storage: str | None = None,
         **options: Unpack[CallOptions],
     ) -> CollectionInfo:
         """See ``ImageSearchClient.create_collection``."""
@@ -252,6 +253,7 @@ class AsyncImageSearchClient(ClientBase):
             hnsw=hnsw,
             store_originals=store_originals,
             description=description,
+            storage=storage,
         )
         return await self._call(rpc, options)
 

@@ -277,6 +277,7 @@ class ImageSearchClient(ClientBase):
         hnsw: HnswParams | Mapping[str, int] | None = None,
         store_originals: bool = False,
         description: str = "",
+        storage: str | None = None,
         **options: Unpack[CallOptions],
     ) -> CollectionInfo:
         """Create a collection bound to one extractor, one metric and one index type.
@@ -284,7 +285,8 @@ class ImageSearchClient(ClientBase):
         ``extractor`` None: the server's default; ``metric`` None: the extractor's
         default. ``ivf`` / ``hnsw`` (an ``IvfParams`` / ``HnswParams`` or a dict such as
         ``{"nlist": 64}``) only go with the matching ``index_type``. ``store_originals``
-        keeps each image's bytes (for download and re-indexing).
+        keeps each image's bytes (for download and re-indexing). ``storage="float16"`` makes a flat
+        index keep its vectors as float16: half the memory, recall@10 about 0.998 (docs/api.md).
         """
         rpc = R.create_collection(
             name,
@@ -295,6 +297,7 @@ class ImageSearchClient(ClientBase):
             hnsw=hnsw,
             store_originals=store_originals,
             description=description,
+            storage=storage,
         )
         return self._call(rpc, options)
 

@@ -336,6 +336,14 @@ class CollectionInfo:
     hnsw: HnswParams | None = None
     created_at: datetime | None = None
     index_trained: bool = False
+    storage: str = "float32"
+    """How a flat index keeps its vectors in memory: "float32" or "float16"."""
+    index_bytes: int = 0
+    """Bytes the index holds in memory."""
+    read_only: bool = False
+    """True when the index could not be built: reads work, searches and writes do not."""
+    state_reason: str = ""
+    """Why the collection is read-only, or a warning about its index."""
 
     @classmethod
     def from_proto(cls, message: pb.Collection) -> Self:
@@ -354,6 +362,10 @@ class CollectionInfo:
             hnsw=HnswParams.from_proto(message.hnsw) if index_type is IndexType.HNSW else None,
             created_at=_time(message.create_time),
             index_trained=message.index_trained,
+            storage="float16" if message.storage == pb.VECTOR_STORAGE_FLOAT16 else "float32",
+            index_bytes=message.index_bytes,
+            read_only=message.state == pb.COLLECTION_STATE_READ_ONLY,
+            state_reason=message.state_reason,
         )
 
 

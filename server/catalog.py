@@ -207,6 +207,7 @@ class Catalog:
         params: dict[str, int] | None = None,
         store_originals: bool = False,
         description: str = "",
+        storage: str = "",
     ) -> Collection:
         check_collection_name(name)
         chosen = self.extractor(extractor)
@@ -240,6 +241,7 @@ class Catalog:
             dim=chosen.dim,
             index_type=index_type,
             store_originals=store_originals,
+            **({"storage": storage} if storage else {}),  # "": the spec's default, float32
             description=description,
             **index_params(index_type, params or {}),
         )

@@ -27,7 +27,14 @@ from imagesearch.server.errors import FailedPrecondition, InvalidArgument, NotFo
 from imagesearch.server.rwlock import ReadWriteLock
 from imagesearch.server.snapshot import SnapshotError, read_snapshot, write_snapshot
 from imagesearch.server.store import CollectionStore, ImageRow, NewImage
-from imagesearch.server.vector_index import IndexSpec, VectorIndex, brute_force, default_train_size
+from imagesearch.server.vector_index import (
+    FLOAT32,
+    STORAGES,
+    IndexSpec,
+    VectorIndex,
+    brute_force,
+    default_train_size,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +69,7 @@ class CollectionSpec:
     hnsw_m: int = 32
     ef_construction: int = 40
     ef_search: int = 64
+    storage: str = FLOAT32
     store_originals: bool = False
     description: str = ""
     created: float = field(default_factory=time.time)
@@ -84,6 +92,7 @@ class CollectionSpec:
             hnsw_m=self.hnsw_m,
             ef_construction=self.ef_construction,
             ef_search=self.ef_search,
+            storage=self.storage,
         )
 
 
@@ -112,6 +121,18 @@ def check_index_params(spec: CollectionSpec, limits: Limits) -> None:
         "ef_construction": ("collection.hnsw.ef_construction", 1, limits.max_ef),
         "ef_search": ("collection.hnsw.ef_search", 1, limits.max_ef),
     }
+    if spec.storage not in STORAGES:
+        raise InvalidArgument(
+            f"unknown storage {shown(spec.storage)} (available: {', '.join(STORAGES)})",
+            field="collection.storage",
+            reason="BAD_INDEX_PARAM",
+        )
+    if spec.storage != FLOAT32 and spec.index_type != FLAT:
+        raise InvalidArgument(
+            f"storage {spec.storage} is for flat indexes; an {spec.index_type} index keeps float32",
+            field="collection.storage",
+            reason="BAD_INDEX_PARAM",
+        )
     for name, (field_path, lowest, highest) in bounds.items():
         value = getattr(spec, name)
         if name == "train_size" and value == 0:  # unset: 39 per list
@@ -132,6 +153,7 @@ class CollectionInfo:
 
     spec: CollectionSpec
     image_count: int
+    index_bytes: int
     index_trained: bool
     read_only: bool
     state_reason: str
@@ -435,6 +457,7 @@ class Collection:
         return CollectionInfo(
             spec=dataclasses.replace(spec, train_size=default_train_size(spec.nlist, spec.train_size)),
             image_count=self.count(),
+            index_bytes=self.index.memory_bytes() if self.index is not None else 0,
             index_trained=self.index_trained,
             read_only=bool(self.problem),
             state_reason=self.state_reason,

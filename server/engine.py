@@ -108,6 +108,7 @@ class NewCollection:
     params: dict[str, int] = field(default_factory=dict)
     store_originals: bool = False
     description: str = ""
+    storage: str = ""
 
 
 @dataclass(frozen=True)
@@ -722,6 +723,7 @@ class Engine:
             params=wanted.params,
             store_originals=wanted.store_originals,
             description=wanted.description,
+            storage=wanted.storage,
         ).info()
 
     def get_collection(self, name: str) -> CollectionInfo:

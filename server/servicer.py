@@ -30,6 +30,7 @@ from imagesearch.server.collection import CollectionInfo
 from imagesearch.server.engine import AddOutcome, Engine, ImageItem, NewCollection, SearchOutcome, SearchQuery
 from imagesearch.server.store import ImageRow
 from imagesearch.server.streams import StreamGuard
+from imagesearch.server.vector_index import FLOAT16, FLOAT32
 from imagesearch.v1 import image_search_service_pb2 as pb
 from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
 
@@ -44,6 +45,8 @@ def status_of(error: errors.ImageSearchError) -> grpc.StatusCode:
 
 INDEX_TYPE_TO_PB = {FLAT: pb.INDEX_TYPE_FLAT, IVF: pb.INDEX_TYPE_IVF, HNSW: pb.INDEX_TYPE_HNSW}
 INDEX_TYPE_FROM_PB = {pb.INDEX_TYPE_UNSPECIFIED: FLAT, **{v: k for k, v in INDEX_TYPE_TO_PB.items()}}
+STORAGE_TO_PB = {FLOAT32: pb.VECTOR_STORAGE_FLOAT32, FLOAT16: pb.VECTOR_STORAGE_FLOAT16}
+STORAGE_FROM_PB = {pb.VECTOR_STORAGE_UNSPECIFIED: "", **{v: k for k, v in STORAGE_TO_PB.items()}}
 REQUEST_ID_KEY = "x-request-id"
 
 
@@ -269,6 +272,8 @@ def collection_message(info: CollectionInfo) -> pb.Collection:
         dimension=spec.dim,
         image_count=info.image_count,
         store_originals=spec.store_originals,
+        storage=STORAGE_TO_PB[spec.storage],
+        index_bytes=info.index_bytes,
         description=spec.description,
         create_time=_timestamp(spec.created),
         index_trained=info.index_trained,
@@ -454,6 +459,7 @@ class ImageSearchServicer(pb_grpc.ImageSearchServiceServicer):
                 },
                 store_originals=wanted.store_originals,
                 description=wanted.description,
+                storage=STORAGE_FROM_PB.get(wanted.storage, str(wanted.storage)),
             ),
         )
         return pb.CreateCollectionResponse(collection=collection_message(info))

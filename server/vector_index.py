@@ -41,6 +41,11 @@ BLAS_THRESHOLD = 20
 faiss.cvar.distance_compute_blas_threshold = BLAS_THRESHOLD
 
 
+# How a flat index holds vectors in memory (the store always keeps float32).
+FLOAT32, FLOAT16 = "float32", "float16"
+STORAGES = (FLOAT32, FLOAT16)
+
+
 @dataclass(frozen=True)
 class IndexSpec:
     kind: str
@@ -52,6 +57,7 @@ class IndexSpec:
     hnsw_m: int = 32
     ef_construction: int = 40
     ef_search: int = 64
+    storage: str = FLOAT32
 
     @property
     def effective_train_size(self) -> int:
@@ -90,6 +96,12 @@ class VectorIndex:
         if self.spec.kind == HNSW:
             inner = faiss.IndexHNSWFlat(self.spec.dim, self.spec.hnsw_m, self.spec.metric.faiss_metric)
             inner.hnsw.efConstruction = self.spec.ef_construction
+        elif self.spec.storage == FLOAT16:  # flat only: CreateCollection refuses it elsewhere
+            inner = faiss.IndexScalarQuantizer(
+                self.spec.dim, faiss.ScalarQuantizer.QT_fp16, self.spec.metric.faiss_metric
+            )
+            if self.spec.metric.metric_arg:
+                inner.metric_arg = self.spec.metric.metric_arg
         else:  # flat, and IVF before it is trained
             inner = _flat(self.spec)
         return faiss.IndexIDMap2(inner)
@@ -128,11 +140,30 @@ class VectorIndex:
         return faiss.vector_to_array(self._index.id_map).astype(np.int64)
 
     def stored_vectors(self) -> np.ndarray:
-        """A zero-copy view of a flat index's (prepared) vectors, in ids() order."""
+        """A flat index's (prepared) vectors in ids() order: a zero-copy view for float32, decoded
+        for float16."""
         inner = faiss.downcast_index(self._index.index) if not self.trained else None
+        if isinstance(inner, faiss.IndexScalarQuantizer):
+            return inner.reconstruct_n(0, inner.ntotal)
         if not isinstance(inner, faiss.IndexFlat):
             raise TypeError("only flat indexes expose their vectors")
         return faiss.rev_swig_ptr(inner.get_xb(), inner.ntotal * inner.d).reshape(inner.ntotal, inner.d)
+
+    def memory_bytes(self) -> int:
+        """What the index holds: vectors or codes, ids, graph links, lists (not allocator overhead)."""
+        index = self._index
+        if isinstance(index, faiss.IndexIVF):
+            lists = index.invlists
+            held = sum(lists.list_size(i) for i in range(index.nlist))
+            return held * (index.code_size + 8) + index.nlist * index.d * 4
+        inner = faiss.downcast_index(index.index)
+        ids = 2 * 8 * index.ntotal  # the id map and its reverse map
+        if isinstance(inner, faiss.IndexHNSWFlat):
+            links = inner.hnsw.neighbors.size() * 4 + inner.hnsw.levels.size() * 4
+            return ids + inner.ntotal * inner.d * 4 + links
+        if isinstance(inner, faiss.IndexScalarQuantizer):
+            return ids + inner.ntotal * inner.code_size
+        return ids + inner.ntotal * inner.d * 4
 
     # -- writes ------------------------------------------------------------------
     def add(self, ids: np.ndarray, prepared: np.ndarray) -> None:
@@ -229,7 +260,12 @@ class VectorIndex:
             ok = self.spec.kind == IVF and index.nlist == self.spec.nlist
         elif isinstance(index, faiss.IndexIDMap2):
             inner = faiss.downcast_index(index.index)
-            wanted = faiss.IndexHNSWFlat if self.spec.kind == HNSW else faiss.IndexFlat
+            if self.spec.kind == HNSW:
+                wanted = faiss.IndexHNSWFlat
+            elif self.spec.storage == FLOAT16:
+                wanted = faiss.IndexScalarQuantizer
+            else:
+                wanted = faiss.IndexFlat
             ok = isinstance(inner, wanted) and not isinstance(inner, faiss.IndexIVF)
         else:
             ok = False

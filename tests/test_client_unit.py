@@ -588,3 +588,12 @@ def test_every_method_is_documented() -> None:
         name for name in _public_methods(ImageSearchClient) if name != "close" and f"**`{name}(" not in text
     ]
     assert not undocumented
+
+
+def test_create_collection_request_carries_the_storage() -> None:
+    common = dict(extractor=None, metric="l2", index_type="flat", ivf=None, hnsw=None, store_originals=False)
+    request = R.create_collection("c", description="", storage="float16", **common).request
+    assert request.collection.storage == pb.VECTOR_STORAGE_FLOAT16
+    assert R.create_collection("c", description="", **common).request.collection.storage == 0
+    with pytest.raises(ValueError, match="storage must be one of"):
+        R.create_collection("c", description="", storage="int4", **common)

@@ -201,3 +201,45 @@ def test_a_stream_silent_too_long_is_closed_saying_what_it_stored(data_dir):
     stored = pb.AddImagesStreamResponse()
     progress[0].Unpack(stored)
     assert list(stored.ids) == ["first"]
+
+
+def test_a_float16_collection_serves_restarts_and_reports_its_bytes(data_dir):
+    rng = np.random.default_rng(2)
+    base = rng.normal(size=(250, DIM)).astype(np.float32)
+    images = [pb.ImageInput(id=f"h{i}", vector=vector(row)) for i, row in enumerate(base)]
+    half = pb.Collection(name="half", metric="l2", storage=pb.VECTOR_STORAGE_FLOAT16)
+    full = pb.Collection(name="full", metric="l2")
+    config = tiny_config(data_dir)
+    for _ in range(2):  # the second pass loads the snapshot written at the first stop
+        with (
+            run_server(config, extra_plugins=[TINY_PLUGIN]) as running,
+            grpc.insecure_channel(running.target) as chan,
+        ):
+            stub = pb_grpc.ImageSearchServiceStub(chan)
+            for wanted in (half, full):
+                if wanted.name not in {
+                    c.name for c in stub.ListCollections(pb.ListCollectionsRequest()).collections
+                }:
+                    stub.CreateCollection(pb.CreateCollectionRequest(collection=wanted))
+                    stub.AddImages(pb.AddImagesRequest(collection=wanted.name, images=images))
+            info = {
+                n: stub.GetCollection(pb.GetCollectionRequest(name=n)).collection for n in ("half", "full")
+            }
+            assert info["half"].storage == pb.VECTOR_STORAGE_FLOAT16
+            assert info["half"].index_bytes < 0.6 * info["full"].index_bytes
+            for i in (0, 150, 249):
+                query = pb.SearchRequest(collection="half", vector=vector(base[i]), top_k=1)
+                assert stub.Search(query).hits[0].id == f"h{i}"
+            override = pb.SearchRequest(collection="half", vector=vector(base[7]), top_k=1, metric="cosine")
+            assert stub.Search(override).hits[0].id == "h7"
+    hnsw = pb.Collection(name="x", index_type=pb.INDEX_TYPE_HNSW, storage=pb.VECTOR_STORAGE_FLOAT16)
+    with (
+        run_server(config, extra_plugins=[TINY_PLUGIN]) as running,
+        grpc.insecure_channel(running.target) as chan,
+        pytest.raises(grpc.RpcError) as caught,
+    ):
+        pb_grpc.ImageSearchServiceStub(chan).CreateCollection(pb.CreateCollectionRequest(collection=hnsw))
+    assert (
+        caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        and "for flat indexes" in caught.value.details()
+    )
