@@ -24,7 +24,13 @@ from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import Message
 
 from imagesearch.client import _health
-from imagesearch.client.errors import REQUEST_ID_HEADER
+from imagesearch.client.errors import (
+    ERROR_CLASSES,
+    REQUEST_ID_HEADER,
+    ErrorDetails,
+    FieldViolation,
+    ImageSearchError,
+)
 from imagesearch.client.types import (
     AddResult,
     CollectionInfo,
@@ -36,8 +42,10 @@ from imagesearch.client.types import (
     IvfParams,
     PathLike,
     PluginList,
+    Query,
     SearchResult,
     VectorLike,
+    status_code,
 )
 from imagesearch.v1 import image_search_service_pb2 as pb
 
@@ -238,6 +246,25 @@ def search(
     else:
         request.vector.CopyFrom(_vector(vector, "vector"))
     return Rpc(_method("Search"), request, SearchResult.from_proto)
+
+
+def search_batch(queries: Iterable[Query]) -> Rpc[list[SearchResult | ImageSearchError]]:
+    requests = [search(**dataclasses.asdict(query)).request for query in queries]
+    return Rpc(
+        _method("SearchBatch"),
+        pb.SearchBatchRequest(queries=requests),
+        lambda response: [_batch_result(result) for result in response.results],
+    )
+
+
+def _batch_result(result: pb.SearchBatchResult) -> SearchResult | ImageSearchError:
+    """A query's hits, or the exception a lone Search would have raised (returned, not raised)."""
+    if result.code == 0:
+        return SearchResult.from_proto(result.response)
+    code = status_code(result.code)
+    violations = (FieldViolation(result.field, result.message),) if result.field else ()
+    details = ErrorDetails(reason=result.reason, field_violations=violations)
+    return ERROR_CLASSES.get(code, ImageSearchError)(result.message, code=code, details=details)
 
 
 def remove_images(ids: Iterable[str], collection: str | None, allow_missing: bool) -> Rpc[int]:

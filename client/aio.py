@@ -20,7 +20,7 @@ from imagesearch.client import _requests as R
 from imagesearch.client._base import ClientBase
 from imagesearch.client._requests import CallOptions
 from imagesearch.client._upload import NOTHING_ADDED, PerFile, Progress, Upload
-from imagesearch.client.errors import from_rpc_error
+from imagesearch.client.errors import ImageSearchError, from_rpc_error
 from imagesearch.client.types import (
     AddResult,
     CollectionInfo,
@@ -32,6 +32,7 @@ from imagesearch.client.types import (
     IvfParams,
     PathLike,
     PluginList,
+    Query,
     SearchResult,
     VectorLike,
 )
@@ -171,6 +172,12 @@ class AsyncImageSearchClient(ClientBase):
             collection=collection,
         )
         return await self._call(rpc, options)
+
+    async def search_batch(
+        self, queries: Iterable[Query], **options: Unpack[CallOptions]
+    ) -> list[SearchResult | ImageSearchError]:
+        """See ``ImageSearchClient.search_batch``."""
+        return await self._call(R.search_batch(queries), options)
 
     async def remove_images(
         self,

@@ -17,7 +17,7 @@ from imagesearch.client import _requests as R
 from imagesearch.client._base import ClientBase
 from imagesearch.client._requests import CallOptions
 from imagesearch.client._upload import NOTHING_ADDED, PerFile, Progress, Upload
-from imagesearch.client.errors import from_rpc_error
+from imagesearch.client.errors import ImageSearchError, from_rpc_error
 from imagesearch.client.types import (
     AddResult,
     CollectionInfo,
@@ -29,6 +29,7 @@ from imagesearch.client.types import (
     IvfParams,
     PathLike,
     PluginList,
+    Query,
     SearchResult,
     VectorLike,
 )
@@ -205,6 +206,15 @@ class ImageSearchClient(ClientBase):
             collection=collection,
         )
         return self._call(rpc, options)
+
+    def search_batch(
+        self, queries: Iterable[Query], **options: Unpack[CallOptions]
+    ) -> list[SearchResult | ImageSearchError]:
+        """Run many searches in one call, in order; they share the server's batched index and
+        extractor calls. Each query succeeds or fails on its own: a failed one is *returned* as
+        the exception a lone ``search`` would have raised, so one bad query costs only itself.
+        """
+        return self._call(R.search_batch(queries), options)
 
     def remove_images(
         self,

@@ -184,6 +184,21 @@ class StageTimings:
 
 
 @dataclass(frozen=True)
+class Query:
+    """One search of ``search_batch``: the same arguments as ``ImageSearchClient.search``."""
+
+    image: bytes | PathLike | None = None
+    image_id: str | None = None
+    vector: VectorLike | None = None
+    top_k: int = 0
+    labels: Sequence[str] = ()
+    metric: str | None = None
+    exclude_query: bool = False
+    extractor: str | None = None
+    collection: str | None = None
+
+
+@dataclass(frozen=True)
 class SearchResult:
     """Hits sorted by descending score, the metric that scored them, and server timings.
 

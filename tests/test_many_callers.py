@@ -15,6 +15,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
+from imagesearch.client import ImageSearchClient, InvalidArgument, Query
 from imagesearch.server.app import run_server
 from imagesearch.server.engine import Engine
 from imagesearch.v1 import image_search_service_pb2 as pb
@@ -243,3 +244,19 @@ def test_a_float16_collection_serves_restarts_and_reports_its_bytes(data_dir):
         caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         and "for flat indexes" in caught.value.details()
     )
+
+
+def test_the_python_client_runs_a_search_batch(filled):
+    target, base, _ = filled
+    with ImageSearchClient(target) as client:
+        results = client.search_batch(
+            [
+                Query(vector=base[4], top_k=2, collection="flat"),
+                Query(image_id="v9", exclude_query=True, top_k=1, collection="ivf"),
+                Query(vector=[1.0, 2.0], collection="flat"),
+            ]
+        )
+    assert results[0].ids[0] == "v4" and len(results[0].hits) == 2
+    assert results[1].ids != ["v9"] and len(results[1].hits) == 1
+    assert isinstance(results[2], InvalidArgument) and results[2].reason == "DIMENSION_MISMATCH"
+    assert results[2].field_violations[0].field == "queries[2].vector"
