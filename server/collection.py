@@ -15,7 +15,8 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -368,9 +369,10 @@ class Collection:
         """Hits for several queries with one index call (a matrix-matrix product on flat indexes).
 
         Each query gets its own ``k`` and excluded row; the index is asked for the largest
-        and each list is cut to its own, which gives every query exactly the hits it would
-        get alone on flat and IVF indexes (HNSW's beam depends on k: the engine batches
-        HNSW queries of equal k only).
+        and each list is cut to its own, which gives every query the hits it would get alone
+        on flat and IVF indexes (HNSW's beam depends on k: the engine batches HNSW queries of
+        equal k only). Scores may differ from a lone query's in the last float32 bits (a
+        matrix product sums in another order: up to ~2e-6), never the ids' order otherwise.
         """
         excludes = list(exclude_row_ids) if exclude_row_ids is not None else [None] * len(ks)
         metric = metric_override or self.metric
@@ -418,9 +420,17 @@ class Collection:
         raw, positions = brute_force(metric, metric.prepare(base), query, k)
         return raw, np.where(positions >= 0, ids[np.maximum(positions, 0)], -1)
 
+    @contextmanager
+    def _reading(self) -> Iterator[None]:
+        """Read the store under the reader lock, refusing a deleted collection: DeleteCollection
+        closes the store's connections under the writer lock, so no read can overlap it."""
+        with self.lock.read():
+            self._check_open()
+            yield
+
     def get(self, image_id: str, *, with_original: bool = False, with_vector: bool = False) -> ImageRow:
-        self._check_open()
-        row = self.store.get(image_id, with_original=with_original, with_vector=with_vector)
+        with self._reading():
+            row = self.store.get(image_id, with_original=with_original, with_vector=with_vector)
         if row is None:
             raise NotFound(
                 f"image {shown(image_id)} not found in collection {self.spec.name!r}",
@@ -429,8 +439,8 @@ class Collection:
         return row
 
     def vector_of(self, image_id: str) -> tuple[int, np.ndarray]:
-        self._check_open()
-        found = self.store.vector_of(image_id)
+        with self._reading():
+            found = self.store.vector_of(image_id)
         if found is None:
             raise NotFound(
                 f"image {shown(image_id)} not found in collection {self.spec.name!r}",
@@ -440,24 +450,29 @@ class Collection:
 
     def count(self, label: str | None = None) -> int:
         """Images stored (with ``label``, when given)."""
-        return self.store.count(label or None)
+        with self._reading():
+            return self.store.count(label or None)
 
     def existing_ids(self, ids: Sequence[str]) -> set[str]:
         """Which of ``ids`` are stored."""
-        return self.store.existing_ids(ids)
+        with self._reading():
+            return self.store.existing_ids(ids)
 
     def page(self, after_row_id: int, limit: int, label: str | None = None) -> list[ImageRow]:
         """Rows in insertion order after a position (keyset pagination)."""
-        self._check_open()
-        return self.store.page(after_row_id, limit, label or None)
+        with self._reading():
+            return self.store.page(after_row_id, limit, label or None)
 
     def info(self) -> CollectionInfo:
         """What GetCollection reports, with every default resolved."""
         spec = self.spec
+        with self._reading():
+            count = self.store.count()
+            index_bytes = self.index.memory_bytes() if self.index is not None else 0
         return CollectionInfo(
             spec=dataclasses.replace(spec, train_size=default_train_size(spec.nlist, spec.train_size)),
-            image_count=self.count(),
-            index_bytes=self.index.memory_bytes() if self.index is not None else 0,
+            image_count=count,
+            index_bytes=index_bytes,
             index_trained=self.index_trained,
             read_only=bool(self.problem),
             state_reason=self.state_reason,

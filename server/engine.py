@@ -16,7 +16,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -237,13 +236,8 @@ class Engine:
         wait_s = config.batch_max_wait_ms / 1000
         # Concurrent searches run as one index call per collection and filter; concurrent images
         # (searches by image and AddImages alike) go through their extractor as one batch.
-        # Every index search runs on this one thread: FAISS's OpenMP keeps a thread team per calling
-        # thread, and teams of many callers spin against each other on a small machine.
-        self._index_thread = ThreadPoolExecutor(1, thread_name_prefix="index")
         self.searches: Batcher[PendingSearch, list[Hit] | ImageSearchError] = Batcher(
-            lambda pending: self._index_thread.submit(self._run_searches, pending).result(),
-            config.search_max_batch,
-            wait_s,
+            self._run_searches, config.search_max_batch, wait_s
         )
         self._extractions: dict[int, Batcher[np.ndarray, np.ndarray]] = {}
         self._extractions_lock = threading.Lock()
@@ -255,8 +249,7 @@ class Engine:
         self._stopping.set()
 
     def close(self) -> None:
-        """Stop the engine's own thread (after the gRPC server has drained)."""
-        self._index_thread.shutdown(wait=True)
+        """Release what the engine holds beyond its catalog (nothing yet: a hook for run_server)."""
 
     def check_accepting_writes(self) -> None:
         """Unavailable once shutdown has begun: a long upload must not outlive the drain."""

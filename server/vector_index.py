@@ -20,6 +20,7 @@ another row:
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import faiss
@@ -39,6 +40,17 @@ TRAIN_POINTS_PER_LIST = 39
 # from 2.5-2.9 ms to 1.1 ms at 8 queries, 0.55 ms at 16 and 0.26 ms at 64 (bench/bench_concurrency.py).
 BLAS_THRESHOLD = 20
 faiss.cvar.distance_compute_blas_threshold = BLAS_THRESHOLD
+
+# FAISS's OpenMP helpers go to sleep between calls, and waking one on this kind of VM costs about
+# 10 ms: a search of 32 vectors took 10-12 ms with two threads and 0.3 ms with one. So a search
+# uses every core only when its work (queries x vectors x dimensions) is big enough to pay for
+# the wake-up; measured on the project VM (bench/bench_concurrency.py, docs/decisions.md).
+PARALLEL_WORK = 50_000_000
+
+
+def search_threads(queries: int, vectors: int, dim: int) -> int:
+    """OpenMP threads for a search of this size: one for small work, every core for large."""
+    return 1 if queries * vectors * dim < PARALLEL_WORK else max(1, os.cpu_count() or 1)
 
 
 # How a flat index holds vectors in memory (the store always keeps float32).
@@ -244,12 +256,38 @@ class VectorIndex:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Return (raw FAISS distances, ids); ids of -1 mark empty slots."""
         queries = as_float32(prepared_queries)
+        faiss.omp_set_num_threads(search_threads(len(queries), self.size, self.spec.dim))
         k = max(1, min(k, max(self.size, 1)))
         params, _keep = self._params(allowed)  # _keep holds the selectors alive during the search
         if self.spec.kind == HNSW:
             # HNSW's beam must be at least k wide or it returns fewer hits than it could.
             params.efSearch = max(self.spec.ef_search, k)
-        return self._index.search(queries, k, params=params)
+        distances, ids = self._index.search(queries, k, params=params)
+        if self._blas_l2():
+            distances, ids = self._exact_l2(queries, distances, ids)
+        return distances, ids
+
+    def _blas_l2(self) -> bool:
+        """Whether results come from FAISS's BLAS path for L2 on a float32 flat index, which
+        computes |x|^2 + |y|^2 - 2xy: a stored vector then lies at 1e-4 from itself, not 0."""
+        if self.spec.metric.faiss_metric != faiss.METRIC_L2 or self.trained or self.spec.kind == HNSW:
+            return False
+        return isinstance(faiss.downcast_index(self._index.index), faiss.IndexFlat)
+
+    def _exact_l2(self, queries: np.ndarray, distances: np.ndarray, ids: np.ndarray):
+        """Recompute the hits' squared L2 distances directly and re-sort: exact values, and the
+        same whether a query was searched alone or in a batch (k x d work per query)."""
+        found = ids >= 0
+        if not found.any():
+            return distances, ids
+        vectors = self._index.reconstruct_batch(ids[found])
+        exact = np.full(distances.shape, np.inf, dtype=np.float32)
+        rows = np.nonzero(found)[0]
+        exact[found] = ((vectors - queries[rows]) ** 2).sum(axis=1)
+        order = np.argsort(exact, axis=1, kind="stable")
+        exact, ids = np.take_along_axis(exact, order, axis=1), np.take_along_axis(ids, order, axis=1)
+        exact[ids < 0] = np.finfo(np.float32).max  # empty slots, as FAISS marks them
+        return exact, ids
 
     def check_layout(self) -> None:
         """Refuse a loaded FAISS object that is not what this spec builds (old or foreign snapshots)."""

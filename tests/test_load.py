@@ -63,7 +63,8 @@ class Worker:
             ids = [f"w{self.number}-{round_}-{i}" for i in range(16)]
             vectors = self.rng.normal(size=(16, TinyExtractor.dim)).astype(np.float32)
             images = [
-                pb.ImageInput(id=i, vector=pb.FloatVector(values=v.tolist())) for i, v in zip(ids, vectors, strict=True)
+                pb.ImageInput(id=i, vector=pb.FloatVector(values=v.tolist()))
+                for i, v in zip(ids, vectors, strict=True)
             ]
             if self.call(self.stub.AddImages, pb.AddImagesRequest(images=images)) is not None:
                 self.added.append(ids)

@@ -111,3 +111,19 @@ def test_float16_storage_halves_memory_and_keeps_recall():
     half.check_layout()
     with pytest.raises(ValueError, match="does not fit"):
         VectorIndex(half.spec, exact.faiss_index).check_layout()
+
+
+def test_flat_l2_distances_are_exact_and_the_same_alone_or_batched():
+    """FAISS's BLAS path computes L2 as |x|^2 + |y|^2 - 2xy (a vector lies ~1e-4 from itself); the
+    index re-scores its hits directly, so distances are exact and independent of the batch."""
+    rng = np.random.default_rng(4)
+    base = (10 * rng.normal(size=(2000, DIM))).astype(np.float32)
+    index = VectorIndex(spec(FLAT))
+    index.add(np.arange(2000), base)
+    together, ids = index.search(base[:40], 5)
+    assert np.all(together[:, 0] == 0) and np.array_equal(ids[:, 0], np.arange(40))
+    for row in (0, 17, 39):
+        alone, alone_ids = index.search(base[row : row + 1], 5)
+        assert np.array_equal(alone[0], together[row]) and np.array_equal(alone_ids[0], ids[row])
+    expected = ((base[ids[3]] - base[3]) ** 2).sum(axis=1)
+    assert np.allclose(together[3], expected, rtol=1e-6)

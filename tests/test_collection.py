@@ -1,0 +1,517 @@
+"""Collection below the gRPC layer: a store and an index kept in agreement.
+
+Every search is compared with a NumPy brute force over what the store holds, for each
+index kind, after adds and removals, after a snapshot plus a replayed tail, after a
+damaged snapshot and after HNSW compaction. The collection's own rules (read-only
+when no index can be built, NotFound once closed, index parameter bounds, collection
+names) are checked here so a failure points at collection.py rather than the API.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from imagesearch.plugins.metrics import COSINE, INNER_PRODUCT, L2
+from imagesearch.plugins.types import FLAT, HNSW, IVF, Metric
+from imagesearch.server.collection import (
+    SNAPSHOT_FILE,
+    STORE_FILE,
+    Collection,
+    CollectionSpec,
+    Hit,
+    check_collection_name,
+    check_index_params,
+    index_params,
+)
+from imagesearch.server.config import Limits
+from imagesearch.server.errors import FailedPrecondition, InvalidArgument, NotFound
+from imagesearch.server.store import CollectionStore, NewImage
+
+DIM = 8
+LABELS = ("a", "b", "c")
+K = 5
+# IVF small enough to train within a test (20 vectors) and probing every list, so it is exact.
+IVF_PARAMS = {"nlist": 4, "nprobe": 4, "train_size": 20}
+
+Base = dict[str, NewImage]  # what the store should hold, by image id: the brute-force side
+
+
+def make_spec(kind: str = FLAT, metric: Metric = L2, **params: int) -> CollectionSpec:
+    """A spec for DIM-sized vectors; IVF gets IVF_PARAMS unless a test overrides them."""
+    chosen = {**(IVF_PARAMS if kind == IVF else {}), **params}
+    return CollectionSpec(
+        name="c",
+        extractor="none",
+        extractor_version="1",
+        metric=metric.name,
+        dim=DIM,
+        index_type=kind,
+        **chosen,
+    )
+
+
+def create(tmp_path: Path, kind: str = FLAT, metric: Metric = L2, **params: int) -> Collection:
+    """A new collection without an extractor (vectors only), in ``tmp_path / "c"``."""
+    return Collection.create(tmp_path / "c", make_spec(kind, metric, **params), metric, None)
+
+
+def reopen(collection: Collection) -> Collection:
+    """Open the same directory again, as a restart does (the caller closed ``collection``)."""
+    return Collection(collection.directory, collection.spec, collection.metric, None)
+
+
+def rows(start: int, count: int) -> list[NewImage]:
+    """Images ``img<start>``...: random vectors seeded by ``start`` (reproducible), labels cycling
+    through LABELS so every label filter has something to find."""
+    rng = np.random.default_rng(start)
+    vectors = rng.normal(size=(count, DIM)).astype(np.float32)
+    return [
+        NewImage(
+            id=f"img{n}", label=LABELS[n % len(LABELS)], vector=vectors[n - start], metadata={"n": str(n)}
+        )
+        for n in range(start, start + count)
+    ]
+
+
+def add(collection: Collection, base: Base, images: list[NewImage]) -> None:
+    """Add to the collection and to the brute-force mirror."""
+    collection.add(images)
+    base.update((image.id, image) for image in images)
+
+
+def remove(collection: Collection, base: Base, ids: Sequence[str]) -> None:
+    """Remove from the collection and from the brute-force mirror."""
+    assert collection.remove(ids) == len(ids)
+    for image_id in ids:
+        del base[image_id]
+
+
+def expected_ids(
+    base: Base, query: np.ndarray, k: int, metric: Metric, labels: Sequence[str] = (), exclude: str = ""
+) -> list[str]:
+    """Exact k-NN with NumPy: FAISS-L2 metrics rank by squared distance, the others by inner
+    product, both over ``metric.prepare``d vectors (as the index stores them)."""
+    ids = [i for i, image in base.items() if (not labels or image.label in labels) and i != exclude]
+    if not ids:
+        return []
+    vectors = metric.prepare(np.stack([base[i].vector for i in ids]))
+    prepared = metric.prepare(query.reshape(1, -1))[0]
+    if metric.faiss_metric == L2.faiss_metric:
+        keys = ((vectors - prepared) ** 2).sum(axis=1)
+    else:
+        keys = -(vectors @ prepared)
+    return [ids[i] for i in np.argsort(keys, kind="stable")[:k]]
+
+
+def queries(base: Base, seed: int, count: int = 6) -> list[np.ndarray]:
+    """Random queries plus a few stored vectors (each of which must find itself)."""
+    rng = np.random.default_rng(seed)
+    stored = [base[i].vector for i in sorted(base)[:3]]
+    return [*rng.normal(size=(count, DIM)).astype(np.float32), *stored]
+
+
+def hit_ids(hits: list[Hit]) -> list[str]:
+    """Hit ids best first: ranking is what the brute force comparison checks."""
+    return [hit.id for hit in hits]
+
+
+def assert_same_hits(actual: list[Hit], expected: list[Hit]) -> None:
+    """Same images, in the same order, with the same scores up to float rounding: a batch of
+    queries may be answered with one BLAS product, whose rounding differs from query-by-query."""
+    assert [(h.id, h.label, h.metadata) for h in actual] == [(h.id, h.label, h.metadata) for h in expected]
+    assert [h.score for h in actual] == pytest.approx([h.score for h in expected], rel=1e-5, abs=1e-6)
+    assert [h.distance for h in actual] == pytest.approx([h.distance for h in expected], rel=1e-5, abs=1e-6)
+
+
+def check_against_brute_force(
+    collection: Collection, base: Base, seed: int, labels: Sequence[str] = ()
+) -> None:
+    """The store, the index and the brute force agree on size and on every query's top K."""
+    assert collection.count() == len(base)
+    assert collection.live_index().size == len(base)
+    for query in queries(base, seed):
+        hits = collection.search(query, K, labels)
+        assert hit_ids(hits) == expected_ids(base, query, K, collection.metric, labels)
+        assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+
+
+# -- search agrees with brute force ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("metric", [L2, COSINE], ids=lambda m: m.name)
+@pytest.mark.parametrize("kind", [FLAT, IVF, HNSW])
+def test_add_search_remove_agree_with_brute_force(tmp_path: Path, kind: str, metric: Metric) -> None:
+    collection = create(tmp_path, kind, metric)
+    base: Base = {}
+    rng = np.random.default_rng(11)
+    for round_ in range(3):
+        add(collection, base, rows(25 * round_, 25))
+        remove(collection, base, sorted(rng.choice(sorted(base), size=8, replace=False).tolist()))
+        check_against_brute_force(collection, base, seed=round_)
+    assert collection.index_trained == (kind == IVF), "past train_size the IVF index is in use"
+    collection.close(snapshot=False)
+
+
+def test_hits_carry_the_rows_label_metadata_distance_and_score(tmp_path: Path) -> None:
+    collection = create(tmp_path)
+    base: Base = {}
+    add(collection, base, rows(0, 10))
+    query = np.random.default_rng(3).normal(size=DIM).astype(np.float32)
+    for hit in collection.search(query, 3):
+        image = base[hit.id]
+        assert (hit.label, hit.metadata) == (image.label, image.metadata)
+        assert hit.distance == pytest.approx(float(np.linalg.norm(image.vector - query)), rel=1e-4)
+        assert hit.score == pytest.approx(1 / (1 + hit.distance))
+    assert len(collection.search(query, 50)) == 10, "k past the collection's size returns everything"
+    collection.close(snapshot=False)
+
+
+@pytest.mark.parametrize("kind", [FLAT, IVF, HNSW])
+def test_label_filters(tmp_path: Path, kind: str) -> None:
+    collection = create(tmp_path, kind)
+    base: Base = {}
+    add(collection, base, rows(0, 60))
+    remove(collection, base, ["img0", "img3", "img7", "img13"])  # tombstones too, for HNSW
+    for labels in (["a"], ["a", "c"], ["b"]):
+        check_against_brute_force(collection, base, seed=5, labels=labels)
+    assert collection.search(base["img1"].vector, K, ["none"]) == []
+    collection.close(snapshot=False)
+
+
+@pytest.mark.parametrize("kind", [FLAT, IVF, HNSW])
+def test_exclude_row_id_drops_the_query_image_and_still_returns_k(tmp_path: Path, kind: str) -> None:
+    collection = create(tmp_path, kind)
+    base: Base = {}
+    add(collection, base, rows(0, 40))
+    row_id, vector = collection.vector_of("img9")
+    assert hit_ids(collection.search(vector, K))[0] == "img9"
+    hits = collection.search(vector, K, exclude_row_id=row_id)
+    assert hit_ids(hits) == expected_ids(base, vector, K, L2, exclude="img9")
+    collection.close(snapshot=False)
+
+
+@pytest.mark.parametrize("kind", [FLAT, IVF, HNSW])
+def test_search_many_gives_each_query_what_it_gets_alone(tmp_path: Path, kind: str) -> None:
+    """One index call for several queries, each cut to its own k and exclusion (HNSW: equal k,
+    since its beam width follows k; the engine only batches those together)."""
+    collection = create(tmp_path, kind)
+    base: Base = {}
+    add(collection, base, rows(0, 40))
+    remove(collection, base, ["img5", "img6"])
+    stored = collection.vector_of("img7")
+    batch = np.stack([*np.random.default_rng(1).normal(size=(3, DIM)).astype(np.float32), stored[1]])
+    ks = [K] * 4 if kind == HNSW else [1, 3, K, 2]
+    excludes = [None, None, None, stored[0]]
+    for labels in ((), ("a", "b")):
+        together = collection.search_many(batch, ks, labels, exclude_row_ids=excludes)
+        alone = [
+            collection.search(query, k, labels, exclude_row_id=exclude)
+            for query, k, exclude in zip(batch, ks, excludes, strict=True)
+        ]
+        for batched, single in zip(together, alone, strict=True):
+            assert_same_hits(batched, single)
+        assert [len(hits) for hits in together] == ks
+        assert "img7" not in hit_ids(together[3])
+    assert collection.search_many(batch, ks, ["none"]) == [[], [], [], []]
+    collection.close(snapshot=False)
+
+
+@pytest.mark.parametrize(
+    ("own", "override"),
+    [(L2, COSINE), (L2, INNER_PRODUCT), (COSINE, L2), (INNER_PRODUCT, L2)],
+    ids=lambda m: m.name,
+)
+def test_metric_override_on_flat_is_an_exact_search_in_the_collections_space(
+    tmp_path: Path, own: Metric, override: Metric
+) -> None:
+    """Stored vectors went through the collection metric's prepare (cosine: normalised), so the
+    override ranks those prepared vectors, with the query prepared the same way."""
+    collection = create(tmp_path, FLAT, own)
+    base: Base = {}
+    add(collection, base, rows(0, 30))
+    remove(collection, base, ["img4", "img5"])
+    as_stored = {
+        i: dataclasses.replace(image, vector=own.prepare(image.vector[None])[0]) for i, image in base.items()
+    }
+    for query in queries(base, seed=2):
+        prepared = own.prepare(query[None])[0]
+        for labels in ((), ("b",)):
+            hits = collection.search(query, K, labels, metric_override=override)
+            assert hit_ids(hits) == expected_ids(as_stored, prepared, K, override, labels)
+            wanted = [raw_distance(override, as_stored[h.id].vector, prepared) for h in hits]
+            assert [h.distance for h in hits] == pytest.approx(wanted, rel=1e-4, abs=1e-5)
+    collection.close(snapshot=False)
+
+
+def raw_distance(metric: Metric, stored: np.ndarray, query: np.ndarray) -> float:
+    """The distance ``metric`` reports between a stored vector and a query, both as the collection
+    prepared them: rankings alone cannot tell a query normalised twice from one normalised once."""
+    a, b = metric.prepare(stored[None])[0], metric.prepare(query[None])[0]
+    faiss_value = ((a - b) ** 2).sum() if metric.faiss_metric == L2.faiss_metric else a @ b
+    return float(metric.to_distance(np.array([faiss_value], dtype=np.float32))[0])
+
+
+@pytest.mark.parametrize("kind", [IVF, HNSW])
+def test_metric_override_needs_a_flat_index(tmp_path: Path, kind: str) -> None:
+    collection = create(tmp_path, kind)
+    add(collection, {}, rows(0, 25))
+    with pytest.raises(FailedPrecondition) as caught:
+        collection.search(np.zeros(DIM, np.float32), K, metric_override=COSINE)
+    assert caught.value.reason == "METRIC_OVERRIDE_UNSUPPORTED" and caught.value.field == "metric"
+    collection.close(snapshot=False)
+
+
+# -- snapshots, recovery, compaction -----------------------------------------------------------
+
+
+def search_all(collection: Collection, base: Base) -> list[list[tuple[str, float]]]:
+    """Every query's (id, rounded score) list: what two indexes over the same rows must share."""
+    return [[(h.id, round(h.score, 4)) for h in collection.search(q, K)] for q in queries(base, seed=9)]
+
+
+@pytest.mark.parametrize("kind", [FLAT, IVF, HNSW])
+def test_reopen_loads_the_snapshot_and_replays_the_tail(tmp_path: Path, kind: str) -> None:
+    collection = create(tmp_path, kind)
+    base: Base = {}
+    add(collection, base, rows(0, 30))
+    remove(collection, base, ["img1", "img2", "img3", "img4", "img5"])
+    collection.snapshot()
+    assert collection.pending_ops() == 0 and (collection.directory / SNAPSHOT_FILE).exists()
+    assert collection.store.removals_after(0) == [], "the snapshot covers them: the log is pruned"
+    add(collection, base, rows(30, 15))  # 15 ops after the snapshot...
+    remove(collection, base, ["img6", "img20", "img31", "img40", "img44"])  # ...and 5 more, old and new rows
+    assert collection.pending_ops() == 20
+    collection.close(snapshot=False)
+
+    loaded = reopen(collection)
+    assert loaded.pending_ops() == 20, "loaded from the snapshot (a rebuild would owe all 55 ops)"
+    check_against_brute_force(loaded, base, seed=4)
+    assert loaded.index_trained == (kind == IVF)
+    from_snapshot = search_all(loaded, base)
+    loaded.close(snapshot=False)
+
+    (collection.directory / SNAPSHOT_FILE).unlink()
+    rebuilt = reopen(collection)
+    assert rebuilt.pending_ops() == 55
+    assert search_all(rebuilt, base) == from_snapshot
+    rebuilt.close(snapshot=False)
+
+
+@pytest.mark.parametrize("kind", [FLAT, IVF, HNSW])
+def test_a_corrupt_snapshot_is_rebuilt_from_the_store(
+    tmp_path: Path, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    collection = create(tmp_path, kind)
+    base: Base = {}
+    add(collection, base, rows(0, 30))
+    remove(collection, base, ["img0", "img10", "img20", "img29"])
+    before = search_all(collection, base)
+    collection.close()  # writes the snapshot
+    path = collection.directory / SNAPSHOT_FILE
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+    with caplog.at_level(logging.WARNING, logger="imagesearch.server.collection"):
+        rebuilt = reopen(collection)
+    assert "snapshot unusable" in caplog.text
+    assert rebuilt.pending_ops() == 34, "rebuilt from seq 0, never an empty index"
+    check_against_brute_force(rebuilt, base, seed=6)
+    assert search_all(rebuilt, base) == before
+    rebuilt.close()  # writes a good snapshot again
+    healed = reopen(collection)
+    assert healed.pending_ops() == 0 and search_all(healed, base) == before
+    healed.close(snapshot=False)
+
+
+def test_hnsw_past_the_compaction_threshold_is_rebuilt_without_tombstones(tmp_path: Path) -> None:
+    collection = create(tmp_path, HNSW, hnsw_m=8)
+    base: Base = {}
+    add(collection, base, rows(0, 1400))
+    spared = np.random.default_rng(0).choice(np.arange(2, 1400), size=398, replace=False)
+    doomed = [f"img{n}" for n in sorted(set(range(2, 1400)) - set(spared.tolist()))]
+    assert len(doomed) == 1000
+    remove(collection, base, doomed)
+    index = collection.live_index()
+    assert len(index.tombstones) == 1000 and index.faiss_index.ntotal == 1400, "at the threshold: kept"
+    check_against_brute_force(collection, base, seed=7)
+    remove(collection, base, ["img1"])  # 1001 > max(1000, 1400 // 4)
+    index = collection.live_index()
+    assert len(index.tombstones) == 0 and index.faiss_index.ntotal == index.size == 399
+    check_against_brute_force(collection, base, seed=8)
+    collection.close(snapshot=False)
+
+
+def test_removed_hnsw_vectors_are_never_returned(tmp_path: Path) -> None:
+    """Query with the removed vectors themselves: the tombstone filter is all that hides them."""
+    collection = create(tmp_path, HNSW)
+    base: Base = {}
+    add(collection, base, rows(0, 50))
+    gone = {i: base[i] for i in ["img2", "img12", "img22", "img32"]}
+    remove(collection, base, list(gone))
+    for image in gone.values():
+        assert hit_ids(collection.search(image.vector, K)) == expected_ids(base, image.vector, K, L2)
+    collection.close(snapshot=False)
+
+
+# -- states ------------------------------------------------------------------------------------
+
+
+def test_a_spec_that_no_longer_fits_its_vectors_opens_read_only(tmp_path: Path) -> None:
+    collection = create(tmp_path)
+    add(collection, {}, rows(0, 5))
+    collection.close()
+    store = CollectionStore(collection.directory / STORE_FILE)
+    store.set_meta("spec", dataclasses.replace(collection.spec, dim=DIM + 1).to_json())
+    store.close()
+    (collection.directory / SNAPSHOT_FILE).unlink()
+
+    broken = Collection(collection.directory, Collection.read_spec(collection.directory), L2, None)
+    assert broken.spec.dim == DIM + 1
+    for refused in (
+        broken.live_index,
+        broken.check_serving,
+        lambda: broken.search(np.zeros(DIM + 1, np.float32), K),
+        lambda: broken.add(rows(5, 1)),
+        lambda: broken.remove(["img0"]),
+    ):
+        with pytest.raises(FailedPrecondition) as caught:
+            refused()
+        assert caught.value.reason == "INDEX_UNAVAILABLE" and "read-only" in caught.value.message
+    assert broken.get("img0").label == "a"
+    assert [row.id for row in broken.page(0, 10)] == [f"img{n}" for n in range(5)]
+    assert broken.count() == 5 and broken.count("b") == 2
+    info = broken.info()
+    assert info.read_only and "could not be built" in info.state_reason and not info.index_trained
+    broken.snapshot()
+    assert not (collection.directory / SNAPSHOT_FILE).exists()
+    broken.close()
+
+
+def test_a_closed_collection_is_not_found(tmp_path: Path) -> None:
+    collection = create(tmp_path)
+    add(collection, {}, rows(0, 3))
+    collection.close()
+    for call in (
+        lambda: collection.add(rows(3, 1)),
+        lambda: collection.remove(["img0"]),
+        lambda: collection.search(np.zeros(DIM, np.float32), K),
+        lambda: collection.get("img0"),
+        lambda: collection.vector_of("img0"),
+        lambda: collection.page(0, 10),
+    ):
+        with pytest.raises(NotFound) as caught:
+            call()
+        assert caught.value.reason == "COLLECTION_NOT_FOUND"
+    collection.close()  # a second close is harmless
+    collection.snapshot()
+
+
+def test_get_and_vector_of_a_missing_image_are_not_found(tmp_path: Path) -> None:
+    collection = create(tmp_path)
+    for call in (collection.get, collection.vector_of):
+        with pytest.raises(NotFound) as caught:
+            call("nope")
+        assert caught.value.reason == "IMAGE_NOT_FOUND"
+    collection.close(snapshot=False)
+
+
+def test_info_reports_resolved_defaults_and_state(tmp_path: Path) -> None:
+    ivf = Collection.create(tmp_path / "ivf", make_spec(IVF, nlist=4, train_size=0), L2, None)
+    info = ivf.info()
+    assert info.spec.train_size == 39 * 4 and ivf.spec.train_size == 0, "resolved in info only"
+    assert (info.image_count, info.index_trained, info.read_only, info.state_reason) == (0, False, False, "")
+    ivf.close(snapshot=False)
+
+    trained = Collection.create(tmp_path / "trained", make_spec(IVF), L2, None)
+    add(trained, {}, rows(0, 20))
+    info = trained.info()
+    assert info.spec.train_size == 20 and info.image_count == 20 and info.index_trained
+    trained.close(snapshot=False)
+
+    flat = Collection.create(tmp_path / "flat", make_spec(FLAT), L2, None)
+    assert flat.info().spec.train_size == 39 * 100 and not flat.info().index_trained
+    flat.close(snapshot=False)
+
+    # A legacy spec that cannot train (train_size below nlist): serving exactly, with a warning.
+    legacy = Collection.create(tmp_path / "legacy", make_spec(IVF, nlist=4, train_size=2), L2, None)
+    add(legacy, {}, rows(0, 3))
+    info = legacy.info()
+    assert not info.read_only and not info.index_trained and "IVF training failed" in info.state_reason
+    legacy.close(snapshot=False)
+
+
+# -- parameters and names ----------------------------------------------------------------------
+
+
+def test_index_params_fill_defaults_and_cap_nprobe_at_nlist() -> None:
+    assert index_params(IVF, {"nlist": 4}) == {"nlist": 4, "nprobe": 4}
+    assert index_params(IVF, {"nlist": 50}) == {"nlist": 50, "nprobe": 10}
+    assert index_params(IVF, {}) == {"nprobe": 10}
+    assert index_params(IVF, {"nlist": 4, "nprobe": 2, "train_size": 0}) == {"nlist": 4, "nprobe": 2}
+    assert index_params(FLAT, {"nlist": 0, "hnsw_m": 0}) == {}
+    assert index_params(HNSW, {"hnsw_m": 16, "ef_search": 0}) == {"hnsw_m": 16}
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"nlist": 4, "nprobe": 4, "train_size": 4},
+        {"nlist": 4, "nprobe": 1, "train_size": 0},
+        {"nlist": 65536, "nprobe": 1, "train_size": 10_000_000},
+        {"hnsw_m": 2, "ef_construction": 1, "ef_search": 4096},
+        {"hnsw_m": 64},
+    ],
+)
+def test_check_index_params_accepts_the_bounds(params: dict[str, int]) -> None:
+    check_index_params(make_spec(IVF, **params), Limits())
+
+
+@pytest.mark.parametrize(
+    ("params", "field", "low", "high", "value"),
+    [
+        ({"nlist": 0}, "collection.ivf.nlist", 1, 65536, 0),
+        ({"nlist": 65537, "train_size": 0}, "collection.ivf.nlist", 1, 65536, 65537),
+        ({"nlist": 4, "nprobe": 5}, "collection.ivf.nprobe", 1, 4, 5),
+        ({"nlist": 4, "train_size": 3}, "collection.ivf.train_size", 4, 10_000_000, 3),
+        ({"train_size": 10_000_001}, "collection.ivf.train_size", 4, 10_000_000, 10_000_001),
+        ({"hnsw_m": 1}, "collection.hnsw.m", 2, 64, 1),
+        ({"hnsw_m": 65}, "collection.hnsw.m", 2, 64, 65),
+        ({"ef_construction": 4097}, "collection.hnsw.ef_construction", 1, 4096, 4097),
+        ({"ef_search": 0}, "collection.hnsw.ef_search", 1, 4096, 0),
+    ],
+)
+def test_check_index_params_refuses_out_of_bounds(
+    params: dict[str, int], field: str, low: int, high: int, value: int
+) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        check_index_params(make_spec(IVF, **params), Limits())
+    error = caught.value
+    assert (error.field, error.reason) == (field, "BAD_INDEX_PARAM")
+    assert error.metadata == {"min": str(low), "max": str(high), "value": str(value)}
+
+
+def test_check_index_params_takes_its_bounds_from_limits() -> None:
+    spec = make_spec(HNSW, hnsw_m=17)
+    check_index_params(spec, Limits())
+    with pytest.raises(InvalidArgument) as caught:
+        check_index_params(spec, Limits(max_hnsw_m=16))
+    assert caught.value.metadata["max"] == "16"
+
+
+@pytest.mark.parametrize("name", ["a", "default", "A-b_9", "9lives", "x" * 64])
+def test_valid_collection_names(name: str) -> None:
+    assert check_collection_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "keep\n", "x" * 65, "_x", "-x", "a b", "a/b", "a.b", "é"])
+def test_invalid_collection_names(name: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        check_collection_name(name)
+    assert (caught.value.field, caught.value.reason) == ("name", "BAD_COLLECTION_NAME")

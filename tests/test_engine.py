@@ -1,0 +1,754 @@
+"""Engine below the gRPC layer: what the API promises, decided once for unary and streaming calls.
+
+All-or-nothing batches versus per-item results, skip_existing, every limit and the
+metadata it reports, deadlines, search inputs, pagination tokens and collection
+defaults, each checked on a real Engine over a real Catalog (tiny test extractor,
+built-in metrics) so a failure points at engine.py rather than the servicer.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from imagesearch.plugins import hookimpl
+from imagesearch.plugins.manager import PluginRegistry
+from imagesearch.plugins.types import FLAT, HNSW, IVF
+from imagesearch.server.catalog import Catalog
+from imagesearch.server.config import ServerConfig
+from imagesearch.server.engine import (
+    OK_CODE,
+    Engine,
+    ImageItem,
+    NewCollection,
+    SearchOutcome,
+    SearchQuery,
+)
+from imagesearch.server.errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    FailedPrecondition,
+    ImageSearchError,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+from tests.conftest import tiny_config
+from tests.support.images import encode, pattern
+from tests.support.tiny_plugin import TINY_PLUGIN, TinyExtractor
+
+DIM = TinyExtractor.dim
+NO_CNN = {"IMAGESEARCH_DISABLE_PLUGINS": "onnx_cnn"}
+# Small limits, none equal to its default, so a test can tell "the limit" from "some constant".
+LIMITS = {
+    "max_batch_size": 8,
+    "max_batch_pixels": 30_000,  # two 96x128 test images (12,288 pixels each) fit, three do not
+    "default_top_k": 3,
+    "max_top_k": 20,
+    "default_page_size": 4,
+    "max_page_size": 5,
+}
+PNG_PIXELS = 96 * 128
+
+
+def registry(*plugins: tuple[str, object]) -> PluginRegistry:
+    """Built-in metrics plus ``plugins``: no entry points and no CNN, so nothing slow or installed leaks in."""
+    return PluginRegistry(list(plugins), load_entry_points=False, env=NO_CNN)
+
+
+def config_for(tmp_path: Path) -> ServerConfig:
+    """The test server's config (tiny default extractor) with this file's small LIMITS."""
+    return tiny_config(tmp_path / "data", limits=LIMITS)
+
+
+@contextmanager
+def open_engine(tmp_path: Path, *plugins: tuple[str, object]) -> Iterator[Engine]:
+    """An engine over ``tmp_path / "data"`` with these plugins; its catalog (which holds the
+    data directory's lock) is closed on the way out, so the next one can open the same data."""
+    config = config_for(tmp_path)
+    loaded = registry(*plugins)
+    catalog = Catalog(config.data_dir, loaded, config.limits)
+    try:
+        yield Engine(config, loaded, catalog)
+    finally:
+        catalog.close()
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    """An engine over a fresh data directory, with collection ``c``: tiny extractor, l2, flat."""
+    with open_engine(tmp_path, TINY_PLUGIN) as made:
+        made.create_collection(NewCollection(name="c", metric="l2"))
+        yield made
+
+
+def vector(seed: int) -> list[float]:
+    """A reproducible DIM-sized vector."""
+    return np.random.default_rng(seed).normal(size=DIM).astype(np.float32).tolist()
+
+
+def vector_items(start: int, count: int, labels: Sequence[str] = ("",)) -> list[ImageItem]:
+    """Items ``v<start>``... with vectors seeded by their number and labels cycling through ``labels``."""
+    return [
+        ImageItem(id=f"v{n}", vector=vector(n), label=labels[n % len(labels)])
+        for n in range(start, start + count)
+    ]
+
+
+def png(seed: int) -> bytes:
+    """A distinct 128x96 PNG (PNG_PIXELS pixels)."""
+    return encode(pattern(seed))
+
+
+def stored_ids(engine: Engine, collection: str = "c") -> list[str]:
+    """Every stored id in insertion order (one big page): what a failed batch must not change."""
+    return [row.id for row in engine.catalog.get(collection).page(0, 1000)]
+
+
+def raises(kind: type[ImageSearchError], reason: str, call: Callable[[], object]) -> ImageSearchError:
+    """Run ``call``, expecting ``kind`` with ``reason``; return the error for further checks."""
+    with pytest.raises(kind) as caught:
+        call()
+    assert caught.value.reason == reason, caught.value.message
+    return caught.value
+
+
+def search(engine: Engine, **fields: Any) -> list[str]:
+    """Hit ids of a search on collection ``c``, best first."""
+    return [hit.id for hit in engine.search(SearchQuery(collection="c", **fields)).hits]
+
+
+# -- add_images ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("offset", [0, 100])
+def test_one_bad_item_fails_the_whole_batch(engine: Engine, offset: int) -> None:
+    items = vector_items(0, 3)
+    items[1] = ImageItem(id="short", vector=[1.0, 2.0])
+    error = raises(
+        InvalidArgument,
+        "DIMENSION_MISMATCH",
+        lambda: engine.add_images("c", items, index_offset=offset),
+    )
+    assert error.field == f"images[{1 + offset}].vector"
+    assert error.message.startswith(f"images[{1 + offset}]: ")
+    assert stored_ids(engine) == []
+
+
+def test_skip_invalid_stores_the_good_items_and_reports_each_bad_one(engine: Engine) -> None:
+    items = [
+        ImageItem(id="good-vector", vector=vector(0)),
+        ImageItem(id="short", vector=[1.0]),
+        ImageItem(id="both", vector=vector(1), content=png(1)),
+        ImageItem(id="neither"),
+        ImageItem(id="bad\nid", vector=vector(2)),
+        ImageItem(id="nan", vector=[float("nan")] * DIM),
+        ImageItem(id="garbage", content=b"not an image at all"),
+        ImageItem(id="good-image", content=png(3), label="pic"),
+    ]
+    outcome = engine.add_images("c", items, skip_invalid=True, index_offset=10)
+    expected = [
+        (0, "", ""),
+        (3, "DIMENSION_MISMATCH", "images[11].vector"),
+        (3, "BAD_SOURCE", "images[12]"),
+        (3, "NO_SOURCE", "images[13]"),
+        (3, "BAD_ID", "images[14].id"),
+        (3, "NON_FINITE_VECTOR", "images[15].vector"),
+        (3, "IMAGE_UNDECODABLE", "images[16].content"),
+        (0, "", ""),
+    ]
+    assert [(r.code, r.reason, r.field) for r in outcome.results] == expected
+    assert [r.index for r in outcome.results] == list(range(10, 18))
+    assert outcome.ids == ["good-vector", "", "", "", "", "", "", "good-image"]
+    assert outcome.added_count == 2
+    assert all(r.message.startswith(f"images[{r.index}]: ") for r in outcome.results if r.code != OK_CODE)
+    assert stored_ids(engine) == ["good-vector", "good-image"]
+    row = engine.get_image("c", "good-image", with_original=False, with_vector=True)
+    assert (row.label, row.width, row.height) == ("pic", 128, 96) and row.thumbnail
+
+
+def test_skip_invalid_keeps_each_vector_with_its_own_item(engine: Engine) -> None:
+    """Vectors are checked as one matrix; refused ones in between must not shift the others."""
+    items = [
+        ImageItem(id="short", vector=[1.0]),
+        ImageItem(id="v1", vector=vector(1)),
+        ImageItem(id="nan", vector=[float("nan")] * DIM),
+        ImageItem(id="image", content=png(0)),
+        ImageItem(id="v3", vector=vector(3)),
+    ]
+    outcome = engine.add_images("c", items, skip_invalid=True)
+    assert [r.reason for r in outcome.results] == ["DIMENSION_MISMATCH", "", "NON_FINITE_VECTOR", "", ""]
+    for image_id, seed in (("v1", 1), ("v3", 3)):
+        row = engine.get_image("c", image_id, with_original=False, with_vector=True)
+        assert np.array_equal(row.vector, np.asarray(vector(seed), np.float32))
+
+
+def test_skip_existing_leaves_stored_images_as_they_are(engine: Engine) -> None:
+    engine.add_images("c", [ImageItem(id="v0", vector=vector(0), label="old")])
+    again = [ImageItem(id="v0", vector=vector(99), label="new"), *vector_items(1, 1)]
+    outcome = engine.add_images("c", again, skip_existing=True)
+    kept, added = outcome.results
+    assert (kept.code, kept.reason, kept.field, kept.id) == (6, "IMAGE_EXISTS", "images[0].id", "v0")
+    assert "skip_existing" in kept.message
+    assert added.code == OK_CODE and outcome.added_count == 1 and outcome.ids == ["v0", "v1"]
+    row = engine.get_image("c", "v0", with_original=False, with_vector=True)
+    assert row.label == "old" and np.array_equal(row.vector, np.asarray(vector(0), np.float32))
+    only_existing = engine.add_images("c", vector_items(0, 2), skip_existing=True)
+    assert (
+        only_existing.added_count == 0 and [r.reason for r in only_existing.results] == ["IMAGE_EXISTS"] * 2
+    )
+    assert stored_ids(engine) == ["v0", "v1"]
+
+
+def test_an_existing_id_without_skip_existing(engine: Engine) -> None:
+    engine.add_images("c", vector_items(0, 1))
+    error = raises(AlreadyExists, "IMAGE_EXISTS", lambda: engine.add_images("c", vector_items(0, 2)))
+    assert error.field == "images[0].id" and error.code == 6
+    assert stored_ids(engine) == ["v0"]
+    outcome = engine.add_images("c", vector_items(0, 3), skip_invalid=True)  # a per-item failure instead
+    assert [(r.id, r.reason) for r in outcome.results] == [("", "IMAGE_EXISTS"), ("v1", ""), ("v2", "")]
+    assert outcome.added_count == 2 and stored_ids(engine) == ["v0", "v1", "v2"]
+
+
+def test_duplicate_ids_in_one_batch(engine: Engine) -> None:
+    items = [*vector_items(0, 2), ImageItem(id="v0", vector=vector(5))]
+    error = raises(AlreadyExists, "DUPLICATE_ID", lambda: engine.add_images("c", items))
+    assert error.field == "images[2].id" and "index 0" in error.message
+    assert stored_ids(engine) == []
+    outcome = engine.add_images("c", items, skip_invalid=True)
+    assert [r.reason for r in outcome.results] == ["", "", "DUPLICATE_ID"] and outcome.added_count == 2
+    stored = engine.get_image("c", "v0", with_original=False, with_vector=True)
+    assert np.array_equal(stored.vector, np.asarray(vector(0), np.float32)), "the first one wins"
+
+
+def test_items_without_an_id_get_distinct_generated_ids(engine: Engine) -> None:
+    outcome = engine.add_images("c", [ImageItem(vector=vector(0)), ImageItem(vector=vector(1))])
+    first, second = outcome.ids
+    assert first != second and all(len(i) == 32 and int(i, 16) >= 0 for i in outcome.ids)
+    assert stored_ids(engine) == outcome.ids
+
+
+@pytest.mark.parametrize("skip_invalid", [False, True])
+def test_batch_size_limit(engine: Engine, skip_invalid: bool) -> None:
+    error = raises(
+        ResourceExhausted,
+        "BATCH_TOO_LARGE",
+        lambda: engine.add_images("c", vector_items(0, 9), skip_invalid=skip_invalid),
+    )
+    assert (error.code, error.field, error.metadata) == (8, "images", {"limit": "8", "value": "9"})
+    assert stored_ids(engine) == []
+    assert engine.add_images("c", vector_items(0, 8), skip_invalid=skip_invalid).added_count == 8
+    raises(InvalidArgument, "EMPTY_BATCH", lambda: engine.add_images("c", []))
+
+
+def test_batch_pixel_limit(engine: Engine) -> None:
+    """Counted from the headers before decoding; an undecodable item counts nothing."""
+    three = [ImageItem(id=f"p{n}", content=png(n)) for n in range(3)]
+    error = raises(ResourceExhausted, "BATCH_TOO_MANY_PIXELS", lambda: engine.add_images("c", three))
+    assert error.metadata == {"limit": "30000", "value": str(3 * PNG_PIXELS)}
+    assert stored_ids(engine) == []
+    two_and_garbage = [*three[:2], ImageItem(id="junk", content=b"\x89PNG junk")]
+    outcome = engine.add_images("c", two_and_garbage, skip_invalid=True)
+    assert [r.reason for r in outcome.results] == ["", "", "IMAGE_UNDECODABLE"]
+    assert stored_ids(engine) == ["p0", "p1"]
+
+
+def test_a_past_deadline_stores_nothing(engine: Engine) -> None:
+    past = time.monotonic() - 1
+    for items in (vector_items(0, 2), [ImageItem(id="p", content=png(0))]):
+        error = raises(
+            DeadlineExceeded, "DEADLINE_EXCEEDED", lambda i=items: engine.add_images("c", i, deadline=past)
+        )
+        assert error.code == 4
+    assert stored_ids(engine) == []
+    assert engine.add_images("c", vector_items(0, 2), deadline=time.monotonic() + 60).added_count == 2
+    raises(
+        DeadlineExceeded,
+        "DEADLINE_EXCEEDED",
+        lambda: engine.search(SearchQuery(collection="c", vector=vector(0)), deadline=past),
+    )
+
+
+# -- search ----------------------------------------------------------------------------------------
+
+
+def l2_order(engine: Engine, query: Sequence[float], k: int, exclude: str = "") -> list[str]:
+    """The exact L2 ranking of collection ``c``'s stored vectors: what a flat search must return."""
+    rows = [r for r in engine.catalog.get("c").page(0, 1000) if r.id != exclude]
+    vectors = np.stack([engine.catalog.get("c").vector_of(r.id)[1] for r in rows])
+    distances = ((vectors - np.asarray(query, np.float32)) ** 2).sum(axis=1)
+    return [rows[i].id for i in np.argsort(distances, kind="stable")[:k]]
+
+
+def test_search_by_vector_with_top_k_default_and_bounds(engine: Engine) -> None:
+    engine.add_images("c", vector_items(0, 8))
+    query = vector(100)
+    outcome = engine.search(SearchQuery(collection="c", vector=query))
+    assert [h.id for h in outcome.hits] == l2_order(engine, query, 3), "top_k 0: the configured default"
+    assert outcome.metric == "l2" and outcome.timings.total_ms >= outcome.timings.search_ms >= 0
+    assert search(engine, vector=query, top_k=5) == l2_order(engine, query, 5)
+    assert search(engine, vector=query, top_k=20) == l2_order(engine, query, 8)
+    error = raises(InvalidArgument, "BAD_TOP_K", lambda: search(engine, vector=query, top_k=21))
+    assert error.field == "top_k" and error.metadata == {"limit": "20", "value": "21"}
+    raises(InvalidArgument, "BAD_TOP_K", lambda: search(engine, vector=query, top_k=-1))
+    raises(InvalidArgument, "NO_QUERY", lambda: search(engine))
+    raises(InvalidArgument, "DIMENSION_MISMATCH", lambda: search(engine, vector=[1.0, 2.0]))
+
+
+def test_search_by_id_and_exclude_query(engine: Engine) -> None:
+    engine.add_images("c", vector_items(0, 8))
+    assert search(engine, image_id="v3")[0] == "v3"
+    excluded = search(engine, image_id="v3", exclude_query=True)
+    assert excluded == l2_order(engine, vector(3), 3, exclude="v3")
+    raises(NotFound, "IMAGE_NOT_FOUND", lambda: search(engine, image_id="nope"))
+    raises(InvalidArgument, "BAD_QUERY", lambda: search(engine, vector=vector(3), exclude_query=True))
+
+
+def test_search_by_image(engine: Engine) -> None:
+    engine.add_images("c", [ImageItem(id=f"p{n}", content=png(n)) for n in range(2)])
+    engine.add_images("c", [ImageItem(id=f"q{n}", content=png(n)) for n in range(2, 4)])
+    outcome = engine.search(SearchQuery(collection="c", image=png(2), top_k=4))
+    assert outcome.hits[0].id == "q2" and len(outcome.hits) == 4
+    assert outcome.timings.decode_ms > 0 and outcome.timings.extract_ms > 0
+    raises(InvalidArgument, "IMAGE_UNDECODABLE", lambda: search(engine, image=b"nope"))
+
+
+def test_search_metrics(engine: Engine) -> None:
+    engine.add_images("c", vector_items(0, 6))
+    error = raises(InvalidArgument, "UNKNOWN_METRIC", lambda: search(engine, vector=vector(0), metric="nope"))
+    assert error.field == "metric"
+    assert engine.search(SearchQuery(collection="c", vector=vector(9), metric="l2")).metric == "l2"
+    outcome = engine.search(SearchQuery(collection="c", vector=vector(9), metric="cosine", top_k=6))
+    assert outcome.metric == "cosine"
+    scores = [h.score for h in outcome.hits]
+    assert scores == sorted(scores, reverse=True) and all(-1 <= s <= 1 for s in scores)
+
+
+def test_search_refuses_another_extractors_query(engine: Engine) -> None:
+    engine.add_images("c", vector_items(0, 2))
+    error = raises(
+        FailedPrecondition,
+        "EXTRACTOR_MISMATCH",
+        lambda: search(engine, vector=vector(0), extractor="other"),
+    )
+    assert error.field == "extractor"
+    assert search(engine, vector=vector(0), extractor=TinyExtractor.name)[0] == "v0"
+
+
+def test_a_collection_whose_extractor_is_missing_takes_vectors_not_images(tmp_path: Path) -> None:
+    """The extractor guard: refused before anything is decoded, while vectors still work."""
+    with open_engine(tmp_path, TINY_PLUGIN) as engine:
+        engine.create_collection(NewCollection(name="c", metric="l2"))
+    with open_engine(tmp_path) as engine:  # the same data, served without the tiny plugin
+        items = [*vector_items(0, 1), ImageItem(id="p", content=png(0))]
+        raises(FailedPrecondition, "EXTRACTOR_UNAVAILABLE", lambda: engine.add_images("c", items))
+        raises(
+            FailedPrecondition,
+            "EXTRACTOR_UNAVAILABLE",
+            lambda: engine.add_images("c", items, skip_invalid=True),
+        )
+        assert stored_ids(engine) == []
+        assert engine.add_images("c", vector_items(0, 2)).added_count == 2
+        raises(FailedPrecondition, "EXTRACTOR_UNAVAILABLE", lambda: search(engine, image=png(0)))
+        assert search(engine, vector=vector(1))[0] == "v1"
+
+
+class OverrunExtractor(TinyExtractor):
+    """The tiny extractor, except that each call lasts until ``until`` (a time.monotonic() value)
+    has passed: a deadline that expires during extraction, deterministically."""
+
+    name = "overrun-8x8"
+    until = 0.0
+
+    def extract(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        while time.monotonic() <= self.until:
+            time.sleep(0.005)
+        return super().extract(images)
+
+
+class OverrunPlugin:
+    """Registers one given OverrunExtractor, so the test can set its ``until`` between calls."""
+
+    def __init__(self, extractor: OverrunExtractor) -> None:
+        self.extractor = extractor
+
+    @hookimpl
+    def register_extractors(self, register: Callable[[OverrunExtractor], None]) -> None:
+        register(self.extractor)
+
+
+def test_a_deadline_that_passes_during_extraction_stores_nothing(tmp_path: Path) -> None:
+    """Checked again after the extractor ran: its vectors are thrown away, nothing is stored."""
+    overrun = OverrunExtractor()
+    with open_engine(tmp_path, ("overrun", OverrunPlugin(overrun))) as engine:
+        engine.create_collection(NewCollection(name="o", extractor=overrun.name, metric="l2"))
+        overrun.until = deadline = time.monotonic() + 0.1
+        add = [ImageItem(id="p", content=png(0))]
+        error = raises(
+            DeadlineExceeded, "DEADLINE_EXCEEDED", lambda: engine.add_images("o", add, deadline=deadline)
+        )
+        assert "storing" in error.message
+        assert stored_ids(engine, "o") == []
+        overrun.until = deadline = time.monotonic() + 0.1
+        query = SearchQuery(collection="o", image=png(0))
+        error = raises(DeadlineExceeded, "DEADLINE_EXCEEDED", lambda: engine.search(query, deadline=deadline))
+        assert "index search" in error.message
+
+
+def test_search_batch_answers_each_query_as_if_it_were_alone(engine: Engine) -> None:
+    """Queries of several collections, filters, metrics and k share index calls; each still gets
+    exactly its own hits, and a failing query fails alone, named by its position."""
+    engine.create_collection(NewCollection(name="h", metric="l2", index_type=HNSW))
+    for name in ("c", "h"):
+        engine.add_images(name, vector_items(0, 8, labels=("x", "y")))
+    engine.add_images("c", [ImageItem(id="p", content=png(0))])
+    queries = [
+        SearchQuery(collection="c", vector=vector(50), top_k=2),
+        SearchQuery(collection="c", image_id="v3", exclude_query=True, top_k=4),
+        SearchQuery(collection="c", vector=vector(51), labels=("x",)),
+        SearchQuery(collection="c", vector=vector(52), metric="cosine", top_k=5),
+        SearchQuery(collection="h", image_id="v1", top_k=3),
+        SearchQuery(collection="c", image=png(0), top_k=1),
+        SearchQuery(collection="c", image_id="nope"),
+        SearchQuery(collection="c", vector=vector(54), top_k=-1),
+    ]
+    outcomes = engine.search_batch(queries)
+    good = [outcome for outcome in outcomes[:6] if isinstance(outcome, SearchOutcome)]
+    assert len(good) == 6, outcomes[:6]
+    missing, bad_k = outcomes[6:]
+    for query, outcome in zip(queries, good, strict=False):
+        alone = engine.search(query)
+        assert [h.id for h in outcome.hits] == [h.id for h in alone.hits]
+        # Equal up to float rounding: a batch may be answered with one BLAS product.
+        assert [h.score for h in outcome.hits] == pytest.approx([h.score for h in alone.hits], rel=1e-5)
+        assert outcome.metric == alone.metric and len(outcome.hits) == (query.top_k or 3)
+    assert [h.id for h in good[5].hits] == ["p"]
+    assert isinstance(missing, NotFound) and missing.reason == "IMAGE_NOT_FOUND"
+    assert missing.field == "queries[6]" and missing.message.startswith("queries[6]: ")
+    assert isinstance(bad_k, InvalidArgument) and bad_k.field == "queries[7].top_k"
+
+
+def test_search_batch_size_limit(engine: Engine) -> None:
+    queries = [SearchQuery(collection="c", vector=vector(n)) for n in range(9)]
+    error = raises(ResourceExhausted, "BATCH_TOO_LARGE", lambda: engine.search_batch(queries))
+    assert (error.field, error.metadata) == ("queries", {"limit": "8", "value": "9"})
+    assert engine.search_batch([]) == []
+
+
+def test_the_decoding_budget_is_given_back_whatever_happens(engine: Engine) -> None:
+    """Each call holds its decoded pixels from a process-wide budget; a leak would starve
+    every later call, so success and each kind of failure must return it."""
+    full = engine.pixels.free
+    assert full == engine.limits.max_decoding_pixels
+    images = [ImageItem(id=f"p{n}", content=png(n)) for n in range(2)]
+    engine.add_images("c", images)
+    raises(AlreadyExists, "IMAGE_EXISTS", lambda: engine.add_images("c", images))
+    raises(
+        DeadlineExceeded,
+        "DEADLINE_EXCEEDED",
+        lambda: engine.add_images("c", [ImageItem(id="q", content=png(3))], deadline=time.monotonic() - 1),
+    )
+    engine.search(SearchQuery(collection="c", image=png(0)))
+    raises(InvalidArgument, "IMAGE_UNDECODABLE", lambda: search(engine, image=b"\x89PNG\r\n\x1a\n broken"))
+    assert engine.pixels.free == full
+
+
+BAD_VECTORS = [
+    ("nan", [float("nan")] + [0.0] * (DIM - 1), "NON_FINITE_VECTOR"),
+    ("inf", [float("inf")] + [0.0] * (DIM - 1), "NON_FINITE_VECTOR"),
+    ("huge", [2e18] + [0.0] * (DIM - 1), "VECTOR_OUT_OF_RANGE"),
+    ("spread", [8e16] * DIM, "VECTOR_OUT_OF_RANGE"),  # each value small, the norm 1.1e18
+]
+
+
+@pytest.mark.parametrize(("values", "reason"), [v[1:] for v in BAD_VECTORS], ids=[v[0] for v in BAD_VECTORS])
+def test_vectors_that_faiss_cannot_rank_are_refused(engine: Engine, values: list[float], reason: str) -> None:
+    error = raises(
+        InvalidArgument, reason, lambda: engine.add_images("c", [ImageItem(id="x", vector=values)])
+    )
+    assert error.field == "images[0].vector"
+    assert stored_ids(engine) == []
+    assert raises(InvalidArgument, reason, lambda: search(engine, vector=values)).field == "vector"
+
+
+def test_a_large_but_rankable_vector_is_accepted(engine: Engine) -> None:
+    big = [9e17] + [0.0] * (DIM - 1)
+    engine.add_images("c", [ImageItem(id="big", vector=big), *vector_items(0, 2)])
+    assert search(engine, vector=big, top_k=1) == ["big"]
+
+
+# -- remove, get, list -----------------------------------------------------------------------------
+
+
+def test_remove_images_with_and_without_allow_missing(engine: Engine) -> None:
+    engine.add_images("c", vector_items(0, 5))
+    error = raises(
+        NotFound,
+        "IMAGE_NOT_FOUND",
+        lambda: engine.remove_images("c", ["v0", "missing"], allow_missing=False),
+    )
+    assert error.field == "ids" and "'missing'" in error.message
+    assert stored_ids(engine) == ["v0", "v1", "v2", "v3", "v4"], "nothing removed"
+    assert engine.remove_images("c", ["v0", "missing"], allow_missing=True) == 1
+    assert engine.remove_images("c", ["v1", "v1", "v2"], allow_missing=False) == 2
+    assert stored_ids(engine) == ["v3", "v4"]
+    assert sorted(search(engine, vector=vector(0), top_k=5)) == ["v3", "v4"]
+    raises(InvalidArgument, "EMPTY_BATCH", lambda: engine.remove_images("c", [], allow_missing=True))
+
+
+def test_get_image(engine: Engine) -> None:
+    engine.add_images("c", [ImageItem(id="v0", vector=vector(0), metadata={"k": "v"})])
+    row = engine.get_image("c", "v0", with_original=False, with_vector=False)
+    assert row.metadata == {"k": "v"} and row.vector is None
+    raises(
+        InvalidArgument, "BAD_ID", lambda: engine.get_image("c", "", with_original=False, with_vector=False)
+    )
+    raises(
+        NotFound,
+        "IMAGE_NOT_FOUND",
+        lambda: engine.get_image("c", "x", with_original=False, with_vector=False),
+    )
+    engine.create_collection(NewCollection(name="originals", store_originals=True))
+    engine.add_images("originals", [ImageItem(id="p", content=png(0))])
+    assert engine.get_image("originals", "p", with_original=True, with_vector=False).original == png(0)
+    assert engine.get_image("c", "v0", with_original=True, with_vector=False).original is None
+
+
+def list_all(engine: Engine, page_size: int, label: str = "") -> list[tuple[list[str], bool, int]]:
+    """Follow next-page tokens to the end: each page's ids, whether it had a token, and the total.
+    Gives up after 50 pages, so a token that never runs out fails the test instead of hanging it."""
+    pages: list[tuple[list[str], bool, int]] = []
+    token = ""
+    for _ in range(50):
+        rows, token, total = engine.list_images("c", page_size, token, label)
+        pages.append(([r.id for r in rows], bool(token), total))
+        if not token:
+            return pages
+    raise AssertionError(f"list_images never ran out: {pages[:4]}...")
+
+
+def test_list_images_pagination(engine: Engine) -> None:
+    engine.add_images("c", vector_items(0, 7, labels=("x", "y")))
+    assert list_all(engine, 3) == [
+        (["v0", "v1", "v2"], True, 7),
+        (["v3", "v4", "v5"], True, 7),
+        (["v6"], False, 7),
+    ]
+    assert list_all(engine, 2, label="x") == [(["v0", "v2"], True, 4), (["v4", "v6"], False, 4)]
+    assert list_all(engine, 0)[0][0] == ["v0", "v1", "v2", "v3"], "page_size 0: the configured default"
+    assert list_all(engine, 1000)[0][0] == ["v0", "v1", "v2", "v3", "v4"], "capped at max_page_size"
+    raises(InvalidArgument, "BAD_PAGE_SIZE", lambda: engine.list_images("c", -1, "", ""))
+    _, token, _ = engine.list_images("c", 3, "", "")
+    engine.remove_images("c", ["v2", "v3"], allow_missing=False)  # around the page boundary
+    rows, _, total = engine.list_images("c", 3, token, "")
+    assert [r.id for r in rows] == ["v4", "v5", "v6"] and total == 5
+
+
+def forged(token: str, position: str) -> str:
+    """The same token pointing at another position: the format is readable, the scope key is not."""
+    version, key, _ = base64.urlsafe_b64decode(token).decode().split(":", 2)
+    return base64.urlsafe_b64encode(f"{version}:{key}:{position}".encode()).decode()
+
+
+def test_page_tokens_are_bound_to_their_listing(engine: Engine) -> None:
+    engine.add_images("c", vector_items(0, 6, labels=("x", "y")))
+    engine.create_collection(NewCollection(name="other", metric="l2"))
+    _, token, _ = engine.list_images("c", 2, "", "x")
+    for collection, label, bad in (
+        ("c", "y", token),  # another label filter
+        ("c", "", token),  # no filter
+        ("other", "x", token),  # another collection
+        ("c", "x", "not-a-token"),
+        ("c", "x", base64.urlsafe_b64encode(b"v1:0123456789ab:2").decode()),  # wrong scope key
+        ("c", "x", forged(token, "abc")),
+        ("c", "x", forged(token, "-1")),
+        ("c", "x", forged(token, str(2**63))),
+    ):
+        error = raises(
+            InvalidArgument,
+            "BAD_PAGE_TOKEN",
+            lambda c=collection, lab=label, t=bad: engine.list_images(c, 2, t, lab),
+        )
+        assert error.field == "page_token"
+    rows, _, _ = engine.list_images("c", 2, forged(token, "1"), "x")
+    assert [r.id for r in rows] == ["v2", "v4"], "a position is a row id: continue after row 1"
+
+
+def test_list_collections_pagination(engine: Engine) -> None:
+    for name in ("e", "b", "d", "a"):
+        engine.create_collection(NewCollection(name=name, metric="l2"))
+    first, token = engine.list_collections(2, "")
+    assert [c.spec.name for c in first] == ["a", "b"] and token
+    engine.delete_collection("b")
+    engine.delete_collection("c")
+    second, token = engine.list_collections(2, token)
+    assert [c.spec.name for c in second] == ["d", "e"] and token == ""
+    everything, token = engine.list_collections(0, "")
+    assert [c.spec.name for c in everything] == ["a", "d", "e"] and token == ""
+    assert [c.spec.name for c in engine.collections()] == ["a", "d", "e"]
+    _, token = engine.list_collections(1, "")
+    for bad in ("junk", forged(token, "bad name"), forged(token, "keep\n")):
+        error = raises(InvalidArgument, "BAD_PAGE_TOKEN", lambda t=bad: engine.list_collections(2, t))
+        assert error.field == "page_token"
+    raises(InvalidArgument, "BAD_PAGE_SIZE", lambda: engine.list_collections(-1, ""))
+
+
+# -- collections, plugins, shutdown ----------------------------------------------------------------
+
+
+def test_create_collection_defaults(engine: Engine) -> None:
+    spec = engine.create_collection(NewCollection(name="d")).spec
+    assert (spec.extractor, spec.extractor_version, spec.dim) == (TinyExtractor.name, "1", DIM)
+    assert spec.metric == TinyExtractor.default_metric == "cosine"
+    assert (spec.index_type, spec.store_originals) == (FLAT, False)
+    ivf = engine.create_collection(
+        NewCollection(name="i", metric="l2", index_type=IVF, params={"nlist": 4})
+    ).spec
+    assert (ivf.nlist, ivf.nprobe, ivf.train_size) == (4, 4, 39 * 4)
+    hnsw = engine.create_collection(
+        NewCollection(name="h", index_type=HNSW, params={"hnsw_m": 16, "ef_search": 0}, description="d")
+    )
+    assert (hnsw.spec.hnsw_m, hnsw.spec.ef_search, hnsw.spec.description) == (16, 64, "d")
+    assert hnsw.image_count == 0 and not hnsw.read_only and hnsw.state_reason == ""
+
+
+@pytest.mark.parametrize(
+    ("wanted", "kind", "reason", "field"),
+    [
+        pytest.param(
+            NewCollection(name="n", extractor="nope"),
+            InvalidArgument,
+            "UNKNOWN_EXTRACTOR",
+            "extractor",
+            id="extractor",
+        ),
+        pytest.param(
+            NewCollection(name="n", metric="nope"), InvalidArgument, "UNKNOWN_METRIC", "metric", id="metric"
+        ),
+        pytest.param(
+            NewCollection(name="n", index_type="lsh"),
+            InvalidArgument,
+            "UNKNOWN_INDEX_TYPE",
+            "collection.index_type",
+            id="index-type",
+        ),
+        pytest.param(
+            NewCollection(name="n", index_type=IVF, params={"nlist": 4, "nprobe": 5}),
+            InvalidArgument,
+            "BAD_INDEX_PARAM",
+            "collection.ivf.nprobe",
+            id="nprobe-over-nlist",
+        ),
+        pytest.param(
+            NewCollection(name="n", index_type=IVF, params={"nlist": 8, "train_size": 7}),
+            InvalidArgument,
+            "BAD_INDEX_PARAM",
+            "collection.ivf.train_size",
+            id="train-size-under-nlist",
+        ),
+        pytest.param(
+            NewCollection(name="n", index_type=HNSW, params={"hnsw_m": 65}),
+            InvalidArgument,
+            "BAD_INDEX_PARAM",
+            "collection.hnsw.m",
+            id="hnsw-m",
+        ),
+        pytest.param(
+            NewCollection(name="bad name"), InvalidArgument, "BAD_COLLECTION_NAME", "name", id="name"
+        ),
+        pytest.param(
+            NewCollection(name="keep\n"), InvalidArgument, "BAD_COLLECTION_NAME", "name", id="newline"
+        ),
+        pytest.param(NewCollection(name="c"), AlreadyExists, "COLLECTION_EXISTS", "name", id="exists"),
+    ],
+)
+def test_create_collection_errors_leave_nothing_behind(
+    engine: Engine, wanted: NewCollection, kind: type[ImageSearchError], reason: str, field: str
+) -> None:
+    error = raises(kind, reason, lambda: engine.create_collection(wanted))
+    assert error.field == field
+    assert [c.spec.name for c in engine.collections()] == ["c"]
+    assert sorted(p.name for p in (engine.config.data_dir / "collections").iterdir()) == ["c"]
+
+
+def test_get_and_delete_collection(engine: Engine) -> None:
+    engine.add_images("c", vector_items(0, 2))
+    info = engine.get_collection("c")
+    assert (info.spec.name, info.image_count) == ("c", 2)
+    assert raises(NotFound, "COLLECTION_NOT_FOUND", lambda: engine.get_collection("x")).field == "collection"
+    raises(NotFound, "COLLECTION_NOT_FOUND", lambda: engine.get_collection(""))  # "" is "default"
+    raises(InvalidArgument, "BAD_COLLECTION_NAME", lambda: engine.delete_collection(""))
+    engine.delete_collection("c")
+    assert not (engine.config.data_dir / "collections" / "c").exists()
+    raises(NotFound, "COLLECTION_NOT_FOUND", lambda: engine.get_collection("c"))
+    raises(NotFound, "COLLECTION_NOT_FOUND", lambda: engine.delete_collection("c"))
+    raises(NotFound, "COLLECTION_NOT_FOUND", lambda: engine.add_images("c", vector_items(0, 1)))
+    assert engine.create_collection(NewCollection(name="c")).image_count == 0, "the name is free again"
+
+
+def test_list_plugins(engine: Engine) -> None:
+    plugins = engine.list_plugins()
+    (tiny,) = plugins.extractors
+    assert (tiny.name, tiny.version, tiny.dim, tiny.default_metric) == (
+        TinyExtractor.name,
+        "1",
+        DIM,
+        "cosine",
+    )
+    assert (tiny.plugin, tiny.trainable) == ("tiny", False)
+    assert [m.name for m in plugins.metrics] == ["cosine", "inner_product", "l2"]
+    assert all(m.plugin == "metrics" and m.index_types == (FLAT, HNSW, IVF) for m in plugins.metrics)
+    assert any("onnx_cnn" in problem for problem in plugins.problems), "a blocked plugin is reported"
+
+
+def test_begin_shutdown_refuses_further_writes(engine: Engine) -> None:
+    engine.check_accepting_writes()
+    engine.begin_shutdown()
+    error = raises(Unavailable, "SHUTTING_DOWN", engine.check_accepting_writes)
+    assert error.code == 14
+
+
+def test_reads_that_overlap_a_delete_answer_not_found_never_crash(tmp_path):
+    """DeleteCollection closes the store's connections; a read racing it must get NotFound, not a
+    read on a closed (freed) SQLite connection, which raised disk I/O errors and could segfault."""
+    unexpected: list[str] = []
+    stop = False
+    with open_engine(tmp_path, TINY_PLUGIN) as engine:
+
+        def reader() -> None:
+            calls = (
+                lambda: engine.get_collection("c"),
+                lambda: engine.list_images("c", 4, "", ""),
+                engine.collections,
+            )
+            while not stop:
+                for call in calls:
+                    try:
+                        call()
+                    except NotFound:
+                        pass
+                    except Exception as exc:  # any other failure is the bug
+                        unexpected.append(f"{type(exc).__name__}: {exc}")
+                time.sleep(0.0005)  # leave the GIL to the thread that creates and deletes
+
+        threads = [threading.Thread(target=reader) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        try:
+            for _ in range(60):
+                engine.create_collection(NewCollection(name="c", metric="l2"))
+                engine.delete_collection("c")
+        finally:
+            stop = True
+            for thread in threads:
+                thread.join()
+    assert unexpected == []

@@ -1,0 +1,304 @@
+"""CollectionStore below the gRPC layer: the SQLite source of truth every index is rebuilt from.
+
+Row ids and sequence numbers are what the index and its snapshots rely on, so each promise
+(all-or-nothing batches, a removal log, never-reused row ids, keyset pages, replay in seq order)
+is checked directly against a store on a temporary file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from imagesearch.server.errors import AlreadyExists
+from imagesearch.server.store import CollectionStore, ImageRow, NewImage
+
+DIM = 4
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[CollectionStore]:
+    """A fresh store on a temporary file, closed after the test."""
+    opened = CollectionStore(tmp_path / "store.sqlite3")
+    yield opened
+    opened.close()
+
+
+def vector_for(image_id: str) -> np.ndarray:
+    """A vector derived from the id alone, so any test can recompute what a row must hold."""
+    seed = sum(ord(ch) * 31**i for i, ch in enumerate(image_id)) % 2**32
+    return np.random.default_rng(seed).normal(size=DIM).astype(np.float32)
+
+
+def image(image_id: str, label: str = "", **changes: Any) -> NewImage:
+    """A row with a reproducible vector and thumbnail/original blobs that name it, so a read-back
+    can be checked against the id alone; ``changes`` overrides any field."""
+    row = NewImage(
+        id=image_id,
+        label=label,
+        vector=vector_for(image_id),
+        metadata={"name": image_id},
+        thumbnail=f"thumb-{image_id}".encode(),
+        original=f"original-{image_id}".encode(),
+        width=3,
+        height=2,
+    )
+    return dataclasses.replace(row, **changes)
+
+
+def insert(store: CollectionStore, *ids: str, label: str = "") -> list[int]:
+    """Insert rows by id in one batch (all with ``label``); returns their row ids."""
+    row_ids, _ = store.insert([image(i, label) for i in ids])
+    return row_ids
+
+
+def ids_of(rows: Sequence[ImageRow]) -> list[str]:
+    """Image ids in the order a listing returned them (what pagination promises)."""
+    return [row.id for row in rows]
+
+
+def test_insert_returns_row_ids_and_increasing_seqs(store: CollectionStore) -> None:
+    assert store.last_seq() == 0
+    row_ids, seqs = store.insert([image("a"), image("b"), image("c")])
+    assert row_ids == [1, 2, 3] and seqs == [1, 2, 3]
+    row_ids, seqs = store.insert([image("d"), image("e")])
+    assert row_ids == [4, 5] and seqs == [4, 5]
+    assert store.last_seq() == 5 and store.count() == 5
+
+
+@pytest.mark.parametrize("batch", [["new1", "taken", "new2"], ["new1", "new2", "new1"]])
+def test_a_taken_id_rolls_back_the_whole_batch(store: CollectionStore, batch: list[str]) -> None:
+    """Either an id already stored or one repeated in the batch: nothing of the batch stays."""
+    insert(store, "taken")
+    with pytest.raises(AlreadyExists) as caught:
+        store.insert([image(i) for i in batch])
+    assert caught.value.reason == "IMAGE_EXISTS" and caught.value.code == 6
+    assert store.count() == 1 and store.get("new1") is None and store.get("new2") is None
+    assert store.last_seq() == 1
+    assert store.existing_ids(["new1", "new2", "taken"]) == {"taken"}
+    # The writer is out of its transaction: the next batch commits normally, with the next seq.
+    row_ids, seqs = store.insert([image("new1")])
+    assert seqs == [2] and store.get("new1").row_id == row_ids[0]
+
+
+def test_delete_logs_removals_and_returns_only_existing_row_ids(store: CollectionStore) -> None:
+    insert(store, "a", "b", "c")
+    assert store.delete(["b", "missing", "a", "a"]) == [2, 1]
+    assert store.removals_after(0) == [(4, 2), (5, 1)]
+    assert store.removals_after(4) == [(5, 1)]
+    assert store.last_seq() == 5
+    assert store.delete(["missing", "b"]) == []
+    assert store.last_seq() == 5 and store.removals_after(5) == []
+    assert ids_of(store.page(0, 10)) == ["c"]
+
+
+def test_prune_removals_forgets_only_what_a_snapshot_covers(store: CollectionStore) -> None:
+    insert(store, "a", "b", "c")
+    store.delete(["a"])
+    store.delete(["b"])
+    store.delete(["c"])
+    store.prune_removals(5)
+    assert store.removals_after(0) == [(6, 3)]
+    store.prune_removals(6)
+    assert store.removals_after(0) == []
+    assert store.last_seq() == 6, "pruning the log never moves the sequence"
+
+
+def test_iter_vectors_yields_rows_after_a_seq_in_seq_order_in_chunks(store: CollectionStore) -> None:
+    insert(store, *[f"r{i}" for i in range(5)])  # seqs 1-5
+    store.delete(["r1", "r3"])  # seqs 6-7
+    insert(store, *[f"s{i}" for i in range(4)])  # seqs 8-11
+    chunks = list(store.iter_vectors(after_seq=3, chunk=2))
+    assert [len(ids) for ids, _, _ in chunks] == [2, 2, 1]
+    row_ids = np.concatenate([ids for ids, _, _ in chunks]).tolist()
+    assert row_ids == [5, 6, 7, 8, 9]  # r4 (seq 5), then s0..s3 (seqs 8-11); r3 is gone
+    assert [last for _, _, last in chunks] == [8, 10, 11]
+    expected = np.stack([vector_for(i) for i in ["r4", "s0", "s1", "s2", "s3"]])
+    assert np.array_equal(np.concatenate([v for _, v, _ in chunks]), expected)
+    assert all(ids.dtype == np.int64 and v.dtype == np.float32 for ids, v, _ in chunks)
+    assert list(store.iter_vectors(after_seq=11, chunk=2)) == []
+    everything = np.concatenate([ids for ids, _, _ in store.iter_vectors(chunk=3)]).tolist()
+    assert everything == [1, 3, 5, 6, 7, 8, 9]
+
+
+def walk_pages(store: CollectionStore, size: int, label: str | None = None) -> list[list[str]]:
+    """Follow page() from the start to an empty page, each page continuing after the last row
+    of the one before. Gives up after 50 pages, so a position that never advances fails the
+    test instead of hanging it."""
+    pages: list[list[str]] = []
+    after = 0
+    for _ in range(50):
+        page = store.page(after, size, label)
+        if not page:
+            return pages
+        if label:
+            assert {row.label for row in page} == {label}
+        pages.append(ids_of(page))
+        after = page[-1].row_id
+    raise AssertionError(f"page() never ran out: {pages[:4]}...")
+
+
+def test_page_is_keyset_pagination_in_insertion_order(store: CollectionStore) -> None:
+    ids = [f"i{n}" for n in range(10)]
+    for n, image_id in enumerate(ids):
+        insert(store, image_id, label="even" if n % 2 == 0 else "odd")
+    assert walk_pages(store, 3) == [ids[0:3], ids[3:6], ids[6:9], ids[9:10]]
+    assert walk_pages(store, 2, label="odd") == [ids[1:5:2], ids[5:9:2], ids[9:10]]
+    assert ids_of(store.page(0, 100, label="")) == ids, "an empty label is no filter"
+    assert store.page(0, 5, label="none") == []
+    row = store.page(0, 1)[0]
+    assert (row.metadata, row.width, row.height, row.thumbnail) == ({"name": "i0"}, 3, 2, None)
+
+
+def test_page_is_stable_when_rows_are_deleted_between_pages(store: CollectionStore) -> None:
+    ids = [f"i{n}" for n in range(8)]
+    insert(store, *ids)
+    first = store.page(0, 3)
+    assert ids_of(first) == ids[:3]
+    store.delete(["i2", "i3", "i5"])  # the last row of the page just read, and two still to come
+    insert(store, "late")
+    second = store.page(first[-1].row_id, 3)
+    assert ids_of(second) == ["i4", "i6", "i7"]
+    assert ids_of(store.page(second[-1].row_id, 3)) == ["late"]
+
+
+def test_count_with_and_without_label(store: CollectionStore) -> None:
+    assert store.count() == 0
+    insert(store, "a", "b", label="cat")
+    insert(store, "c", label="dog")
+    assert store.count() == 3 and store.count("") == 3 and store.count(None) == 3
+    assert store.count("cat") == 2 and store.count("dog") == 1 and store.count("cow") == 0
+    store.delete(["a"])
+    assert store.count() == 2 and store.count("cat") == 1
+
+
+def test_get_returns_original_and_vector_only_when_asked(store: CollectionStore) -> None:
+    store.insert([image("a", "lbl", metadata={"k": "v", "x": "y"}, width=640, height=480)])
+    plain = store.get("a")
+    assert plain is not None
+    assert (plain.row_id, plain.id, plain.label, plain.metadata) == (1, "a", "lbl", {"k": "v", "x": "y"})
+    assert (plain.width, plain.height, plain.thumbnail) == (640, 480, b"thumb-a")
+    assert plain.original is None and plain.vector is None
+    assert plain.created > 0
+    full = store.get("a", with_original=True, with_vector=True)
+    assert full is not None and full.original == b"original-a"
+    assert full.vector is not None and np.array_equal(full.vector, vector_for("a"))
+    assert full.vector.dtype == np.float32 and full.vector.flags.writeable
+    assert store.get("missing", with_original=True, with_vector=True) is None
+
+
+def test_a_row_without_blobs_reads_back_as_none(store: CollectionStore) -> None:
+    store.insert([image("bare", thumbnail=None, original=None)])
+    row = store.get("bare", with_original=True)
+    assert row is not None and row.thumbnail is None and row.original is None
+
+
+def test_vector_of(store: CollectionStore) -> None:
+    insert(store, "a", "b")
+    row_id, vector = store.vector_of("b")
+    assert row_id == 2 and np.array_equal(vector, vector_for("b"))
+    assert store.vector_of("missing") is None
+
+
+def test_rows_by_row_id(store: CollectionStore) -> None:
+    insert(store, "a", "b", label="x")
+    insert(store, "c", label="y")
+    rows = store.rows_by_row_id([3, 1, 99])
+    assert sorted(rows) == [1, 3]
+    assert (rows[3].id, rows[3].label, rows[1].id, rows[1].metadata) == ("c", "y", "a", {"name": "a"})
+    assert rows[1].thumbnail is None and rows[1].vector is None
+    assert store.rows_by_row_id([]) == {}
+    assert store.rows_by_row_id(np.array([2], dtype=np.int64))[2].id == "b"
+
+
+def test_row_ids_with_labels(store: CollectionStore) -> None:
+    insert(store, "a", "b", label="x")
+    insert(store, "c", label="y")
+    insert(store, "d", label="z")
+    found = store.row_ids_with_labels(["x", "z"])
+    assert found.dtype == np.int64 and sorted(found.tolist()) == [1, 2, 4]
+    assert store.row_ids_with_labels(["nope"]).tolist() == []
+
+
+def test_meta_get_and_set(store: CollectionStore) -> None:
+    assert store.get_meta("spec") is None
+    store.set_meta("spec", '{"a": 1}')
+    assert store.get_meta("spec") == '{"a": 1}'
+    store.set_meta("spec", "replaced")
+    assert store.get_meta("spec") == "replaced"
+
+
+def test_existing_ids_across_many_chunks(store: CollectionStore) -> None:
+    """More ids than one IN (...) query takes: every chunk is looked up."""
+    stored = [f"s{i}" for i in range(1200)]
+    store.insert([NewImage(id=i, label="", vector=np.zeros(DIM, np.float32)) for i in stored])
+    asked = [f"s{i}" for i in range(0, 1200, 7)] + ["absent", "s1200"]
+    assert store.existing_ids(asked) == {f"s{i}" for i in range(0, 1200, 7)}
+    assert store.existing_ids([]) == set()
+
+
+def test_row_ids_are_never_reused_after_deletes(store: CollectionStore, tmp_path: Path) -> None:
+    """Row ids are FAISS ids: reusing a deleted one would resurrect it in a stale index or snapshot."""
+    insert(store, "a", "b", "c")
+    store.delete(["c", "b"])
+    assert insert(store, "d") == [4]
+    store.delete(["a", "d"])
+    assert store.count() == 0
+    assert insert(store, "c") == [5]
+    store.close()
+    reopened = CollectionStore(tmp_path / "store.sqlite3")
+    try:
+        assert insert(reopened, "e") == [6]
+    finally:
+        reopened.close()
+
+
+def test_a_reader_connection_sees_the_writers_committed_rows(store: CollectionStore) -> None:
+    assert store.count() == 0  # this thread's reader connection now exists
+    insert(store, "a")
+    assert store.count() == 1 and store.get("a") is not None
+    seen: list[ImageRow | int | None] = []
+
+    def read_elsewhere() -> None:
+        """A fresh thread gets its own reader connection."""
+        seen.append(store.get("a"))
+        seen.append(store.count())
+
+    thread = threading.Thread(target=read_elsewhere)
+    thread.start()
+    thread.join()
+    row, count = seen
+    assert isinstance(row, ImageRow) and row.id == "a" and count == 1
+    other = CollectionStore(store.path)  # a second store on the same file, as a restart would open
+    try:
+        assert other.count() == 1
+        insert(store, "b")
+        assert other.existing_ids(["a", "b"]) == {"a", "b"}
+    finally:
+        other.close()
+
+
+def test_data_survives_close_and_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "store.sqlite3"
+    first = CollectionStore(path)
+    first.insert([image("a", "x"), image("b", "y"), image("c", "x")])
+    first.delete(["b"])
+    first.set_meta("spec", "kept")
+    first.close()
+    reopened = CollectionStore(path)
+    try:
+        assert reopened.count() == 2 and reopened.count("x") == 2
+        assert reopened.last_seq() == 4 and reopened.get_meta("spec") == "kept"
+        assert reopened.removals_after(0) == [(4, 2)]
+        row = reopened.get("c", with_original=True, with_vector=True)
+        assert row is not None and row.original == b"original-c"
+        assert np.array_equal(row.vector, vector_for("c"))
+        assert np.concatenate([ids for ids, _, _ in reopened.iter_vectors()]).tolist() == [1, 3]
+    finally:
+        reopened.close()
