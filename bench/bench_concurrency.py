@@ -240,9 +240,16 @@ def main() -> None:
                 )
 
             levels = {}
+            batcher = running.engine.searches
             for c in callers:
+                batches, items = batcher.batches, batcher.items
                 qps, times = latencies(search_vector, c, args.seconds)
-                levels[c] = {"qps": qps, "p50_ms": percentile(times, 50), "p99_ms": percentile(times, 99)}
+                levels[c] = {
+                    "qps": qps,
+                    "p50_ms": percentile(times, 50),
+                    "p99_ms": percentile(times, 99),
+                    "mean_batch": (batcher.items - items) / max(1, batcher.batches - batches),
+                }
             results["server_by_vector"] = levels
 
             if have_cnn:

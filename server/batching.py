@@ -11,8 +11,11 @@ on different threads, so a ``Batcher`` gathers them:
 - callers arriving while a batch runs queue up and are served together by the
   next batch, whose leader is the first of them (promoted when the running
   batch ends), so no caller waits for more than the batch before its own;
-- ``max_wait_s`` (0 by default) lets a leader wait that long for company when
-  the previous batch was larger than one, trading latency for batch size.
+- a promoted leader (one that arrived while the server was busy) first waits
+  ``max_wait_s`` for company. Callers in a closed loop otherwise split into two
+  groups that alternate, each batch half the size it could be: the callers
+  served by one batch come back a round trip later, just after the next batch
+  started without them. An idle server never waits.
 
 Leader/follower keeps the work on the callers' own threads: no extra thread,
 no queue to drain at shutdown, and an exception in a batch reaches exactly the
@@ -67,21 +70,22 @@ class Batcher(Generic[Item, Result]):
             return []
         with self._lock:
             self._queue.extend(slots)
-            if not self._busy:
+            idle = not self._busy
+            if idle:
                 self._busy = slots[0].lead = True
         for slot in slots:
             if not slot.lead:
                 slot.done.wait()
             if slot.lead:  # the first caller, or promoted by the previous leader
-                self._lead()
+                self._lead(promoted=not idle or slot is not slots[0])
         for slot in slots:
             if slot.error is not None:
                 raise slot.error
         return [slot.result for slot in slots]  # type: ignore[misc]
 
-    def _lead(self) -> None:
-        if self.max_wait_s and self._last_size > 1:
-            time.sleep(self.max_wait_s)  # the server is busy: give the next callers a moment to join
+    def _lead(self, promoted: bool) -> None:
+        if promoted and self.max_wait_s:
+            time.sleep(self.max_wait_s)  # the server is busy: let the callers of the last batch rejoin
         with self._lock:
             batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
         try:

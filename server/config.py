@@ -65,9 +65,9 @@ class ServerConfig:
     models_dir: Path = field(default_factory=default_models_dir)
     workers: int = 16  # threads for engine work; decoding memory is bounded by max_decoding_pixels
     # Micro-batching: concurrent searches share one index call, concurrent images one extractor
-    # run. A batch starts at once when the server is idle; batch_max_wait_ms > 0 lets a busy
-    # server wait that long for more company (latency for throughput).
-    batch_max_wait_ms: float = 0.0
+    # run. A batch starts at once when the server is idle; when it is busy, the next batch waits
+    # this long for callers to rejoin (server/batching.py says why; 0 turns it off).
+    batch_max_wait_ms: float = 2.0
     search_max_batch: int = 256
     extract_max_batch: int = 64
     default_extractor: str = "efficientnet-lite0"
