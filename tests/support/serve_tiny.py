@@ -1,4 +1,4 @@
-"""Run a real server process with the tiny test extractor: `python -m tests.support.serve_tiny DATA_DIR [key=value...]`.
+"""Run a real server process with the tiny test extractor: `python -m tests.support.serve_tiny DATA_DIR [key=value | limits.key=value ...]`.
 
 Prints `PORT <n>` once serving, so a test can connect; exits on SIGTERM like
 `imagesearch serve`. Crash tests kill it with SIGKILL.
@@ -16,10 +16,15 @@ from tests.support.tiny_plugin import TINY_PLUGIN
 
 
 def main() -> None:
-    overrides = {}
+    base = tiny_config(Path())
+    overrides: dict = {}
     for arg in sys.argv[2:]:
         key, value = arg.split("=", 1)
-        overrides[key] = type(getattr(tiny_config(Path()), key))(value)
+        if key.startswith("limits."):  # limits.max_image_pixels=1000000
+            name = key.removeprefix("limits.")
+            overrides.setdefault("limits", {})[name] = type(getattr(base.limits, name))(value)
+        else:
+            overrides[key] = type(getattr(base, key))(value)
     configure_logging("text", "WARNING")
     config = tiny_config(Path(sys.argv[1]), **overrides)
     serve_forever(
