@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["bench_index.py", "bench_extract.py", "bench_concurrency.py"]
+SCRIPTS = ["bench_index.py", "bench_extract.py", "bench_concurrency.py", "bench_buckets.py"]
 
 
 def main() -> int:

@@ -40,6 +40,7 @@ from imagesearch.client.errors import (
 )
 from imagesearch.client.types import (
     AddResult,
+    Classification,
     CollectionInfo,
     ExtractorInfo,
     HnswParams,
@@ -62,6 +63,7 @@ __all__ = [
     "AlreadyExists",
     "AsyncImageSearchClient",
     "CallOptions",
+    "Classification",
     "CollectionInfo",
     "DeadlineExceeded",
     "ErrorDetails",

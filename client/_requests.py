@@ -33,6 +33,7 @@ from imagesearch.client.errors import (
 )
 from imagesearch.client.types import (
     AddResult,
+    Classification,
     CollectionInfo,
     HnswParams,
     ImageItem,
@@ -221,17 +222,14 @@ def search(
     exclude_query: bool,
     extractor: str | None,
     collection: str | None,
+    mode: str | None = None,
 ) -> Rpc[SearchResult]:
-    given = [
-        name
-        for name, value in (("image", image), ("image_id", image_id), ("vector", vector))
-        if value is not None
-    ]
-    if len(given) != 1:
-        raise ValueError(f"search needs exactly one of image, image_id or vector; got {given or 'none'}")
     if isinstance(labels, str):
         raise TypeError("labels must be a collection of strings, not a single string")
+    if mode not in SEARCH_MODES:
+        raise ValueError(f"mode must be one of {sorted(m for m in SEARCH_MODES if m)}, not {mode!r}")
     request = pb.SearchRequest(
+        mode=SEARCH_MODES[mode],
         collection=_collection(collection),
         top_k=top_k,
         labels=list(labels),
@@ -239,13 +237,64 @@ def search(
         exclude_query=exclude_query,
         extractor=extractor or "",
     )
+    _set_query(request, image, image_id, vector)
+    return Rpc(_method("Search"), request, SearchResult.from_proto)
+
+
+def _set_query(
+    request: pb.SearchRequest | pb.ClassifyRequest,
+    image: bytes | PathLike | None,
+    image_id: str | None,
+    vector: VectorLike | None,
+) -> None:
+    """Fill the request's query oneof from exactly one of image, image_id or vector."""
+    given = [
+        name
+        for name, value in (("image", image), ("image_id", image_id), ("vector", vector))
+        if value is not None
+    ]
+    if len(given) != 1:
+        raise ValueError(f"a query needs exactly one of image, image_id or vector; got {given or 'none'}")
     if image is not None:
         request.image = Path(image).read_bytes() if _is_path(image) else bytes(image)  # type: ignore[arg-type]
     elif image_id is not None:
         request.image_id = image_id
     else:
         request.vector.CopyFrom(_vector(vector, "vector"))
-    return Rpc(_method("Search"), request, SearchResult.from_proto)
+
+
+SEARCH_MODES = {
+    None: pb.SEARCH_MODE_UNSPECIFIED,
+    "plain": pb.SEARCH_MODE_PLAIN,
+    "bucketed": pb.SEARCH_MODE_BUCKETED,
+}
+CLASSIFY_MODES = {
+    None: pb.CLASSIFY_MODE_UNSPECIFIED,
+    "knn": pb.CLASSIFY_MODE_KNN,
+    "centroid": pb.CLASSIFY_MODE_CENTROID,
+}
+
+
+def classify(
+    image: bytes | PathLike | None,
+    *,
+    image_id: str | None,
+    vector: VectorLike | None,
+    neighbors: int,
+    mode: str | None,
+    exclude_query: bool,
+    collection: str | None,
+) -> Rpc[Classification]:
+    if mode not in CLASSIFY_MODES:
+        raise ValueError(f"mode must be one of {sorted(m for m in CLASSIFY_MODES if m)}, not {mode!r}")
+    request = pb.ClassifyRequest(
+        collection=_collection(collection),
+        neighbors=neighbors,
+        mode=CLASSIFY_MODES[mode],
+        exclude_query=exclude_query,
+    )
+    _set_query(request, image, image_id, vector)
+    return Rpc(_method("Classify"), request, Classification.from_proto)
 
 
 def search_batch(queries: Iterable[Query]) -> Rpc[list[SearchResult | ImageSearchError]]:

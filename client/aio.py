@@ -23,6 +23,7 @@ from imagesearch.client._upload import NOTHING_ADDED, PerFile, Progress, Upload
 from imagesearch.client.errors import ImageSearchError, from_rpc_error
 from imagesearch.client.types import (
     AddResult,
+    Classification,
     CollectionInfo,
     HnswParams,
     ImageItem,
@@ -157,6 +158,7 @@ class AsyncImageSearchClient(ClientBase):
         exclude_query: bool = False,
         extractor: str | None = None,
         collection: str | None = None,
+        mode: str | None = None,
         **options: Unpack[CallOptions],
     ) -> SearchResult:
         """See ``ImageSearchClient.search``."""
@@ -169,6 +171,31 @@ class AsyncImageSearchClient(ClientBase):
             metric=metric,
             exclude_query=exclude_query,
             extractor=extractor,
+            collection=collection,
+            mode=mode,
+        )
+        return await self._call(rpc, options)
+
+    async def classify(
+        self,
+        image: bytes | PathLike | None = None,
+        *,
+        image_id: str | None = None,
+        vector: VectorLike | None = None,
+        neighbors: int = 0,
+        mode: str | None = None,
+        exclude_query: bool = False,
+        collection: str | None = None,
+        **options: Unpack[CallOptions],
+    ) -> Classification:
+        """See ``ImageSearchClient.classify``."""
+        rpc = R.classify(
+            image,
+            image_id=image_id,
+            vector=vector,
+            neighbors=neighbors,
+            mode=mode,
+            exclude_query=exclude_query,
             collection=collection,
         )
         return await self._call(rpc, options)

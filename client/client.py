@@ -20,6 +20,7 @@ from imagesearch.client._upload import NOTHING_ADDED, PerFile, Progress, Upload
 from imagesearch.client.errors import ImageSearchError, from_rpc_error
 from imagesearch.client.types import (
     AddResult,
+    Classification,
     CollectionInfo,
     HnswParams,
     ImageItem,
@@ -182,6 +183,7 @@ class ImageSearchClient(ClientBase):
         exclude_query: bool = False,
         extractor: str | None = None,
         collection: str | None = None,
+        mode: str | None = None,
         **options: Unpack[CallOptions],
     ) -> SearchResult:
         """Find the ``top_k`` images most similar to one query, best first (0: the server's
@@ -192,7 +194,9 @@ class ImageSearchClient(ClientBase):
         from the hits) or ``vector``. ``labels`` restricts hits to those labels;
         ``metric`` overrides the collection's (flat indexes only); ``extractor``, when
         given, makes the search fail with ``FailedPrecondition`` if the collection
-        was built with another extractor.
+        was built with another extractor. ``mode="bucketed"`` first recognises the query's class
+        (a vote of its nearest labelled images) and ranks only that class's images; the result's
+        ``predicted_label`` and ``label_confidence`` say which class and how sure.
         """
         rpc = R.search(
             image,
@@ -203,6 +207,35 @@ class ImageSearchClient(ClientBase):
             metric=metric,
             exclude_query=exclude_query,
             extractor=extractor,
+            collection=collection,
+            mode=mode,
+        )
+        return self._call(rpc, options)
+
+    def classify(
+        self,
+        image: bytes | PathLike | None = None,
+        *,
+        image_id: str | None = None,
+        vector: VectorLike | None = None,
+        neighbors: int = 0,
+        mode: str | None = None,
+        exclude_query: bool = False,
+        collection: str | None = None,
+        **options: Unpack[CallOptions],
+    ) -> Classification:
+        """Predict the query's class from the collection's labelled images (the query as in
+        ``search``). ``mode="knn"`` (default): the ``neighbors`` (0: 10) nearest labelled images
+        vote with their similarity; ``"centroid"``: the most similar class mean wins.
+        ``exclude_query`` with ``image_id`` leaves the image out of its own vote.
+        """
+        rpc = R.classify(
+            image,
+            image_id=image_id,
+            vector=vector,
+            neighbors=neighbors,
+            mode=mode,
+            exclude_query=exclude_query,
             collection=collection,
         )
         return self._call(rpc, options)

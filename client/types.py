@@ -196,6 +196,7 @@ class Query:
     exclude_query: bool = False
     extractor: str | None = None
     collection: str | None = None
+    mode: str | None = None
 
 
 @dataclass(frozen=True)
@@ -208,6 +209,10 @@ class SearchResult:
     hits: tuple[SearchHit, ...]
     timings: StageTimings
     metric: str = ""
+    predicted_label: str = ""
+    """``mode="bucketed"``: the class the hits were taken from ("" otherwise)."""
+    label_confidence: float = 0.0
+    """``mode="bucketed"``: the classifier's confidence in ``predicted_label``, in [0, 1]."""
 
     @property
     def ids(self) -> list[str]:
@@ -225,6 +230,28 @@ class SearchResult:
             hits=tuple(SearchHit.from_proto(hit) for hit in message.hits),
             timings=StageTimings.from_proto(message.timings),
             metric=message.metric,
+            predicted_label=message.predicted_label,
+            label_confidence=message.label_confidence,
+        )
+
+
+@dataclass(frozen=True)
+class Classification:
+    """A query's predicted class: ``label`` (empty when the collection has no labelled image),
+    its ``confidence`` in [0, 1], and every class that got a share, best first."""
+
+    label: str
+    confidence: float
+    candidates: tuple[tuple[str, float], ...]
+    mode: str
+
+    @classmethod
+    def from_proto(cls, message: pb.ClassifyResponse) -> Self:
+        return cls(
+            label=message.label,
+            confidence=message.confidence,
+            candidates=tuple((c.label, c.score) for c in message.candidates),
+            mode="centroid" if message.mode == pb.CLASSIFY_MODE_CENTROID else "knn",
         )
 
 

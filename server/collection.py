@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from imagesearch.plugins.types import FLAT, IVF, Extractor, Metric
+from imagesearch.server.classify import CENTROID, Classification, shares
 from imagesearch.server.config import Limits
 from imagesearch.server.errors import FailedPrecondition, InvalidArgument, NotFound, shown
 from imagesearch.server.rwlock import ReadWriteLock
@@ -41,6 +42,9 @@ log = logging.getLogger(__name__)
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # used with fullmatch: no "$" before "\n"
 STORE_FILE = "store.sqlite3"
+# A label filter that leaves at most this many images is searched among those images only
+# (vectors fetched by id); beyond it, the whole index is scanned with an id selector.
+GATHER_LIMIT = 20_000
 SNAPSHOT_FILE = "index.snapshot"
 
 
@@ -196,6 +200,7 @@ class Collection:
         self._last_snapshot = time.monotonic()
         self.closed = False
         self.problem = ""  # why the index is unavailable (the collection is then read-only)
+        self._centroids: tuple[int, list[str], np.ndarray, np.ndarray] | None = None  # cached class sums
         self.index: VectorIndex | None = None
         try:
             self.index = self._load_index()
@@ -382,8 +387,16 @@ class Collection:
             if allowed is not None and len(allowed) == 0:
                 return [[] for _ in ks]
             want = max(k + (exclude is not None) for k, exclude in zip(ks, excludes, strict=True))
-            if metric_override is None:
-                raw, ids = self.live_index().search(self.metric.prepare(raw_queries), want, allowed)
+            index = self.live_index() if metric_override is None else None
+            if (
+                index is not None
+                and allowed is not None
+                and index.can_gather()
+                and len(allowed) <= GATHER_LIMIT
+            ):
+                raw, ids = index.search_among(self.metric.prepare(raw_queries), want, allowed)
+            elif index is not None:
+                raw, ids = index.search(self.metric.prepare(raw_queries), want, allowed)
             else:
                 raw, ids = self._search_other_metric(metric, raw_queries, want, allowed)
             found = [
@@ -447,6 +460,49 @@ class Collection:
                 reason="IMAGE_NOT_FOUND",
             )
         return found
+
+    def nearest_centroids(self, raw_query: np.ndarray, exclude_row_id: int | None = None) -> Classification:
+        """Classify by the most similar class mean (of metric-prepared vectors); with
+        ``exclude_row_id``, that image is left out of its class's mean (leave-one-out)."""
+        with self._reading():
+            labels, sums, counts = self._class_sums()
+            if exclude_row_id is not None:
+                row = self.store.rows_by_row_id([exclude_row_id]).get(exclude_row_id)
+                found = self.store.vector_of(row.id) if row is not None and row.label in labels else None
+                if found is not None:
+                    at = labels.index(row.label)
+                    sums, counts = sums.copy(), counts.copy()
+                    sums[at] -= self.metric.prepare(found[1][None])[0]
+                    counts[at] -= 1
+        keep = counts > 0
+        if not keep.any():
+            return shares((), CENTROID)
+        names = [label for label, kept in zip(labels, keep, strict=True) if kept]
+        means = self.metric.prepare(sums[keep] / counts[keep, None])
+        raw, positions = brute_force(self.metric, means, self.metric.prepare(raw_query[None]), len(names))
+        scores = self.metric.to_score(self.metric.to_distance(raw[0]))
+        return shares(((names[p], s) for p, s in zip(positions[0], scores, strict=True) if p >= 0), CENTROID)
+
+    def _class_sums(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """Per label: the sum and count of prepared vectors, recomputed only after writes."""
+        if self._centroids is None or self._centroids[0] != self._applied_seq:
+            sums: dict[str, np.ndarray] = {}
+            counts: dict[str, int] = {}
+            for _, labels, vectors in self.store.iter_labelled():
+                prepared = self.metric.prepare(vectors)
+                for label, vector in zip(labels, prepared, strict=True):
+                    sums[label] = sums[label] + vector if label in sums else vector.astype(np.float64)
+                    counts[label] = counts.get(label, 0) + 1
+            names = sorted(sums)
+            matrix = np.stack([sums[n] for n in names]) if names else np.zeros((0, self.spec.dim))
+            self._centroids = (
+                self._applied_seq,
+                names,
+                matrix,
+                np.array([counts[n] for n in names], dtype=np.float64),
+            )
+        _, names, matrix, count_array = self._centroids
+        return names, matrix, count_array
 
     def count(self, label: str | None = None) -> int:
         """Images stored (with ``label``, when given)."""

@@ -25,6 +25,17 @@ from imagesearch.plugins.types import FLAT, HNSW, Extractor, Metric, TrainableEx
 from imagesearch.server.batching import Batcher
 from imagesearch.server.budget import PixelBudget
 from imagesearch.server.catalog import Catalog
+from imagesearch.server.classify import (
+    BUCKETED,
+    CENTROID,
+    CLASSIFY_MODES,
+    DEFAULT_NEIGHBORS,
+    KNN,
+    PLAIN,
+    SEARCH_MODES,
+    Classification,
+    shares,
+)
 from imagesearch.server.collection import NAME_PATTERN, Collection, CollectionInfo, Hit
 from imagesearch.server.config import ServerConfig
 from imagesearch.server.errors import (
@@ -94,6 +105,18 @@ class SearchQuery:
     metric: str = ""
     exclude_query: bool = False
     extractor: str = ""
+    mode: str = ""  # "" or PLAIN: as asked; BUCKETED: only the predicted class's images
+
+
+@dataclass(frozen=True)
+class ClassifyQuery:
+    collection: str = ""
+    image: bytes | None = None
+    image_id: str | None = None
+    vector: Sequence[float] | None = None
+    neighbors: int = 0  # 0: DEFAULT_NEIGHBORS
+    mode: str = ""  # "" or KNN, or CENTROID
+    exclude_query: bool = False
 
 
 @dataclass(frozen=True)
@@ -151,10 +174,17 @@ class _Plan:
     decode_ms: float = 0.0
     extract_ms: float = 0.0
     error: ImageSearchError | None = None
+    bucketed: bool = False
+    predicted: Classification | None = None
 
     def pending(self) -> PendingSearch:
         assert self.vector is not None
         return PendingSearch(self.collection, self.vector, self.k, self.labels, self.override, self.exclude)
+
+    def neighbours(self, count: int) -> PendingSearch:
+        """The search whose labelled hits vote for this query's class (any label, own metric)."""
+        assert self.vector is not None
+        return PendingSearch(self.collection, self.vector, count, (), None, self.exclude)
 
 
 def _for_query(error: ImageSearchError, position: int, count: int) -> ImageSearchError:
@@ -191,6 +221,7 @@ class SearchOutcome:
     hits: list[Hit]
     timings: Timings
     metric: str
+    predicted: Classification | None = None  # BUCKETED mode: the class the hits come from
 
 
 # Squared L2 distances and inner products of vectors up to this norm stay far inside float32
@@ -553,6 +584,7 @@ class Engine:
                 except ImageSearchError as error:
                     plans.append(_for_query(error, position, len(queries)))
             self._extract_plans([p for p in plans if isinstance(p, _Plan)], deadline)
+        self._choose_buckets([p for p in plans if isinstance(p, _Plan) and p.bucketed and p.error is None])
         ready = [p for p in plans if isinstance(p, _Plan) and p.error is None]
         step = time.perf_counter()
         found = self.searches.submit_many([p.pending() for p in ready]) if ready else []
@@ -574,7 +606,7 @@ class Engine:
                 )
                 continue
             timings = Timings(plan.decode_ms, plan.extract_ms, search_ms, _ms(started))
-            outcomes.append(SearchOutcome(hits, timings, metric.name))
+            outcomes.append(SearchOutcome(hits, timings, metric.name, plan.predicted))
         return outcomes
 
     def _plan(self, query: SearchQuery, deadline: float | None) -> _Plan:
@@ -594,7 +626,14 @@ class Engine:
             raise InvalidArgument(
                 "exclude_query needs an image_id query", field="exclude_query", reason="BAD_QUERY"
             )
-        plan = _Plan(collection, k, tuple(query.labels), override)
+        mode = self._choice(query.mode, PLAIN, SEARCH_MODES, "mode")
+        if mode == BUCKETED and query.labels:
+            raise InvalidArgument(
+                "mode BUCKETED chooses the label itself; leave labels empty",
+                field="labels",
+                reason="BAD_QUERY",
+            )
+        plan = _Plan(collection, k, tuple(query.labels), override, bucketed=mode == BUCKETED)
         if query.image is not None:
             collection.check_extractor()
             step = time.perf_counter()
@@ -610,6 +649,52 @@ class Engine:
                 "the query needs image, image_id or vector", field="query", reason="NO_QUERY"
             )
         return plan
+
+    @staticmethod
+    def _choice(value: str, default: str, allowed: Sequence[str], field: str) -> str:
+        """A request's mode name: empty means ``default``, anything else must be one of ``allowed``."""
+        if not value:
+            return default
+        if value not in allowed:
+            raise InvalidArgument(
+                f"unknown {field} {shown(value)} (available: {', '.join(allowed)})",
+                field=field,
+                reason="BAD_MODE",
+            )
+        return value
+
+    def _choose_buckets(self, plans: Sequence[_Plan]) -> None:
+        """BUCKETED: classify each query by its nearest labelled neighbours, then search that class only."""
+        votes = self.searches.submit_many([plan.neighbours(DEFAULT_NEIGHBORS) for plan in plans])
+        for plan, hits in zip(plans, votes, strict=True):
+            if isinstance(hits, ImageSearchError):
+                plan.error = hits
+                continue
+            plan.predicted = shares(((hit.label, hit.score) for hit in hits), KNN)
+            plan.labels = (plan.predicted.label,) if plan.predicted.label else ()
+
+    def classify(self, query: ClassifyQuery, deadline: float | None = None) -> Classification:
+        """The query's class, from a vote of its labelled neighbours (KNN) or the nearest class mean."""
+        mode = self._choice(query.mode, KNN, CLASSIFY_MODES, "mode")
+        neighbors = self._top_k(query.neighbors) if query.neighbors else DEFAULT_NEIGHBORS
+        asked = SearchQuery(
+            collection=query.collection,
+            image=query.image,
+            image_id=query.image_id,
+            vector=query.vector,
+            exclude_query=query.exclude_query,
+        )
+        with self.pixels.hold(self._decoded_total([query.image], None)):
+            plan = self._plan(asked, deadline)
+            self._extract_plans([plan], deadline)
+        if plan.error is not None:
+            raise plan.error
+        if mode == CENTROID:
+            return plan.collection.nearest_centroids(plan.vector, plan.exclude)
+        (hits,) = self.searches.submit_many([plan.neighbours(neighbors)])
+        if isinstance(hits, ImageSearchError):
+            raise hits
+        return shares(((hit.label, hit.score) for hit in hits), KNN)
 
     def _extract_plans(self, plans: Sequence[_Plan], deadline: float | None) -> None:
         """One extractor call per collection for the plans that carry decoded images."""

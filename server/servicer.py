@@ -26,8 +26,17 @@ from grpc_status import rpc_status
 from imagesearch.client.types import status_code
 from imagesearch.plugins.types import FLAT, HNSW, IVF
 from imagesearch.server import errors
+from imagesearch.server.classify import BUCKETED, CENTROID, KNN, PLAIN
 from imagesearch.server.collection import CollectionInfo
-from imagesearch.server.engine import AddOutcome, Engine, ImageItem, NewCollection, SearchOutcome, SearchQuery
+from imagesearch.server.engine import (
+    AddOutcome,
+    ClassifyQuery,
+    Engine,
+    ImageItem,
+    NewCollection,
+    SearchOutcome,
+    SearchQuery,
+)
 from imagesearch.server.store import ImageRow
 from imagesearch.server.streams import StreamGuard
 from imagesearch.server.vector_index import FLOAT16, FLOAT32
@@ -47,6 +56,13 @@ INDEX_TYPE_TO_PB = {FLAT: pb.INDEX_TYPE_FLAT, IVF: pb.INDEX_TYPE_IVF, HNSW: pb.I
 INDEX_TYPE_FROM_PB = {pb.INDEX_TYPE_UNSPECIFIED: FLAT, **{v: k for k, v in INDEX_TYPE_TO_PB.items()}}
 STORAGE_TO_PB = {FLOAT32: pb.VECTOR_STORAGE_FLOAT32, FLOAT16: pb.VECTOR_STORAGE_FLOAT16}
 STORAGE_FROM_PB = {pb.VECTOR_STORAGE_UNSPECIFIED: "", **{v: k for k, v in STORAGE_TO_PB.items()}}
+SEARCH_MODE_FROM_PB = {
+    pb.SEARCH_MODE_UNSPECIFIED: "",
+    pb.SEARCH_MODE_PLAIN: PLAIN,
+    pb.SEARCH_MODE_BUCKETED: BUCKETED,
+}
+CLASSIFY_MODE_TO_PB = {KNN: pb.CLASSIFY_MODE_KNN, CENTROID: pb.CLASSIFY_MODE_CENTROID}
+CLASSIFY_MODE_FROM_PB = {pb.CLASSIFY_MODE_UNSPECIFIED: "", **{v: k for k, v in CLASSIFY_MODE_TO_PB.items()}}
 REQUEST_ID_KEY = "x-request-id"
 
 
@@ -294,6 +310,20 @@ def search_query(request: pb.SearchRequest) -> SearchQuery:
         metric=request.metric,
         exclude_query=request.exclude_query,
         extractor=request.extractor,
+        mode=SEARCH_MODE_FROM_PB.get(request.mode, str(request.mode)),
+    )
+
+
+def classify_query(request: pb.ClassifyRequest) -> ClassifyQuery:
+    kind = request.WhichOneof("query")
+    return ClassifyQuery(
+        collection=request.collection,
+        image=request.image if kind == "image" else None,
+        image_id=request.image_id if kind == "image_id" else None,
+        vector=request.vector.values if kind == "vector" else None,
+        neighbors=request.neighbors,
+        mode=CLASSIFY_MODE_FROM_PB.get(request.mode, str(request.mode)),
+        exclude_query=request.exclude_query,
     )
 
 
@@ -311,6 +341,8 @@ def search_response(outcome: SearchOutcome) -> pb.SearchResponse:
             total_ms=timings.total_ms,
         ),
         metric=outcome.metric,
+        predicted_label=outcome.predicted.label if outcome.predicted else "",
+        label_confidence=outcome.predicted.confidence if outcome.predicted else 0.0,
     )
 
 
@@ -402,6 +434,20 @@ class ImageSearchServicer(pb_grpc.ImageSearchServiceServicer):
         queries = [search_query(q) for q in request.queries]
         outcomes = await self._work(self.engine.search_batch, queries, deadline=_deadline(context))
         return pb.SearchBatchResponse(results=[batch_result(o) for o in outcomes])
+
+    @rpc
+    async def Classify(
+        self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ClassifyResponse:
+        started = time.perf_counter()
+        found = await self._work(self.engine.classify, classify_query(request), deadline=_deadline(context))
+        return pb.ClassifyResponse(
+            label=found.label,
+            confidence=found.confidence,
+            candidates=[pb.LabelScore(label=label, score=score) for label, score in found.candidates],
+            mode=CLASSIFY_MODE_TO_PB[found.mode],
+            timings=pb.StageTimings(total_ms=(time.perf_counter() - started) * 1000),
+        )
 
     @rpc
     async def RemoveImages(

@@ -315,6 +315,21 @@ class CollectionStore:
             last = rows[-1][2]
             yield ids, vectors, last
 
+    def iter_labelled(self, chunk: int = 4096) -> Iterator[tuple[np.ndarray, list[str], np.ndarray]]:
+        """Yield (row_ids, labels, raw vectors) of every labelled row, in row order."""
+        conn = self._reader()
+        last = 0
+        while True:
+            rows = conn.execute(
+                "SELECT row_id, label, vector FROM images WHERE label != '' AND row_id > ? ORDER BY row_id LIMIT ?",
+                (last, chunk),
+            ).fetchall()
+            if not rows:
+                return
+            last = rows[-1][0]
+            ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            yield ids, [r[1] for r in rows], np.stack([np.frombuffer(r[2], dtype=np.float32) for r in rows])
+
     def removals_after(self, seq: int) -> list[tuple[int, int]]:
         """(seq, row_id) of removals logged after ``seq``."""
         rows = self._reader().execute("SELECT seq, row_id FROM removals WHERE seq > ? ORDER BY seq", (seq,))

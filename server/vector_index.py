@@ -267,6 +267,40 @@ class VectorIndex:
             distances, ids = self._exact_l2(queries, distances, ids)
         return distances, ids
 
+    def can_gather(self) -> bool:
+        """Whether vectors can be fetched by id for an exact search among a few of them (flat)."""
+        return self.spec.kind != HNSW and not self.trained
+
+    def search_among(
+        self, prepared_queries: np.ndarray, k: int, ids: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact k-NN among the vectors of ``ids`` only: the cost follows len(ids), not the index size.
+
+        This is how a label filter (and BUCKETED search) avoids scanning other classes on a flat
+        index: the label's row ids come from the store's label index, their vectors by id from
+        the id map, and only those are compared.
+        """
+        ids = np.asarray(ids, dtype=np.int64)
+        queries = as_float32(prepared_queries)
+        if len(ids) == 0:
+            return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+        vectors = self._index.reconstruct_batch(ids)
+        metric = self.spec.metric.faiss_metric
+        if metric in (faiss.METRIC_L2, faiss.METRIC_INNER_PRODUCT):
+            # float64 products: exact to float32 precision (a vector lies at 0 from itself).
+            wide_q, wide_v = queries.astype(np.float64), vectors.astype(np.float64)
+            products = wide_q @ wide_v.T
+            if metric == faiss.METRIC_L2:
+                raw = np.maximum((wide_q**2).sum(1)[:, None] + (wide_v**2).sum(1)[None, :] - 2 * products, 0)
+                order = np.argsort(raw, axis=1, kind="stable")[:, :k]
+            else:
+                raw = products
+                order = np.argsort(-raw, axis=1, kind="stable")[:, :k]
+        else:
+            raw, positions = brute_force(self.spec.metric, vectors, queries, k)
+            return raw, np.where(positions >= 0, ids[np.maximum(positions, 0)], -1)
+        return np.take_along_axis(raw, order, axis=1).astype(np.float32), ids[order]
+
     def _blas_l2(self) -> bool:
         """Whether results come from FAISS's BLAS path for L2 on a float32 flat index, which
         computes |x|^2 + |y|^2 - 2xy: a stored vector then lies at 1e-4 from itself, not 0."""
