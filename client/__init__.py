@@ -38,6 +38,7 @@ from imagesearch.client.errors import (
     Unavailable,
     from_rpc_error,
 )
+from imagesearch.client.folders import FolderImport, add_folder
 from imagesearch.client.types import (
     AddResult,
     Classification,
@@ -70,6 +71,7 @@ __all__ = [
     "ExtractorInfo",
     "FailedPrecondition",
     "FieldViolation",
+    "FolderImport",
     "HnswParams",
     "ImageItem",
     "ImagePage",
@@ -91,5 +93,6 @@ __all__ = [
     "StageTimings",
     "Unauthenticated",
     "Unavailable",
+    "add_folder",
     "from_rpc_error",
 ]

@@ -1,4 +1,4 @@
-"""The `imagesearch` command: serve, list plugins, manage models."""
+"""The `imagesearch` command: serve, list plugins, manage models, import a folder, search, evaluate."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from pathlib import Path
 
 from imagesearch.server.config import load_config
 from imagesearch.server.errors import DataDirLocked
+from imagesearch.server.folder_cli import add_folder_command
 from imagesearch.server.logs import configure_logging
+from imagesearch.server.search_cli import add_search_command
 
 log = logging.getLogger("imagesearch")
 
@@ -86,6 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_model_commands(commands)
+    add_folder_command(commands)  # add and search use the client only: they work without the server extra
+    add_search_command(commands)
+    try:  # these render images (OpenCV): with the client alone they are not offered
+        from imagesearch.server.dataset_builder import add_dataset_command
+        from imagesearch.server.eval_runner import add_eval_command
+    except ImportError:
+        pass
+    else:
+        add_eval_command(commands)
+        add_dataset_command(commands)
     return parser
 
 

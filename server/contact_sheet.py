@@ -2,7 +2,9 @@
 
 Results people would rather see than read: the query next to its hits, each
 with rank, id, label, score and distance, thumbnails inlined as data URIs so
-the file can be mailed or opened offline.
+the file can be mailed or opened offline. On load, the page records on <body>
+how many of its images decoded (``data-images-loaded`` of ``data-images-total``),
+so a headless browser can check that every thumbnail shows.
 """
 
 from __future__ import annotations
@@ -11,6 +13,27 @@ import base64
 import html
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from imagesearch.client import SearchHit
+
+# Leading bytes of the formats a browser shows; anything else is labelled JPEG (the server's thumbnails).
+_MIME_BY_MAGIC = (
+    (b"\x89PNG", "image/png"),
+    (b"GIF8", "image/gif"),
+    (b"BM", "image/bmp"),
+    (b"RIFF", "image/webp"),
+)
+
+# Counts the images that decoded once the page has loaded (for headless-browser checks).
+_LOADED_SCRIPT = """<script>
+addEventListener("load", () => {
+  const images = [...document.images];
+  document.body.dataset.imagesTotal = images.length;
+  document.body.dataset.imagesLoaded = images.filter((i) => i.complete && i.naturalWidth > 0).length;
+});
+</script>"""
 
 
 @dataclass(frozen=True)
@@ -20,13 +43,24 @@ class SheetItem:
     lines: Sequence[str] = ()
 
 
-def _data_uri(jpeg: bytes | None) -> str:
-    if not jpeg:
+def hit_item(rank: int, hit: SearchHit, thumbnail: bytes | None) -> SheetItem:
+    """The sheet cell of one search hit: rank and id, then label, score and distance."""
+    return SheetItem(
+        f"#{rank} {hit.id}",
+        thumbnail,
+        [f"label {hit.label}", f"score {hit.score:.4f}", f"distance {hit.distance:.4f}"],
+    )
+
+
+def _data_uri(image: bytes | None) -> str:
+    if not image:
         return ""
-    return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
+    mime = next((mime for magic, mime in _MIME_BY_MAGIC if image.startswith(magic)), "image/jpeg")
+    return f"data:{mime};base64," + base64.b64encode(image).decode()
 
 
-def _cell(item: SheetItem, css_class: str) -> str:
+def cell(item: SheetItem, css_class: str) -> str:
+    """One thumbnail with its caption, as the contact sheet and the evaluation report show it."""
     image = (
         f'<img src="{_data_uri(item.thumbnail)}" alt="{html.escape(item.title)}">' if item.thumbnail else ""
     )
@@ -35,7 +69,7 @@ def _cell(item: SheetItem, css_class: str) -> str:
 
 
 def render_contact_sheet(title: str, query: SheetItem, hits: Sequence[SheetItem]) -> str:
-    cells = "\n".join(_cell(hit, "hit") for hit in hits)
+    cells = "\n".join(cell(hit, "hit") for hit in hits)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
@@ -47,9 +81,11 @@ img {{ width: 200px; height: 200px; object-fit: contain; background: #eee; }}
 figcaption {{ font-size: 12px; word-break: break-all; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
-<div class="grid">{_cell(query, "query")}</div>
+<div class="grid">{cell(query, "query")}</div>
 <h2>{len(hits)} hits, most similar first</h2>
 <div class="grid">
 {cells}
-</div></body></html>
+</div>
+{_LOADED_SCRIPT}
+</body></html>
 """

@@ -1,0 +1,59 @@
+"""What the commands that talk to a running server (`add`, `search`) share: where to connect, how to fail.
+
+They use the client SDK only, so they work with `pip install imagesearch` alone.
+Exit codes are the same for all of them: 2 means the command could not do its job
+(bad usage, server unreachable, unknown collection), and the message says why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from imagesearch.client import DeadlineExceeded, ImageSearchError, Unavailable
+from imagesearch.client._requests import DEFAULT_TARGET
+
+TARGET_ENV = "IMAGESEARCH_TARGET"
+EXIT_OK, EXIT_PARTIAL, EXIT_ERROR = 0, 1, 2
+
+
+def add_server_arguments(parser: argparse.ArgumentParser, *, collection: bool = True) -> None:
+    """``--target`` (default $IMAGESEARCH_TARGET, else the server's default address) and, unless
+    the command makes its own collections, ``--collection``."""
+    parser.add_argument(
+        "--target",
+        default=os.environ.get(TARGET_ENV) or DEFAULT_TARGET,
+        metavar="HOST:PORT",
+        help=f"server address (default ${TARGET_ENV}, else {DEFAULT_TARGET})",
+    )
+    if collection:
+        parser.add_argument(
+            "--collection", metavar="NAME", help="collection (default: the 'default' collection)"
+        )
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def fail(message: str) -> int:
+    """Print ``error: message`` on stderr; return the exit code for a command that could not run."""
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def server_error(error: ImageSearchError, target: str) -> int:
+    """Report a failed call in terms a shell user can act on (naming the server it tried)."""
+    if isinstance(error, Unavailable):
+        return fail(
+            f"cannot reach an imagesearch server at {target} ({error.message}). Is it running? "
+            f"Pass --target HOST:PORT or set {TARGET_ENV}."
+        )
+    if isinstance(error, DeadlineExceeded):
+        return fail(f"the imagesearch server at {target} did not answer in time ({error.message})")
+    return fail(f"{error.code.name} from {target}: {error.message}")

@@ -1,0 +1,102 @@
+"""`imagesearch search IMG`: the images of a collection most like a query file, as a table or a contact sheet.
+
+Uses the client SDK only. Exit codes: 0 searched (even with no hits), 2 the search
+could not run (unreadable query, server unreachable, unknown collection, an image
+the server cannot decode).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from imagesearch.client import ImageSearchClient, ImageSearchError, SearchHit, SearchResult
+from imagesearch.server.client_cli import EXIT_OK, add_server_arguments, fail, positive_int, server_error
+from imagesearch.server.contact_sheet import SheetItem, hit_item, render_contact_sheet
+
+
+def add_search_command(commands: argparse._SubParsersAction) -> None:
+    """Register `search` on the `imagesearch` command."""
+    parser = commands.add_parser(
+        "search",
+        help="find the images most like a query image (table; --html for a contact sheet)",
+        description="Print the hits for a query image, best first: rank, id, label, score "
+        "(higher is more similar). Exit codes: 0 searched, 2 could not search.",
+    )
+    parser.add_argument("image", metavar="IMG", type=Path, help="query image file")
+    parser.add_argument(
+        "-k",
+        "--top-k",
+        type=positive_int,
+        default=0,
+        metavar="N",
+        help="number of hits (default: the server's, 10)",
+    )
+    parser.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="L",
+        help="only hits with this label (repeat for several)",
+    )
+    add_server_arguments(parser)
+    parser.add_argument(
+        "--html",
+        type=Path,
+        metavar="OUT.html",
+        help="also write a contact sheet: the query and hit thumbnails",
+    )
+    parser.set_defaults(handler=cmd_search)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    try:
+        query = args.image.read_bytes()
+    except OSError as error:
+        return fail(f"cannot read the query image: {error}")
+    try:
+        with ImageSearchClient(args.target) as client:
+            result = client.search(query, top_k=args.top_k, labels=args.label, collection=args.collection)
+            print(format_hits(result.hits))
+            if args.html:
+                thumbnails = [
+                    client.get_image(hit.id, collection=args.collection).thumbnail for hit in result
+                ]
+                page = _sheet(args.image, query, result, thumbnails, args.collection or "default")
+    except ImageSearchError as error:
+        return server_error(error, args.target)
+    if args.html:
+        try:
+            args.html.write_text(page, encoding="utf-8")
+        except OSError as error:
+            return fail(f"cannot write the contact sheet: {error}")
+        print(f"contact sheet: {args.html.resolve()}")
+    return EXIT_OK
+
+
+def format_hits(hits: Sequence[SearchHit]) -> str:
+    """A plain table, best first; ids may be long paths, so the id column fits the longest."""
+    if not hits:
+        return "no hits"
+    id_width = max(2, *(len(hit.id) for hit in hits))
+    label_width = max(5, *(len(hit.label) for hit in hits))
+    rows = [f"{'rank':>4}  {'id':<{id_width}}  {'label':<{label_width}}  {'score':>7}"]
+    rows += [
+        f"{rank:>4}  {hit.id:<{id_width}}  {hit.label:<{label_width}}  {hit.score:>7.4f}"
+        for rank, hit in enumerate(hits, 1)
+    ]
+    return "\n".join(rows)
+
+
+def _sheet(
+    path: Path, query: bytes, result: SearchResult, thumbnails: Sequence[bytes | None], collection: str
+) -> str:
+    return render_contact_sheet(
+        f"imagesearch: {path.name} in collection '{collection}'",
+        SheetItem("query", query, [path.name]),
+        [
+            hit_item(rank, hit, thumb)
+            for rank, (hit, thumb) in enumerate(zip(result, thumbnails, strict=True), 1)
+        ],
+    )
