@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from imagesearch.client import ImageSearchClient, ImageSearchError
+from imagesearch.client import ImageSearchClient, ImageSearchError, NotFound
 from imagesearch.client.folders import FolderImport, FolderScan, add_folder, scan_folder
 from imagesearch.server.client_cli import (
     EXIT_OK,
@@ -57,10 +57,25 @@ def cmd_add(args: argparse.Namespace) -> int:
     print(_plan(scan, args.collection or "default", args.target), flush=True)
     with ImageSearchClient(args.target) as client:
         try:
-            client.get_collection(args.collection)  # unreachable server or unknown collection: fail now
+            _ensure_collection(client, args.collection)  # an unreachable server fails now, not mid-import
         except ImageSearchError as error:
             return server_error(error, args.target)
         return _import(client, scan, args)
+
+
+def _ensure_collection(client: ImageSearchClient, name: str | None) -> None:
+    """Use the named collection, creating it with the server's defaults (its default extractor and
+    that extractor's metric, flat index) when it does not exist yet: a folder import is often the
+    first thing done with a new collection."""
+    try:
+        client.get_collection(name)
+    except NotFound:
+        if name is None:
+            raise
+        created = client.create_collection(name)
+        print(
+            f"created collection {name!r}: {created.extractor}, {created.metric}, {created.index_type.value}"
+        )
 
 
 def _import(client: ImageSearchClient, scan: FolderScan, args: argparse.Namespace) -> int:

@@ -180,8 +180,14 @@ def test_unreachable_server_is_exit_code_2_naming_the_target(tree, tmp_path):
 def test_usage_errors_are_exit_code_2(server, tmp_path):
     assert run_cli("add", str(tmp_path / "missing"), "--target", server.target).returncode == 2
     assert run_cli("add", str(tmp_path), "--batch-size", "0").returncode == 2
-    unknown = run_cli("add", str(tmp_path), "--collection", "no-such", "--target", server.target)
-    assert unknown.returncode == 2 and "collection 'no-such' not found" in unknown.stderr
+    bad_name = run_cli("add", str(tmp_path), "--collection", "no such", "--target", server.target)
+    assert bad_name.returncode == 2 and "invalid collection name" in bad_name.stderr
+
+
+def test_add_creates_a_missing_collection_with_the_server_defaults(server, tree):
+    made = run_cli("add", str(tree), "--collection", "fresh", "--target", server.target)
+    assert made.returncode in (0, 1), made.stderr  # 1: the tree holds a deliberately broken image
+    assert "created collection 'fresh'" in made.stdout
 
 
 @pytest.fixture
