@@ -41,11 +41,12 @@ TRAIN_POINTS_PER_LIST = 39
 BLAS_THRESHOLD = 20
 faiss.cvar.distance_compute_blas_threshold = BLAS_THRESHOLD
 
-# FAISS's OpenMP helpers go to sleep between calls, and waking one on this kind of VM costs about
-# 10 ms: a search of 32 vectors took 10-12 ms with two threads and 0.3 ms with one. So a search
-# uses every core only when its work (queries x vectors x dimensions) is big enough to pay for
-# the wake-up; measured on the project VM (bench/bench_concurrency.py, docs/decisions.md).
-PARALLEL_WORK = 50_000_000
+# FAISS's OpenMP helper threads sleep between calls, and waking one costs milliseconds on this
+# kind of VM: a search of 32 vectors took 10-12 ms with two threads and 0.3 ms with one. For a real
+# scan the second core still pays: one query over 20,000 x 1280 vectors answered in 9.4 ms p50 with
+# two threads and 15.5 ms with one (bench/bench_concurrency.py). So a search uses every core once
+# its work (queries x vectors x dimensions) passes this size, one thread below it.
+PARALLEL_WORK = 10_000_000
 
 
 def search_threads(queries: int, vectors: int, dim: int) -> int:
