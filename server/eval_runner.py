@@ -553,9 +553,15 @@ def build_parser() -> argparse.ArgumentParser:
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", type=Path, help="folder with one subfolder of images per class")
     add_server_arguments(parser, collection=False)
-    parser.add_argument("--extractors", "--extractor", help="comma-separated (default: the server's default extractor)")
-    parser.add_argument("--metrics", "--metric", help="comma-separated, e.g. cosine,l2 (default: the extractor's)")
-    parser.add_argument("--modes", "--mode", default="plain,bucketed", help="comma-separated: plain, bucketed")
+    parser.add_argument(
+        "--extractors", "--extractor", help="comma-separated (default: the server's default extractor)"
+    )
+    parser.add_argument(
+        "--metrics", "--metric", help="comma-separated, e.g. cosine,l2 (default: the extractor's)"
+    )
+    parser.add_argument(
+        "--modes", "--mode", default="plain,bucketed", help="comma-separated: plain, bucketed"
+    )
     parser.add_argument("--split", choices=(HOLDOUT, LEAVE_ONE_OUT), default=HOLDOUT)
     parser.add_argument("--fraction", type=float, default=0.2, help="held-out share of each class (0.2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the held-out choice (0)")
