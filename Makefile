@@ -13,6 +13,7 @@ PY     := $(BIN)/python
 DATA   ?= var/imagesearch
 MODELS ?= var/models
 DEFAULT_MODEL := $(MODELS)/efficientnet-lite0.onnx
+SIFT_VOCABULARY := $(MODELS)/sift-vocabulary.bin
 PYTEST_ARGS ?=
 
 .PHONY: run test bench proto lint fuzz models clean setup
@@ -38,15 +39,19 @@ proto: $(BIN)/.installed
 $(DEFAULT_MODEL): $(BIN)/.installed
 	$(BIN)/imagesearch model export efficientnet-lite0 --out $(MODELS)
 
-models: $(DEFAULT_MODEL)
+# The generic SIFT vocabulary (sift-bovw, sift-vlad), fitted on photos that PyPI packages ship.
+$(SIFT_VOCABULARY): $(BIN)/.installed
+	$(BIN)/imagesearch model vocabulary --out $(MODELS)
 
-run: $(DEFAULT_MODEL)
+models: $(DEFAULT_MODEL) $(SIFT_VOCABULARY)
+
+run: $(DEFAULT_MODEL) $(SIFT_VOCABULARY)
 	IMAGESEARCH_MODELS=$(MODELS) $(BIN)/imagesearch serve --data $(DATA) --log-format text --demo
 
-test: $(DEFAULT_MODEL)
+test: $(DEFAULT_MODEL) $(SIFT_VOCABULARY)
 	IMAGESEARCH_MODELS=$(abspath $(MODELS)) $(PY) -m pytest $(PYTEST_ARGS)
 
-bench: $(DEFAULT_MODEL)
+bench: $(DEFAULT_MODEL) $(SIFT_VOCABULARY)
 	IMAGESEARCH_MODELS=$(abspath $(MODELS)) $(PY) bench/run_all.py
 
 lint: $(BIN)/.installed

@@ -34,6 +34,7 @@ BLOCK_ENV = "IMAGESEARCH_DISABLE_PLUGINS"
 DEFAULT_PLUGINS: dict[str, str] = {
     "metrics": "imagesearch.plugins.metrics",
     "onnx_cnn": "imagesearch.plugins.onnx_cnn",
+    "sift": "imagesearch.plugins.sift_plugin",
 }
 
 

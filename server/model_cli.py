@@ -128,10 +128,26 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_vocabulary(args: argparse.Namespace) -> int:
+    from imagesearch.server.sift_vocabulary import build_generic_vocabulary
+
+    out = Path(args.out) if args.out else default_models_dir()
+    try:
+        path, vocabulary = build_generic_vocabulary(out, args.words, args.seed)
+    except (RuntimeError, ValueError) as exc:
+        return _error(str(exc))
+    print(f"wrote {path}: {vocabulary.k} words, version {vocabulary.version}")
+    return 0
+
+
 def add_model_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add the `model` command (list, export, verify); each sets ``handler`` to a function returning an exit code."""
-    model = subparsers.add_parser("model", help="list, export and verify CNN models (ONNX)")
-    commands = model.add_subparsers(dest="model_command", required=True, metavar="{list,export,verify}")
+    model = subparsers.add_parser(
+        "model", help="list, export and verify CNN models (ONNX); build the SIFT vocabulary"
+    )
+    commands = model.add_subparsers(
+        dest="model_command", required=True, metavar="{list,export,vocabulary,verify}"
+    )
 
     models_help = "models directory (default: $IMAGESEARCH_MODELS or var/models)"
     listing = commands.add_parser("list", help="models in the models directory, and recipes to export")
@@ -153,6 +169,14 @@ def add_model_commands(subparsers: argparse._SubParsersAction) -> None:
         "--resize-short-side", type=int, help="override the resize before the centre crop (e.g. 232)"
     )
     export.set_defaults(handler=cmd_export)
+
+    vocabulary = commands.add_parser(
+        "vocabulary", help="build the generic SIFT vocabulary (sift-bovw, sift-vlad) from bundled photos"
+    )
+    vocabulary.add_argument("--out", help="output directory (default: the models directory)")
+    vocabulary.add_argument("--words", type=int, default=32, help="vocabulary size k (default 32)")
+    vocabulary.add_argument("--seed", type=int, default=0, help="k-means seed (default 0)")
+    vocabulary.set_defaults(handler=cmd_vocabulary)
 
     verify = commands.add_parser("verify", help="classify images (top-5) and check ONNX vs torch parity")
     verify.add_argument("model", metavar="NAME", help="model name in the models directory")

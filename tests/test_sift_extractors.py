@@ -1,0 +1,75 @@
+"""The SIFT extractors served: zero set-up with the generic vocabulary, an edited copy finds its
+photo, an image without keypoints is stored (zero vector) instead of failing the batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from skimage import data as skdata
+
+from imagesearch.client import ImageItem, ImageSearchClient
+from imagesearch.plugins.manager import PluginRegistry
+from imagesearch.server.app import run_server
+from imagesearch.server.sift_vocabulary import build_generic_vocabulary
+from tests.conftest import tiny_config
+from tests.support.tiny_plugin import TINY_PLUGIN
+
+pytestmark = pytest.mark.e2e
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "immunohistochemistry")
+
+
+def jpeg(image: np.ndarray, quality: int = 90) -> bytes:
+    return cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes()
+
+
+def photo(name: str) -> np.ndarray:
+    rgb = np.asarray(getattr(skdata, name)())
+    bgr = cv2.cvtColor(rgb, cv2.COLOR_GRAY2BGR) if rgb.ndim == 2 else cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    scale = 480 / max(bgr.shape[:2])
+    return cv2.resize(bgr, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+
+
+def edited(image: np.ndarray) -> np.ndarray:
+    """A crop to ~70% area, turned 10 degrees, a little brighter."""
+    h, w = image.shape[:2]
+    crop = image[int(0.15 * h) : int(0.85 * h), int(0.1 * w) : int(0.95 * w)]
+    turn = cv2.getRotationMatrix2D((crop.shape[1] / 2, crop.shape[0] / 2), 10, 1.0)
+    return cv2.convertScaleAbs(cv2.warpAffine(crop, turn, (crop.shape[1], crop.shape[0])), alpha=1.1, beta=5)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("sift-models")
+    build_generic_vocabulary(directory)
+    return directory
+
+
+def test_no_vocabulary_no_sift_extractors(tmp_path):
+    registry = PluginRegistry(load_entry_points=False, models_dir=tmp_path, env={})
+    assert not {"sift-bovw", "sift-vlad"} & set(registry.extractors)
+
+
+@pytest.mark.parametrize("extractor", ["sift-vlad", "sift-bovw"])
+def test_a_sift_collection_works_with_zero_set_up(models, data_dir, extractor):
+    config = tiny_config(data_dir, models_dir=models)
+    with (
+        run_server(config, extra_plugins=[TINY_PLUGIN]) as running,
+        ImageSearchClient(running.target) as client,
+    ):
+        info = {e.name: e for e in client.list_plugins().extractors}[extractor]
+        assert info.dimension == (32 * 128 if extractor == "sift-vlad" else 32)
+        client.create_collection("s", extractor=extractor)
+        originals = {name: photo(name) for name in PHOTOS}
+        flat = np.full((64, 64, 3), 128, np.uint8)  # no keypoints at all
+        items = [ImageItem(id=name, content=jpeg(image), label=name) for name, image in originals.items()]
+        stored = client.add_images([*items, ImageItem(id="flat", content=jpeg(flat))], collection="s")
+        assert stored.added_count == len(PHOTOS) + 1
+        found = [
+            client.search(jpeg(edited(image)), top_k=2, collection="s").ids for image in originals.values()
+        ]
+    top1 = sum(ids[0] == name for ids, name in zip(found, PHOTOS, strict=True))
+    print(f"{extractor}: edited copy finds its photo first for {top1} of {len(PHOTOS)}")
+    assert top1 >= (5 if extractor == "sift-vlad" else 4), found
