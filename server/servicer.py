@@ -298,13 +298,20 @@ def collection_message(info: CollectionInfo) -> pb.Collection:
     )
 
 
-def search_query(request: pb.SearchRequest) -> SearchQuery:
+def query_source(request: pb.SearchRequest | pb.ClassifyRequest) -> dict[str, Any]:
+    """The ``query`` oneof as the engine's image / image_id / vector (the unset ones None)."""
     kind = request.WhichOneof("query")
+    return {
+        "image": request.image if kind == "image" else None,
+        "image_id": request.image_id if kind == "image_id" else None,
+        "vector": request.vector.values if kind == "vector" else None,
+    }
+
+
+def search_query(request: pb.SearchRequest) -> SearchQuery:
     return SearchQuery(
         collection=request.collection,
-        image=request.image if kind == "image" else None,
-        image_id=request.image_id if kind == "image_id" else None,
-        vector=request.vector.values if kind == "vector" else None,
+        **query_source(request),
         top_k=request.top_k,
         labels=list(request.labels),
         metric=request.metric,
@@ -315,12 +322,9 @@ def search_query(request: pb.SearchRequest) -> SearchQuery:
 
 
 def classify_query(request: pb.ClassifyRequest) -> ClassifyQuery:
-    kind = request.WhichOneof("query")
     return ClassifyQuery(
         collection=request.collection,
-        image=request.image if kind == "image" else None,
-        image_id=request.image_id if kind == "image_id" else None,
-        vector=request.vector.values if kind == "vector" else None,
+        **query_source(request),
         neighbors=request.neighbors,
         mode=CLASSIFY_MODE_FROM_PB.get(request.mode, str(request.mode)),
         exclude_query=request.exclude_query,
