@@ -40,6 +40,11 @@ def add_search_command(commands: argparse._SubParsersAction) -> None:
         metavar="L",
         help="only hits with this label (repeat for several)",
     )
+    parser.add_argument(
+        "--bucketed",
+        action="store_true",
+        help="recognise the query's class first and rank only that class's images",
+    )
     add_server_arguments(parser)
     parser.add_argument(
         "--html",
@@ -57,7 +62,15 @@ def cmd_search(args: argparse.Namespace) -> int:
         return fail(f"cannot read the query image: {error}")
     try:
         with ImageSearchClient(args.target) as client:
-            result = client.search(query, top_k=args.top_k, labels=args.label, collection=args.collection)
+            mode = "bucketed" if args.bucketed else None
+            result = client.search(
+                query, top_k=args.top_k, labels=args.label, collection=args.collection, mode=mode
+            )
+            if args.bucketed:
+                print(
+                    f"recognised as {result.predicted_label or '(no labelled image)'!s} "
+                    f"(confidence {result.label_confidence:.2f})"
+                )
             print(format_hits(result.hits))
             if args.html:
                 thumbnails = [

@@ -212,6 +212,12 @@ def test_search_prints_a_ranked_table_and_filters_labels(server, indexed, tree):
     assert only.returncode == 0, only.stderr
     assert [row.split()[2] for row in only.stdout.splitlines()[1:]] == ["cars"] * 4
 
+    bucketed = run_cli("search", str(query), "--bucketed", "--collection", indexed, "--target", server.target)  # fmt: skip
+    assert bucketed.returncode == 0, bucketed.stderr
+    recognised, _, *rows = bucketed.stdout.splitlines()
+    assert recognised.startswith("recognised as dogs (confidence")
+    assert {row.split()[2] for row in rows} == {"dogs"}
+
 
 @pytest.fixture
 def sheet(server, indexed, tree, tmp_path) -> Path:
