@@ -195,7 +195,7 @@ class ImageSearchClient(ClientBase):
         ``metric`` overrides the collection's (flat indexes only); ``extractor``, when
         given, makes the search fail with ``FailedPrecondition`` if the collection
         was built with another extractor. ``mode="bucketed"`` first recognises the query's class
-        (a vote of its nearest labelled images) and ranks only that class's images; the result's
+        (a vote of its nearest images' labels) and ranks only that class's images; the result's
         ``predicted_label`` and ``label_confidence`` say which class and how sure.
         """
         rpc = R.search(
@@ -225,7 +225,7 @@ class ImageSearchClient(ClientBase):
         **options: Unpack[CallOptions],
     ) -> Classification:
         """Predict the query's class from the collection's labelled images (the query as in
-        ``search``). ``mode="knn"`` (default): the ``neighbors`` (0: 10) nearest labelled images
+        ``search``). ``mode="knn"`` (default): the ``neighbors`` (0: 10) nearest images (unlabelled ones abstain)
         vote with their similarity; ``"centroid"``: the most similar class mean wins.
         ``exclude_query`` with ``image_id`` leaves the image out of its own vote.
         """

@@ -2,7 +2,7 @@
 
 Two ways, both from what the collection already holds (no model to train):
 
-- ``knn`` (the default): the query's nearest labelled images vote for their label, each with its
+- ``knn`` (the default): the query's nearest images vote for their label (unlabelled ones abstain), each with its
   similarity (scores below zero count as zero). A class in a user's folder is often several
   looks (a "shoes" folder holds boots and sandals); neighbours follow that, where a class mean
   would sit between the looks, near none of them. It also reuses the retrieval index: no state.

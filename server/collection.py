@@ -466,14 +466,13 @@ class Collection:
         ``exclude_row_id``, that image is left out of its class's mean (leave-one-out)."""
         with self._reading():
             labels, sums, counts = self._class_sums()
-            if exclude_row_id is not None:
-                row = self.store.rows_by_row_id([exclude_row_id]).get(exclude_row_id)
-                found = self.store.vector_of(row.id) if row is not None and row.label in labels else None
-                if found is not None:
-                    at = labels.index(row.label)
-                    sums, counts = sums.copy(), counts.copy()
-                    sums[at] -= self.metric.prepare(found[1][None])[0]
-                    counts[at] -= 1
+            found = self.store.rows_by_row_id([exclude_row_id]) if exclude_row_id is not None else {}
+            row = found.get(exclude_row_id)
+        if row is not None and row.label in labels:  # the query is that image: take it out of its mean
+            at = labels.index(row.label)
+            sums, counts = sums.copy(), counts.copy()
+            sums[at] -= self.metric.prepare(raw_query[None])[0]
+            counts[at] -= 1
         keep = counts > 0
         if not keep.any():
             return shares((), CENTROID)
@@ -486,21 +485,18 @@ class Collection:
     def _class_sums(self) -> tuple[list[str], np.ndarray, np.ndarray]:
         """Per label: the sum and count of prepared vectors, recomputed only after writes."""
         if self._centroids is None or self._centroids[0] != self._applied_seq:
-            sums: dict[str, np.ndarray] = {}
-            counts: dict[str, int] = {}
+            codes: dict[str, int] = {}
+            sums = np.zeros((0, self.spec.dim))
+            counts = np.zeros(0)
             for _, labels, vectors in self.store.iter_labelled():
-                prepared = self.metric.prepare(vectors)
-                for label, vector in zip(labels, prepared, strict=True):
-                    sums[label] = sums[label] + vector if label in sums else vector.astype(np.float64)
-                    counts[label] = counts.get(label, 0) + 1
-            names = sorted(sums)
-            matrix = np.stack([sums[n] for n in names]) if names else np.zeros((0, self.spec.dim))
-            self._centroids = (
-                self._applied_seq,
-                names,
-                matrix,
-                np.array([counts[n] for n in names], dtype=np.float64),
-            )
+                rows = np.array([codes.setdefault(label, len(codes)) for label in labels])
+                if len(codes) > len(counts):  # new labels in this chunk
+                    sums = np.vstack([sums, np.zeros((len(codes) - len(counts), self.spec.dim))])
+                    counts = np.concatenate([counts, np.zeros(len(codes) - len(counts))])
+                np.add.at(sums, rows, self.metric.prepare(vectors))
+                np.add.at(counts, rows, 1)
+            order = sorted(codes, key=codes.__getitem__)
+            self._centroids = (self._applied_seq, order, sums, counts)
         _, names, matrix, count_array = self._centroids
         return names, matrix, count_array
 

@@ -9,7 +9,7 @@ import grpc
 import numpy as np
 import pytest
 
-from imagesearch.client import ImageSearchClient, InvalidArgument
+from imagesearch.client import ImageItem, ImageSearchClient, InvalidArgument
 from imagesearch.server.app import RunningServer, run_server
 from imagesearch.v1 import image_search_service_pb2 as pb
 from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
@@ -106,13 +106,27 @@ def test_classify_without_labelled_images_says_so(data_dir):
         run_server(tiny_config(data_dir), extra_plugins=[TINY_PLUGIN]) as running,
         ImageSearchClient(running.target) as client,
     ):
-        client.add_images([pb_free_item(i) for i in range(3)])
+        client.add_images([unlabelled_item(i) for i in range(3)])
         found = client.classify(image_id="u0")
         assert (found.label, found.confidence, found.candidates) == ("", 0.0, ())
         assert client.search(image_id="u0", mode="bucketed").predicted_label == ""
 
 
-def pb_free_item(i: int):
-    from imagesearch.client import ImageItem
-
+def unlabelled_item(i: int) -> ImageItem:
     return ImageItem(id=f"u{i}", vector=np.random.default_rng(i).normal(size=DIM))
+
+
+@pytest.mark.parametrize("mode", ["knn", "centroid"])
+def test_leave_one_out_really_leaves_the_query_out(labelled, mode):
+    """A class of one image: counting the query itself would name that class with full confidence."""
+    running, vectors, _ = labelled
+    lone = vectors[0] + 0.5  # beside class c0, labelled "solo"
+    with ImageSearchClient(running.target) as client:
+        client.add_images([ImageItem(id="solo", vector=lone, label="solo")], collection="c")
+        try:
+            kept = client.classify(image_id="solo", mode=mode, collection="c")
+            left_out = client.classify(image_id="solo", exclude_query=True, mode=mode, collection="c")
+        finally:
+            client.remove_images(["solo"], collection="c")
+    assert kept.label == "solo"
+    assert left_out.label == "c0" and "solo" not in {label for label, _ in left_out.candidates}
