@@ -55,7 +55,6 @@ class Batcher(Generic[Item, Result]):
         self._lock = threading.Lock()
         self._queue: list[_Slot[Item, Result]] = []
         self._busy = False
-        self._last_size = 0
         self.batches = 0  # statistics, for tests and benchmarks
         self.items = 0
 
@@ -97,7 +96,6 @@ class Batcher(Generic[Item, Result]):
         except BaseException as exc:  # every caller of the batch gets the error
             for slot in batch:
                 slot.error = exc
-        self._last_size = len(batch)
         self.batches += 1
         self.items += len(batch)
         with self._lock:

@@ -279,9 +279,6 @@ class Engine:
         """From now on, streams stop at their next chunk, saying what they stored."""
         self._stopping.set()
 
-    def close(self) -> None:
-        """Release what the engine holds beyond its catalog (nothing yet: a hook for run_server)."""
-
     def check_accepting_writes(self) -> None:
         """Unavailable once shutdown has begun: a long upload must not outlive the drain."""
         if self._stopping.is_set():

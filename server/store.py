@@ -173,7 +173,9 @@ class CollectionStore:
                     rows,
                 )
             except sqlite3.IntegrityError as exc:
-                taken = self._taken([image.id for image in images])
+                ids = [image.id for image in images]
+                # What a committed batch (the reader cannot see this transaction) or this batch itself holds.
+                taken = [i for n, i in enumerate(ids) if i in ids[:n]] + sorted(self.existing_ids(ids))
                 raise AlreadyExists(
                     f"image id {shown(taken[0]) if taken else '(unknown)'} already exists",
                     reason="IMAGE_EXISTS",
@@ -190,16 +192,6 @@ class CollectionStore:
         row = self._writer.execute("SELECT seq FROM sqlite_sequence WHERE name = 'images'").fetchone()
         largest = self._writer.execute("SELECT MAX(row_id) FROM images").fetchone()[0]
         return max(row[0] if row else 0, largest or 0)
-
-    def _taken(self, ids: Sequence[str]) -> list[str]:
-        """Which of ``ids`` are stored, or repeated within ``ids`` (inside the writer's transaction)."""
-        seen: set[str] = set()
-        repeated = [i for i in ids if i in seen or seen.add(i)]
-        marks = ",".join("?" * len(ids))
-        stored = [
-            r[0] for r in self._writer.execute(f"SELECT id FROM images WHERE id IN ({marks})", list(ids))
-        ]
-        return repeated + stored
 
     def delete(self, ids: Sequence[str]) -> list[int]:
         """Delete rows by id in one transaction, logging each removal with a sequence number."""
