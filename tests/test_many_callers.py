@@ -260,3 +260,13 @@ def test_the_python_client_runs_a_search_batch(filled):
     assert results[1].ids != ["v9"] and len(results[1].hits) == 1
     assert isinstance(results[2], InvalidArgument) and results[2].reason == "DIMENSION_MISMATCH"
     assert results[2].field_violations[0].field == "queries[2].vector"
+
+
+@pytest.mark.parametrize("name", sorted(INDEXES))
+def test_bucketed_search_keeps_to_one_label_on_every_index_kind(filled, name):
+    """Flat gathers the label's vectors by id; IVF and HNSW filter with an id selector."""
+    target, base, _ = filled
+    with ImageSearchClient(target) as client:
+        result = client.search(vector=base[10], top_k=20, mode="bucketed", collection=name)
+    assert result.predicted_label in {"l0", "l1", "l2"} and 0 < result.label_confidence <= 1
+    assert len(result) == 20 and {hit.label for hit in result} == {result.predicted_label}
