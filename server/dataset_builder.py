@@ -74,6 +74,25 @@ def _skimage(name: str, file: str, licence: str) -> Source:
     return Source(name, "scikit-image", "skimage", f"data/{file}", licence, where)
 
 
+_OPENCV_DATA = "/usr/share/doc/opencv-doc/examples/data"
+_OPENCV_TERMS = (
+    "Not stated per file: the package's copyright file covers its sample data only by its catch-all "
+    "`Files: *` stanza (OpenCV contributors, Apache-2.0 AND BSD-3-Clause)."
+)
+
+
+def _opencv(name: str, file: str, origin: str = "") -> Source:
+    """A sample photo of Debian's opencv-doc, used only when that package is installed.
+
+    Only real photos of a scene: its calibration boards, synthetic shapes, logos and text pages are
+    not a retrieval class, and of each pair (stereo views, flow frames, a copy with a pasted object)
+    one view is kept, since two classes of one scene would count each other as wrong answers.
+    """
+    licence = f"{_OPENCV_TERMS} {origin}".strip()
+    where = "/usr/share/doc/opencv-doc/copyright (opencv-doc 4.6.0+dfsg-12)"
+    return Source(f"opencv_{name}", "opencv-doc", "", f"{_OPENCV_DATA}/{file}", licence, where)
+
+
 _SKLEARN_README = "sklearn/datasets/images/README.txt (scikit-learn 1.9.1)"
 _CC_BY_2 = "Creative Commons Attribution 2.0 (https://creativecommons.org/licenses/by/2.0/)"
 
@@ -156,14 +175,60 @@ SOURCES: tuple[Source, ...] = (
         "work of the US federal government; check that before redistributing the set.",
         "matplotlib 3.11.2: mpl-data/sample_data/README.txt, matplotlib-3.11.2.dist-info/LICENSE",
     ),
-    Source(
-        "opencv_fruits",
-        "opencv-doc",
-        "",
-        "/usr/share/doc/opencv-doc/examples/data/fruits.jpg",
-        "Not stated per file; the package's terms are in /usr/share/doc/opencv-doc/copyright.",
-        "Debian package opencv-doc (used only when the file exists; not installed where this was written)",
+    _opencv("aero", "aero1.jpg"),
+    _opencv("aloe", "aloeL.jpg", 'Believed to be a view of the Middlebury stereo data set "Aloe".'),
+    _opencv("apple", "apple.jpg"),
+    _opencv(
+        "baboon",
+        "baboon.jpg",
+        'Believed to be the "Mandrill" of the USC-SIPI image database, whose maintainers do not '
+        "know the copyright status of most of its images; check that before redistributing the set.",
     ),
+    _opencv(
+        "basketball",
+        "basketball1.png",
+        'Believed to be a frame of the Middlebury optical-flow sequence "Basketball".',
+    ),
+    _opencv("board", "board.jpg"),
+    _opencv("books", "left.jpg"),
+    _opencv("box_in_scene", "box_in_scene.png"),
+    _opencv("building", "building.jpg"),
+    _opencv("butterfly", "butterfly.jpg"),
+    _opencv("chicky", "chicky_512.png"),
+    _opencv("fruits", "fruits.jpg"),
+    _opencv(
+        "graf",
+        "graf1.png",
+        'Believed to be from the Oxford affine-covariant regions data set (sequence "graf").',
+    ),
+    _opencv("home", "home.jpg"),
+    _opencv(
+        "leuven",
+        "leuvenA.jpg",
+        'Believed to be from the Oxford affine-covariant regions data set (sequence "leuven").',
+    ),
+    _opencv(
+        "messi",
+        "messi5.jpg",
+        "A press photo of Lionel Messi; photographer and terms unknown, probably not free: check that "
+        "before redistributing the set.",
+    ),
+    _opencv("notebook", "ela_original.jpg"),
+    _opencv("orange", "orange.jpg"),
+    _opencv(
+        "rubberwhale",
+        "rubberwhale1.png",
+        'Believed to be a frame of the Middlebury optical-flow sequence "RubberWhale".',
+    ),
+    _opencv("smarties", "smarties.png"),
+    _opencv("squirrel", "squirrel_cls.jpg"),
+    _opencv(
+        "starry_night",
+        "starry_night.jpg",
+        "A reproduction of van Gogh's painting The Starry Night (1889, in the public domain); the "
+        "terms of the reproduction are not stated.",
+    ),
+    _opencv("stuff", "stuff.jpg"),
 )
 
 

@@ -2,7 +2,8 @@
 BoVW/VLAD encodings and geometric re-ranking, on real photos bundled with scikit-image.
 
 Copy-detection cases are generated from the photos with a fixed seed: pasted at 40% scale into
-a photo outside the candidate set, rotated 90°, cropped to 25% of the area, perspective-warped.
+a photo outside the candidate set, rotated 90°, cropped to 25% of the area, perspective-warped,
+by the copy functions of the copy-detection set (server/copy_detection.py).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 import cv2
 import numpy as np
 import pytest
-import skimage.data
 
 from imagesearch.plugins.sift.encoding import PCA, bovw, fit_pca, vlad
 from imagesearch.plugins.sift.features import (
@@ -27,6 +27,7 @@ from imagesearch.plugins.sift.features import (
 )
 from imagesearch.plugins.sift.geometry import rerank, verify
 from imagesearch.plugins.sift.vocabulary import Vocabulary, fit_vocabulary
+from imagesearch.server.copy_detection import cropped, edited, pasted, rotated, skimage_photo, warped
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "immunohistochemistry")
 # Disjoint from PHOTOS: backgrounds for pasted copies and the vocabulary's training set, so
@@ -39,70 +40,12 @@ SEED = 8
 QUERY_KEYPOINTS = 2000
 
 
-def load(name: str, max_side: int = 640) -> np.ndarray:
-    """A bundled scikit-image photo as a BGR uint8 image no longer than ``max_side``."""
-    image = getattr(skimage.data, name)()
-    image = (
-        cv2.cvtColor(image, cv2.COLOR_GRAY2BGR) if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
-    )
-    scale = min(1.0, max_side / max(image.shape[:2]))
-    if scale < 1.0:
-        image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-    return image
-
-
-# -------------------------------------------------------------------------- generated copies
-
-
-def pasted(image: np.ndarray, background: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """``image`` at 40% scale pasted at a random position into ``background``."""
-    small = cv2.resize(image, None, fx=0.4, fy=0.4, interpolation=cv2.INTER_AREA)
-    canvas = background.copy()
-    h, w = small.shape[:2]
-    y = int(rng.integers(0, canvas.shape[0] - h + 1))
-    x = int(rng.integers(0, canvas.shape[1] - w + 1))
-    canvas[y : y + h, x : x + w] = small
-    return canvas
-
-
-def rotated(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    return cv2.rotate(image, cv2.ROTATE_90_CLOCKWISE)
-
-
-def cropped(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A random half-width, half-height window: 25% of the area."""
-    h, w = image.shape[:2]
-    y, x = int(rng.integers(0, h - h // 2 + 1)), int(rng.integers(0, w - w // 2 + 1))
-    return image[y : y + h // 2, x : x + w // 2]
-
-
-def warped(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A perspective warp: each corner pulled inwards by up to 15% of the side."""
-    h, w = image.shape[:2]
-    corners = np.float32([[0, 0], [w, 0], [w, h], [0, h]])
-    inward = np.float32([[1, 1], [-1, 1], [-1, -1], [1, -1]])
-    moved = corners + inward * rng.uniform(0, 0.15, (4, 2)).astype(np.float32) * np.float32([w, h])
-    return cv2.warpPerspective(image, cv2.getPerspectiveTransform(corners, moved), (w, h))
-
-
-def edited(image: np.ndarray) -> np.ndarray:
-    """A near-duplicate: 85% crop, shrunk to 80%, brighter and more contrasted, JPEG at quality 70."""
-    h, w = image.shape[:2]
-    crop = image[h // 20 : h - h // 10, w // 10 : w - w // 20]
-    small = cv2.resize(crop, None, fx=0.8, fy=0.8, interpolation=cv2.INTER_AREA)
-    ok, jpeg = cv2.imencode(
-        ".jpg", cv2.convertScaleAbs(small, alpha=1.15, beta=10), [cv2.IMWRITE_JPEG_QUALITY, 70]
-    )
-    assert ok
-    return cv2.imdecode(jpeg, cv2.IMREAD_COLOR)
-
-
 # -------------------------------------------------------------------------- fixtures
 
 
 @pytest.fixture(scope="module")
 def photos() -> dict[str, np.ndarray]:
-    return {name: load(name) for name in PHOTOS}
+    return {name: skimage_photo(name) for name in PHOTOS}
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +55,7 @@ def originals(photos: dict[str, np.ndarray]) -> dict[str, LocalFeatures]:
 
 @pytest.fixture(scope="module")
 def others() -> list[np.ndarray]:
-    return [load(name) for name in OTHERS]
+    return [skimage_photo(name) for name in OTHERS]
 
 
 @pytest.fixture(scope="module")
