@@ -24,6 +24,7 @@ from imagesearch.client._requests import CallOptions
 from imagesearch.client.aio import AsyncImageSearchClient
 from imagesearch.client.client import ImageSearchClient
 from imagesearch.client.errors import (
+    Aborted,
     AlreadyExists,
     DeadlineExceeded,
     ErrorDetails,
@@ -51,15 +52,18 @@ from imagesearch.client.types import (
     IndexType,
     ItemResult,
     IvfParams,
+    LocalFeaturesInfo,
     MetricInfo,
     PluginList,
     Query,
     SearchHit,
     SearchResult,
     StageTimings,
+    TrainResult,
 )
 
 __all__ = [
+    "Aborted",
     "AddResult",
     "AlreadyExists",
     "AsyncImageSearchClient",
@@ -83,6 +87,7 @@ __all__ = [
     "InvalidArgument",
     "ItemResult",
     "IvfParams",
+    "LocalFeaturesInfo",
     "MetricInfo",
     "NotFound",
     "PluginList",
@@ -91,6 +96,7 @@ __all__ = [
     "SearchHit",
     "SearchResult",
     "StageTimings",
+    "TrainResult",
     "Unauthenticated",
     "Unavailable",
     "add_folder",

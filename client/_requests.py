@@ -45,6 +45,7 @@ from imagesearch.client.types import (
     PluginList,
     Query,
     SearchResult,
+    TrainResult,
     VectorLike,
     status_code,
 )
@@ -223,6 +224,8 @@ def search(
     extractor: str | None,
     collection: str | None,
     mode: str | None = None,
+    rerank: int = 0,
+    extractor_version: str | None = None,
 ) -> Rpc[SearchResult]:
     if isinstance(labels, str):
         raise TypeError("labels must be a collection of strings, not a single string")
@@ -236,7 +239,12 @@ def search(
         metric=metric or "",
         exclude_query=exclude_query,
         extractor=extractor or "",
+        extractor_version=extractor_version or "",
     )
+    if rerank < 0:
+        raise ValueError(f"rerank must be 0 (none) or the number of candidates to verify, not {rerank}")
+    if rerank:
+        request.rerank.CopyFrom(pb.Rerank(method=pb.RERANK_METHOD_GEOMETRIC, candidates=rerank))
     _set_query(request, image, image_id, vector)
     return Rpc(_method("Search"), request, SearchResult.from_proto)
 
@@ -363,6 +371,7 @@ def create_collection(
     store_originals: bool,
     description: str,
     storage: str | None = None,
+    local_features: str | None = None,
 ) -> Rpc[CollectionInfo]:
     kind = IndexType.parse(index_type)
     if storage not in STORAGES:
@@ -381,6 +390,7 @@ def create_collection(
         store_originals=store_originals,
         description=description,
         storage=STORAGES[storage],
+        local_features=local_features or "",
     )
     if ivf_params is not None:
         collection.ivf.CopyFrom(ivf_params.to_proto())
@@ -408,6 +418,11 @@ def delete_collection(name: str) -> Rpc[None]:
     if not name:
         raise ValueError("delete_collection needs a collection name")
     return Rpc(_method("DeleteCollection"), pb.DeleteCollectionRequest(name=name), lambda r: None)
+
+
+def train_collection(name: str | None, model_size: int, seed: int) -> Rpc[TrainResult]:
+    request = pb.TrainCollectionRequest(name=_collection(name), model_size=model_size, seed=seed)
+    return Rpc(_method("TrainCollection"), request, TrainResult.from_proto)
 
 
 def list_plugins() -> Rpc[PluginList]:

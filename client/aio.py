@@ -35,6 +35,7 @@ from imagesearch.client.types import (
     PluginList,
     Query,
     SearchResult,
+    TrainResult,
     VectorLike,
 )
 
@@ -159,6 +160,8 @@ class AsyncImageSearchClient(ClientBase):
         extractor: str | None = None,
         collection: str | None = None,
         mode: str | None = None,
+        rerank: int = 0,
+        extractor_version: str | None = None,
         **options: Unpack[CallOptions],
     ) -> SearchResult:
         """See ``ImageSearchClient.search``."""
@@ -173,6 +176,8 @@ class AsyncImageSearchClient(ClientBase):
             extractor=extractor,
             collection=collection,
             mode=mode,
+            rerank=rerank,
+            extractor_version=extractor_version,
         )
         return await self._call(rpc, options)
 
@@ -275,6 +280,7 @@ class AsyncImageSearchClient(ClientBase):
         store_originals: bool = False,
         description: str = "",
         storage: str | None = None,
+        local_features: str | None = None,
         **options: Unpack[CallOptions],
     ) -> CollectionInfo:
         """See ``ImageSearchClient.create_collection``."""
@@ -288,6 +294,7 @@ class AsyncImageSearchClient(ClientBase):
             store_originals=store_originals,
             description=description,
             storage=storage,
+            local_features=local_features,
         )
         return await self._call(rpc, options)
 
@@ -308,6 +315,12 @@ class AsyncImageSearchClient(ClientBase):
         await self._call(R.delete_collection(name), options)
 
     # -- server ------------------------------------------------------------------------------
+
+    async def train_collection(
+        self, name: str | None = None, *, model_size: int = 0, seed: int = 0, **options: Unpack[CallOptions]
+    ) -> TrainResult:
+        """See ``ImageSearchClient.train_collection``."""
+        return await self._call(R.train_collection(name, model_size, seed), options)
 
     async def list_plugins(self, **options: Unpack[CallOptions]) -> PluginList:
         """See ``ImageSearchClient.list_plugins``."""

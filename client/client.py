@@ -32,6 +32,7 @@ from imagesearch.client.types import (
     PluginList,
     Query,
     SearchResult,
+    TrainResult,
     VectorLike,
 )
 
@@ -184,6 +185,8 @@ class ImageSearchClient(ClientBase):
         extractor: str | None = None,
         collection: str | None = None,
         mode: str | None = None,
+        rerank: int = 0,
+        extractor_version: str | None = None,
         **options: Unpack[CallOptions],
     ) -> SearchResult:
         """Find the ``top_k`` images most similar to one query, best first (0: the server's
@@ -197,6 +200,11 @@ class ImageSearchClient(ClientBase):
         was built with another extractor. ``mode="bucketed"`` first recognises the query's class
         (a vote of its nearest images' labels) and ranks only that class's images; the result's
         ``predicted_label`` and ``label_confidence`` say which class and how sure.
+        ``rerank=N`` verifies the best N first-stage candidates geometrically (local features
+        matched, RANSAC) and orders them by verified inliers (``hit.inliers``): for finding the
+        same object or scene; the collection must keep local features. ``extractor_version``
+        guards a ``vector`` query: it fails with ``FailedPrecondition`` if the collection now
+        encodes with another version (after ``train_collection``).
         """
         rpc = R.search(
             image,
@@ -209,6 +217,8 @@ class ImageSearchClient(ClientBase):
             extractor=extractor,
             collection=collection,
             mode=mode,
+            rerank=rerank,
+            extractor_version=extractor_version,
         )
         return self._call(rpc, options)
 
@@ -321,6 +331,7 @@ class ImageSearchClient(ClientBase):
         store_originals: bool = False,
         description: str = "",
         storage: str | None = None,
+        local_features: str | None = None,
         **options: Unpack[CallOptions],
     ) -> CollectionInfo:
         """Create a collection bound to one extractor, one metric and one index type.
@@ -330,6 +341,8 @@ class ImageSearchClient(ClientBase):
         ``{"nlist": 64}``) only go with the matching ``index_type``. ``store_originals``
         keeps each image's bytes (for download and re-indexing). ``storage="float16"`` makes a flat
         index keep its vectors as float16: half the memory, recall@10 about 0.998 (docs/api.md).
+        ``local_features="sift"`` keeps each image's SIFT keypoints too, so searches can re-rank
+        by geometry (``search(rerank=50)``); SIFT extractors always keep them.
         """
         rpc = R.create_collection(
             name,
@@ -341,6 +354,7 @@ class ImageSearchClient(ClientBase):
             store_originals=store_originals,
             description=description,
             storage=storage,
+            local_features=local_features,
         )
         return self._call(rpc, options)
 
@@ -362,8 +376,18 @@ class ImageSearchClient(ClientBase):
 
     # -- server ------------------------------------------------------------------------------
 
+    def train_collection(
+        self, name: str | None = None, *, model_size: int = 0, seed: int = 0, **options: Unpack[CallOptions]
+    ) -> TrainResult:
+        """Refit a trainable extractor (a SIFT vocabulary) on the collection's own images and re-encode
+        them all; the old model serves until the new one is committed. ``model_size`` 0: the
+        extractor's default (e.g. vocabulary words). Raises ``FailedPrecondition`` when the
+        extractor is not trainable or there are too few images, ``Aborted`` if a training runs.
+        Long on big collections: give a generous ``timeout``."""
+        return self._call(R.train_collection(name, model_size, seed), options)
+
     def list_plugins(self, **options: Unpack[CallOptions]) -> PluginList:
-        """The feature extractors and metrics the server has loaded, and plugins that failed."""
+        """The feature extractors, local features and metrics the server has loaded, and plugins that failed."""
         return self._call(R.list_plugins(), options)
 
     def health(self, service: str = "", **options: Unpack[CallOptions]) -> str:

@@ -124,6 +124,10 @@ class Unauthenticated(ImageSearchError):
     """The server requires credentials the call did not carry."""
 
 
+class Aborted(ImageSearchError):
+    """A concurrency conflict (e.g. the collection was retrained mid-search): send the call again."""
+
+
 class Internal(ImageSearchError):
     """A server-side bug; report it with the ``request_id``."""
 
@@ -138,6 +142,7 @@ ERROR_CLASSES: Mapping[grpc.StatusCode, type[ImageSearchError]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.INTERNAL: Internal,
+    grpc.StatusCode.ABORTED: Aborted,
 }
 """Status code -> exception class; any other code raises the base ImageSearchError."""
 

@@ -152,6 +152,9 @@ class SearchHit:
     distance: float
     label: str = ""
     metadata: Mapping[str, str] = field(default_factory=dict, hash=False)
+    inliers: int = 0
+    """With ``rerank``: the query's local features one geometric transform maps onto this image
+    (0: nothing verified); hits are then ordered by it first."""
 
     @classmethod
     def from_proto(cls, message: pb.SearchHit) -> Self:
@@ -161,6 +164,7 @@ class SearchHit:
             distance=message.distance,
             label=message.label,
             metadata=dict(message.metadata),
+            inliers=message.inliers,
         )
 
 
@@ -172,6 +176,7 @@ class StageTimings:
     extract_ms: float = 0.0
     search_ms: float = 0.0
     total_ms: float = 0.0
+    rerank_ms: float = 0.0
 
     @classmethod
     def from_proto(cls, message: pb.StageTimings) -> Self:
@@ -180,6 +185,7 @@ class StageTimings:
             extract_ms=message.extract_ms,
             search_ms=message.search_ms,
             total_ms=message.total_ms,
+            rerank_ms=message.rerank_ms,
         )
 
 
@@ -197,6 +203,8 @@ class Query:
     extractor: str | None = None
     collection: str | None = None
     mode: str | None = None
+    rerank: int = 0
+    extractor_version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -267,6 +275,8 @@ class ItemResult:
     """The stable reason (as ``ImageSearchError.reason`` would give it), e.g. ``IMAGE_UNDECODABLE``."""
     field: str = ""
     """The request field at fault, e.g. ``images[3].content``."""
+    note: str = ""
+    """Something worth knowing about a stored image (e.g. no keypoints were found)."""
 
     @property
     def ok(self) -> bool:
@@ -281,6 +291,7 @@ class ItemResult:
             message=message.message,
             reason=message.reason,
             field=message.field,
+            note=message.note,
         )
 
 
@@ -386,6 +397,10 @@ class CollectionInfo:
     """True when the index could not be built: reads work, searches and writes do not."""
     state_reason: str = ""
     """Why the collection is read-only, or a warning about its index."""
+    local_features: str = ""
+    """The local features kept for every image (e.g. "sift"), which enable ``search(rerank=...)``."""
+    local_features_bytes: int = 0
+    """Bytes of local features stored, all images together."""
 
     @classmethod
     def from_proto(cls, message: pb.Collection) -> Self:
@@ -408,6 +423,8 @@ class CollectionInfo:
             index_bytes=message.index_bytes,
             read_only=message.state == pb.COLLECTION_STATE_READ_ONLY,
             state_reason=message.state_reason,
+            local_features=message.local_features,
+            local_features_bytes=message.local_features_bytes,
         )
 
 
@@ -422,6 +439,9 @@ class ExtractorInfo:
     description: str = ""
     plugin: str = ""
     trainable: bool = False
+    """Whether ``train_collection`` can refit its model on a collection's own images."""
+    local_features: str = ""
+    """For a trainable extractor: the local features it encodes (its collections keep them)."""
 
     @classmethod
     def from_proto(cls, message: pb.ExtractorInfo) -> Self:
@@ -433,6 +453,45 @@ class ExtractorInfo:
             description=message.description,
             plugin=message.plugin,
             trainable=message.trainable,
+            local_features=message.local_features,
+        )
+
+
+@dataclass(frozen=True)
+class LocalFeaturesInfo:
+    """A kind of local features (keypoints with descriptors) the server has loaded."""
+
+    name: str
+    version: str
+    description: str = ""
+    plugin: str = ""
+
+    @classmethod
+    def from_proto(cls, message: pb.LocalFeaturesInfo) -> Self:
+        return cls(
+            name=message.name, version=message.version, description=message.description, plugin=message.plugin
+        )
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What ``train_collection`` did: the collection after it (new ``extractor_version``), the version
+    before, how many images the fit read and how many were re-encoded, and how long it took."""
+
+    collection: CollectionInfo
+    previous_extractor_version: str
+    training_images: int
+    reencoded_images: int
+    train_ms: float
+
+    @classmethod
+    def from_proto(cls, message: pb.TrainCollectionResponse) -> Self:
+        return cls(
+            collection=CollectionInfo.from_proto(message.collection),
+            previous_extractor_version=message.previous_extractor_version,
+            training_images=message.training_images,
+            reencoded_images=message.reencoded_images,
+            train_ms=message.train_ms,
         )
 
 
@@ -464,6 +523,7 @@ class PluginList:
     extractors: tuple[ExtractorInfo, ...]
     metrics: tuple[MetricInfo, ...]
     problems: tuple[str, ...] = ()
+    local_features: tuple[LocalFeaturesInfo, ...] = ()
 
     def extractor(self, name: str) -> ExtractorInfo:
         """The extractor called ``name`` (KeyError if the server has none)."""
@@ -479,6 +539,7 @@ class PluginList:
             extractors=tuple(ExtractorInfo.from_proto(item) for item in message.extractors),
             metrics=tuple(MetricInfo.from_proto(item) for item in message.metrics),
             problems=tuple(message.problems),
+            local_features=tuple(LocalFeaturesInfo.from_proto(item) for item in message.local_features),
         )
 
 

@@ -39,3 +39,13 @@ def register_metrics(register: Callable[..., None], context: PluginContext) -> N
     into a score where higher means more similar; see
     :class:`imagesearch.plugins.types.Metric`.
     """
+
+
+@hookspec
+def register_local_features(register: Callable[..., None], context: PluginContext) -> None:
+    """Register local-feature kinds: call ``register(local_features)`` once per kind.
+
+    Local features (keypoints and descriptors) are kept with collections that ask for them
+    and re-rank search candidates by geometric verification; trainable extractors encode
+    them. See :class:`imagesearch.plugins.LocalFeatures`.
+    """

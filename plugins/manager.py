@@ -21,7 +21,15 @@ from typing import Any
 import pluggy
 
 from imagesearch.plugins import hookspecs
-from imagesearch.plugins.types import ALL_INDEX_TYPES, Extractor, Metric, PluginContext, RegistrationProblems
+from imagesearch.plugins.types import (
+    ALL_INDEX_TYPES,
+    Extractor,
+    LocalFeatures,
+    Metric,
+    PluginContext,
+    RegistrationProblems,
+    TrainableExtractor,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +88,14 @@ def _check_extractor(obj: object) -> None:
         raise TypeError(f"extractor {obj.name!r}: extract is not callable")  # type: ignore[attr-defined]
 
 
+def _check_local_features(obj: object) -> None:
+    if not isinstance(obj, LocalFeatures):
+        raise TypeError(f"local features {obj!r} are not a subclass of imagesearch.plugins.LocalFeatures")
+    _check_name("local features", obj)
+    if not isinstance(getattr(obj, "version", None), str):
+        raise TypeError(f"local features {obj.name!r}: version must be a str")
+
+
 def _check_metric(obj: object) -> None:
     if not isinstance(obj, Metric):
         raise TypeError(f"metric {obj!r} is not an imagesearch.plugins.types.Metric")
@@ -117,6 +133,7 @@ class PluginRegistry:
         self.skipped: list[str] = []
         self.extractors: dict[str, Registered] = {}
         self.metrics: dict[str, Registered] = {}
+        self.local_features: dict[str, Registered] = {}
         self.loaded: dict[str, object] = {}  # plugin name -> the plugin (a module or an object)
         self._pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self._pm.add_hookspecs(hookspecs)
@@ -132,7 +149,9 @@ class PluginRegistry:
             self._load_entry_points()
         self._collect("register_extractors", self.extractors, _check_extractor, "extractor")
         self._collect("register_metrics", self.metrics, _check_metric, "metric")
+        self._collect("register_local_features", self.local_features, _check_local_features, "local features")
         self._check_default_metrics()
+        self._check_trainable_inputs()
 
     # -- loading -------------------------------------------------------------
     def _problem(self, message: str) -> None:
@@ -227,4 +246,15 @@ class PluginRegistry:
                 self._problem(
                     f"extractor {name!r} (plugin {registered.plugin!r}) defaults to metric {metric!r}, "
                     "which no loaded plugin registers"
+                )
+
+    def _check_trainable_inputs(self) -> None:
+        """A trainable extractor whose local features are missing cannot serve: drop it, saying why."""
+        for name, registered in list(self.extractors.items()):
+            wanted = getattr(registered.item, "local_features", "")
+            if isinstance(registered.item, TrainableExtractor) and wanted not in self.local_features:
+                del self.extractors[name]
+                self._problem(
+                    f"extractor {name!r} (plugin {registered.plugin!r}) encodes local features "
+                    f"{wanted!r}, which no loaded plugin registers; it is not available"
                 )

@@ -1,9 +1,11 @@
-"""Built-in plugin: the SIFT extractors (``sift-bovw``, ``sift-vlad``) over the generic vocabulary.
+"""Built-in plugin: SIFT local features (``sift``) and the extractors encoding them (``sift-bovw``,
+``sift-vlad``) over the generic vocabulary, which each new collection starts with.
 
 The vocabulary is a file in the models directory, ``sift-vocabulary.bin``, built by
 ``imagesearch model vocabulary`` (``make models`` does it) from photos that installed packages
 ship, so a SIFT collection works with zero set-up. No vocabulary file: nothing is registered.
-Settings from ``[plugins.sift]``: ``max_side`` and ``max_keypoints``.
+Settings from ``[plugins.sift]``: ``max_side``, ``max_keypoints`` (stored per image) and
+``query_keypoints`` (extracted from a query image for geometric re-ranking).
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from imagesearch.plugins import Extractor, PluginContext, RegistrationProblems, hookimpl
-from imagesearch.plugins.sift.extractors import sift_extractors
+from imagesearch.plugins import Extractor, LocalFeatures, PluginContext, RegistrationProblems, hookimpl
+from imagesearch.plugins.sift.extractors import SiftExtractor, SiftLocalFeatures, sift_plugins
 from imagesearch.plugins.sift.vocabulary import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -20,18 +22,41 @@ log = logging.getLogger(__name__)
 VOCABULARY_FILE = "sift-vocabulary.bin"
 
 
-@hookimpl
-def register_extractors(register: Callable[[Extractor], None], context: PluginContext) -> None:
+LIMIT_KEYS = ("max_side", "max_keypoints", "query_keypoints")
+
+
+def _load(context: PluginContext) -> tuple[SiftLocalFeatures, list[SiftExtractor]] | None:
+    """The plugin's objects, built once per models directory and settings (both hooks share them)."""
     if context.models_dir is None:
-        return
+        return None
     path = context.models_dir / VOCABULARY_FILE
     if not path.is_file():
         log.info("no SIFT vocabulary at %s: no SIFT extractors (run `make models`)", path)
-        return
+        return None
     try:
         vocabulary = Vocabulary.from_bytes(path.read_bytes())
     except (OSError, ValueError) as exc:
         raise RegistrationProblems([f"unusable SIFT vocabulary {path}: {exc}"]) from exc
-    limits = {key: int(context.config[key]) for key in ("max_side", "max_keypoints") if key in context.config}
-    for extractor in sift_extractors(vocabulary, **limits):
-        register(extractor)
+    limits = {key: int(context.config[key]) for key in LIMIT_KEYS if key in context.config}
+    key = (str(path), vocabulary.version, tuple(sorted(limits.items())))
+    if key not in _built:  # one set of objects for both hooks: the extractors use the registered features
+        _built[key] = sift_plugins(vocabulary, **limits)
+    return _built[key]
+
+
+_built: dict[tuple, tuple[SiftLocalFeatures, list[SiftExtractor]]] = {}
+
+
+@hookimpl
+def register_local_features(register: Callable[[LocalFeatures], None], context: PluginContext) -> None:
+    loaded = _load(context)
+    if loaded is not None:
+        register(loaded[0])
+
+
+@hookimpl
+def register_extractors(register: Callable[[Extractor], None], context: PluginContext) -> None:
+    loaded = _load(context)
+    if loaded is not None:
+        for extractor in loaded[1]:
+            register(extractor)

@@ -45,25 +45,98 @@ class Extractor:
         """Return a float32 array of shape (len(images), dim), one finite vector per image."""
         raise NotImplementedError(f"{type(self).__name__} does not implement extract")
 
+    batches: bool = True
+    """Whether one call on many images is faster than many calls on one (a CNN on a BLAS
+    backend): the server then gathers concurrent requests' images into one ``extract`` call.
+    False (per-image work such as SIFT) keeps each request's images on its own thread."""
+
     def warm_up(self) -> None:
         """Load models or other state now. The server calls this at start and before creating a
         collection, so a broken model fails there with a clear message instead of mid-request."""
 
 
-class TrainableExtractor(Extractor):
-    """An extractor that must be fitted on a sample first (e.g. a SIFT vocabulary).
+class LocalFeatures:
+    """Base class of local-feature plugins: keypoints with descriptors, compared geometrically.
 
-    The fitted state belongs to a collection: the server stores the bytes from
-    ``fit`` with the collection and calls ``with_state`` to get the instance
-    that serves it. Reserved for the SIFT extractors, its first users.
+    A collection created with ``local_features=<name>`` keeps each image's features (the
+    opaque bytes ``extract`` returns) beside its vector, which enables two things: a search
+    option that re-ranks the first stage's candidates by ``verify`` (how many matches one
+    geometric transform explains: the same object or scene, not just a similar look), and
+    trainable extractors, which are fitted on and encode these features. Any extractor's
+    collection may keep them (a CNN's too: the hybrid cascade).
+
+    Required: ``name``, ``version`` (bump it when the bytes or their meaning change). All
+    methods must be thread-safe.
     """
 
-    def fit(self, sample: Sequence[np.ndarray]) -> bytes:
-        """Learn from a sample of images; return the state to persist."""
+    name: str
+    version: str
+    description: str = ""
+
+    def extract(self, images: Sequence[np.ndarray], *, for_query: bool = False) -> list[bytes]:
+        """One serialised feature set per image (BGR ``uint8`` arrays, as ``Extractor.extract``).
+
+        ``for_query``: the features of a query, which are never stored and may be denser
+        (a query holding a small copy of a stored image needs more keypoints to find it).
+        An image without features (flat colour, tiny) gets an empty set, not an error.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement extract")
+
+    def count(self, features: bytes) -> int:
+        """How many keypoints a serialised set holds (0 makes the server note it on the image)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement count")
+
+    def verify(self, query: bytes, candidates: Sequence[bytes]) -> list[int]:
+        """For each candidate, the number of query features one geometric transform maps onto
+        it (RANSAC inliers); 0 when nothing agrees. Higher means more surely the same scene."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement verify")
+
+    def warm_up(self) -> None:
+        """Load models or other state now (called at start and before creating a collection)."""
+
+
+class NotEnoughTrainingData(ValueError):
+    """Raised by ``TrainableExtractor.fit`` when the sample is too small; the message must say
+    how many images or features are needed (the server answers FAILED_PRECONDITION with it)."""
+
+
+class TrainableExtractor(Extractor):
+    """An extractor that turns local features into one vector through a fitted model (a visual
+    vocabulary, a PCA ...): the state belongs to each collection.
+
+    A collection of a trainable extractor keeps the local features named by
+    ``local_features`` (a registered ``LocalFeatures``), so the server can refit the model on
+    the collection's own images (TrainCollection) and re-encode every stored image without
+    the images themselves. The registered instance carries the generic state every new
+    collection starts with; the server persists ``state()`` with the collection and serves it
+    through ``with_state``. ``version`` must name the state too (``base_version`` + a digest):
+    vectors of two states are never compared.
+    """
+
+    local_features: str
+    """The name of the ``LocalFeatures`` plugin whose features ``fit`` and ``encode`` read."""
+    base_version: str
+    """The code's version, without the state: a stored state is served by any instance with this
+    ``base_version``."""
+    default_model_size: int = 0
+    """The model size ``fit`` uses when the caller gives 0 (e.g. vocabulary words)."""
+
+    def state(self) -> bytes:
+        """The fitted state this instance encodes with, serialised."""
         raise NotImplementedError
 
-    def with_state(self, state: bytes) -> Extractor:
-        """Return an extractor that uses a previously fitted state."""
+    def with_state(self, state: bytes) -> TrainableExtractor:
+        """An instance encoding with ``state`` (from ``state()`` or ``fit``); ValueError if unusable.
+        Its ``dim`` may differ from this one's (a bigger vocabulary)."""
+        raise NotImplementedError
+
+    def fit(self, features: Sequence[bytes], size: int = 0, seed: int = 0) -> bytes:
+        """Fit a new state on a collection's local features (``size``: the model size, 0 for the
+        default); raise ``NotEnoughTrainingData`` saying what is needed when the sample is too small."""
+        raise NotImplementedError
+
+    def encode(self, features: Sequence[bytes]) -> np.ndarray:
+        """(len(features), dim) float32 vectors from serialised local features."""
         raise NotImplementedError
 
 

@@ -16,10 +16,19 @@ import shutil
 import sqlite3
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from imagesearch.plugins.manager import PluginRegistry
-from imagesearch.plugins.types import ALL_INDEX_TYPES, FLAT, Extractor, Metric
+from imagesearch.plugins.manager import PluginRegistry, Registered
+from imagesearch.plugins.types import (
+    ALL_INDEX_TYPES,
+    FLAT,
+    Extractor,
+    LocalFeatures,
+    Metric,
+    TrainableExtractor,
+)
 from imagesearch.server.collection import (
     Collection,
     CollectionSpec,
@@ -107,19 +116,11 @@ class Catalog:
                 log.info("removing leftover %s", path)
                 shutil.rmtree(path, ignore_errors=True)
 
-    def _matching_extractor(self, spec: CollectionSpec) -> Extractor | None:
+    def _loaded_extractor(self, spec: CollectionSpec) -> Extractor | None:
+        """The registered extractor of the spec's name, warmed up (the collection checks its version)."""
         registered = self.registry.extractors.get(spec.extractor)
         if registered is None:
             log.warning("collection %s: extractor %s is not loaded", spec.name, spec.extractor)
-            return None
-        if registered.item.version != spec.extractor_version:
-            log.warning(
-                "collection %s: built with %s %s, server has %s; image queries will be refused",
-                spec.name,
-                spec.extractor,
-                spec.extractor_version,
-                registered.item.version,
-            )
             return None
         try:
             registered.item.warm_up()
@@ -137,7 +138,7 @@ class Catalog:
             )
             return
         started = time.monotonic()
-        collection = Collection(path, spec, metric.item, self._matching_extractor(spec))
+        collection = Collection(path, spec, metric.item, self._loaded_extractor(spec), self._local(spec))
         self._collections[spec.name] = collection
         log.info(
             "collection %s loaded: %d images in %.1f ms",
@@ -172,29 +173,21 @@ class Catalog:
     def list(self) -> list[Collection]:
         return sorted(self._collections.values(), key=lambda c: c.spec.name)
 
+    def _local(self, spec: CollectionSpec) -> LocalFeatures | None:
+        registered = self.registry.local_features.get(spec.local_features) if spec.local_features else None
+        return None if registered is None else registered.item
+
+    def local_features(self, name: str) -> LocalFeatures:
+        """The registered local features ``name``, or INVALID_ARGUMENT listing the available ones."""
+        return _registered(self.registry.local_features, "local features", name, "collection.local_features")
+
     def extractor(self, name: str) -> Extractor:
         """The registered extractor ``name``, or INVALID_ARGUMENT listing the available ones."""
-        registered = self.registry.extractors.get(name)
-        if registered is None:
-            available = ", ".join(sorted(self.registry.extractors)) or "none"
-            raise InvalidArgument(
-                f"unknown extractor {shown(name)} (available: {available})",
-                field="extractor",
-                reason="UNKNOWN_EXTRACTOR",
-            )
-        return registered.item
+        return _registered(self.registry.extractors, "extractor", name, "extractor")
 
     def metric(self, name: str) -> Metric:
         """The registered metric ``name``, or INVALID_ARGUMENT listing the available ones."""
-        registered = self.registry.metrics.get(name)
-        if registered is None:
-            available = ", ".join(sorted(self.registry.metrics))
-            raise InvalidArgument(
-                f"unknown metric {shown(name)} (available: {available})",
-                field="metric",
-                reason="UNKNOWN_METRIC",
-            )
-        return registered.item
+        return _registered(self.registry.metrics, "metric", name, "metric")
 
     # -- changes -------------------------------------------------------------------
     def create(
@@ -208,9 +201,20 @@ class Catalog:
         store_originals: bool = False,
         description: str = "",
         storage: str = "",
+        local_features: str = "",
     ) -> Collection:
         check_collection_name(name)
         chosen = self.extractor(extractor)
+        if isinstance(chosen, TrainableExtractor):
+            if local_features and local_features != chosen.local_features:
+                raise InvalidArgument(
+                    f"extractor {chosen.name!r} encodes local features {chosen.local_features!r}, "
+                    f"not {shown(local_features)}; leave local_features empty",
+                    field="collection.local_features",
+                    reason="LOCAL_FEATURES_MISMATCH",
+                )
+            local_features = chosen.local_features
+        local = self.local_features(local_features) if local_features else None
         try:
             chosen.warm_up()
         except Exception as exc:
@@ -237,6 +241,9 @@ class Catalog:
             name=name,
             extractor=chosen.name,
             extractor_version=chosen.version,
+            extractor_base_version=chosen.base_version if isinstance(chosen, TrainableExtractor) else "",
+            local_features=local.name if local else "",
+            local_features_version=local.version if local else "",
             metric=metric,
             dim=chosen.dim,
             index_type=index_type,
@@ -253,10 +260,10 @@ class Catalog:
                 )
             staging = self._root / f".creating-{name}"
             shutil.rmtree(staging, ignore_errors=True)
-            Collection.create(staging, spec, metric_obj, chosen).close(snapshot=False)
+            Collection.create(staging, spec, metric_obj, chosen, local).close(snapshot=False)
             os.replace(staging, self._root / name)
             fsync_dir(self._root)
-            collection = Collection(self._root / name, spec, metric_obj, chosen)
+            collection = Collection(self._root / name, spec, metric_obj, chosen, local)
             self._collections[name] = collection
         log.info(
             "collection %s created: %s %s, %s, %s", name, chosen.name, chosen.version, metric, index_type
@@ -312,3 +319,16 @@ class Catalog:
                 collection.close()
             self._collections.clear()
         self._lock.release()
+
+
+def _registered(table: Mapping[str, Registered], kind: str, name: str, field: str) -> Any:
+    """``table[name]``'s plugin object, or INVALID_ARGUMENT (reason UNKNOWN_<KIND>) listing the names."""
+    registered = table.get(name)
+    if registered is None:
+        available = ", ".join(sorted(table)) or "none"
+        raise InvalidArgument(
+            f"unknown {kind} {shown(name)} (available: {available})",
+            field=field,
+            reason=f"UNKNOWN_{kind.upper().replace(' ', '_')}",
+        )
+    return registered.item

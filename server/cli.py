@@ -12,6 +12,7 @@ from imagesearch.server.errors import DataDirLocked
 from imagesearch.server.folder_cli import add_folder_command
 from imagesearch.server.logs import configure_logging
 from imagesearch.server.search_cli import add_search_command
+from imagesearch.server.train_cli import add_train_command
 
 log = logging.getLogger("imagesearch")
 
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_model_commands(commands)
     add_folder_command(commands)  # add and search use the client only: they work without the server extra
     add_search_command(commands)
+    add_train_command(commands)
     try:  # these render images (OpenCV): with the client alone they are not offered
         from imagesearch.server.dataset_builder import add_dataset_command
         from imagesearch.server.eval_runner import add_eval_command

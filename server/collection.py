@@ -1,7 +1,9 @@
 """One collection: its spec, its store, its index, and the rules that bind them.
 
-A collection fixes an extractor (name and version), a metric and an index
-type when it is created. The store is written first and is the truth; the
+A collection fixes an extractor (name and version), a metric, an index type and
+the local features it keeps when it is created; only TrainCollection changes the
+extractor's version (a trainable extractor's state, refitted on the collection's
+own images). The store is written first and is the truth; the
 index follows it and can always be rebuilt from it. Writes hold the writer
 lock, searches the reader lock, so searches run concurrently with each other
 but never see an index mid-update.
@@ -22,10 +24,19 @@ from pathlib import Path
 
 import numpy as np
 
-from imagesearch.plugins.types import FLAT, IVF, Extractor, Metric
+from imagesearch.plugins.types import (
+    FLAT,
+    IVF,
+    Extractor,
+    LocalFeatures,
+    Metric,
+    NotEnoughTrainingData,
+    TrainableExtractor,
+)
 from imagesearch.server.classify import CENTROID, Classification, shares
 from imagesearch.server.config import Limits
-from imagesearch.server.errors import FailedPrecondition, InvalidArgument, NotFound, shown
+from imagesearch.server.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, shown
+from imagesearch.server.files import fsync_dir
 from imagesearch.server.rwlock import ReadWriteLock
 from imagesearch.server.snapshot import SnapshotError, read_snapshot, write_snapshot
 from imagesearch.server.store import CollectionStore, ImageRow, NewImage
@@ -46,6 +57,8 @@ STORE_FILE = "store.sqlite3"
 # (vectors fetched by id); beyond it, the whole index is scanned with an id selector.
 GATHER_LIMIT = 20_000
 SNAPSHOT_FILE = "index.snapshot"
+TRAINING_SAMPLE_IMAGES = 2000  # images a fit reads at most (a seeded sample): ~290 MB of SIFT features
+ENCODE_CHUNK = 256
 
 
 def check_collection_name(name: str) -> str:
@@ -75,6 +88,9 @@ class CollectionSpec:
     ef_construction: int = 40
     ef_search: int = 64
     storage: str = FLOAT32
+    local_features: str = ""  # the LocalFeatures kept for every image ("" for none)
+    local_features_version: str = ""
+    extractor_base_version: str = ""  # a trainable extractor's code version (its state may change)
     store_originals: bool = False
     description: str = ""
     created: float = field(default_factory=time.time)
@@ -162,6 +178,7 @@ class CollectionInfo:
     index_trained: bool
     read_only: bool
     state_reason: str
+    local_features_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -171,6 +188,16 @@ class Hit:
     distance: float
     label: str
     metadata: dict[str, str]
+    row_id: int = 0
+    inliers: int = 0  # geometric re-ranking's verified matches (0 without it)
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    previous_version: str
+    training_images: int
+    reencoded_images: int
+    train_ms: float
 
 
 def _hits(metric: Metric, pairs: list[tuple[float, int]], rows: dict[int, ImageRow], k: int) -> list[Hit]:
@@ -178,7 +205,7 @@ def _hits(metric: Metric, pairs: list[tuple[float, int]], rows: dict[int, ImageR
     distances = metric.to_distance(np.array([d for d, _ in pairs], dtype=np.float32))
     scores = metric.to_score(distances)
     hits = [
-        Hit(row.id, float(score), float(distance), row.label, row.metadata)
+        Hit(row.id, float(score), float(distance), row.label, row.metadata, row_id)
         for (_, row_id), distance, score in zip(pairs, distances, scores, strict=True)
         if (row := rows.get(row_id)) is not None
     ]
@@ -187,12 +214,24 @@ def _hits(metric: Metric, pairs: list[tuple[float, int]], rows: dict[int, ImageR
 
 
 class Collection:
-    def __init__(self, directory: Path, spec: CollectionSpec, metric: Metric, extractor: Extractor | None):
+    def __init__(
+        self,
+        directory: Path,
+        spec: CollectionSpec,
+        metric: Metric,
+        extractor: Extractor | None,
+        local: LocalFeatures | None = None,
+    ):
+        """``extractor`` and ``local`` are the registered plugins of the spec's names (None when
+        this server lacks them); the collection checks their versions and binds its own state."""
         self.directory = directory
         self.spec = spec
         self.metric = metric
-        self._extractor = extractor
         self.store = CollectionStore(directory / STORE_FILE)
+        self._extractor = self._bind(extractor)
+        self._local = local if local is not None and self._matches(local) else None
+        self._training = threading.Lock()
+        self._local_bytes: tuple[int, int] | None = None  # (seq, bytes) cached for GetCollection
         self.lock = ReadWriteLock()
         self._snapshot_lock = threading.Lock()
         self._applied_seq = 0
@@ -206,6 +245,52 @@ class Collection:
             self.index = self._load_index()
         except Exception as exc:  # one broken collection must not stop the server
             self._index_failed(f"its index could not be built from the store: {exc}")
+
+    def _bind(self, registered: Extractor | None) -> Extractor | None:
+        """The extractor serving this collection: the registered one if its version matches the
+        spec's; for a trainable one, an instance over the collection's own stored state."""
+        if registered is None:
+            return None
+        bound = registered
+        if isinstance(registered, TrainableExtractor):
+            state = self.store.extractor_state()
+            if state is None or registered.base_version != self.spec.extractor_base_version:
+                log.warning(
+                    "collection %s: extractor %s %s cannot serve its stored state (base %s)",
+                    self.spec.name,
+                    registered.name,
+                    registered.base_version,
+                    self.spec.extractor_base_version,
+                )
+                return None
+            try:
+                bound = registered.with_state(state)
+            except ValueError as exc:
+                log.error("collection %s: its extractor state is unusable: %s", self.spec.name, exc)
+                return None
+        if bound.version != self.spec.extractor_version:
+            log.warning(
+                "collection %s: built with %s %s, server has %s; image queries will be refused",
+                self.spec.name,
+                self.spec.extractor,
+                self.spec.extractor_version,
+                bound.version,
+            )
+            return None
+        return bound
+
+    def _matches(self, local: LocalFeatures) -> bool:
+        if local.name == self.spec.local_features and local.version == self.spec.local_features_version:
+            return True
+        log.warning(
+            "collection %s keeps local features %s %s, server has %s %s: image adds and re-ranking refused",
+            self.spec.name,
+            self.spec.local_features,
+            self.spec.local_features_version,
+            local.name,
+            local.version,
+        )
+        return False
 
     def _index_failed(self, problem: str) -> None:
         """Serve the store read-only: the data is safe, only the index is missing."""
@@ -229,13 +314,21 @@ class Collection:
     # -- opening -------------------------------------------------------------------
     @classmethod
     def create(
-        cls, directory: Path, spec: CollectionSpec, metric: Metric, extractor: Extractor | None
+        cls,
+        directory: Path,
+        spec: CollectionSpec,
+        metric: Metric,
+        extractor: Extractor | None,
+        local: LocalFeatures | None = None,
     ) -> Collection:
+        """Write a new collection's spec (and a trainable extractor's starting state), then open it."""
         directory.mkdir(parents=True, exist_ok=False)
         store = CollectionStore(directory / STORE_FILE)
         store.set_meta("spec", spec.to_json())
+        if isinstance(extractor, TrainableExtractor):
+            store.set_extractor_state(extractor.state())
         store.close()
-        return cls(directory, spec, metric, extractor)
+        return cls(directory, spec, metric, extractor, local)
 
     @staticmethod
     def read_spec(directory: Path) -> CollectionSpec:
@@ -300,6 +393,27 @@ class Collection:
         self.extractor  # noqa: B018  (the property raises)
 
     @property
+    def extractor_version(self) -> str:
+        """The version this collection's vectors are encoded with now (it changes with training)."""
+        return self.spec.extractor_version
+
+    @property
+    def local_features(self) -> LocalFeatures | None:
+        """The local features this collection keeps (None when it keeps none); FailedPrecondition
+        when it keeps some this server cannot extract: rows without them would break re-ranking
+        and training."""
+        if not self.spec.local_features:
+            return None
+        if self._local is None:
+            raise FailedPrecondition(
+                f"collection {self.spec.name!r} keeps local features {self.spec.local_features!r} version "
+                f"{self.spec.local_features_version!r}, which this server does not provide; install or "
+                "enable that plugin",
+                reason="LOCAL_FEATURES_UNAVAILABLE",
+            )
+        return self._local
+
+    @property
     def extractor(self) -> Extractor:
         """The extractor that serves this collection; FailedPrecondition if the server lacks that exact one."""
         if self._extractor is None:
@@ -317,6 +431,7 @@ class Collection:
         with self.lock.write():
             self._check_open()
             index = self.live_index()
+            images = self._current_encoding(images)
             row_ids, seqs = self.store.insert(images)
             vectors = np.stack([np.asarray(image.vector, dtype=np.float32) for image in images])
             self._follow_store(
@@ -324,6 +439,21 @@ class Collection:
             )
             self._applied_seq = seqs[-1]
         return row_ids
+
+    def _current_encoding(self, images: Sequence[NewImage]) -> Sequence[NewImage]:
+        """Re-encode rows whose vectors a since-replaced extractor state made (a training committed
+        while they were being extracted): a collection never mixes states."""
+        extractor = self._extractor
+        if not isinstance(extractor, TrainableExtractor):
+            return images
+        stale = [i for i, image in enumerate(images) if image.encoded_with not in ("", extractor.version)]
+        if not stale:
+            return images
+        vectors = extractor.encode([images[i].local or b"" for i in stale])
+        fresh = list(images)
+        for i, vector in zip(stale, vectors, strict=True):
+            fresh[i] = dataclasses.replace(fresh[i], vector=vector, encoded_with=extractor.version)
+        return fresh
 
     def remove(self, ids: Sequence[str]) -> int:
         with self.lock.write():
@@ -370,6 +500,7 @@ class Collection:
         labels: Sequence[str] = (),
         metric_override: Metric | None = None,
         exclude_row_ids: Sequence[int | None] | None = None,
+        version: str = "",
     ) -> list[list[Hit]]:
         """Hits for several queries with one index call (a matrix-matrix product on flat indexes).
 
@@ -383,6 +514,12 @@ class Collection:
         metric = metric_override or self.metric
         with self.lock.read():
             self._check_open()
+            if version and version != self.extractor_version:
+                raise Aborted(
+                    f"collection {self.spec.name!r} was retrained while the query was encoded (extractor "
+                    f"version {version} is now {self.extractor_version}); send the query again",
+                    reason="EXTRACTOR_CHANGED",
+                )
             allowed = self.store.row_ids_with_labels(labels) if labels else None
             if allowed is not None and len(allowed) == 0:
                 return [[] for _ in ks]
@@ -461,6 +598,22 @@ class Collection:
             )
         return found
 
+    def local_features_of(self, row_ids: Sequence[int]) -> dict[int, bytes]:
+        with self._reading():
+            return self.store.local_features_of(row_ids)
+
+    def stored_local_features(self, image_id: str) -> bytes:
+        """An indexed image's local features (an image_id query's, for re-ranking)."""
+        row_id, _ = self.vector_of(image_id)
+        found = self.local_features_of([row_id]).get(row_id)
+        if found is None:
+            raise FailedPrecondition(
+                f"image {shown(image_id)} has no local features (it was added as a vector)",
+                field="image_id",
+                reason="NO_LOCAL_FEATURES",
+            )
+        return found
+
     def nearest_centroids(self, raw_query: np.ndarray, exclude_row_id: int | None = None) -> Classification:
         """Classify by the most similar class mean (of metric-prepared vectors); with
         ``exclude_row_id``, that image is left out of its class's mean (leave-one-out)."""
@@ -521,6 +674,9 @@ class Collection:
         with self._reading():
             count = self.store.count()
             index_bytes = self.index.memory_bytes() if self.index is not None else 0
+            if self._local_bytes is None or self._local_bytes[0] != self._applied_seq:
+                local = self.store.local_features_bytes() if spec.local_features else 0
+                self._local_bytes = (self._applied_seq, local)
         return CollectionInfo(
             spec=dataclasses.replace(spec, train_size=default_train_size(spec.nlist, spec.train_size)),
             image_count=count,
@@ -528,6 +684,7 @@ class Collection:
             index_trained=self.index_trained,
             read_only=bool(self.problem),
             state_reason=self.state_reason,
+            local_features_bytes=self._local_bytes[1],
         )
 
     @property
@@ -539,6 +696,73 @@ class Collection:
     def state_reason(self) -> str:
         """Why the collection is read-only, or a warning about its index; "" when all is well."""
         return self.problem or (self.index.training_error if self.index is not None else "")
+
+    # -- training ----------------------------------------------------------------------
+    def train(self, size: int, seed: int) -> TrainOutcome:
+        """Refit a trainable extractor on this collection's local features and re-encode every image.
+
+        Fitting and encoding run while the old state keeps serving; one transaction then commits
+        the state, the spec and every vector, and the index is rebuilt. The snapshot is deleted
+        first, so a crash at any point restarts with either the old state or the new one, whole.
+        """
+        extractor = self.extractor
+        if not isinstance(extractor, TrainableExtractor):
+            raise FailedPrecondition(
+                f"extractor {extractor.name!r} of collection {self.spec.name!r} has nothing to train",
+                reason="NOT_TRAINABLE",
+            )
+        self.live_index()
+        if not self._training.acquire(blocking=False):
+            raise Aborted(
+                f"collection {self.spec.name!r} is being trained already", reason="TRAINING_RUNNING"
+            )
+        try:
+            started = time.perf_counter()
+            with self._reading():
+                row_ids = self.store.local_row_ids()
+            sample = row_ids
+            if len(row_ids) > TRAINING_SAMPLE_IMAGES:
+                sample = np.sort(
+                    np.random.default_rng(seed).choice(row_ids, TRAINING_SAMPLE_IMAGES, replace=False)
+                )
+            features = self.local_features_of(sample.tolist())
+            try:
+                state = extractor.fit([features[r] for r in sample.tolist() if r in features], size, seed)
+            except NotEnoughTrainingData as exc:
+                raise FailedPrecondition(str(exc), reason="NOT_ENOUGH_TRAINING_DATA") from exc
+            del features
+            trained = extractor.with_state(state)
+            vectors: dict[int, np.ndarray] = {}
+            self._encode_rows(trained, row_ids.tolist(), vectors, locked=False)
+            with self.lock.write():
+                self._check_open()
+                current = self.store.local_row_ids().tolist()
+                self._encode_rows(trained, [r for r in current if r not in vectors], vectors, locked=True)
+                kept = set(current)
+                vectors = {r: v for r, v in vectors.items() if r in kept}
+                spec = dataclasses.replace(self.spec, extractor_version=trained.version, dim=trained.dim)
+                (self.directory / SNAPSHOT_FILE).unlink(missing_ok=True)
+                fsync_dir(self.directory)
+                self.store.reencode(spec.to_json(), state, vectors)
+                self.spec, self._extractor, self._centroids = spec, trained, None
+                try:
+                    self.index = self._rebuild(spec.index_spec(self.metric))
+                except Exception as exc:
+                    self._index_failed(f"its index could not be rebuilt after training: {exc}")
+            return TrainOutcome(extractor.version, len(sample), len(vectors), _ms_since(started))
+        finally:
+            self._training.release()
+
+    def _encode_rows(
+        self, extractor: TrainableExtractor, row_ids: list[int], into: dict[int, np.ndarray], *, locked: bool
+    ) -> None:
+        """Encode stored local features chunk by chunk (``locked``: the caller holds the writer lock)."""
+        for start in range(0, len(row_ids), ENCODE_CHUNK):
+            chunk = row_ids[start : start + ENCODE_CHUNK]
+            found = self.store.local_features_of(chunk) if locked else self.local_features_of(chunk)
+            present = [r for r in chunk if r in found]
+            if present:
+                into.update(zip(present, extractor.encode([found[r] for r in present]), strict=True))
 
     # -- snapshots & lifecycle -------------------------------------------------------
     def pending_ops(self) -> int:
@@ -585,3 +809,7 @@ class Collection:
         with self.lock.write():
             self.closed = True
             self.store.close()
+
+
+def _ms_since(started: float) -> float:
+    return (time.perf_counter() - started) * 1000

@@ -38,6 +38,8 @@ class Limits:
     max_decoding_pixels: int = 400_000_000
     default_top_k: int = 10
     max_top_k: int = 1000
+    default_rerank_candidates: int = 50  # geometric re-ranking's short list when a search gives 0
+    max_rerank_candidates: int = 500  # each costs a descriptor match and a RANSAC fit (~3-5 ms)
     # In-flight calls of every kind; on the asyncio server a waiting call holds no thread.
     max_concurrent_rpcs: int = 256
     max_streams_per_peer: int = 32  # open AddImagesStream calls from one client address

@@ -36,7 +36,7 @@ from imagesearch.server.classify import (
     Classification,
     shares,
 )
-from imagesearch.server.collection import NAME_PATTERN, Collection, CollectionInfo, Hit
+from imagesearch.server.collection import NAME_PATTERN, Collection, CollectionInfo, Hit, TrainOutcome
 from imagesearch.server.config import ServerConfig
 from imagesearch.server.errors import (
     AlreadyExists,
@@ -56,6 +56,8 @@ from imagesearch.server.page_tokens import decode_page_token, encode_page_token,
 from imagesearch.server.store import ImageRow, NewImage
 
 OK_CODE = 0  # google.rpc.Code OK; failures carry their error's code
+GEOMETRIC = "geometric"
+RERANK_METHODS = (GEOMETRIC,)
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ class ItemResult:
     message: str = ""
     reason: str = ""
     field: str = ""
+    note: str = ""
 
     @classmethod
     def failed(cls, index: int, image_id: str, error: ImageSearchError) -> ItemResult:
@@ -106,6 +109,9 @@ class SearchQuery:
     exclude_query: bool = False
     extractor: str = ""
     mode: str = ""  # "" or PLAIN: as asked; BUCKETED: only the predicted class's images
+    rerank: str = ""  # "" or GEOMETRIC: re-rank the first stage's candidates by verified geometry
+    rerank_candidates: int = 0  # 0: the server's default_rerank_candidates
+    extractor_version: str = ""  # a vector query's guard: refused when the collection encodes otherwise
 
 
 @dataclass(frozen=True)
@@ -131,6 +137,7 @@ class NewCollection:
     store_originals: bool = False
     description: str = ""
     storage: str = ""
+    local_features: str = ""
 
 
 @dataclass(frozen=True)
@@ -142,6 +149,15 @@ class ExtractorInfo:
     description: str
     plugin: str
     trainable: bool
+    local_features: str = ""
+
+
+@dataclass(frozen=True)
+class LocalFeaturesInfo:
+    name: str
+    version: str
+    description: str
+    plugin: str
 
 
 @dataclass(frozen=True)
@@ -158,6 +174,7 @@ class PluginList:
     extractors: list[ExtractorInfo]
     metrics: list[MetricInfo]
     problems: tuple[str, ...]
+    local_features: list[LocalFeaturesInfo] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -176,15 +193,22 @@ class _Plan:
     error: ImageSearchError | None = None
     bucketed: bool = False
     predicted: Classification | None = None
+    rerank: int = 0  # candidates to verify geometrically; 0: no re-ranking
+    local: bytes | None = None  # the query's local features, for re-ranking
+    version: str = ""  # the extractor version the vector was made with ("" for a client's vector)
+    rerank_ms: float = 0.0
 
     def pending(self) -> PendingSearch:
         assert self.vector is not None
-        return PendingSearch(self.collection, self.vector, self.k, self.labels, self.override, self.exclude)
+        k = max(self.k, self.rerank)
+        return PendingSearch(
+            self.collection, self.vector, k, self.labels, self.override, self.exclude, self.version
+        )
 
     def neighbours(self, count: int) -> PendingSearch:
         """The search whose labelled hits vote for this query's class (any label, own metric)."""
         assert self.vector is not None
-        return PendingSearch(self.collection, self.vector, count, (), None, self.exclude)
+        return PendingSearch(self.collection, self.vector, count, (), None, self.exclude, self.version)
 
 
 def _for_query(error: ImageSearchError, position: int, count: int) -> ImageSearchError:
@@ -206,6 +230,7 @@ class PendingSearch:
     labels: tuple[str, ...]
     override: Metric | None
     exclude: int | None
+    version: str = ""
 
 
 @dataclass(frozen=True)
@@ -214,6 +239,7 @@ class Timings:
     extract_ms: float = 0.0
     search_ms: float = 0.0
     total_ms: float = 0.0
+    rerank_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -237,11 +263,16 @@ def within_index_range(vectors: np.ndarray) -> bool:
 
 def _checked_extract(extractor: Extractor, images: Sequence[np.ndarray]) -> list[np.ndarray]:
     """Run an extractor and refuse output the index could not use (a plugin bug: INTERNAL)."""
-    vectors = np.asarray(extractor.extract(images), dtype=np.float32)
-    if vectors.shape != (len(images), extractor.dim) or not within_index_range(vectors):
+    return _checked_vectors(extractor, extractor.extract(images), len(images))
+
+
+def _checked_vectors(extractor: Extractor, output: np.ndarray, count: int) -> list[np.ndarray]:
+    """An extractor's output for ``count`` images, refused if the index could not use it."""
+    vectors = np.asarray(output, dtype=np.float32)
+    if vectors.shape != (count, extractor.dim) or not within_index_range(vectors):
         raise Internal(
             f"extractor {extractor.name!r} returned {vectors.shape} (or non-finite values) for "
-            f"{len(images)} images of dimension {extractor.dim}",
+            f"{count} images of dimension {extractor.dim}",
             reason="EXTRACTOR_FAILED",
         )
     return list(vectors)
@@ -352,9 +383,31 @@ class Engine:
                 reason="METADATA_TOO_LARGE",
             )
 
+    def _features(
+        self, collection: Collection, images: list[np.ndarray], *, query: bool = False, rerank: bool = False
+    ) -> tuple[np.ndarray, list[bytes] | None, str]:
+        """Vectors for decoded images, their local features when the collection keeps some (for
+        a ``query``, only when it is re-ranked or they make its vector; a re-ranked query's are
+        denser) and the extractor version that made the vectors.
+
+        A trainable extractor encodes the local features (one SIFT pass for both); any other
+        runs on the pixels, batched with other callers' images when that helps it."""
+        extractor = collection.extractor
+        local = collection.local_features
+        if local is not None and query and not rerank and not isinstance(extractor, TrainableExtractor):
+            local = None
+        features = local.extract(images, for_query=rerank) if local is not None else None
+        if isinstance(extractor, TrainableExtractor) and features is not None:
+            vectors = np.stack(_checked_vectors(extractor, extractor.encode(features), len(images)))
+        else:
+            vectors = self._extract(collection, images)
+        return vectors, features, extractor.version
+
     def _extract(self, collection: Collection, images: list[np.ndarray]) -> np.ndarray:
         """Vectors for decoded images, extracted together with other callers' images."""
         extractor = collection.extractor
+        if not extractor.batches:
+            return np.stack(_checked_extract(extractor, images))
         with self._extractions_lock:
             batcher = self._extractions.get(id(extractor))
             if batcher is None:
@@ -423,6 +476,14 @@ class Engine:
         if isinstance(vector, InvalidArgument):
             raise vector
         if vector is not None:
+            if collection.spec.extractor_base_version:  # a trainable extractor re-encodes what it stores
+                raise InvalidArgument(
+                    f"collection {collection.spec.name!r} encodes {collection.spec.local_features} local "
+                    "features, which a vector does not carry (TrainCollection re-encodes every image from "
+                    "them): add the image itself",
+                    field=f"{prefix}.vector",
+                    reason="VECTOR_NOT_ACCEPTED",
+                )
             return NewImage(vector=vector, **common), None
         if item.content is None:
             raise InvalidArgument("image has neither content nor vector", field=prefix, reason="NO_SOURCE")
@@ -477,6 +538,7 @@ class Engine:
         with self.pixels.hold(decoding):  # all calls together stay within max_decoding_pixels
             if any(item.content is not None for item in items):
                 collection.check_extractor()  # FAILED_PRECONDITION before decoding anything
+                collection.local_features  # noqa: B018  (raises when the server cannot extract them)
             existing = collection.existing_ids([item.id for item in items if item.id])
             kept: dict[int, ImageSearchError] = {}  # already stored, left as they are (skip_existing)
             given = [p for p, item in enumerate(items) if item.vector is not None and item.content is None]
@@ -517,11 +579,26 @@ class Engine:
                     fail(position, error)
 
             check_deadline(deadline, "feature extraction")
+            notes: dict[int, str] = {}
             if decoded:
                 positions = list(decoded)
-                vectors = self._extract(collection, [decoded[p] for p in positions])
-                for position, vector in zip(positions, vectors, strict=True):
-                    rows[position] = dataclasses.replace(rows[position], vector=vector)
+                vectors, features, version = self._features(collection, [decoded[p] for p in positions])
+                local = collection.local_features
+                for at, (position, vector) in enumerate(zip(positions, vectors, strict=True)):
+                    found = features[at] if features is not None else None
+                    rows[position] = dataclasses.replace(
+                        rows[position], vector=vector, local=found, encoded_with=version
+                    )
+                    if local is not None and found is not None and local.count(found) == 0:
+                        notes[position] = (
+                            f"no {local.name} keypoints found (flat or tiny image): stored, but geometric "
+                            "re-ranking cannot confirm it"
+                            + (
+                                " and its vector is zero"
+                                if isinstance(collection.extractor, TrainableExtractor)
+                                else ""
+                            )
+                        )
             check_deadline(deadline, "storing the batch")
             if rows:
                 collection.add([rows[p] for p in sorted(rows)])
@@ -530,7 +607,7 @@ class Engine:
                 if p in errors
                 else ItemResult.failed(p + index_offset, ids[p], kept[p])
                 if p in kept
-                else ItemResult(p + index_offset, ids[p])
+                else ItemResult(p + index_offset, ids[p], note=notes.get(p, ""))
                 for p in range(len(items))
             ]
             return AddOutcome([r.id for r in results], results)
@@ -586,6 +663,7 @@ class Engine:
         step = time.perf_counter()
         found = self.searches.submit_many([p.pending() for p in ready]) if ready else []
         search_ms = _ms(step)
+        found = [self._rerank(plan, hits) for plan, hits in zip(ready, found, strict=True)]
         by_plan = dict(zip(map(id, ready), found, strict=True))
         outcomes: list[SearchOutcome | ImageSearchError] = []
         for position, plan in enumerate(plans):
@@ -602,7 +680,7 @@ class Engine:
                     Internal(f"metric {metric.name!r} produced NaN scores", reason="METRIC_FAILED")
                 )
                 continue
-            timings = Timings(plan.decode_ms, plan.extract_ms, search_ms, _ms(started))
+            timings = Timings(plan.decode_ms, plan.extract_ms, search_ms, _ms(started), plan.rerank_ms)
             outcomes.append(SearchOutcome(hits, timings, metric.name, plan.predicted))
         return outcomes
 
@@ -631,21 +709,82 @@ class Engine:
                 reason="BAD_QUERY",
             )
         plan = _Plan(collection, k, tuple(query.labels), override, bucketed=mode == BUCKETED)
+        plan.rerank = self._rerank_candidates(query, collection, k)
         if query.image is not None:
             collection.check_extractor()
+            collection.local_features  # noqa: B018  (raises when the server cannot extract them)
             step = time.perf_counter()
             plan.pixels = decode_image(query.image, self.limits, "image", self._min_side(collection)).pixels
             plan.decode_ms = _ms(step)
         elif query.image_id is not None:
+            plan.version = collection.extractor_version  # read before the vector: a retrain in between aborts
             row_id, plan.vector = collection.vector_of(query.image_id)
             plan.exclude = row_id if query.exclude_query else None
+            if plan.rerank:
+                plan.local = collection.stored_local_features(query.image_id)
         elif query.vector is not None:
+            if query.extractor_version and query.extractor_version != collection.extractor_version:
+                raise FailedPrecondition(
+                    f"the vector was made with extractor version {shown(query.extractor_version)}; collection "
+                    f"{collection.spec.name!r} now encodes with {collection.extractor_version!r} (it was "
+                    "retrained): encode the query again",
+                    field="extractor_version",
+                    reason="EXTRACTOR_VERSION_MISMATCH",
+                )
+            plan.version = query.extractor_version
             plan.vector = self._check_vector(query.vector, collection, "vector")
         else:
             raise InvalidArgument(
                 "the query needs image, image_id or vector", field="query", reason="NO_QUERY"
             )
         return plan
+
+    def _rerank_candidates(self, query: SearchQuery, collection: Collection, k: int) -> int:
+        """How many candidates a query verifies geometrically (0: none), or why it cannot."""
+        if not self._choice(query.rerank, "", RERANK_METHODS, "rerank.method"):
+            return 0
+        if not collection.spec.local_features:
+            raise FailedPrecondition(
+                f"collection {collection.spec.name!r} keeps no local features, so its candidates cannot be "
+                'verified geometrically; create a collection with local_features (e.g. "sift") to re-rank',
+                field="rerank",
+                reason="RERANK_UNAVAILABLE",
+            )
+        if query.vector is not None:
+            raise InvalidArgument(
+                "geometric re-ranking needs an image or image_id query (a vector has no local features)",
+                field="rerank",
+                reason="BAD_QUERY",
+            )
+        asked = query.rerank_candidates
+        if not 0 <= asked <= self.limits.max_rerank_candidates:
+            raise InvalidArgument(
+                f"rerank.candidates is {asked}; it must be between 0 and {self.limits.max_rerank_candidates}",
+                field="rerank.candidates",
+                reason="BAD_RERANK",
+                metadata={"limit": str(self.limits.max_rerank_candidates), "value": str(asked)},
+            )
+        return max(asked or self.limits.default_rerank_candidates, k)
+
+    def _rerank(self, plan: _Plan, hits: list[Hit] | ImageSearchError) -> list[Hit] | ImageSearchError:
+        """Second stage: order the candidates by verified inliers (ties: the first stage's order), cut to k."""
+        if not plan.rerank or isinstance(hits, ImageSearchError):
+            return hits
+        step = time.perf_counter()
+        collection, query = plan.collection, plan.local
+        try:
+            local = collection.local_features
+            stored = collection.local_features_of([hit.row_id for hit in hits])
+        except ImageSearchError as error:
+            return error
+        assert local is not None and query is not None
+        verified = [i for i, hit in enumerate(hits) if hit.row_id in stored]
+        inliers = dict(
+            zip(verified, local.verify(query, [stored[hits[i].row_id] for i in verified]), strict=True)
+        )
+        ranked = sorted(range(len(hits)), key=lambda i: -inliers.get(i, 0))
+        plan.rerank_ms = _ms(step)
+        return [dataclasses.replace(hits[i], inliers=int(inliers.get(i, 0))) for i in ranked][: plan.k]
 
     @staticmethod
     def _choice(value: str, default: str, allowed: Sequence[str], field: str) -> str:
@@ -703,13 +842,17 @@ class Engine:
             step = time.perf_counter()
             try:
                 check_deadline(deadline, "feature extraction")
-                vectors = self._extract(group[0].collection, [plan.pixels for plan in group])
+                images = [plan.pixels for plan in group]
+                vectors, features, version = self._features(
+                    group[0].collection, images, query=True, rerank=any(plan.rerank for plan in group)
+                )
             except ImageSearchError as error:
                 for plan in group:
                     plan.error = error
                 continue
-            for plan, vector in zip(group, vectors, strict=True):
-                plan.vector, plan.pixels, plan.extract_ms = vector, None, _ms(step)
+            for at, (plan, vector) in enumerate(zip(group, vectors, strict=True)):
+                plan.vector, plan.pixels, plan.extract_ms, plan.version = vector, None, _ms(step), version
+                plan.local = features[at] if features is not None else None
         if plans and deadline is not None and time.monotonic() > deadline:
             for plan in plans:
                 plan.error = plan.error or DeadlineExceeded(
@@ -722,7 +865,13 @@ class Engine:
         groups: dict[tuple, list[int]] = {}
         for position, search in enumerate(pending):
             hnsw_k = search.k if search.collection.spec.index_type == HNSW else 0
-            key = (id(search.collection), search.labels, search.override and search.override.name, hnsw_k)
+            key = (
+                id(search.collection),
+                search.labels,
+                search.override and search.override.name,
+                hnsw_k,
+                search.version,
+            )
             groups.setdefault(key, []).append(position)
         results: list[list[Hit] | ImageSearchError] = [[] for _ in pending]
         for positions in groups.values():
@@ -734,6 +883,7 @@ class Engine:
                     first.labels,
                     first.override,
                     [pending[p].exclude for p in positions],
+                    first.version,
                 )
             except ImageSearchError as error:
                 found = [error] * len(positions)
@@ -799,7 +949,17 @@ class Engine:
             store_originals=wanted.store_originals,
             description=wanted.description,
             storage=wanted.storage,
+            local_features=wanted.local_features,
         ).info()
+
+    def train_collection(self, name: str, model_size: int, seed: int) -> tuple[CollectionInfo, TrainOutcome]:
+        """Refit the collection's trainable extractor on its own images and re-encode them all."""
+        if model_size < 0:
+            raise InvalidArgument("model_size must be >= 0", field="model_size", reason="BAD_MODEL_SIZE")
+        collection = self.catalog.get(name)
+        self.check_accepting_writes()
+        outcome = collection.train(model_size, seed)
+        return collection.info(), outcome
 
     def get_collection(self, name: str) -> CollectionInfo:
         return self.catalog.get(name).info()
@@ -835,6 +995,7 @@ class Engine:
                 description=r.item.description,
                 plugin=r.plugin,
                 trainable=isinstance(r.item, TrainableExtractor),
+                local_features=r.item.local_features if isinstance(r.item, TrainableExtractor) else "",
             )
             for name, r in sorted(self.registry.extractors.items())
         ]
@@ -848,4 +1009,8 @@ class Engine:
             )
             for name, r in sorted(self.registry.metrics.items())
         ]
-        return PluginList(extractors, metrics, (*self.registry.problems, *self.registry.skipped))
+        local = [
+            LocalFeaturesInfo(name, r.item.version, r.item.description, r.plugin)
+            for name, r in sorted(self.registry.local_features.items())
+        ]
+        return PluginList(extractors, metrics, (*self.registry.problems, *self.registry.skipped), local)

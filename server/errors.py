@@ -79,6 +79,13 @@ class DeadlineExceeded(ImageSearchError):
     code = 4
 
 
+class Aborted(ImageSearchError):
+    """A concurrency conflict: the same request can succeed when sent again."""
+
+    reason = "ABORTED"
+    code = 10
+
+
 class Unavailable(ImageSearchError):
     reason = "UNAVAILABLE"
     code = 14

@@ -45,6 +45,14 @@ def add_search_command(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="recognise the query's class first and rank only that class's images",
     )
+    parser.add_argument(
+        "--rerank",
+        type=positive_int,
+        default=0,
+        metavar="N",
+        help="verify the best N candidates geometrically (collections keeping local features) and "
+        "order them by verified inliers",
+    )
     add_server_arguments(parser)
     parser.add_argument(
         "--html",
@@ -64,14 +72,19 @@ def cmd_search(args: argparse.Namespace) -> int:
         with ImageSearchClient(args.target) as client:
             mode = "bucketed" if args.bucketed else None
             result = client.search(
-                query, top_k=args.top_k, labels=args.label, collection=args.collection, mode=mode
+                query,
+                top_k=args.top_k,
+                labels=args.label,
+                collection=args.collection,
+                mode=mode,
+                rerank=args.rerank,
             )
             if args.bucketed:
                 print(
                     f"recognised as {result.predicted_label or '(no labelled image)'!s} "
                     f"(confidence {result.label_confidence:.2f})"
                 )
-            print(format_hits(result.hits))
+            print(format_hits(result.hits, inliers=bool(args.rerank)))
             if args.html:
                 thumbnails = [
                     client.get_image(hit.id, collection=args.collection).thumbnail for hit in result
@@ -88,15 +101,18 @@ def cmd_search(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def format_hits(hits: Sequence[SearchHit]) -> str:
-    """A plain table, best first; ids may be long paths, so the id column fits the longest."""
+def format_hits(hits: Sequence[SearchHit], *, inliers: bool = False) -> str:
+    """A plain table, best first; ids may be long paths, so the id column fits the longest.
+    ``inliers``: a column of geometrically verified matches (re-ranked searches)."""
     if not hits:
         return "no hits"
     id_width = max(2, *(len(hit.id) for hit in hits))
     label_width = max(5, *(len(hit.label) for hit in hits))
-    rows = [f"{'rank':>4}  {'id':<{id_width}}  {'label':<{label_width}}  {'score':>7}"]
+    extra = f"  {'inliers':>7}" if inliers else ""
+    rows = [f"{'rank':>4}  {'id':<{id_width}}  {'label':<{label_width}}  {'score':>7}{extra}"]
     rows += [
         f"{rank:>4}  {hit.id:<{id_width}}  {hit.label:<{label_width}}  {hit.score:>7.4f}"
+        + (f"  {hit.inliers:>7}" if inliers else "")
         for rank, hit in enumerate(hits, 1)
     ]
     return "\n".join(rows)

@@ -29,6 +29,7 @@ from imagesearch.server import errors
 from imagesearch.server.classify import BUCKETED, CENTROID, KNN, PLAIN
 from imagesearch.server.collection import CollectionInfo
 from imagesearch.server.engine import (
+    GEOMETRIC,
     AddOutcome,
     ClassifyQuery,
     Engine,
@@ -56,6 +57,7 @@ INDEX_TYPE_TO_PB = {FLAT: pb.INDEX_TYPE_FLAT, IVF: pb.INDEX_TYPE_IVF, HNSW: pb.I
 INDEX_TYPE_FROM_PB = {pb.INDEX_TYPE_UNSPECIFIED: FLAT, **{v: k for k, v in INDEX_TYPE_TO_PB.items()}}
 STORAGE_TO_PB = {FLOAT32: pb.VECTOR_STORAGE_FLOAT32, FLOAT16: pb.VECTOR_STORAGE_FLOAT16}
 STORAGE_FROM_PB = {pb.VECTOR_STORAGE_UNSPECIFIED: "", **{v: k for k, v in STORAGE_TO_PB.items()}}
+RERANK_FROM_PB = {pb.RERANK_METHOD_UNSPECIFIED: "", pb.RERANK_METHOD_GEOMETRIC: GEOMETRIC}
 SEARCH_MODE_FROM_PB = {
     pb.SEARCH_MODE_UNSPECIFIED: "",
     pb.SEARCH_MODE_PLAIN: PLAIN,
@@ -238,7 +240,13 @@ def outcome_fields(outcome: AddOutcome) -> dict[str, Any]:
         "ids": outcome.ids,
         "results": [
             pb.ItemResult(
-                index=r.index, id=r.id, code=r.code, message=r.message, reason=r.reason, field=r.field
+                index=r.index,
+                id=r.id,
+                code=r.code,
+                message=r.message,
+                reason=r.reason,
+                field=r.field,
+                note=r.note,
             )
             for r in outcome.results
         ],
@@ -290,6 +298,8 @@ def collection_message(info: CollectionInfo) -> pb.Collection:
         store_originals=spec.store_originals,
         storage=STORAGE_TO_PB[spec.storage],
         index_bytes=info.index_bytes,
+        local_features=spec.local_features,
+        local_features_bytes=info.local_features_bytes,
         description=spec.description,
         create_time=_timestamp(spec.created),
         index_trained=info.index_trained,
@@ -318,6 +328,9 @@ def search_query(request: pb.SearchRequest) -> SearchQuery:
         exclude_query=request.exclude_query,
         extractor=request.extractor,
         mode=SEARCH_MODE_FROM_PB.get(request.mode, str(request.mode)),
+        rerank=RERANK_FROM_PB.get(request.rerank.method, str(request.rerank.method)),
+        rerank_candidates=request.rerank.candidates,
+        extractor_version=request.extractor_version,
     )
 
 
@@ -335,7 +348,14 @@ def search_response(outcome: SearchOutcome) -> pb.SearchResponse:
     timings = outcome.timings
     return pb.SearchResponse(
         hits=[
-            pb.SearchHit(id=h.id, score=h.score, distance=h.distance, label=h.label, metadata=h.metadata)
+            pb.SearchHit(
+                id=h.id,
+                score=h.score,
+                distance=h.distance,
+                label=h.label,
+                metadata=h.metadata,
+                inliers=h.inliers,
+            )
             for h in outcome.hits
         ],
         timings=pb.StageTimings(
@@ -343,6 +363,7 @@ def search_response(outcome: SearchOutcome) -> pb.SearchResponse:
             extract_ms=timings.extract_ms,
             search_ms=timings.search_ms,
             total_ms=timings.total_ms,
+            rerank_ms=timings.rerank_ms,
         ),
         metric=outcome.metric,
         predicted_label=outcome.predicted.label if outcome.predicted else "",
@@ -510,6 +531,7 @@ class ImageSearchServicer(pb_grpc.ImageSearchServiceServicer):
                 store_originals=wanted.store_originals,
                 description=wanted.description,
                 storage=STORAGE_FROM_PB.get(wanted.storage, str(wanted.storage)),
+                local_features=wanted.local_features,
             ),
         )
         return pb.CreateCollectionResponse(collection=collection_message(info))
@@ -552,6 +574,7 @@ class ImageSearchServicer(pb_grpc.ImageSearchServiceServicer):
                     description=e.description,
                     plugin=e.plugin,
                     trainable=e.trainable,
+                    local_features=e.local_features,
                 )
                 for e in plugins.extractors
             ],
@@ -566,4 +589,25 @@ class ImageSearchServicer(pb_grpc.ImageSearchServiceServicer):
                 for m in plugins.metrics
             ],
             problems=plugins.problems,
+            local_features=[
+                pb.LocalFeaturesInfo(
+                    name=f.name, version=f.version, description=f.description, plugin=f.plugin
+                )
+                for f in plugins.local_features
+            ],
+        )
+
+    @rpc
+    async def TrainCollection(
+        self, request: pb.TrainCollectionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TrainCollectionResponse:
+        info, outcome = await self._work(
+            self.engine.train_collection, request.name, request.model_size, request.seed
+        )
+        return pb.TrainCollectionResponse(
+            collection=collection_message(info),
+            previous_extractor_version=outcome.previous_version,
+            training_images=outcome.training_images,
+            reencoded_images=outcome.reencoded_images,
+            train_ms=outcome.train_ms,
         )

@@ -2,8 +2,9 @@
 
 Everything needed to rebuild the FAISS index lives here: ids, labels,
 metadata, raw feature vectors, thumbnails, optional originals, the collection
-spec and a monotonically increasing sequence number per change. (A trainable
-extractor's fitted state will get its table with the first such extractor.) WAL mode
+spec, a trainable extractor's fitted state (e.g. a SIFT vocabulary), each image's local
+features when the collection keeps them, and a monotonically increasing sequence number per
+change. WAL mode
 with synchronous=FULL means a committed AddImages survives `kill -9` and power
 loss; the FAISS index is only ever a cache of these rows.
 
@@ -18,6 +19,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +45,8 @@ CREATE TABLE IF NOT EXISTS images (
 CREATE INDEX IF NOT EXISTS images_label ON images(label, row_id);
 CREATE INDEX IF NOT EXISTS images_seq ON images(seq);
 CREATE TABLE IF NOT EXISTS removals (seq INTEGER PRIMARY KEY, row_id INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS local_features (row_id INTEGER PRIMARY KEY, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS extractor_state (slot INTEGER PRIMARY KEY CHECK (slot = 1), data BLOB NOT NULL);
 """
 
 
@@ -58,6 +62,8 @@ class NewImage:
     original: bytes | None = None
     width: int = 0
     height: int = 0
+    local: bytes | None = None  # serialised local features, when the collection keeps them
+    encoded_with: str = ""  # the extractor version that made ``vector`` ("" for a client's own vector)
 
 
 @dataclass(frozen=True)
@@ -115,6 +121,18 @@ class CollectionStore:
             self._readers.clear()
         self._writer.close()
 
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction on the writer connection: committed whole, or rolled back whole."""
+        conn = self._writer
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
     # -- small key/value state ---------------------------------------------------
     def get_meta(self, key: str) -> str | None:
         row = self._reader().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -144,10 +162,8 @@ class CollectionStore:
         AUTOINCREMENT would pick), so they are known without a query per row. An id
         already stored raises AlreadyExists and the whole batch rolls back.
         """
-        conn = self._writer
         now = time.time()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction() as conn:
             seq = self.last_seq()
             first = self._last_row_id() + 1
             rows = [
@@ -180,11 +196,10 @@ class CollectionStore:
                     f"image id {shown(taken[0]) if taken else '(unknown)'} already exists",
                     reason="IMAGE_EXISTS",
                 ) from exc
+            local = [(row[0], image.local) for row, image in zip(rows, images, strict=True) if image.local]
+            if local:
+                conn.executemany("INSERT INTO local_features(row_id, data) VALUES (?, ?)", local)
             self.set_meta("seq", str(seq + len(images)))
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
         return [row[0] for row in rows], [row[2] for row in rows]
 
     def _last_row_id(self) -> int:
@@ -195,9 +210,7 @@ class CollectionStore:
 
     def delete(self, ids: Sequence[str]) -> list[int]:
         """Delete rows by id in one transaction, logging each removal with a sequence number."""
-        conn = self._writer
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction() as conn:
             seq = self.last_seq()
             removed: list[int] = []
             for image_id in ids:
@@ -206,14 +219,29 @@ class CollectionStore:
                     continue
                 seq += 1
                 conn.execute("DELETE FROM images WHERE row_id = ?", (row[0],))
+                conn.execute("DELETE FROM local_features WHERE row_id = ?", (row[0],))
                 conn.execute("INSERT INTO removals(seq, row_id) VALUES (?, ?)", (seq, row[0]))
                 removed.append(int(row[0]))
             self.set_meta("seq", str(seq))
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
         return removed
+
+    def reencode(self, spec_json: str, state: bytes, vectors: dict[int, np.ndarray]) -> int:
+        """Commit a refitted extractor in one transaction: its state, the spec naming its version
+        and every row's new vector. Returns the change's sequence number. Before the commit
+        nothing has changed; after it, everything has (the index is then rebuilt)."""
+        with self._transaction() as conn:
+            conn.executemany(
+                "UPDATE images SET vector = ? WHERE row_id = ?",
+                ((np.asarray(v, dtype=np.float32).tobytes(), int(r)) for r, v in vectors.items()),
+            )
+            conn.execute("INSERT OR REPLACE INTO extractor_state(slot, data) VALUES (1, ?)", (state,))
+            self.set_meta("spec", spec_json)
+            seq = self.last_seq() + 1
+            self.set_meta("seq", str(seq))
+        return seq
+
+    def set_extractor_state(self, state: bytes) -> None:
+        self._writer.execute("INSERT OR REPLACE INTO extractor_state(slot, data) VALUES (1, ?)", (state,))
 
     def prune_removals(self, upto_seq: int) -> None:
         """Forget removals an index snapshot already covers."""
@@ -321,6 +349,35 @@ class CollectionStore:
             last = rows[-1][0]
             ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
             yield ids, [r[1] for r in rows], np.stack([np.frombuffer(r[2], dtype=np.float32) for r in rows])
+
+    def extractor_state(self) -> bytes | None:
+        row = self._reader().execute("SELECT data FROM extractor_state WHERE slot = 1").fetchone()
+        return None if row is None else bytes(row[0])
+
+    def local_features_of(self, row_ids: Sequence[int]) -> dict[int, bytes]:
+        """Stored local features by row id (rows without any are absent)."""
+        found: dict[int, bytes] = {}
+        conn = self._reader()
+        for start in range(0, len(row_ids), 500):
+            chunk = [int(r) for r in row_ids[start : start + 500]]
+            marks = ",".join("?" * len(chunk))
+            found.update(
+                (r, bytes(d))
+                for r, d in conn.execute(
+                    f"SELECT row_id, data FROM local_features WHERE row_id IN ({marks})", chunk
+                )
+            )
+        return found
+
+    def local_row_ids(self) -> np.ndarray:
+        """Row ids of every image with local features, ascending."""
+        rows = self._reader().execute("SELECT row_id FROM local_features ORDER BY row_id")
+        return np.fromiter((r[0] for r in rows), dtype=np.int64)
+
+    def local_features_bytes(self) -> int:
+        return int(
+            self._reader().execute("SELECT COALESCE(SUM(LENGTH(data)), 0) FROM local_features").fetchone()[0]
+        )
 
     def removals_after(self, seq: int) -> list[tuple[int, int]]:
         """(seq, row_id) of removals logged after ``seq``."""

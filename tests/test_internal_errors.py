@@ -76,6 +76,7 @@ def test_every_domain_error_has_its_own_status():
         errors.ResourceExhausted: "RESOURCE_EXHAUSTED",
         errors.DeadlineExceeded: "DEADLINE_EXCEEDED",
         errors.Unavailable: "UNAVAILABLE",
+        errors.Aborted: "ABORTED",
         errors.Internal: "INTERNAL",
     }
     assert set(expected) == set(errors.ImageSearchError.__subclasses__())

@@ -16,7 +16,7 @@ import numpy as np
 import pluggy
 import pytest
 
-from imagesearch.plugins import Extractor, Metric, PluginContext, TrainableExtractor, hookspecs
+from imagesearch.plugins import Extractor, LocalFeatures, Metric, PluginContext, TrainableExtractor, hookspecs
 from imagesearch.plugins.manager import (
     ALLOW_ENV,
     BLOCK_ENV,
@@ -88,6 +88,7 @@ def _members(protocol: type) -> list[str]:
 INTERFACES = {
     "The Extractor interface": _members(Extractor),
     "Trainable extractors": _members(TrainableExtractor),
+    "The LocalFeatures interface": _members(LocalFeatures),
     "The Metric interface": [field.name for field in dataclasses.fields(Metric)],
     "Hook reference": [field.name for field in dataclasses.fields(PluginContext)],
 }
@@ -148,3 +149,46 @@ def test_the_one_file_plugin_and_its_documented_tests_run(monkeypatch: pytest.Mo
     raw, ids = index.search(vectors[:1], 2)
     assert ids[0].tolist() == [0, 1]  # dark red before blue
     np.testing.assert_allclose(metric.to_distance(raw)[0], [55 / 255, 1.0], rtol=1e-5)
+
+
+def test_the_orb_example_reranks_a_collection_through_a_real_server(tmp_path: Path) -> None:
+    """No SIFT special case: a third party's local features give any collection geometric re-ranking."""
+    import cv2
+
+    from imagesearch.client import ImageItem, ImageSearchClient
+    from imagesearch.server.app import run_server
+    from imagesearch.server.dataset_builder import available_sources, encode_jpeg, resize_long_side
+    from tests.conftest import tiny_config
+    from tests.support.tiny_plugin import TINY_PLUGIN, TinyExtractor
+
+    plugin = types.ModuleType("imagesearch_orb")
+    exec(compile(block_starting_with("# imagesearch_orb.py"), "docs/plugins.md", "exec"), vars(plugin))
+    found, _ = available_sources()
+    photos = {
+        source.name: resize_long_side(cv2.imread(str(path), cv2.IMREAD_COLOR), 480)
+        for source, path in found[:8]
+    }
+    config = tiny_config(tmp_path / "data")
+    with (
+        run_server(config, extra_plugins=[TINY_PLUGIN, ("orb", plugin)]) as running,
+        ImageSearchClient(running.target) as client,
+    ):
+        assert [f.name for f in client.list_plugins().local_features] == ["orb", "sift"]
+        client.create_collection("orb", extractor=TinyExtractor.name, local_features="orb")
+        client.add_images(
+            [ImageItem(id=name, content=encode_jpeg(image, 90)) for name, image in photos.items()],
+            collection="orb",
+        )
+        checked = [name for name, image in photos.items() if textured(image)]
+        assert len(checked) >= 4
+        for name in checked:
+            turned = encode_jpeg(cv2.rotate(photos[name], cv2.ROTATE_90_CLOCKWISE), 85)
+            hits = client.search(turned, collection="orb", top_k=1, rerank=len(photos)).hits
+            assert hits[0].id == name and hits[0].inliers >= 8, (name, hits)
+
+
+def textured(image: np.ndarray) -> bool:
+    """Photos with too little texture for 500 ORB keypoints are no test of the interface."""
+    import cv2
+
+    return len(cv2.ORB_create(500).detect(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY), None)) >= 200

@@ -30,7 +30,14 @@ from imagesearch.plugins.manager import (
     PluginRegistry,
     Registered,
 )
-from imagesearch.plugins.types import ALL_INDEX_TYPES, Extractor, Metric, inverse_distance_score
+from imagesearch.plugins.types import (
+    ALL_INDEX_TYPES,
+    Extractor,
+    LocalFeatures,
+    Metric,
+    TrainableExtractor,
+    inverse_distance_score,
+)
 
 # The CNN plugin needs exported models; these tests are about the plugin machinery.
 NO_CNN = {BLOCK_ENV: "onnx_cnn"}
@@ -59,8 +66,13 @@ def metric(name: str, faiss_metric: int = faiss.METRIC_L2) -> Metric:
 class Plugin:
     """A plugin object registering fixed extractors and metrics (pluggy accepts any object)."""
 
-    def __init__(self, extractors: tuple[object, ...] = (), metrics: tuple[object, ...] = ()) -> None:
-        self._extractors, self._metrics = extractors, metrics
+    def __init__(
+        self,
+        extractors: tuple[object, ...] = (),
+        metrics: tuple[object, ...] = (),
+        local_features: tuple[object, ...] = (),
+    ) -> None:
+        self._extractors, self._metrics, self._local = extractors, metrics, local_features
 
     @hookimpl
     def register_extractors(self, register: Callable[[object], None]) -> None:
@@ -70,6 +82,11 @@ class Plugin:
     @hookimpl
     def register_metrics(self, register: Callable[[object], None]) -> None:
         for item in self._metrics:
+            register(item)
+
+    @hookimpl
+    def register_local_features(self, register: Callable[[object], None]) -> None:
+        for item in self._local:
             register(item)
 
 
@@ -127,6 +144,26 @@ def test_hook_register_extractors() -> None:
     images = [np.arange(12, dtype=np.uint8).reshape(2, 2, 3)]
     np.testing.assert_array_equal(registry.extractors["fake"].item.extract(images), [[0, 1, 2, 3]])
     assert "missing" not in registry.extractors
+
+
+def test_hook_register_local_features() -> None:
+    """Local features register under their name; a trainable extractor without its features is dropped."""
+
+    class Features(LocalFeatures):
+        name, version = "dots", "1"
+
+    class Encoder(TrainableExtractor):
+        name, version, dim, default_metric = "dots-bovw", "1+0", 4, "l2"
+        base_version, local_features = "1", "dots"
+
+    class Orphan(Encoder):
+        name, local_features = "orphan-bovw", "stripes"
+
+    features = Features()
+    registry = make_registry(("dots", Plugin(extractors=(Encoder(), Orphan()), local_features=(features,))))
+    assert registry.local_features["dots"] == Registered(features, "dots")
+    assert "dots-bovw" in registry.extractors and "orphan-bovw" not in registry.extractors
+    assert any("orphan-bovw" in problem and "stripes" in problem for problem in registry.problems)
 
 
 def test_hook_register_metrics() -> None:

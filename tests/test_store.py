@@ -302,3 +302,24 @@ def test_data_survives_close_and_reopen(tmp_path: Path) -> None:
         assert np.concatenate([ids for ids, _, _ in reopened.iter_vectors()]).tolist() == [1, 3]
     finally:
         reopened.close()
+
+
+def test_local_features_live_and_die_with_their_rows(store: CollectionStore) -> None:
+    first, second = store.insert([image("a", local=b"aa"), image("b", local=b"bbb"), image("c")])[0][:2]
+    assert store.local_features_of([first, second, 99]) == {first: b"aa", second: b"bbb"}
+    assert store.local_row_ids().tolist() == [first, second] and store.local_features_bytes() == 5
+    with pytest.raises(AlreadyExists):  # a failed batch leaves no features behind
+        store.insert([image("d", local=b"dd"), image("a", local=b"xx")])
+    assert store.local_features_bytes() == 5
+    store.delete(["a"])
+    assert store.local_features_of([first]) == {} and store.local_features_bytes() == 3
+
+
+def test_reencode_commits_state_spec_and_vectors_together(store: CollectionStore) -> None:
+    row_ids, _ = store.insert([image("a"), image("b")])
+    before = store.last_seq()
+    seq = store.reencode('{"new": 1}', b"state", {row_ids[0]: np.ones(3, np.float32)})
+    assert seq == before + 1 == store.last_seq()
+    assert store.extractor_state() == b"state" and store.get_meta("spec") == '{"new": 1}'
+    np.testing.assert_array_equal(store.vector_of("a")[1], np.ones(3))
+    np.testing.assert_array_equal(store.vector_of("b")[1], vector_for("b"))

@@ -1,64 +1,177 @@
-"""SIFT extractors: local RootSIFT descriptors aggregated into one global vector per image.
+"""SIFT as plugins: RootSIFT local features (``sift``) and two trainable global encodings of them.
 
-``sift-bovw`` (bag of visual words: tf-idf over the vocabulary, L2-normalised; dimension k) and
-``sift-vlad`` (VLAD: residuals to the vocabulary's words, intra-normalised and power-law;
-dimension 128·k). Both are cosine by default and stateless apart from the vocabulary, so
-``extract`` is safe from many threads (features.py keeps one cv2.SIFT per thread). An image with
-no keypoints (flat colour, tiny) gets the zero vector: stored and searchable, never an error.
-The version names the vocabulary, so vectors of two vocabularies are never compared.
+``sift`` keeps each image's strongest keypoints with their descriptors (features.pack) and
+verifies candidates geometrically (geometry.verify). ``sift-bovw`` (bag of visual words: tf-idf
+over the vocabulary, L2-normalised; dimension k) and ``sift-vlad`` (VLAD: residuals to the
+vocabulary's words, intra-normalised and power-law; dimension 128·k) encode those features
+over a visual vocabulary, which is each collection's own state: the generic one at creation,
+one fitted on the collection's images after TrainCollection. Everything is stateless apart
+from the vocabulary, so every method is safe from many threads (features.py keeps one cv2.SIFT
+per thread). An image with no keypoints (flat colour, tiny) gets the zero vector: stored and
+searchable, never an error.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from imagesearch.plugins import Extractor
+from imagesearch.plugins import LocalFeatures, NotEnoughTrainingData, TrainableExtractor
 from imagesearch.plugins.sift.encoding import bovw, vlad
-from imagesearch.plugins.sift.features import extract_local
-from imagesearch.plugins.sift.vocabulary import Vocabulary
+from imagesearch.plugins.sift.features import DESCRIPTOR_DIM, extract_local, pack, packed_count, unpack
+from imagesearch.plugins.sift.geometry import verify
+from imagesearch.plugins.sift.vocabulary import Vocabulary, fit_vocabulary
 
 DEFAULT_MAX_SIDE = 640
 DEFAULT_MAX_KEYPOINTS = 1000
+DEFAULT_QUERY_KEYPOINTS = 2000
+"""A query holding a small copy of a stored image (pasted at 40%: 16% of its area) keeps too few of
+its keypoints among its strongest 1000; twice as many find it (docs/evaluation.md)."""
+MIN_TRAINING_IMAGES = 2  # idf needs more than one image to tell common words from rare ones
+DESCRIPTORS_PER_WORD = 4  # below this k-means places words on single noisy descriptors
+MAX_TRAINING_DESCRIPTORS = 200_000  # a seeded sample: FAISS k-means gains little past 256 a word
+VERIFY_THREADS = 2  # OpenCV's RANSAC and FAISS release the GIL: candidates verified side by side
+SIFT_LOCAL_FEATURES = "sift"
 
 
-class SiftExtractor(Extractor):
+class SiftLocalFeatures(LocalFeatures):
+    """RootSIFT keypoints and descriptors, packed at 144 bytes a keypoint (13-byte header)."""
+
+    name = SIFT_LOCAL_FEATURES
+    version = "1"
+
+    def __init__(
+        self,
+        max_side: int = DEFAULT_MAX_SIDE,
+        max_keypoints: int = DEFAULT_MAX_KEYPOINTS,
+        query_keypoints: int = DEFAULT_QUERY_KEYPOINTS,
+    ) -> None:
+        self.max_side, self.max_keypoints = max_side, max_keypoints
+        self.query_keypoints = max(query_keypoints, max_keypoints)
+        self.description = (
+            f"RootSIFT: the {max_keypoints} strongest keypoints ({self.query_keypoints} for a query) on a "
+            f"{max_side}-px long side, 144 bytes a keypoint; verified by ratio-test matching and RANSAC"
+        )
+        self._pool = ThreadPoolExecutor(VERIFY_THREADS, thread_name_prefix="sift-verify")
+
+    def extract(self, images: Sequence[np.ndarray], *, for_query: bool = False) -> list[bytes]:
+        keypoints = self.query_keypoints if for_query else self.max_keypoints
+        return [pack(extract_local(image, self.max_side, keypoints)) for image in images]
+
+    def count(self, features: bytes) -> int:
+        return packed_count(features)
+
+    def verify(self, query: bytes, candidates: Sequence[bytes]) -> list[int]:
+        unpacked = unpack(query)
+        return list(self._pool.map(lambda candidate: verify(unpacked, unpack(candidate)).inliers, candidates))
+
+
+class SiftExtractor(TrainableExtractor):
     """One aggregation of RootSIFT over a vocabulary (``encode`` turns descriptors into the vector)."""
 
     default_metric = "cosine"
+    base_version = "1"
+    local_features = SIFT_LOCAL_FEATURES
+    batches = False  # SIFT works image by image: each request keeps its own thread
 
     def __init__(
         self,
         name: str,
         vocabulary: Vocabulary,
         encode: Callable[[np.ndarray, Vocabulary], np.ndarray],
-        dim: int,
+        dim_of: Callable[[int], int],
         what: str,
-        *,
-        max_side: int = DEFAULT_MAX_SIDE,
-        max_keypoints: int = DEFAULT_MAX_KEYPOINTS,
+        local: SiftLocalFeatures,
+        default_words: int,
     ) -> None:
-        self.name, self.dim, self.vocabulary, self._encode = name, dim, vocabulary, encode
-        self.version = f"1+{vocabulary.version}"
-        self.max_side, self.max_keypoints = max_side, max_keypoints
-        self.min_input_side = max_side // 2  # JPEGs may be decoded smaller: SIFT runs at max_side anyway
+        self.name, self.vocabulary, self._encode, self._dim_of = name, vocabulary, encode, dim_of
+        self.dim = dim_of(vocabulary.k)
+        self.local, self._what, self.default_model_size = local, what, default_words
+        self.version = f"{self.base_version}+{vocabulary.version}"
+        self.min_input_side = (
+            local.max_side // 2
+        )  # JPEGs may be decoded smaller: SIFT runs at max_side anyway
         self.description = (
-            f"SIFT ({what}): RootSIFT, at most {max_keypoints} keypoints on a {max_side}-px long side, "
-            f"{vocabulary.k}-word vocabulary {vocabulary.version}"
+            f"SIFT ({what}) over a {vocabulary.k}-word vocabulary {vocabulary.version}: {local.description}. "
+            f"TrainCollection fits a vocabulary on the collection's images ({default_words} words by default)"
         )
 
     def extract(self, images: Sequence[np.ndarray]) -> np.ndarray:
         out = np.zeros((len(images), self.dim), dtype=np.float32)
         for row, image in enumerate(images):
-            local = extract_local(image, self.max_side, self.max_keypoints)
-            out[row] = self._encode(local.descriptors, self.vocabulary)
+            found = extract_local(image, self.local.max_side, self.local.max_keypoints)
+            out[row] = self._encode(found.descriptors, self.vocabulary)
         return out
 
+    def _descriptors(self, features: bytes) -> np.ndarray:
+        """The strongest ``max_keypoints`` descriptors: a denser query set encodes like a stored one."""
+        return unpack(features).descriptors[: self.local.max_keypoints]
 
-def sift_extractors(vocabulary: Vocabulary, **limits: int) -> list[SiftExtractor]:
-    """The two SIFT extractors over ``vocabulary`` (limits: max_side, max_keypoints)."""
-    return [
-        SiftExtractor("sift-bovw", vocabulary, bovw, vocabulary.k, "bag of visual words, tf-idf", **limits),
-        SiftExtractor("sift-vlad", vocabulary, vlad, vocabulary.k * 128, "VLAD", **limits),
+    def encode(self, features: Sequence[bytes]) -> np.ndarray:
+        out = np.zeros((len(features), self.dim), dtype=np.float32)
+        for row, packed in enumerate(features):
+            out[row] = self._encode(self._descriptors(packed), self.vocabulary)
+        return out
+
+    def state(self) -> bytes:
+        return self.vocabulary.to_bytes()
+
+    def with_state(self, state: bytes) -> SiftExtractor:
+        return SiftExtractor(
+            self.name,
+            Vocabulary.from_bytes(state),
+            self._encode,
+            self._dim_of,
+            self._what,
+            self.local,
+            self.default_model_size,
+        )
+
+    def fit(self, features: Sequence[bytes], size: int = 0, seed: int = 0) -> bytes:
+        """FAISS k-means over the sample's descriptors (at most 200,000, seeded), then idf weights."""
+        words = size or self.default_model_size
+        per_image = [self._descriptors(packed) for packed in features]
+        total = sum(len(d) for d in per_image)
+        needed = words * DESCRIPTORS_PER_WORD
+        if len(per_image) < MIN_TRAINING_IMAGES or total < needed:
+            raise NotEnoughTrainingData(
+                f"a {words}-word vocabulary needs at least {MIN_TRAINING_IMAGES} images and {needed} "
+                f"SIFT descriptors ({DESCRIPTORS_PER_WORD} a word); the collection has {len(per_image)} "
+                f"images with {total} (add images, or ask for fewer words)"
+            )
+        pooled = np.concatenate(per_image) if per_image else np.zeros((0, DESCRIPTOR_DIM), np.float32)
+        if len(pooled) > MAX_TRAINING_DESCRIPTORS:
+            chosen = np.random.default_rng(seed).choice(len(pooled), MAX_TRAINING_DESCRIPTORS, replace=False)
+            pooled = pooled[np.sort(chosen)]
+        return fit_vocabulary(pooled, words, seed).fit_idf(per_image).to_bytes()
+
+
+BOVW_TRAINED_WORDS = 1024
+VLAD_TRAINED_WORDS = 64
+
+
+def sift_plugins(
+    vocabulary: Vocabulary,
+    *,
+    max_side: int = DEFAULT_MAX_SIDE,
+    max_keypoints: int = DEFAULT_MAX_KEYPOINTS,
+    query_keypoints: int = DEFAULT_QUERY_KEYPOINTS,
+) -> tuple[SiftLocalFeatures, list[SiftExtractor]]:
+    """The ``sift`` local features and the two extractors that encode them over ``vocabulary``."""
+    local = SiftLocalFeatures(max_side, max_keypoints, query_keypoints)
+    return local, [
+        SiftExtractor(
+            "sift-bovw",
+            vocabulary,
+            bovw,
+            lambda k: k,
+            "bag of visual words, tf-idf",
+            local,
+            BOVW_TRAINED_WORDS,
+        ),
+        SiftExtractor(
+            "sift-vlad", vocabulary, vlad, lambda k: k * DESCRIPTOR_DIM, "VLAD", local, VLAD_TRAINED_WORDS
+        ),
     ]

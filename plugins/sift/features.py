@@ -147,6 +147,13 @@ def pack(features: LocalFeatures) -> bytes:
     return header + features.keypoints.astype("<f4").tobytes() + quantised.tobytes()
 
 
+def packed_count(data: bytes) -> int:
+    """The keypoint count in ``pack``'s header, without unpacking the rest."""
+    if len(data) < _HEADER.size:
+        raise ValueError(f"packed features need at least {_HEADER.size} bytes, got {len(data)}")
+    return int(_HEADER.unpack_from(data)[3])
+
+
 def unpack(data: bytes) -> LocalFeatures:
     """Inverse of ``pack``; descriptor values come back within ``QUANTISATION_ERROR``."""
     if len(data) < _HEADER.size:

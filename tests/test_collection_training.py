@@ -1,0 +1,201 @@
+"""A trainable extractor's state below the gRPC layer: bound per collection, refitted by
+``Collection.train`` (all or nothing), restored on reopening, never mixed with another state.
+
+A fake extractor keeps this fast and exact: local features are float32 vectors as bytes, the
+"model" is one scale factor, encoding multiplies. A fit sets the scale to the number of images
+it saw, so every state is distinguishable and every vector can be predicted.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from imagesearch.plugins.metrics import L2
+from imagesearch.plugins.types import LocalFeatures, NotEnoughTrainingData, TrainableExtractor
+from imagesearch.server.collection import SNAPSHOT_FILE, Collection, CollectionSpec
+from imagesearch.server.errors import Aborted, FailedPrecondition
+from imagesearch.server.store import NewImage
+
+DIM = 4
+
+
+class Features(LocalFeatures):
+    name, version = "raw", "1"
+
+    def count(self, features: bytes) -> int:
+        return len(features) // (4 * DIM)
+
+
+class Scaled(TrainableExtractor):
+    """Vectors = the first local feature × scale; the state is the scale."""
+
+    name, default_metric, dim, base_version, local_features = "scaled", "l2", DIM, "1", "raw"
+
+    def __init__(self, scale: float = 1.0) -> None:
+        self.scale = scale
+        self.version = f"1+{scale:g}"
+        self.fitting = threading.Event()  # set while fit runs (a test holds it there)
+        self.release = threading.Event()
+        self.release.set()
+
+    def state(self) -> bytes:
+        return struct.pack("<f", self.scale)
+
+    def with_state(self, state: bytes) -> Scaled:
+        return Scaled(struct.unpack("<f", state)[0])
+
+    def fit(self, features: Sequence[bytes], size: int = 0, seed: int = 0) -> bytes:
+        if len(features) < 2:
+            raise NotEnoughTrainingData(f"needs at least 2 images, got {len(features)}")
+        self.fitting.set()
+        self.release.wait(10)
+        return struct.pack("<f", float(len(features)))
+
+    def encode(self, features: Sequence[bytes]) -> np.ndarray:
+        return np.stack([np.frombuffer(f, np.float32)[:DIM] * self.scale for f in features])
+
+
+def raw(seed: int) -> bytes:
+    return np.random.default_rng(seed).normal(size=DIM).astype(np.float32).tobytes()
+
+
+def image(seed: int, extractor: Scaled) -> NewImage:
+    local = raw(seed)
+    return NewImage(
+        id=f"img{seed}",
+        label="",
+        vector=extractor.encode([local])[0],
+        local=local,
+        encoded_with=extractor.version,
+    )
+
+
+SPEC = CollectionSpec(
+    name="c",
+    extractor="scaled",
+    extractor_version="1+1",
+    extractor_base_version="1",
+    local_features="raw",
+    local_features_version="1",
+    metric="l2",
+    dim=DIM,
+)
+
+
+@pytest.fixture
+def registered() -> Scaled:
+    return Scaled()
+
+
+@pytest.fixture
+def collection(tmp_path: Path, registered: Scaled) -> Collection:
+    made = Collection.create(tmp_path / "c", SPEC, L2, registered, Features())
+    made.add([image(seed, registered) for seed in range(5)])
+    return made
+
+
+def stored_vectors(collection: Collection) -> dict[str, np.ndarray]:
+    return {row.id: collection.get(row.id, with_vector=True).vector for row in collection.page(0, 100)}
+
+
+def test_training_reencodes_every_image_and_names_the_new_state(collection: Collection) -> None:
+    outcome = collection.train(0, 0)
+    assert (outcome.previous_version, outcome.training_images, outcome.reencoded_images) == ("1+1", 5, 5)
+    assert collection.spec.extractor_version == collection.extractor.version == "1+5"
+    for seed in range(5):
+        expected = np.frombuffer(raw(seed), np.float32) * 5
+        np.testing.assert_allclose(stored_vectors(collection)[f"img{seed}"], expected)
+        assert collection.search(expected, 1)[0].id == f"img{seed}"
+
+
+def test_the_state_is_restored_on_reopening_and_a_missing_one_refuses_images(
+    collection: Collection, registered: Scaled
+) -> None:
+    collection.train(0, 0)
+    collection.close()
+    again = Collection(
+        collection.directory, Collection.read_spec(collection.directory), L2, registered, Features()
+    )
+    assert again.extractor.version == "1+5" and again.spec.dim == DIM
+    np.testing.assert_allclose(stored_vectors(again)["img0"], np.frombuffer(raw(0), np.float32) * 5)
+    again.close()
+    other_code = Scaled()
+    other_code.base_version = "2"
+    stranger = Collection(collection.directory, again.spec, L2, other_code, Features())
+    with pytest.raises(FailedPrecondition, match="does not provide"):
+        stranger.check_extractor()
+    stranger.close()
+
+
+def test_an_add_encoded_with_the_replaced_state_is_reencoded(
+    collection: Collection, registered: Scaled
+) -> None:
+    late = image(99, registered)  # encoded by the state the collection had before training
+    collection.train(0, 0)
+    collection.add([late])
+    np.testing.assert_allclose(stored_vectors(collection)["img99"], np.frombuffer(raw(99), np.float32) * 5)
+
+
+def test_a_query_encoded_with_the_replaced_state_is_aborted(collection: Collection) -> None:
+    collection.train(0, 0)
+    query = np.zeros((1, DIM), np.float32)
+    with pytest.raises(Aborted):
+        collection.search_many(query, [1], version="1+1")
+    assert collection.search_many(query, [1], version="1+5")[0]
+
+
+def test_a_failed_commit_changes_nothing(collection: Collection, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = stored_vectors(collection)
+    collection.snapshot()
+
+    def crash(*args: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(collection.store, "reencode", crash)
+    with pytest.raises(OSError):
+        collection.train(0, 0)
+    assert collection.extractor.version == "1+1"
+    after = stored_vectors(collection)
+    assert all(np.array_equal(before[key], after[key]) for key in before)
+    assert collection.search(before["img3"], 1)[0].id == "img3"
+    assert not (collection.directory / SNAPSHOT_FILE).exists()  # deleted first: a restart rebuilds
+    monkeypatch.undo()
+    collection.close()
+    again = Collection(
+        collection.directory, Collection.read_spec(collection.directory), L2, Scaled(), Features()
+    )
+    assert again.extractor.version == "1+1" and again.search(before["img3"], 1)[0].id == "img3"
+
+
+def test_too_little_data_and_a_second_training_are_refused(tmp_path: Path, registered: Scaled) -> None:
+    small = Collection.create(tmp_path / "small", SPEC, L2, registered, Features())
+    small.add([image(0, registered)])
+    with pytest.raises(FailedPrecondition, match="at least 2 images") as refused:
+        small.train(0, 0)
+    assert refused.value.reason == "NOT_ENOUGH_TRAINING_DATA"
+
+    small.add([image(1, registered)])
+    small.extractor.release.clear()
+    first = threading.Thread(target=small.train, args=(0, 0))
+    first.start()
+    assert small.extractor.fitting.wait(10)
+    with pytest.raises(Aborted, match="being trained"):
+        small.train(0, 0)
+    small.extractor.release.set()
+    first.join(10)
+    assert small.extractor.version == "1+2"
+
+
+def test_removed_images_are_not_reencoded_back(collection: Collection) -> None:
+    collection.remove(["img1"])
+    outcome = collection.train(0, 0)
+    assert outcome.reencoded_images == 4 and collection.count() == 4
+    assert "img1" not in stored_vectors(collection)
+    assert collection.local_features_of([2]) == {}  # row 2 (img1) is gone, its features with it
+    assert set(collection.local_features_of([1, 3])) == {1, 3}

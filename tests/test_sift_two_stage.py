@@ -1,0 +1,250 @@
+"""SIFT two-stage retrieval through the real server: local features kept with the collection,
+TrainCollection (versioned, restored on restart, never mixed), geometric re-ranking of SIFT and
+CNN candidates (the hybrid), and the bad input around them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from imagesearch.client import (
+    FailedPrecondition,
+    ImageItem,
+    ImageSearchClient,
+    InvalidArgument,
+)
+from imagesearch.server.app import RunningServer, run_server
+from imagesearch.server.dataset_builder import available_sources, encode_jpeg, resize_long_side
+from tests.conftest import tiny_config
+from tests.support.tiny_plugin import TINY_PLUGIN
+
+pytestmark = pytest.mark.e2e
+
+
+def photos() -> dict[str, np.ndarray]:
+    """Every photo installed packages ship, 480 px on the long side (BGR)."""
+    found, _ = available_sources()
+    loaded = {source.name: cv2.imread(str(path), cv2.IMREAD_COLOR) for source, path in found}
+    return {name: resize_long_side(image, 480) for name, image in loaded.items() if image is not None}
+
+
+def pasted(image: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """``image`` at 40% scale in the middle of ``background``: a copy a CNN embedding misses."""
+    small = cv2.resize(image, None, fx=0.4, fy=0.4, interpolation=cv2.INTER_AREA)
+    out = cv2.resize(background, (640, 480), interpolation=cv2.INTER_AREA)
+    y, x = (out.shape[0] - small.shape[0]) // 3, (out.shape[1] - small.shape[1]) // 2
+    out[y : y + small.shape[0], x : x + small.shape[1]] = small
+    return out
+
+
+@pytest.fixture(scope="module")
+def images() -> dict[str, bytes]:
+    return {name: encode_jpeg(image, 90) for name, image in photos().items()}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[RunningServer]:
+    data_dir = tmp_path_factory.mktemp("two-stage") / "data"
+    with run_server(tiny_config(data_dir), extra_plugins=[TINY_PLUGIN]) as running:
+        yield running
+
+
+@pytest.fixture
+def client(server: RunningServer) -> Iterator[ImageSearchClient]:
+    with ImageSearchClient(server.target) as connected:
+        yield connected
+
+
+def fill(client: ImageSearchClient, name: str, images: dict[str, bytes], **create) -> None:
+    client.create_collection(name, **create)
+    client.add_images(
+        [ImageItem(id=key, content=data, label=key) for key, data in images.items()], collection=name
+    )
+
+
+def test_plugins_list_the_local_features_and_what_encodes_them(client: ImageSearchClient) -> None:
+    plugins = client.list_plugins()
+    assert [f.name for f in plugins.local_features] == ["sift"]
+    assert "RootSIFT" in plugins.local_features[0].description
+    for name in ("sift-bovw", "sift-vlad"):
+        info = plugins.extractor(name)
+        assert info.trainable and info.local_features == "sift"
+    assert not plugins.extractor("efficientnet-lite0").trainable
+
+
+def test_a_sift_collection_keeps_local_features_and_reports_their_size(
+    client: ImageSearchClient, images: dict[str, bytes]
+) -> None:
+    fill(client, "kept", images, extractor="sift-bovw")
+    info = client.get_collection("kept")
+    assert info.local_features == "sift"
+    # 144 bytes a keypoint, at most 1000 keypoints an image, a 13-byte header.
+    assert 13 * len(images) < info.local_features_bytes <= len(images) * (13 + 144 * 1000)
+    client.remove_images(["astronaut"], collection="kept")
+    assert client.get_collection("kept").local_features_bytes < info.local_features_bytes
+
+
+def test_geometric_rerank_finds_pasted_copies_and_reports_inliers(
+    client: ImageSearchClient, images: dict[str, bytes]
+) -> None:
+    fill(client, "rerank", images, extractor="sift-vlad")
+    names = sorted(images)
+    found = 0
+    for at, name in enumerate(names):
+        background = cv2.imdecode(
+            np.frombuffer(images[names[(at + 1) % len(names)]], np.uint8), cv2.IMREAD_COLOR
+        )
+        query = encode_jpeg(pasted(cv2.imdecode(np.frombuffer(images[name], np.uint8), 1), background), 90)
+        result = client.search(query, collection="rerank", top_k=2, rerank=len(images))
+        inliers = [hit.inliers for hit in result.hits]
+        assert inliers == sorted(inliers, reverse=True)
+        assert result.timings.rerank_ms > 0
+        found += name in result.ids
+    assert found >= 0.9 * len(names), f"pasted source in the top 2 for {found} of {len(names)}"
+    plain = client.search(images[names[0]], collection="rerank", top_k=3)
+    assert all(hit.inliers == 0 for hit in plain.hits) and plain.timings.rerank_ms == 0
+
+
+def test_the_hybrid_reranks_cnn_candidates_by_geometry(
+    client: ImageSearchClient, images: dict[str, bytes]
+) -> None:
+    fill(client, "hybrid", images, extractor="efficientnet-lite0", local_features="sift")
+    info = client.get_collection("hybrid")
+    assert info.local_features == "sift" and info.local_features_bytes > 0
+    name = sorted(images)[0]
+    by_id = client.search(image_id=name, collection="hybrid", top_k=3, rerank=10)
+    assert by_id.hits[0].id == name and by_id.hits[0].inliers > 20
+    assert by_id.hits[1].inliers < by_id.hits[0].inliers
+
+
+def test_rerank_needs_local_features_and_an_image(
+    client: ImageSearchClient, images: dict[str, bytes]
+) -> None:
+    client.create_collection("plain-cnn", extractor="efficientnet-lite0")
+    with pytest.raises(FailedPrecondition) as refused:
+        client.search(next(iter(images.values())), collection="plain-cnn", rerank=10)
+    assert refused.value.reason == "RERANK_UNAVAILABLE" and "local_features" in str(refused.value)
+    client.create_collection("vlad-bad", extractor="sift-vlad")
+    with pytest.raises(InvalidArgument):
+        client.search(vector=np.zeros(32 * 128, np.float32), collection="vlad-bad", rerank=10)
+    with pytest.raises(InvalidArgument) as too_many:
+        client.search(next(iter(images.values())), collection="vlad-bad", rerank=100_000)
+    assert too_many.value.field_violations[0].field == "rerank.candidates"
+    with pytest.raises(InvalidArgument) as vector:
+        client.add_images([ImageItem(id="v", vector=np.ones(32 * 128, np.float32))], collection="vlad-bad")
+    assert vector.value.reason == "VECTOR_NOT_ACCEPTED"
+    with pytest.raises(InvalidArgument) as mismatch:
+        client.create_collection("vlad-orb", extractor="sift-vlad", local_features="orb")
+    assert mismatch.value.reason == "LOCAL_FEATURES_MISMATCH"
+    with pytest.raises(InvalidArgument) as unknown:
+        client.create_collection("cnn-orb", extractor="efficientnet-lite0", local_features="orb")
+    assert unknown.value.reason == "UNKNOWN_LOCAL_FEATURES" and "sift" in str(unknown.value)
+
+
+def test_an_image_without_keypoints_is_stored_with_a_note(client: ImageSearchClient) -> None:
+    client.create_collection("flat-colour", extractor="sift-bovw")
+    flat = encode_jpeg(np.full((64, 64, 3), 128, np.uint8), 90)
+    result = client.add_images([ImageItem(id="flat", content=flat)], collection="flat-colour")
+    assert result.added_count == 1 and "no sift keypoints" in result.results[0].note
+    record = client.get_image("flat", collection="flat-colour", include_vector=True)
+    assert record.vector is not None and not record.vector.any()
+    assert client.search(flat, collection="flat-colour", rerank=5).hits[0].inliers == 0
+
+
+def test_training_with_too_few_images_says_how_many_are_needed(client: ImageSearchClient, images) -> None:
+    client.create_collection("too-few", extractor="sift-bovw")
+    client.add_images([ImageItem(id="one", content=next(iter(images.values())))], collection="too-few")
+    with pytest.raises(FailedPrecondition) as refused:
+        client.train_collection("too-few")
+    assert refused.value.reason == "NOT_ENOUGH_TRAINING_DATA"
+    assert "at least 2 images" in str(refused.value)
+    with pytest.raises(FailedPrecondition) as not_trainable:
+        client.train_collection("plain-cnn" if "plain-cnn" in names(client) else "default")
+    assert not_trainable.value.reason == "NOT_TRAINABLE"
+
+
+def names(client: ImageSearchClient) -> set[str]:
+    return {info.name for info in client.list_collections()}
+
+
+def test_training_refits_reencodes_and_survives_a_restart(tmp_path: Path, images: dict[str, bytes]) -> None:
+    config = tiny_config(tmp_path / "data")
+    query = encode_jpeg(
+        cv2.rotate(cv2.imdecode(np.frombuffer(images["chelsea"], np.uint8), 1), cv2.ROTATE_90_CLOCKWISE), 80
+    )
+    with (
+        run_server(config, extra_plugins=[TINY_PLUGIN]) as running,
+        ImageSearchClient(running.target) as client,
+    ):
+        fill(client, "trained", images, extractor="sift-bovw")
+        before = client.get_collection("trained")
+        old_vector = client.get_image("chelsea", collection="trained", include_vector=True).vector
+        trained = client.train_collection("trained", model_size=256, seed=7)
+        after = trained.collection
+        assert trained.previous_extractor_version == before.extractor_version != after.extractor_version
+        assert after.dimension == 256 and after.image_count == len(images)
+        assert trained.reencoded_images == len(images) == trained.training_images
+        new_vector = client.get_image("chelsea", collection="trained", include_vector=True).vector
+        assert new_vector is not None and new_vector.shape == (256,) and old_vector.shape == (32,)
+        with pytest.raises(FailedPrecondition) as stale:
+            client.search(vector=new_vector, collection="trained", extractor_version=before.extractor_version)
+        assert stale.value.reason == "EXTRACTOR_VERSION_MISMATCH"
+        assert client.search(
+            vector=new_vector, collection="trained", extractor_version=after.extractor_version
+        )
+        hits = client.search(query, collection="trained", top_k=5, rerank=10).hits
+        assert hits[0].id == "chelsea"
+        client.add_images([ImageItem(id="late", content=images["coffee"])], collection="trained")
+        assert client.get_image("late", collection="trained", include_vector=True).vector.shape == (256,)
+    with (
+        run_server(config, extra_plugins=[TINY_PLUGIN]) as running,
+        ImageSearchClient(running.target) as client,
+    ):
+        restored = client.get_collection("trained")
+        assert restored.extractor_version == after.extractor_version and restored.dimension == 256
+        again = client.search(query, collection="trained", top_k=5, rerank=10).hits
+        assert [(h.id, h.inliers) for h in again] == [(h.id, h.inliers) for h in hits]
+        # The same images and seed give the same vocabulary, so the same version.
+        client.remove_images(["late"], collection="trained")
+        assert client.train_collection("trained", model_size=256, seed=7).collection.extractor_version == (
+            after.extractor_version
+        )
+
+
+def test_the_train_and_search_commands(
+    client: ImageSearchClient, server: RunningServer, images: dict[str, bytes], tmp_path: Path, capsys
+) -> None:
+    from imagesearch.server.cli import main
+
+    fill(client, "cli", images, extractor="sift-vlad")
+    assert main(["train", "--collection", "cli", "--words", "16", "--target", server.target]) == 0
+    out = capsys.readouterr().out
+    assert f"fitted on {len(images)} images" in out and "dimension 2048" in out
+    assert client.get_collection("cli").dimension == 16 * 128
+    query = tmp_path / "q.jpg"
+    query.write_bytes(images["chelsea"])
+    assert (
+        main(
+            [
+                "search",
+                str(query),
+                "--collection",
+                "cli",
+                "--rerank",
+                "5",
+                "-k",
+                "2",
+                "--target",
+                server.target,
+            ]
+        )
+        == 0
+    )
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[-1] == "inliers" and table[1].split()[1] == "chelsea"
+    assert main(["train", "--collection", "too-few-cli", "--target", server.target]) == 2
+    assert "NOT_FOUND" in capsys.readouterr().err
