@@ -72,6 +72,9 @@ class LocalFeatures:
     name: str
     version: str
     description: str = ""
+    min_inliers: int = 10
+    """Fewer verified matches than this are no evidence (unrelated images reach a few by chance):
+    the server orders such candidates as the first stage did, below every verified one."""
 
     def extract(self, images: Sequence[np.ndarray], *, for_query: bool = False) -> list[bytes]:
         """One serialised feature set per image (BGR ``uint8`` arrays, as ``Extractor.extract``).

@@ -38,6 +38,11 @@ def print_plugins(config: ServerConfig) -> int:
     print("metrics:")
     for name, registered in sorted(registry.metrics.items()):
         print(f"  {name:<24} {registered.item.description}  (from {registered.plugin})")
+    print("local features:")
+    for name, registered in sorted(registry.local_features.items()):
+        print(
+            f"  {name:<24} v{registered.item.version:<4} {registered.item.description}  (from {registered.plugin})"
+        )
     for problem in registry.problems:
         print(f"problem: {problem}")
     return 1 if registry.problems else 0

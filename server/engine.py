@@ -782,7 +782,9 @@ class Engine:
         inliers = dict(
             zip(verified, local.verify(query, [stored[hits[i].row_id] for i in verified]), strict=True)
         )
-        ranked = sorted(range(len(hits)), key=lambda i: -inliers.get(i, 0))
+        # Below min_inliers is chance agreement: those keep the first stage's order, under the verified.
+        evidence = {i: n if n >= local.min_inliers else 0 for i, n in inliers.items()}
+        ranked = sorted(range(len(hits)), key=lambda i: -evidence.get(i, 0))
         plan.rerank_ms = _ms(step)
         return [dataclasses.replace(hits[i], inliers=int(inliers.get(i, 0))) for i in ranked][: plan.k]
 

@@ -101,7 +101,8 @@ def test_geometric_rerank_finds_pasted_copies_and_reports_inliers(
         query = encode_jpeg(pasted(cv2.imdecode(np.frombuffer(images[name], np.uint8), 1), background), 90)
         result = client.search(query, collection="rerank", top_k=2, rerank=len(images))
         inliers = [hit.inliers for hit in result.hits]
-        assert inliers == sorted(inliers, reverse=True)
+        verified = [n for n in inliers if n >= 10]  # SiftLocalFeatures.min_inliers: evidence, ranked first
+        assert inliers[: len(verified)] == sorted(verified, reverse=True)
         assert result.timings.rerank_ms > 0
         found += name in result.ids
     assert found >= 0.9 * len(names), f"pasted source in the top 2 for {found} of {len(names)}"
