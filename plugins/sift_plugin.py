@@ -5,7 +5,8 @@ The vocabulary is a file in the models directory, ``sift-vocabulary.bin``, built
 ``imagesearch model vocabulary`` (``make models`` does it) from photos that installed packages
 ship, so a SIFT collection works with zero set-up. No vocabulary file: nothing is registered.
 Settings from ``[plugins.sift]``: ``max_side``, ``max_keypoints`` (stored per image) and
-``query_keypoints`` (extracted from a query image for geometric re-ranking).
+``query_keypoints`` (extracted from a query image for geometric re-ranking) and ``vlad_pca_dim``
+(when > 0, TrainCollection on a ``sift-vlad`` collection also fits a PCA to that many dimensions).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 VOCABULARY_FILE = "sift-vocabulary.bin"
 
 
-LIMIT_KEYS = ("max_side", "max_keypoints", "query_keypoints")
+LIMIT_KEYS = ("max_side", "max_keypoints", "query_keypoints", "vlad_pca_dim")
 
 
 def _load(context: PluginContext) -> tuple[SiftLocalFeatures, list[SiftExtractor]] | None:

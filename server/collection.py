@@ -252,7 +252,7 @@ class Collection:
         if registered is None:
             return None
         bound = registered
-        if isinstance(registered, TrainableExtractor):
+        if isinstance(registered, TrainableExtractor) and self.spec.extractor_base_version:
             state = self.store.extractor_state()
             if state is None or registered.base_version != self.spec.extractor_base_version:
                 log.warning(
@@ -709,6 +709,12 @@ class Collection:
         if not isinstance(extractor, TrainableExtractor):
             raise FailedPrecondition(
                 f"extractor {extractor.name!r} of collection {self.spec.name!r} has nothing to train",
+                reason="NOT_TRAINABLE",
+            )
+        if not self.spec.extractor_base_version:  # made before collections kept state and features
+            raise FailedPrecondition(
+                f"collection {self.spec.name!r} was created before SIFT collections kept their local "
+                "features, which training needs; re-index its images into a new collection",
                 reason="NOT_TRAINABLE",
             )
         self.live_index()

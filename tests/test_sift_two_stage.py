@@ -249,3 +249,24 @@ def test_the_train_and_search_commands(
     assert table[0].split()[-1] == "inliers" and table[1].split()[1] == "chelsea"
     assert main(["train", "--collection", "too-few-cli", "--target", server.target]) == 2
     assert "NOT_FOUND" in capsys.readouterr().err
+
+
+def test_vlad_reduced_by_pca_when_configured(tmp_path: Path, images: dict[str, bytes]) -> None:
+    config = tiny_config(tmp_path / "data", plugins={"sift": {"vlad_pca_dim": 8}})
+    query = encode_jpeg(
+        cv2.rotate(cv2.imdecode(np.frombuffer(images["chelsea"], np.uint8), 1), cv2.ROTATE_90_CLOCKWISE), 80
+    )
+    with (
+        run_server(config, extra_plugins=[TINY_PLUGIN]) as running,
+        ImageSearchClient(running.target) as client,
+    ):
+        client.create_collection("few", extractor="sift-vlad")
+        client.add_images([ImageItem(id=k, content=images[k]) for k in sorted(images)[:3]], collection="few")
+        with pytest.raises(FailedPrecondition, match="8-d PCA of VLAD needs at least 8 images"):
+            client.train_collection("few", model_size=4)
+        fill(client, "pca", images, extractor="sift-vlad")
+        trained = client.train_collection("pca", model_size=16).collection
+        assert trained.dimension == 8 and ".pca8-" in trained.extractor_version
+        vector = client.get_image("chelsea", collection="pca", include_vector=True).vector
+        assert vector.shape == (8,) and abs(float(np.linalg.norm(vector)) - 1) < 1e-4
+        assert client.search(query, collection="pca", top_k=3, rerank=10).hits[0].id == "chelsea"

@@ -13,13 +13,15 @@ searchable, never an error.
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from imagesearch.plugins import LocalFeatures, NotEnoughTrainingData, TrainableExtractor
-from imagesearch.plugins.sift.encoding import bovw, vlad
+from imagesearch.plugins.sift.encoding import PCA, bovw, fit_pca, vlad
 from imagesearch.plugins.sift.features import DESCRIPTOR_DIM, extract_local, pack, packed_count, unpack
 from imagesearch.plugins.sift.geometry import verify
 from imagesearch.plugins.sift.vocabulary import Vocabulary, fit_vocabulary
@@ -34,6 +36,10 @@ DESCRIPTORS_PER_WORD = 4  # below this k-means places words on single noisy desc
 MAX_TRAINING_DESCRIPTORS = 200_000  # a seeded sample: FAISS k-means gains little past 256 a word
 VERIFY_THREADS = 2  # OpenCV's RANSAC and FAISS release the GIL: candidates verified side by side
 SIFT_LOCAL_FEATURES = "sift"
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:8]
 
 
 class SiftLocalFeatures(LocalFeatures):
@@ -68,8 +74,30 @@ class SiftLocalFeatures(LocalFeatures):
         return list(self._pool.map(lambda candidate: verify(unpacked, unpack(candidate)).inliers, candidates))
 
 
+STATE_MAGIC = b"SIFTSTATE1"
+_LENGTH = struct.Struct("<I")
+
+
+def pack_state(vocabulary: Vocabulary, pca: PCA | None) -> bytes:
+    """A collection's SIFT state: the vocabulary and, for PCA-reduced VLAD, the projection."""
+    words = vocabulary.to_bytes()
+    return STATE_MAGIC + _LENGTH.pack(len(words)) + words + (pca.to_bytes() if pca is not None else b"")
+
+
+def unpack_state(state: bytes) -> tuple[Vocabulary, PCA | None]:
+    if not state.startswith(STATE_MAGIC):  # a bare vocabulary, as the first states were stored
+        return Vocabulary.from_bytes(state), None
+    at = len(STATE_MAGIC)
+    (length,) = _LENGTH.unpack_from(state, at)
+    at += _LENGTH.size
+    words, rest = state[at : at + length], state[at + length :]
+    return Vocabulary.from_bytes(words), PCA.from_bytes(rest) if rest else None
+
+
 class SiftExtractor(TrainableExtractor):
-    """One aggregation of RootSIFT over a vocabulary (``encode`` turns descriptors into the vector)."""
+    """One aggregation of RootSIFT over a vocabulary (``encode`` turns descriptors into the vector),
+    optionally projected by a PCA fitted with the vocabulary (``pca_dim``; VLAD's 128·k dimensions
+    are mostly redundant, and a smaller vector is a smaller, faster index)."""
 
     default_metric = "cosine"
     base_version = "1"
@@ -85,11 +113,16 @@ class SiftExtractor(TrainableExtractor):
         what: str,
         local: SiftLocalFeatures,
         default_words: int,
+        *,
+        pca: PCA | None = None,
+        pca_dim: int = 0,
     ) -> None:
         self.name, self.vocabulary, self._encode, self._dim_of = name, vocabulary, encode, dim_of
-        self.dim = dim_of(vocabulary.k)
+        self.pca, self.pca_dim = pca, pca_dim
+        self.dim = pca.dim if pca is not None else dim_of(vocabulary.k)
         self.local, self._what, self.default_model_size = local, what, default_words
-        self.version = f"{self.base_version}+{vocabulary.version}"
+        projection = f".pca{pca.dim}-{_digest(pca.to_bytes())}" if pca is not None else ""
+        self.version = f"{self.base_version}+{vocabulary.version}{projection}"
         self.min_input_side = (
             local.max_side // 2
         )  # JPEGs may be decoded smaller: SIFT runs at max_side anyway
@@ -99,34 +132,41 @@ class SiftExtractor(TrainableExtractor):
         )
 
     def extract(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        out = np.zeros((len(images), self.dim), dtype=np.float32)
-        for row, image in enumerate(images):
-            found = extract_local(image, self.local.max_side, self.local.max_keypoints)
-            out[row] = self._encode(found.descriptors, self.vocabulary)
-        return out
+        found = [extract_local(image, self.local.max_side, self.local.max_keypoints) for image in images]
+        return self._vectors([f.descriptors for f in found])
+
+    def _vectors(self, per_image: Sequence[np.ndarray]) -> np.ndarray:
+        """Encode each image's descriptors, then project them when this state has a PCA."""
+        raw = np.zeros((len(per_image), self._dim_of(self.vocabulary.k)), dtype=np.float32)
+        for row, descriptors in enumerate(per_image):
+            raw[row] = self._encode(descriptors, self.vocabulary)
+        if self.pca is None:
+            return raw
+        # An image without keypoints stays the zero vector (a projection would move it off zero).
+        return np.where(raw.any(axis=1, keepdims=True), self.pca.apply(raw), 0).astype(np.float32)
 
     def _descriptors(self, features: bytes) -> np.ndarray:
         """The strongest ``max_keypoints`` descriptors: a denser query set encodes like a stored one."""
         return unpack(features).descriptors[: self.local.max_keypoints]
 
     def encode(self, features: Sequence[bytes]) -> np.ndarray:
-        out = np.zeros((len(features), self.dim), dtype=np.float32)
-        for row, packed in enumerate(features):
-            out[row] = self._encode(self._descriptors(packed), self.vocabulary)
-        return out
+        return self._vectors([self._descriptors(packed) for packed in features])
 
     def state(self) -> bytes:
-        return self.vocabulary.to_bytes()
+        return pack_state(self.vocabulary, self.pca)
 
     def with_state(self, state: bytes) -> SiftExtractor:
+        vocabulary, pca = unpack_state(state)
         return SiftExtractor(
             self.name,
-            Vocabulary.from_bytes(state),
+            vocabulary,
             self._encode,
             self._dim_of,
             self._what,
             self.local,
             self.default_model_size,
+            pca=pca,
+            pca_dim=self.pca_dim,
         )
 
     def fit(self, features: Sequence[bytes], size: int = 0, seed: int = 0) -> bytes:
@@ -141,11 +181,23 @@ class SiftExtractor(TrainableExtractor):
                 f"SIFT descriptors ({DESCRIPTORS_PER_WORD} a word); the collection has {len(per_image)} "
                 f"images with {total} (add images, or ask for fewer words)"
             )
+        with_keypoints = sum(1 for d in per_image if len(d))
+        if self.pca_dim and with_keypoints < self.pca_dim:
+            raise NotEnoughTrainingData(
+                f"a {self.pca_dim}-d PCA of VLAD needs at least {self.pca_dim} images with keypoints; "
+                f"the collection has {with_keypoints} (add images, or lower [plugins.sift] vlad_pca_dim)"
+            )
         pooled = np.concatenate(per_image) if per_image else np.zeros((0, DESCRIPTOR_DIM), np.float32)
         if len(pooled) > MAX_TRAINING_DESCRIPTORS:
             chosen = np.random.default_rng(seed).choice(len(pooled), MAX_TRAINING_DESCRIPTORS, replace=False)
             pooled = pooled[np.sort(chosen)]
-        return fit_vocabulary(pooled, words, seed).fit_idf(per_image).to_bytes()
+        vocabulary = fit_vocabulary(pooled, words, seed).fit_idf(per_image)
+        pca = None
+        if self.pca_dim:
+            fitted = self.with_state(pack_state(vocabulary, None))
+            sample = fitted._vectors([d for d in per_image if len(d)])  # no PCA yet: raw VLAD
+            pca = fit_pca(sample, self.pca_dim)
+        return pack_state(vocabulary, pca)
 
 
 BOVW_TRAINED_WORDS = 1024
@@ -158,9 +210,21 @@ def sift_plugins(
     max_side: int = DEFAULT_MAX_SIDE,
     max_keypoints: int = DEFAULT_MAX_KEYPOINTS,
     query_keypoints: int = DEFAULT_QUERY_KEYPOINTS,
+    vlad_pca_dim: int = 0,
 ) -> tuple[SiftLocalFeatures, list[SiftExtractor]]:
-    """The ``sift`` local features and the two extractors that encode them over ``vocabulary``."""
+    """The ``sift`` local features and the two extractors that encode them over ``vocabulary``;
+    ``vlad_pca_dim`` > 0: TrainCollection also fits a PCA reducing VLAD to that many dimensions."""
     local = SiftLocalFeatures(max_side, max_keypoints, query_keypoints)
+    vlad_extractor = SiftExtractor(
+        "sift-vlad",
+        vocabulary,
+        vlad,
+        lambda k: k * DESCRIPTOR_DIM,
+        "VLAD",
+        local,
+        VLAD_TRAINED_WORDS,
+        pca_dim=vlad_pca_dim,
+    )
     return local, [
         SiftExtractor(
             "sift-bovw",
@@ -171,7 +235,5 @@ def sift_plugins(
             local,
             BOVW_TRAINED_WORDS,
         ),
-        SiftExtractor(
-            "sift-vlad", vocabulary, vlad, lambda k: k * DESCRIPTOR_DIM, "VLAD", local, VLAD_TRAINED_WORDS
-        ),
+        vlad_extractor,
     ]
