@@ -7,7 +7,13 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["bench_index.py", "bench_extract.py", "bench_concurrency.py", "bench_buckets.py"]
+SCRIPTS = [
+    "bench_index.py",
+    "bench_extract.py",
+    "bench_concurrency.py",
+    "bench_buckets.py",
+    "bench_sift.py",
+]
 
 
 def main() -> int:
