@@ -335,17 +335,12 @@ class Engine:
         fitting = [i for i, v in enumerate(vectors) if v.shape == (dim,)]
         matrix = np.stack([vectors[i] for i in fitting]) if fitting else np.zeros((0, dim), np.float32)
         finite = np.isfinite(matrix).all(axis=1)
-        wide = np.where(np.isfinite(matrix), matrix, 0).astype(np.float64)
-        in_range = np.einsum("ij,ij->i", wide, wide) <= MAX_VECTOR_NORM**2
-        verdicts: list[np.ndarray | InvalidArgument] = [
-            InvalidArgument(
-                f"vector has {v.size} values; collection {collection.spec.name!r} has dimension {dim}",
-                field=field,
-                reason="DIMENSION_MISMATCH",
-            )
-            for v, field in zip(vectors, fields, strict=True)
-        ]
-        for row, i in enumerate(fitting):
+        # Squares in float32: a norm within the bound squares to at most 1e36 < 3.4e38, one past it
+        # overflows to inf or lands past the bound; non-finite rows are zeroed first (refused anyway).
+        usable = matrix if finite.all() else np.where(finite[:, None], matrix, 0)
+        in_range = np.einsum("ij,ij->i", usable, usable) <= np.float32(MAX_VECTOR_NORM**2)
+        verdicts: list[np.ndarray | InvalidArgument | None] = [None] * len(vectors)
+        for row, i in enumerate(fitting):  # errors are built only for the vectors they refuse
             if not finite[row]:
                 verdicts[i] = InvalidArgument(
                     "vector contains NaN or infinity", field=fields[i], reason="NON_FINITE_VECTOR"
@@ -359,7 +354,16 @@ class Engine:
                 )
             else:
                 verdicts[i] = vectors[i]
-        return verdicts
+        return [
+            verdict
+            if verdict is not None
+            else InvalidArgument(
+                f"vector has {v.size} values; collection {collection.spec.name!r} has dimension {dim}",
+                field=field,
+                reason="DIMENSION_MISMATCH",
+            )
+            for verdict, v, field in zip(verdicts, vectors, fields, strict=True)
+        ]
 
     def _check_fields(self, item: ImageItem, prefix: str) -> None:
         limits = self.limits
