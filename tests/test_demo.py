@@ -17,6 +17,10 @@ def test_demo_indexes_samples_and_writes_a_contact_sheet(server, tmp_path, capsy
     assert sheet.count('<figure class="hit">') == 8 and "data:image/jpeg;base64," in sheet
     ranking = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert ranking[0][1].startswith("chelsea"), out
+    pasted = out[out.index("pasted at 40%") :]
+    reranked = [line.split() for line in pasted.splitlines() if line.strip()[:1].isdigit()]
+    # The pasted photo is found among the re-ranked hits, confirmed by geometry.
+    assert any(row[2] == "coffee" and int(row[3]) >= 10 for row in reranked), pasted
     assert server.engine.get_collection(DEMO_COLLECTION).image_count == 4 * len(sample_photos())
     run_demo(server.target, tmp_path)  # a second run reuses the collection
     assert server.engine.get_collection(DEMO_COLLECTION).image_count == 4 * len(sample_photos())
