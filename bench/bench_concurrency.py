@@ -32,7 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import RESULTS, VectorPlugin, machine, percentile, save
+from bench.common import RESULTS, VectorPlugin, machine, percentile, save, save_figure
 from imagesearch.plugins import l2_normalize, onnx_cnn
 from imagesearch.server.app import run_server
 from imagesearch.server.config import Limits, ServerConfig, default_models_dir
@@ -366,10 +366,7 @@ def plot(results: dict, callers: list[int]) -> None:
     for ax in (left, right):
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), frameon=False, ncol=2, fontsize=8)
     fig.suptitle(f"search by vector, {results['n']} x {results['dim']} flat cosine, top-10")
-    fig.tight_layout()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    fig.savefig(RESULTS / "concurrency.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, "concurrency")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import RESULTS, machine, percentile, save
+from bench.common import RESULTS, machine, percentile, save, save_figure
 from imagesearch.client import ImageItem, ImageSearchClient
 from imagesearch.plugins.sift.extractors import SiftLocalFeatures
 from imagesearch.plugins.sift.features import extract_local, pack, unpack
@@ -739,10 +739,7 @@ def plot(results: dict) -> None:
     right.set_ylabel("p50 ms, client side")
     right.set_title(f"search by image, {results['images']} images")
     right.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), frameon=False, ncol=3, fontsize=8)
-    fig.tight_layout()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    fig.savefig(RESULTS / "sift.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, "sift")
 
 
 if __name__ == "__main__":

@@ -71,7 +71,15 @@ def bar_plot(
     ax.set_title(title)
     # Below the axes, so it never hides a bar.
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(series), frameon=False)
+    return save_figure(fig, name)
+
+
+def save_figure(fig, name: str) -> Path:
+    """Lay out, write ``bench/results/<name>.png`` and free a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
+    RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
