@@ -793,6 +793,60 @@ CORPUS: list[Case] = [
         FAILED_PRECONDITION,
         "METRIC_OVERRIDE_UNSUPPORTED",
     ),
+    # -- local features, re-ranking and training (the default collection keeps no local features) --
+    Case(
+        "search-rerank-without-local-features",
+        "Search",
+        ser(
+            pb.SearchRequest(
+                image_id="seed", rerank=pb.Rerank(method=pb.RERANK_METHOD_GEOMETRIC, candidates=10)
+            )
+        ),
+        FAILED_PRECONDITION,
+        "RERANK_UNAVAILABLE",
+    ),
+    Case(
+        "search-rerank-unknown-method",
+        "Search",
+        ser(pb.SearchRequest(image_id="seed", rerank=pb.Rerank(method=7, candidates=10))),
+        INVALID_ARGUMENT,
+        "BAD_MODE",
+    ),
+    Case(
+        "search-vector-of-another-extractor-version",
+        "Search",
+        ser(pb.SearchRequest(vector=vec([0.5] * DIM), extractor_version="0+" + "f" * 1000)),
+        FAILED_PRECONDITION,
+        "EXTRACTOR_VERSION_MISMATCH",
+    ),
+    Case(
+        "train-unknown-collection",
+        "TrainCollection",
+        ser(pb.TrainCollectionRequest(name="nope")),
+        NOT_FOUND,
+        "COLLECTION_NOT_FOUND",
+    ),
+    Case(
+        "train-not-trainable",
+        "TrainCollection",
+        ser(pb.TrainCollectionRequest()),
+        FAILED_PRECONDITION,
+        "NOT_TRAINABLE",
+    ),
+    Case(
+        "train-negative-model-size",
+        "TrainCollection",
+        ser(pb.TrainCollectionRequest(model_size=-(2**31))),
+        INVALID_ARGUMENT,
+        "BAD_MODEL_SIZE",
+    ),
+    Case(
+        "create-unknown-local-features",
+        "CreateCollection",
+        create("orb-case", local_features="orb" * 1000),
+        INVALID_ARGUMENT,
+        "UNKNOWN_LOCAL_FEATURES",
+    ),
     *image_cases(),
 ]
 

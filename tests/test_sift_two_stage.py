@@ -270,3 +270,21 @@ def test_vlad_reduced_by_pca_when_configured(tmp_path: Path, images: dict[str, b
         vector = client.get_image("chelsea", collection="pca", include_vector=True).vector
         assert vector.shape == (8,) and abs(float(np.linalg.norm(vector)) - 1) < 1e-4
         assert client.search(query, collection="pca", top_k=3, rerank=10).hits[0].id == "chelsea"
+
+
+def test_search_batch_reranks_each_query_as_search_does(
+    client: ImageSearchClient, images: dict[str, bytes]
+) -> None:
+    from imagesearch.client import Query
+
+    if "batch" not in names(client):
+        fill(client, "batch", images, extractor="sift-vlad")
+    chosen = sorted(images)[:3]
+    alone = [client.search(images[name], collection="batch", top_k=3, rerank=10) for name in chosen]
+    together = client.search_batch(
+        [Query(image=images[n], collection="batch", top_k=3, rerank=10) for n in chosen]
+    )
+    assert [[(h.id, h.inliers) for h in r.hits] for r in together] == [
+        [(h.id, h.inliers) for h in r.hits] for r in alone
+    ]
+    assert all(r.hits[0].inliers >= 10 for r in together)
