@@ -44,12 +44,12 @@ class SheetItem:
 
 
 def hit_item(rank: int, hit: SearchHit, thumbnail: bytes | None) -> SheetItem:
-    """The sheet cell of one search hit: rank and id, then label, score and distance."""
-    return SheetItem(
-        f"#{rank} {hit.id}",
-        thumbnail,
-        [f"label {hit.label}", f"score {hit.score:.4f}", f"distance {hit.distance:.4f}"],
-    )
+    """The sheet cell of one search hit: rank and id, then label, score, distance and, for a
+    geometrically re-ranked hit, its verified inliers."""
+    lines = [f"label {hit.label}", f"score {hit.score:.4f}", f"distance {hit.distance:.4f}"]
+    if hit.inliers:
+        lines.append(f"{hit.inliers} inliers")
+    return SheetItem(f"#{rank} {hit.id}", thumbnail, lines)
 
 
 def _data_uri(image: bytes | None) -> str:
