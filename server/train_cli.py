@@ -70,7 +70,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     info = result.collection
     print(
         f"collection '{info.name}' ({info.extractor}): vocabulary fitted on {result.training_images} images, "
-        f"{result.reencoded_images} re-encoded in {format_duration(result.train_ms / 1000)}\n"
+        f"{result.reencoded_images} re-encoded in {result.train_ms / 1000:.1f} s\n"
         f"extractor version {result.previous_extractor_version} -> {info.extractor_version}, "
         f"dimension {info.dimension}"
     )
