@@ -288,3 +288,19 @@ def test_search_batch_reranks_each_query_as_search_does(
         [(h.id, h.inliers) for h in r.hits] for r in alone
     ]
     assert all(r.hits[0].inliers >= 10 for r in together)
+
+
+@pytest.mark.parametrize("index_type", ["ivf", "hnsw"])
+def test_training_rebuilds_approximate_indexes_at_the_new_dimension(
+    client: ImageSearchClient, images: dict[str, bytes], index_type: str
+) -> None:
+    params = {"ivf": {"nlist": 4, "nprobe": 4, "train_size": 8}} if index_type == "ivf" else {}
+    name = f"approx-{index_type}"
+    fill(client, name, images, extractor="sift-bovw", index_type=index_type, **params)
+    trained = client.train_collection(name, model_size=128).collection
+    assert trained.dimension == 128 and trained.image_count == len(images) and not trained.read_only
+    assert trained.index_trained == (index_type == "ivf")
+    query = encode_jpeg(
+        cv2.rotate(cv2.imdecode(np.frombuffer(images["coffee"], np.uint8), 1), cv2.ROTATE_180), 85
+    )
+    assert client.search(query, collection=name, top_k=3, rerank=10).hits[0].id == "coffee"
