@@ -57,6 +57,7 @@ STORE_FILE = "store.sqlite3"
 # (vectors fetched by id); beyond it, the whole index is scanned with an id selector.
 GATHER_LIMIT = 20_000
 SNAPSHOT_FILE = "index.snapshot"
+EXTRACTOR_CHANGED = "EXTRACTOR_CHANGED"  # a query encoded with a state a training replaced
 TRAINING_SAMPLE_IMAGES = 2000  # images a fit reads at most (a seeded sample): ~290 MB of SIFT features
 ENCODE_CHUNK = 256
 
@@ -518,7 +519,7 @@ class Collection:
                 raise Aborted(
                     f"collection {self.spec.name!r} was retrained while the query was encoded (extractor "
                     f"version {version} is now {self.extractor_version}); send the query again",
-                    reason="EXTRACTOR_CHANGED",
+                    reason=EXTRACTOR_CHANGED,
                 )
             allowed = self.store.row_ids_with_labels(labels) if labels else None
             if allowed is not None and len(allowed) == 0:

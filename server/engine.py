@@ -36,9 +36,17 @@ from imagesearch.server.classify import (
     Classification,
     shares,
 )
-from imagesearch.server.collection import NAME_PATTERN, Collection, CollectionInfo, Hit, TrainOutcome
+from imagesearch.server.collection import (
+    EXTRACTOR_CHANGED,
+    NAME_PATTERN,
+    Collection,
+    CollectionInfo,
+    Hit,
+    TrainOutcome,
+)
 from imagesearch.server.config import ServerConfig
 from imagesearch.server.errors import (
+    Aborted,
     AlreadyExists,
     DeadlineExceeded,
     FailedPrecondition,
@@ -665,7 +673,7 @@ class Engine:
         self._choose_buckets([p for p in plans if isinstance(p, _Plan) and p.bucketed and p.error is None])
         ready = [p for p in plans if isinstance(p, _Plan) and p.error is None]
         step = time.perf_counter()
-        found = self.searches.submit_many([p.pending() for p in ready]) if ready else []
+        found = self._search_ready(ready)
         search_ms = _ms(step)
         found = [self._rerank(plan, hits) for plan, hits in zip(ready, found, strict=True)]
         by_plan = dict(zip(map(id, ready), found, strict=True))
@@ -742,6 +750,32 @@ class Engine:
                 "the query needs image, image_id or vector", field="query", reason="NO_QUERY"
             )
         return plan
+
+    def _search_ready(self, plans: Sequence[_Plan]) -> list[list[Hit] | ImageSearchError]:
+        """Search through the shared batcher. A query encoded with a vocabulary that a training
+        replaced meanwhile is encoded again from its local features and searched once more."""
+        found = self.searches.submit_many([p.pending() for p in plans]) if plans else []
+        stale = [
+            i
+            for i, hits in enumerate(found)
+            if isinstance(hits, Aborted) and hits.reason == EXTRACTOR_CHANGED and self._reencode(plans[i])
+        ]
+        if stale:
+            again = self.searches.submit_many([plans[i].pending() for i in stale])
+            for i, hits in zip(stale, again, strict=True):
+                found[i] = hits
+        return found
+
+    @staticmethod
+    def _reencode(plan: _Plan) -> bool:
+        """Encode a query's local features with its collection's current extractor state (False when
+        the query has none to encode: an image_id or vector query keeps its ABORTED)."""
+        extractor = plan.collection.loaded_extractor
+        if not isinstance(extractor, TrainableExtractor) or plan.local is None:
+            return False
+        plan.vector = _checked_vectors(extractor, extractor.encode([plan.local]), 1)[0]
+        plan.version = extractor.version
+        return True
 
     def _rerank_candidates(self, query: SearchQuery, collection: Collection, k: int) -> int:
         """How many candidates a query verifies geometrically (0: none), or why it cannot."""

@@ -304,3 +304,60 @@ def test_training_rebuilds_approximate_indexes_at_the_new_dimension(
         cv2.rotate(cv2.imdecode(np.frombuffer(images["coffee"], np.uint8), 1), cv2.ROTATE_180), 85
     )
     assert client.search(query, collection=name, top_k=3, rerank=10).hits[0].id == "coffee"
+
+
+def test_training_under_concurrent_adds_and_searches_never_mixes_vocabularies(
+    client: ImageSearchClient, server: RunningServer, images: dict[str, bytes]
+) -> None:
+    """Adds and re-ranked image searches run while the collection is retrained: every call succeeds
+    (a query encoded with the replaced vocabulary is encoded again from its local features), and
+    afterwards every image, added before, during or after, is encoded with the final vocabulary
+    (its own bytes, encoded now, find it with cosine 1)."""
+    import threading
+
+    from imagesearch.client import Aborted
+
+    fill(client, "busy", images, extractor="sift-bovw")
+    flipped = {
+        f"{name}-flip": encode_jpeg(cv2.flip(cv2.imdecode(np.frombuffer(data, np.uint8), 1), 0), 90)
+        for name, data in sorted(images.items())[:12]
+    }
+    stop, failures, aborted = threading.Event(), [], []
+
+    def searcher() -> None:
+        with ImageSearchClient(server.target) as own:
+            while not stop.is_set():
+                try:
+                    own.search(images["chelsea"], collection="busy", top_k=3, rerank=10)
+                except Aborted as error:
+                    aborted.append(error.reason)
+                except Exception as error:  # any other failure fails the test
+                    failures.append(error)
+
+    def adder() -> None:
+        with ImageSearchClient(server.target) as own:
+            for key, data in flipped.items():
+                try:
+                    own.add_images([ImageItem(id=key, content=data)], collection="busy")
+                except Exception as error:
+                    failures.append(error)
+
+    workers = [threading.Thread(target=searcher) for _ in range(2)] + [threading.Thread(target=adder)]
+    for worker in workers:
+        worker.start()
+    trained = client.train_collection("busy", model_size=512, seed=3)
+    workers[-1].join(60)
+    stop.set()
+    for worker in workers:
+        worker.join(60)
+    assert not failures, failures
+    assert not aborted, aborted
+    info = client.get_collection("busy")
+    assert info.extractor_version == trained.collection.extractor_version and info.dimension == 512
+    assert info.image_count == len(images) + len(flipped)
+    for key, data in {**images, **flipped}.items():
+        vector = client.get_image(key, collection="busy", include_vector=True).vector
+        assert vector.shape == (512,)
+        if vector.any():
+            hit = client.search(data, collection="busy", top_k=1).hits[0]
+            assert hit.score > 0.9999, (key, hit)
