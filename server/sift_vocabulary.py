@@ -3,7 +3,7 @@
 From the photos installed packages ship (the offline set's sources: server/dataset_builder.py),
 so nothing is downloaded: RootSIFT from each, FAISS k-means over all of them, idf from
 per-photo word counts. It is generic by construction; a collection's own images make a better
-one (fitting per collection is planned: docs/decisions.md).
+one: TrainCollection fits a vocabulary on a collection's own images.
 """
 
 from __future__ import annotations

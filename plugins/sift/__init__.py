@@ -1,3 +1,3 @@
 """SIFT two-stage retrieval, library layer: RootSIFT features, a k-means vocabulary, BoVW/VLAD
 encodings for the first (global, FAISS) stage and geometric verification for the re-ranking stage.
-Not wired into the server yet (issue 8)."""
+Served through the plugins in extractors.py (registered by imagesearch.plugins.sift_plugin)."""
