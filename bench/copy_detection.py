@@ -44,22 +44,36 @@ def main() -> int:
     )
     parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="hits per query (AP is 0 past them)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the copy set and of the vocabulary fits")
+    parser.add_argument(
+        "--sift-max-side",
+        type=int,
+        default=0,
+        help="[plugins.sift] max_side for this run (0: the default, 640)",
+    )
     args = parser.parse_args()
     setups, methods = setups_and_methods(args.rerank)
     with tempfile.TemporaryDirectory() as tmp:
         copies = build_copy_set(Path(tmp) / "copies", seed=args.seed)
-        config = ServerConfig(port=0, data_dir=Path(tmp) / "data", log_level="WARNING")
+        sift = {"max_side": args.sift_max_side} if args.sift_max_side else {}
+        config = ServerConfig(
+            port=0, data_dir=Path(tmp) / "data", log_level="WARNING", plugins={"sift": sift}
+        )
         with run_server(config) as running, ImageSearchClient(running.target) as client:
             prepare(client, copies, setups, seed=args.seed)
             progress = ProgressLine(unit="searches", label="copy detection")
             report = evaluate(client, copies, methods, top_k=args.top_k, progress=progress)
             progress.close()
     report.settings.update(
-        {"rerank": ",".join(map(str, args.rerank)), "seed": args.seed, "queries": len(copies.queries)}
+        {
+            "rerank": ",".join(map(str, args.rerank)),
+            "seed": args.seed,
+            "queries": len(copies.queries),
+            "sift_max_side": args.sift_max_side or 640,
+        }
     )
     print(
         f"\n{len(copies.originals)} originals, {len(copies.queries)} copies; re-ranking depths {args.rerank}, "
-        f"top {args.top_k}; {machine()}\n"
+        f"top {args.top_k}; SIFT max_side {args.sift_max_side or 640}; {machine()}\n"
     )
     print(render_markdown(report))
     path = save("copy_detection", {"report": report.to_json()})
