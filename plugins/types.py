@@ -123,6 +123,9 @@ class TrainableExtractor(Extractor):
     ``base_version``."""
     default_model_size: int = 0
     """The model size ``fit`` uses when the caller gives 0 (e.g. vocabulary words)."""
+    max_model_size: int = 0
+    """The largest model size ``fit`` accepts (0: only the default). The server refuses larger
+    requests before fitting: fit time and vector size grow with it, so it is a resource limit."""
 
     def state(self) -> bytes:
         """The fitted state this instance encodes with, serialised."""

@@ -96,6 +96,12 @@ class CollectionSpec:
     description: str = ""
     created: float = field(default_factory=time.time)
 
+    @property
+    def trainable(self) -> bool:
+        """Whether the collection's vectors come from a trainable extractor's own stored state
+        (its images then always keep the local features it encodes)."""
+        return bool(self.extractor_base_version)
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
@@ -198,7 +204,7 @@ class TrainOutcome:
     previous_version: str
     training_images: int
     reencoded_images: int
-    train_ms: float
+    train_ms: float = 0.0  # filled in by the engine, which times the whole call
 
 
 def _hits(metric: Metric, pairs: list[tuple[float, int]], rows: dict[int, ImageRow], k: int) -> list[Hit]:
@@ -253,7 +259,7 @@ class Collection:
         if registered is None:
             return None
         bound = registered
-        if isinstance(registered, TrainableExtractor) and self.spec.extractor_base_version:
+        if isinstance(registered, TrainableExtractor) and self.spec.trainable:
             state = self.store.extractor_state()
             if state is None or registered.base_version != self.spec.extractor_base_version:
                 log.warning(
@@ -712,19 +718,26 @@ class Collection:
                 f"extractor {extractor.name!r} of collection {self.spec.name!r} has nothing to train",
                 reason="NOT_TRAINABLE",
             )
-        if not self.spec.extractor_base_version:  # made before collections kept state and features
+        if not self.spec.trainable:  # made before collections kept their state and features
             raise FailedPrecondition(
                 f"collection {self.spec.name!r} was created before SIFT collections kept their local "
                 "features, which training needs; re-index its images into a new collection",
                 reason="NOT_TRAINABLE",
             )
         self.live_index()
+        if not 0 <= size <= extractor.max_model_size:
+            raise InvalidArgument(
+                f"model_size is {size}; extractor {extractor.name!r} takes 0 (its default, "
+                f"{extractor.default_model_size}) up to {extractor.max_model_size}",
+                field="model_size",
+                reason="BAD_MODEL_SIZE",
+                metadata={"limit": str(extractor.max_model_size), "value": str(size)},
+            )
         if not self._training.acquire(blocking=False):
             raise Aborted(
                 f"collection {self.spec.name!r} is being trained already", reason="TRAINING_RUNNING"
             )
         try:
-            started = time.perf_counter()
             with self._reading():
                 row_ids = self.store.local_row_ids()
             sample = row_ids
@@ -756,7 +769,7 @@ class Collection:
                     self.index = self._rebuild(spec.index_spec(self.metric))
                 except Exception as exc:
                     self._index_failed(f"its index could not be rebuilt after training: {exc}")
-            return TrainOutcome(extractor.version, len(sample), len(vectors), _ms_since(started))
+            return TrainOutcome(extractor.version, len(sample), len(vectors))
         finally:
             self._training.release()
 
@@ -816,7 +829,3 @@ class Collection:
         with self.lock.write():
             self.closed = True
             self.store.close()
-
-
-def _ms_since(started: float) -> float:
-    return (time.perf_counter() - started) * 1000

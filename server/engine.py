@@ -65,6 +65,7 @@ from imagesearch.server.store import ImageRow, NewImage
 
 OK_CODE = 0  # google.rpc.Code OK; failures carry their error's code
 GEOMETRIC = "geometric"
+MAX_SEED = 2**31 - 1  # FAISS k-means takes a C int
 RERANK_METHODS = (GEOMETRIC,)
 
 
@@ -488,7 +489,7 @@ class Engine:
         if isinstance(vector, InvalidArgument):
             raise vector
         if vector is not None:
-            if collection.spec.extractor_base_version:  # a trainable extractor re-encodes what it stores
+            if collection.spec.trainable:  # a trainable extractor re-encodes what it stores
                 raise InvalidArgument(
                     f"collection {collection.spec.name!r} encodes {collection.spec.local_features} local "
                     "features, which a vector does not carry (TrainCollection re-encodes every image from "
@@ -994,12 +995,15 @@ class Engine:
 
     def train_collection(self, name: str, model_size: int, seed: int) -> tuple[CollectionInfo, TrainOutcome]:
         """Refit the collection's trainable extractor on its own images and re-encode them all."""
-        if model_size < 0:
-            raise InvalidArgument("model_size must be >= 0", field="model_size", reason="BAD_MODEL_SIZE")
+        if not 0 <= seed <= MAX_SEED:
+            raise InvalidArgument(
+                f"seed is {seed}; it must be between 0 and {MAX_SEED}", field="seed", reason="BAD_SEED"
+            )
+        started = time.perf_counter()
         collection = self.catalog.get(name)
         self.check_accepting_writes()
         outcome = collection.train(model_size, seed)
-        return collection.info(), outcome
+        return collection.info(), dataclasses.replace(outcome, train_ms=_ms(started))
 
     def get_collection(self, name: str) -> CollectionInfo:
         return self.catalog.get(name).info()

@@ -8,8 +8,8 @@ the server's default re-ranking depth, 50 candidates."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -72,6 +72,8 @@ def test_training_on_the_collection_raises_map(report: CopyReport) -> None:
     assert trained > generic
 
 
-def test_every_query_was_answered(report: CopyReport, tmp_path: Path) -> None:
+def test_every_query_was_answered_and_the_report_round_trips(report: CopyReport) -> None:
     assert {len(ranks) for ranks in report.ranks.values()} == {report.scores[CNN.name][ALL].queries}
-    assert (tmp_path / "r.json").write_text(report.to_json())
+    saved = json.loads(report.to_json())
+    assert saved["ranks"] == report.ranks and saved["methods"] == report.methods
+    assert saved["scores"][HYBRID.name][ALL]["mean_ap"] == report.scores[HYBRID.name][ALL].mean_ap

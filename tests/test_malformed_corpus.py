@@ -833,13 +833,16 @@ CORPUS: list[Case] = [
         FAILED_PRECONDITION,
         "NOT_TRAINABLE",
     ),
-    Case(
-        "train-negative-model-size",
-        "TrainCollection",
-        ser(pb.TrainCollectionRequest(model_size=-(2**31))),
-        INVALID_ARGUMENT,
-        "BAD_MODEL_SIZE",
-    ),
+    *[
+        Case(
+            f"train-seed-{label}",
+            "TrainCollection",
+            ser(pb.TrainCollectionRequest(seed=seed)),
+            INVALID_ARGUMENT,
+            "BAD_SEED",
+        )
+        for label, seed in [("negative", -1), ("over-int32", 2**31), ("int64-max", 2**63 - 1)]
+    ],
     Case(
         "create-unknown-local-features",
         "CreateCollection",

@@ -163,6 +163,10 @@ def test_training_with_too_few_images_says_how_many_are_needed(client: ImageSear
         client.train_collection("too-few")
     assert refused.value.reason == "NOT_ENOUGH_TRAINING_DATA"
     assert "at least 2 images" in str(refused.value)
+    for size in (-1, 16_385, 2**31 - 1):  # past sift-bovw's max_model_size: refused before any fit
+        with pytest.raises(InvalidArgument) as too_big:
+            client.train_collection("too-few", model_size=size)
+        assert too_big.value.reason == "BAD_MODEL_SIZE" and "16384" in str(too_big.value)
     with pytest.raises(FailedPrecondition) as not_trainable:
         client.train_collection("plain-cnn" if "plain-cnn" in names(client) else "default")
     assert not_trainable.value.reason == "NOT_TRAINABLE"

@@ -127,6 +127,7 @@ class SiftExtractor(TrainableExtractor):
         what: str,
         local: SiftLocalFeatures,
         default_words: int,
+        max_words: int,
         *,
         pca: PCA | None = None,
         pca_dim: int = 0,
@@ -135,6 +136,7 @@ class SiftExtractor(TrainableExtractor):
         self.pca, self.pca_dim = pca, pca_dim
         self.dim = pca.dim if pca is not None else dim_of(vocabulary.k)
         self.local, self._what, self.default_model_size = local, what, default_words
+        self.max_model_size = max_words
         projection = f".pca{pca.dim}-{_digest(pca.to_bytes())}" if pca is not None else ""
         self.version = f"{self.base_version}+{vocabulary.version}{projection}"
         self.min_input_side = (
@@ -179,6 +181,7 @@ class SiftExtractor(TrainableExtractor):
             self._what,
             self.local,
             self.default_model_size,
+            self.max_model_size,
             pca=pca,
             pca_dim=self.pca_dim,
         )
@@ -216,6 +219,10 @@ class SiftExtractor(TrainableExtractor):
 
 BOVW_TRAINED_WORDS = 1024
 VLAD_TRAINED_WORDS = 64
+# Fit time grows with words × descriptors (200,000 at most) and VLAD's dimension with 128 × words:
+# 16,384 words is a k-means of minutes here; 256 VLAD words already make 32,768-d vectors (128 KB).
+BOVW_MAX_WORDS = 16_384
+VLAD_MAX_WORDS = 256
 
 
 def sift_plugins(
@@ -237,6 +244,7 @@ def sift_plugins(
         "VLAD",
         local,
         VLAD_TRAINED_WORDS,
+        VLAD_MAX_WORDS,
         pca_dim=vlad_pca_dim,
     )
     return local, [
@@ -248,6 +256,7 @@ def sift_plugins(
             "bag of visual words, tf-idf",
             local,
             BOVW_TRAINED_WORDS,
+            BOVW_MAX_WORDS,
         ),
         vlad_extractor,
     ]
