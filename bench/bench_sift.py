@@ -244,6 +244,15 @@ def stage_times(
                     )
                 ),
             )
+        cv_threads = cv2.getNumThreads()
+        cv2.setNumThreads(1)  # what cv2.setNumThreads(1) would cost a single query (process-wide)
+        try:
+            add(
+                f"SIFT detect+describe, {local.max_keypoints} keypoints (stored), cv2.setNumThreads(1)",
+                _ms(lambda pixels=pixels: extract_local(pixels, local.max_side, local.max_keypoints)),
+            )
+        finally:
+            cv2.setNumThreads(cv_threads)
         found = extract_local(pixels, local.max_side, local.query_keypoints)
         add("pack (query)", _ms(lambda found=found: pack(found), 5))
         packed = pack(found)
