@@ -183,7 +183,7 @@ def run_server(
     check_decoder_cap(config.limits)
     registry = registry or plugin_registry(config, extra_plugins)
     catalog = Catalog(config.data_dir, registry, config.limits)
-    loop = pools = None
+    loop = pools = engine = None
     try:
         if config.create_default_collection:
             catalog.ensure_default(config.default_extractor)
@@ -208,6 +208,8 @@ def run_server(
     finally:
         if pools is not None:
             pools.shutdown()
+        if engine is not None:
+            engine.close()
         if loop is not None:
             loop.close()
         catalog.close()

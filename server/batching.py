@@ -11,15 +11,23 @@ on different threads, so a ``Batcher`` gathers them:
 - callers arriving while a batch runs queue up and are served together by the
   next batch, whose leader is the first of them (promoted when the running
   batch ends), so no caller waits for more than the batch before its own;
-- a promoted leader (one that arrived while the server was busy) first waits
-  ``max_wait_s`` for company. Callers in a closed loop otherwise split into two
-  groups that alternate, each batch half the size it could be: the callers
-  served by one batch come back a round trip later, just after the next batch
-  started without them. An idle server never waits.
+- callers in a closed loop would otherwise split into groups that alternate (a
+  batch of 16, then one of 1 with the first caller back, then 15 ...): the
+  callers served by one batch come back a round trip later, just after the next
+  batch started without them. So a leader that comes right after a batch (while
+  one ran, or within ``RECENT_WAITS`` x ``max_wait_s`` of its end) waits until as
+  many callers are queued as were seen around that batch (its own items plus
+  those queued when it ended), at most ``max_wait_s``. The wait ends as soon as
+  they are all there, a single caller never waits (it is all the demand there
+  is), and a server idle for longer never waits.
 
-Leader/follower keeps the work on the callers' own threads: no extra thread,
-no queue to drain at shutdown, and an exception in a batch reaches exactly the
-callers whose items were in it.
+Leader/follower keeps the bookkeeping on the callers' own threads: no queue to
+drain at shutdown, and an exception in a batch reaches exactly the callers whose
+items were in it. The batch itself may run on a ``runner``: the engine gives
+FAISS searches one dedicated thread, because OpenMP keeps a team of helper
+threads per calling thread, and teams left spinning by earlier callers steal
+the cores from the current one (a single 20,000 x 1280 search took 12.7 ms from
+a pool of 64 threads against 6.9 ms from one thread; docs/decisions.md).
 """
 
 from __future__ import annotations
@@ -27,8 +35,12 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
+
+# How long after a batch (in max_wait_s) a new leader still expects that batch's callers back.
+RECENT_WAITS = 2
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -47,14 +59,22 @@ class Batcher(Generic[Item, Result]):
     """Run ``run(items) -> results`` (one result per item, in order) over concurrent callers' items."""
 
     def __init__(
-        self, run: Callable[[Sequence[Item]], Sequence[Result]], max_batch: int = 256, max_wait_s: float = 0.0
+        self,
+        run: Callable[[Sequence[Item]], Sequence[Result]],
+        max_batch: int = 256,
+        max_wait_s: float = 0.0,
+        runner: Executor | None = None,
     ) -> None:
         self.run = run
+        self.runner = runner  # where batches run (None: on the leader's own thread)
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)  # a leader gathering callers waits on it
         self._queue: list[_Slot[Item, Result]] = []
         self._busy = False
+        self._demand = 1  # callers seen around the last batch: in it, or queued when it ended
+        self._last_end = float("-inf")
         self.batches = 0  # statistics, for tests and benchmarks
         self.items = 0
 
@@ -72,6 +92,8 @@ class Batcher(Generic[Item, Result]):
             idle = not self._busy
             if idle:
                 self._busy = slots[0].lead = True
+            else:
+                self._arrived.notify()
         for slot in slots:
             if not slot.lead:
                 slot.done.wait()
@@ -83,12 +105,12 @@ class Batcher(Generic[Item, Result]):
         return [slot.result for slot in slots]  # type: ignore[misc]
 
     def _lead(self, promoted: bool) -> None:
-        if promoted and self.max_wait_s:
-            time.sleep(self.max_wait_s)  # the server is busy: let the callers of the last batch rejoin
         with self._lock:
+            self._gather(promoted)
             batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
         try:
-            results = self.run([slot.item for slot in batch])
+            items = [slot.item for slot in batch]
+            results = self.run(items) if self.runner is None else self.runner.submit(self.run, items).result()
             if len(results) != len(batch):
                 raise RuntimeError(f"batch of {len(batch)} gave {len(results)} results")
             for slot, result in zip(batch, results, strict=True):
@@ -99,6 +121,8 @@ class Batcher(Generic[Item, Result]):
         self.batches += 1
         self.items += len(batch)
         with self._lock:
+            self._demand = len(batch) + len(self._queue)
+            self._last_end = time.monotonic()
             successor = self._queue[0] if self._queue else None
             if successor is None:
                 self._busy = False
@@ -109,3 +133,15 @@ class Batcher(Generic[Item, Result]):
             slot.done.set()
         if successor is not None:
             successor.done.set()
+
+    def _gather(self, promoted: bool) -> None:
+        """Under the lock: right after a batch, wait (at most max_wait_s) for as many callers as
+        were seen around it, so closed-loop callers stay in one batch instead of alternating halves."""
+        if not self.max_wait_s:
+            return
+        now = time.monotonic()
+        if not promoted and now - self._last_end > RECENT_WAITS * self.max_wait_s:
+            return  # idle for a while: nobody is coming back
+        target, deadline = min(self._demand, self.max_batch), now + self.max_wait_s
+        while len(self._queue) < target and (remaining := deadline - time.monotonic()) > 0:
+            self._arrived.wait(remaining)

@@ -67,9 +67,11 @@ class ServerConfig:
     models_dir: Path = field(default_factory=default_models_dir)
     workers: int = 16  # threads for engine work; decoding memory is bounded by max_decoding_pixels
     # Micro-batching: concurrent searches share one index call, concurrent images one extractor
-    # run. A batch starts at once when the server is idle; when it is busy, the next batch waits
-    # this long for callers to rejoin (server/batching.py says why; 0 turns it off).
-    batch_max_wait_ms: float = 2.0
+    # run. A batch starts at once when the server is idle or has one caller; right after a batch,
+    # the next waits at most this long for that batch's callers to rejoin (server/batching.py says
+    # why; 0 turns it off). Extraction waits less: its batches run ~100 ms and idle cores cost more.
+    batch_max_wait_ms: float = 10.0
+    extract_max_wait_ms: float = 2.0
     search_max_batch: int = 256
     extract_max_batch: int = 64
     default_extractor: str = "efficientnet-lite0"

@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -307,8 +308,11 @@ class Engine:
         wait_s = config.batch_max_wait_ms / 1000
         # Concurrent searches run as one index call per collection and filter; concurrent images
         # (searches by image and AddImages alike) go through their extractor as one batch.
+        # Every index search runs on this one thread, so FAISS's OpenMP team stays one warm team
+        # (teams of other threads would spin and steal the cores: see batching.py).
+        self._index_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index")
         self.searches: Batcher[PendingSearch, list[Hit] | ImageSearchError] = Batcher(
-            self._run_searches, config.search_max_batch, wait_s
+            self._run_searches, config.search_max_batch, wait_s, runner=self._index_thread
         )
         self._extractions: dict[int, Batcher[np.ndarray, np.ndarray]] = {}
         self._extractions_lock = threading.Lock()
@@ -318,6 +322,10 @@ class Engine:
     def begin_shutdown(self) -> None:
         """From now on, streams stop at their next chunk, saying what they stored."""
         self._stopping.set()
+
+    def close(self) -> None:
+        """Stop the index thread once no call is running (after the gRPC server has stopped)."""
+        self._index_thread.shutdown(wait=True)
 
     def check_accepting_writes(self) -> None:
         """Unavailable once shutdown has begun: a long upload must not outlive the drain."""
@@ -427,7 +435,7 @@ class Engine:
                 batcher = Batcher(
                     functools.partial(_checked_extract, extractor),
                     self.config.extract_max_batch,
-                    self.config.batch_max_wait_ms / 1000,
+                    self.config.extract_max_wait_ms / 1000,
                 )
                 self._extractions[id(extractor)] = batcher
         return np.stack(batcher.submit_many(images))

@@ -107,3 +107,63 @@ def test_the_pixel_budget_makes_overdrawing_callers_wait():
     assert order == ["first releases", "second"]
     with budget.hold(10**9):  # more than the whole budget: holds all of it, never deadlocks
         assert budget.free == 0
+
+
+def closed_loop_sizes(batcher: Batcher, callers: int, rounds: int, think_s: float) -> list[int]:
+    """Callers that each submit, 'send the answer back' (think_s), and submit again."""
+
+    def caller(worker: int) -> None:
+        for i in range(rounds):
+            assert batcher.submit(worker * 1000 + i) == 2 * (worker * 1000 + i)
+            time.sleep(think_s)
+
+    with ThreadPoolExecutor(callers) as pool:
+        list(pool.map(caller, range(callers)))
+    return batcher.run.sizes  # type: ignore[attr-defined]
+
+
+def test_closed_loop_callers_stay_in_one_batch_instead_of_alternating_halves():
+    """Callers coming back a round trip after their batch would otherwise split: the first one
+    back leads a batch alone while the rest queue behind it. The leader waits for the demand."""
+    sizes = closed_loop_sizes(Batcher(SlowDoubler(0.005), max_wait_s=0.05), 8, 12, think_s=0.002)
+    steady = sizes[2:-2]  # the first callers arrive over time; the last ones leave
+    assert sum(steady) / len(steady) > 6, sizes
+    without = closed_loop_sizes(Batcher(SlowDoubler(0.005), max_wait_s=0.0), 8, 12, think_s=0.002)
+    assert len(without) > len(sizes), (without, sizes)
+
+
+def test_a_single_caller_never_waits_for_company():
+    work = SlowDoubler(0.0)
+    batcher = Batcher(work, max_wait_s=1.0)
+    started = time.perf_counter()
+    for i in range(20):
+        assert batcher.submit(i) == 2 * i
+    assert time.perf_counter() - started < 0.5, "a lone caller waited for callers who never come"
+    assert work.sizes == [1] * 20
+
+
+def test_the_wait_ends_when_demand_falls():
+    """After a batch of 8, a lone caller waits at most max_wait_s once, then runs at once again."""
+    work = SlowDoubler(0.0)
+    batcher = Batcher(work, max_wait_s=0.1)
+    closed_loop_sizes(batcher, 8, 3, think_s=0.0)
+    started = time.perf_counter()
+    batcher.submit(1)
+    first = time.perf_counter() - started
+    started = time.perf_counter()
+    batcher.submit(2)
+    assert first < 0.25 and time.perf_counter() - started < 0.05
+
+
+def test_batches_run_on_the_runner_thread_when_given_one():
+    threads: set[str] = set()
+
+    def work(items: Sequence[int]) -> list[int]:
+        threads.add(threading.current_thread().name)
+        return list(items)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="runner") as runner:
+        batcher = Batcher(work, runner=runner)
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(batcher.submit, range(50))) == list(range(50))
+    assert threads == {"runner_0"}

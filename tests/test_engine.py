@@ -77,9 +77,11 @@ def open_engine(tmp_path: Path, *plugins: tuple[str, object]) -> Iterator[Engine
     config = config_for(tmp_path)
     loaded = registry(*plugins)
     catalog = Catalog(config.data_dir, loaded, config.limits)
+    engine = Engine(config, loaded, catalog)
     try:
-        yield Engine(config, loaded, catalog)
+        yield engine
     finally:
+        engine.close()
         catalog.close()
 
 
