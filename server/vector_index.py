@@ -40,6 +40,7 @@ TRAIN_POINTS_PER_LIST = 39
 # answers a batch of 16 at 0.63 ms a query against 6.3 ms for one query alone (the raw columns of
 # bench/bench_concurrency.py: 1,576 queries/s for batches of 16, p50 6.29 ms single).
 BLAS_THRESHOLD = 20
+WHEEL_BLAS_THRESHOLD = faiss.cvar.distance_compute_blas_threshold  # for benchmarks of raw FAISS
 faiss.cvar.distance_compute_blas_threshold = BLAS_THRESHOLD
 
 # FAISS's OpenMP helper threads sleep between calls, and waking one costs milliseconds on this
