@@ -39,7 +39,7 @@ from imagesearch.server.errors import Aborted, FailedPrecondition, InvalidArgume
 from imagesearch.server.files import fsync_dir
 from imagesearch.server.rwlock import ReadWriteLock
 from imagesearch.server.snapshot import SnapshotError, read_snapshot, write_snapshot
-from imagesearch.server.store import CollectionStore, ImageRow, NewImage
+from imagesearch.server.store import CollectionStore, HitRow, ImageRow, NewImage
 from imagesearch.server.vector_index import (
     FLOAT32,
     STORAGES,
@@ -207,7 +207,7 @@ class TrainOutcome:
     train_ms: float = 0.0  # filled in by the engine, which times the whole call
 
 
-def _hits(metric: Metric, pairs: list[tuple[float, int]], rows: dict[int, ImageRow], k: int) -> list[Hit]:
+def _hits(metric: Metric, pairs: list[tuple[float, int]], rows: dict[int, HitRow], k: int) -> list[Hit]:
     """Raw (FAISS distance, row id) pairs to the k best hits, scored by ``metric``, best first."""
     distances = metric.to_distance(np.array([d for d, _ in pairs], dtype=np.float32))
     scores = metric.to_score(distances)

@@ -67,6 +67,16 @@ class NewImage:
 
 
 @dataclass(frozen=True)
+class HitRow:
+    """What a search hit shows of its image."""
+
+    row_id: int
+    id: str
+    label: str
+    metadata: dict[str, str]
+
+
+@dataclass(frozen=True)
 class ImageRow:
     row_id: int
     id: str
@@ -288,16 +298,18 @@ class CollectionStore:
             return None
         return int(row[0]), np.frombuffer(row[1], dtype=np.float32).copy()
 
-    def rows_by_row_id(self, row_ids: Sequence[int]) -> dict[int, ImageRow]:
-        """Id, label and metadata of search hits, keyed by row id."""
+    def rows_by_row_id(self, row_ids: Sequence[int]) -> dict[int, HitRow]:
+        """Id, label and metadata of search hits, keyed by row id. Only the columns stored before
+        the vector: reading one after it would walk the vector's overflow pages (~0.4 ms for 10
+        hits instead of ~0.1)."""
         if not row_ids:
             return {}
         marks = ",".join("?" * len(row_ids))
         rows = self._reader().execute(
-            f"SELECT row_id, id, label, metadata, width, height, created FROM images WHERE row_id IN ({marks})",
+            f"SELECT row_id, id, label, metadata FROM images WHERE row_id IN ({marks})",
             [int(r) for r in row_ids],
         )
-        return {r[0]: ImageRow(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5], r[6]) for r in rows}
+        return {r[0]: HitRow(r[0], r[1], r[2], json.loads(r[3])) for r in rows}
 
     def row_ids_with_labels(self, labels: Sequence[str]) -> np.ndarray:
         marks = ",".join("?" * len(labels))

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from imagesearch.server.errors import AlreadyExists
-from imagesearch.server.store import CollectionStore, ImageRow, NewImage
+from imagesearch.server.store import CollectionStore, HitRow, ImageRow, NewImage
 
 DIM = 4
 
@@ -212,7 +212,7 @@ def test_rows_by_row_id(store: CollectionStore) -> None:
     rows = store.rows_by_row_id([3, 1, 99])
     assert sorted(rows) == [1, 3]
     assert (rows[3].id, rows[3].label, rows[1].id, rows[1].metadata) == ("c", "y", "a", {"name": "a"})
-    assert rows[1].thumbnail is None and rows[1].vector is None
+    assert rows[1] == HitRow(1, "a", "x", {"name": "a"})  # what a hit shows, no blobs read
     assert store.rows_by_row_id([]) == {}
     assert store.rows_by_row_id(np.array([2], dtype=np.int64))[2].id == "b"
 
