@@ -121,6 +121,29 @@ def test_concurrent_searches_are_answered_in_shared_batches(filled, monkeypatch)
     assert engine.searches.batches - batches <= 40, "32 concurrent callers must share index calls"
 
 
+def test_callers_in_a_loop_keep_sharing_full_batches(filled, monkeypatch):
+    """Eight callers that each search again as soon as they are answered: every batch after the
+    first should hold (nearly) all of them, not alternating halves (the first caller back used to
+    start a batch alone while the other seven queued behind it)."""
+    target, base, engine = filled
+    run = engine.searches.run
+    monkeypatch.setattr(engine.searches, "run", lambda items: (time.sleep(0.01), run(items))[1])
+    batches, items = engine.searches.batches, engine.searches.items
+
+    def caller(worker: int) -> None:
+        with grpc.insecure_channel(target) as chan:
+            stub = pb_grpc.ImageSearchServiceStub(chan)
+            for i in range(15):
+                row = worker * 15 + i
+                asked = pb.SearchRequest(collection="flat", vector=vector(base[row]), top_k=3)
+                assert stub.Search(asked).hits[0].id == f"v{row}"
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(caller, range(8)))
+    mean = (engine.searches.items - items) / (engine.searches.batches - batches)
+    assert mean >= 6, f"8 callers in a loop made batches of {mean:.1f} on average"
+
+
 def test_a_search_batch_reports_each_query_on_its_own(filled):
     target, base, _ = filled
     asked = [
