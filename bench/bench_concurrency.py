@@ -91,12 +91,16 @@ def raw_faiss(base: np.ndarray, queries: np.ndarray, callers: list[int]) -> dict
             times.append((time.perf_counter() - started) * 1000)
         return percentile(times, 50)
 
+    by_threshold: dict[str, float] = {}  # "batch/threads/threshold" -> p50 ms, to show both paths
+
     def best(batch: int, threads: int, pause_s: float = 0.0) -> float:
         faiss.omp_set_num_threads(threads)
         found = []
         for threshold in thresholds:
             faiss.cvar.distance_compute_blas_threshold = threshold
             found.append(p50(batch, pause_s))
+            if not pause_s:
+                by_threshold[f"{batch}/{threads}/{threshold}"] = found[-1]
         return min(found)
 
     try:
@@ -111,7 +115,12 @@ def raw_faiss(base: np.ndarray, queries: np.ndarray, callers: list[int]) -> dict
             batched[c] = {"qps": c * 1000 / batch_ms, "p50_ms": batch_ms}
     finally:
         faiss.cvar.distance_compute_blas_threshold = BLAS_THRESHOLD
-    return {"single_p50_ms": single, "single_after_pause_p50_ms": paused, "batched": batched}
+    return {
+        "single_p50_ms": single,
+        "single_after_pause_p50_ms": paused,
+        "batched": batched,
+        "p50_ms_by_batch_threads_threshold": by_threshold,
+    }
 
 
 def storage_figures(base: np.ndarray, queries: np.ndarray) -> dict:
@@ -343,6 +352,11 @@ def report(results: dict, callers: list[int]) -> None:
     print(
         f"  for comparison: raw FAISS after a 2 ms pause p50 {raw['single_after_pause_p50_ms']:.2f} ms; "
         f"an empty gRPC call (health check) p50 {results['empty_rpc_p50_ms']:.2f} ms"
+    )
+    paths = raw["p50_ms_by_batch_threads_threshold"]
+    print(
+        "  raw FAISS p50 ms by BLAS threshold (batch/threads/threshold): "
+        + ", ".join(f"{key} {ms:.2f}" for key, ms in paths.items() if key.split("/")[0] in ("1", "16"))
     )
     print(
         f"{'callers':>8}{'server q/s':>12}{'p50 ms':>9}{'p99 ms':>9}{'p99/p50':>9}{'mean batch':>12}"

@@ -11,6 +11,7 @@ SCRIPTS = [
     "bench_index.py",
     "bench_extract.py",
     "bench_concurrency.py",
+    "bench_search_threads.py",
     "bench_buckets.py",
     "bench_sift.py",
 ]

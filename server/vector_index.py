@@ -33,21 +33,23 @@ log = logging.getLogger(__name__)
 # FAISS's rule of thumb for a well-trained k-means: at least 39 points per centroid.
 TRAIN_POINTS_PER_LIST = 39
 
-# Flat search answers a batch of queries with one BLAS matrix product once the batch has at least
-# this many queries; smaller ones are scanned query by query. The faiss-cpu wheel we use ships a
-# threshold of 128,000, so the batches the server forms were never multiplied. FAISS's own
-# documented default is 20. On the project VM, 20,000 x 1280 cosine vectors, raw FAISS at 2 threads
-# answers a batch of 16 at 0.63 ms a query against 6.3 ms for one query alone (the raw columns of
-# bench/bench_concurrency.py: 1,576 queries/s for batches of 16, p50 6.29 ms single).
+# Flat search takes FAISS's BLAS path (blocked matrix products) when queries x dimensions reach this
+# threshold, and otherwise scans query by query, one OpenMP thread per query (faiss/utils/
+# distances.cpp: ``nx * d < distance_compute_blas_threshold``). The wheel's 128,000 kept every batch
+# the server forms (16 x 1280 = 20,480) on the scan: a batch of 16 cost nearly 16 scans. At 20
+# every search takes BLAS. On the project VM, 20,000 x 1280 cosine vectors at 2 threads (the raw
+# FAISS line "by BLAS threshold" of bench/bench_concurrency.py): a batch of 16 took 10.9 ms p50
+# against 44.3 on the scan, and a single query 6.50 against 6.52; only on one thread is the scan
+# better for one query (6.7 ms against 13.9), and the server gives a large search both cores.
 BLAS_THRESHOLD = 20
 WHEEL_BLAS_THRESHOLD = faiss.cvar.distance_compute_blas_threshold  # for benchmarks of raw FAISS
 faiss.cvar.distance_compute_blas_threshold = BLAS_THRESHOLD
 
-# FAISS's OpenMP helper threads sleep between calls, and waking one costs milliseconds on this
-# kind of VM: a search of 32 vectors took 10-12 ms with two threads and 0.3 ms with one. For a real
-# scan the second core still pays: one query over 20,000 x 1280 vectors answered in 9.4 ms p50 with
-# two threads and 15.5 ms with one (bench/bench_concurrency.py). So a search uses every core once
-# its work (queries x vectors x dimensions) passes this size, one thread below it.
+# A search uses every core once its work (queries x vectors x dimensions) passes this size, one
+# thread below it: a second thread costs more than it saves on a small search and halves a large
+# one. bench/bench_search_threads.py (the server's VectorIndex, one query after a 2 ms pause, called
+# from one thread as the index thread does): 32 x 1280 vectors 0.031 ms on one thread against
+# 0.044-0.049 on two; 2,000 vectors 1.12 against 1.27; 20,000 vectors 14.7-15.0 against 7.0-7.4.
 PARALLEL_WORK = 10_000_000
 
 

@@ -1,0 +1,72 @@
+"""Which thread calls FAISS, and with how many OpenMP threads: the two settings behind the
+server's one index thread (server/batching.py) and ``search_threads`` (server/vector_index.py).
+
+Prints single-query p50 of the server's own ``VectorIndex.search`` over flat cosine indexes of 32,
+2,000 and 20,000 x 1280 vectors, each query after a 2 ms pause as a server's would be:
+1. 1 against 2 OpenMP threads, called from one thread (what the index thread does);
+2. 2 OpenMP threads called from a pool of 64 threads, whichever is free (what searches led by
+   whichever worker thread came first did): each calling thread gets its own OpenMP team, and
+   teams left spinning take the cores from the current one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import machine, percentile, save
+from imagesearch.plugins import FLAT, l2_normalize
+from imagesearch.plugins.metrics import COSINE
+from imagesearch.server import vector_index
+from imagesearch.server.vector_index import IndexSpec, VectorIndex
+
+
+def p50_ms(index: VectorIndex, queries: np.ndarray, threads: int, pool: ThreadPoolExecutor) -> float:
+    vector_index.search_threads = lambda *_: threads  # what VectorIndex.search asks at each call
+
+    def one(query: np.ndarray) -> float:
+        started = time.perf_counter()
+        index.search(query[None], 10)
+        return (time.perf_counter() - started) * 1000
+
+    times = []
+    for query in queries:
+        time.sleep(0.002)
+        times.append(pool.submit(one, query).result())
+    return percentile(times, 50)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--queries", type=int, default=200)
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    queries = l2_normalize(rng.normal(size=(args.queries, 1280)).astype(np.float32))
+    one_thread, many_threads = ThreadPoolExecutor(1), ThreadPoolExecutor(64)
+    results: dict = {}
+    print(f"machine: {machine()}; faiss {faiss.__version__}; p50 ms of one query after a 2 ms pause")
+    print(f"{'vectors':>8}{'1 thread':>10}{'2 threads':>11}{'2 threads from a 64-thread pool':>33}")
+    for size in (32, 2000, 20000):
+        index = VectorIndex(IndexSpec(FLAT, 1280, COSINE))
+        index.add(np.arange(size), l2_normalize(rng.normal(size=(size, 1280)).astype(np.float32)))
+        list(many_threads.map(lambda q, i=index: i.search(q[None], 10), queries[:128]))  # a team each
+        row = {
+            "1": p50_ms(index, queries, 1, one_thread),
+            "2": p50_ms(index, queries, 2, one_thread),
+            "2_from_pool": p50_ms(index, queries, 2, many_threads),
+        }
+        results[size] = row
+        print(f"{size:8d}{row['1']:10.3f}{row['2']:11.3f}{row['2_from_pool']:33.3f}")
+    save("search_threads", {"p50_ms": results})
+
+
+if __name__ == "__main__":
+    main()
