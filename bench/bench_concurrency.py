@@ -215,6 +215,9 @@ def main() -> None:
     parser.add_argument("--callers", default="1,2,4,8,16,32")
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--idle-streams", type=int, default=64)
+    defaults = ServerConfig()
+    parser.add_argument("--batch-max-wait-ms", type=float, default=defaults.batch_max_wait_ms)
+    parser.add_argument("--extract-max-wait-ms", type=float, default=defaults.extract_max_wait_ms)
     args = parser.parse_args()
     callers = [int(c) for c in args.callers.split(",")]
     rng = np.random.default_rng(0)
@@ -246,6 +249,8 @@ def main() -> None:
             default_extractor=MODEL,
             log_level="WARNING",
             workers=64,
+            batch_max_wait_ms=args.batch_max_wait_ms,
+            extract_max_wait_ms=args.extract_max_wait_ms,
         ).replace(limits={"max_streams_per_peer": args.idle_streams + 8})
         with (
             server_process(config, vector_dim=args.dim) as running,
