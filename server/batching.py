@@ -16,10 +16,11 @@ on different threads, so a ``Batcher`` gathers them:
   callers served by one batch come back a round trip later, just after the next
   batch started without them. So a leader that comes right after a batch (while
   one ran, or within ``RECENT_WAITS`` x ``max_wait_s`` of its end) waits until as
-  many callers are queued as were seen around that batch (its own items plus
-  those queued when it ended), at most ``max_wait_s``. The wait ends as soon as
-  they are all there, a single caller never waits (it is all the demand there
-  is), and a server idle for longer never waits.
+  many items are queued as were seen around that batch (its own items plus those
+  queued when it ended; a caller's several items count each), at most
+  ``max_wait_s``. The wait ends as soon as they are all there, a single caller
+  never waits (it is all the demand there is), and a server idle for longer
+  never waits.
 
 Leader/follower keeps the bookkeeping on the callers' own threads: no queue to
 drain at shutdown, and an exception in a batch reaches exactly the callers whose
@@ -74,7 +75,7 @@ class Batcher(Generic[Item, Result]):
         self._arrived = threading.Condition(self._lock)  # a leader gathering callers waits on it
         self._queue: list[_Slot[Item, Result]] = []
         self._busy = False
-        self._demand = 1  # callers seen around the last batch: in it, or queued when it ended
+        self._demand = 1  # items seen around the last batch: in it, or queued when it ended
         self._last_end = float("-inf")
         self.batches = 0  # statistics, for tests and benchmarks
         self.items = 0
@@ -136,8 +137,8 @@ class Batcher(Generic[Item, Result]):
             successor.done.set()
 
     def _gather(self, promoted: bool) -> None:
-        """Under the lock: right after a batch, wait (at most max_wait_s) for as many callers as
-        were seen around it, so closed-loop callers stay in one batch instead of alternating halves."""
+        """Under the lock: right after a batch, wait (at most max_wait_s) for as many items as were
+        seen around it, so closed-loop callers stay in one batch instead of alternating halves."""
         if not self.max_wait_s:
             return
         now = time.monotonic()
