@@ -59,9 +59,10 @@ def server_process(config: ServerConfig, *, vector_dim: int | None = None) -> It
                 raise RuntimeError(f"the server process did not start (exit code {child.exitcode})")
         _, port = ours.recv()
         yield ServerProcess(f"{config.host}:{port}", child.pid, ours)
-        ours.send("stop")
-        ours.poll(120)
     finally:
+        if child.is_alive():  # also when the benchmark failed: stop it instead of waiting for it
+            ours.send("stop")
+            ours.poll(120)
         child.join(timeout=120)
         if child.is_alive():
             child.kill()

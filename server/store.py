@@ -77,11 +77,9 @@ class HitRow:
 
 
 @dataclass(frozen=True)
-class ImageRow:
-    row_id: int
-    id: str
-    label: str
-    metadata: dict[str, str]
+class ImageRow(HitRow):
+    """A stored image: what a hit shows, its size and time, and the blobs a caller asks for."""
+
     width: int
     height: int
     created: float
