@@ -12,6 +12,7 @@ SCRIPTS = [
     "bench_extract.py",
     "bench_concurrency.py",
     "bench_search_threads.py",
+    "bench_ingest_stages.py",
     "bench_buckets.py",
     "bench_sift.py",
 ]

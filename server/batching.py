@@ -28,8 +28,8 @@ items were in it. The batch itself may run on a ``runner``: the engine gives
 FAISS searches one dedicated thread, because OpenMP keeps a team of helper
 threads per calling thread, and a search from whichever of many threads is free
 meets a cold or competing team (bench/bench_search_threads.py: one query over 32
-vectors 0.18 ms from a pool of 64 threads against 0.04 from one thread; over
-20,000 x 1280, 7.5 against 6.9 ms).
+vectors 0.178 ms from a pool of 64 threads against 0.036 from one thread; over
+20,000 x 1280, 7.53 against 6.88 ms).
 """
 
 from __future__ import annotations

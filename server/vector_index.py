@@ -38,18 +38,19 @@ TRAIN_POINTS_PER_LIST = 39
 # distances.cpp: ``nx * d < distance_compute_blas_threshold``). The wheel's 128,000 kept every batch
 # the server forms (16 x 1280 = 20,480) on the scan: a batch of 16 cost nearly 16 scans. At 20
 # every search takes BLAS. On the project VM, 20,000 x 1280 cosine vectors at 2 threads (the raw
-# FAISS line "by BLAS threshold" of bench/bench_concurrency.py): a batch of 16 took 10.9 ms p50
-# against 44.3 on the scan, and a single query 6.50 against 6.52; only on one thread is the scan
-# better for one query (6.7 ms against 13.9), and the server gives a large search both cores.
+# FAISS line "by BLAS threshold" of bench/bench_concurrency.py, bench/README.md): a batch of 16
+# took 9.99 ms p50 against 45.11 on the scan, and a single query 6.39 against 6.48; only on one
+# thread is the scan better for one query (6.49 ms against 14.22), and the server gives a large
+# search both cores.
 BLAS_THRESHOLD = 20
 WHEEL_BLAS_THRESHOLD = faiss.cvar.distance_compute_blas_threshold  # for benchmarks of raw FAISS
 faiss.cvar.distance_compute_blas_threshold = BLAS_THRESHOLD
 
 # A search uses every core once its work (queries x vectors x dimensions) passes this size, one
-# thread below it: a second thread costs more than it saves on a small search and halves a large
-# one. bench/bench_search_threads.py (the server's VectorIndex, one query after a 2 ms pause, called
-# from one thread as the index thread does): 32 x 1280 vectors 0.031 ms on one thread against
-# 0.044-0.049 on two; 2,000 vectors 1.12 against 1.27; 20,000 vectors 14.7-15.0 against 7.0-7.4.
+# thread below it: a second thread gains nothing on a small search and halves a large one.
+# bench/bench_search_threads.py (bench/README.md; the server's VectorIndex, one query after a 2 ms
+# pause, called from one thread as the index thread does): 32 x 1280 vectors 0.036 ms on one
+# thread and on two; 2,000 vectors 1.07 against 1.21; 20,000 vectors 14.84 against 6.88.
 PARALLEL_WORK = 10_000_000
 
 

@@ -1,0 +1,131 @@
+"""Where a durable vector add spends its time, inside the server process (no gRPC).
+
+Runs ``Engine.add_images`` in-process on 20,000 x 1280 vectors in batches of 256 (one caller,
+then several at once into one collection), timing the stages the docs name:
+the store's insert with its fsync'd commit, the FAISS add, the rest of ``Collection.add``
+(stacking and preparing vectors, under the collection's writer lock) and the engine's validation
+and rows. Prints ms per batch, vectors/s and the CPU the process used, so the bench/README
+breakdown of ingest comes from a command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import VectorPlugin, machine, save
+from imagesearch.server.app import run_server
+from imagesearch.server.collection import Collection
+from imagesearch.server.config import ServerConfig, default_models_dir
+from imagesearch.server.engine import Engine, ImageItem, NewCollection
+from imagesearch.server.store import CollectionStore
+from imagesearch.server.vector_index import VectorIndex
+
+STAGES = {  # stage name -> (class, method); inner stages are subtracted from the outer ones
+    "engine": (Engine, "add_images"),
+    "collection": (Collection, "add"),
+    "store insert + commit": (CollectionStore, "insert"),
+    "FAISS add": (VectorIndex, "add"),
+}
+
+
+@contextmanager
+def timed_stages() -> Iterator[dict[str, float]]:
+    """Wrap each stage's method to add up its wall time (seconds) while the block runs."""
+    totals: dict[str, float] = defaultdict(float)
+    lock = threading.Lock()
+    originals = {name: getattr(cls, method) for name, (cls, method) in STAGES.items()}
+
+    def wrap(name: str, original: Callable) -> Callable:
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                with lock:
+                    totals[name] += time.perf_counter() - started
+
+        return timed
+
+    for name, (cls, method) in STAGES.items():
+        setattr(cls, method, wrap(name, originals[name]))
+    try:
+        yield totals
+    finally:
+        for name, (cls, method) in STAGES.items():
+            setattr(cls, method, originals[name])
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=20000)
+    parser.add_argument("--callers", default="1,4")
+    args = parser.parse_args()
+    dim = 1280
+    base = np.random.default_rng(0).normal(size=(args.n, dim)).astype(np.float32)
+    batches = [
+        [ImageItem(id=str(start + i), vector=v) for i, v in enumerate(base[start : start + 256])]
+        for start in range(0, args.n, 256)
+    ]
+    results: dict = {}
+    print(f"machine: {machine()}; {args.n} x {dim} vectors, batches of 256, in-process Engine.add_images")
+    with tempfile.TemporaryDirectory() as tmp:
+        config = ServerConfig(
+            port=0,
+            data_dir=Path(tmp) / "data",
+            models_dir=default_models_dir().resolve(),
+            create_default_collection=False,
+            log_level="WARNING",
+        )
+        with run_server(config, extra_plugins=[("bench", VectorPlugin(dim))]) as running:
+            engine = running.engine
+            for callers in (int(c) for c in args.callers.split(",")):
+                name = f"ingest-{callers}"
+                engine.create_collection(NewCollection(name, extractor=f"vectors-{dim}"))
+                cpu, started = cpu_seconds(), time.perf_counter()
+                with timed_stages() as totals, ThreadPoolExecutor(callers) as pool:
+                    list(pool.map(lambda batch, n=name: engine.add_images(n, batch), batches))
+                elapsed = time.perf_counter() - started
+                per_batch = {stage: seconds * 1000 / len(batches) for stage, seconds in totals.items()}
+                row = {
+                    "vectors_s": args.n / elapsed,
+                    "cpu_cores": (cpu_seconds() - cpu) / elapsed,
+                    "ms_per_batch": {
+                        "store insert + commit": per_batch["store insert + commit"],
+                        "FAISS add": per_batch["FAISS add"],
+                        "rest of Collection.add": per_batch["collection"]
+                        - per_batch["store insert + commit"]
+                        - per_batch["FAISS add"],
+                        "engine validation and rows": per_batch["engine"] - per_batch["collection"],
+                        "engine.add_images in all": per_batch["engine"],
+                    },
+                }
+                results[callers] = row
+                stages = ", ".join(f"{stage} {ms:.2f}" for stage, ms in row["ms_per_batch"].items())
+                print(
+                    f"{callers} caller(s): {row['vectors_s']:.0f} vectors/s, {row['cpu_cores']:.2f} cores; "
+                    f"ms a batch (summed over callers): {stages}"
+                )
+    save("ingest_stages", results)
+
+
+if __name__ == "__main__":
+    main()
