@@ -21,6 +21,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import VectorPlugin, machine, percentile, save
+from imagesearch.client import float_vector
 from imagesearch.server.app import run_server
 from imagesearch.server.config import ServerConfig
 from imagesearch.v1 import image_search_service_pb2 as pb
@@ -32,9 +33,7 @@ OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_messag
 def fill(stub, collection: str, vectors: np.ndarray, labels: list[str]) -> None:
     for start in range(0, len(vectors), 256):
         images = [
-            pb.ImageInput(
-                id=str(start + i), vector=pb.FloatVector(values=v.tolist()), label=labels[start + i]
-            )
+            pb.ImageInput(id=str(start + i), vector=float_vector(v), label=labels[start + i])
             for i, v in enumerate(vectors[start : start + 256])
         ]
         stub.AddImages(pb.AddImagesRequest(collection=collection, images=images))
@@ -64,10 +63,7 @@ def main() -> None:
     labels = [f"L{i // args.per_label}" for i in range(len(vectors))]
     bucket = "L7"
     inside = vectors[7 * args.per_label : 8 * args.per_label]
-    queries = [
-        pb.FloatVector(values=(v + rng.normal(scale=0.5, size=args.dim)).tolist())
-        for v in inside[: args.queries]
-    ]
+    queries = [float_vector(v + rng.normal(scale=0.5, size=args.dim)) for v in inside[: args.queries]]
     queries = (queries * (args.queries // len(queries) + 1))[: args.queries]
     plugin = VectorPlugin(args.dim)
     with tempfile.TemporaryDirectory() as tmp:

@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import RESULTS, machine, percentile, save, save_figure
 from bench.server_process import server_process
+from imagesearch.client import float_vector
 from imagesearch.plugins import l2_normalize, onnx_cnn
 from imagesearch.server.config import Limits, ServerConfig, default_models_dir
 from imagesearch.server.imaging import decode_image
@@ -223,7 +224,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     base = rng.normal(size=(args.n, args.dim)).astype(np.float32)
     queries = rng.normal(size=(2000, args.dim)).astype(np.float32)
-    query_messages = [pb.FloatVector(values=q.tolist()) for q in queries]
+    query_messages = [float_vector(q) for q in queries]
     results: dict = {"n": args.n, "dim": args.dim, "machine": machine()}
 
     raw = raw_faiss(base, queries, callers)
@@ -266,7 +267,7 @@ def main() -> None:
                 pb.AddImagesRequest(
                     collection="vec",
                     images=[
-                        pb.ImageInput(id=str(start + i), vector=pb.FloatVector(values=v.tolist()))
+                        pb.ImageInput(id=str(start + i), vector=float_vector(v))
                         for i, v in enumerate(base[start : start + 256])
                     ],
                 )

@@ -21,6 +21,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import VectorPlugin, bar_plot, best_rate, machine, save
+from imagesearch.client import float_vector
 from imagesearch.plugins import l2_normalize
 from imagesearch.server.app import run_server
 from imagesearch.server.config import ServerConfig
@@ -71,7 +72,7 @@ def main() -> None:
                 def server_add() -> int:
                     for start, batch in zip(range(0, args.n, 256), batches, strict=True):
                         images = [
-                            pb.ImageInput(id=str(start + i), vector=pb.FloatVector(values=v.tolist()))
+                            pb.ImageInput(id=str(start + i), vector=float_vector(v))
                             for i, v in enumerate(batch)
                         ]
                         stub.AddImages(pb.AddImagesRequest(images=images))
@@ -79,7 +80,7 @@ def main() -> None:
 
                 def server_search() -> int:
                     for query in queries:
-                        stub.Search(pb.SearchRequest(vector=pb.FloatVector(values=query.tolist()), top_k=10))
+                        stub.Search(pb.SearchRequest(vector=float_vector(query), top_k=10))
                     return len(queries)
 
                 results["server (gRPC)"]["add vectors/s"] = best_rate(server_add, 1)

@@ -20,7 +20,7 @@ protobuf, numpy). Usage::
 same methods for asyncio. See docs/client.md for every method and error.
 """
 
-from imagesearch.client._requests import CallOptions
+from imagesearch.client._requests import CallOptions, float_vector
 from imagesearch.client.aio import AsyncImageSearchClient
 from imagesearch.client.client import ImageSearchClient
 from imagesearch.client.errors import (
@@ -100,5 +100,6 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "add_folder",
+    "float_vector",
     "from_rpc_error",
 ]

@@ -37,6 +37,8 @@ def status_code(number: int) -> grpc.StatusCode:
 
 
 def _vector(message: pb.FloatVector) -> npt.NDArray[np.float32]:
+    if message.float32_le:  # servers fill values today; read the packed form too
+        return np.frombuffer(message.float32_le, dtype="<f4").astype(np.float32)
     return np.asarray(message.values, dtype=np.float32)
 
 

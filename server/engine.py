@@ -63,6 +63,7 @@ from imagesearch.server.image_header import HeaderError, read_header
 from imagesearch.server.imaging import decode_image, decoded_pixels, make_thumbnail
 from imagesearch.server.page_tokens import decode_page_token, encode_page_token, row_position
 from imagesearch.server.store import ImageRow, NewImage
+from imagesearch.server.vector_input import VectorInput, read_vector
 
 OK_CODE = 0  # google.rpc.Code OK; failures carry their error's code
 GEOMETRIC = "geometric"
@@ -76,7 +77,7 @@ class ImageItem:
 
     id: str = ""
     content: bytes | None = None
-    vector: Sequence[float] | None = None
+    vector: VectorInput | None = None
     label: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
 
@@ -112,7 +113,7 @@ class SearchQuery:
     collection: str = ""
     image: bytes | None = None
     image_id: str | None = None
-    vector: Sequence[float] | None = None
+    vector: VectorInput | None = None
     top_k: int = 0
     labels: Sequence[str] = ()
     metric: str = ""
@@ -129,7 +130,7 @@ class ClassifyQuery:
     collection: str = ""
     image: bytes | None = None
     image_id: str | None = None
-    vector: Sequence[float] | None = None
+    vector: VectorInput | None = None
     neighbors: int = 0  # 0: DEFAULT_NEIGHBORS
     mode: str = ""  # "" or KNN, or CENTROID
     exclude_query: bool = False
@@ -337,26 +338,27 @@ class Engine:
             )
 
     # -- validation helpers -------------------------------------------------------------
-    def _check_vector(self, values: Sequence[float], collection: Collection, field_name: str) -> np.ndarray:
+    def _check_vector(self, values: VectorInput, collection: Collection, field_name: str) -> np.ndarray:
         checked = self._check_vectors([values], collection, [field_name])[0]
         if isinstance(checked, ImageSearchError):
             raise checked
         return checked
 
     def _check_vectors(
-        self, values: Sequence[Sequence[float]], collection: Collection, fields: Sequence[str]
+        self, values: Sequence[VectorInput], collection: Collection, fields: Sequence[str]
     ) -> list[np.ndarray | InvalidArgument]:
         """Each vector as float32, or the error that refuses it; checked as one matrix (fast for batches)."""
         dim = collection.spec.dim
-        vectors = [np.asarray(v, dtype=np.float32) for v in values]
-        fitting = [i for i, v in enumerate(vectors) if v.shape == (dim,)]
+        vectors = [read_vector(v, field) for v, field in zip(values, fields, strict=True)]
+        fitting = [i for i, v in enumerate(vectors) if isinstance(v, np.ndarray) and v.shape == (dim,)]
         matrix = np.stack([vectors[i] for i in fitting]) if fitting else np.zeros((0, dim), np.float32)
         finite = np.isfinite(matrix).all(axis=1)
         # Squares in float32: a norm within the bound squares to at most 1e36 < 3.4e38, one past it
         # overflows to inf or lands past the bound; non-finite rows are zeroed first (refused anyway).
         usable = matrix if finite.all() else np.where(finite[:, None], matrix, 0)
         in_range = np.einsum("ij,ij->i", usable, usable) <= np.float32(MAX_VECTOR_NORM**2)
-        verdicts: list[np.ndarray | InvalidArgument | None] = [None] * len(vectors)
+        # A malformed encoding is refused already; a vector of the wrong size is refused below.
+        verdicts = [v if isinstance(v, InvalidArgument) else None for v in vectors]
         for row, i in enumerate(fitting):  # errors are built only for the vectors they refuse
             if not finite[row]:
                 verdicts[i] = InvalidArgument(
@@ -370,7 +372,7 @@ class Engine:
                     reason="VECTOR_OUT_OF_RANGE",
                 )
             else:
-                verdicts[i] = vectors[i]
+                verdicts[i] = matrix[row]  # the stacked copy: writable even when read from packed bytes
         return [
             verdict
             if verdict is not None

@@ -41,6 +41,7 @@ from imagesearch.server.engine import (
 from imagesearch.server.store import ImageRow
 from imagesearch.server.streams import StreamGuard
 from imagesearch.server.vector_index import FLOAT16, FLOAT32
+from imagesearch.server.vector_input import vector_input
 from imagesearch.v1 import image_search_service_pb2 as pb
 from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
 
@@ -229,7 +230,7 @@ def image_item(message: pb.ImageInput) -> ImageItem:
     return ImageItem(
         id=message.id,
         content=message.content if source == "content" else None,
-        vector=message.vector.values if source == "vector" else None,
+        vector=vector_input(message.vector.values, message.vector.float32_le) if source == "vector" else None,
         label=message.label,
         metadata=dict(message.metadata),
     )
@@ -314,7 +315,9 @@ def query_source(request: pb.SearchRequest | pb.ClassifyRequest) -> dict[str, An
     return {
         "image": request.image if kind == "image" else None,
         "image_id": request.image_id if kind == "image_id" else None,
-        "vector": request.vector.values if kind == "vector" else None,
+        "vector": vector_input(request.vector.values, request.vector.float32_le)
+        if kind == "vector"
+        else None,
     }
 
 

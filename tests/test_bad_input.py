@@ -7,6 +7,7 @@ import zlib
 from collections.abc import Iterator
 
 import grpc
+import numpy as np
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
@@ -126,6 +127,17 @@ def test_bad_query_image(stub, name):
             Code.INVALID_ARGUMENT,
             "NaN",
         ),
+        (
+            pb.SearchRequest(vector=pb.FloatVector(float32_le=b"\0" * 7)),
+            Code.INVALID_ARGUMENT,
+            "not a multiple of 4",
+        ),
+        (
+            pb.SearchRequest(vector=pb.FloatVector(values=[1.0], float32_le=b"\0" * 4)),
+            Code.INVALID_ARGUMENT,
+            "values or float32_le, not both",
+        ),
+        (pb.SearchRequest(vector=pb.FloatVector(float32_le=b"\0" * 8)), Code.INVALID_ARGUMENT, "2 values"),
     ],
     ids=[
         "unknown-collection",
@@ -137,6 +149,9 @@ def test_bad_query_image(stub, name):
         "no-query",
         "other-extractor",
         "nan-vector",
+        "packed-odd-length",
+        "packed-and-values",
+        "packed-wrong-dim",
     ],
 )
 def test_bad_search(stub, request_, code, text):
@@ -157,6 +172,19 @@ def test_wrong_vector_dimension_on_add_stores_nothing(stub):
         and "dimension 192" in error.details()
     )
     assert stored_ids(stub) == ["seed"]
+
+
+def test_a_malformed_packed_vector_fails_alone(stub):
+    """skip_invalid: the malformed item gets its own result naming the field; the others are stored."""
+    packed = np.full(TinyExtractor.dim, 0.5, dtype="<f4").tobytes()
+    images = [
+        pb.ImageInput(id="good", vector=pb.FloatVector(float32_le=packed)),
+        pb.ImageInput(id="odd", vector=pb.FloatVector(float32_le=packed[:-1])),
+    ]
+    response = stub.AddImages(pb.AddImagesRequest(images=images, skip_invalid=True))
+    assert [r.code for r in response.results] == [0, Code.INVALID_ARGUMENT.value[0]]
+    assert response.results[1].field == "images[1].vector.float32_le"
+    assert sorted(stored_ids(stub)) == ["good", "seed"]
 
 
 def test_duplicate_ids(stub):

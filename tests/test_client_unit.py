@@ -100,7 +100,8 @@ def test_search_request_carries_each_query_kind(tmp_path: Path) -> None:
     assert by_id.WhichOneof("query") == "image_id"
     assert (by_id.image_id, by_id.exclude_query, by_id.extractor) == ("x", True, "sift")
     by_vector = _search(vector=np.array([1.0, 2.5, -3.0], dtype=np.float64))
-    assert list(by_vector.vector.values) == [1.0, 2.5, -3.0]
+    assert np.frombuffer(by_vector.vector.float32_le, "<f4").tolist() == [1.0, 2.5, -3.0]
+    assert not by_vector.vector.values  # packed only: the server refuses both
     assert (by_vector.collection, by_vector.metric) == ("", "")  # server defaults
 
 
@@ -135,7 +136,8 @@ def test_add_images_request_from_items_and_paths(tmp_path: Path) -> None:
     assert (request.collection, request.skip_invalid, len(request.images)) == ("col", True, 4)
     first, second, third, fourth = request.images
     assert (first.id, first.content, first.label, dict(first.metadata)) == ("one", b"abc", "cat", {"k": "v"})
-    assert second.WhichOneof("source") == "vector" and list(second.vector.values) == [0.5, 1.5]
+    assert second.WhichOneof("source") == "vector"
+    assert np.frombuffer(second.vector.float32_le, "<f4").tolist() == [0.5, 1.5]
     assert third.content == fourth.content == b"png-bytes" and third.id == ""
 
 

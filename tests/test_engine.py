@@ -42,6 +42,7 @@ from imagesearch.server.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from imagesearch.server.vector_input import PackedVector
 from tests.conftest import tiny_config
 from tests.support.images import encode, pattern
 from tests.support.tiny_plugin import TINY_PLUGIN, TinyExtractor
@@ -480,6 +481,34 @@ def test_vectors_that_faiss_cannot_rank_are_refused(engine: Engine, values: list
     assert error.field == "images[0].vector"
     assert stored_ids(engine) == []
     assert raises(InvalidArgument, reason, lambda: search(engine, vector=values)).field == "vector"
+
+
+@pytest.mark.parametrize(("values", "reason"), [v[1:] for v in BAD_VECTORS], ids=[v[0] for v in BAD_VECTORS])
+def test_packed_vectors_are_checked_like_listed_ones(
+    engine: Engine, values: list[float], reason: str
+) -> None:
+    packed = PackedVector(np.asarray(values, dtype="<f4").tobytes())
+    raises(InvalidArgument, reason, lambda: engine.add_images("c", [ImageItem(id="x", vector=packed)]))
+    assert raises(InvalidArgument, reason, lambda: search(engine, vector=packed)).field == "vector"
+
+
+def test_packed_vectors_store_and_search_like_listed_ones(engine: Engine) -> None:
+    """The same floats sent packed give the same stored vectors, hits and scores."""
+    engine.create_collection(NewCollection(name="p", metric="l2"))
+    listed = vector_items(0, 6)
+    packed = [
+        ImageItem(id=item.id, vector=PackedVector(np.asarray(item.vector, "<f4").tobytes()))
+        for item in listed
+    ]
+    engine.add_images("c", listed)
+    engine.add_images("p", packed)
+    query = vector(99)
+    by_list = engine.search(SearchQuery(collection="c", vector=query)).hits
+    by_packed = engine.search(
+        SearchQuery(collection="p", vector=PackedVector(np.asarray(query, "<f4").tobytes()))
+    ).hits
+    assert [(h.id, h.score) for h in by_list] == [(h.id, h.score) for h in by_packed]
+    assert np.array_equal(engine.catalog.get("p").vector_of("v3")[1], np.asarray(vector(3), np.float32))
 
 
 def test_a_large_but_rankable_vector_is_accepted(engine: Engine) -> None:

@@ -612,6 +612,47 @@ CORPUS: list[Case] = [
         INVALID_ARGUMENT,
         "DIMENSION_MISMATCH",
     ),
+    # the packed form (float32_le) refuses what the listed form refuses, and its own malformations
+    Case(
+        "search-packed-vector-nan",
+        "Search",
+        ser(
+            pb.SearchRequest(vector=pb.FloatVector(float32_le=struct.pack(f"<{DIM}f", *[float("nan")] * DIM)))
+        ),
+        INVALID_ARGUMENT,
+        "NON_FINITE_VECTOR",
+    ),
+    Case(
+        "add-packed-vector-odd-length",
+        "AddImages",
+        add(pb.ImageInput(id="odd", vector=pb.FloatVector(float32_le=b"\0" * (4 * DIM + 1)))),
+        INVALID_ARGUMENT,
+        "BAD_VECTOR_ENCODING",
+    ),
+    Case(
+        "stream-packed-vector-and-values",
+        "AddImagesStream",
+        (
+            ser(
+                pb.AddImagesStreamRequest(
+                    images=[
+                        pb.ImageInput(
+                            id="both", vector=pb.FloatVector(values=[0.5] * DIM, float32_le=b"\0" * 4)
+                        )
+                    ]
+                )
+            ),
+        ),
+        INVALID_ARGUMENT,
+        "BAD_VECTOR_ENCODING",
+    ),
+    Case(
+        "search-packed-vector-wrong-dimension",
+        "Search",
+        ser(pb.SearchRequest(vector=pb.FloatVector(float32_le=b"\0" * 8))),
+        INVALID_ARGUMENT,
+        "DIMENSION_MISMATCH",
+    ),
     Case(
         "search-empty-vector",
         "Search",

@@ -1,0 +1,57 @@
+"""Vectors as clients send them: a list of floats, or the same floats packed as bytes.
+
+``FloatVector.float32_le`` exists because a list of floats is the expensive form
+on both ends: a Python client builds one float object per value and the server
+converts each back. Packed bytes are one copy on the client and a zero-copy view
+here. Reading either form has one home, so every RPC that takes a vector accepts
+both and refuses a malformed one with the same message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from imagesearch.server.errors import InvalidArgument
+
+LITTLE_ENDIAN_FLOAT32 = np.dtype("<f4")
+
+
+@dataclass(frozen=True)
+class PackedVector:
+    """``float32_le`` bytes as received; ``with_values`` records that ``values`` was set as well."""
+
+    data: bytes
+    with_values: bool = False
+
+
+VectorInput = Sequence[float] | np.ndarray | PackedVector
+
+
+def vector_input(values: Sequence[float], float32_le: bytes) -> VectorInput:
+    """The vector a FloatVector message carries, in the form it was sent (read by ``read_vector``)."""
+    if float32_le:
+        return PackedVector(float32_le, with_values=len(values) > 0)
+    return values
+
+
+def read_vector(value: VectorInput, field: str) -> np.ndarray | InvalidArgument:
+    """The vector as float32 (a view of packed bytes, no copy), or the error that refuses its encoding.
+
+    The error is returned, not raised, so that one malformed vector in a batch fails alone.
+    """
+    if not isinstance(value, PackedVector):
+        return np.asarray(value, dtype=np.float32)
+    if value.with_values:
+        return InvalidArgument(
+            "set the vector's values or float32_le, not both", field=field, reason="BAD_VECTOR_ENCODING"
+        )
+    if len(value.data) % LITTLE_ENDIAN_FLOAT32.itemsize:
+        return InvalidArgument(
+            f"float32_le has {len(value.data)} bytes, not a multiple of 4 (one little-endian float32 per value)",
+            field=f"{field}.float32_le",
+            reason="BAD_VECTOR_ENCODING",
+        )
+    return np.frombuffer(value.data, dtype=LITTLE_ENDIAN_FLOAT32)
