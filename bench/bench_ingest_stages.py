@@ -27,11 +27,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import VectorPlugin, machine, save
+from bench.common import VectorPlugin, machine, percentile, save
 from imagesearch.server.app import run_server
 from imagesearch.server.collection import Collection
 from imagesearch.server.config import ServerConfig, default_models_dir
-from imagesearch.server.engine import Engine, ImageItem, NewCollection
+from imagesearch.server.engine import Engine, ImageItem, NewCollection, SearchQuery
 from imagesearch.server.store import CollectionStore
 from imagesearch.server.vector_index import VectorIndex
 from imagesearch.server.vector_input import read_vector, vector_input
@@ -112,6 +112,37 @@ def message_forms(batch: np.ndarray) -> dict[str, dict[str, float]]:
     return forms
 
 
+def searches_during_ingest(engine: Engine, batches: list[list[ImageItem]], dim: int) -> dict[str, float]:
+    """Search latency on a collection while one caller adds to it, against the same searches idle:
+    what a commit's fsync costs the readers (the first 20 batches fill it, the rest are added)."""
+    name = "searched"
+    engine.create_collection(NewCollection(name, extractor=f"vectors-{dim}"))
+    for batch in batches[:20]:
+        engine.add_images(name, batch)
+    query = SearchQuery(collection=name, vector=batches[0][0].vector, top_k=10)
+
+    def search_times(until: Callable[[], bool]) -> list[float]:
+        times = []
+        while not until():
+            started = time.perf_counter()
+            engine.search(query)
+            times.append((time.perf_counter() - started) * 1000)
+        return times
+
+    deadline = time.monotonic() + 2
+    idle = search_times(lambda: time.monotonic() > deadline)
+    with ThreadPoolExecutor(1) as pool:
+        adding = pool.submit(lambda: [engine.add_images(name, batch) for batch in batches[20:]])
+        busy = search_times(adding.done)
+        adding.result()
+    return {
+        "idle p50 ms": percentile(idle, 50),
+        "idle p99 ms": percentile(idle, 99),
+        "during ingest p50 ms": percentile(busy, 50),
+        "during ingest p99 ms": percentile(busy, 99),
+    }
+
+
 def cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -170,6 +201,11 @@ def main() -> None:
                     f"{callers} caller(s): {row['vectors_s']:.0f} vectors/s, {row['cpu_cores']:.2f} cores; "
                     f"ms a batch (summed over callers): {stages}"
                 )
+            results["searches"] = searches_during_ingest(engine, batches, dim)
+            print(
+                f"searches of a {20 * 256}-vector collection while one caller adds {len(batches) - 20} batches to "
+                "it: " + ", ".join(f"{stage} {ms:.2f}" for stage, ms in results["searches"].items())
+            )
     save("ingest_stages", results)
 
 

@@ -239,8 +239,12 @@ class Collection:
         self._local = local if local is not None and self._matches(local) else None
         self._training = threading.Lock()
         self._local_bytes: tuple[int, int] | None = None  # (seq, bytes) cached for GetCollection
+        # Two locks, always taken in this order. ``_writes`` serialises every change to the store
+        # (and the index updates that follow it, in commit order); ``lock`` guards the index, the
+        # spec and the extractor: searches share it, and an add takes it only for its index
+        # update, so searches never wait for a commit's fsync or a snapshot (docs/decisions.md).
+        self._writes = threading.Lock()
         self.lock = ReadWriteLock()
-        self._snapshot_lock = threading.Lock()
         self._applied_seq = 0
         self._snapshot_seq = 0
         self._last_snapshot = time.monotonic()
@@ -434,17 +438,23 @@ class Collection:
 
     # -- writes --------------------------------------------------------------------
     def add(self, images: Sequence[NewImage]) -> list[int]:
-        """Commit rows to the store, then to the index. Returns row ids."""
-        with self.lock.write():
+        """Commit rows to the store, then to the index. Returns row ids.
+
+        Searches go on during the store's commit and see the rows once the index has them, when
+        this returns; a reader of the store (``get``, ``count``) may see them a moment sooner.
+        """
+        with self._writes:
             self._check_open()
-            index = self.live_index()
+            index = self.live_index()  # only a writer replaces it, and this thread is the writer
             images = self._current_encoding(images)
-            row_ids, seqs = self.store.insert(images)
-            vectors = np.stack([np.asarray(image.vector, dtype=np.float32) for image in images])
-            self._follow_store(
-                lambda: index.add(np.array(row_ids, dtype=np.int64), self.metric.prepare(vectors))
+            # Prepared before the commit: a metric plugin that fails here leaves nothing stored.
+            prepared = self.metric.prepare(
+                np.stack([np.asarray(image.vector, dtype=np.float32) for image in images])
             )
-            self._applied_seq = seqs[-1]
+            row_ids, seqs = self.store.insert(images)
+            with self.lock.write():
+                self._follow_store(lambda: index.add(np.array(row_ids, dtype=np.int64), prepared))
+                self._applied_seq = seqs[-1]
         return row_ids
 
     def _current_encoding(self, images: Sequence[NewImage]) -> Sequence[NewImage]:
@@ -463,7 +473,8 @@ class Collection:
         return fresh
 
     def remove(self, ids: Sequence[str]) -> int:
-        with self.lock.write():
+        # The delete commits under the reader lock too: a search never meets a hit whose row is gone.
+        with self._writes, self.lock.write():
             self._check_open()
             index = self.live_index()
             removed = self.store.delete(ids)
@@ -754,7 +765,7 @@ class Collection:
             trained = extractor.with_state(state)
             vectors: dict[int, np.ndarray] = {}
             self._encode_rows(trained, row_ids.tolist(), vectors, locked=False)
-            with self.lock.write():
+            with self._writes, self.lock.write():
                 self._check_open()
                 current = self.store.local_row_ids().tolist()
                 self._encode_rows(trained, [r for r in current if r not in vectors], vectors, locked=True)
@@ -798,19 +809,17 @@ class Collection:
         return True
 
     def snapshot(self) -> None:
-        """Persist the index (under the reader lock: searches continue, writes wait)."""
-        with self._snapshot_lock:
-            with self.lock.read():
-                if self.closed:
-                    return
-                seq = self._applied_seq
-                if self.index is None:
-                    return
-                if seq == self._snapshot_seq and (self.directory / SNAPSHOT_FILE).exists():
-                    return
-                write_snapshot(self.directory / SNAPSHOT_FILE, self.index, seq)
-            with self.lock.write():
-                self.store.prune_removals(seq)
+        """Persist the index. Only writers wait: every index change happens under the writer lock,
+        so the index holds still while it is written, and searches go on (a reader lock would
+        stall them too, behind the first writer that queued for it)."""
+        with self._writes:
+            if self.closed or self.index is None:
+                return
+            seq = self._applied_seq
+            if seq == self._snapshot_seq and (self.directory / SNAPSHOT_FILE).exists():
+                return
+            write_snapshot(self.directory / SNAPSHOT_FILE, self.index, seq)
+            self.store.prune_removals(seq)
             self._snapshot_seq = seq
             self._last_snapshot = time.monotonic()
 
@@ -826,6 +835,6 @@ class Collection:
                 self.snapshot()
             except OSError as exc:
                 log.error("collection %s: final snapshot failed: %s", self.spec.name, exc)
-        with self.lock.write():
+        with self._writes, self.lock.write():
             self.closed = True
             self.store.close()

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
+import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,7 @@ import pytest
 
 from imagesearch.plugins.metrics import COSINE, INNER_PRODUCT, L2
 from imagesearch.plugins.types import FLAT, HNSW, IVF, Metric
+from imagesearch.server import collection as collection_module
 from imagesearch.server.collection import (
     SNAPSHOT_FILE,
     STORE_FILE,
@@ -392,6 +396,77 @@ def test_a_spec_that_no_longer_fits_its_vectors_opens_read_only(tmp_path: Path) 
     broken.snapshot()
     assert not (collection.directory / SNAPSHOT_FILE).exists()
     broken.close()
+
+
+def test_searches_do_not_wait_for_an_adds_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store's fsync'd commit runs outside the index lock: a search answers while an add is
+    still committing, and sees the new rows once the add has returned."""
+    collection = create(tmp_path)
+    base: Base = {}
+    add(collection, base, rows(0, 20))
+    committing, searched = threading.Event(), threading.Event()
+    insert = CollectionStore.insert
+
+    def slow_insert(store: CollectionStore, images: Sequence[NewImage]):
+        committing.set()
+        assert searched.wait(10), "the search waited for the commit"
+        return insert(store, images)
+
+    monkeypatch.setattr(CollectionStore, "insert", slow_insert)
+    new = rows(100, 5)
+    with ThreadPoolExecutor(1) as pool:
+        adding = pool.submit(collection.add, new)
+        assert committing.wait(10)
+        hits = collection.search(new[0].vector, 3)
+        searched.set()
+        adding.result(timeout=10)
+    assert new[0].id not in [hit.id for hit in hits]  # not yet in the index while committing
+    assert collection.search(new[0].vector, 1)[0].id == new[0].id
+    collection.close()
+
+
+def test_searches_do_not_wait_for_a_snapshot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A snapshot holds writers back (the index must hold still) but never searches, even with a
+    writer queued behind it."""
+    collection = create(tmp_path)
+    add(collection, {}, rows(0, 20))
+    writing, searched = threading.Event(), threading.Event()
+    write = collection_module.write_snapshot
+
+    def slow_write(*args: object) -> None:
+        writing.set()
+        assert searched.wait(10), "the search waited for the snapshot"
+        write(*args)
+
+    monkeypatch.setattr(collection_module, "write_snapshot", slow_write)
+    with ThreadPoolExecutor(2) as pool:
+        snapshotting = pool.submit(collection.snapshot)
+        assert writing.wait(10)
+        adding = pool.submit(collection.add, rows(100, 5))  # queues behind the snapshot
+        time.sleep(0.05)
+        assert not adding.done()
+        assert collection.search(rows(0, 1)[0].vector, 1)[0].id == "img0"
+        searched.set()
+        snapshotting.result(timeout=10)
+        adding.result(timeout=10)
+    collection.close()
+
+
+def test_concurrent_adds_reach_the_index_in_commit_order(tmp_path: Path) -> None:
+    """Many adders at once: every committed row is searchable, and a reopened collection (snapshot
+    plus replay) holds exactly the same vectors."""
+    collection = create(tmp_path)
+    batches = [rows(start, 10) for start in range(0, 400, 10)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(collection.add, batches))
+    assert collection.index is not None and collection.index.size == collection.count() == 400
+    for batch in batches[::7]:
+        assert collection.search(batch[3].vector, 1)[0].id == batch[3].id
+    collection.close()
+    again = reopen(collection)
+    assert again.index is not None and again.index.size == 400
+    assert again.search(batches[5][2].vector, 1)[0].id == batches[5][2].id
+    again.close()
 
 
 def test_a_closed_collection_is_not_found(tmp_path: Path) -> None:
