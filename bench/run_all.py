@@ -13,6 +13,7 @@ SCRIPTS = [
     "bench_concurrency.py",
     "bench_search_threads.py",
     "bench_ingest_stages.py",
+    "bench_storage.py",
     "bench_buckets.py",
     "bench_sift.py",
 ]

@@ -359,6 +359,7 @@ STORAGES = {
     None: pb.VECTOR_STORAGE_UNSPECIFIED,
     "float32": pb.VECTOR_STORAGE_FLOAT32,
     "float16": pb.VECTOR_STORAGE_FLOAT16,
+    "int8": pb.VECTOR_STORAGE_INT8,
 }
 """The in-memory forms a flat index may keep its vectors in (None: the server's default, float32)."""
 

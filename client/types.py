@@ -36,6 +36,9 @@ def status_code(number: int) -> grpc.StatusCode:
     return _STATUS_BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
 
 
+_STORAGE_NAMES = {pb.VECTOR_STORAGE_FLOAT16: "float16", pb.VECTOR_STORAGE_INT8: "int8"}  # else float32
+
+
 def _vector(message: pb.FloatVector) -> npt.NDArray[np.float32]:
     if message.float32_le:  # servers fill values today; read the packed form too
         return np.frombuffer(message.float32_le, dtype="<f4").astype(np.float32)
@@ -421,7 +424,7 @@ class CollectionInfo:
             hnsw=HnswParams.from_proto(message.hnsw) if index_type is IndexType.HNSW else None,
             created_at=_time(message.create_time),
             index_trained=message.index_trained,
-            storage="float16" if message.storage == pb.VECTOR_STORAGE_FLOAT16 else "float32",
+            storage=_STORAGE_NAMES.get(message.storage, "float32"),
             index_bytes=message.index_bytes,
             read_only=message.state == pb.COLLECTION_STATE_READ_ONLY,
             state_reason=message.state_reason,

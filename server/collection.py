@@ -42,6 +42,7 @@ from imagesearch.server.snapshot import SnapshotError, read_snapshot, write_snap
 from imagesearch.server.store import CollectionStore, HitRow, ImageRow, NewImage
 from imagesearch.server.vector_index import (
     FLOAT32,
+    RESCORE_FACTOR,
     STORAGES,
     IndexSpec,
     VectorIndex,
@@ -550,6 +551,10 @@ class Collection:
                 and len(allowed) <= GATHER_LIMIT
             ):
                 raw, ids = index.search_among(self.metric.prepare(raw_queries), want, allowed)
+            elif index is not None and index.quantized:
+                prepared = self.metric.prepare(raw_queries)
+                candidates = index.search(prepared, want * RESCORE_FACTOR, allowed)[1]
+                raw, ids = self._rescored(prepared, candidates, want)
             elif index is not None:
                 raw, ids = index.search(self.metric.prepare(raw_queries), want, allowed)
             else:
@@ -564,6 +569,24 @@ class Collection:
             ]
             rows = self.store.rows_by_row_id(sorted({i for pairs in found for _, i in pairs}))
         return [_hits(metric, pairs, rows, k) for pairs, k in zip(found, ks, strict=True)]
+
+    def _rescored(
+        self, prepared_queries: np.ndarray, ids: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """An int8 search's candidates re-scored with the store's float32 vectors: exact distances
+        and order, as a float32 index would give for them (under the reader lock)."""
+        vectors = self.store.vectors_by_row_id(sorted({int(i) for i in ids.ravel() if i >= 0}))
+        exact_raw = np.zeros((len(ids), k), np.float32)
+        exact_ids = np.full((len(ids), k), -1, np.int64)
+        for q, candidates in enumerate(ids):
+            kept = np.array([i for i in candidates if i in vectors], dtype=np.int64)
+            if len(kept) == 0:
+                continue
+            base = self.metric.prepare(np.stack([vectors[int(i)] for i in kept]))
+            found_raw, positions = brute_force(self.metric, base, prepared_queries[q : q + 1], k)
+            count = found_raw.shape[1]
+            exact_raw[q, :count], exact_ids[q, :count] = found_raw[0], kept[positions[0]]
+        return exact_raw, exact_ids
 
     def _search_other_metric(
         self, metric: Metric, raw_queries: np.ndarray, k: int, allowed: np.ndarray | None

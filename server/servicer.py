@@ -40,7 +40,7 @@ from imagesearch.server.engine import (
 )
 from imagesearch.server.store import ImageRow
 from imagesearch.server.streams import StreamGuard
-from imagesearch.server.vector_index import FLOAT16, FLOAT32
+from imagesearch.server.vector_index import FLOAT16, FLOAT32, INT8
 from imagesearch.server.vector_input import vector_input
 from imagesearch.v1 import image_search_service_pb2 as pb
 from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
@@ -56,7 +56,11 @@ def status_of(error: errors.ImageSearchError) -> grpc.StatusCode:
 
 INDEX_TYPE_TO_PB = {FLAT: pb.INDEX_TYPE_FLAT, IVF: pb.INDEX_TYPE_IVF, HNSW: pb.INDEX_TYPE_HNSW}
 INDEX_TYPE_FROM_PB = {pb.INDEX_TYPE_UNSPECIFIED: FLAT, **{v: k for k, v in INDEX_TYPE_TO_PB.items()}}
-STORAGE_TO_PB = {FLOAT32: pb.VECTOR_STORAGE_FLOAT32, FLOAT16: pb.VECTOR_STORAGE_FLOAT16}
+STORAGE_TO_PB = {
+    FLOAT32: pb.VECTOR_STORAGE_FLOAT32,
+    FLOAT16: pb.VECTOR_STORAGE_FLOAT16,
+    INT8: pb.VECTOR_STORAGE_INT8,
+}
 STORAGE_FROM_PB = {pb.VECTOR_STORAGE_UNSPECIFIED: "", **{v: k for k, v in STORAGE_TO_PB.items()}}
 RERANK_FROM_PB = {pb.RERANK_METHOD_UNSPECIFIED: "", pb.RERANK_METHOD_GEOMETRIC: GEOMETRIC}
 SEARCH_MODE_FROM_PB = {

@@ -309,6 +309,16 @@ class CollectionStore:
         )
         return {r[0]: HitRow(r[0], r[1], r[2], json.loads(r[3])) for r in rows}
 
+    def vectors_by_row_id(self, row_ids: Sequence[int]) -> dict[int, np.ndarray]:
+        """Raw float32 vectors keyed by row id (rows deleted meanwhile are absent)."""
+        if not row_ids:
+            return {}
+        marks = ",".join("?" * len(row_ids))
+        rows = self._reader().execute(
+            f"SELECT row_id, vector FROM images WHERE row_id IN ({marks})", [int(r) for r in row_ids]
+        )
+        return {r[0]: np.frombuffer(r[1], dtype=np.float32) for r in rows}
+
     def row_ids_with_labels(self, labels: Sequence[str]) -> np.ndarray:
         marks = ",".join("?" * len(labels))
         rows = self._reader().execute(f"SELECT row_id FROM images WHERE label IN ({marks})", list(labels))

@@ -594,8 +594,10 @@ def test_every_method_is_documented() -> None:
 
 def test_create_collection_request_carries_the_storage() -> None:
     common = dict(extractor=None, metric="l2", index_type="flat", ivf=None, hnsw=None, store_originals=False)
-    request = R.create_collection("c", description="", storage="float16", **common).request
-    assert request.collection.storage == pb.VECTOR_STORAGE_FLOAT16
+    for name, number in (("float16", pb.VECTOR_STORAGE_FLOAT16), ("int8", pb.VECTOR_STORAGE_INT8)):
+        request = R.create_collection("c", description="", storage=name, **common).request
+        assert request.collection.storage == number
+        assert CollectionInfo.from_proto(request.collection).storage == name
     assert R.create_collection("c", description="", **common).request.collection.storage == 0
     with pytest.raises(ValueError, match="storage must be one of"):
         R.create_collection("c", description="", storage="int4", **common)

@@ -23,6 +23,7 @@ import pytest
 from imagesearch.plugins.metrics import COSINE, INNER_PRODUCT, L2
 from imagesearch.plugins.types import FLAT, HNSW, IVF, Metric
 from imagesearch.server import collection as collection_module
+from imagesearch.server import vector_index
 from imagesearch.server.collection import (
     SNAPSHOT_FILE,
     STORE_FILE,
@@ -36,6 +37,7 @@ from imagesearch.server.collection import (
 from imagesearch.server.config import Limits
 from imagesearch.server.errors import FailedPrecondition, InvalidArgument, NotFound
 from imagesearch.server.store import CollectionStore, NewImage
+from imagesearch.server.vector_index import INT8
 
 DIM = 8
 LABELS = ("a", "b", "c")
@@ -160,6 +162,54 @@ def test_add_search_remove_agree_with_brute_force(tmp_path: Path, kind: str, met
         check_against_brute_force(collection, base, seed=round_)
     assert collection.index_trained == (kind == IVF), "past train_size the IVF index is in use"
     collection.close(snapshot=False)
+
+
+@pytest.mark.parametrize("metric", [L2, COSINE], ids=lambda m: m.name)
+def test_int8_storage_trains_rescores_exactly_and_survives_a_restart(
+    tmp_path: Path, metric: Metric, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """int8 searches exactly in float32 until it holds INT8_TRAIN_SIZE vectors, then quantises; its
+    hits are re-scored with the store's float32 vectors, so they still match the brute force (ids,
+    order and scores), through removals, label filters, batches and a reopen."""
+    monkeypatch.setattr(vector_index, "INT8_TRAIN_SIZE", 30)
+    collection = create(tmp_path, FLAT, metric, storage=INT8)
+    base: Base = {}
+    add(collection, base, rows(0, 25))
+    assert not collection.index_trained
+    check_against_brute_force(collection, base, seed=1)
+    add(collection, base, rows(25, 50))
+    assert collection.index_trained and collection.live_index().quantized
+    remove(collection, base, ["img3", "img30", "img44"])
+    for labels in ((), ("a",), ("a", "c")):
+        check_against_brute_force(collection, base, seed=2, labels=labels)
+    query = queries(base, 3)[0]
+    exact = brute_force_hits(base, query, metric)
+    assert_same_hits(collection.search(query, K), exact)
+    batch = collection.search_many(np.stack([query, query]), [2, K])
+    assert_same_hits(batch[0], exact[:2])
+    assert_same_hits(batch[1], exact)
+    collection.close()
+    again = reopen(collection)
+    assert again.index_trained and again.live_index().quantized
+    check_against_brute_force(again, base, seed=4)
+    again.close(snapshot=False)
+
+
+def brute_force_hits(base: Base, query: np.ndarray, metric: Metric) -> list[Hit]:
+    """The K best hits a float32 flat collection gives, from NumPy: ids, then distances by the metric."""
+    ids = expected_ids(base, query, K, metric)
+    vectors = metric.prepare(np.stack([base[i].vector for i in ids]))
+    prepared = metric.prepare(query.reshape(1, -1))[0]
+    if metric.faiss_metric == L2.faiss_metric:
+        raw = ((vectors - prepared) ** 2).sum(axis=1)
+    else:
+        raw = vectors @ prepared
+    distances = metric.to_distance(raw.astype(np.float32))
+    scores = metric.to_score(distances)
+    return [
+        Hit(i, float(score), float(distance), base[i].label, base[i].metadata, 0)
+        for i, distance, score in zip(ids, distances, scores, strict=True)
+    ]
 
 
 def test_hits_carry_the_rows_label_metadata_distance_and_score(tmp_path: Path) -> None:

@@ -8,7 +8,14 @@ import pytest
 
 from imagesearch.plugins.metrics import L2
 from imagesearch.plugins.types import FLAT, HNSW, IVF
-from imagesearch.server.vector_index import FLOAT16, IndexSpec, VectorIndex
+from imagesearch.server.vector_index import (
+    FLOAT16,
+    INT8,
+    INT8_TRAIN_SIZE,
+    RESCORE_FACTOR,
+    IndexSpec,
+    VectorIndex,
+)
 
 DIM = 16
 
@@ -111,6 +118,33 @@ def test_float16_storage_halves_memory_and_keeps_recall():
     half.check_layout()
     with pytest.raises(ValueError, match="does not fit"):
         VectorIndex(half.spec, exact.faiss_index).check_layout()
+
+
+def test_int8_storage_trains_at_its_size_and_quarters_memory():
+    """int8 is exact float32 until INT8_TRAIN_SIZE vectors, then 1-byte codes: a quarter of the
+    bytes, and candidates good enough to re-score (the true top 10 inside its top 40)."""
+    rng = np.random.default_rng(9)
+    base = rng.normal(size=(3000, 64)).astype(np.float32)
+    queries = rng.normal(size=(50, 64)).astype(np.float32)
+    exact = VectorIndex(IndexSpec(kind=FLAT, dim=64, metric=L2))
+    small = VectorIndex(IndexSpec(kind=FLAT, dim=64, metric=L2, storage=INT8))
+    small.add(np.arange(INT8_TRAIN_SIZE - 1), base[: INT8_TRAIN_SIZE - 1])
+    assert not small.trained and not small.quantized and small.can_gather()
+    small.add(np.arange(INT8_TRAIN_SIZE - 1, 3000), base[INT8_TRAIN_SIZE - 1 :])
+    assert small.trained and small.quantized and not small.can_gather() and small.size == 3000
+    exact.add(np.arange(3000), base)
+    for index in (exact, small):
+        index.remove(np.arange(0, 3000, 7))
+    _, truth = exact.search(queries, 10)
+    _, candidates = small.search(queries, 10 * RESCORE_FACTOR)
+    assert np.mean([len(set(t) & set(c)) / 10 for t, c in zip(truth, candidates, strict=True)]) >= 0.99
+    ids = 2 * 8 * small.size
+    assert small.memory_bytes() - ids == (exact.memory_bytes() - ids) // 4
+    small.check_layout()
+    half = VectorIndex(IndexSpec(kind=FLAT, dim=64, metric=L2, storage=FLOAT16))
+    half.add(np.arange(10), base[:10])
+    with pytest.raises(ValueError, match="does not fit"):  # float16 codes are not int8 codes
+        VectorIndex(small.spec, half.faiss_index).check_layout()
 
 
 def test_flat_l2_distances_are_exact_and_the_same_alone_or_batched():

@@ -1,0 +1,137 @@
+"""A flat collection's three storages through the server: memory, search time and recall.
+
+Adds the same 20,000 x 1280 random vectors (cosine) to a float32, a float16 and an int8
+collection of a server in its own process, then for each prints ``index_bytes`` from
+GetCollection, one caller's search-by-vector p50 (top 10) and recall@10 against the float32
+collection's hits (float32 flat is exact). Next to them, raw FAISS on the same prepared
+vectors: single-query p50 of IndexFlatIP and of IndexScalarQuantizer fp16 / 8bit (best of 1 and
+2 threads) and the 8-bit index's own recall@10, before the server's float32 re-scoring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import faiss
+import grpc
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import machine, percentile, save
+from bench.server_process import server_process
+from imagesearch.client import float_vector
+from imagesearch.plugins import l2_normalize
+from imagesearch.server.config import ServerConfig
+from imagesearch.v1 import image_search_service_pb2 as pb
+from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
+
+STORAGES = {
+    "float32": (pb.VECTOR_STORAGE_FLOAT32, None),
+    "float16": (pb.VECTOR_STORAGE_FLOAT16, faiss.ScalarQuantizer.QT_fp16),
+    "int8": (pb.VECTOR_STORAGE_INT8, faiss.ScalarQuantizer.QT_8bit),
+}
+
+
+def recall_at_10(truth: list[list[str]] | np.ndarray, found: list[list[str]] | np.ndarray) -> float:
+    return float(np.mean([len(set(t) & set(f)) / 10 for t, f in zip(truth, found, strict=True)]))
+
+
+def raw_faiss(base: np.ndarray, queries: np.ndarray) -> dict[str, dict[str, float]]:
+    """Single-query p50 (best of 1 and 2 OpenMP threads) and recall@10 of each raw FAISS index."""
+    prepared, asked = l2_normalize(base), l2_normalize(queries)
+    figures: dict[str, dict[str, float]] = {}
+    truth = None
+    for name, (_, kind) in STORAGES.items():
+        if kind is None:
+            index = faiss.IndexFlatIP(base.shape[1])
+        else:
+            index = faiss.IndexScalarQuantizer(base.shape[1], kind, faiss.METRIC_INNER_PRODUCT)
+            index.train(prepared)
+        index.add(prepared)
+        best = float("inf")
+        for threads in (1, 2):
+            faiss.omp_set_num_threads(threads)
+            times = []
+            for query in asked:
+                started = time.perf_counter()
+                index.search(query[None], 10)
+                times.append((time.perf_counter() - started) * 1000)
+            best = min(best, percentile(times, 50))
+        faiss.omp_set_num_threads(2)
+        _, found = index.search(asked, 10)
+        truth = found if truth is None else truth
+        figures[name] = {"p50_ms": best, "recall_at_10": recall_at_10(truth, found)}
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=20000)
+    parser.add_argument("--dim", type=int, default=1280)
+    parser.add_argument("--queries", type=int, default=200)
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(args.n, args.dim)).astype(np.float32)
+    queries = rng.normal(size=(args.queries, args.dim)).astype(np.float32)
+    results: dict = {
+        "machine": machine(),
+        "n": args.n,
+        "dim": args.dim,
+        "raw_faiss": raw_faiss(base, queries),
+    }
+    server: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        config = ServerConfig(port=0, data_dir=Path(tmp) / "data", log_level="WARNING")
+        with (
+            server_process(config, vector_dim=args.dim) as running,
+            grpc.insecure_channel(running.target) as channel,
+        ):
+            stub = pb_grpc.ImageSearchServiceStub(channel)
+            for name, (storage, _) in STORAGES.items():
+                collection = pb.Collection(name=name, extractor=f"vectors-{args.dim}", storage=storage)
+                stub.CreateCollection(pb.CreateCollectionRequest(collection=collection))
+                for start in range(0, args.n, 256):
+                    images = [
+                        pb.ImageInput(id=str(start + i), vector=float_vector(v))
+                        for i, v in enumerate(base[start : start + 256])
+                    ]
+                    stub.AddImages(pb.AddImagesRequest(collection=name, images=images))
+            answers: dict[str, list[list[str]]] = {}
+            for name in STORAGES:
+                times, answers[name] = [], []
+                for query in queries:
+                    request = pb.SearchRequest(collection=name, vector=float_vector(query), top_k=10)
+                    started = time.perf_counter()
+                    hits = stub.Search(request).hits
+                    times.append((time.perf_counter() - started) * 1000)
+                    answers[name].append([hit.id for hit in hits])
+                info = stub.GetCollection(pb.GetCollectionRequest(name=name)).collection
+                server[name] = {
+                    "index_bytes": info.index_bytes,
+                    "p50_ms": percentile(times, 50),
+                    "recall_at_10": recall_at_10(answers["float32"], answers[name]),
+                }
+    results["server"] = server
+    print(f"machine: {results['machine']}")
+    print(
+        f"data: {args.n} x {args.dim} random vectors, flat cosine, top 10, one caller, {args.queries} queries"
+    )
+    print(
+        f"{'storage':>8}{'index MB':>10}{'server p50 ms':>15}{'recall@10':>11}{'raw FAISS p50 ms':>18}{'raw recall@10':>15}"
+    )
+    for name in STORAGES:
+        s, r = server[name], results["raw_faiss"][name]
+        print(
+            f"{name:>8}{s['index_bytes'] / 1e6:10.1f}{s['p50_ms']:15.2f}{s['recall_at_10']:11.4f}"
+            f"{r['p50_ms']:18.2f}{r['recall_at_10']:15.4f}"
+        )
+    save("storage", results)
+
+
+if __name__ == "__main__":
+    main()
