@@ -539,7 +539,7 @@ class Collection:
                     f"version {version} is now {self.extractor_version}); send the query again",
                     reason=EXTRACTOR_CHANGED,
                 )
-            allowed = self.store.row_ids_with_labels(labels) if labels else None
+            allowed = self.store.row_ids_with_labels(labels, self._applied_seq) if labels else None
             if allowed is not None and len(allowed) == 0:
                 return [[] for _ in ks]
             want = max(k + (exclude is not None) for k, exclude in zip(ks, excludes, strict=True))

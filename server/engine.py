@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import logging
 import math
 import threading
 import time
@@ -64,6 +65,8 @@ from imagesearch.server.imaging import decode_image, decoded_pixels, make_thumbn
 from imagesearch.server.page_tokens import decode_page_token, encode_page_token, row_position
 from imagesearch.server.store import ImageRow, NewImage
 from imagesearch.server.vector_input import VectorInput, read_vector
+
+log = logging.getLogger(__name__)
 
 OK_CODE = 0  # google.rpc.Code OK; failures carry their error's code
 GEOMETRIC = "geometric"
@@ -462,19 +465,20 @@ class Engine:
                     total += decoded_pixels(header, min_side)
         return total
 
-    def _check_batch_pixels(self, items: Sequence[ImageItem], min_side: int | None) -> int:
-        """Refuse a batch whose images would together decode to more than the per-call budget.
+    def _check_batch_pixels(self, contents: Iterable[bytes | None], min_side: int | None, field: str) -> int:
+        """Refuse a call whose images would together decode to more than the per-call budget
+        (AddImages' images, SearchBatch's query images).
 
         Each image may be within the per-image limits while 256 of them are not: 256
         highly compressed 40-megapixel PNGs fit in one message and would need 30 GB.
         Read from the headers, before anything is decoded. Returns the total.
         """
-        total = self._decoded_total((item.content for item in items), min_side)
+        total = self._decoded_total(contents, min_side)
         if total > self.limits.max_batch_pixels:
             raise ResourceExhausted(
                 f"the batch decodes to {total} pixels; the limit is {self.limits.max_batch_pixels} "
                 "(send fewer or smaller images per call)",
-                field="images",
+                field=field,
                 reason="BATCH_TOO_MANY_PIXELS",
                 metadata={"limit": str(self.limits.max_batch_pixels), "value": str(total)},
             )
@@ -557,7 +561,7 @@ class Engine:
                 raise error
             errors[position] = error
 
-        decoding = self._check_batch_pixels(items, min_side)
+        decoding = self._check_batch_pixels((item.content for item in items), min_side, "images")
         with self.pixels.hold(decoding):  # all calls together stay within max_decoding_pixels
             if any(item.content is not None for item in items):
                 collection.check_extractor()  # FAILED_PRECONDITION before decoding anything
@@ -674,7 +678,7 @@ class Engine:
                 metadata={"limit": str(self.limits.max_batch_size), "value": str(len(queries))},
             )
         plans: list[_Plan | ImageSearchError] = []
-        with self.pixels.hold(self._decoded_total((q.image for q in queries), None)):
+        with self.pixels.hold(self._check_batch_pixels((q.image for q in queries), None, "queries")):
             for position, query in enumerate(queries):
                 try:
                     plans.append(self._plan(query, deadline))
@@ -938,6 +942,11 @@ class Engine:
                 )
             except ImageSearchError as error:
                 found = [error] * len(positions)
+            except Exception as exc:  # a bug in one group must not fail the others sharing the batch
+                log.exception("search of collection %s failed", first.collection.spec.name)
+                found = [Internal(f"search failed ({type(exc).__name__})", reason="SEARCH_FAILED")] * len(
+                    positions
+                )
             for position, hits in zip(positions, found, strict=True):
                 results[position] = hits
         return results

@@ -319,9 +319,14 @@ class CollectionStore:
         )
         return {r[0]: np.frombuffer(r[1], dtype=np.float32) for r in rows}
 
-    def row_ids_with_labels(self, labels: Sequence[str]) -> np.ndarray:
-        marks = ",".join("?" * len(labels))
-        rows = self._reader().execute(f"SELECT row_id FROM images WHERE label IN ({marks})", list(labels))
+    def row_ids_with_labels(self, labels: Sequence[str], upto_seq: int) -> np.ndarray:
+        """Row ids with one of ``labels`` among rows written up to ``upto_seq`` (the ones the index
+        holds: a commit the index has not applied yet is left out). The labels go in as one JSON
+        parameter, so no count of them runs into SQLite's limit on bound variables."""
+        rows = self._reader().execute(
+            "SELECT row_id FROM images WHERE label IN (SELECT value FROM json_each(?)) AND seq <= ?",
+            (json.dumps(list(labels)), upto_seq),
+        )
         return np.fromiter((r[0] for r in rows), dtype=np.int64)
 
     def page(self, after_row_id: int, limit: int, label: str | None = None) -> list[ImageRow]:

@@ -458,9 +458,10 @@ def test_searches_do_not_wait_for_an_adds_commit(tmp_path: Path, monkeypatch: py
     insert = CollectionStore.insert
 
     def slow_insert(store: CollectionStore, images: Sequence[NewImage]):
+        committed = insert(store, images)  # committed, not yet in the index
         committing.set()
         assert searched.wait(10), "the search waited for the commit"
-        return insert(store, images)
+        return committed
 
     monkeypatch.setattr(CollectionStore, "insert", slow_insert)
     new = rows(100, 5)
@@ -468,9 +469,12 @@ def test_searches_do_not_wait_for_an_adds_commit(tmp_path: Path, monkeypatch: py
         adding = pool.submit(collection.add, new)
         assert committing.wait(10)
         hits = collection.search(new[0].vector, 3)
+        # a label filter reads the store, which may hold rows the index does not have yet
+        labelled = collection.search(new[0].vector, 3, labels=[new[0].label])
         searched.set()
         adding.result(timeout=10)
-    assert new[0].id not in [hit.id for hit in hits]  # not yet in the index while committing
+    assert new[0].id not in [hit.id for hit in hits + labelled]  # not yet in the index while committing
+    assert [hit.id for hit in labelled] == expected_ids(base, new[0].vector, 3, L2, [new[0].label])
     assert collection.search(new[0].vector, 1)[0].id == new[0].id
     collection.close()
 

@@ -23,6 +23,7 @@ from imagesearch.plugins import hookimpl
 from imagesearch.plugins.manager import PluginRegistry
 from imagesearch.plugins.types import FLAT, HNSW, IVF
 from imagesearch.server.catalog import Catalog
+from imagesearch.server.collection import Collection, Hit
 from imagesearch.server.config import ServerConfig
 from imagesearch.server.engine import (
     OK_CODE,
@@ -37,6 +38,7 @@ from imagesearch.server.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     ImageSearchError,
+    Internal,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
@@ -445,6 +447,40 @@ def test_search_batch_size_limit(engine: Engine) -> None:
     error = raises(ResourceExhausted, "BATCH_TOO_LARGE", lambda: engine.search_batch(queries))
     assert (error.field, error.metadata) == ("queries", {"limit": "8", "value": "9"})
     assert engine.search_batch([]) == []
+
+
+def test_search_batch_query_images_share_the_per_call_pixel_limit(engine: Engine) -> None:
+    """SearchBatch decodes all its query images at once, like an AddImages batch: refused from the
+    headers before anything is decoded when together they pass max_batch_pixels."""
+    engine.add_images("c", [ImageItem(id="p", content=png(0))])
+    two = [SearchQuery(collection="c", image=png(n)) for n in range(2)]
+    assert all(isinstance(outcome, SearchOutcome) for outcome in engine.search_batch(two))
+    three = [SearchQuery(collection="c", image=png(n)) for n in range(3)]
+    error = raises(ResourceExhausted, "BATCH_TOO_MANY_PIXELS", lambda: engine.search_batch(three))
+    assert error.field == "queries"
+
+
+def test_a_failing_search_group_fails_only_its_own_queries(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Queries of other collections batched with a group that breaks (a bug, not a client error)
+    get their hits; the broken group's queries get INTERNAL."""
+    engine.create_collection(NewCollection(name="d", metric="l2"))
+    for name in ("c", "d"):
+        engine.add_images(name, vector_items(0, 4))
+    search_many = Collection.search_many
+
+    def broken_in_d(collection: Collection, *args: Any, **kwargs: Any) -> list[list[Hit]]:
+        if collection.spec.name == "d":
+            raise RuntimeError("boom")
+        return search_many(collection, *args, **kwargs)
+
+    monkeypatch.setattr(Collection, "search_many", broken_in_d)
+    good, broken = engine.search_batch(
+        [SearchQuery(collection="c", vector=vector(1)), SearchQuery(collection="d", vector=vector(1))]
+    )
+    assert isinstance(good, SearchOutcome) and good.hits[0].id == "v1"
+    assert isinstance(broken, Internal) and broken.reason == "SEARCH_FAILED"
 
 
 def test_the_decoding_budget_is_given_back_whatever_happens(engine: Engine) -> None:

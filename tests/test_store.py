@@ -221,9 +221,13 @@ def test_row_ids_with_labels(store: CollectionStore) -> None:
     insert(store, "a", "b", label="x")
     insert(store, "c", label="y")
     insert(store, "d", label="z")
-    found = store.row_ids_with_labels(["x", "z"])
+    last = store.last_seq()
+    found = store.row_ids_with_labels(["x", "z"], last)
     assert found.dtype == np.int64 and sorted(found.tolist()) == [1, 2, 4]
-    assert store.row_ids_with_labels(["nope"]).tolist() == []
+    assert store.row_ids_with_labels(["nope"], last).tolist() == []
+    assert sorted(store.row_ids_with_labels(["x", "z"], last - 1).tolist()) == [1, 2]  # d not applied yet
+    many = [f"label-{i}" for i in range(300_000)] + ["y"]  # past SQLite's 250,000 bound variables
+    assert store.row_ids_with_labels(many, last).tolist() == [3]
 
 
 def test_meta_get_and_set(store: CollectionStore) -> None:
