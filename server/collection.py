@@ -358,7 +358,7 @@ class Collection:
         index_spec = self.spec.index_spec(self.metric)
         path = self.directory / SNAPSHOT_FILE
         try:
-            index, seq = read_snapshot(path, index_spec)
+            index, seq = read_snapshot(path, index_spec, self.store.identity, self.store.last_seq())
         except SnapshotError as exc:
             if path.exists():
                 log.warning(
@@ -841,7 +841,7 @@ class Collection:
             seq = self._applied_seq
             if seq == self._snapshot_seq and (self.directory / SNAPSHOT_FILE).exists():
                 return
-            write_snapshot(self.directory / SNAPSHOT_FILE, self.index, seq)
+            write_snapshot(self.directory / SNAPSHOT_FILE, self.index, seq, self.store.identity)
             self.store.prune_removals(seq)
             self._snapshot_seq = seq
             self._last_snapshot = time.monotonic()

@@ -50,11 +50,14 @@ class _CrcWriter:
         return len(data)
 
 
-def write_snapshot(path: Path, index: VectorIndex, seq: int) -> None:
+def write_snapshot(path: Path, index: VectorIndex, seq: int, store: str) -> None:
+    """Persist ``index`` as covering the store's writes up to ``seq``; ``store`` is that store's
+    identity, checked when the snapshot is loaded."""
     dead = index.tombstones.tobytes()
     header = json.dumps(
         {
             "seq": seq,
+            "store": store,
             "kind": index.spec.kind,
             "dim": index.spec.dim,
             "metric": index.spec.metric.name,
@@ -89,8 +92,11 @@ def _verify_body(handle: BinaryIO, start: int, end: int) -> int:
     return crc
 
 
-def read_snapshot(path: Path, spec: IndexSpec) -> tuple[VectorIndex, int]:
-    """Load a snapshot; SnapshotError if it is absent, damaged or does not match ``spec``."""
+def read_snapshot(path: Path, spec: IndexSpec, store: str, last_seq: int) -> tuple[VectorIndex, int]:
+    """Load a snapshot; SnapshotError if it is absent, damaged, does not match ``spec``, or is not
+    a past state of this store (another store's, or newer than its last write ``last_seq``: the
+    store was restored from an older copy). Snapshots made before stores had an identity carry
+    none and are checked by sequence only."""
     try:
         handle = open(path, "rb")  # noqa: SIM115  closed below
     except FileNotFoundError as exc:
@@ -114,6 +120,13 @@ def read_snapshot(path: Path, spec: IndexSpec) -> tuple[VectorIndex, int]:
             raise SnapshotError("snapshot checksum mismatch (corrupted file)")
         if (header["kind"], header["dim"], header["metric"]) != (spec.kind, spec.dim, spec.metric.name):
             raise SnapshotError("snapshot was made for a different index layout")
+        if header.get("store", store) != store:
+            raise SnapshotError("snapshot was made from another store (copied from another collection?)")
+        if int(header["seq"]) > last_seq:
+            raise SnapshotError(
+                f"snapshot covers writes up to {header['seq']} but the store's last is {last_seq} "
+                "(the store was restored from an older copy?)"
+            )
         handle.seek(body_start)
         tombstones = _read_exact(handle, dead_len)
         try:

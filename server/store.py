@@ -18,6 +18,7 @@ import json
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -111,6 +112,7 @@ class CollectionStore:
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
+        self.identity = self._identity()
 
     # -- connections -----------------------------------------------------------
     def _reader(self) -> sqlite3.Connection:
@@ -148,6 +150,16 @@ class CollectionStore:
 
     def set_meta(self, key: str, value: str) -> None:
         self._writer.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+    def _identity(self) -> str:
+        """A random id made once per store, kept in it: a snapshot records the id of the store it
+        was made from, so one copied from another collection, or left over when an older copy of
+        this store was restored, is never mistaken for this store's own."""
+        identity = self.get_meta("store_id")
+        if identity is None:
+            identity = uuid.uuid4().hex
+            self.set_meta("store_id", identity)
+        return identity
 
     def last_seq(self) -> int:
         value = self.get_meta("seq")

@@ -30,11 +30,14 @@ def filled(kind: str) -> VectorIndex:
     return index
 
 
+STORE = "c0ffee"  # a store identity
+
+
 @pytest.mark.parametrize("kind", [FLAT, IVF, HNSW])
 def test_round_trip_keeps_ids_vectors_tombstones_and_seq(tmp_path, kind):
     index = filled(kind)
-    write_snapshot(tmp_path / "s", index, seq=77)
-    loaded, seq = read_snapshot(tmp_path / "s", index.spec)
+    write_snapshot(tmp_path / "s", index, seq=77, store=STORE)
+    loaded, seq = read_snapshot(tmp_path / "s", index.spec, STORE, 77)
     assert seq == 77 and loaded.size == index.size == 48 and loaded.trained == index.trained
     assert sorted(loaded.ids().tolist()) == sorted(index.ids().tolist())
     assert loaded.tombstones.tolist() == index.tombstones.tolist()
@@ -61,22 +64,22 @@ def damaged(path: Path, how: str) -> None:
 )
 def test_damage_is_refused_never_loaded(tmp_path, how, says):
     index = filled(FLAT)
-    write_snapshot(tmp_path / "s", index, seq=5)
+    write_snapshot(tmp_path / "s", index, seq=5, store=STORE)
     damaged(tmp_path / "s", how)
     with pytest.raises(SnapshotError, match=says):
-        read_snapshot(tmp_path / "s", index.spec)
+        read_snapshot(tmp_path / "s", index.spec, STORE, 5)
 
 
 def test_a_snapshot_of_another_layout_is_refused(tmp_path):
     index = filled(FLAT)
-    write_snapshot(tmp_path / "s", index, seq=5)
+    write_snapshot(tmp_path / "s", index, seq=5, store=STORE)
     for other in (
         IndexSpec(kind=FLAT, dim=DIM, metric=COSINE),
         IndexSpec(kind=HNSW, dim=DIM, metric=L2),
         IndexSpec(kind=FLAT, dim=DIM + 1, metric=L2),
     ):
         with pytest.raises(SnapshotError, match="different index layout"):
-            read_snapshot(tmp_path / "s", other)
+            read_snapshot(tmp_path / "s", other, STORE, 5)
 
 
 def test_an_ivf_snapshot_of_the_old_idmap_layout_is_refused(tmp_path):
@@ -87,9 +90,21 @@ def test_an_ivf_snapshot_of_the_old_idmap_layout_is_refused(tmp_path):
         VectorIndex(index.spec, legacy).check_layout()
 
 
+def test_a_snapshot_of_another_store_or_newer_than_the_store_is_refused(tmp_path):
+    """A snapshot copied from another collection, or left beside a store restored from an older
+    copy (it covers writes the store does not have), is not this store's past: rebuild instead."""
+    index = filled(FLAT)
+    write_snapshot(tmp_path / "s", index, seq=5, store=STORE)
+    with pytest.raises(SnapshotError, match="another store"):
+        read_snapshot(tmp_path / "s", index.spec, "other-store", 5)
+    with pytest.raises(SnapshotError, match="restored from an older copy"):
+        read_snapshot(tmp_path / "s", index.spec, STORE, 4)
+    assert read_snapshot(tmp_path / "s", index.spec, STORE, 9)[1] == 5  # older than the store: replayed
+
+
 def test_missing_snapshot(tmp_path):
     with pytest.raises(SnapshotError, match="no snapshot"):
-        read_snapshot(tmp_path / "absent", filled(FLAT).spec)
+        read_snapshot(tmp_path / "absent", filled(FLAT).spec, STORE, 0)
 
 
 MEMORY_PROBE = """
@@ -117,9 +132,9 @@ for start in range(0, 40_000, 5_000):
     index.add(np.arange(start, start + 5_000), rng.random((5_000, 1024), dtype=np.float32))
 size = 40_000 * 1024 * 4
 path = Path({path!r})
-write = peak_extra(lambda: write_snapshot(path, index, 1))
+write = peak_extra(lambda: write_snapshot(path, index, 1, "store"))
 del index
-read = peak_extra(lambda: read_snapshot(path, spec))
+read = peak_extra(lambda: read_snapshot(path, spec, "store", 1))
 print(size, write, read)
 """
 
