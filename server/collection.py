@@ -35,7 +35,14 @@ from imagesearch.plugins.types import (
 )
 from imagesearch.server.classify import CENTROID, Classification, shares
 from imagesearch.server.config import Limits
-from imagesearch.server.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, shown
+from imagesearch.server.errors import (
+    Aborted,
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    shown,
+)
 from imagesearch.server.files import fsync_dir
 from imagesearch.server.rwlock import ReadWriteLock
 from imagesearch.server.snapshot import SnapshotError, read_snapshot, write_snapshot
@@ -57,6 +64,7 @@ STORE_FILE = "store.sqlite3"
 # A label filter that leaves at most this many images is searched among those images only
 # (vectors fetched by id); beyond it, the whole index is scanned with an id selector.
 GATHER_LIMIT = 20_000
+SKIPPED = -1  # Collection.add's row id for an image left out under skip_existing
 SNAPSHOT_FILE = "index.snapshot"
 EXTRACTOR_CHANGED = "EXTRACTOR_CHANGED"  # a query encoded with a state a training replaced
 TRAINING_SAMPLE_IMAGES = 2000  # images a fit reads at most (a seeded sample): ~290 MB of SIFT features
@@ -438,8 +446,12 @@ class Collection:
         return self._extractor
 
     # -- writes --------------------------------------------------------------------
-    def add(self, images: Sequence[NewImage]) -> list[int]:
+    def add(self, images: Sequence[NewImage], *, skip_existing: bool = False) -> list[int]:
         """Commit rows to the store, then to the index. Returns row ids.
+
+        An id that another caller committed after the engine checked (the check runs before this
+        lock) fails the batch with AlreadyExists, or with ``skip_existing`` is left out: its row id
+        is then SKIPPED.
 
         Searches go on during the store's commit and see the rows once the index has them, when
         this returns; a reader of the store (``get``, ``count``) may see them a moment sooner.
@@ -447,16 +459,30 @@ class Collection:
         with self._writes:
             self._check_open()
             index = self.live_index()  # only a writer replaces it, and this thread is the writer
-            images = self._current_encoding(images)
+            images = list(self._current_encoding(images))
             # Prepared before the commit: a metric plugin that fails here leaves nothing stored.
             prepared = self.metric.prepare(
                 np.stack([np.asarray(image.vector, dtype=np.float32) for image in images])
             )
-            row_ids, seqs = self.store.insert(images)
+            kept = [True] * len(images)
+            try:
+                row_ids, seqs = self.store.insert(images)
+            except AlreadyExists:
+                if not skip_existing:
+                    raise
+                taken = self.store.existing_ids([image.id for image in images])  # every commit is visible
+                kept = [image.id not in taken for image in images]
+                if not any(kept):
+                    return [SKIPPED] * len(images)
+                row_ids, seqs = self.store.insert(
+                    [image for image, keep in zip(images, kept, strict=True) if keep]
+                )
+                prepared = prepared[np.array(kept)]
             with self.lock.write():
                 self._follow_store(lambda: index.add(np.array(row_ids, dtype=np.int64), prepared))
                 self._applied_seq = seqs[-1]
-        return row_ids
+        stored = iter(row_ids)
+        return [next(stored) if keep else SKIPPED for keep in kept]
 
     def _current_encoding(self, images: Sequence[NewImage]) -> Sequence[NewImage]:
         """Re-encode rows whose vectors a since-replaced extractor state made (a training committed

@@ -41,6 +41,7 @@ from imagesearch.server.classify import (
 from imagesearch.server.collection import (
     EXTRACTOR_CHANGED,
     NAME_PATTERN,
+    SKIPPED,
     Collection,
     CollectionInfo,
     Hit,
@@ -67,6 +68,21 @@ from imagesearch.server.store import ImageRow, NewImage
 from imagesearch.server.vector_input import VectorInput, read_vector
 
 log = logging.getLogger(__name__)
+
+
+def _already_stored(image_id: str, collection: Collection, prefix: str) -> AlreadyExists:
+    return AlreadyExists(
+        f"id {shown(image_id)} already exists in collection {collection.spec.name!r}",
+        field=f"{prefix}.id",
+        reason="IMAGE_EXISTS",
+    )
+
+
+def _left_as_it_is(error: AlreadyExists, prefix: str) -> AlreadyExists:
+    """The per-item result of an id already stored, under skip_existing."""
+    error.message = f"{prefix}: {error.message} (skip_existing: left as it is)"
+    return error
+
 
 OK_CODE = 0  # google.rpc.Code OK; failures carry their error's code
 GEOMETRIC = "geometric"
@@ -298,6 +314,11 @@ def check_deadline(deadline: float | None, stage: str) -> None:
         raise DeadlineExceeded(f"deadline exceeded before {stage}", reason="DEADLINE_EXCEEDED")
 
 
+def utf8_size(text: str) -> int:
+    """The bytes ``text`` takes on the wire and in the store, which is what a byte limit bounds."""
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
 def _ms(start: float) -> float:
     return (time.perf_counter() - start) * 1000
 
@@ -401,10 +422,11 @@ class Engine:
                 field=f"{prefix}.label",
                 reason="BAD_LABEL",
             )
-        size = sum(len(k) + len(v) for k, v in item.metadata.items())
+        size = sum(utf8_size(k) + utf8_size(v) for k, v in item.metadata.items())
         if len(item.metadata) > limits.max_metadata_entries or size > limits.max_metadata_bytes:
             raise InvalidArgument(
-                f"metadata is limited to {limits.max_metadata_entries} entries and {limits.max_metadata_bytes} bytes",
+                f"metadata is limited to {limits.max_metadata_entries} entries and {limits.max_metadata_bytes} "
+                "bytes (UTF-8 keys and values)",
                 field=f"{prefix}.metadata",
                 reason="METADATA_TOO_LARGE",
             )
@@ -587,15 +609,10 @@ class Engine:
                         )
                     seen[ids[position]] = position
                     if ids[position] in existing:
-                        error = AlreadyExists(
-                            f"id {shown(ids[position])} already exists in collection {collection.spec.name!r}",
-                            field=f"{prefix}.id",
-                            reason="IMAGE_EXISTS",
-                        )
+                        error = _already_stored(ids[position], collection, prefix)
                         if not skip_existing:
                             raise error
-                        error.message = f"{prefix}: {error.message} (skip_existing: left as it is)"
-                        kept[position] = error
+                        kept[position] = _left_as_it_is(error, prefix)
                         continue
                     rows[position], pixels = self._prepare(
                         item, ids[position], prefix, collection, min_side, vectors.get(position)
@@ -628,7 +645,14 @@ class Engine:
                         )
             check_deadline(deadline, "storing the batch")
             if rows:
-                collection.add([rows[p] for p in sorted(rows)])
+                stored = sorted(rows)
+                row_ids = collection.add([rows[p] for p in stored], skip_existing=skip_existing)
+                for position, row_id in zip(stored, row_ids, strict=True):
+                    if row_id == SKIPPED:  # another call stored this id after the check above
+                        prefix = f"images[{position + index_offset}]"
+                        kept[position] = _left_as_it_is(
+                            _already_stored(ids[position], collection, prefix), prefix
+                        )
             results = [
                 ItemResult.failed(p + index_offset, "", errors[p])
                 if p in errors
@@ -646,13 +670,14 @@ class Engine:
             return None
         return self.catalog.metric(name)
 
-    def _top_k(self, top_k: int) -> int:
+    def _top_k(self, top_k: int, field: str = "top_k") -> int:
+        """A hit count asked for (``field`` names it: Classify's is ``neighbors``); 0 means the default."""
         if top_k < 0:
-            raise InvalidArgument(f"top_k must be >= 0, got {top_k}", field="top_k", reason="BAD_TOP_K")
+            raise InvalidArgument(f"{field} must be >= 0, got {top_k}", field=field, reason="BAD_TOP_K")
         if top_k > self.limits.max_top_k:
             raise InvalidArgument(
-                f"top_k {top_k} is over the limit of {self.limits.max_top_k}",
-                field="top_k",
+                f"{field} {top_k} is over the limit of {self.limits.max_top_k}",
+                field=field,
                 reason="BAD_TOP_K",
                 metadata={"limit": str(self.limits.max_top_k), "value": str(top_k)},
             )
@@ -867,7 +892,7 @@ class Engine:
     def classify(self, query: ClassifyQuery, deadline: float | None = None) -> Classification:
         """The query's class, from a vote of its labelled neighbours (KNN) or the nearest class mean."""
         mode = self._choice(query.mode, KNN, CLASSIFY_MODES, "mode")
-        neighbors = self._top_k(query.neighbors) if query.neighbors else DEFAULT_NEIGHBORS
+        neighbors = self._top_k(query.neighbors, "neighbors") if query.neighbors else DEFAULT_NEIGHBORS
         asked = SearchQuery(
             collection=query.collection,
             image=query.image,
@@ -952,7 +977,9 @@ class Engine:
         return results
 
     # -- the rest ---------------------------------------------------------------------------
-    def remove_images(self, collection_name: str, ids: Sequence[str], allow_missing: bool) -> int:
+    def remove_images(
+        self, collection_name: str, ids: Sequence[str], allow_missing: bool, deadline: float | None = None
+    ) -> int:
         collection = self.catalog.get(collection_name)
         collection.check_serving()
         if not ids:
@@ -967,6 +994,7 @@ class Engine:
                     field="ids",
                     reason="IMAGE_NOT_FOUND",
                 )
+        check_deadline(deadline, "removing the images")
         return collection.remove(list(dict.fromkeys(ids)))
 
     def get_image(
@@ -998,8 +1026,9 @@ class Engine:
         return rows, token, collection.count(label)
 
     # -- collections and plugins -----------------------------------------------------------
-    def create_collection(self, wanted: NewCollection) -> CollectionInfo:
+    def create_collection(self, wanted: NewCollection, deadline: float | None = None) -> CollectionInfo:
         """Create a collection; an empty extractor means the server's default extractor."""
+        self._check_description(wanted.description)
         return self.catalog.create(
             wanted.name,
             extractor=wanted.extractor or self.config.default_extractor,
@@ -1010,7 +1039,19 @@ class Engine:
             description=wanted.description,
             storage=wanted.storage,
             local_features=wanted.local_features,
+            before_commit=functools.partial(check_deadline, deadline, "creating the collection"),
         ).info()
+
+    def _check_description(self, description: str) -> None:
+        """Refuse a description over the limit: every ListCollections page carries them all."""
+        limit = self.limits.max_description_length
+        if len(description) > limit:
+            raise InvalidArgument(
+                f"description is longer than {limit} characters",
+                field="collection.description",
+                reason="BAD_DESCRIPTION",
+                metadata={"limit": str(limit), "value": str(len(description))},
+            )
 
     def train_collection(self, name: str, model_size: int, seed: int) -> tuple[CollectionInfo, TrainOutcome]:
         """Refit the collection's trainable extractor on its own images and re-encode them all."""
@@ -1027,9 +1068,10 @@ class Engine:
     def get_collection(self, name: str) -> CollectionInfo:
         return self.catalog.get(name).info()
 
-    def delete_collection(self, name: str) -> None:
+    def delete_collection(self, name: str, deadline: float | None = None) -> None:
         if not name:
             raise InvalidArgument("name is required", field="name", reason="BAD_COLLECTION_NAME")
+        check_deadline(deadline, "deleting the collection")
         self.catalog.delete(name)
 
     def collections(self) -> list[CollectionInfo]:

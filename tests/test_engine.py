@@ -224,6 +224,27 @@ def test_an_existing_id_without_skip_existing(engine: Engine) -> None:
     assert outcome.added_count == 2 and stored_ids(engine) == ["v0", "v1", "v2"]
 
 
+@pytest.mark.parametrize("skip_existing", [True, False])
+def test_an_id_stored_by_another_call_after_the_check(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch, skip_existing: bool
+) -> None:
+    """Two uploads of the same ids race: the engine's check runs before the writer lock, so an id
+    can be committed in between. skip_existing still reports it per item and stores the rest;
+    without it, the batch fails whole, as when the check sees the id."""
+    engine.add_images("c", vector_items(1, 1))  # v1, committed "by the other call"
+    monkeypatch.setattr(Collection, "existing_ids", lambda self, ids: set())  # the check ran before it
+    batch = vector_items(0, 3)  # v0, v1, v2
+    if not skip_existing:
+        raises(AlreadyExists, "IMAGE_EXISTS", lambda: engine.add_images("c", batch))
+        assert stored_ids(engine) == ["v1"]
+        return
+    outcome = engine.add_images("c", batch, skip_existing=True)
+    assert [r.code for r in outcome.results] == [OK_CODE, AlreadyExists.code, OK_CODE]
+    assert outcome.results[1].field == "images[1].id" and "skip_existing" in outcome.results[1].message
+    assert sorted(stored_ids(engine)) == ["v0", "v1", "v2"]
+    assert search(engine, vector=vector(2), top_k=1) == ["v2"]
+
+
 def test_duplicate_ids_in_one_batch(engine: Engine) -> None:
     items = [*vector_items(0, 2), ImageItem(id="v0", vector=vector(5))]
     error = raises(AlreadyExists, "DUPLICATE_ID", lambda: engine.add_images("c", items))
