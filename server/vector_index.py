@@ -209,16 +209,31 @@ class VectorIndex:
 
     # -- writes ------------------------------------------------------------------
     def add(self, ids: np.ndarray, prepared: np.ndarray) -> None:
+        """Add vectors; an IVF or int8 index trains once it holds ``train_size`` of them.
+
+        It trains on exactly the first ``train_size`` vectors held, whatever the batches: a batch
+        that crosses the size is split around the training. A rebuild from the store (which replays
+        rows in their order, in chunks of another size) then trains on the same vectors and gives
+        the same results, unless some of those rows were removed since.
+        """
+        ids, prepared = np.asarray(ids, dtype=np.int64), as_float32(prepared)
         if len(ids) == 0:
             return
-        self._index.add_with_ids(as_float32(prepared), np.asarray(ids, dtype=np.int64))
-        if (
+        wanted = self.spec.effective_train_size - self._index.ntotal
+        if self._will_train() and 0 < wanted < len(ids):
+            self.add(ids[:wanted], prepared[:wanted])
+            ids, prepared = ids[wanted:], prepared[wanted:]
+        self._index.add_with_ids(prepared, ids)
+        if self._will_train() and self._index.ntotal >= self.spec.effective_train_size:
+            self._train()
+
+    def _will_train(self) -> bool:
+        """An IVF or int8 index still searching exactly, with no failed training behind it."""
+        return (
             (self.spec.kind == IVF or self.spec.storage == INT8)
             and not self.trained
             and not self.training_error
-            and self._index.ntotal >= self.spec.effective_train_size
-        ):
-            self._train()
+        )
 
     def remove(self, ids: np.ndarray) -> None:
         ids = np.asarray(ids, dtype=np.int64)

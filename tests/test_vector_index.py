@@ -8,6 +8,7 @@ import pytest
 
 from imagesearch.plugins.metrics import L2
 from imagesearch.plugins.types import FLAT, HNSW, IVF
+from imagesearch.server import vector_index
 from imagesearch.server.vector_index import (
     FLOAT16,
     INT8,
@@ -145,6 +146,25 @@ def test_int8_storage_trains_at_its_size_and_quarters_memory():
     half.add(np.arange(10), base[:10])
     with pytest.raises(ValueError, match="does not fit"):  # float16 codes are not int8 codes
         VectorIndex(small.spec, half.faiss_index).check_layout()
+
+
+@pytest.mark.parametrize("storage", ["ivf", INT8])
+def test_training_uses_the_first_train_size_vectors_whatever_the_batches(
+    storage: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Live adds (batches crossing the training size) and a rebuild's replay (other chunks) train
+    on the same vectors, so a rebuilt index answers exactly as the live one did."""
+    monkeypatch.setattr(vector_index, "INT8_TRAIN_SIZE", 40)
+    made = spec(IVF) if storage == "ivf" else IndexSpec(kind=FLAT, dim=DIM, metric=L2, storage=INT8)
+    rng = np.random.default_rng(8)
+    base = rng.normal(size=(500, DIM)).astype(np.float32)
+    live, rebuilt = VectorIndex(made), VectorIndex(made)
+    for start, stop in ((0, 25), (25, 55), (55, 500)):
+        live.add(np.arange(start, stop), base[start:stop])
+    rebuilt.add(np.arange(500), base)
+    assert live.trained and rebuilt.trained
+    queries = rng.normal(size=(20, DIM)).astype(np.float32)
+    assert np.array_equal(live.search(queries, 10)[1], rebuilt.search(queries, 10)[1])
 
 
 def test_flat_l2_distances_are_exact_and_the_same_alone_or_batched():
