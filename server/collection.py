@@ -570,19 +570,18 @@ class Collection:
                 return [[] for _ in ks]
             want = max(k + (exclude is not None) for k, exclude in zip(ks, excludes, strict=True))
             index = self.live_index() if metric_override is None else None
-            if (
-                index is not None
-                and allowed is not None
-                and index.can_gather()
-                and len(allowed) <= GATHER_LIMIT
-            ):
-                raw, ids = index.search_among(self.metric.prepare(raw_queries), want, allowed)
-            elif index is not None and index.quantized:
+            if index is not None:
                 prepared = self.metric.prepare(raw_queries)
-                candidates = index.search(prepared, want * RESCORE_FACTOR, allowed)[1]
-                raw, ids = self._rescored(prepared, candidates, want)
-            elif index is not None:
-                raw, ids = index.search(self.metric.prepare(raw_queries), want, allowed)
+                # int8 ranks approximately: take more candidates and re-score them in float32.
+                asked = want * RESCORE_FACTOR if index.quantized else want
+                if allowed is not None and len(allowed) <= GATHER_LIMIT:
+                    # A small label set is compared exactly, whatever the index: a filter inside
+                    # HNSW's graph walk or IVF's probed lists misses images of a rare label.
+                    raw, ids = index.search_among(prepared, asked, allowed)
+                else:
+                    raw, ids = index.search(prepared, asked, allowed)
+                if index.quantized:
+                    raw, ids = self._rescored(prepared, ids, want)
             else:
                 raw, ids = self._search_other_metric(metric, raw_queries, want, allowed)
             found = [

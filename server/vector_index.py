@@ -106,6 +106,15 @@ def _flat(spec: IndexSpec) -> faiss.Index:
     return index
 
 
+def _with_direct_map(index: faiss.Index) -> faiss.Index:
+    """An IVF index that can fetch a vector by id (a hash map from id to list and offset, kept up
+    to date by FAISS on adds and removals), which exact searches among a label's images need;
+    other indexes as they are."""
+    if isinstance(index, faiss.IndexIVF) and index.direct_map.type != faiss.DirectMap.Hashtable:
+        index.set_direct_map_type(faiss.DirectMap.Hashtable)
+    return index
+
+
 def as_float32(vectors: np.ndarray) -> np.ndarray:
     """The C-contiguous float32 matrix FAISS wants, without a copy when it already is one."""
     return np.ascontiguousarray(vectors, dtype=np.float32)
@@ -118,7 +127,7 @@ class VectorIndex:
         self, spec: IndexSpec, index: faiss.Index | None = None, tombstones: np.ndarray | None = None
     ):
         self.spec = spec
-        self._index = index if index is not None else self._empty()
+        self._index = _with_direct_map(index) if index is not None else self._empty()
         self._tombstones: set[int] = set() if tombstones is None else {int(t) for t in tombstones}
         self.training_error = ""
 
@@ -244,7 +253,13 @@ class VectorIndex:
             present = ids[np.isin(ids, self.ids())]
             self._tombstones.update(int(i) for i in present)
         else:  # flat (IDMap2 over a compacting flat index) and trained IVF (native ids)
-            self._index.remove_ids(faiss.IDSelectorBatch(ids))
+            # IVF's direct map removes by an explicit id array only (FAISS DirectMap::remove_ids).
+            selector = (
+                faiss.IDSelectorArray(len(ids), faiss.swig_ptr(ids))
+                if self._ivf
+                else faiss.IDSelectorBatch(ids)
+            )
+            self._index.remove_ids(selector)
 
     def _train(self) -> None:
         """Train on every vector held so far (IVF's lists, or int8's ranges) and move them into the
@@ -272,7 +287,7 @@ class VectorIndex:
         )
         ivf.train(vectors)
         ivf.nprobe = self.spec.nprobe
-        return ivf
+        return _with_direct_map(ivf)
 
     def _trained_int8(self, vectors: np.ndarray) -> faiss.Index:
         quantizer = self._scalar_quantizer(SCALAR_TYPES[INT8])
@@ -324,18 +339,15 @@ class VectorIndex:
             distances, ids = self._exact_l2(queries, distances, ids)
         return distances, ids
 
-    def can_gather(self) -> bool:
-        """Whether vectors can be fetched by id for an exact search among a few of them (flat)."""
-        return self.spec.kind != HNSW and not self.trained
-
     def search_among(
         self, prepared_queries: np.ndarray, k: int, ids: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         """Exact k-NN among the vectors of ``ids`` only: the cost follows len(ids), not the index size.
 
-        This is how a label filter (and BUCKETED search) avoids scanning other classes on a flat
-        index: the label's row ids come from the store's label index, their vectors by id from
-        the id map, and only those are compared.
+        This is how a label filter (and BUCKETED search) avoids scanning other classes, and finds
+        every image of a rare label on HNSW and IVF, whose own filtering walks only part of the
+        index: the label's row ids come from the store's label index, their vectors by id from the
+        index (the id map; IVF's direct map), and only those are compared.
         """
         ids = np.asarray(ids, dtype=np.int64)
         queries = as_float32(prepared_queries)

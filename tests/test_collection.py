@@ -239,6 +239,23 @@ def test_label_filters(tmp_path: Path, kind: str) -> None:
     collection.close(snapshot=False)
 
 
+@pytest.mark.parametrize("kind", [IVF, HNSW])
+def test_a_rare_label_is_searched_exactly_on_approximate_indexes(tmp_path: Path, kind: str) -> None:
+    """Filtering inside HNSW's walk or IVF's probed lists misses most images of a rare label; a
+    small label set is compared exactly instead, so every one of them is found, in order."""
+    params = {"nlist": 32, "nprobe": 1, "train_size": 1000} if kind == IVF else {"hnsw_m": 8, "ef_search": 16}
+    collection = create(tmp_path, kind, **params)
+    base: Base = {}
+    images = rows(0, 2000)
+    rare = {n: dataclasses.replace(images[n], label="rare") for n in (17, 900, 1999)}
+    add(collection, base, [rare.get(n, image) for n, image in enumerate(images)])
+    assert collection.index_trained == (kind == IVF)
+    for query in queries(base, 9, count=10):
+        hits = collection.search(query, 3, labels=["rare"])
+        assert hit_ids(hits) == expected_ids(base, query, 3, collection.metric, ["rare"])
+    collection.close(snapshot=False)
+
+
 @pytest.mark.parametrize("kind", [FLAT, IVF, HNSW])
 def test_exclude_row_id_drops_the_query_image_and_still_returns_k(tmp_path: Path, kind: str) -> None:
     collection = create(tmp_path, kind)

@@ -130,9 +130,9 @@ def test_int8_storage_trains_at_its_size_and_quarters_memory():
     exact = VectorIndex(IndexSpec(kind=FLAT, dim=64, metric=L2))
     small = VectorIndex(IndexSpec(kind=FLAT, dim=64, metric=L2, storage=INT8))
     small.add(np.arange(INT8_TRAIN_SIZE - 1), base[: INT8_TRAIN_SIZE - 1])
-    assert not small.trained and not small.quantized and small.can_gather()
+    assert not small.trained and not small.quantized
     small.add(np.arange(INT8_TRAIN_SIZE - 1, 3000), base[INT8_TRAIN_SIZE - 1 :])
-    assert small.trained and small.quantized and not small.can_gather() and small.size == 3000
+    assert small.trained and small.quantized and small.size == 3000
     exact.add(np.arange(3000), base)
     for index in (exact, small):
         index.remove(np.arange(0, 3000, 7))
