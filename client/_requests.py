@@ -107,11 +107,16 @@ ADD_IMAGES_STREAM = _method("AddImagesStream")
 # Channel and call settings
 
 
+# Responses are not capped by the client: the server bounds them by its own limits, and a full page
+# of hits with large metadata may be larger than max_message_bytes (docs/api.md, "Message size").
+UNLIMITED = -1
+
+
 def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
-    """Channel arguments: both message limits, and a user agent that names the SDK."""
+    """Channel arguments: the request size limit, any response size, and a user agent naming the SDK."""
     return [
         ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", UNLIMITED),
         ("grpc.primary_user_agent", "imagesearch-python"),
     ]
 

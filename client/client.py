@@ -43,8 +43,9 @@ class ImageSearchClient(ClientBase):
     """A connection to an imagesearch server.
 
     ``target`` is ``host:port``. ``timeout`` (seconds, None for none) applies to
-    every call except ``add_files``. ``max_message_bytes`` bounds messages both
-    ways and should match the server's limit. Pass ``credentials`` for TLS, or a
+    every call except ``add_files``. ``max_message_bytes`` bounds the requests sent
+    and should match the server's limit; responses of any size are accepted (the
+    server bounds them by its limits). Pass ``credentials`` for TLS, or a
     ready ``channel`` (which the client then does not close). ``metadata`` is sent
     with every call (e.g. an API key). Use it as a context manager, or call
     ``close()``. Safe to share between threads.

@@ -24,6 +24,7 @@ from imagesearch.plugins.types import (
     inverse_distance_score,
     l2_normalize,
 )
+from imagesearch.server.settings import Setting, SettingsError
 
 __all__ = [
     "ALL_INDEX_TYPES",
@@ -36,6 +37,8 @@ __all__ = [
     "NotEnoughTrainingData",
     "PluginContext",
     "RegistrationProblems",
+    "Setting",
+    "SettingsError",
     "TrainableExtractor",
     "hookimpl",
     "inverse_distance_score",

@@ -30,6 +30,7 @@ from imagesearch.plugins.types import (
     RegistrationProblems,
     TrainableExtractor,
 )
+from imagesearch.server.settings import SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -216,11 +217,14 @@ class PluginRegistry:
                 check(obj)
                 staged.append(obj)
 
-            context = PluginContext(self._models_dir, dict(self._plugin_config.get(impl.plugin_name, {})))
+            table = dict(self._plugin_config.get(impl.plugin_name, {}))
+            context = PluginContext(self._models_dir, table, impl.plugin_name)
             try:
                 # Pass only the arguments the implementation declares, as pluggy itself would.
                 arguments = {"register": register, "context": context}
                 impl.function(*(arguments[arg] for arg in impl.argnames))
+            except SettingsError:  # the operator's config is wrong: refuse to start, naming the key
+                raise
             except RegistrationProblems as report:
                 for problem in report.problems:
                     self._problem(f"plugin {impl.plugin_name!r} in {hook_name}: {problem}")

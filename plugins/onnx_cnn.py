@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from imagesearch.plugins import Extractor, PluginContext, RegistrationProblems, hookimpl
+from imagesearch.plugins import Extractor, PluginContext, RegistrationProblems, Setting, hookimpl
 from imagesearch.plugins.cnn.preprocess import preprocess
 from imagesearch.plugins.cnn.sidecar import FORMAT, Sidecar, SidecarError, read_sidecar, sha256_file
 
@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 THREADS_ENV = "IMAGESEARCH_ORT_THREADS"
 MAX_BATCH_ENV = "IMAGESEARCH_ORT_MAX_BATCH"
 DEFAULT_MAX_BATCH = 32
+# [plugins.onnx_cnn]: any other key, or a value outside these, stops start-up.
+SETTINGS = {"threads": Setting(int, low=1), "max_batch": Setting(int, low=1)}
 
 
 class ModelError(RuntimeError):
@@ -206,14 +208,11 @@ def discover(
 ) -> tuple[list[OnnxCnnExtractor], list[str]]:
     """Extractors for the usable models in ``directory``, and one message per unusable model.
 
-    ``settings``: the plugin's config table; ``threads`` and ``max_batch`` override
-    IMAGESEARCH_ORT_THREADS and IMAGESEARCH_ORT_MAX_BATCH.
+    ``settings``: the plugin's config table, checked against SETTINGS (PluginContext.settings);
+    ``threads`` and ``max_batch`` override IMAGESEARCH_ORT_THREADS and IMAGESEARCH_ORT_MAX_BATCH.
     """
     directory = Path(directory)
     settings = settings or {}
-    for key in set(settings) & {"threads", "max_batch"}:
-        if isinstance(settings[key], bool) or not isinstance(settings[key], int) or settings[key] <= 0:
-            raise ModelError(f"[plugins.onnx_cnn] {key} must be a positive integer, got {settings[key]!r}")
     extractors: list[OnnxCnnExtractor] = []
     problems: list[str] = []
     if not directory.is_dir():
@@ -252,9 +251,10 @@ def register_extractors(register: Callable[[OnnxCnnExtractor], None], context: P
     A broken file is an operator's mistake to fix, not something to skip
     quietly, but it must not take the good models (the default one) down with it.
     """
+    settings = context.settings(SETTINGS)
     if context.models_dir is None:
         return
-    extractors, problems = discover(context.models_dir, context.config)
+    extractors, problems = discover(context.models_dir, settings)
     for extractor in extractors:
         register(extractor)
     if problems:

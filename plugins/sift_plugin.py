@@ -6,7 +6,8 @@ The vocabulary is a file in the models directory, ``sift-vocabulary.bin``, built
 ship, so a SIFT collection works with zero set-up. No vocabulary file: nothing is registered.
 Settings from ``[plugins.sift]``: ``max_side``, ``max_keypoints`` (stored per image) and
 ``query_keypoints`` (extracted from a query image for geometric re-ranking) and ``vlad_pca_dim``
-(when > 0, TrainCollection on a ``sift-vlad`` collection also fits a PCA to that many dimensions).
+(when > 0, TrainCollection on a ``sift-vlad`` collection also fits a PCA to that many dimensions);
+any other key, or a value of the wrong type or range, stops start-up (PluginContext.settings).
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from imagesearch.plugins import Extractor, LocalFeatures, PluginContext, RegistrationProblems, hookimpl
+from imagesearch.plugins import (
+    Extractor,
+    LocalFeatures,
+    PluginContext,
+    RegistrationProblems,
+    Setting,
+    hookimpl,
+)
 from imagesearch.plugins.sift.extractors import SiftExtractor, SiftLocalFeatures, sift_plugins
 from imagesearch.plugins.sift.vocabulary import Vocabulary
 
@@ -23,11 +31,17 @@ log = logging.getLogger(__name__)
 VOCABULARY_FILE = "sift-vocabulary.bin"
 
 
-LIMIT_KEYS = ("max_side", "max_keypoints", "query_keypoints", "vlad_pca_dim")
+SETTINGS = {  # [plugins.sift]: any other key, or a value outside these, stops start-up
+    "max_side": Setting(int, low=1),
+    "max_keypoints": Setting(int, low=1),
+    "query_keypoints": Setting(int, low=1),
+    "vlad_pca_dim": Setting(int, low=0, note="0: no PCA"),
+}
 
 
 def _load(context: PluginContext) -> tuple[SiftLocalFeatures, list[SiftExtractor]] | None:
     """The plugin's objects, built once per models directory and settings (both hooks share them)."""
+    limits = context.settings(SETTINGS)  # checked first: a bad table is an error with or without models
     if context.models_dir is None:
         return None
     path = context.models_dir / VOCABULARY_FILE
@@ -38,7 +52,6 @@ def _load(context: PluginContext) -> tuple[SiftLocalFeatures, list[SiftExtractor
         vocabulary = Vocabulary.from_bytes(path.read_bytes())
     except (OSError, ValueError) as exc:
         raise RegistrationProblems([f"unusable SIFT vocabulary {path}: {exc}"]) from exc
-    limits = {key: int(context.config[key]) for key in LIMIT_KEYS if key in context.config}
     key = (str(path), vocabulary.version, tuple(sorted(limits.items())))
     if key not in _built:  # one set of objects for both hooks: the extractors use the registered features
         _built[key] = sift_plugins(vocabulary, **limits)

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from imagesearch.server.settings import Setting, check_table
+
 # Index types a metric can serve (names match the IndexType enum of the API).
 FLAT, IVF, HNSW = "flat", "ivf", "hnsw"
 ALL_INDEX_TYPES = frozenset({FLAT, IVF, HNSW})
@@ -152,11 +154,20 @@ class PluginContext:
 
     ``models_dir`` is the server's model directory (``--models``, ``models_dir`` in the
     config, ``IMAGESEARCH_MODELS``), None when the host has none; ``config`` is the plugin's own
-    table of the server config, ``[plugins.<plugin name>]``, empty when absent.
+    table of the server config, ``[plugins.<plugin name>]``, empty when absent; ``plugin`` is
+    that name.
     """
 
     models_dir: Path | None = None
     config: Mapping[str, Any] = field(default_factory=dict)
+    plugin: str = ""
+
+    def settings(self, rules: Mapping[str, Setting]) -> dict[str, Any]:
+        """The plugin's table, checked against ``rules`` (every key it takes): an unknown key or a
+        bad value raises SettingsError, which stops start-up with a message naming
+        ``[plugins.<name>] key``. A misspelt setting must not silently keep its default."""
+        check_table(self.config, rules, f"[plugins.{self.plugin}]")
+        return dict(self.config)
 
 
 class RegistrationProblems(Exception):
@@ -180,10 +191,13 @@ def _identity(vectors: np.ndarray) -> np.ndarray:
 
 
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:
-    """Scale each row to unit length (zero rows stay zero)."""
-    vectors = np.asarray(vectors, dtype=np.float32)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
+    """Scale each row to unit length (zero rows stay zero); float32 in and out.
+
+    Computed in float64: float32 squares underflow for tiny vectors (norm 1e-24 would become 0,
+    a zero vector) and overflow for huge ones, while float64 holds the square of any float32."""
+    rows = np.asarray(vectors, dtype=np.float64)
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    return np.divide(rows, norms, out=np.zeros_like(rows), where=norms > 0).astype(np.float32)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from imagesearch.server.config import ServerConfig
 from imagesearch.server.engine import Engine
 from imagesearch.server.imaging import check_decoder_cap
 from imagesearch.server.reflection import enable_reflection
+from imagesearch.server.response_size import max_response_bytes
 from imagesearch.server.servicer import ImageSearchServicer, add_to_server
 from imagesearch.server.streams import StreamGuard
 from imagesearch.v1 import image_search_service_pb2 as pb
@@ -109,10 +110,10 @@ class _SnapshotThread(threading.Thread):
 
 
 def _grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
-    size = config.limits.max_message_bytes
+    """Requests up to max_message_bytes; responses up to the largest the limits allow."""
     return [
-        ("grpc.max_receive_message_length", size),
-        ("grpc.max_send_message_length", size),
+        ("grpc.max_receive_message_length", config.limits.max_message_bytes),
+        ("grpc.max_send_message_length", max_response_bytes(config.limits)),
         ("grpc.so_reuseport", 0),
     ]
 
@@ -192,7 +193,14 @@ def run_server(
         server, port, health_servicer = loop.run(_start(config, engine, catalog, pools))
         snapshotter = _SnapshotThread(catalog, config)
         snapshotter.start()
-        log.info("serving", extra={"address": f"{config.host}:{port}", "data_dir": str(config.data_dir)})
+        log.info(
+            "serving",
+            extra={
+                "address": f"{config.host}:{port}",
+                "data_dir": str(config.data_dir),
+                "max_response_bytes": max_response_bytes(config.limits),  # what clients must accept
+            },
+        )
         try:
             yield RunningServer(server, port, engine, health_servicer, config)
         finally:

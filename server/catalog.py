@@ -16,7 +16,8 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,8 @@ from imagesearch.plugins.types import (
     TrainableExtractor,
 )
 from imagesearch.server.collection import (
+    SNAPSHOT_ERRORS,
+    STORE_FILE,
     Collection,
     CollectionSpec,
     check_collection_name,
@@ -43,9 +46,10 @@ from imagesearch.server.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    disk_full_reported,
     shown,
 )
-from imagesearch.server.files import fsync_dir
+from imagesearch.server.files import fsync_dir, remove_temp_files
 
 log = logging.getLogger(__name__)
 
@@ -93,17 +97,14 @@ class Catalog:
         self._clean_leftovers()
         for path in sorted(self._root.iterdir()):
             if path.is_dir() and not path.name.startswith("."):
+                _remove_temp_files(path)
                 self._open_or_report(path)
 
     def _open_or_report(self, path: Path) -> None:
         try:
             self._open(path)
         except (sqlite3.DatabaseError, ValueError, TypeError, OSError) as exc:
-            self._report_unavailable(
-                path.name,
-                f"{path} cannot be opened: {exc}. Nothing was changed; restore it from a backup, "
-                "or delete the collection",
-            )
+            self._report_unavailable(path.name, _why_unopenable(path, exc))
 
     def _report_unavailable(self, name: str, reason: str) -> None:
         self._unavailable[name] = reason
@@ -202,7 +203,11 @@ class Catalog:
         description: str = "",
         storage: str = "",
         local_features: str = "",
+        before_commit: Callable[[], None] | None = None,
     ) -> Collection:
+        """Validate, stage the collection's files, then make it visible with one rename.
+        ``before_commit`` runs just before that rename and may raise to stop it (a caller's
+        deadline: nothing is created)."""
         check_collection_name(name)
         chosen = self.extractor(extractor)
         if isinstance(chosen, TrainableExtractor):
@@ -260,8 +265,10 @@ class Catalog:
                 )
             staging = self._root / f".creating-{name}"
             shutil.rmtree(staging, ignore_errors=True)
-            Collection.create(staging, spec, metric_obj, chosen, local).close(snapshot=False)
-            os.replace(staging, self._root / name)
+            with disk_full_reported(f"collection {name!r} was not created"), _discarded_on_failure(staging):
+                Collection.create(staging, spec, metric_obj, chosen, local).close(snapshot=False)
+                self._before_commit(before_commit, staging)
+                os.replace(staging, self._root / name)
             fsync_dir(self._root)
             collection = Collection(self._root / name, spec, metric_obj, chosen, local)
             self._collections[name] = collection
@@ -269,6 +276,18 @@ class Catalog:
             "collection %s created: %s %s, %s, %s", name, chosen.name, chosen.version, metric, index_type
         )
         return collection
+
+    @staticmethod
+    def _before_commit(check: Callable[[], None] | None, staging: Path) -> None:
+        """Run ``check`` before the rename that makes a staged collection visible; if it raises, the
+        staging directory goes and nothing was created."""
+        if check is None:
+            return
+        try:
+            check()
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
     def delete(self, name: str) -> None:
         """Delete a collection, an unavailable one included (that is how an operator clears it)."""
@@ -310,7 +329,7 @@ class Catalog:
         for collection in list(self._collections.values()):
             try:
                 collection.snapshot_if_due(every_ops, interval_s)
-            except OSError as exc:
+            except SNAPSHOT_ERRORS as exc:
                 log.error("collection %s: snapshot failed: %s", collection.spec.name, exc)
 
     def close(self) -> None:
@@ -319,6 +338,67 @@ class Catalog:
                 collection.close()
             self._collections.clear()
         self._lock.release()
+
+
+def _why_unopenable(directory: Path, exc: Exception) -> str:
+    """Why a collection cannot be opened, with advice that fits the cause: deleting the collection
+    is suggested only for a damaged store, never for intact data the server may not write or a
+    store that was moved away (opening never creates one: CollectionStore(create=False))."""
+    store = directory / STORE_FILE
+    if os.statvfs(directory).f_flag & os.ST_RDONLY:
+        return (
+            f"{directory} is on a read-only file system ({exc}). Its data is intact: mount it "
+            "read-write and restart the server"
+        )
+    if not os.access(directory, os.R_OK | os.W_OK | os.X_OK):
+        return _no_access(directory, exc)
+    if not store.exists():
+        return (
+            f"{STORE_FILE} is missing from {directory}; nothing was changed. Put the file back (or "
+            "restore it from a backup) and restart the server"
+        )
+    wal_files = [store, *(store.with_name(store.name + end) for end in ("-wal", "-shm"))]
+    unwritable = [f for f in wal_files if f.exists() and not os.access(f, os.R_OK | os.W_OK)]
+    if unwritable:
+        return _no_access(unwritable[0], exc)
+    return (
+        f"{directory} cannot be opened: {exc}. Nothing was changed; restore it from a backup, or "
+        "delete the collection"
+    )
+
+
+def _no_access(path: Path, exc: Exception) -> str:
+    return (
+        f"the server may not read and write {path} ({exc}). Its data is intact: give the server's "
+        "user read-write access to it and restart the server"
+    )
+
+
+def _remove_temp_files(directory: Path) -> None:
+    """Remove what writes interrupted by a crash left in a collection's directory, saying so."""
+    try:
+        removed = remove_temp_files(directory)
+    except OSError as exc:  # a read-only or unreadable directory: opening it reports the cause
+        log.warning("collection %s: leftover temp files not removed: %s", directory.name, exc)
+        return
+    for path, size in removed:
+        log.info(
+            "collection %s: removed %s (%d bytes), left by an interrupted write",
+            directory.name,
+            path.name,
+            size,
+        )
+
+
+@contextmanager
+def _discarded_on_failure(staging: Path) -> Iterator[None]:
+    """Remove a half-made collection directory when making it fails (a full disk): the space goes
+    back at once, not at the next start-up."""
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def _registered(table: Mapping[str, Registered], kind: str, name: str, field: str) -> Any:

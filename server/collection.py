@@ -38,9 +38,11 @@ from imagesearch.server.config import Limits
 from imagesearch.server.errors import (
     Aborted,
     AlreadyExists,
+    DiskFull,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    disk_full_reported,
     shown,
 )
 from imagesearch.server.files import fsync_dir
@@ -66,6 +68,7 @@ STORE_FILE = "store.sqlite3"
 GATHER_LIMIT = 20_000
 SKIPPED = -1  # Collection.add's row id for an image left out under skip_existing
 SNAPSHOT_FILE = "index.snapshot"
+SNAPSHOT_ERRORS = (OSError, DiskFull)  # a snapshot that fails is logged: the index is only a cache
 EXTRACTOR_CHANGED = "EXTRACTOR_CHANGED"  # a query encoded with a state a training replaced
 TRAINING_SAMPLE_IMAGES = 2000  # images a fit reads at most (a seeded sample): ~290 MB of SIFT features
 ENCODE_CHUNK = 256
@@ -243,7 +246,7 @@ class Collection:
         self.directory = directory
         self.spec = spec
         self.metric = metric
-        self.store = CollectionStore(directory / STORE_FILE)
+        self.store = CollectionStore(directory / STORE_FILE, create=False)
         self._extractor = self._bind(extractor)
         self._local = local if local is not None and self._matches(local) else None
         self._training = threading.Lock()
@@ -352,7 +355,7 @@ class Collection:
 
     @staticmethod
     def read_spec(directory: Path) -> CollectionSpec:
-        store = CollectionStore(directory / STORE_FILE)
+        store = CollectionStore(directory / STORE_FILE, create=False)
         try:
             text = store.get_meta("spec")
         finally:
@@ -866,8 +869,9 @@ class Collection:
             seq = self._applied_seq
             if seq == self._snapshot_seq and (self.directory / SNAPSHOT_FILE).exists():
                 return
-            write_snapshot(self.directory / SNAPSHOT_FILE, self.index, seq, self.store.identity)
-            self.store.prune_removals(seq)
+            with disk_full_reported("the index snapshot was not written (the store is intact)"):
+                write_snapshot(self.directory / SNAPSHOT_FILE, self.index, seq, self.store.identity)
+                self.store.prune_removals(seq)
             self._snapshot_seq = seq
             self._last_snapshot = time.monotonic()
 
@@ -881,7 +885,7 @@ class Collection:
         if snapshot:
             try:
                 self.snapshot()
-            except OSError as exc:
+            except SNAPSHOT_ERRORS as exc:
                 log.error("collection %s: final snapshot failed: %s", self.spec.name, exc)
         with self._writes, self.lock.write():
             self.closed = True

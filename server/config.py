@@ -10,9 +10,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from imagesearch.server.settings import Setting, SettingsError, check_table
 
 MIB = 1024 * 1024
 DATA_ENV = "IMAGESEARCH_DATA"
@@ -48,6 +51,8 @@ class Limits:
     max_metadata_bytes: int = 16 * 1024
     max_id_length: int = 256
     max_label_length: int = 256
+    # CreateCollection's description, in characters: a ListCollections page carries max_page_size of them.
+    max_description_length: int = 1024
     default_page_size: int = 100
     max_page_size: int = 1000
     # Index parameters a client may choose (CreateCollection). Each bound keeps one collection's
@@ -101,31 +106,104 @@ class ServerConfig:
         return dataclasses.replace(self, **changes)
 
 
-_PATH_FIELDS = {"data_dir", "models_dir"}
+KIB = 1024
+_TABLES = {"limits", "plugins"}  # checked as tables, not as values
+_LEVELS = tuple(
+    n for level in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL") for n in (level, level.lower())
+)
+# Every field gets the rule of its type (numbers must be positive); these are the exceptions.
+_SERVER_RULES = {
+    "port": Setting(int, 0, 65535, note="0 picks a free port"),
+    "batch_max_wait_ms": Setting(float, low=0, note="0 turns batching waits off"),
+    "extract_max_wait_ms": Setting(float, low=0, note="0 turns batching waits off"),
+    "thumbnail_quality": Setting(int, 1, 100, note="JPEG quality"),
+    "shutdown_announce_s": Setting(float, low=0),
+    "shutdown_grace_s": Setting(float, low=0),
+    "log_format": Setting(str, choices=("json", "text")),
+    "log_level": Setting(str, choices=_LEVELS),
+}
+_LIMIT_RULES = {
+    # gRPC takes a signed 32-bit size; below 64 KiB not even a health check or an error status fits.
+    "max_message_bytes": Setting(int, 64 * KIB, 2**31 - 1, note="64 KiB up to 2 GiB - 1"),
+    "max_metadata_entries": Setting(int, low=0, note="0 allows no metadata"),
+    "max_metadata_bytes": Setting(int, low=0, note="0 allows no metadata"),
+    "max_label_length": Setting(int, low=0, note="0 allows no labels"),
+    "max_hnsw_m": Setting(int, low=2, note="HNSW needs m >= 2"),
+}
+# A default a request gets when it asks for 0 must itself be allowed.
+_DEFAULT_WITHIN_MAX = (
+    ("default_top_k", "max_top_k"),
+    ("default_page_size", "max_page_size"),
+    ("default_rerank_candidates", "max_rerank_candidates"),
+)
+_RULE_OF_TYPE = {
+    int: Setting(int, low=1),
+    float: Setting(float, low=0, above=True),
+    bool: Setting(bool),
+    str: Setting(str),
+    Path: Setting(Path),
+}
+
+
+def _rules(cls: type, explicit: dict[str, Setting]) -> dict[str, Setting]:
+    """A rule for every field of the dataclass ``cls``: its explicit one, else its type's."""
+    hints = typing.get_type_hints(cls)
+    return {
+        f.name: explicit.get(f.name) or _RULE_OF_TYPE[hints[f.name]]
+        for f in dataclasses.fields(cls)
+        if f.name not in _TABLES
+    }
+
+
+SERVER_RULES = _rules(ServerConfig, _SERVER_RULES)
+LIMIT_RULES = _rules(Limits, _LIMIT_RULES)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    """The file's settings; ValueError (one line, naming the file) when it is unreadable or not TOML."""
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except OSError as exc:
+        raise ValueError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"config file {path} is not valid TOML: {exc}") from exc
+
+
+def check_values(values: dict[str, Any]) -> None:
+    """SettingsError (a ValueError) naming the first key whose value is unknown, mistyped or out
+    of range: top-level keys, the [limits] table and the shape of the [plugins.*] tables (each
+    plugin checks its own keys when it registers, PluginContext.settings)."""
+    known = {**SERVER_RULES, **{name: Setting(dict) for name in _TABLES}}
+    check_table(values, known, "configuration")
+    check_table(values.get("limits", {}), LIMIT_RULES, "[limits]")
+    for name, table in values.get("plugins", {}).items():
+        if not isinstance(table, dict):
+            raise SettingsError(f"[plugins.{name}] must be a table of settings, got {table!r}")
+
+
+def _check_defaults_within_max(limits: Limits) -> None:
+    for default, maximum in _DEFAULT_WITHIN_MAX:
+        if getattr(limits, default) > getattr(limits, maximum):
+            raise SettingsError(
+                f"[limits] {default} ({getattr(limits, default)}) must not exceed "
+                f"{maximum} ({getattr(limits, maximum)})"
+            )
 
 
 def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
     """Defaults, then the TOML file at ``path`` (top-level keys and a [limits] table), then overrides.
 
-    Unknown keys are an error, not a silent no-op: a misspelt limit must not
-    leave the server unprotected.
+    Unknown keys and values of the wrong type or range are an error (ValueError, one line naming
+    the key and what it takes), not a silent no-op: a misspelt limit must not leave the server
+    unprotected, and a nonsense one must not start a server that misbehaves later.
     """
-    config = ServerConfig()
-    values: dict[str, Any] = {}
-    if path is not None:
-        with open(path, "rb") as handle:
-            values = tomllib.load(handle)
+    values = _read_toml(path) if path is not None else {}
     values.update({key: value for key, value in overrides.items() if value is not None})
-    known = {f.name for f in dataclasses.fields(ServerConfig)}
-    known_limits = {f.name for f in dataclasses.fields(Limits)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown configuration keys: {', '.join(unknown)}")
-    limits = values.get("limits", {})
-    if isinstance(limits, dict):
-        bad = sorted(set(limits) - known_limits)
-        if bad:
-            raise ValueError(f"unknown [limits] keys: {', '.join(bad)}")
-    for key in _PATH_FIELDS & set(values):
-        values[key] = Path(values[key])
-    return config.replace(**values)
+    check_values(values)
+    for key, rule in SERVER_RULES.items():
+        if rule.kind is Path and key in values:
+            values[key] = Path(values[key])
+    config = ServerConfig().replace(**values)
+    _check_defaults_within_max(config.limits)
+    return config

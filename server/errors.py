@@ -10,7 +10,16 @@ the values behind the error, such as the limit that was hit (ErrorInfo.metadata)
 
 from __future__ import annotations
 
+import errno
+import logging
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+log = logging.getLogger(__name__)
+
 SHOWN_CHARS = 80
+NOTHING_STORED = "nothing was stored"
 
 
 def shown(value: str, limit: int = SHOWN_CHARS) -> str:
@@ -72,6 +81,39 @@ class FailedPrecondition(ImageSearchError):
 class ResourceExhausted(ImageSearchError):
     reason = "LIMIT_EXCEEDED"
     code = 8
+
+
+class DiskFull(ResourceExhausted):
+    """The file system of the data directory is full: the write was undone, the data is intact."""
+
+    reason = "DISK_FULL"
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is a write refused for lack of space: SQLite's SQLITE_FULL ("database or disk
+    is full") or the OS's ENOSPC / EDQUOT (snapshots, new collections' files)."""
+    if isinstance(exc, sqlite3.OperationalError):
+        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextmanager
+def disk_full_reported(outcome: str = NOTHING_STORED) -> Iterator[None]:
+    """Raise DiskFull for a full disk met inside the block, the one mapping of it: the low-level
+    error ("database or disk is full", errno 28) means nothing to a client, and an operator needs
+    to hear which disk to free. ``outcome`` says what the failure left behind."""
+    try:
+        yield
+    except (sqlite3.OperationalError, OSError) as exc:
+        if not is_disk_full(exc):
+            raise
+        full = DiskFull(
+            f"the disk holding the server's data directory is full, so {outcome}; free space on it, "
+            "then retry",
+            metadata={"cause": str(exc)},
+        )
+        log.error("%s (%s)", full.message, exc)  # the operator's to fix: said in the log, not only to clients
+        raise full from exc
 
 
 class DeadlineExceeded(ImageSearchError):

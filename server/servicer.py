@@ -38,6 +38,7 @@ from imagesearch.server.engine import (
     SearchOutcome,
     SearchQuery,
 )
+from imagesearch.server.response_size import RESPONSE_FRAMING, max_response_bytes
 from imagesearch.server.store import ImageRow
 from imagesearch.server.streams import StreamGuard
 from imagesearch.server.vector_index import FLOAT16, FLOAT32, INT8
@@ -386,6 +387,32 @@ def batch_result(outcome: SearchOutcome | errors.ImageSearchError) -> pb.SearchB
     return pb.SearchBatchResult(response=search_response(outcome))
 
 
+BATCH_RESULT_RESERVE = 1024  # room kept for each result, enough for one refused as too large
+
+
+def fit_batch_results(results: list[pb.SearchBatchResult], limit: int) -> list[pb.SearchBatchResult]:
+    """The results in order, each one that would take the response past ``limit`` bytes replaced
+    by a RESOURCE_EXHAUSTED result: every query fits in a response alone, a batch of them may not."""
+    budget = limit - RESPONSE_FRAMING - len(results) * BATCH_RESULT_RESERVE
+    fitted = []
+    for position, result in enumerate(results):
+        budget += BATCH_RESULT_RESERVE
+        if result.ByteSize() > budget:
+            result = batch_result(_too_large_for_batch(position, limit))
+        budget -= result.ByteSize()
+        fitted.append(result)
+    return fitted
+
+
+def _too_large_for_batch(position: int, limit: int) -> errors.ResourceExhausted:
+    return errors.ResourceExhausted(
+        f"queries[{position}]: its hits do not fit in this batch's response ({limit} bytes at most "
+        "for all queries together); send it alone or in a smaller batch",
+        field=f"queries[{position}]",
+        reason="RESPONSE_TOO_LARGE",
+    )
+
+
 class ImageSearchServicer(pb_grpc.ImageSearchServiceServicer):
     """Every handler is a coroutine: waiting for a slow client or an idle stream holds no thread.
     Engine calls (decoding, extraction, FAISS, SQLite) run on the ``workers`` pool; the cheap
@@ -394,6 +421,7 @@ class ImageSearchServicer(pb_grpc.ImageSearchServiceServicer):
     def __init__(self, engine: Engine, workers: Executor, reads: Executor, streams: StreamGuard) -> None:
         self.engine = engine
         self._workers, self._reads, self._streams = workers, reads, streams
+        self._send_limit = max_response_bytes(engine.limits)  # the server's grpc.max_send_message_length
 
     async def _work(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(
@@ -465,7 +493,8 @@ class ImageSearchServicer(pb_grpc.ImageSearchServiceServicer):
     ) -> pb.SearchBatchResponse:
         queries = [search_query(q) for q in request.queries]
         outcomes = await self._work(self.engine.search_batch, queries, deadline=_deadline(context))
-        return pb.SearchBatchResponse(results=[batch_result(o) for o in outcomes])
+        results = fit_batch_results([batch_result(o) for o in outcomes], self._send_limit)
+        return pb.SearchBatchResponse(results=results)
 
     @rpc
     async def Classify(
@@ -486,7 +515,11 @@ class ImageSearchServicer(pb_grpc.ImageSearchServiceServicer):
         self, request: pb.RemoveImagesRequest, context: grpc.aio.ServicerContext
     ) -> pb.RemoveImagesResponse:
         removed = await self._work(
-            self.engine.remove_images, request.collection, list(request.ids), request.allow_missing
+            self.engine.remove_images,
+            request.collection,
+            list(request.ids),
+            request.allow_missing,
+            deadline=_deadline(context),
         )
         return pb.RemoveImagesResponse(removed_count=removed)
 
@@ -540,6 +573,7 @@ class ImageSearchServicer(pb_grpc.ImageSearchServiceServicer):
                 storage=STORAGE_FROM_PB.get(wanted.storage, str(wanted.storage)),
                 local_features=wanted.local_features,
             ),
+            deadline=_deadline(context),
         )
         return pb.CreateCollectionResponse(collection=collection_message(info))
 
@@ -563,7 +597,7 @@ class ImageSearchServicer(pb_grpc.ImageSearchServiceServicer):
     async def DeleteCollection(
         self, request: pb.DeleteCollectionRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteCollectionResponse:
-        await self._work(self.engine.delete_collection, request.name)
+        await self._work(self.engine.delete_collection, request.name, deadline=_deadline(context))
         return pb.DeleteCollectionResponse()
 
     @rpc

@@ -15,6 +15,7 @@ so the index maps hits back to rows without a second lookup table.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -23,10 +24,13 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 
-from imagesearch.server.errors import AlreadyExists, shown
+from imagesearch.server.errors import AlreadyExists, disk_full_reported, shown
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -89,8 +93,11 @@ class ImageRow(HitRow):
     vector: np.ndarray | None = None
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+def _connect(path: Path, create: bool) -> sqlite3.Connection:
+    """A connection to the store at ``path``; unless ``create``, the file must exist: opening an
+    existing collection must never leave an empty store where a moved-away one was."""
+    uri = f"file:{quote(str(path))}?mode={'rwc' if create else 'rw'}"
+    conn = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None, timeout=30)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
@@ -105,9 +112,11 @@ class CollectionStore:
     WAL lets run alongside the writer.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, create: bool = True) -> None:
+        """Open the store at ``path``, making it if ``create`` (else sqlite3.OperationalError when
+        the file is missing)."""
         self.path = path
-        self._writer = _connect(path)
+        self._writer = _connect(path, create)
         self._writer.executescript(SCHEMA)
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
@@ -118,7 +127,7 @@ class CollectionStore:
     def _reader(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = _connect(self.path)
+            conn = _connect(self.path, create=False)
             self._local.conn = conn
             with self._readers_lock:
                 self._readers.append(conn)
@@ -133,15 +142,27 @@ class CollectionStore:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction on the writer connection: committed whole, or rolled back whole."""
+        """One write transaction on the writer connection: committed whole, or rolled back whole
+        (a full disk raises DiskFull)."""
         conn = self._writer
-        conn.execute("BEGIN IMMEDIATE")
+        with disk_full_reported():
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
+
+    def _rollback(self) -> None:
+        """Undo the open transaction, if any: SQLite ends it itself when a COMMIT fails (a full
+        disk), and an error here must never replace the one that made us roll back."""
+        if not self._writer.in_transaction:
+            return
         try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+            self._writer.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            log.error("%s: rollback after a failed write failed too: %s", self.path, exc)
 
     # -- small key/value state ---------------------------------------------------
     def get_meta(self, key: str) -> str | None:

@@ -237,6 +237,7 @@ def test_bad_collection_requests(stub):
         (pb.Collection(name="x", metric="nope"), Code.INVALID_ARGUMENT, "unknown metric 'nope'"),
         (pb.Collection(name="default"), Code.ALREADY_EXISTS, "already exists"),
         (pb.Collection(name="x", index_type=99), Code.INVALID_ARGUMENT, "unknown index_type"),
+        (pb.Collection(name="x", description="d" * 1025), Code.INVALID_ARGUMENT, "longer than 1024"),
     ]
     for collection, code, text in cases:
         error = call_error(create, pb.CreateCollectionRequest(collection=collection))

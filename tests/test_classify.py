@@ -101,6 +101,16 @@ def test_bucketed_search_refuses_labels_and_classify_refuses_unknown_modes(label
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_neighbors_out_of_range_is_reported_as_neighbors(labelled):
+    """ClassifyRequest has no top_k: the error must name the field the caller actually sent."""
+    running, _vectors, _labels = labelled
+    with ImageSearchClient(running.target) as client, pytest.raises(InvalidArgument) as caught:
+        client.classify(image_id="v1", neighbors=1001, collection="c")
+    assert caught.value.reason == "BAD_TOP_K"
+    assert [v.field for v in caught.value.field_violations] == ["neighbors"]
+    assert "neighbors 1001 is over the limit of 1000" in str(caught.value)
+
+
 def test_classify_without_labelled_images_says_so(data_dir):
     with (
         run_server(tiny_config(data_dir), extra_plugins=[TINY_PLUGIN]) as running,

@@ -27,6 +27,7 @@ from imagesearch.server.collection import Collection, Hit
 from imagesearch.server.config import ServerConfig
 from imagesearch.server.engine import (
     OK_CODE,
+    ClassifyQuery,
     Engine,
     ImageItem,
     NewCollection,
@@ -59,6 +60,7 @@ LIMITS = {
     "max_top_k": 20,
     "default_page_size": 4,
     "max_page_size": 5,
+    "max_description_length": 40,
 }
 PNG_PIXELS = 96 * 128
 
@@ -757,6 +759,13 @@ def test_create_collection_defaults(engine: Engine) -> None:
             NewCollection(name="keep\n"), InvalidArgument, "BAD_COLLECTION_NAME", "name", id="newline"
         ),
         pytest.param(NewCollection(name="c"), AlreadyExists, "COLLECTION_EXISTS", "name", id="exists"),
+        pytest.param(
+            NewCollection(name="n", description="é" * 41),
+            InvalidArgument,
+            "BAD_DESCRIPTION",
+            "collection.description",
+            id="description",
+        ),
     ],
 )
 def test_create_collection_errors_leave_nothing_behind(
@@ -840,3 +849,72 @@ def test_reads_that_overlap_a_delete_answer_not_found_never_crash(tmp_path):
             for thread in threads:
                 thread.join()
     assert unexpected == []
+
+
+# -- limits and deadlines found by outside testing -------------------------------------------------
+
+
+def test_a_description_at_the_limit_is_kept_and_one_over_reports_the_limit(engine: Engine) -> None:
+    at_limit = "é" * LIMITS["max_description_length"]  # counted in characters, not UTF-8 bytes
+    assert (
+        engine.create_collection(NewCollection(name="d", description=at_limit)).spec.description == at_limit
+    )
+    over = NewCollection(name="e", description=at_limit + "x")
+    error = raises(InvalidArgument, "BAD_DESCRIPTION", lambda: engine.create_collection(over))
+    assert error.metadata == {"limit": "40", "value": "41"}
+    assert "40 characters" in error.message
+
+
+def test_metadata_is_limited_in_utf8_bytes_not_characters(engine: Engine) -> None:
+    limit = engine.limits.max_metadata_bytes
+    emoji = "\U0001f600"  # 4 bytes in UTF-8
+    fits = {"k": emoji * ((limit - 1) // 4)}  # 1 + 4 x 4095 = 16,381 bytes
+    over = {"k": emoji * ((limit - 1) // 4 + 1)}  # 16,385 bytes in 4,097 characters
+    engine.add_images("c", [ImageItem(id="fits", vector=vector(0), metadata=fits)])
+    error = raises(
+        InvalidArgument,
+        "METADATA_TOO_LARGE",
+        lambda: engine.add_images("c", [ImageItem(id="over", vector=vector(1), metadata=over)]),
+    )
+    assert error.field == "images[0].metadata"
+    assert stored_ids(engine) == ["fits"]
+
+
+def test_a_tiny_vector_is_its_own_nearest_neighbour_under_cosine(engine: Engine) -> None:
+    """Its float32 squares underflow to 0: normalised in float32 it became a zero vector, scoring 0."""
+    engine.create_collection(NewCollection(name="cos", metric="cosine"))
+    base = np.array(vector(0), dtype=np.float32)
+    tiny = base * np.float32(1e-25)  # norm ~1e-24, a normal float32
+    items = [ImageItem(id="base", vector=base), ImageItem(id="other", vector=vector(1))]
+    engine.add_images("cos", [*items, ImageItem(id="tiny", vector=tiny)])
+    hits = engine.search(SearchQuery(collection="cos", image_id="tiny", top_k=3)).hits
+    assert {hit.id for hit in hits[:2]} == {"tiny", "base"}
+    assert [hit.score for hit in hits[:2]] == [pytest.approx(1, abs=1e-5)] * 2
+
+
+def test_a_past_deadline_removes_creates_and_deletes_nothing(engine: Engine) -> None:
+    engine.add_images("c", vector_items(0, 3))
+    past = time.monotonic() - 1
+    writes = [
+        lambda: engine.remove_images("c", ["v0"], allow_missing=False, deadline=past),
+        lambda: engine.create_collection(NewCollection(name="late"), deadline=past),
+        lambda: engine.delete_collection("c", deadline=past),
+    ]
+    for write in writes:
+        assert raises(DeadlineExceeded, "DEADLINE_EXCEEDED", write).code == 4
+    assert stored_ids(engine) == ["v0", "v1", "v2"]
+    assert [c.spec.name for c in engine.collections()] == ["c"]
+    assert sorted(p.name for p in (engine.config.data_dir / "collections").iterdir()) == ["c"]
+    future = time.monotonic() + 60
+    assert engine.remove_images("c", ["v0"], allow_missing=False, deadline=future) == 1
+    assert engine.create_collection(NewCollection(name="late"), deadline=future).spec.name == "late"
+    engine.delete_collection("late", deadline=future)
+    assert [c.spec.name for c in engine.collections()] == ["c"]
+
+
+@pytest.mark.parametrize("neighbors", [-1, 21])
+def test_classify_names_neighbors_when_it_is_out_of_range(engine: Engine, neighbors: int) -> None:
+    query = ClassifyQuery(collection="c", vector=vector(0), neighbors=neighbors)
+    error = raises(InvalidArgument, "BAD_TOP_K", lambda: engine.classify(query))
+    assert error.field == "neighbors"
+    assert error.message.startswith(f"neighbors {neighbors}" if neighbors > 0 else "neighbors must be >= 0")

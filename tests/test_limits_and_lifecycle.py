@@ -10,6 +10,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
+from imagesearch.server import servicer
 from imagesearch.server.app import run_server
 from imagesearch.server.config import load_config
 from imagesearch.v1 import image_search_service_pb2 as pb
@@ -57,6 +58,25 @@ def test_deadline_passed_during_extraction_stores_nothing(data_dir):
         assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         time.sleep(0.6)  # the server finishes its side and must not commit
         assert stub.ListImages(pb.ListImagesRequest()).images == []
+
+
+def test_removals_and_collection_changes_past_the_deadline_commit_nothing(stub, monkeypatch):
+    """Every call's deadline has already passed when the engine gets it (no race with a real clock)."""
+    add_one(stub, "kept")
+    stub.CreateCollection(pb.CreateCollectionRequest(collection=pb.Collection(name="kept")))
+    monkeypatch.setattr(servicer, "_deadline", lambda context: time.monotonic() - 1)
+    calls = [
+        (stub.RemoveImages, pb.RemoveImagesRequest(ids=["kept"])),
+        (stub.CreateCollection, pb.CreateCollectionRequest(collection=pb.Collection(name="late"))),
+        (stub.DeleteCollection, pb.DeleteCollectionRequest(name="kept")),
+    ]
+    for call, request in calls:
+        with pytest.raises(grpc.RpcError) as error:
+            call(request)
+        assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, request
+    assert [image.id for image in stub.ListImages(pb.ListImagesRequest()).images] == ["kept"]
+    names = [c.name for c in stub.ListCollections(pb.ListCollectionsRequest()).collections]
+    assert names == ["default", "kept"]
 
 
 def test_stop_drains_in_flight_calls(data_dir):

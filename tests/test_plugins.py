@@ -37,7 +37,9 @@ from imagesearch.plugins.types import (
     Metric,
     TrainableExtractor,
     inverse_distance_score,
+    l2_normalize,
 )
+from imagesearch.server.engine import MAX_VECTOR_NORM
 
 # The CNN plugin needs exported models; these tests are about the plugin machinery.
 NO_CNN = {BLOCK_ENV: "onnx_cnn"}
@@ -503,3 +505,23 @@ class _PartialExtractor(Extractor):
 
     def extract(self, images):
         raise NotImplementedError
+
+
+@pytest.mark.parametrize(
+    "norm",
+    [1e-36, 3.6e-24, 1.0, MAX_VECTOR_NORM, 1e38],
+    ids=["near-float32-min", "tiny", "unit", "largest-accepted", "near-float32-max"],
+)
+def test_l2_normalize_keeps_the_direction_of_any_finite_float32_vector(norm: float) -> None:
+    """Squared in float32, tiny rows underflow to zero vectors and huge ones overflow to inf."""
+    direction = np.random.default_rng(0).normal(size=(3, 64))
+    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    rows = (direction * norm).astype(np.float32)
+    unit = l2_normalize(rows)
+    assert unit.dtype == np.float32
+    np.testing.assert_allclose(unit, direction, atol=1e-6)
+
+
+def test_l2_normalize_leaves_zero_rows_zero() -> None:
+    rows = np.array([[0.0, 0.0], [3.0, 4.0]], dtype=np.float32)
+    assert l2_normalize(rows).tolist() == [[0.0, 0.0], [0.6000000238418579, 0.800000011920929]]

@@ -1,0 +1,146 @@
+"""What start-up finds in a data directory: temp files a crash left behind are removed, and a
+collection whose store cannot be opened is reported with its real cause and advice that fits it
+(never "delete the collection" for intact data), without creating anything in its place."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from imagesearch.plugins.manager import PluginRegistry
+from imagesearch.server.catalog import Catalog
+from imagesearch.server.collection import STORE_FILE, Collection
+from imagesearch.server.errors import FailedPrecondition
+from imagesearch.server.files import remove_temp_files
+from imagesearch.server.store import NewImage
+from tests.support.tiny_plugin import TINY_PLUGIN, TinyExtractor
+
+
+@contextmanager
+def catalog(data: Path) -> Iterator[Catalog]:
+    opened = Catalog(data, PluginRegistry([TINY_PLUGIN], load_entry_points=False, env={}))
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    """A data directory with collection ``c`` holding three images."""
+    with catalog(tmp_path / "data") as made:
+        made.create("c", extractor=TinyExtractor.name, metric="l2")
+        rows = [
+            NewImage(id=f"a{i}", label="", vector=np.full(TinyExtractor.dim, i, np.float32)) for i in range(3)
+        ]
+        made.get("c").add(rows)
+    return tmp_path / "data"
+
+
+def collection_dir(data: Path) -> Path:
+    return data / "collections" / "c"
+
+
+def unavailable(data: Path) -> str:
+    """The reason start-up gives for collection ``c``, checked to be COLLECTION_UNAVAILABLE."""
+    with catalog(data) as opened, pytest.raises(FailedPrecondition) as refused:
+        opened.get("c")
+    assert refused.value.reason == "COLLECTION_UNAVAILABLE"
+    return refused.value.message
+
+
+def test_a_write_killed_midway_leaves_a_temp_file_that_the_cleanup_removes(tmp_path: Path) -> None:
+    """A real crash: a process dies inside atomic_write, as `kill -9` during a snapshot does."""
+    target = tmp_path / "index.snapshot"
+    crash = (
+        "import os, sys; from pathlib import Path; from imagesearch.server.files import atomic_write; "
+        "atomic_write(Path(sys.argv[1]), lambda h: (h.write(b'x' * 4096), h.flush(), os._exit(9)))"
+    )
+    assert subprocess.run([sys.executable, "-c", crash, str(target)]).returncode == 9
+    (leftover,) = tmp_path.glob(".index.snapshot.*.tmp")
+    (tmp_path / "notes.tmp").write_text("not ours: no leading dot")
+    assert remove_temp_files(tmp_path) == [(leftover, 4096)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.tmp"]
+    assert not target.exists()
+
+
+def test_start_up_removes_leftover_temp_files_and_logs_each(
+    data: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    leftover = collection_dir(data) / ".index.snapshot.k9x2ab.tmp"
+    leftover.write_bytes(b"\0" * 1000)
+    with caplog.at_level(logging.INFO), catalog(data) as opened:
+        assert opened.get("c").count() == 3
+    assert not leftover.exists()
+    assert (
+        "collection c: removed .index.snapshot.k9x2ab.tmp (1000 bytes), left by an interrupted write"
+        in caplog.text
+    )
+
+
+def test_a_missing_store_is_reported_as_missing_and_not_recreated(data: Path, tmp_path: Path) -> None:
+    store = collection_dir(data) / STORE_FILE
+    moved = tmp_path / "moved.sqlite3"
+    store.rename(moved)
+    reason = unavailable(data)
+    assert f"store.sqlite3 is missing from {collection_dir(data)}; nothing was changed" in reason
+    assert "Put the file back" in reason and "delete" not in reason
+    assert not store.exists()  # opening never made an empty store in its place
+    moved.rename(store)
+    with catalog(data) as opened:
+        assert opened.get("c").count() == 3
+
+
+def fail_to_open(directory: Path) -> Any:
+    raise sqlite3.OperationalError("unable to open database file")
+
+
+def test_a_read_only_file_system_is_named_with_advice_that_keeps_the_data(
+    data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Simulated (mounting needs root): the store cannot be opened and statvfs says read-only."""
+    real_statvfs = os.statvfs
+
+    class ReadOnly:
+        def __init__(self, path: Any) -> None:
+            self.f_flag = real_statvfs(path).f_flag | os.ST_RDONLY
+
+    monkeypatch.setattr(Collection, "read_spec", staticmethod(fail_to_open))
+    monkeypatch.setattr(os, "statvfs", ReadOnly)
+    reason = unavailable(data)
+    assert f"{collection_dir(data)} is on a read-only file system (unable to open database file)" in reason
+    assert "Its data is intact: mount it read-write and restart the server" in reason
+    assert "delete" not in reason
+
+
+def test_a_store_the_server_may_not_write_is_named_with_advice_that_keeps_the_data(
+    data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Simulated (root ignores permissions): the store cannot be opened and is not writable."""
+    store = collection_dir(data) / STORE_FILE
+    real_access = os.access
+    monkeypatch.setattr(Collection, "read_spec", staticmethod(fail_to_open))
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != store and real_access(path, mode))
+    reason = unavailable(data)
+    assert f"the server may not read and write {store} (unable to open database file)" in reason
+    assert "Its data is intact: give the server's user read-write access" in reason
+    assert "delete" not in reason
+
+
+def test_a_damaged_store_still_suggests_a_backup_or_deleting_it(data: Path) -> None:
+    store = collection_dir(data) / STORE_FILE
+    store.write_bytes(b"not a database" * 100)
+    for name in ("-wal", "-shm"):
+        Path(f"{store}{name}").unlink(missing_ok=True)
+    reason = unavailable(data)
+    assert "cannot be opened" in reason and "restore it from a backup, or delete the collection" in reason

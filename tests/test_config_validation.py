@@ -1,0 +1,160 @@
+"""Every configuration value is checked at start-up: type, range, choices, tables, and each
+plugin's own [plugins.<name>] table. A bad value stops the server with one line naming the key
+and what it takes (exit code 2), never a traceback and never a server that misbehaves later."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from imagesearch.plugins import PluginContext, Setting, SettingsError
+from imagesearch.plugins.manager import PluginRegistry
+from imagesearch.server.cli import main
+from imagesearch.server.config import LIMIT_RULES, SERVER_RULES, Limits, ServerConfig, load_config
+
+
+def load(tmp_path: Path, toml: str) -> ServerConfig:
+    path = tmp_path / "server.toml"
+    path.write_text(toml)
+    return load_config(path)
+
+
+REFUSED = [  # (TOML, what the message must say)
+    ("port = -5", "port must be an integer from 0 to 65535 (0 picks a free port), got -5"),
+    ("port = 65536", "port must be an integer from 0 to 65535"),
+    ('port = "80"', "port must be an integer from 0 to 65535 (0 picks a free port), got '80'"),
+    ("port = true", "port must be an integer from 0 to 65535 (0 picks a free port), got True"),
+    ("workers = 0", "workers must be an integer >= 1, got 0"),
+    ("workers = 2.5", "workers must be an integer >= 1, got 2.5"),
+    ("batch_max_wait_ms = -1", "batch_max_wait_ms must be a number >= 0"),
+    ("snapshot_interval_s = 0", "snapshot_interval_s must be a number > 0, got 0"),
+    ("snapshot_interval_s = nan", "snapshot_interval_s must be a number > 0, got nan"),
+    ("shutdown_grace_s = inf", "shutdown_grace_s must be a number >= 0, got inf"),
+    ("thumbnail_quality = 101", "thumbnail_quality must be an integer from 1 to 100 (JPEG quality)"),
+    ('create_default_collection = "yes"', "create_default_collection must be true or false, got 'yes'"),
+    ("host = 5", "host must be a string, got 5"),
+    ('data_dir = ""', "data_dir must be a path (a non-empty string), got ''"),
+    ("models_dir = 3", "models_dir must be a path (a non-empty string), got 3"),
+    ('log_format = "xml"', "log_format must be one of 'json', 'text', got 'xml'"),
+    ('log_level = "LOUD"', "log_level must be one of 'DEBUG', 'debug', 'INFO'"),
+    ("prot = 1", "unknown configuration keys: prot"),
+    ("limits = 5", "limits must be a table, got 5"),
+    ("[limits]\nmax_batch_size = -1", "[limits] max_batch_size must be an integer >= 1, got -1"),
+    ('[limits]\nmax_batch_size = "10"', "[limits] max_batch_size must be an integer >= 1, got '10'"),
+    ("[limits]\nmax_batch_size = false", "[limits] max_batch_size must be an integer >= 1, got False"),
+    ("[limits]\nmax_message_bytes = 0", "[limits] max_message_bytes must be an integer from 65536 to"),
+    ("[limits]\nmax_message_bytes = 65535", "got 65535"),
+    ("[limits]\nmax_message_bytes = 2147483648", "got 2147483648"),
+    ("[limits]\nstream_idle_timeout_s = 0", "[limits] stream_idle_timeout_s must be a number > 0"),
+    ("[limits]\nmax_hnsw_m = 1", "[limits] max_hnsw_m must be an integer >= 2 (HNSW needs m >= 2)"),
+    ("[limits]\nmax_metadata_entries = -1", "[limits] max_metadata_entries must be an integer >= 0"),
+    ("[limits]\nmax_topk = 3", "unknown [limits] keys: max_topk"),
+    ("[limits]\nmax_top_k = 5", "[limits] default_top_k (10) must not exceed max_top_k (5)"),
+    ("[limits]\ndefault_page_size = 2000", "[limits] default_page_size (2000) must not exceed max_page_size"),
+    ("[limits]\nmax_rerank_candidates = 10", "default_rerank_candidates (50) must not exceed"),
+    ("plugins = 5", "plugins must be a table, got 5"),
+    ("[plugins]\nsift = 5", "[plugins.sift] must be a table of settings, got 5"),
+]
+
+
+@pytest.mark.parametrize(("toml", "message"), REFUSED, ids=[t.replace("\n", " ") for t, _ in REFUSED])
+def test_a_bad_value_is_refused_naming_the_key_and_what_it_takes(tmp_path, toml, message):
+    with pytest.raises(ValueError) as refused:
+        load(tmp_path, toml)
+    assert message in str(refused.value)
+    assert "\n" not in str(refused.value)
+
+
+ACCEPTED = [  # (TOML, the field, the value it loads as)
+    ("port = 0", "port", 0),
+    ("port = 65535", "port", 65535),
+    ("batch_max_wait_ms = 0", "batch_max_wait_ms", 0),
+    ("snapshot_interval_s = 2", "snapshot_interval_s", 2),  # a float setting takes an integer
+    ('log_level = "debug"', "log_level", "debug"),
+    ('data_dir = "/srv/x"', "data_dir", Path("/srv/x")),
+    ("[limits]\nmax_message_bytes = 65536", "limits.max_message_bytes", 65536),
+    ("[limits]\nmax_metadata_entries = 0", "limits.max_metadata_entries", 0),
+    ("[plugins.sift]\nmax_side = 480", "plugins", {"sift": {"max_side": 480}}),
+]
+
+
+@pytest.mark.parametrize(
+    ("toml", "key", "value"), ACCEPTED, ids=[t.replace("\n", " ") for t, _, _ in ACCEPTED]
+)
+def test_a_value_within_its_rule_loads(tmp_path, toml, key, value):
+    config = load(tmp_path, toml)
+    section, _, name = key.rpartition(".")
+    assert getattr(getattr(config, section) if section else config, name) == value
+
+
+def test_every_field_has_a_rule_its_default_satisfies():
+    """A field added later gets its type's rule at once; its default must pass it."""
+    defaults, limits = dataclasses.asdict(ServerConfig()), dataclasses.asdict(Limits())
+    assert set(SERVER_RULES) == set(defaults) - {"limits", "plugins"}
+    assert set(LIMIT_RULES) == set(limits)
+    assert all(rule.accepts(defaults[key]) for key, rule in SERVER_RULES.items())
+    assert all(rule.accepts(limits[key]) for key, rule in LIMIT_RULES.items())
+
+
+def test_command_line_overrides_are_checked_too():
+    with pytest.raises(ValueError, match="port must be an integer from 0 to 65535"):
+        load_config(port=70000)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(None, "cannot read config file"), ("port = ", "is not valid TOML")],
+)
+def test_an_unreadable_or_malformed_file_is_a_one_line_error(tmp_path, content, message):
+    path = tmp_path / "server.toml"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ValueError, match=message) as refused:
+        load_config(path)
+    assert str(path) in str(refused.value)
+
+
+PLUGIN_TABLES = [  # (plugin name, its table, what the message must say)
+    (
+        "sift",
+        {"max_sides": 100_000},
+        "unknown [plugins.sift] keys: max_sides (known: max_keypoints, max_side",
+    ),
+    ("sift", {"max_side": "big"}, "[plugins.sift] max_side must be an integer >= 1, got 'big'"),
+    ("sift", {"vlad_pca_dim": -1}, "[plugins.sift] vlad_pca_dim must be an integer >= 0 (0: no PCA), got -1"),
+    ("onnx_cnn", {"thread": 2}, "unknown [plugins.onnx_cnn] keys: thread"),
+    ("onnx_cnn", {"threads": 0}, "[plugins.onnx_cnn] threads must be an integer >= 1, got 0"),
+]
+
+
+@pytest.mark.parametrize(("plugin", "table", "message"), PLUGIN_TABLES)
+def test_a_bad_plugin_table_stops_start_up(plugin, table, message):
+    """Not a plugin problem that is logged and skipped: the registry (so the server) refuses to start."""
+    with pytest.raises(SettingsError) as refused:
+        PluginRegistry(load_entry_points=False, plugin_config={plugin: table})
+    assert message in str(refused.value)
+
+
+def test_a_good_plugin_table_reaches_the_plugin():
+    context = PluginContext(config={"size": 3}, plugin="demo")
+    assert context.settings({"size": Setting(int, low=1), "name": Setting(str)}) == {"size": 3}
+    with pytest.raises(SettingsError, match=r"\[plugins.demo\] size must be an integer >= 5, got 3"):
+        context.settings({"size": Setting(int, low=5)})
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("port = -5\n", "error: port must be an integer from 0 to 65535 (0 picks a free port), got -5"),
+        ("[plugins.sift]\nmax_sides = 100000\n", "error: unknown [plugins.sift] keys: max_sides"),
+    ],
+)
+def test_serve_with_a_bad_config_exits_2_with_one_line(tmp_path, capfd, toml, message):
+    """capfd, not capsys: a plugin table is checked as the server starts, which needs a real stderr."""
+    config = tmp_path / "bad.toml"
+    config.write_text(f"port = 0\n{toml}" if "port" not in toml else toml)
+    assert main(["serve", "--config", str(config), "--data", str(tmp_path / "data")]) == 2
+    err = capfd.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
