@@ -193,11 +193,12 @@ def _identity(vectors: np.ndarray) -> np.ndarray:
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:
     """Scale each row to unit length (zero rows stay zero); float32 in and out.
 
-    Computed in float64: float32 squares underflow for tiny vectors (norm 1e-24 would become 0,
-    a zero vector) and overflow for huge ones, while float64 holds the square of any float32."""
-    rows = np.asarray(vectors, dtype=np.float64)
-    norms = np.linalg.norm(rows, axis=1, keepdims=True)
-    return np.divide(rows, norms, out=np.zeros_like(rows), where=norms > 0).astype(np.float32)
+    Norms are summed in float64: float32 squares underflow for tiny vectors (norm 1e-24 would
+    become 0, a zero vector) and overflow for huge ones, while float64 holds the square of any
+    float32. The rows themselves stay float32 (half the time of converting them)."""
+    rows = np.asarray(vectors, dtype=np.float32)
+    norms = np.sqrt(np.einsum("ij,ij->i", rows, rows, dtype=np.float64))[:, None]
+    return np.divide(rows, norms, out=np.zeros_like(rows), where=norms > 0)
 
 
 @dataclass(frozen=True)
