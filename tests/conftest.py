@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +14,17 @@ from imagesearch.server.config import ServerConfig
 from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
 from tests.plugin_fixtures import colorhist_plugin  # noqa: F401  (the example plugin, pip-installed)
 from tests.support.tiny_plugin import TINY_PLUGIN, TinyExtractor
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """CLI tests run ``main`` in-process, which points the root logger at the test's captured
+    stderr; put the handlers back, or later tests' servers log into a closed stream."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def tiny_config(data_dir: Path, **changes) -> ServerConfig:
