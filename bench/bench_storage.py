@@ -4,8 +4,8 @@ Adds the same 20,000 x 1280 random vectors (cosine) to a float32, a float16 and 
 collection of a server in its own process, then for each prints ``index_bytes`` from
 GetCollection, one caller's search-by-vector p50 (top 10) and recall@10 against the float32
 collection's hits (float32 flat is exact). Next to them, raw FAISS on the same prepared
-vectors: single-query p50 of IndexFlatIP and of IndexScalarQuantizer fp16 / 8bit (best of 1 and
-2 threads), each index's own recall@10, and how much of the true top 10 its top 40 holds (what
+vectors: single-query p50 of IndexFlatIP and of IndexScalarQuantizer fp16 / 8bit on the server's
+fixed [-1, 1] grid (best of 1 and 2 threads), each index's own recall@10, and how much of the true top 10 its top 40 holds (what
 the server's float32 re-scoring of int8 candidates starts from).
 """
 
@@ -28,7 +28,7 @@ from bench.server_process import server_process
 from imagesearch.client import float_vector
 from imagesearch.plugins import l2_normalize
 from imagesearch.server.config import ServerConfig
-from imagesearch.server.vector_index import RESCORE_FACTOR
+from imagesearch.server.vector_index import INT8_RANGE, RESCORE_FACTOR
 from imagesearch.v1 import image_search_service_pb2 as pb
 from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
 
@@ -53,7 +53,8 @@ def raw_faiss(base: np.ndarray, queries: np.ndarray) -> dict[str, dict[str, floa
             index = faiss.IndexFlatIP(base.shape[1])
         else:
             index = faiss.IndexScalarQuantizer(base.shape[1], kind, faiss.METRIC_INNER_PRODUCT)
-            index.train(prepared)
+            # the server's int8 grid: fixed [-1, 1] in every dimension (vector_index.INT8_RANGE)
+            index.train(np.array([[low] * base.shape[1] for low in INT8_RANGE], np.float32))
         index.add(prepared)
         best = float("inf")
         for threads in (1, 2):

@@ -341,8 +341,8 @@ class ImageSearchClient(ClientBase):
         default. ``ivf`` / ``hnsw`` (an ``IvfParams`` / ``HnswParams`` or a dict such as
         ``{"nlist": 64}``) only go with the matching ``index_type``. ``store_originals``
         keeps each image's bytes (for download and re-indexing). ``storage="float16"`` makes a flat
-        index keep its vectors as float16: half the memory, recall@10 about 0.998; ``"int8"``, a
-        quarter, with hits re-scored exactly from float32 (docs/api.md).
+        index keep its vectors as float16: half the memory, recall@10 about 0.998; ``"int8"`` (cosine
+        collections), a quarter, with hits re-scored exactly from float32 (docs/api.md).
         ``local_features="sift"`` keeps each image's SIFT keypoints too, so searches can re-rank
         by geometry (``search(rerank=50)``); SIFT extractors always keep them.
         """

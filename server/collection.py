@@ -51,6 +51,8 @@ from imagesearch.server.snapshot import SnapshotError, read_snapshot, write_snap
 from imagesearch.server.store import CollectionStore, HitRow, ImageRow, NewImage
 from imagesearch.server.vector_index import (
     FLOAT32,
+    INT8,
+    INT8_METRIC,
     RESCORE_FACTOR,
     STORAGES,
     IndexSpec,
@@ -170,6 +172,13 @@ def check_index_params(spec: CollectionSpec, limits: Limits) -> None:
     if spec.storage != FLOAT32 and spec.index_type != FLAT:
         raise InvalidArgument(
             f"storage {spec.storage} is for flat indexes; an {spec.index_type} index keeps float32",
+            field="collection.storage",
+            reason="BAD_INDEX_PARAM",
+        )
+    if spec.storage == INT8 and spec.metric != INT8_METRIC:
+        raise InvalidArgument(
+            f"storage int8 is for {INT8_METRIC} collections, whose unit-length vectors fit its fixed "
+            f"[-1, 1] grid; a {spec.metric} collection can use float16",
             field="collection.storage",
             reason="BAD_INDEX_PARAM",
         )

@@ -65,12 +65,15 @@ STORAGES = (FLOAT32, FLOAT16, INT8)
 
 SCALAR_TYPES = {FLOAT16: faiss.ScalarQuantizer.QT_fp16, INT8: faiss.ScalarQuantizer.QT_8bit}
 
-# int8 learns each dimension's range from the vectors it holds once it has this many; until then it
-# searches exactly in float32 (as IVF does before training).
-INT8_TRAIN_SIZE = 1000
+# int8 is for cosine collections, whose prepared vectors have unit length: every component lies in
+# [-1, 1], so the 8-bit grid is that fixed range in every dimension. It needs no training and never
+# clips, whatever vectors come later (a grid learnt from the first vectors clipped dimensions that
+# only later ones used, and lost their neighbours).
+INT8_RANGE = (-1.0, 1.0)
+INT8_METRIC = "cosine"
 # An int8 search takes this many times the hits asked for and re-scores them exactly with the
-# store's float32 vectors: on 20,000 random 1280-d vectors, int8 alone finds 98% of the true top 10
-# and its top 40 holds all of them (bench/bench_concurrency.py prints the recall it reaches).
+# store's float32 vectors (bench/bench_storage.py prints the recall it reaches and how much of the
+# true top 10 the int8 top 40 holds).
 RESCORE_FACTOR = 4
 
 
@@ -89,8 +92,6 @@ class IndexSpec:
 
     @property
     def effective_train_size(self) -> int:
-        if self.kind == FLAT and self.storage == INT8:
-            return INT8_TRAIN_SIZE
         return default_train_size(self.nlist, self.train_size)
 
 
@@ -137,7 +138,12 @@ class VectorIndex:
             inner.hnsw.efConstruction = self.spec.ef_construction
         elif self.spec.storage == FLOAT16:  # flat only: CreateCollection refuses it elsewhere
             inner = self._scalar_quantizer(SCALAR_TYPES[FLOAT16])
-        else:  # flat, and IVF and int8 before they are trained
+        elif self.spec.storage == INT8:  # flat and cosine only (CreateCollection)
+            inner = self._scalar_quantizer(SCALAR_TYPES[INT8])
+            inner.train(
+                np.array([[INT8_RANGE[0]] * self.spec.dim, [INT8_RANGE[1]] * self.spec.dim], np.float32)
+            )
+        else:  # flat, and IVF before it is trained
             inner = _flat(self.spec)
         return faiss.IndexIDMap2(inner)
 
@@ -155,8 +161,8 @@ class VectorIndex:
 
     @property
     def trained(self) -> bool:
-        """For IVF and int8: whether the trained index is in use yet."""
-        return self._ivf or self.quantized
+        """For IVF: whether the inverted-file index is in use yet."""
+        return self._ivf
 
     @property
     def _ivf(self) -> bool:
@@ -164,11 +170,8 @@ class VectorIndex:
 
     @property
     def quantized(self) -> bool:
-        """Whether distances are approximate (trained int8): hits need re-scoring with float32."""
-        if self.spec.storage != INT8 or self._ivf:
-            return False
-        inner = faiss.downcast_index(self._index.index)
-        return isinstance(inner, faiss.IndexScalarQuantizer)
+        """Whether distances are approximate (int8): hits need re-scoring with float32."""
+        return self.spec.storage == INT8 and self.spec.kind == FLAT
 
     @property
     def size(self) -> int:
@@ -218,7 +221,7 @@ class VectorIndex:
 
     # -- writes ------------------------------------------------------------------
     def add(self, ids: np.ndarray, prepared: np.ndarray) -> None:
-        """Add vectors; an IVF or int8 index trains once it holds ``train_size`` of them.
+        """Add vectors; an IVF index trains once it holds ``train_size`` of them.
 
         It trains on exactly the first ``train_size`` vectors held, whatever the batches: a batch
         that crosses the size is split around the training. A rebuild from the store (which replays
@@ -237,12 +240,8 @@ class VectorIndex:
             self._train()
 
     def _will_train(self) -> bool:
-        """An IVF or int8 index still searching exactly, with no failed training behind it."""
-        return (
-            (self.spec.kind == IVF or self.spec.storage == INT8)
-            and not self.trained
-            and not self.training_error
-        )
+        """An IVF index still searching exactly, with no failed training behind it."""
+        return self.spec.kind == IVF and not self.trained and not self.training_error
 
     def remove(self, ids: np.ndarray) -> None:
         ids = np.asarray(ids, dtype=np.int64)
@@ -262,19 +261,18 @@ class VectorIndex:
             self._index.remove_ids(selector)
 
     def _train(self) -> None:
-        """Train on every vector held so far (IVF's lists, or int8's ranges) and move them into the
-        trained index, keyed by their own ids.
+        """Train IVF's lists on every vector held so far and move them into the trained index, keyed
+        by their own ids.
 
         On failure the exact index keeps serving and the reason is kept for
         GetCollection and the logs: a write must never fail after its rows are committed.
         """
         ids, vectors = self.ids(), np.array(self.stored_vectors())
-        what = "IVF" if self.spec.kind == IVF else "int8"
         try:
-            trained = self._trained_ivf(vectors) if self.spec.kind == IVF else self._trained_int8(vectors)
+            trained = self._trained_ivf(vectors)
             trained.add_with_ids(vectors, ids)
         except (RuntimeError, ValueError) as exc:
-            self.training_error = f"{what} training failed, searching exactly instead: {exc}"
+            self.training_error = f"IVF training failed, searching exactly instead: {exc}"
             log.error("%s", self.training_error)
             return
         self._index = trained
@@ -288,11 +286,6 @@ class VectorIndex:
         ivf.train(vectors)
         ivf.nprobe = self.spec.nprobe
         return _with_direct_map(ivf)
-
-    def _trained_int8(self, vectors: np.ndarray) -> faiss.Index:
-        quantizer = self._scalar_quantizer(SCALAR_TYPES[INT8])
-        quantizer.train(vectors)
-        return faiss.IndexIDMap2(quantizer)
 
     # -- search ------------------------------------------------------------------
     def _params(self, allowed: np.ndarray | None) -> tuple[faiss.SearchParameters | None, list[object]]:
@@ -354,21 +347,8 @@ class VectorIndex:
         if len(ids) == 0:
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
         vectors = self._index.reconstruct_batch(ids)
-        metric = self.spec.metric.faiss_metric
-        if metric in (faiss.METRIC_L2, faiss.METRIC_INNER_PRODUCT):
-            # float64 products: exact to float32 precision (a vector lies at 0 from itself).
-            wide_q, wide_v = queries.astype(np.float64), vectors.astype(np.float64)
-            products = wide_q @ wide_v.T
-            if metric == faiss.METRIC_L2:
-                raw = np.maximum((wide_q**2).sum(1)[:, None] + (wide_v**2).sum(1)[None, :] - 2 * products, 0)
-                order = np.argsort(raw, axis=1, kind="stable")[:, :k]
-            else:
-                raw = products
-                order = np.argsort(-raw, axis=1, kind="stable")[:, :k]
-        else:
-            raw, positions = brute_force(self.spec.metric, vectors, queries, k)
-            return raw, np.where(positions >= 0, ids[np.maximum(positions, 0)], -1)
-        return np.take_along_axis(raw, order, axis=1).astype(np.float32), ids[order]
+        raw, positions = brute_force(self.spec.metric, vectors, queries, k)
+        return raw, np.where(positions >= 0, ids[np.maximum(positions, 0)], -1)
 
     def _blas_l2(self) -> bool:
         """Whether results come from FAISS's BLAS path for L2 on a float32 flat index, which
@@ -403,10 +383,8 @@ class VectorIndex:
             inner = faiss.downcast_index(index.index)
             if self.spec.kind == HNSW:
                 wanted = faiss.IndexHNSWFlat
-            elif self.spec.storage == FLOAT16:
+            elif self.spec.storage in (FLOAT16, INT8):
                 wanted = faiss.IndexScalarQuantizer
-            elif self.spec.storage == INT8:  # float32 until trained
-                wanted = (faiss.IndexFlat, faiss.IndexScalarQuantizer)
             else:
                 wanted = faiss.IndexFlat
             ok = isinstance(inner, wanted) and not isinstance(inner, faiss.IndexIVF)
@@ -425,13 +403,33 @@ class VectorIndex:
         return self.spec.kind == HNSW and len(self._tombstones) > max(1000, self._index.ntotal // 4)
 
 
-def brute_force(metric: Metric, prepared_base: np.ndarray, prepared_queries: np.ndarray, k: int):
-    """Exact k-NN with any FAISS metric, for metric overrides on flat collections."""
-    index = faiss.IndexFlat(prepared_base.shape[1], metric.faiss_metric)
-    if metric.metric_arg:
-        index.metric_arg = metric.metric_arg
-    index.add(as_float32(prepared_base))
-    return index.search(as_float32(prepared_queries), max(1, min(k, len(prepared_base))))
+def brute_force(
+    metric: Metric, prepared_base: np.ndarray, prepared_queries: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k-NN with any FAISS metric: (raw distances, positions in ``prepared_base``), best first.
+
+    L2 and inner product are computed in float64 here, because FAISS's BLAS path computes L2 as
+    |x|^2 + |y|^2 - 2xy in float32, which puts a vector 1e-4 from itself and can misorder
+    near-duplicates (what metric overrides, int8 re-scoring and label gathers must not do); other
+    metrics go to FAISS's own exact flat search.
+    """
+    queries, base = as_float32(prepared_queries), as_float32(prepared_base)
+    k = max(1, min(k, len(base)))
+    if metric.faiss_metric not in (faiss.METRIC_L2, faiss.METRIC_INNER_PRODUCT):
+        index = faiss.IndexFlat(base.shape[1], metric.faiss_metric)
+        if metric.metric_arg:
+            index.metric_arg = metric.metric_arg
+        index.add(base)
+        return index.search(queries, k)
+    wide_q, wide_v = queries.astype(np.float64), base.astype(np.float64)
+    products = wide_q @ wide_v.T
+    if metric.faiss_metric == faiss.METRIC_L2:
+        raw = np.maximum((wide_q**2).sum(1)[:, None] + (wide_v**2).sum(1)[None, :] - 2 * products, 0)
+        order = np.argsort(raw, axis=1, kind="stable")[:, :k]
+    else:
+        raw = products
+        order = np.argsort(-raw, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(raw, order, axis=1).astype(np.float32), order.astype(np.int64)
 
 
 __all__ = ["FLAT", "HNSW", "INT8", "IVF", "IndexSpec", "VectorIndex", "brute_force", "default_train_size"]

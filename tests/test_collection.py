@@ -24,7 +24,6 @@ import pytest
 from imagesearch.plugins.metrics import COSINE, INNER_PRODUCT, L2
 from imagesearch.plugins.types import FLAT, HNSW, IVF, Metric
 from imagesearch.server import collection as collection_module
-from imagesearch.server import vector_index
 from imagesearch.server.collection import (
     SNAPSHOT_FILE,
     STORE_FILE,
@@ -165,35 +164,50 @@ def test_add_search_remove_agree_with_brute_force(tmp_path: Path, kind: str, met
     collection.close(snapshot=False)
 
 
-@pytest.mark.parametrize("metric", [L2, COSINE], ids=lambda m: m.name)
-def test_int8_storage_trains_rescores_exactly_and_survives_a_restart(
-    tmp_path: Path, metric: Metric, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """int8 searches exactly in float32 until it holds INT8_TRAIN_SIZE vectors, then quantises; its
-    hits are re-scored with the store's float32 vectors, so they still match the brute force (ids,
-    order and scores), through removals, label filters, batches and a reopen."""
-    monkeypatch.setattr(vector_index, "INT8_TRAIN_SIZE", 30)
-    collection = create(tmp_path, FLAT, metric, storage=INT8)
+def test_int8_storage_rescores_exactly_and_survives_a_restart(tmp_path: Path) -> None:
+    """int8 (cosine) hits are re-scored with the store's float32 vectors, so they match the brute
+    force (ids, order and scores) through removals, label filters, batches and a reopen."""
+    collection = create(tmp_path, FLAT, COSINE, storage=INT8)
+    assert collection.live_index().quantized and not collection.index_trained
     base: Base = {}
-    add(collection, base, rows(0, 25))
-    assert not collection.index_trained
-    check_against_brute_force(collection, base, seed=1)
-    add(collection, base, rows(25, 50))
-    assert collection.index_trained and collection.live_index().quantized
+    add(collection, base, rows(0, 75))
     remove(collection, base, ["img3", "img30", "img44"])
     for labels in ((), ("a",), ("a", "c")):
         check_against_brute_force(collection, base, seed=2, labels=labels)
     query = queries(base, 3)[0]
-    exact = brute_force_hits(base, query, metric)
+    exact = brute_force_hits(base, query, COSINE)
     assert_same_hits(collection.search(query, K), exact)
     batch = collection.search_many(np.stack([query, query]), [2, K])
     assert_same_hits(batch[0], exact[:2])
     assert_same_hits(batch[1], exact)
     collection.close()
     again = reopen(collection)
-    assert again.index_trained and again.live_index().quantized
+    assert again.live_index().quantized
     check_against_brute_force(again, base, seed=4)
     again.close(snapshot=False)
+
+
+def test_an_l2_override_ranks_near_duplicates_exactly(tmp_path: Path) -> None:
+    """A metric override is an exact search: a stored vector lies at 0 from itself and near-copies
+    at their true distances, in order (FAISS's float32 BLAS expansion put them 1e-2 apart here)."""
+    collection = create(tmp_path, FLAT, INNER_PRODUCT)
+    rng = np.random.default_rng(12)
+    centre = (100 * rng.normal(size=DIM)).astype(np.float32)
+    step = rng.normal(size=DIM).astype(np.float32)
+    step /= np.linalg.norm(step)
+    images = [NewImage(id="same", label="", vector=centre), *rows(0, 40)]
+    images += [NewImage(id=f"near{d}", label="", vector=centre + d * step) for d in (0.02, 0.03)]
+    collection.add(images)
+    hits = collection.search(centre, 3, metric_override=L2)
+    assert [hit.id for hit in hits] == ["same", "near0.02", "near0.03"]
+    assert [hit.distance for hit in hits] == pytest.approx([0.0, 0.02, 0.03], abs=2e-4)
+    collection.close(snapshot=False)
+
+
+def test_int8_storage_is_for_cosine_collections() -> None:
+    with pytest.raises(InvalidArgument, match="int8 is for cosine collections") as caught:
+        check_index_params(make_spec(FLAT, L2, storage=INT8), Limits())
+    assert caught.value.field == "collection.storage"
 
 
 def brute_force_hits(base: Base, query: np.ndarray, metric: Metric) -> list[Hit]:

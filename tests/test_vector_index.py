@@ -6,13 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from imagesearch.plugins.metrics import L2
+from imagesearch.plugins import l2_normalize
+from imagesearch.plugins.metrics import COSINE, L2
 from imagesearch.plugins.types import FLAT, HNSW, IVF
-from imagesearch.server import vector_index
 from imagesearch.server.vector_index import (
     FLOAT16,
     INT8,
-    INT8_TRAIN_SIZE,
     RESCORE_FACTOR,
     IndexSpec,
     VectorIndex,
@@ -121,41 +120,39 @@ def test_float16_storage_halves_memory_and_keeps_recall():
         VectorIndex(half.spec, exact.faiss_index).check_layout()
 
 
-def test_int8_storage_trains_at_its_size_and_quarters_memory():
-    """int8 is exact float32 until INT8_TRAIN_SIZE vectors, then 1-byte codes: a quarter of the
-    bytes, and candidates good enough to re-score (the true top 10 inside its top 40)."""
+def test_int8_storage_quarters_memory_and_keeps_the_true_neighbours_among_its_candidates():
+    """int8 codes on a fixed [-1, 1] grid (cosine vectors have unit length): a quarter of the
+    bytes from the first vector on, no training, and the true top 10 inside its top 40, which the
+    collection re-scores with float32; vectors using dimensions earlier ones never used are not
+    clipped (a grid learnt from the first vectors lost them)."""
     rng = np.random.default_rng(9)
     base = rng.normal(size=(3000, 64)).astype(np.float32)
-    queries = rng.normal(size=(50, 64)).astype(np.float32)
-    exact = VectorIndex(IndexSpec(kind=FLAT, dim=64, metric=L2))
-    small = VectorIndex(IndexSpec(kind=FLAT, dim=64, metric=L2, storage=INT8))
-    small.add(np.arange(INT8_TRAIN_SIZE - 1), base[: INT8_TRAIN_SIZE - 1])
-    assert not small.trained and not small.quantized
-    small.add(np.arange(INT8_TRAIN_SIZE - 1, 3000), base[INT8_TRAIN_SIZE - 1 :])
-    assert small.trained and small.quantized and small.size == 3000
-    exact.add(np.arange(3000), base)
+    base[:1000, :16] = 0  # the first vectors leave 16 dimensions unused; later ones use them
+    base = l2_normalize(base)
+    queries = l2_normalize(base[rng.choice(3000, 50)] + 0.3 * l2_normalize(rng.normal(size=(50, 64))))
+    exact = VectorIndex(IndexSpec(kind=FLAT, dim=64, metric=COSINE))
+    small = VectorIndex(IndexSpec(kind=FLAT, dim=64, metric=COSINE, storage=INT8))
+    assert small.quantized and not small.trained
     for index in (exact, small):
+        index.add(np.arange(3000), base)
         index.remove(np.arange(0, 3000, 7))
     _, truth = exact.search(queries, 10)
     _, candidates = small.search(queries, 10 * RESCORE_FACTOR)
     assert np.mean([len(set(t) & set(c)) / 10 for t, c in zip(truth, candidates, strict=True)]) >= 0.99
     ids = 2 * 8 * small.size
     assert small.memory_bytes() - ids == (exact.memory_bytes() - ids) // 4
+    assert np.abs(small.stored_vectors() - exact.stored_vectors()).max() <= 2 / 255  # one grid step
     small.check_layout()
-    half = VectorIndex(IndexSpec(kind=FLAT, dim=64, metric=L2, storage=FLOAT16))
+    half = VectorIndex(IndexSpec(kind=FLAT, dim=64, metric=COSINE, storage=FLOAT16))
     half.add(np.arange(10), base[:10])
     with pytest.raises(ValueError, match="does not fit"):  # float16 codes are not int8 codes
         VectorIndex(small.spec, half.faiss_index).check_layout()
 
 
-@pytest.mark.parametrize("storage", ["ivf", INT8])
-def test_training_uses_the_first_train_size_vectors_whatever_the_batches(
-    storage: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_ivf_trains_on_the_first_train_size_vectors_whatever_the_batches() -> None:
     """Live adds (batches crossing the training size) and a rebuild's replay (other chunks) train
     on the same vectors, so a rebuilt index answers exactly as the live one did."""
-    monkeypatch.setattr(vector_index, "INT8_TRAIN_SIZE", 40)
-    made = spec(IVF) if storage == "ivf" else IndexSpec(kind=FLAT, dim=DIM, metric=L2, storage=INT8)
+    made = spec(IVF)
     rng = np.random.default_rng(8)
     base = rng.normal(size=(500, DIM)).astype(np.float32)
     live, rebuilt = VectorIndex(made), VectorIndex(made)
