@@ -36,12 +36,20 @@ INNER_PRODUCT = Metric(
     index_types=ALL_INDEX_TYPES,
 )
 
+
+def _cosine_range(products: np.ndarray) -> np.ndarray:
+    """Products of unit vectors, kept in [-1, 1]: float32 rounding puts a vector at 1.0000002 from
+    itself, outside the range the API promises."""
+    return np.clip(products, -1.0, 1.0)
+
+
 COSINE = Metric(
     name="cosine",
     faiss_metric=faiss.METRIC_INNER_PRODUCT,
     description="Cosine similarity (vectors L2-normalised, then inner product); "
     "distance = score = cos(a, b) in [-1, 1].",
     prepare=l2_normalize,
+    to_distance=_cosine_range,
     to_score=_same,
     index_types=ALL_INDEX_TYPES,
 )

@@ -269,6 +269,9 @@ def test_cosine_ignores_vector_length_and_scores_identical_direction_one() -> No
     index.add(cosine.prepare(vectors[:1]))
     raw, _ = index.search(cosine.prepare(vectors[:1] * 10), 1)
     assert cosine.to_score(cosine.to_distance(raw))[0, 0] == pytest.approx(1.0)
+    # float32 rounding of unit vectors' products never leaves the promised [-1, 1]
+    rounded = np.array([1.0000002, -1.0000002, 0.5], dtype=np.float32)
+    assert cosine.to_distance(rounded).tolist() == [1.0, -1.0, 0.5]
     assert l2.to_score(l2.to_distance(np.array([0.0], dtype=np.float32)))[0] == 1.0
     # FAISS L2 returns squared distances, possibly a hair below zero: reported as a true distance.
     np.testing.assert_allclose(l2.to_distance(np.array([9.0, -1e-7], dtype=np.float32)), [3.0, 0.0])
