@@ -28,7 +28,7 @@ from bench.server_process import server_process
 from imagesearch.client import float_vector
 from imagesearch.plugins import l2_normalize
 from imagesearch.server.config import ServerConfig
-from imagesearch.server.vector_index import INT8_RANGE, RESCORE_FACTOR
+from imagesearch.server.vector_index import INT8_RANGE, rescore_pool
 from imagesearch.v1 import image_search_service_pb2 as pb
 from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
 
@@ -66,7 +66,7 @@ def raw_faiss(base: np.ndarray, queries: np.ndarray) -> dict[str, dict[str, floa
                 times.append((time.perf_counter() - started) * 1000)
             best = min(best, percentile(times, 50))
         faiss.omp_set_num_threads(2)
-        _, found = index.search(asked, 10 * RESCORE_FACTOR)
+        _, found = index.search(asked, rescore_pool(10))
         truth = found[:, :10] if truth is None else truth
         figures[name] = {
             "p50_ms": best,
@@ -130,7 +130,7 @@ def main() -> None:
     )
     print(
         f"{'storage':>8}{'index MB':>10}{'server p50 ms':>15}{'recall@10':>11}{'raw FAISS p50 ms':>18}"
-        f"{'raw recall@10':>15}{'raw top 10 in ' + str(10 * RESCORE_FACTOR):>19}"
+        f"{'raw recall@10':>15}{'raw top 10 in ' + str(rescore_pool(10)):>19}"
     )
     for name in STORAGES:
         s, r = server[name], results["raw_faiss"][name]

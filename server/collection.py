@@ -53,12 +53,12 @@ from imagesearch.server.vector_index import (
     FLOAT32,
     INT8,
     INT8_METRIC,
-    RESCORE_FACTOR,
     STORAGES,
     IndexSpec,
     VectorIndex,
     brute_force,
     default_train_size,
+    rescore_pool,
 )
 
 log = logging.getLogger(__name__)
@@ -582,36 +582,42 @@ class Collection:
                 return [[] for _ in ks]
             want = max(k + (exclude is not None) for k, exclude in zip(ks, excludes, strict=True))
             index = self.live_index() if metric_override is None else None
+            quantized = index is not None and index.quantized
             if index is not None:
                 prepared = self.metric.prepare(raw_queries)
                 # int8 ranks approximately: take more candidates and re-score them in float32.
-                asked = want * RESCORE_FACTOR if index.quantized else want
+                asked = rescore_pool(want) if quantized else want
                 if allowed is not None and len(allowed) <= GATHER_LIMIT:
                     # A small label set is compared exactly, whatever the index: a filter inside
                     # HNSW's graph walk or IVF's probed lists misses images of a rare label.
                     raw, ids = index.search_among(prepared, asked, allowed)
                 else:
                     raw, ids = index.search(prepared, asked, allowed)
-                if index.quantized:
-                    raw, ids = self._rescored(prepared, ids, want)
             else:
                 raw, ids = self._search_other_metric(metric, raw_queries, want, allowed)
-            found = [
-                [
-                    (float(d), int(i))
-                    for d, i in zip(raw[q], ids[q], strict=True)
-                    if i >= 0 and i != excludes[q]
-                ]
-                for q in range(len(ks))
-            ]
-            rows = self.store.rows_by_row_id(sorted({i for pairs in found for _, i in pairs}))
+            if not quantized:
+                found, rows = self._found(raw, ids, excludes)
+        if quantized:  # re-scoring reads only the store: writers need not wait for it
+            found, rows = self._found(*self._rescored(prepared, ids, want), excludes)
         return [_hits(metric, pairs, rows, k) for pairs, k in zip(found, ks, strict=True)]
+
+    def _found(
+        self, raw: np.ndarray, ids: np.ndarray, excludes: Sequence[int | None]
+    ) -> tuple[list[list[tuple[float, int]]], dict[int, HitRow]]:
+        """Each query's (raw distance, row id) pairs without empty slots and its excluded row, and
+        the rows of all of them."""
+        found = [
+            [(float(d), int(i)) for d, i in zip(raw[q], ids[q], strict=True) if i >= 0 and i != excludes[q]]
+            for q in range(len(excludes))
+        ]
+        return found, self.store.rows_by_row_id(sorted({i for pairs in found for _, i in pairs}))
 
     def _rescored(
         self, prepared_queries: np.ndarray, ids: np.ndarray, k: int
     ) -> tuple[np.ndarray, np.ndarray]:
         """An int8 search's candidates re-scored with the store's float32 vectors: exact distances
-        and order, as a float32 index would give for them (under the reader lock)."""
+        and order, as a float32 index would give for them. Rows removed since the candidates were
+        found are absent from the store and drop out."""
         vectors = self.store.vectors_by_row_id(sorted({int(i) for i in ids.ravel() if i >= 0}))
         exact_raw = np.zeros((len(ids), k), np.float32)
         exact_ids = np.full((len(ids), k), -1, np.int64)

@@ -75,6 +75,14 @@ INT8_METRIC = "cosine"
 # store's float32 vectors (bench/bench_storage.py prints the recall it reaches and how much of the
 # true top 10 the int8 top 40 holds).
 RESCORE_FACTOR = 4
+RESCORE_MARGIN_CAP = 300  # past k = 100 the pool grows by k only: top_k 1000 re-scores 1,300, not 4,000
+
+
+def rescore_pool(k: int) -> int:
+    """How many int8 candidates to re-score for ``k`` hits: 4k for the usual small k, and a margin
+    of at most RESCORE_MARGIN_CAP beyond k for large ones (each candidate is a float32 vector read
+    from the store)."""
+    return k + min((RESCORE_FACTOR - 1) * k, RESCORE_MARGIN_CAP)
 
 
 @dataclass(frozen=True)
@@ -432,4 +440,14 @@ def brute_force(
     return np.take_along_axis(raw, order, axis=1).astype(np.float32), order.astype(np.int64)
 
 
-__all__ = ["FLAT", "HNSW", "INT8", "IVF", "IndexSpec", "VectorIndex", "brute_force", "default_train_size"]
+__all__ = [
+    "FLAT",
+    "HNSW",
+    "INT8",
+    "IVF",
+    "IndexSpec",
+    "VectorIndex",
+    "brute_force",
+    "default_train_size",
+    "rescore_pool",
+]

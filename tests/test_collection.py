@@ -180,6 +180,7 @@ def test_int8_storage_rescores_exactly_and_survives_a_restart(tmp_path: Path) ->
     batch = collection.search_many(np.stack([query, query]), [2, K])
     assert_same_hits(batch[0], exact[:2])
     assert_same_hits(batch[1], exact)
+    assert hit_ids(collection.search(query, 60)) == expected_ids(base, query, 60, COSINE)  # a large k
     collection.close()
     again = reopen(collection)
     assert again.live_index().quantized
@@ -201,6 +202,29 @@ def test_an_l2_override_ranks_near_duplicates_exactly(tmp_path: Path) -> None:
     hits = collection.search(centre, 3, metric_override=L2)
     assert [hit.id for hit in hits] == ["same", "near0.02", "near0.03"]
     assert [hit.distance for hit in hits] == pytest.approx([0.0, 0.02, 0.03], abs=2e-4)
+    collection.close(snapshot=False)
+
+
+def test_int8_re_scoring_does_not_hold_writers_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Re-scoring reads float32 vectors from the store after the index lock is released: an add
+    completes while a search is still re-scoring (a large top_k re-scores many candidates)."""
+    collection = create(tmp_path, FLAT, COSINE, storage=INT8)
+    add(collection, {}, rows(0, 30))
+    rescoring, added = threading.Event(), threading.Event()
+    read = CollectionStore.vectors_by_row_id
+
+    def slow_read(store: CollectionStore, row_ids: Sequence[int]) -> dict[int, np.ndarray]:
+        rescoring.set()
+        assert added.wait(10), "the add waited for the re-scoring"
+        return read(store, row_ids)
+
+    monkeypatch.setattr(CollectionStore, "vectors_by_row_id", slow_read)
+    with ThreadPoolExecutor(1) as pool:
+        searching = pool.submit(collection.search, rows(0, 1)[0].vector, 5)
+        assert rescoring.wait(10)
+        collection.add(rows(100, 3))
+        added.set()
+        assert hit_ids(searching.result(timeout=10))[0] == "img0"
     collection.close(snapshot=False)
 
 

@@ -12,9 +12,9 @@ from imagesearch.plugins.types import FLAT, HNSW, IVF
 from imagesearch.server.vector_index import (
     FLOAT16,
     INT8,
-    RESCORE_FACTOR,
     IndexSpec,
     VectorIndex,
+    rescore_pool,
 )
 
 DIM = 16
@@ -137,7 +137,7 @@ def test_int8_storage_quarters_memory_and_keeps_the_true_neighbours_among_its_ca
         index.add(np.arange(3000), base)
         index.remove(np.arange(0, 3000, 7))
     _, truth = exact.search(queries, 10)
-    _, candidates = small.search(queries, 10 * RESCORE_FACTOR)
+    _, candidates = small.search(queries, rescore_pool(10))
     assert np.mean([len(set(t) & set(c)) / 10 for t, c in zip(truth, candidates, strict=True)]) >= 0.99
     ids = 2 * 8 * small.size
     assert small.memory_bytes() - ids == (exact.memory_bytes() - ids) // 4
