@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -75,6 +76,9 @@ class CallOptions(TypedDict, total=False):
     wait_for_ready: bool
 
 
+CALL_OPTION_NAMES = frozenset(CallOptions.__annotations__)
+
+
 @dataclass(frozen=True)
 class Rpc(Generic[T]):
     """One call to make: the method, its request, and the conversion of its response."""
@@ -126,7 +130,7 @@ class CallSettings:
     """What a client applies to every call unless the call's options override it."""
 
     timeout: float | None = DEFAULT_TIMEOUT
-    metadata: tuple[tuple[str, str], ...] = ()
+    metadata: tuple[tuple[str, str | bytes], ...] = ()
 
     def resolve(self, options: CallOptions, *, deadline: bool = True) -> tuple[dict[str, Any], str]:
         """The keyword arguments for a gRPC multicallable, and the request id they carry.
@@ -134,8 +138,18 @@ class CallSettings:
         ``deadline=False`` drops the client's default timeout (bulk uploads run as
         long as they need); a ``timeout`` in the call's options still applies.
         """
+        unknown = sorted(set(options) - CALL_OPTION_NAMES)
+        if unknown:  # a misspelt collection= or top_k= must not silently fall back to a default
+            raise TypeError(
+                f"unexpected keyword argument(s) {', '.join(unknown)}; the call options are "
+                f"{', '.join(sorted(CALL_OPTION_NAMES))}"
+            )
         request_id = options.get("request_id") or uuid.uuid4().hex
-        metadata = (*self.metadata, *options.get("metadata", ()), (REQUEST_ID_HEADER, request_id))
+        metadata = (
+            *self.metadata,
+            *metadata_pairs(options.get("metadata", ())),
+            header(REQUEST_ID_HEADER, request_id),
+        )
         kwargs: dict[str, Any] = {
             "timeout": options.get("timeout", self.timeout if deadline else None),
             "metadata": metadata,
@@ -146,13 +160,34 @@ class CallSettings:
 
 
 def metadata_pairs(
-    metadata: Mapping[str, str] | Sequence[tuple[str, str]] | None,
-) -> tuple[tuple[str, str], ...]:
-    """Client-wide metadata as gRPC wants it: (key, value) pairs with lower-case keys."""
+    metadata: Mapping[str, str] | Sequence[tuple[str, str | bytes]] | None,
+) -> tuple[tuple[str, str | bytes], ...]:
+    """Metadata as gRPC wants it: (key, value) pairs with lower-case keys, each one checked."""
     if metadata is None:
         return ()
     items = metadata.items() if isinstance(metadata, Mapping) else metadata
-    return tuple((key.lower(), value) for key, value in items)
+    return tuple(header(key, value) for key, value in items)
+
+
+_HEADER_KEY = re.compile(r"[0-9a-z_.-]+")
+
+
+def header(key: str, value: str | bytes) -> tuple[str, str | bytes]:
+    """One header as gRPC sends it, or ValueError before any call: gRPC itself fails such a call
+    with a bare "Invalid metadata" that reads like a server error. Keys are lower-cased; a value
+    is printable ASCII text, or bytes under a key ending in -bin."""
+    key = key.lower()
+    if not _HEADER_KEY.fullmatch(key):
+        raise ValueError(f"metadata key {key!r} may hold only letters, digits, '-', '_' and '.'")
+    binary = key.endswith("-bin")
+    if binary != isinstance(value, bytes) or (
+        isinstance(value, str) and not (value.isascii() and value.isprintable())
+    ):
+        raise ValueError(
+            f"metadata {key!r}: a value is printable ASCII text, or bytes under a key ending in -bin; "
+            f"got {value!r}"
+        )
+    return key, value
 
 
 # ---------------------------------------------------------------------------------------------

@@ -58,8 +58,9 @@ class Upload:
     anything is sent. Chunks hold at most ``batch_size`` images and stay below the
     message limit. Iterating yields the stream's messages; an error while
     iterating (a file unreadable mid-stream, a failing ``progress`` callback) is
-    kept in ``error`` and re-raised, so gRPC cancels the stream and the client
-    reports that error (the server keeps the chunks committed before it).
+    kept in ``error`` and ends the stream cleanly: cancelling it would make the
+    server drop the chunks gRPC had taken but not yet delivered. The client then
+    raises that error, saying what the server stored (``local_failure``).
     """
 
     def __init__(
@@ -107,13 +108,12 @@ class Upload:
         return len(self.files)
 
     def __iter__(self) -> Iterator[pb.AddImagesStreamRequest]:
-        # gRPC swallows what the request iterator raises (it only cancels the call), so keep
-        # it: the client re-raises this error instead of a bare CANCELLED / UNKNOWN.
+        # Ending the iterator closes the stream normally: every chunk sent is committed and the
+        # server answers with what it stored, which the client reports with this error.
         try:
             yield from self._messages()
         except Exception as error:
             self.error = error
-            raise
 
     def _messages(self) -> Iterator[pb.AddImagesStreamRequest]:
         start = 0
@@ -146,12 +146,27 @@ class Upload:
         return error
 
     def failure(self) -> BaseException | None:
-        """The local error that broke the stream, annotated with what was sent before it."""
+        """The local error that broke the stream (the call itself failed too), annotated."""
         if self.error is not None:
             self.error.add_note(
-                f"imagesearch: {self.sent} of {self.total} images were sent before this error; "
-                "the server keeps every chunk it received."
+                f"imagesearch: {self.sent} of {self.total} images were sent before this error, then the "
+                "call failed as well: some may be stored. To finish, call add_files again with "
+                "ids=error.upload_ids and skip_existing=True."
             )
+            self.error.upload_ids = self.ids  # type: ignore[attr-defined]
+        return self.error
+
+    def local_failure(self, stored: AddResult) -> BaseException:
+        """The local error that ended the stream early, saying what the server stored before it
+        (``error.stored``) and carrying ``upload_ids`` to finish the upload with."""
+        assert self.error is not None
+        self.error.upload_ids = self.ids  # type: ignore[attr-defined]
+        self.error.stored = stored  # type: ignore[attr-defined]
+        self.error.add_note(
+            f"imagesearch: {stored.added_count} of {self.total} images were stored before this error "
+            "(error.stored). To finish, call add_files again with ids=error.upload_ids and "
+            "skip_existing=True: images already stored are left as they are."
+        )
         return self.error
 
 

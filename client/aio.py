@@ -145,6 +145,8 @@ class AsyncImageSearchClient(ClientBase):
             if isinstance(error, asyncio.CancelledError):
                 raise
             raise upload.annotate(from_rpc_error(error, request_id=request_id)) from error
+        if upload.error is not None:  # a local error ended the stream early; the rest was stored
+            raise upload.local_failure(AddResult.from_proto(response))
         return AddResult.from_proto(response)
 
     async def search(

@@ -1016,7 +1016,8 @@ class Engine:
     ) -> tuple[list[ImageRow], str, int]:
         collection = self.catalog.get(collection_name)
         size = self._page_size(page_size)
-        scope = f"images\x00{collection.spec.name}\x00{label}"
+        # The store's identity too: a token from a deleted collection must not page a new one of the same name.
+        scope = f"images\x00{collection.spec.name}\x00{collection.store.identity}\x00{label}"
         after = decode_page_token(page_token, scope)
         after_row_id = 0 if after is None else row_position(after)
         rows = collection.page(after_row_id, size + 1, label)

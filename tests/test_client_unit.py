@@ -206,6 +206,30 @@ def test_call_settings_request_id_metadata_and_timeout() -> None:
     }
     assert settings.resolve({}, deadline=False)[0]["timeout"] is None
     assert settings.resolve({"timeout": 2.0}, deadline=False)[0]["timeout"] == 2.0
+    per_call = settings.resolve({"metadata": [("X-Tenant", "t1"), ("trace-bin", b"\x00\x01")]})[0]
+    assert per_call["metadata"][1:3] == (("x-tenant", "t1"), ("trace-bin", b"\x00\x01"))
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "text"),
+    [
+        ({"colection": "pets"}, TypeError, "unexpected keyword argument(s) colection"),
+        ({"metadata": [("x-key", "café")]}, ValueError, "printable ASCII"),
+        ({"metadata": [("bad key", "v")]}, ValueError, "may hold only"),
+        ({"metadata": [("x-key", b"raw")]}, ValueError, "ending in -bin"),
+        ({"request_id": "café-1"}, ValueError, "printable ASCII"),
+    ],
+)
+def test_call_options_are_checked_before_anything_is_sent(options: dict, error: type, text: str) -> None:
+    """A misspelt option would otherwise be dropped (a typo in collection= writing to the default
+    collection), and a header gRPC cannot send would fail as a bare INTERNAL "Invalid metadata"."""
+    with pytest.raises(error, match=re.escape(text)):
+        R.CallSettings().resolve(options)  # type: ignore[arg-type]
+
+
+def test_a_misspelt_option_raises_type_error_from_the_client(tmp_path: Path) -> None:
+    with ImageSearchClient("127.0.0.1:1") as client, pytest.raises(TypeError, match="colection"):
+        client.search(vector=[1.0, 2.0], colection="pets")  # type: ignore[call-arg]
 
 
 def test_chunk_sizes_respect_count_and_bytes() -> None:
@@ -443,7 +467,8 @@ def test_add_files_reports_a_file_lost_mid_stream(client: ImageSearchClient, tmp
 
     with pytest.raises(FileNotFoundError) as error:
         client.add_files(paths, batch_size=2, progress=lose_the_last_file)
-    assert any("2 of 4 images were sent" in note for note in error.value.__notes__)
+    assert any("images were stored before this error" in note for note in error.value.__notes__)
+    assert len(error.value.upload_ids) == 4 and error.value.stored is not None  # type: ignore[attr-defined]
 
 
 def test_add_files_surfaces_local_errors_not_cancelled(client: ImageSearchClient, tmp_path: Path) -> None:

@@ -671,6 +671,13 @@ def test_page_tokens_are_bound_to_their_listing(engine: Engine) -> None:
         assert error.field == "page_token"
     rows, _, _ = engine.list_images("c", 2, forged(token, "1"), "x")
     assert [r.id for r in rows] == ["v2", "v4"], "a position is a row id: continue after row 1"
+    # a token of a deleted collection does not page a new one of the same name (rows would be skipped)
+    engine.add_images("other", vector_items(0, 3))
+    _, stale, _ = engine.list_images("other", 1, "", "")
+    engine.delete_collection("other")
+    engine.create_collection(NewCollection(name="other", metric="l2"))
+    engine.add_images("other", vector_items(10, 3))
+    raises(InvalidArgument, "BAD_PAGE_TOKEN", lambda: engine.list_images("other", 1, stale, ""))
 
 
 def test_list_collections_pagination(engine: Engine) -> None:

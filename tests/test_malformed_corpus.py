@@ -16,7 +16,7 @@ import hashlib
 import struct
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -66,7 +66,9 @@ class Case:
 
     name: str
     method: str  # an RPC of ImageSearchService, e.g. "Search"
-    request: bytes | tuple[bytes, ...]  # a tuple is the chunks of a client stream
+    # a tuple is the chunks of a client stream; a callable builds the bytes when the case is sent
+    # (forged page tokens carry the server's store identity, known once the server runs)
+    request: bytes | tuple[bytes, ...] | Callable[[], bytes]
     code: grpc.StatusCode
     reason: str | None = None  # ErrorInfo.reason; None: not checked (e.g. gRPC's own errors)
     max_seconds: float = 10.0
@@ -122,8 +124,13 @@ def page_token(scope: str, position: object) -> str:
     return base64.urlsafe_b64encode(f"v1:{_scope_key(scope)}:{position}".encode()).decode()
 
 
-IMAGES_SCOPE = "images\x00default\x00"
 COLLECTIONS_SCOPE = "collections"
+DEFAULT_STORE: dict[str, str] = {}  # the default collection's store identity, set by corpus_stub
+
+
+def images_scope(label: str = "") -> str:
+    """The server's ListImages token scope for the default collection (engine.list_images)."""
+    return f"images\x00default\x00{DEFAULT_STORE['identity']}\x00{label}"
 
 
 # -- hostile images -------------------------------------------------------------------------
@@ -314,7 +321,9 @@ CORPUS: list[Case] = [
         Case(
             f"list-images-token-{label}",
             "ListImages",
-            ser(pb.ListImagesRequest(page_token=page_token(IMAGES_SCOPE, position))),
+            lambda position=position: ser(
+                pb.ListImagesRequest(page_token=page_token(images_scope(), position))
+            ),
             INVALID_ARGUMENT,
             "BAD_PAGE_TOKEN",
         )
@@ -335,14 +344,14 @@ CORPUS: list[Case] = [
     Case(
         "list-images-token-of-another-listing",
         "ListImages",
-        ser(pb.ListImagesRequest(page_token=page_token("images\x00default\x00cats", 1))),
+        lambda: ser(pb.ListImagesRequest(page_token=page_token(images_scope("cats"), 1))),
         INVALID_ARGUMENT,
         "BAD_PAGE_TOKEN",
     ),
     Case(
         "list-collections-token-of-an-image-listing",
         "ListCollections",
-        ser(pb.ListCollectionsRequest(page_token=page_token(IMAGES_SCOPE, 1))),
+        lambda: ser(pb.ListCollectionsRequest(page_token=page_token(images_scope(), 1))),
         INVALID_ARGUMENT,
         "BAD_PAGE_TOKEN",
     ),
@@ -912,8 +921,9 @@ def raw_channel(corpus_server: RunningServer) -> Iterator[grpc.Channel]:
 
 
 @pytest.fixture(scope="module")
-def corpus_stub(raw_channel: grpc.Channel) -> pb_grpc.ImageSearchServiceStub:
+def corpus_stub(raw_channel: grpc.Channel, corpus_server: RunningServer) -> pb_grpc.ImageSearchServiceStub:
     """A typed stub over the same channel, with the state the cases refer to: 'seed' and 'graph'."""
+    DEFAULT_STORE["identity"] = corpus_server.engine.catalog.get("default").store.identity
     stub = pb_grpc.ImageSearchServiceStub(raw_channel)
     stub.AddImages(pb.AddImagesRequest(images=[pb.ImageInput(id="seed", content=SEED_PNG)]))
     graph = pb.Collection(name="graph", index_type=pb.INDEX_TYPE_HNSW)
@@ -978,8 +988,9 @@ def replay(channel: grpc.Channel, case: Case) -> grpc.RpcError | None:
             assert isinstance(case.request, tuple)
             channel.stream_unary(case.path)(iter(case.request), timeout=CALL_TIMEOUT_S)
         else:
-            assert isinstance(case.request, bytes)
-            channel.unary_unary(case.path)(case.request, timeout=CALL_TIMEOUT_S)
+            request = case.request() if callable(case.request) else case.request
+            assert isinstance(request, bytes)
+            channel.unary_unary(case.path)(request, timeout=CALL_TIMEOUT_S)
     except grpc.RpcError as error:
         return error
     return None
@@ -1036,7 +1047,7 @@ def test_malformed_request(
 
 def test_forged_tokens_use_the_servers_format(corpus_stub: pb_grpc.ImageSearchServiceStub) -> None:
     """The token cases test the position check only if a forged token with a sane position is accepted."""
-    listing = corpus_stub.ListImages(pb.ListImagesRequest(page_token=page_token(IMAGES_SCOPE, 0)))
+    listing = corpus_stub.ListImages(pb.ListImagesRequest(page_token=page_token(images_scope(), 0)))
     assert "seed" in [image.id for image in listing.images]
     corpus_stub.ListCollections(pb.ListCollectionsRequest(page_token=page_token(COLLECTIONS_SCOPE, "a")))
 

@@ -87,6 +87,33 @@ def test_the_sdk_upload_says_how_to_finish_and_finishing_stores_each_file_once(s
     assert stored == set(error.upload_ids)
 
 
+def test_a_local_error_mid_upload_keeps_every_chunk_sent_and_says_how_to_finish(server, tmp_path):
+    """A file deleted mid-upload (or a failing progress callback) ends the stream cleanly: every
+    chunk sent before it is stored (a cancelled call made the server drop chunks gRPC had taken),
+    and the error carries what was stored and the ids to finish with."""
+    paths = []
+    for i in range(12):
+        path = tmp_path / f"{i}.png"
+        path.write_bytes(encode(pattern(i, size=(24, 32))))
+        paths.append(path)
+
+    def lose_a_later_file(sent: int, total: int) -> None:
+        if sent == 8:
+            paths[10].unlink()
+
+    with ImageSearchClient(server.target) as client:
+        with pytest.raises(FileNotFoundError) as caught:
+            client.add_files(paths, batch_size=2, progress=lose_a_later_file)
+        error = caught.value
+        assert error.stored.added_count == 10  # chunks 1-5: the one holding the lost file never went
+        assert "10 of 12 images were stored" in "".join(error.__notes__)
+        assert len({image.id for image in client.iter_images()}) == 10
+        paths[10].write_bytes(encode(pattern(10, size=(24, 32))))
+        finished = client.add_files(paths, ids=error.upload_ids, skip_existing=True, batch_size=2)
+        assert finished.added_count == 2
+        assert {image.id for image in client.iter_images()} == set(error.upload_ids)
+
+
 def slow_stream(stop_after: threading.Event, sent: list[int]) -> Iterator[pb.AddImagesStreamRequest]:
     """Chunks of two images, 20 a second, until told to stop (the server will cut it first)."""
     for number in range(400):
