@@ -267,7 +267,8 @@ class Catalog:
             shutil.rmtree(staging, ignore_errors=True)
             with disk_full_reported(f"collection {name!r} was not created"), _discarded_on_failure(staging):
                 Collection.create(staging, spec, metric_obj, chosen, local).close(snapshot=False)
-                self._before_commit(before_commit, staging)
+                if before_commit is not None:  # may raise: the staging directory is discarded
+                    before_commit()
                 os.replace(staging, self._root / name)
             fsync_dir(self._root)
             collection = Collection(self._root / name, spec, metric_obj, chosen, local)
@@ -276,18 +277,6 @@ class Catalog:
             "collection %s created: %s %s, %s, %s", name, chosen.name, chosen.version, metric, index_type
         )
         return collection
-
-    @staticmethod
-    def _before_commit(check: Callable[[], None] | None, staging: Path) -> None:
-        """Run ``check`` before the rename that makes a staged collection visible; if it raises, the
-        staging directory goes and nothing was created."""
-        if check is None:
-            return
-        try:
-            check()
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
 
     def delete(self, name: str) -> None:
         """Delete a collection, an unavailable one included (that is how an operator clears it)."""
