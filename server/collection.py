@@ -618,14 +618,17 @@ class Collection:
         """An int8 search's candidates re-scored with the store's float32 vectors: exact distances
         and order, as a float32 index would give for them. Rows removed since the candidates were
         found are absent from the store and drop out."""
-        vectors = self.store.vectors_by_row_id(sorted({int(i) for i in ids.ravel() if i >= 0}))
+        stored = self.store.vectors_by_row_id(sorted({int(i) for i in ids.ravel() if i >= 0}))
+        order = list(stored)  # each candidate prepared once, however many queries share it
+        position = {row_id: n for n, row_id in enumerate(order)}
+        prepared = self.metric.prepare(np.stack([stored[r] for r in order])) if order else None
         exact_raw = np.zeros((len(ids), k), np.float32)
         exact_ids = np.full((len(ids), k), -1, np.int64)
         for q, candidates in enumerate(ids):
-            kept = np.array([i for i in candidates if i in vectors], dtype=np.int64)
+            kept = np.array([i for i in candidates if i in position], dtype=np.int64)
             if len(kept) == 0:
                 continue
-            base = self.metric.prepare(np.stack([vectors[int(i)] for i in kept]))
+            base = prepared[[position[int(i)] for i in kept]]  # type: ignore[index]
             found_raw, positions = brute_force(self.metric, base, prepared_queries[q : q + 1], k)
             count = found_raw.shape[1]
             exact_raw[q, :count], exact_ids[q, :count] = found_raw[0], kept[positions[0]]

@@ -170,10 +170,6 @@ class VectorIndex:
     @property
     def trained(self) -> bool:
         """For IVF: whether the inverted-file index is in use yet."""
-        return self._ivf
-
-    @property
-    def _ivf(self) -> bool:
         return isinstance(self._index, faiss.IndexIVF)
 
     @property
@@ -192,7 +188,7 @@ class VectorIndex:
 
     def ids(self) -> np.ndarray:
         """Every id the index holds (tombstoned ones included), in storage order."""
-        if self._ivf:
+        if self.trained:
             ivf = faiss.extract_index_ivf(self._index)
             lists = ivf.invlists
             parts = [
@@ -206,7 +202,7 @@ class VectorIndex:
     def stored_vectors(self) -> np.ndarray:
         """A flat index's (prepared) vectors in ids() order: a zero-copy view for float32, decoded
         for float16 and int8."""
-        inner = faiss.downcast_index(self._index.index) if not self._ivf else None
+        inner = faiss.downcast_index(self._index.index) if not self.trained else None
         if isinstance(inner, faiss.IndexScalarQuantizer):
             return inner.reconstruct_n(0, inner.ntotal)
         if not isinstance(inner, faiss.IndexFlat):
@@ -263,7 +259,7 @@ class VectorIndex:
             # IVF's direct map removes by an explicit id array only (FAISS DirectMap::remove_ids).
             selector = (
                 faiss.IDSelectorArray(len(ids), faiss.swig_ptr(ids))
-                if self._ivf
+                if self.trained
                 else faiss.IDSelectorBatch(ids)
             )
             self._index.remove_ids(selector)
@@ -314,7 +310,7 @@ class VectorIndex:
                 selector = alive
         if self.spec.kind == HNSW:
             params = faiss.SearchParametersHNSW(efSearch=self.spec.ef_search)
-        elif self._ivf:
+        elif self.trained:
             params = faiss.SearchParametersIVF(nprobe=self.spec.nprobe)
         elif selector is None:
             return None, keep

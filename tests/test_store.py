@@ -230,6 +230,17 @@ def test_row_ids_with_labels(store: CollectionStore) -> None:
     assert store.row_ids_with_labels(many, last).tolist() == [3]
 
 
+def test_lookups_by_many_ids_take_one_parameter(store: CollectionStore) -> None:
+    """Every lookup of a set (ids, row ids) stays one query whatever its size: a SearchBatch of 256
+    queries of 1,000 hits asks for 256,000 rows, past SQLite's limit on bound variables."""
+    insert(store, "a", "b", label="x")
+    row_ids = np.arange(300_000, dtype=np.int64)  # NumPy integers, as search results are
+    assert sorted(store.rows_by_row_id(row_ids)) == [1, 2]
+    assert sorted(store.vectors_by_row_id(row_ids)) == [1, 2]
+    assert store.local_features_of(row_ids.tolist()) == {}
+    assert store.existing_ids(["a", *(f"id{i}" for i in range(300_000))]) == {"a"}
+
+
 def test_meta_get_and_set(store: CollectionStore) -> None:
     assert store.get_meta("spec") is None
     store.set_meta("spec", '{"a": 1}')
