@@ -1,7 +1,7 @@
 """CNN feature-extraction throughput: in-process vs through the server, same model, same run.
 
 For batch sizes 1, 8 and 32: images/s of ``extractor.extract`` on decoded images,
-of decode (the server's ``decode_image``) + extract on JPEG bytes, and of ``AddImages`` over
+of decode (the server's ``decode_image``, one image per core at once) + extract on JPEG bytes, and of ``AddImages`` over
 gRPC on localhost carrying the same JPEG bytes (decode + extract + index + store).
 The ratio server / (decode + extract) is the cost of the server around the model.
 Prints a table; writes bench/results/extract.{json,png}.
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import bar_plot, best_rate, machine, save
 from imagesearch.plugins import onnx_cnn
 from imagesearch.server.app import run_server
-from imagesearch.server.config import Limits, ServerConfig, default_models_dir
+from imagesearch.server.config import Limits, ServerConfig, available_cpus, default_models_dir
 from imagesearch.server.imaging import decode_image
 from imagesearch.v1 import image_search_service_pb2 as pb
 from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
@@ -76,6 +77,11 @@ def main() -> None:
         extractor.extract(decoded[:size])
 
     rates: dict[str, list[float]] = {name: [] for name in SERIES}
+    decoders = ThreadPoolExecutor(max_workers=available_cpus())
+
+    def decode(data: bytes) -> np.ndarray:
+        return decode_image(data, Limits(), "image", extractor.min_input_side).pixels
+
     with tempfile.TemporaryDirectory() as tmp:
         config = ServerConfig(
             port=0, data_dir=Path(tmp), models_dir=models, default_extractor=args.model, log_level="WARNING"
@@ -93,13 +99,8 @@ def main() -> None:
                     return len(decoded)
 
                 def decode_and_extract(jpeg_batches: list = jpeg_batches) -> int:
-                    for batch in jpeg_batches:
-                        extractor.extract(
-                            [
-                                decode_image(data, Limits(), "image", extractor.min_input_side).pixels
-                                for data in batch
-                            ]
-                        )
+                    for batch in jpeg_batches:  # decoded one per core at once, as the server does
+                        extractor.extract(list(decoders.map(decode, batch)))
                     return len(jpegs)
 
                 def server_add(jpeg_batches: list = jpeg_batches) -> int:

@@ -1,12 +1,14 @@
 """The measurements behind docs/models.md for the CNN extractor: preprocessing, decoding, threads, INT8.
 
-    .venv/bin/python bench/cnn_quality.py [--sections preprocess,decode,threads,int8]
+    .venv/bin/python bench/cnn_quality.py [--sections preprocess,decode,threads,runs,int8]
 
 - preprocess: our OpenCV crop vs torchvision's PIL path (and torch's antialiased
   bilinear), in grey levels and as embedding cosine; plain INTER_LINEAR for contrast.
 - decode: JPEG reduced decoding (libjpeg 1/2, 1/4, 1/8) vs full decoding, shrinking
   to the resize target or to twice it: decode time and embedding cosine.
 - threads: images/s for 1 and 2 intra-op threads, spinning on/off, 1/2/8 callers.
+- runs: images per onnxruntime run (1, 8, 32) on one thread, and a batch of 32 through
+  the extractor image by image on one worker per core, in two halves, or as one run.
 - int8: onnxruntime dynamic INT8 quantisation vs fp32: cosine, top-1 agreement,
   near-duplicate retrieval, speed.
 
@@ -193,6 +195,48 @@ def section_threads(extractor: onnx_cnn.OnnxCnnExtractor) -> list[dict]:
     return rows
 
 
+def _median_rate(work, images: int, repeats: int = 5) -> float:
+    work()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - started)
+    return images / sorted(times)[repeats // 2]
+
+
+def section_runs(extractor: onnx_cnn.OnnxCnnExtractor) -> list[dict]:
+    """Why a batch runs image by image (DEFAULT_MAX_BATCH = 1), one worker per core."""
+    batch = np.random.default_rng(0).standard_normal((32, 3, 224, 224)).astype(np.float32)
+    run = session(extractor.onnx_path, threads=1)
+    rows = []
+    print("\nimages per onnxruntime run, one intra-op thread, 32 images (images/s, median of 5)")
+    for size in (1, 8, 32):
+        rate = _median_rate(
+            lambda size=size: [
+                run.run(["embedding"], {"input": batch[i : i + size]}) for i in range(0, 32, size)
+            ],
+            32,
+        )
+        rows.append({"what": f"runs of {size}, 1 thread", "img_s": rate})
+        print(f"  runs of {size:>2}: {rate:6.1f}")
+    images = [photo for photo in photos().values() for _ in range(6)][:32]
+    threads = extractor.threads
+    print(f"\na batch of 32 photos through the extractor ({threads} cores; images/s, median of 5)")
+    for label, max_batch in (
+        ("image by image, one worker per core (the default)", 1),
+        ("two halves, one worker per core", 16),
+        (f"one run on {threads} intra-op threads", 32),
+    ):
+        candidate = onnx_cnn.OnnxCnnExtractor(
+            extractor.sidecar, extractor.onnx_path, max_batch=max_batch, threads=threads
+        )
+        rate = _median_rate(lambda candidate=candidate: candidate.extract(images), len(images))
+        rows.append({"what": label, "img_s": rate})
+        print(f"  {label:52}{rate:6.1f}")
+    return rows
+
+
 def section_int8(extractor: onnx_cnn.OnnxCnnExtractor) -> list[dict]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -246,6 +290,7 @@ SECTIONS = {
     "preprocess": section_preprocess,
     "decode": section_decode,
     "threads": section_threads,
+    "runs": section_runs,
     "int8": section_int8,
 }
 

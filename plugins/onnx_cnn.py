@@ -9,13 +9,18 @@ Registration reads the sidecars only; the onnxruntime session is created on
 first use and shared by all threads (``InferenceSession.run`` is thread-safe
 and releases the GIL).
 
-Threads: each session gets ``IMAGESEARCH_ORT_THREADS`` intra-op threads,
-default = the CPUs this process may use, with spinning off. Concurrent
-``run`` calls on one session share its pool (each caller thread joins in), so
-many gRPC workers do not multiply the thread count, and a lone request still
-uses every core. On the 2-core VM (bench/cnn_quality.py, docs/models.md) two
-threads made a single request 1.3-1.7x faster than one thread, for 5-15% less
-peak throughput under many concurrent callers; we favour search latency.
+Threads and runs: ``IMAGESEARCH_ORT_THREADS`` cores (default = the CPUs this
+process may use), spinning off, and ``IMAGESEARCH_ORT_MAX_BATCH`` images per
+onnxruntime run (default 1). A lone run (a search's image) gets a session with
+that many intra-op threads: two made a single image 1.3-1.7x faster than one
+(bench/cnn_quality.py, docs/models.md). Several runs (a batch of images) go to
+one single-threaded session, one worker per core, each worker taking the next
+run as it finishes one. EfficientNet's small depthwise convolutions split badly
+over cores and large runs lose the caches, while whole images split perfectly:
+on the 2-core VM a batch of 32 ran 1.3x faster this way than as one run on two
+intra-op threads, with the same vectors (docs/models.md). Concurrent ``run``
+calls on one session share its pool (each caller thread joins in), so many gRPC
+workers do not multiply the thread count.
 """
 
 from __future__ import annotations
@@ -24,20 +29,25 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from imagesearch.plugins import Extractor, PluginContext, RegistrationProblems, Setting, hookimpl
 from imagesearch.plugins.cnn.preprocess import preprocess
 from imagesearch.plugins.cnn.sidecar import FORMAT, Sidecar, SidecarError, read_sidecar, sha256_file
+from imagesearch.server.config import available_cpus
 
 log = logging.getLogger(__name__)
 
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
 THREADS_ENV = "IMAGESEARCH_ORT_THREADS"
 MAX_BATCH_ENV = "IMAGESEARCH_ORT_MAX_BATCH"
-DEFAULT_MAX_BATCH = 32
+DEFAULT_MAX_BATCH = 1  # images per run: larger runs were slower on this CPU (docs/models.md)
 # [plugins.onnx_cnn]: any other key, or a value outside these, stops start-up.
 SETTINGS = {"threads": Setting(int, low=1), "max_batch": Setting(int, low=1)}
 
@@ -57,13 +67,6 @@ def _positive_int_env(key: str, default: int) -> int:
     if value <= 0:
         raise ModelError(f"{key}={raw!r} must be positive")
     return value
-
-
-def default_threads() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 # -------------------------------------------------------------------------- sessions
@@ -114,6 +117,61 @@ def get_session(path: Path, sidecar: Sidecar, threads: int) -> Any:
         return session
 
 
+_helper_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def helper_pool(workers: int) -> ThreadPoolExecutor:
+    """Process-wide threads that work beside a batch's caller (one pool per size)."""
+    with _sessions_lock:
+        pool = _helper_pools.get(workers)
+        if pool is None:
+            pool = _helper_pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="onnx-worker")
+        return pool
+
+
+def map_pulling(work: Callable[[Item], Result], items: Sequence[Item], workers: int) -> list[Result]:
+    """``[work(item) for item in items]`` on up to ``workers`` threads, the caller's among them.
+
+    Each thread takes the next item as it finishes one, so no core idles while another
+    still has a queue (fixed halves left one idle for up to a run's length). The first
+    error stops the others from taking more and is raised once they are done.
+    """
+    results: list[Any] = [None] * len(items)
+    positions = iter(range(len(items)))
+    lock = threading.Lock()
+    failed = threading.Event()
+
+    def pull() -> None:
+        while not failed.is_set():
+            with lock:
+                position = next(positions, None)
+            if position is None:
+                return
+            try:
+                results[position] = work(items[position])
+            except BaseException:
+                failed.set()
+                raise
+
+    pool = helper_pool(max(1, workers - 1))
+    helpers = [pool.submit(pull) for _ in range(min(workers, len(items)) - 1)]
+    errors: list[BaseException] = []
+    try:
+        pull()
+    except BaseException as exc:
+        errors.append(exc)
+    for helper in helpers:
+        if helper.cancel():  # still queued behind another batch's helper: nothing left for it
+            continue
+        try:
+            helper.result()
+        except BaseException as exc:
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+    return results
+
+
 # -------------------------------------------------------------------------- extractor
 
 
@@ -133,7 +191,7 @@ class OnnxCnnExtractor(Extractor):
         self.dim = sidecar.dim
         self.description = f"{sidecar.description} [onnxruntime, {onnx_path.name}]"
         self.max_batch = max_batch or _positive_int_env(MAX_BATCH_ENV, DEFAULT_MAX_BATCH)
-        self.threads = threads or _positive_int_env(THREADS_ENV, default_threads())
+        self.threads = threads or _positive_int_env(THREADS_ENV, available_cpus())
         self.has_logits = sidecar.logits_output is not None
 
     @property
@@ -146,17 +204,27 @@ class OnnxCnnExtractor(Extractor):
         return 2 * self.sidecar.preprocessing.resize_short_side
 
     def warm_up(self) -> None:
-        """Create the session now (checks the file's sha256) instead of on the first request."""
+        """Create the sessions now (checks the file's sha256) instead of on the first request."""
         get_session(self.onnx_path, self.sidecar, self.threads)
+        get_session(self.onnx_path, self.sidecar, 1)
 
     def _run(self, images: Sequence[np.ndarray], output: str, width: int) -> np.ndarray:
-        session = get_session(self.onnx_path, self.sidecar, self.threads)
-        parts = [np.zeros((0, width), dtype=np.float32)]
-        for start in range(0, len(images), self.max_batch):
-            batch = preprocess(images[start : start + self.max_batch], self.sidecar.preprocessing)
-            (result,) = session.run([output], {self.sidecar.input_name: batch})
-            parts.append(np.asarray(result, dtype=np.float32).reshape(len(batch), width))
-        return np.concatenate(parts)
+        """A lone run on every core; several runs on a single-threaded session, one worker per
+        core (module docstring)."""
+        runs = [images[start : start + self.max_batch] for start in range(0, len(images), self.max_batch)]
+        if not runs:
+            return np.zeros((0, width), dtype=np.float32)
+        if len(runs) == 1:
+            session = get_session(self.onnx_path, self.sidecar, self.threads)
+            return self._run_once(session, runs[0], output, width)
+        session = get_session(self.onnx_path, self.sidecar, 1)
+        done = map_pulling(lambda run: self._run_once(session, run, output, width), runs, self.threads)
+        return np.concatenate(done)
+
+    def _run_once(self, session: Any, images: Sequence[np.ndarray], output: str, width: int) -> np.ndarray:
+        batch = preprocess(images, self.sidecar.preprocessing)
+        (result,) = session.run([output], {self.sidecar.input_name: batch})
+        return np.asarray(result, dtype=np.float32).reshape(len(batch), width)
 
     def extract(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """BGR uint8 images -> float32 (n, dim) pooled features (not normalised; the metric decides)."""

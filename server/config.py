@@ -27,6 +27,14 @@ def default_models_dir() -> Path:
     return Path(os.environ.get(MODELS_ENV, "var/models"))
 
 
+def available_cpus() -> int:
+    """The CPUs this process may use (its affinity mask, e.g. a container's cpuset), not the host's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 @dataclass(frozen=True)
 class Limits:
     """Hard limits: requests beyond them fail with a clear status instead of hurting the server."""

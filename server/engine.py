@@ -8,6 +8,7 @@ unary and the streaming upload behave identically.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -16,8 +17,9 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,7 +49,7 @@ from imagesearch.server.collection import (
     Hit,
     TrainOutcome,
 )
-from imagesearch.server.config import ServerConfig
+from imagesearch.server.config import ServerConfig, available_cpus
 from imagesearch.server.errors import (
     Aborted,
     AlreadyExists,
@@ -62,7 +64,7 @@ from imagesearch.server.errors import (
     shown,
 )
 from imagesearch.server.image_header import HeaderError, read_header
-from imagesearch.server.imaging import decode_image, decoded_pixels, make_thumbnail
+from imagesearch.server.imaging import DecodedImage, decode_image, decoded_pixels, make_thumbnail
 from imagesearch.server.page_tokens import decode_page_token, encode_page_token, row_position
 from imagesearch.server.store import ImageRow, NewImage
 from imagesearch.server.vector_input import VectorInput, read_vector
@@ -342,6 +344,9 @@ class Engine:
         self._extractions: dict[int, Batcher[np.ndarray, np.ndarray]] = {}
         self._extractions_lock = threading.Lock()
         self.pixels = PixelBudget(config.limits.max_decoding_pixels)
+        # A batch's images are decoded (and thumbnailed) one per core at once, ahead of the
+        # call's own item-by-item checks: a JPEG decode releases the GIL (_decode_ahead).
+        self._decoders = ThreadPoolExecutor(max_workers=available_cpus(), thread_name_prefix="decode")
 
     # -- lifecycle ---------------------------------------------------------------------
     def begin_shutdown(self) -> None:
@@ -351,6 +356,7 @@ class Engine:
     def close(self) -> None:
         """Stop the index thread once no call is running (after the gRPC server has stopped)."""
         self._index_thread.shutdown(wait=True)
+        self._decoders.shutdown(wait=True)
 
     def check_accepting_writes(self) -> None:
         """Unavailable once shutdown has begun: a long upload must not outlive the drain."""
@@ -514,10 +520,12 @@ class Engine:
         collection: Collection,
         min_side: int | None,
         vector: np.ndarray | InvalidArgument | None,
+        decoding: Future[tuple[DecodedImage, bytes]] | None = None,
     ) -> tuple[NewImage, np.ndarray | None]:
-        """Validate one image; decode it and make its thumbnail. Returns the row (vector still
-        missing for decoded images) and the decoded pixels (None for a precomputed vector, which
-        ``_check_vectors`` has already checked with the rest of the batch)."""
+        """Validate one image; decode it and make its thumbnail (or take what ``decoding``, started
+        ahead, made). Returns the row (vector still missing for decoded images) and the decoded
+        pixels (None for a precomputed vector, which ``_check_vectors`` has already checked with
+        the rest of the batch)."""
         self._check_fields(item, prefix)
         common = {"id": image_id, "label": item.label, "metadata": dict(item.metadata)}
         if item.content is not None and item.vector is not None:
@@ -536,16 +544,63 @@ class Engine:
             return NewImage(vector=vector, **common), None
         if item.content is None:
             raise InvalidArgument("image has neither content nor vector", field=prefix, reason="NO_SOURCE")
-        image = decode_image(item.content, self.limits, f"{prefix}.content", min_side)
+        image, thumbnail = decoding.result() if decoding else self._decode(item.content, prefix, min_side)
         row = NewImage(
             vector=np.empty(0, np.float32),
-            thumbnail=make_thumbnail(image.pixels, self.config.thumbnail_size, self.config.thumbnail_quality),
+            thumbnail=thumbnail,
             original=item.content if collection.spec.store_originals else None,
             width=image.width,
             height=image.height,
             **common,
         )
         return row, image.pixels
+
+    def _decode(self, content: bytes, prefix: str, min_side: int | None) -> tuple[DecodedImage, bytes]:
+        image = decode_image(content, self.limits, f"{prefix}.content", min_side)
+        return image, make_thumbnail(image.pixels, self.config.thumbnail_size, self.config.thumbnail_quality)
+
+    @contextlib.contextmanager
+    def _decoding_ahead(
+        self,
+        items: Sequence[ImageItem],
+        ids: Sequence[str],
+        existing: set[str],
+        index_offset: int,
+        min_side: int | None,
+    ) -> Iterator[dict[int, Future[tuple[DecodedImage, bytes]]]]:
+        """Decode a batch's images on the decoder threads, one per core, while the call checks
+        its items in order (the item loop still meets each image's error at its own position).
+
+        Only images the loop will decode: not an id already stored (a resumed import skips
+        those without decoding them) nor a repeated id. A lone image is decoded in the call
+        itself: there is nothing to overlap. On leaving, decodes not started are cancelled and
+        running ones awaited, so none outlives the call's hold on the pixel budget.
+        """
+        first: dict[str, int] = {}
+        for position, image_id in enumerate(ids):
+            first.setdefault(image_id, position)
+        positions = [
+            p
+            for p, item in enumerate(items)
+            if item.content is not None
+            and item.vector is None
+            and ids[p] not in existing
+            and first[ids[p]] == p
+        ]
+        decodings = (
+            {
+                p: self._decoders.submit(
+                    self._decode, items[p].content, f"images[{p + index_offset}]", min_side
+                )
+                for p in positions
+            }
+            if len(positions) >= 2
+            else {}
+        )
+        try:
+            yield decodings
+        finally:
+            futures_wait([future for future in decodings.values() if not future.cancel()])
 
     # -- add -----------------------------------------------------------------------------
     def add_images(
@@ -597,31 +652,37 @@ class Engine:
                 [f"images[{p + index_offset}].vector" for p in given],
             )
             vectors = dict(zip(given, checked, strict=True))
-            for position, item in enumerate(items):
-                prefix = f"images[{position + index_offset}]"
-                try:
-                    if ids[position] in seen:
-                        raise AlreadyExists(
-                            f"id {shown(ids[position])} appears twice in the batch (also at index "
-                            f"{seen[ids[position]] + index_offset})",
-                            field=f"{prefix}.id",
-                            reason="DUPLICATE_ID",
+            with self._decoding_ahead(items, ids, existing, index_offset, min_side) as decodings:
+                for position, item in enumerate(items):
+                    prefix = f"images[{position + index_offset}]"
+                    try:
+                        if ids[position] in seen:
+                            raise AlreadyExists(
+                                f"id {shown(ids[position])} appears twice in the batch (also at index "
+                                f"{seen[ids[position]] + index_offset})",
+                                field=f"{prefix}.id",
+                                reason="DUPLICATE_ID",
+                            )
+                        seen[ids[position]] = position
+                        if ids[position] in existing:
+                            error = _already_stored(ids[position], collection, prefix)
+                            if not skip_existing:
+                                raise error
+                            kept[position] = _left_as_it_is(error, prefix)
+                            continue
+                        rows[position], pixels = self._prepare(
+                            item,
+                            ids[position],
+                            prefix,
+                            collection,
+                            min_side,
+                            vectors.get(position),
+                            decodings.get(position),
                         )
-                    seen[ids[position]] = position
-                    if ids[position] in existing:
-                        error = _already_stored(ids[position], collection, prefix)
-                        if not skip_existing:
-                            raise error
-                        kept[position] = _left_as_it_is(error, prefix)
-                        continue
-                    rows[position], pixels = self._prepare(
-                        item, ids[position], prefix, collection, min_side, vectors.get(position)
-                    )
-                    if pixels is not None:
-                        decoded[position] = pixels
-                except ImageSearchError as error:
-                    fail(position, error)
-
+                        if pixels is not None:
+                            decoded[position] = pixels
+                    except ImageSearchError as error:
+                        fail(position, error)
             check_deadline(deadline, "feature extraction")
             notes: dict[int, str] = {}
             if decoded:

@@ -20,13 +20,13 @@ another row:
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import faiss
 import numpy as np
 
 from imagesearch.plugins.types import FLAT, HNSW, IVF, Metric
+from imagesearch.server.config import available_cpus
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ PARALLEL_WORK = 10_000_000
 
 def search_threads(queries: int, vectors: int, dim: int) -> int:
     """OpenMP threads for a search of this size: one for small work, every core for large."""
-    return 1 if queries * vectors * dim < PARALLEL_WORK else max(1, os.cpu_count() or 1)
+    return 1 if queries * vectors * dim < PARALLEL_WORK else available_cpus()
 
 
 # How a flat index holds vectors in memory (the store always keeps float32).

@@ -9,6 +9,7 @@ built-in metrics) so a failure points at engine.py rather than the servicer.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -224,6 +225,63 @@ def test_an_existing_id_without_skip_existing(engine: Engine) -> None:
     outcome = engine.add_images("c", vector_items(0, 3), skip_invalid=True)  # a per-item failure instead
     assert [(r.id, r.reason) for r in outcome.results] == [("", "IMAGE_EXISTS"), ("v1", ""), ("v2", "")]
     assert outcome.added_count == 2 and stored_ids(engine) == ["v0", "v1", "v2"]
+
+
+def test_a_batch_decodes_ahead_on_the_decoder_threads_only_what_it_will_store(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resumed import (ids already stored, skip_existing) must not decode them; a lone image
+    is decoded by the call itself."""
+    engine.add_images("c", [ImageItem(id="old", content=png(0))])
+    monkeypatch.setattr(
+        engine, "limits", dataclasses.replace(engine.limits, max_batch_pixels=10 * PNG_PIXELS)
+    )
+    decoded: list[tuple[str, str]] = []
+    real_decode = engine._decode
+
+    def recording(content: bytes, prefix: str, min_side: int | None):
+        decoded.append((prefix, threading.current_thread().name))
+        return real_decode(content, prefix, min_side)
+
+    monkeypatch.setattr(engine, "_decode", recording)
+    items = [
+        ImageItem(id="old", content=png(0)),
+        ImageItem(id="a", content=png(1)),
+        ImageItem(id="a", content=png(2)),  # a repeated id: refused, not decoded
+        ImageItem(id="b", content=png(3)),
+    ]
+    outcome = engine.add_images("c", items, skip_invalid=True, skip_existing=True)
+    assert [r.reason for r in outcome.results] == ["IMAGE_EXISTS", "", "DUPLICATE_ID", ""]
+    assert sorted(prefix for prefix, _ in decoded) == ["images[1]", "images[3]"]
+    assert all(thread.startswith("decode") for _, thread in decoded)
+    decoded.clear()
+    engine.add_images("c", [ImageItem(id="lone", content=png(4))])
+    assert decoded == [("images[0]", threading.current_thread().name)]
+
+
+def test_a_failed_batch_leaves_no_decode_running(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decodes ahead are cancelled or awaited before the call releases its pixel budget."""
+    running = []
+    real_decode = engine._decode
+
+    def slow(content: bytes, prefix: str, min_side: int | None):
+        running.append(prefix)
+        time.sleep(0.05)
+        try:
+            return real_decode(content, prefix, min_side)
+        finally:
+            running.remove(prefix)
+
+    monkeypatch.setattr(engine, "_decode", slow)
+    monkeypatch.setattr(
+        engine, "limits", dataclasses.replace(engine.limits, max_batch_pixels=10 * PNG_PIXELS)
+    )
+    items = [ImageItem(id="bad\nid", content=png(0))] + [
+        ImageItem(id=f"i{n}", content=png(n)) for n in range(1, 6)
+    ]
+    raises(InvalidArgument, "BAD_ID", lambda: engine.add_images("c", items))
+    assert running == []
+    assert stored_ids(engine) == []
 
 
 @pytest.mark.parametrize("skip_existing", [True, False])

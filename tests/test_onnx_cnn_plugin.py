@@ -192,6 +192,77 @@ def test_batches_equal_one_by_one(default_extractor, photos):  # noqa: F811
         assert np.abs(batched - one_by_one).max() <= 1e-5
 
 
+def test_map_pulling_keeps_order_and_uses_every_worker():
+    seen: set[str] = set()
+    started = threading.Barrier(2)
+
+    def work(item: int) -> int:
+        if item < 2:  # the first two items run at once, on two threads
+            started.wait(timeout=10)
+        seen.add(threading.current_thread().name)
+        return item * item
+
+    assert onnx_cnn.map_pulling(work, list(range(7)), 2) == [i * i for i in range(7)]
+    assert len(seen) == 2
+    assert onnx_cnn.map_pulling(work, [], 2) == []
+
+
+def test_map_pulling_raises_the_first_error_and_stops_taking_items():
+    done: list[int] = []
+
+    def work(item: int) -> int:
+        if item == 1:
+            raise ValueError("bad item")
+        done.append(item)
+        return item
+
+    with pytest.raises(ValueError, match="bad item"):
+        onnx_cnn.map_pulling(work, list(range(50)), 1)
+    assert done == [0]
+
+
+def test_a_batch_runs_image_by_image_on_a_single_threaded_session_one_worker_per_core(
+    default_extractor,  # noqa: F811
+    photos,  # noqa: F811
+    monkeypatch,
+):
+    """Whole images split over the cores better than one image's convolutions (docs/models.md)."""
+    images = _varied_images(photos, 5)
+    one_by_one = np.concatenate([default_extractor.extract([image]) for image in images])
+    calls: list[tuple[int, int, str]] = []
+    real_get_session = onnx_cnn.get_session
+
+    class Recording:
+        def __init__(self, session, threads: int) -> None:
+            self.session, self.threads = session, threads
+
+        def run(self, outputs, feeds):
+            (batch,) = feeds.values()
+            calls.append((self.threads, len(batch), threading.current_thread().name))
+            if self.threads == 1 and len(calls) <= 2:
+                both_running.wait(timeout=10)  # the first two runs are in flight at once
+            return self.session.run(outputs, feeds)
+
+    def recording_session(path, sidecar, threads):
+        return Recording(real_get_session(path, sidecar, threads), threads)
+
+    both_running = threading.Barrier(2)
+    monkeypatch.setattr(onnx_cnn, "get_session", recording_session)
+    extractor = OnnxCnnExtractor(default_extractor.sidecar, default_extractor.onnx_path, threads=2)
+    batched = extractor.extract(images)
+    assert sorted((threads, size) for threads, size, _ in calls) == [(1, 1)] * 5
+    assert len({name for _, _, name in calls[:2]}) == 2  # two workers took the runs
+    assert not both_running.broken
+    assert np.abs(batched - one_by_one).max() <= 1e-5
+    calls.clear()
+    extractor.extract(images[:1])  # a lone image keeps every intra-op thread
+    assert [(threads, size) for threads, size, _ in calls] == [(2, 1)]
+    calls.clear()
+    paired = OnnxCnnExtractor(default_extractor.sidecar, default_extractor.onnx_path, threads=2, max_batch=2)
+    assert np.abs(paired.extract(images) - one_by_one).max() <= 1e-5
+    assert sorted(size for _, size, _ in calls) == [1, 2, 2]
+
+
 def test_concurrent_extraction_equals_serial(default_extractor, photos):  # noqa: F811
     images = _varied_images(photos, 8)
     serial = [default_extractor.extract(images[i : i + 2]) for i in range(0, 8, 2)]
