@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import grpc
@@ -20,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import VectorPlugin, machine, percentile, save
+from bench.common import VectorPlugin, machine, p50_ms, save
 from imagesearch.client import float_vector
 from imagesearch.server.app import run_server
 from imagesearch.server.config import ServerConfig
@@ -37,15 +36,6 @@ def fill(stub, collection: str, vectors: np.ndarray, labels: list[str]) -> None:
             for i, v in enumerate(vectors[start : start + 256])
         ]
         stub.AddImages(pb.AddImagesRequest(collection=collection, images=images))
-
-
-def p50_ms(call, queries: list[pb.FloatVector]) -> float:
-    times = []
-    for query in queries:
-        started = time.perf_counter()
-        call(query)
-        times.append((time.perf_counter() - started) * 1000)
-    return percentile(times, 50)
 
 
 def main() -> None:

@@ -8,7 +8,8 @@ Prints, on 20,000 x 1280 flat cosine vectors (bring-your-own vectors):
    onnxruntime extracting batches of 16 in-process;
 4. 64 idle AddImagesStream calls open: health and search latency against idle;
 5. durable ingest of the 20,000 vectors in batches of 256 against a bare SQLite insert of the
-   same rows with the same durability (WAL, synchronous=FULL, one commit per batch);
+   same rows with the same durability (WAL, synchronous=FULL, one commit per batch), and what
+   moving such a batch costs: refused by the server, and through gRPC alone to a bare server;
 and plots queries/s and p99 against callers (bench/results/concurrency.png).
 
 The server runs in its own process (bench/server_process.py), as it is deployed: clients in the
@@ -35,8 +36,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import RESULTS, machine, percentile, save, save_figure
-from bench.server_process import server_process
+from bench.common import RESULTS, machine, p50_ms, percentile, save, save_figure
+from bench.server_process import bare_grpc_process, server_process
 from imagesearch.client import float_vector
 from imagesearch.plugins import l2_normalize, onnx_cnn
 from imagesearch.server.config import Limits, ServerConfig, default_models_dir
@@ -194,6 +195,24 @@ def transport_ms(stub: pb_grpc.ImageSearchServiceStub, requests: list[pb.AddImag
     return percentile(times, 50)
 
 
+def grpc_alone_ms(requests: list[pb.AddImagesRequest]) -> float:
+    """p50 round trip of the same batches to a server in its own process that answers without
+    parsing them (bench/server_process.py): what gRPC alone costs, the client's serialising
+    included. Any server's durable add of such a batch costs at least this plus the insert."""
+    with (
+        bare_grpc_process(OPTIONS) as bare,
+        grpc.insecure_channel(bare.target, options=OPTIONS) as channel,
+    ):
+        add = channel.unary_unary(
+            "/imagesearch.v1.ImageSearchService/AddImages",
+            request_serializer=pb.AddImagesRequest.SerializeToString,
+            response_deserializer=bytes,
+        )
+        for request in requests[:3]:  # the connection's windows grow on the first large messages
+            add(request)
+        return p50_ms(add, requests)
+
+
 def sample_jpegs(count: int) -> list[bytes]:
     """Real photos shipped by scikit-image, cropped and resized to ~640x480 JPEGs."""
     from skimage import data
@@ -281,6 +300,7 @@ def main() -> None:
                 "server_vectors_s": args.n / elapsed,
                 "server_ms_per_batch": elapsed * 1000 / len(requests),
                 "transport_ms_per_batch": transport_ms(stub, requests[:30]),
+                "grpc_alone_ms_per_batch": grpc_alone_ms(requests[:30]),
                 "bare_sqlite_rows_s": bare_sqlite_rate(base, Path(tmp)),
             }
 
@@ -400,7 +420,8 @@ def report(results: dict, callers: list[int]) -> None:
         f"durable ingest, batches of 256: server {ingest['server_vectors_s']:.0f} vectors/s, bare SQLite "
         f"{ingest['bare_sqlite_rows_s']:.0f} rows/s (ratio {ingest['server_vectors_s'] / ingest['bare_sqlite_rows_s']:.2f}); "
         f"{ingest['server_ms_per_batch']:.2f} ms a batch, of which moving and parsing it (a refused batch's "
-        f"round trip) {ingest['transport_ms_per_batch']:.2f} ms; the bare insert {256000 / ingest['bare_sqlite_rows_s']:.2f} ms"
+        f"round trip) {ingest['transport_ms_per_batch']:.2f} ms, gRPC alone (the same bytes, unparsed, to a bare "
+        f"server) {ingest['grpc_alone_ms_per_batch']:.2f} ms; the bare insert {256000 / ingest['bare_sqlite_rows_s']:.2f} ms"
     )
     save("concurrency", results)
     plot(results, callers)

@@ -6,8 +6,9 @@ import json
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from imagesearch.plugins import Extractor, hookimpl
 
@@ -113,3 +114,13 @@ def percentile(values: list[float], q: float) -> float:
     import numpy as np
 
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def p50_ms(call: Callable[[Any], object], arguments: Iterable[Any]) -> float:
+    """Median milliseconds of ``call(argument)`` over the arguments, one after another."""
+    times = []
+    for argument in arguments:
+        started = time.perf_counter()
+        call(argument)
+        times.append((time.perf_counter() - started) * 1000)
+    return percentile(times, 50)

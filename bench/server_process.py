@@ -32,6 +32,38 @@ def _serve(config: ServerConfig, vector_dim: int | None, commands: Connection) -
     commands.send("stopped")
 
 
+def _serve_bare(options: list[tuple[str, int]], commands: Connection) -> None:
+    """Child: a gRPC server that answers every unary call with an empty message, without parsing
+    the request: what the transport alone costs (``bare_grpc_process``)."""
+    import asyncio
+
+    import grpc
+
+    def as_is(data: bytes) -> bytes:
+        return data
+
+    async def empty(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return b""
+
+    class AnyMethod(grpc.GenericRpcHandler):
+        def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+            return grpc.unary_unary_rpc_method_handler(
+                empty, request_deserializer=as_is, response_serializer=as_is
+            )
+
+    async def serve() -> None:
+        server = grpc.aio.server(options=options)
+        server.add_generic_rpc_handlers((AnyMethod(),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        commands.send(("ready", port))
+        await asyncio.get_running_loop().run_in_executor(None, commands.recv)  # "stop"
+        await server.stop(grace=None)
+
+    asyncio.run(serve())
+    commands.send("stopped")
+
+
 @dataclass
 class ServerProcess:
     target: str
@@ -48,9 +80,23 @@ class ServerProcess:
 def server_process(config: ServerConfig, *, vector_dim: int | None = None) -> Iterator[ServerProcess]:
     """Start the server in a spawned process (``vector_dim``: register a vectors-only extractor of
     that dimension, ``vectors-<dim>``); stop it, drained and snapshotted, on exit."""
+    with _child(_serve, (config, vector_dim), config.host) as started:
+        yield started
+
+
+@contextmanager
+def bare_grpc_process(options: list[tuple[str, int]]) -> Iterator[ServerProcess]:
+    """A gRPC server in its own process that answers every call with an empty message unparsed:
+    the floor under any server's round trip for the same bytes (``batcher_counts`` unsupported)."""
+    with _child(_serve_bare, (options,), "127.0.0.1") as started:
+        yield started
+
+
+@contextmanager
+def _child(serve, args: tuple, host: str) -> Iterator[ServerProcess]:
     context = multiprocessing.get_context("spawn")
     ours, theirs = context.Pipe()
-    child = context.Process(target=_serve, args=(config, vector_dim, theirs), name="imagesearch-server")
+    child = context.Process(target=serve, args=(*args, theirs), name="imagesearch-server")
     child.start()
     try:
         deadline = time.monotonic() + 120
@@ -58,7 +104,7 @@ def server_process(config: ServerConfig, *, vector_dim: int | None = None) -> It
             if not child.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError(f"the server process did not start (exit code {child.exitcode})")
         _, port = ours.recv()
-        yield ServerProcess(f"{config.host}:{port}", child.pid, ours)
+        yield ServerProcess(f"{host}:{port}", child.pid, ours)
     finally:
         if child.is_alive():  # also when the benchmark failed: stop it instead of waiting for it
             ours.send("stop")
