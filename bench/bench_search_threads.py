@@ -1,20 +1,24 @@
-"""Which thread calls FAISS, and with how many OpenMP threads: the two settings behind the
-server's one index thread (server/batching.py) and ``search_threads`` (server/vector_index.py).
+"""Which thread calls FAISS, with how many OpenMP threads, and what a lone query costs without
+FAISS: the settings behind the server's one index thread (server/batching.py), ``search_threads``
+and ``GEMV_MAX_QUERIES`` (server/vector_index.py), and OPENBLAS_THREAD_TIMEOUT (server/__init__.py).
 
 Prints single-query p50 of the server's own ``VectorIndex.search`` over flat cosine indexes of 32,
 2,000 and 20,000 x 1280 vectors, each query after a 2 ms pause as a server's would be:
-1. 1 against 2 OpenMP threads, called from one thread (what the index thread does);
-2. 2 OpenMP threads called from a pool of 64 threads, whichever is free (what searches led by
-   whichever worker thread came first did): each calling thread gets its own OpenMP team, and
-   teams left spinning take the cores from the current one.
-Then one query over the 20,000 vectors scanned as two halves on two threads at once: whether
-splitting a single query's scan over the cores would beat FAISS's own threads (it is bound by
-memory bandwidth).
+1. through FAISS, 1 against 2 OpenMP threads, called from one thread (what the index thread does);
+2. through FAISS, 2 OpenMP threads called from a pool of 64 threads, whichever is free (what
+   searches led by whichever worker thread came first did): each calling thread gets its own
+   OpenMP team, and teams left spinning take the cores from the current one;
+3. as the server runs a lone query on such an index: NumPy's matrix-vector product (sgemv).
+Then one query over the 20,000 vectors scanned by FAISS as two halves on two threads at once,
+and the CPU NumPy's OpenBLAS spends spinning after one product, with its default thread timeout
+and with the server's.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,8 +36,11 @@ from imagesearch.server import vector_index
 from imagesearch.server.vector_index import IndexSpec, VectorIndex
 
 
-def p50_ms(index: VectorIndex, queries: np.ndarray, threads: int, pool: ThreadPoolExecutor) -> float:
+def p50_ms(
+    index: VectorIndex, queries: np.ndarray, threads: int, pool: ThreadPoolExecutor, gemv: bool = False
+) -> float:
     vector_index.search_threads = lambda *_: threads  # what VectorIndex.search asks at each call
+    vector_index.GEMV_MAX_QUERIES = 2 if gemv else 0  # 0: every query goes to FAISS
 
     def one(query: np.ndarray) -> float:
         started = time.perf_counter()
@@ -56,7 +63,10 @@ def main() -> None:
     one_thread, many_threads = ThreadPoolExecutor(1), ThreadPoolExecutor(64)
     results: dict = {}
     print(f"machine: {machine()}; faiss {faiss.__version__}; p50 ms of one query after a 2 ms pause")
-    print(f"{'vectors':>8}{'1 thread':>10}{'2 threads':>11}{'2 threads from a 64-thread pool':>33}")
+    print(
+        f"{'vectors':>8}{'FAISS 1 thread':>16}{'2 threads':>11}{'2 threads from a 64-thread pool':>33}"
+        f"{'sgemv (the server)':>20}"
+    )
     for size in (32, 2000, 20000):
         index = VectorIndex(IndexSpec(FLAT, 1280, COSINE))
         index.add(np.arange(size), l2_normalize(rng.normal(size=(size, 1280)).astype(np.float32)))
@@ -65,14 +75,56 @@ def main() -> None:
             "1": p50_ms(index, queries, 1, one_thread),
             "2": p50_ms(index, queries, 2, one_thread),
             "2_from_pool": p50_ms(index, queries, 2, many_threads),
+            "gemv": p50_ms(index, queries, 2, one_thread, gemv=True),
         }
         results[size] = row
-        print(f"{size:8d}{row['1']:10.3f}{row['2']:11.3f}{row['2_from_pool']:33.3f}")
+        print(f"{size:8d}{row['1']:16.3f}{row['2']:11.3f}{row['2_from_pool']:33.3f}{row['gemv']:20.3f}")
     split = split_scan_p50_ms(index, queries)  # the 20,000-vector index
     print(
-        f"20,000 vectors, one query's scan split in two halves on two threads (1 OpenMP thread each): {split:.3f}"
+        f"20,000 vectors, one query's FAISS scan split in two halves on two threads (1 OpenMP thread "
+        f"each): {split:.3f}"
     )
-    save("search_threads", {"p50_ms": results, "split_scan_p50_ms": split})
+    spin = {timeout or "default": blas_spin(timeout) for timeout in ("", "4")}
+    print(
+        "NumPy's OpenBLAS, one 20,000 x 1280 matrix-vector product: "
+        + "; ".join(
+            f"OPENBLAS_THREAD_TIMEOUT={name}: {found['spin_cpu_ms']:.1f} ms of CPU spinning in the 200 ms "
+            f"after it, the product {found['product_p50_ms']:.2f} ms p50"
+            for name, found in spin.items()
+        )
+    )
+    save("search_threads", {"p50_ms": results, "split_scan_p50_ms": split, "blas_spin": spin})
+
+
+SPIN_PROBE = """
+import resource, statistics, time, numpy as np
+base, query = np.ones((20000, 1280), np.float32), np.ones(1280, np.float32)
+times = []
+for _ in range(30):
+    time.sleep(0.002)
+    started = time.perf_counter()
+    base @ query
+    times.append((time.perf_counter() - started) * 1000)
+def cpu():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+before = cpu()
+time.sleep(0.2)
+print((cpu() - before) * 1000, statistics.median(times))
+"""
+
+
+def blas_spin(timeout: str) -> dict[str, float]:
+    """CPU spent by a fresh process in the 200 ms after a matrix-vector product, and the product's
+    p50 after a 2 ms pause (the variable is read when NumPy loads, hence a process each)."""
+    env = {key: value for key, value in os.environ.items() if key != "OPENBLAS_THREAD_TIMEOUT"}
+    if timeout:
+        env["OPENBLAS_THREAD_TIMEOUT"] = timeout
+    done = subprocess.run(
+        [sys.executable, "-c", SPIN_PROBE], env=env, capture_output=True, text=True, check=True
+    )
+    spun, product = (float(value) for value in done.stdout.split())
+    return {"spin_cpu_ms": spun, "product_p50_ms": product}
 
 
 def split_scan_p50_ms(index: VectorIndex, queries: np.ndarray) -> float:

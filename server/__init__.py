@@ -4,6 +4,12 @@ OpenCV reads OPENCV_IO_MAX_IMAGE_PIXELS once, when cv2 is first imported, so the
 server package sets it before any of its modules (or the plugins it loads)
 import cv2. It is a second line of defence behind the header check in
 imaging.check_image, with the decoded-size check after decoding as the third.
+
+NumPy's OpenBLAS reads OPENBLAS_THREAD_TIMEOUT once, when NumPy is first
+imported: by default its helper threads spin for about 0.1 s of CPU after every
+matrix product (a lone query's scan, vector_index.GEMV_MAX_QUERIES), which on
+two cores takes one from the batches, extractions and requests that follow.
+2^4 cycles instead (bench/bench_search_threads.py measures both).
 """
 
 import os
@@ -11,3 +17,4 @@ import os
 # The default max_image_pixels (server.config.Limits); the server refuses a larger limit unless
 # this variable is raised with it (imaging.check_decoder_cap).
 os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", "40000000")
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")

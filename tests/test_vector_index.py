@@ -9,6 +9,7 @@ import pytest
 from imagesearch.plugins import l2_normalize
 from imagesearch.plugins.metrics import COSINE, L2
 from imagesearch.plugins.types import FLAT, HNSW, IVF
+from imagesearch.server import vector_index
 from imagesearch.server.vector_index import (
     FLOAT16,
     INT8,
@@ -178,3 +179,38 @@ def test_flat_l2_distances_are_exact_and_the_same_alone_or_batched():
         assert np.array_equal(alone[0], together[row]) and np.array_equal(alone_ids[0], ids[row])
     expected = ((base[ids[3]] - base[3]) ** 2).sum(axis=1)
     assert np.allclose(together[3], expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("queries", [1, 2])
+def test_a_lone_cosine_query_by_matrix_vector_product_equals_faiss(monkeypatch, queries):
+    """One or two queries on a float32 flat inner-product index skip FAISS (GEMV_MAX_QUERIES): same
+    ids, same scores to float32 rounding, after removals too, for every k up to the whole index."""
+    rng = np.random.default_rng(5)
+    base = l2_normalize(rng.normal(size=(500, DIM)).astype(np.float32))
+    index = VectorIndex(IndexSpec(kind=FLAT, dim=DIM, metric=COSINE))
+    index.add(np.arange(1000, 1500), base)
+    index.remove(np.arange(1000, 1500, 7))  # FAISS compacts its storage and id map
+    kept = np.array([i for i in range(1000, 1500) if (i - 1000) % 7])
+    probes = l2_normalize(rng.normal(size=(queries, DIM)).astype(np.float32))
+    gemv_calls = []
+    real_gemv = index._search_by_gemv
+    monkeypatch.setattr(index, "_search_by_gemv", lambda *a: gemv_calls.append(1) or real_gemv(*a))
+    for k in (1, 10, len(kept)):
+        fast_scores, fast_ids = index.search(probes, k)
+        assert len(gemv_calls) == 1
+        gemv_calls.clear()
+        with monkeypatch.context() as patched:  # the same search through FAISS
+            patched.setattr(vector_index, "GEMV_MAX_QUERIES", 0)
+            faiss_scores, faiss_ids = index.search(probes, k)
+        assert np.array_equal(fast_ids, faiss_ids)
+        assert np.allclose(fast_scores, faiss_scores, atol=1e-6)
+        expected = kept[np.argsort(-(base[kept - 1000] @ probes.T), axis=0, kind="stable")[:k].T]
+        assert np.array_equal(fast_ids, expected)
+
+
+def test_equal_scores_come_in_storage_order_by_matrix_vector_product():
+    index = VectorIndex(IndexSpec(kind=FLAT, dim=DIM, metric=COSINE))
+    twins = np.tile(l2_normalize(np.ones((1, DIM), np.float32)), (6, 1))
+    index.add(np.array([40, 10, 30, 20, 60, 50]), twins)
+    _, ids = index.search(twins[:1], 4)
+    assert ids[0].tolist() == [40, 10, 30, 20]
