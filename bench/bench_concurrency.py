@@ -1,7 +1,8 @@
 """Many callers at once: the asyncio server with micro-batching against the raw libraries, same run.
 
 Prints, on 20,000 x 1280 flat cosine vectors (bring-your-own vectors):
-1. one caller, search by vector: server p50 against raw FAISS p50 at 1 and at 2 threads;
+1. one caller, search by vector: server p50 against raw FAISS p50 at 1 and at 2 threads, and
+   against the kernel the server uses for a lone query (NumPy sgemv) run raw;
 2. 1..32 concurrent callers: server queries/s, p50, p99, against raw FAISS answering batches of
    that many queries at its best thread count (the most any server could get out of FAISS);
 3. 16 callers searching by image (the default CNN): images/s against one caller, and against
@@ -75,6 +76,11 @@ def latencies(call: Callable[[int], object], callers: int, seconds: float) -> tu
     return len(times) / (time.perf_counter() - started), times
 
 
+def index_vectors(index: faiss.IndexFlat) -> np.ndarray:
+    """A flat index's vectors as a NumPy view (no copy)."""
+    return faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
+
+
 def raw_faiss(base: np.ndarray, queries: np.ndarray, callers: list[int]) -> dict:
     """Raw FAISS at its best: single-query p50 at 1 and 2 threads, each at the better of the wheel's
     BLAS threshold and the server's; batches of c queries at 2 threads and the better threshold."""
@@ -105,8 +111,21 @@ def raw_faiss(base: np.ndarray, queries: np.ndarray, callers: list[int]) -> dict
                 by_threshold[f"{batch}/{threads}/{threshold}"] = found[-1]
         return min(found)
 
+    def gemv_p50(pause_s: float) -> float:  # the kernel the server uses for a lone query (vector_index)
+        base = index_vectors(index)
+        times = []
+        for query in prepared[:200]:
+            if pause_s:
+                time.sleep(pause_s)
+            started = time.perf_counter()
+            scores = base @ query
+            np.argpartition(-scores, 9)[:10]
+            times.append((time.perf_counter() - started) * 1000)
+        return percentile(times, 50)
+
     try:
         single = {threads: best(1, threads) for threads in (1, 2)}
+        gemv = {"back_to_back": gemv_p50(0.0), "after_pause": gemv_p50(0.002)}
         # A server never calls FAISS back to back: one caller's queries are a round trip apart, and
         # on this VM an index scan after a pause is slower (cores and caches go cold). The same
         # queries with a 2 ms sleep before each: what the transport leaves FAISS.
@@ -120,6 +139,7 @@ def raw_faiss(base: np.ndarray, queries: np.ndarray, callers: list[int]) -> dict
     return {
         "single_p50_ms": single,
         "single_after_pause_p50_ms": paused,
+        "single_gemv_p50_ms": gemv,
         "batched": batched,
         "p50_ms_by_batch_threads_threshold": by_threshold,
     }
@@ -238,6 +258,12 @@ def main() -> None:
     defaults = ServerConfig()
     parser.add_argument("--batch-max-wait-ms", type=float, default=defaults.batch_max_wait_ms)
     parser.add_argument("--extract-max-wait-ms", type=float, default=defaults.extract_max_wait_ms)
+    parser.add_argument(
+        "--gemv-max-queries",
+        type=int,
+        default=None,
+        help="override server/vector_index.py's GEMV_MAX_QUERIES (0: every search through FAISS)",
+    )
     args = parser.parse_args()
     callers = [int(c) for c in args.callers.split(",")]
     rng = np.random.default_rng(0)
@@ -273,7 +299,7 @@ def main() -> None:
             extract_max_wait_ms=args.extract_max_wait_ms,
         ).replace(limits={"max_streams_per_peer": args.idle_streams + 8})
         with (
-            server_process(config, vector_dim=args.dim) as running,
+            server_process(config, vector_dim=args.dim, gemv_max_queries=args.gemv_max_queries) as running,
             grpc.insecure_channel(running.target, options=OPTIONS) as channel,
         ):
             stub = pb_grpc.ImageSearchServiceStub(channel)
@@ -374,6 +400,11 @@ def report(results: dict, callers: list[int]) -> None:
         f"1 caller, search by vector: server p50 {levels[1]['p50_ms']:.2f} ms; raw FAISS p50 "
         f"{raw['single_p50_ms'][1]:.2f} ms (1 thread), {raw['single_p50_ms'][2]:.2f} ms (2 threads); "
         f"ratio to the best {levels[1]['p50_ms'] / best_single:.2f}"
+    )
+    print(
+        f"  the server's kernel for a lone query, raw (NumPy sgemv + top 10, every core): p50 "
+        f"{raw['single_gemv_p50_ms']['back_to_back']:.2f} ms, {raw['single_gemv_p50_ms']['after_pause']:.2f} ms "
+        f"after a 2 ms pause; server / raw sgemv {levels[1]['p50_ms'] / raw['single_gemv_p50_ms']['back_to_back']:.2f}"
     )
     print(
         f"  for comparison: raw FAISS after a 2 ms pause p50 {raw['single_after_pause_p50_ms']:.2f} ms; "

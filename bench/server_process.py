@@ -14,10 +14,16 @@ from multiprocessing.connection import Connection
 from imagesearch.server.config import ServerConfig
 
 
-def _serve(config: ServerConfig, vector_dim: int | None, commands: Connection) -> None:
+def _serve(
+    config: ServerConfig, vector_dim: int | None, gemv_max_queries: int | None, commands: Connection
+) -> None:
     """Child: serve until told to stop; answer ``stats`` with the search batcher's counters."""
     from bench.common import VectorPlugin
+    from imagesearch.server import vector_index
     from imagesearch.server.app import run_server
+
+    if gemv_max_queries is not None:  # an A/B of the lone-query path (bench_concurrency.py)
+        vector_index.GEMV_MAX_QUERIES = gemv_max_queries
 
     plugins = [("bench", VectorPlugin(vector_dim))] if vector_dim else []
     with run_server(config, extra_plugins=plugins) as running:
@@ -77,10 +83,13 @@ class ServerProcess:
 
 
 @contextmanager
-def server_process(config: ServerConfig, *, vector_dim: int | None = None) -> Iterator[ServerProcess]:
+def server_process(
+    config: ServerConfig, *, vector_dim: int | None = None, gemv_max_queries: int | None = None
+) -> Iterator[ServerProcess]:
     """Start the server in a spawned process (``vector_dim``: register a vectors-only extractor of
-    that dimension, ``vectors-<dim>``); stop it, drained and snapshotted, on exit."""
-    with _child(_serve, (config, vector_dim), config.host) as started:
+    that dimension, ``vectors-<dim>``; ``gemv_max_queries``: override vector_index's); stop it,
+    drained and snapshotted, on exit."""
+    with _child(_serve, (config, vector_dim, gemv_max_queries), config.host) as started:
         yield started
 
 
