@@ -17,7 +17,7 @@ that many intra-op threads: two made a single image 1.3-1.7x faster than one
 one single-threaded session, one worker per core, each worker taking the next
 run as it finishes one. EfficientNet's small depthwise convolutions split badly
 over cores and large runs lose the caches, while whole images split perfectly:
-on the 2-core VM a batch of 32 ran 1.3x faster this way than as one run on two
+on the 2-core VM a batch of 32 ran 1.5x faster this way than as one run on two
 intra-op threads, with the same vectors (docs/models.md). Concurrent ``run``
 calls on one session share its pool (each caller thread joins in), so many gRPC
 workers do not multiply the thread count.
