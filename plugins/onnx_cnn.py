@@ -31,7 +31,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
@@ -39,11 +39,9 @@ from imagesearch.plugins import Extractor, PluginContext, RegistrationProblems, 
 from imagesearch.plugins.cnn.preprocess import preprocess
 from imagesearch.plugins.cnn.sidecar import FORMAT, Sidecar, SidecarError, read_sidecar, sha256_file
 from imagesearch.server.config import available_cpus
+from imagesearch.server.parallel import map_pulling
 
 log = logging.getLogger(__name__)
-
-Item = TypeVar("Item")
-Result = TypeVar("Result")
 
 THREADS_ENV = "IMAGESEARCH_ORT_THREADS"
 MAX_BATCH_ENV = "IMAGESEARCH_ORT_MAX_BATCH"
@@ -129,49 +127,6 @@ def helper_pool(workers: int) -> ThreadPoolExecutor:
         return pool
 
 
-def map_pulling(work: Callable[[Item], Result], items: Sequence[Item], workers: int) -> list[Result]:
-    """``[work(item) for item in items]`` on up to ``workers`` threads, the caller's among them.
-
-    Each thread takes the next item as it finishes one, so no core idles while another
-    still has a queue (fixed halves left one idle for up to a run's length). The first
-    error stops the others from taking more and is raised once they are done.
-    """
-    results: list[Any] = [None] * len(items)
-    positions = iter(range(len(items)))
-    lock = threading.Lock()
-    failed = threading.Event()
-
-    def pull() -> None:
-        while not failed.is_set():
-            with lock:
-                position = next(positions, None)
-            if position is None:
-                return
-            try:
-                results[position] = work(items[position])
-            except BaseException:
-                failed.set()
-                raise
-
-    pool = helper_pool(max(1, workers - 1))
-    helpers = [pool.submit(pull) for _ in range(min(workers, len(items)) - 1)]
-    errors: list[BaseException] = []
-    try:
-        pull()
-    except BaseException as exc:
-        errors.append(exc)
-    for helper in helpers:
-        if helper.cancel():  # still queued behind another batch's helper: nothing left for it
-            continue
-        try:
-            helper.result()
-        except BaseException as exc:
-            errors.append(exc)
-    if errors:
-        raise errors[0]
-    return results
-
-
 # -------------------------------------------------------------------------- extractor
 
 
@@ -218,7 +173,8 @@ class OnnxCnnExtractor(Extractor):
             session = get_session(self.onnx_path, self.sidecar, self.threads)
             return self._run_once(session, runs[0], output, width)
         session = get_session(self.onnx_path, self.sidecar, 1)
-        done = map_pulling(lambda run: self._run_once(session, run, output, width), runs, self.threads)
+        pool = helper_pool(self.threads - 1)
+        done = map_pulling(lambda run: self._run_once(session, run, output, width), runs, self.threads, pool)
         return np.concatenate(done)
 
     def _run_once(self, session: Any, images: Sequence[np.ndarray], output: str, width: int) -> np.ndarray:

@@ -19,7 +19,6 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -66,6 +65,7 @@ from imagesearch.server.errors import (
 from imagesearch.server.image_header import HeaderError, read_header
 from imagesearch.server.imaging import DecodedImage, decode_image, decoded_pixels, make_thumbnail
 from imagesearch.server.page_tokens import decode_page_token, encode_page_token, row_position
+from imagesearch.server.parallel import Pulling
 from imagesearch.server.store import ImageRow, NewImage
 from imagesearch.server.vector_input import VectorInput, read_vector
 
@@ -345,8 +345,11 @@ class Engine:
         self._extractions_lock = threading.Lock()
         self.pixels = PixelBudget(config.limits.max_decoding_pixels)
         # A batch's images are decoded (and thumbnailed) one per core at once, ahead of the
-        # call's own item-by-item checks: a JPEG decode releases the GIL (_decode_ahead).
-        self._decoders = ThreadPoolExecutor(max_workers=available_cpus(), thread_name_prefix="decode")
+        # call's own item-by-item checks: a JPEG decode releases the GIL (_decoding_ahead).
+        # Enough threads for every call running at once to have its own pullers.
+        self._decoders = ThreadPoolExecutor(
+            max_workers=config.workers * available_cpus(), thread_name_prefix="decode"
+        )
 
     # -- lifecycle ---------------------------------------------------------------------
     def begin_shutdown(self) -> None:
@@ -568,13 +571,15 @@ class Engine:
         index_offset: int,
         min_side: int | None,
     ) -> Iterator[dict[int, Future[tuple[DecodedImage, bytes]]]]:
-        """Decode a batch's images on the decoder threads, one per core, while the call checks
-        its items in order (the item loop still meets each image's error at its own position).
+        """Decode a batch's images on one thread per core, in order, while the call checks its
+        items in order (the item loop still meets each image's error at its own position).
 
         Only images the loop will decode: not an id already stored (a resumed import skips
         those without decoding them) nor a repeated id. A lone image is decoded in the call
-        itself: there is nothing to overlap. On leaving, decodes not started are cancelled and
-        running ones awaited, so none outlives the call's hold on the pixel budget.
+        itself: there is nothing to overlap. The call's images stay in its own queue (its
+        pullers take them one by one), so a small call never waits behind a large call's
+        images. On leaving, decodes not started are cancelled and running ones awaited, so
+        none outlives the call's hold on the pixel budget.
         """
         first: dict[str, int] = {}
         for position, image_id in enumerate(ids):
@@ -587,20 +592,19 @@ class Engine:
             and ids[p] not in existing
             and first[ids[p]] == p
         ]
-        decodings = (
-            {
-                p: self._decoders.submit(
-                    self._decode, items[p].content, f"images[{p + index_offset}]", min_side
-                )
-                for p in positions
-            }
-            if len(positions) >= 2
-            else {}
+        if len(positions) < 2:
+            yield {}
+            return
+        job = Pulling(
+            lambda p: self._decode(items[p].content, f"images[{p + index_offset}]", min_side),
+            positions,
+            stop_on_error=False,  # each image fails on its own (skip_invalid)
         )
+        job.start_helpers(self._decoders, available_cpus())
         try:
-            yield decodings
+            yield dict(zip(positions, job.futures, strict=True))
         finally:
-            futures_wait([future for future in decodings.values() if not future.cancel()])
+            job.finish()
 
     # -- add -----------------------------------------------------------------------------
     def add_images(

@@ -284,6 +284,39 @@ def test_a_failed_batch_leaves_no_decode_running(engine: Engine, monkeypatch: py
     assert stored_ids(engine) == []
 
 
+def test_a_small_batch_does_not_wait_behind_a_large_batchs_decodes(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each call decodes its own images with its own pullers (server/parallel.py): a shared FIFO
+    queue of every image made a 2-image call wait for all of another call's images."""
+    real_decode = engine._decode
+    big = [ImageItem(id=f"big{n}", content=png(n)) for n in range(8)]
+    big_contents = {item.content for item in big}
+    big_started = threading.Event()
+
+    def slow(content: bytes, prefix: str, min_side: int | None):
+        if content in big_contents:
+            big_started.set()
+            time.sleep(0.2)
+        return real_decode(content, prefix, min_side)
+
+    monkeypatch.setattr(engine, "_decode", slow)
+    monkeypatch.setattr(
+        engine, "limits", dataclasses.replace(engine.limits, max_batch_pixels=10 * PNG_PIXELS)
+    )
+    adding = threading.Thread(target=engine.add_images, args=("c", big))
+    adding.start()
+    assert big_started.wait(10)
+    started = time.perf_counter()
+    engine.add_images(
+        "c", [ImageItem(id="small1", content=png(100)), ImageItem(id="small2", content=png(100))]
+    )
+    took = time.perf_counter() - started
+    adding.join(10)
+    assert took < 0.5, f"the small call took {took:.2f} s; the large one's decodes take 0.8 s"
+    assert len(stored_ids(engine)) == 10
+
+
 @pytest.mark.parametrize("skip_existing", [True, False])
 def test_an_id_stored_by_another_call_after_the_check(
     engine: Engine, monkeypatch: pytest.MonkeyPatch, skip_existing: bool

@@ -192,35 +192,6 @@ def test_batches_equal_one_by_one(default_extractor, photos):  # noqa: F811
         assert np.abs(batched - one_by_one).max() <= 1e-5
 
 
-def test_map_pulling_keeps_order_and_uses_every_worker():
-    seen: set[str] = set()
-    started = threading.Barrier(2)
-
-    def work(item: int) -> int:
-        if item < 2:  # the first two items run at once, on two threads
-            started.wait(timeout=10)
-        seen.add(threading.current_thread().name)
-        return item * item
-
-    assert onnx_cnn.map_pulling(work, list(range(7)), 2) == [i * i for i in range(7)]
-    assert len(seen) == 2
-    assert onnx_cnn.map_pulling(work, [], 2) == []
-
-
-def test_map_pulling_raises_the_first_error_and_stops_taking_items():
-    done: list[int] = []
-
-    def work(item: int) -> int:
-        if item == 1:
-            raise ValueError("bad item")
-        done.append(item)
-        return item
-
-    with pytest.raises(ValueError, match="bad item"):
-        onnx_cnn.map_pulling(work, list(range(50)), 1)
-    assert done == [0]
-
-
 def test_a_batch_runs_image_by_image_on_a_single_threaded_session_one_worker_per_core(
     default_extractor,  # noqa: F811
     photos,  # noqa: F811
