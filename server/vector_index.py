@@ -346,6 +346,8 @@ class VectorIndex:
         distances, ids = self._index.search(queries, k, params=params)
         if self._blas_l2():
             distances, ids = self._exact_l2(queries, distances, ids)
+        if flat is not None:  # the order _search_by_gemv gives, so a lone query and a batch agree
+            distances, ids = _ties_by_id(distances, ids)
         return distances, ids
 
     def _float32_inner_product_flat(self) -> faiss.IndexFlat | None:
@@ -359,7 +361,8 @@ class VectorIndex:
         self, flat: faiss.IndexFlat, queries: np.ndarray, k: int
     ) -> tuple[np.ndarray, np.ndarray]:
         """Each query scored against every vector by one matrix-vector product (views of FAISS's
-        own storage and id map, no copy); the k best, ties in storage order."""
+        own storage and id map, no copy). The k best with FAISS's rule at the cut-off: among equal
+        scores the earliest stored are kept (its heap replaces only on a strictly better score)."""
         count = flat.ntotal
         base = faiss.rev_swig_ptr(flat.get_xb(), count * flat.d).reshape(count, flat.d)
         ids = faiss.rev_swig_ptr(self._index.id_map.data(), count)
@@ -367,10 +370,11 @@ class VectorIndex:
         found = np.empty((len(queries), k), np.int64)
         for row, query in enumerate(queries):
             scores = base @ query
-            best = np.argpartition(-scores, k - 1)[:k]
-            best = best[np.lexsort((best, -scores[best]))]
+            cut = np.partition(scores, count - k)[count - k]  # the k-th best score
+            above = np.flatnonzero(scores > cut)
+            best = np.concatenate([above, np.flatnonzero(scores == cut)[: k - len(above)]])
             distances[row], found[row] = scores[best], ids[best]
-        return distances, found
+        return _ties_by_id(distances, found)
 
     def search_among(
         self, prepared_queries: np.ndarray, k: int, ids: np.ndarray
@@ -441,6 +445,15 @@ class VectorIndex:
 
     def needs_compaction(self) -> bool:
         return self.spec.kind == HNSW and len(self._tombstones) > max(1000, self._index.ntotal // 4)
+
+
+def _ties_by_id(distances: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inner-product hits best first, equal scores by ascending id: on a flat index, the order
+    they were stored in (row ids only grow, and a removal keeps the others' order)."""
+    by_id = np.argsort(ids, axis=1, kind="stable")
+    distances, ids = np.take_along_axis(distances, by_id, axis=1), np.take_along_axis(ids, by_id, axis=1)
+    by_score = np.argsort(-distances, axis=1, kind="stable")
+    return np.take_along_axis(distances, by_score, axis=1), np.take_along_axis(ids, by_score, axis=1)
 
 
 def brute_force(

@@ -208,9 +208,22 @@ def test_a_lone_cosine_query_by_matrix_vector_product_equals_faiss(monkeypatch, 
         assert np.array_equal(fast_ids, expected)
 
 
-def test_equal_scores_come_in_storage_order_by_matrix_vector_product():
+def test_equal_scores_at_the_cut_off_keep_the_earliest_stored_alone_or_batched(monkeypatch):
+    """Duplicates (the same photo under many ids, or all-zero vectors): a lone query (sgemv) and a
+    batch of three (FAISS) return the same earliest-stored ids, in that order."""
+    rng = np.random.default_rng(6)
+    others = l2_normalize(rng.normal(size=(300, DIM)).astype(np.float32))
+    twin = l2_normalize(rng.normal(size=(1, DIM)).astype(np.float32))
+    base = np.concatenate([others[:100], np.repeat(twin, 40, axis=0), others[100:]])
+    order = rng.permutation(len(base))  # the twins spread through the collection
     index = VectorIndex(IndexSpec(kind=FLAT, dim=DIM, metric=COSINE))
-    twins = np.tile(l2_normalize(np.ones((1, DIM), np.float32)), (6, 1))
-    index.add(np.array([40, 10, 30, 20, 60, 50]), twins)
-    _, ids = index.search(twins[:1], 4)
-    assert ids[0].tolist() == [40, 10, 30, 20]
+    index.add(np.arange(len(base)), base[order])
+    twin_ids = np.flatnonzero((order >= 100) & (order < 140))
+    _, alone = index.search(twin, 10)
+    _, batched = index.search(np.repeat(twin, 3, axis=0), 10)
+    assert alone[0].tolist() == twin_ids[:10].tolist()
+    assert all(row.tolist() == twin_ids[:10].tolist() for row in batched)
+    zeros = VectorIndex(IndexSpec(kind=FLAT, dim=DIM, metric=COSINE))
+    zeros.add(np.arange(50), np.zeros((50, DIM), np.float32))
+    assert zeros.search(twin, 5)[1][0].tolist() == zeros.search(np.repeat(twin, 3, axis=0), 5)[1][1].tolist()
+    assert zeros.search(twin, 5)[1][0].tolist() == [0, 1, 2, 3, 4]
