@@ -173,7 +173,7 @@ class OnnxCnnExtractor(Extractor):
             session = get_session(self.onnx_path, self.sidecar, self.threads)
             return self._run_once(session, runs[0], output, width)
         session = get_session(self.onnx_path, self.sidecar, 1)
-        pool = helper_pool(self.threads - 1)
+        pool = helper_pool(max(1, self.threads - 1))  # threads == 1: the caller alone pulls
         done = map_pulling(lambda run: self._run_once(session, run, output, width), runs, self.threads, pool)
         return np.concatenate(done)
 

@@ -182,12 +182,13 @@ def _varied_images(photos: dict[str, np.ndarray], count: int) -> list[np.ndarray
     return [np.ascontiguousarray(np.roll(base[i % len(base)], 7 * i, axis=1)) for i in range(count)]
 
 
-def test_batches_equal_one_by_one(default_extractor, photos):  # noqa: F811
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_batches_equal_one_by_one(default_extractor, photos, threads):  # noqa: F811
     images = _varied_images(photos, 8)
     one_by_one = np.concatenate([default_extractor.extract([image]) for image in images])
     for max_batch in (1, 3, 8):
         batched = OnnxCnnExtractor(
-            default_extractor.sidecar, default_extractor.onnx_path, max_batch=max_batch
+            default_extractor.sidecar, default_extractor.onnx_path, max_batch=max_batch, threads=threads
         ).extract(images)
         assert np.abs(batched - one_by_one).max() <= 1e-5
 
