@@ -37,7 +37,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import RESULTS, machine, p50_ms, percentile, save, save_figure
+from bench.common import (
+    RESULTS,
+    add_data_arguments,
+    machine,
+    p50_ms,
+    percentile,
+    random_data,
+    save,
+    save_figure,
+)
 from bench.server_process import bare_grpc_process, server_process
 from imagesearch.client import float_vector
 from imagesearch.plugins import l2_normalize, onnx_cnn
@@ -250,8 +259,7 @@ def sample_jpegs(count: int) -> list[bytes]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=20000)
-    parser.add_argument("--dim", type=int, default=1280)
+    add_data_arguments(parser, queries=2000)
     parser.add_argument("--callers", default="1,2,4,8,16,32")
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--idle-streams", type=int, default=64)
@@ -266,9 +274,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     callers = [int(c) for c in args.callers.split(",")]
-    rng = np.random.default_rng(0)
-    base = rng.normal(size=(args.n, args.dim)).astype(np.float32)
-    queries = rng.normal(size=(2000, args.dim)).astype(np.float32)
+    base, queries = random_data(args)
     query_messages = [float_vector(q) for q in queries]
     results: dict = {"n": args.n, "dim": args.dim, "machine": machine()}
 

@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import VectorPlugin, bar_plot, best_rate, machine, save
+from bench.common import VectorPlugin, add_data_arguments, bar_plot, best_rate, machine, random_data, save
 from imagesearch.client import float_vector
 from imagesearch.plugins import l2_normalize
 from imagesearch.server.app import run_server
@@ -31,13 +31,9 @@ from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=20000)
-    parser.add_argument("--dim", type=int, default=1280)
-    parser.add_argument("--queries", type=int, default=300)
+    add_data_arguments(parser, queries=300)
     args = parser.parse_args()
-    rng = np.random.default_rng(0)
-    base = rng.normal(size=(args.n, args.dim)).astype(np.float32)
-    queries = rng.normal(size=(args.queries, args.dim)).astype(np.float32)
+    base, queries = random_data(args)
     batches = [base[i : i + 256] for i in range(0, args.n, 256)]
 
     def raw_add() -> int:

@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import machine, percentile, save
+from bench.common import add_data_arguments, machine, percentile, random_data, save
 from bench.server_process import server_process
 from imagesearch.client import float_vector
 from imagesearch.plugins import l2_normalize
@@ -78,13 +78,9 @@ def raw_faiss(base: np.ndarray, queries: np.ndarray) -> dict[str, dict[str, floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=20000)
-    parser.add_argument("--dim", type=int, default=1280)
-    parser.add_argument("--queries", type=int, default=200)
+    add_data_arguments(parser, queries=200)
     args = parser.parse_args()
-    rng = np.random.default_rng(0)
-    base = rng.normal(size=(args.n, args.dim)).astype(np.float32)
-    queries = rng.normal(size=(args.queries, args.dim)).astype(np.float32)
+    base, queries = random_data(args)
     results: dict = {
         "machine": machine(),
         "n": args.n,

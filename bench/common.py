@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -9,6 +10,8 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from imagesearch.plugins import Extractor, hookimpl
 
@@ -57,7 +60,6 @@ def bar_plot(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     x = np.arange(len(labels))
@@ -111,8 +113,6 @@ class VectorPlugin:
 
 
 def percentile(values: list[float], q: float) -> float:
-    import numpy as np
-
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
@@ -124,3 +124,17 @@ def p50_ms(call: Callable[[Any], object], arguments: Iterable[Any]) -> float:
         call(argument)
         times.append((time.perf_counter() - started) * 1000)
     return percentile(times, 50)
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, queries: int) -> None:
+    """--n, --dim and --queries of the random vectors the vector benchmarks share."""
+    parser.add_argument("--n", type=int, default=20000)
+    parser.add_argument("--dim", type=int, default=1280)
+    parser.add_argument("--queries", type=int, default=queries)
+
+
+def random_data(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
+    """(base, queries): standard normal float32, seed 0, so every benchmark measures the same data."""
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(args.n, args.dim)).astype(np.float32)
+    return base, rng.normal(size=(args.queries, args.dim)).astype(np.float32)
