@@ -357,11 +357,12 @@ class CollectionStore:
 
     def row_ids_with_labels(self, labels: Sequence[str], upto_seq: int) -> np.ndarray:
         """Row ids with one of ``labels`` among rows written up to ``upto_seq`` (the ones the index
-        holds: a commit the index has not applied yet is left out)."""
+        holds: a commit the index has not applied yet is left out), ascending: the order the rows
+        were stored in, which a filtered search's equal scores keep (docs/api.md)."""
         rows = self._reader().execute(
             f"SELECT row_id FROM images WHERE label IN {ANY_OF} AND seq <= ?", (any_of(labels), upto_seq)
         )
-        return np.fromiter((r[0] for r in rows), dtype=np.int64)
+        return np.sort(np.fromiter((r[0] for r in rows), dtype=np.int64))
 
     def page(self, after_row_id: int, limit: int, label: str | None = None) -> list[ImageRow]:
         """Rows in insertion order after ``after_row_id`` (keyset pagination: stable under concurrent writes)."""

@@ -317,6 +317,15 @@ def test_a_small_batch_does_not_wait_behind_a_large_batchs_decodes(
     assert len(stored_ids(engine)) == 10
 
 
+def test_a_label_search_lists_equal_scores_in_the_order_they_were_stored(engine: Engine) -> None:
+    """Duplicates under two labels, interleaved: the label gather keeps storage order whatever
+    order SQLite returns the labels' rows in."""
+    same = vector(7)
+    engine.add_images("c", [ImageItem(id=f"d{n}", vector=same, label="ab"[n % 2]) for n in range(8)])
+    for labels in (["b", "a"], ["a", "b"]):
+        assert search(engine, vector=same, labels=labels, top_k=5) == ["d0", "d1", "d2", "d3", "d4"]
+
+
 @pytest.mark.parametrize("skip_existing", [True, False])
 def test_an_id_stored_by_another_call_after_the_check(
     engine: Engine, monkeypatch: pytest.MonkeyPatch, skip_existing: bool
