@@ -6,13 +6,15 @@ the store's insert with its fsync'd commit, the FAISS add, the rest of ``Collect
 (stacking and preparing vectors, under the collection's writer lock) and the engine's validation
 and rows. Prints ms per batch, vectors/s and the CPU the process used, so the bench/README
 breakdown of ingest comes from a command. First, the cost of one batch's message in each of
-FloatVector's two forms (``values``, ``float32_le``) on the client and on the server.
+FloatVector's two forms (``values``, ``float32_le``) on the client and on the server, and how a
+thread running Python slows SQLite inserts made one statement a row against one a batch.
 """
 
 from __future__ import annotations
 
 import argparse
 import resource
+import sqlite3
 import sys
 import tempfile
 import threading
@@ -32,7 +34,7 @@ from imagesearch.server.app import run_server
 from imagesearch.server.collection import Collection
 from imagesearch.server.config import ServerConfig, default_models_dir
 from imagesearch.server.engine import Engine, ImageItem, NewCollection, SearchQuery
-from imagesearch.server.store import CollectionStore
+from imagesearch.server.store import SCHEMA, CollectionStore, insert_many
 from imagesearch.server.vector_index import VectorIndex
 from imagesearch.server.vector_input import read_vector, vector_input
 from imagesearch.v1 import image_search_service_pb2 as pb
@@ -143,6 +145,58 @@ def searches_during_ingest(engine: Engine, batches: list[list[ImageItem]], dim: 
     }
 
 
+def insert_while_python_runs(
+    vectors: np.ndarray, directory: Path, batches: int = 8
+) -> dict[str, dict[str, float]]:
+    """Rows/s of the store's rows inserted by ``executemany`` (one statement a row) and by
+    ``store.insert_many`` (one statement a batch), alone and while another thread runs Python.
+    Python's sqlite3 lets go of the GIL around every statement and must win it back, from a
+    thread that gives it up only every switch interval (5 ms)."""
+    rows = [
+        [
+            (f"{start + i}", start + i, v.tobytes(), time.time())
+            for i, v in enumerate(vectors[start : start + 256])
+        ]
+        for start in range(0, batches * 256, 256)
+    ]
+    sql = "INSERT INTO images(id, seq, label, metadata, vector, created) VALUES "
+    ways: dict[str, Callable[[sqlite3.Connection, list], None]] = {
+        "executemany": lambda conn, batch: conn.executemany(sql + "(?, ?, '', '{}', ?, ?)", batch),
+        "insert_many": lambda conn, batch: insert_many(
+            conn, sql, [(i, seq, "", "{}", v, now) for i, seq, v, now in batch]
+        ),
+    }
+    results: dict[str, dict[str, float]] = {}
+    for way, insert in ways.items():
+        for load in ("alone", "while a thread runs Python"):
+            conn = sqlite3.connect(
+                directory / f"{way}-{len(results.get(way, {}))}.sqlite3", isolation_level=None
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.executescript(SCHEMA)
+            stop = threading.Event()
+
+            def busy(stop: threading.Event = stop) -> None:
+                while not stop.is_set():
+                    sum(i * i for i in range(1000))
+
+            hog = threading.Thread(target=busy)
+            if load != "alone":
+                hog.start()
+            started = time.perf_counter()
+            for batch in rows:
+                conn.execute("BEGIN IMMEDIATE")
+                insert(conn, batch)
+                conn.execute("COMMIT")
+            results.setdefault(way, {})[load] = len(rows) * 256 / (time.perf_counter() - started)
+            stop.set()
+            if hog.is_alive():
+                hog.join()
+            conn.close()
+    return results
+
+
 def cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -165,6 +219,9 @@ def main() -> None:
     for form, costs in results["message_forms"].items():
         print(f"one batch as {form}: " + ", ".join(f"{stage} {ms:.2f}" for stage, ms in costs.items()))
     with tempfile.TemporaryDirectory() as tmp:
+        results["insert_while_python_runs"] = insert_while_python_runs(base, Path(tmp))
+        for way, rates in results["insert_while_python_runs"].items():
+            print(f"rows/s by {way}: " + ", ".join(f"{load} {rate:.0f}" for load, rate in rates.items()))
         config = ServerConfig(
             port=0,
             data_dir=Path(tmp) / "data",

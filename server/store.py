@@ -97,11 +97,31 @@ class ImageRow(HitRow):
 # variable (SQLite refuses more variables than its limit: a SearchBatch of 256 queries of 1,000 hits
 # asked for 256,000 rows, and a query with 300,000 labels failed).
 ANY_OF = "(SELECT value FROM json_each(?))"
+MAX_SEQ = 2**63 - 1  # past any sequence number (SQLite integers are 64-bit)
 
 
 def any_of(values: Iterable[object]) -> str:
     """The values as the JSON array ANY_OF reads (NumPy integers as plain ints)."""
     return json.dumps([v if isinstance(v, str) else int(v) for v in values])  # type: ignore[call-overload]
+
+
+def insert_many(conn: sqlite3.Connection, insert: str, rows: Sequence[tuple[object, ...]]) -> None:
+    """``insert`` ("INSERT INTO t(a, b) VALUES ") of every row, as few statements of many rows each.
+
+    Not ``executemany``: it runs one statement per row, and Python's sqlite3 lets go of the GIL
+    around each and must win it back after; while another thread runs Python (the server checking
+    the next batch), every row then waits for that thread to yield, up to the interpreter's switch
+    interval (5 ms): a batch of 256 took 70 times as long (bench/bench_ingest_stages.py). One
+    statement lets go of the GIL once.
+    """
+    if not rows:
+        return
+    width = len(rows[0])
+    per_statement = max(1, conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // width)
+    row_marks = "(" + ", ".join("?" * width) + ")"
+    for start in range(0, len(rows), per_statement):
+        chunk = rows[start : start + per_statement]
+        conn.execute(insert + ", ".join([row_marks] * len(chunk)), [value for row in chunk for value in row])
 
 
 def _connect(path: Path, create: bool) -> sqlite3.Connection:
@@ -197,6 +217,12 @@ class CollectionStore:
         value = self.get_meta("seq")
         return int(value) if value is not None else 0
 
+    def _writer_seq(self) -> int:
+        """``last_seq`` read inside the open write transaction, on the writer's own connection (a
+        reader would first have to catch up with the commits since its last read)."""
+        row = self._writer.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()
+        return int(row[0]) if row is not None else 0
+
     # -- writes ------------------------------------------------------------------
     def existing_ids(self, ids: Sequence[str]) -> set[str]:
         rows = self._reader().execute(f"SELECT id FROM images WHERE id IN {ANY_OF}", (any_of(ids),))
@@ -211,8 +237,8 @@ class CollectionStore:
         """
         now = time.time()
         with self._transaction() as conn:
-            seq = self.last_seq()
-            first = self._last_row_id() + 1
+            seq, last_row_id = self._tail()
+            first = last_row_id + 1
             rows = [
                 (
                     first + offset,
@@ -230,9 +256,10 @@ class CollectionStore:
                 for offset, image in enumerate(images)
             ]
             try:
-                conn.executemany(
+                insert_many(
+                    conn,
                     "INSERT INTO images(row_id, id, seq, label, metadata, vector, thumbnail, original, width,"
-                    " height, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " height, created) VALUES ",
                     rows,
                 )
             except sqlite3.IntegrityError as exc:
@@ -245,20 +272,24 @@ class CollectionStore:
                 ) from exc
             local = [(row[0], image.local) for row, image in zip(rows, images, strict=True) if image.local]
             if local:
-                conn.executemany("INSERT INTO local_features(row_id, data) VALUES (?, ?)", local)
+                insert_many(conn, "INSERT INTO local_features(row_id, data) VALUES ", local)
             self.set_meta("seq", str(seq + len(images)))
         return [row[0] for row in rows], [row[2] for row in rows]
 
-    def _last_row_id(self) -> int:
-        """The largest row id ever used (deleted rows included: ids are never reused)."""
-        row = self._writer.execute("SELECT seq FROM sqlite_sequence WHERE name = 'images'").fetchone()
-        largest = self._writer.execute("SELECT MAX(row_id) FROM images").fetchone()[0]
-        return max(row[0] if row else 0, largest or 0)
+    def _tail(self) -> tuple[int, int]:
+        """(last sequence number, largest row id ever used, deleted rows included: ids are never
+        reused), read in the open write transaction by one statement (each statement lets go of
+        the GIL and must win it back: ``insert_many``)."""
+        seq, used, largest = self._writer.execute(
+            "SELECT (SELECT value FROM meta WHERE key = 'seq'),"
+            " (SELECT seq FROM sqlite_sequence WHERE name = 'images'), (SELECT MAX(row_id) FROM images)"
+        ).fetchone()
+        return int(seq or 0), max(used or 0, largest or 0)
 
     def delete(self, ids: Sequence[str]) -> list[int]:
         """Delete rows by id in one transaction, logging each removal with a sequence number."""
         with self._transaction() as conn:
-            seq = self.last_seq()
+            seq = self._writer_seq()
             removed: list[int] = []
             for image_id in ids:
                 row = conn.execute("SELECT row_id FROM images WHERE id = ?", (image_id,)).fetchone()
@@ -283,7 +314,7 @@ class CollectionStore:
             )
             conn.execute("INSERT OR REPLACE INTO extractor_state(slot, data) VALUES (1, ?)", (state,))
             self.set_meta("spec", spec_json)
-            seq = self.last_seq() + 1
+            seq = self._writer_seq() + 1
             self.set_meta("seq", str(seq))
         return seq
 
@@ -379,14 +410,17 @@ class CollectionStore:
         ]
 
     def iter_vectors(
-        self, after_seq: int = 0, chunk: int = 4096
+        self, after_seq: int = 0, chunk: int = 4096, upto_seq: int | None = None
     ) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
-        """Yield (row_ids, raw vectors, max seq) in seq order for rows added after ``after_seq``."""
+        """Yield (row_ids, raw vectors, max seq) in seq order for rows added after ``after_seq`` (and
+        up to ``upto_seq``, when given)."""
         conn = self._reader()
         last = after_seq
+        upto = MAX_SEQ if upto_seq is None else upto_seq
         while True:
             rows = conn.execute(
-                "SELECT row_id, vector, seq FROM images WHERE seq > ? ORDER BY seq LIMIT ?", (last, chunk)
+                "SELECT row_id, vector, seq FROM images WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+                (last, upto, chunk),
             ).fetchall()
             if not rows:
                 return
@@ -431,7 +465,10 @@ class CollectionStore:
             self._reader().execute("SELECT COALESCE(SUM(LENGTH(data)), 0) FROM local_features").fetchone()[0]
         )
 
-    def removals_after(self, seq: int) -> list[tuple[int, int]]:
-        """(seq, row_id) of removals logged after ``seq``."""
-        rows = self._reader().execute("SELECT seq, row_id FROM removals WHERE seq > ? ORDER BY seq", (seq,))
+    def removals_after(self, seq: int, upto_seq: int | None = None) -> list[tuple[int, int]]:
+        """(seq, row_id) of removals logged after ``seq`` (and up to ``upto_seq``, when given)."""
+        rows = self._reader().execute(
+            "SELECT seq, row_id FROM removals WHERE seq > ? AND seq <= ? ORDER BY seq",
+            (seq, MAX_SEQ if upto_seq is None else upto_seq),
+        )
         return [(int(s), int(r)) for s, r in rows]
