@@ -260,11 +260,15 @@ class Collection:
         self._local = local if local is not None and self._matches(local) else None
         self._training = threading.Lock()
         self._local_bytes: tuple[int, int] | None = None  # (seq, bytes) cached for GetCollection
-        # Two locks, always taken in this order. ``_writes`` serialises every change to the store
-        # (and the index updates that follow it, in commit order); ``lock`` guards the index, the
-        # spec and the extractor: searches share it, and an add takes it only for its index
-        # update, so searches never wait for a commit's fsync or a snapshot (docs/decisions.md).
+        # Three locks, always taken in this order. ``_writes`` serialises every change to the store;
+        # ``_indexing`` the index updates that follow the commits, in commit order: an add takes it
+        # before it lets ``_writes`` go, so the next add commits while this one updates the index,
+        # and every other change takes both (``_writing``), finding the index up to date with the
+        # store. ``lock`` guards the index, the spec and the extractor: searches share it, and an
+        # add takes it only for its index update, so searches never wait for a commit's fsync or a
+        # snapshot (docs/decisions.md).
         self._writes = threading.Lock()
+        self._indexing = threading.Lock()
         self.lock = ReadWriteLock()
         self._applied_seq = 0
         self._snapshot_seq = 0
@@ -397,21 +401,20 @@ class Collection:
             return self._rebuild(index_spec)
         return index
 
-    def _replay(self, index: VectorIndex, after_seq: int) -> None:
-        applied = after_seq
-        for row_ids, vectors, last in self.store.iter_vectors(after_seq):
+    def _replay(self, index: VectorIndex, after_seq: int, upto_seq: int | None = None) -> None:
+        """Apply the store's changes after ``after_seq`` (up to ``upto_seq``, else all) to ``index``."""
+        upto = self.store.last_seq() if upto_seq is None else upto_seq
+        for row_ids, vectors, _ in self.store.iter_vectors(after_seq, upto_seq=upto):
             index.add(row_ids, self.metric.prepare(vectors))
-            applied = max(applied, last)
-        removals = self.store.removals_after(after_seq)
+        removals = self.store.removals_after(after_seq, upto_seq=upto)
         if removals:
             index.remove(np.array([r for _, r in removals], dtype=np.int64))
-            applied = max(applied, removals[-1][0])
-        self._applied_seq = max(applied, self.store.last_seq())
+        self._applied_seq = upto
 
-    def _rebuild(self, index_spec: IndexSpec) -> VectorIndex:
+    def _rebuild(self, index_spec: IndexSpec, upto_seq: int | None = None) -> VectorIndex:
         index = VectorIndex(index_spec)
         self._snapshot_seq = 0
-        self._replay(index, after_seq=0)
+        self._replay(index, after_seq=0, upto_seq=upto_seq)
         return index
 
     # -- extractor -----------------------------------------------------------------
@@ -458,24 +461,37 @@ class Collection:
         return self._extractor
 
     # -- writes --------------------------------------------------------------------
-    def add(self, images: Sequence[NewImage], *, skip_existing: bool = False) -> list[int]:
+    def add(
+        self,
+        images: Sequence[NewImage],
+        *,
+        skip_existing: bool = False,
+        before_storing: Callable[[], None] | None = None,
+        after_storing: Callable[[], None] | None = None,
+    ) -> list[int]:
         """Commit rows to the store, then to the index. Returns row ids.
 
         An id that another caller committed after the engine checked (the check runs before this
         lock) fails the batch with AlreadyExists, or with ``skip_existing`` is left out: its row id
-        is then SKIPPED.
+        is then SKIPPED. ``before_storing`` runs once the vectors are prepared, before the writer
+        lock; it may wait, or raise to store nothing. ``after_storing`` runs once the rows are
+        committed, before the index takes them (a stream's next chunk may then commit).
 
         Searches go on during the store's commit and see the rows once the index has them, when
         this returns; a reader of the store (``get``, ``count``) may see them a moment sooner.
         """
+        # Prepared before the commit (a metric plugin that fails here leaves nothing stored) and
+        # before the writer lock, so that one caller's preparing overlaps another's commit.
+        prepared = self._prepared(images)
+        if before_storing is not None:  # e.g. a stream's chunk waiting for the one before it
+            before_storing()
         with self._writes:
             self._check_open()
-            index = self.live_index()  # only a writer replaces it, and this thread is the writer
-            images = list(self._current_encoding(images))
-            # Prepared before the commit: a metric plugin that fails here leaves nothing stored.
-            prepared = self.metric.prepare(
-                np.stack([np.asarray(image.vector, dtype=np.float32) for image in images])
-            )
+            self.live_index()  # a read-only collection refuses the add before storing anything
+            current = self._current_encoding(images)
+            if current is not images:  # re-encoded under the lock: a training replaced the state
+                prepared = self._prepared(current)
+            images = list(current)
             kept = [True] * len(images)
             try:
                 row_ids, seqs = self.store.insert(images)
@@ -490,11 +506,25 @@ class Collection:
                     [image for image, keep in zip(images, kept, strict=True) if keep]
                 )
                 prepared = prepared[np.array(kept)]
+            if after_storing is not None:
+                after_storing()
+            self._indexing.acquire()  # before the next add may commit: index updates keep commit order
+        try:
             with self.lock.write():
-                self._follow_store(lambda: index.add(np.array(row_ids, dtype=np.int64), prepared))
+                index = self.index  # now: the add before may have rebuilt it after a failed update
+                if index is not None:  # else that rebuild failed: read-only, the store keeps the rows
+                    self._follow_store(
+                        lambda: index.add(np.array(row_ids, dtype=np.int64), prepared), upto_seq=seqs[-1]
+                    )
                 self._applied_seq = seqs[-1]
+        finally:
+            self._indexing.release()
         stored = iter(row_ids)
         return [next(stored) if keep else SKIPPED for keep in kept]
+
+    def _prepared(self, images: Sequence[NewImage]) -> np.ndarray:
+        """The rows' vectors as the index takes them (the metric's preparation, e.g. unit length)."""
+        return self.metric.prepare(np.stack([np.asarray(image.vector, dtype=np.float32) for image in images]))
 
     def _current_encoding(self, images: Sequence[NewImage]) -> Sequence[NewImage]:
         """Re-encode rows whose vectors a since-replaced extractor state made (a training committed
@@ -513,7 +543,7 @@ class Collection:
 
     def remove(self, ids: Sequence[str]) -> int:
         # The delete commits under the reader lock too: a search never meets a hit whose row is gone.
-        with self._writes, self.lock.write():
+        with self._writing(), self.lock.write():
             self._check_open()
             index = self.live_index()
             removed = self.store.delete(ids)
@@ -523,8 +553,17 @@ class Collection:
                 self.index = self._rebuild(self.index.spec)
         return len(removed)
 
-    def _follow_store(self, change: Callable[[], None]) -> None:
-        """Apply a committed change to the index; if FAISS refuses it, rebuild from the store.
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """The store's writer, with the index up to date with the store: what every change but an
+        add's commit needs (an add updates the index after it lets the next add commit)."""
+        with self._writes, self._indexing:
+            yield
+
+    def _follow_store(self, change: Callable[[], None], upto_seq: int | None = None) -> None:
+        """Apply a committed change to the index; if FAISS refuses it, rebuild from the store (up
+        to ``upto_seq``, the change's own: later adds may have committed, and add their rows
+        themselves).
 
         The rows are committed and so the request succeeded: an index that fell
         behind is rebuilt at once, or the collection turns read-only, saying why.
@@ -534,7 +573,7 @@ class Collection:
         except Exception as exc:
             log.error("collection %s: index update failed (%s); rebuilding", self.spec.name, exc)
             try:
-                self.index = self._rebuild(self.spec.index_spec(self.metric))
+                self.index = self._rebuild(self.spec.index_spec(self.metric), upto_seq)
             except Exception as again:
                 self._index_failed(f"its index could not be rebuilt after a failed update: {again}")
 
@@ -834,7 +873,7 @@ class Collection:
             trained = extractor.with_state(state)
             vectors: dict[int, np.ndarray] = {}
             self._encode_rows(trained, row_ids.tolist(), vectors, locked=False)
-            with self._writes, self.lock.write():
+            with self._writing(), self.lock.write():
                 self._check_open()
                 current = self.store.local_row_ids().tolist()
                 self._encode_rows(trained, [r for r in current if r not in vectors], vectors, locked=True)
@@ -881,7 +920,7 @@ class Collection:
         """Persist the index. Only writers wait: every index change happens under the writer lock,
         so the index holds still while it is written, and searches go on (a reader lock would
         stall them too, behind the first writer that queued for it)."""
-        with self._writes:
+        with self._writing():
             if self.closed or self.index is None:
                 return
             seq = self._applied_seq
@@ -905,6 +944,6 @@ class Collection:
                 self.snapshot()
             except SNAPSHOT_ERRORS as exc:
                 log.error("collection %s: final snapshot failed: %s", self.spec.name, exc)
-        with self._writes, self.lock.write():
+        with self._writing(), self.lock.write():
             self.closed = True
             self.store.close()

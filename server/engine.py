@@ -17,7 +17,7 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -616,7 +616,13 @@ class Engine:
         skip_existing: bool = False,
         deadline: float | None = None,
         index_offset: int = 0,
+        before_storing: Callable[[], None] | None = None,
+        after_storing: Callable[[], None] | None = None,
     ) -> AddOutcome:
+        """Validate, decode, extract and store a batch. ``before_storing`` runs right before the rows
+        are stored, ``after_storing`` once they are committed (neither when no row is left);
+        ``before_storing`` may wait, or raise to store nothing: a stream validates its next chunk
+        while this one commits, and stores it only after this one (``streams.ChunkTurn``)."""
         collection = self.catalog.get(collection_name)
         collection.check_serving()
         if not items:
@@ -711,7 +717,12 @@ class Engine:
             check_deadline(deadline, "storing the batch")
             if rows:
                 stored = sorted(rows)
-                row_ids = collection.add([rows[p] for p in stored], skip_existing=skip_existing)
+                row_ids = collection.add(
+                    [rows[p] for p in stored],
+                    skip_existing=skip_existing,
+                    before_storing=before_storing,
+                    after_storing=after_storing,
+                )
                 for position, row_id in zip(stored, row_ids, strict=True):
                     if row_id == SKIPPED:  # another call stored this id after the check above
                         prefix = f"images[{position + index_offset}]"

@@ -14,8 +14,10 @@ import functools
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -40,7 +42,7 @@ from imagesearch.server.engine import (
 )
 from imagesearch.server.response_size import RESPONSE_FRAMING, max_response_bytes
 from imagesearch.server.store import ImageRow
-from imagesearch.server.streams import StreamGuard
+from imagesearch.server.streams import ChunkTurn, StreamGuard
 from imagesearch.server.vector_index import FLOAT16, FLOAT32, INT8
 from imagesearch.server.vector_input import vector_input
 from imagesearch.v1 import image_search_service_pb2 as pb
@@ -413,6 +415,46 @@ def _too_large_for_batch(position: int, limit: int) -> errors.ResourceExhausted:
     )
 
 
+# Chunks of one AddImagesStream being stored at once: one committing, the next being validated and
+# extracted meanwhile (more would only hold more memory: commits happen one at a time).
+STREAM_CHUNKS_IN_FLIGHT = 2
+
+
+@dataclass
+class _StreamChunk:
+    number: int  # 1 for the stream's first message
+    task: asyncio.Future[AddOutcome]
+    turn: ChunkTurn
+    ids: set[str]
+
+
+class _ChunkFailed(Exception):
+    def __init__(self, number: int, error: errors.ImageSearchError) -> None:
+        super().__init__(error.message)
+        self.number, self.error = number, error
+
+
+async def _settle(chunk: _StreamChunk, response: pb.AddImagesStreamResponse) -> None:
+    """Wait for a chunk's outcome and add it to the stream's response, or fail the stream with it."""
+    try:
+        outcome = await chunk.task
+    except errors.ImageSearchError as error:
+        raise _ChunkFailed(chunk.number, error) from error
+    fields = outcome_fields(outcome)
+    response.ids.extend(fields["ids"])
+    response.results.extend(fields["results"])
+    response.added_count += fields["added_count"]
+
+
+async def _abandon(chunks: deque[_StreamChunk]) -> None:
+    """After a failure (or the client going away): chunks not yet stored never will be, and the
+    stream's status goes out only once they have given up, so it says all that was stored."""
+    for chunk in chunks:
+        chunk.turn.abandon()
+    if chunks:
+        await asyncio.gather(*(c.task for c in chunks), return_exceptions=True)
+
+
 class ImageSearchServicer(pb_grpc.ImageSearchServiceServicer):
     """Every handler is a coroutine: waiting for a slow client or an idle stream holds no thread.
     Engine calls (decoding, extraction, FAISS, SQLite) run on the ``workers`` pool; the cheap
@@ -444,48 +486,91 @@ class ImageSearchServicer(pb_grpc.ImageSearchServiceServicer):
         )
         return pb.AddImagesResponse(**outcome_fields(outcome))
 
-    async def _add(self, collection: str, images: Sequence[pb.ImageInput], **options: Any) -> AddOutcome:
+    async def _add(
+        self,
+        collection: str,
+        images: Sequence[pb.ImageInput],
+        turn: ChunkTurn | None = None,
+        **options: Any,
+    ) -> AddOutcome:
         """One batch of images, read from protobuf and stored on a worker thread: reading 256
         vectors takes about a millisecond (bench/bench_ingest_stages.py), which the event loop,
-        answering health and cheap reads, should not spend."""
-        return await self._work(
-            lambda: self.engine.add_images(collection, [image_item(m) for m in images], **options)
-        )
+        answering health and cheap reads, should not spend. A stream's chunk stores in its ``turn``."""
+
+        def add() -> AddOutcome:
+            items = [image_item(m) for m in images]
+            if turn is None:
+                return self.engine.add_images(collection, items, **options)
+            try:
+                outcome = self.engine.add_images(
+                    collection, items, before_storing=turn.wait, after_storing=turn.stored, **options
+                )
+            except BaseException:
+                turn.finish(succeeded=False)
+                raise
+            turn.finish(succeeded=True)
+            return outcome
+
+        return await self._work(add)
 
     @rpc
     async def AddImagesStream(
         self, request_iterator: AsyncIterator[pb.AddImagesStreamRequest], context: grpc.aio.ServicerContext
     ) -> pb.AddImagesStreamResponse:
+        """Chunks are stored one after the other, as they came; the next chunk is read, validated
+        and extracted while the one before it commits (``ChunkTurn``), unless it repeats one of its
+        ids (its check for stored ids must see that chunk's)."""
         response = pb.AddImagesStreamResponse()
         first: pb.AddImagesStreamRequest | None = None
+        in_flight: deque[_StreamChunk] = deque()
+        received = stored_up_to = 0  # chunks read; images in the chunks started (the next index)
         try:
             with self._streams.admit(context.peer()):
-                while (chunk := await self._streams.next_chunk(context)) is not None:
-                    if isinstance(chunk, MalformedRequest):
-                        raise chunk.error()
-                    first = first or chunk
-                    response.chunk_count += 1
-                    self.engine.check_accepting_writes()
-                    if not chunk.images:
-                        continue
-                    outcome = await self._add(
-                        first.collection,
-                        chunk.images,
-                        skip_invalid=first.skip_invalid,
-                        skip_existing=first.skip_existing,
-                        deadline=_deadline(context),
-                        index_offset=len(response.ids),
-                    )
-                    fields = outcome_fields(outcome)
-                    response.ids.extend(fields["ids"])
-                    response.results.extend(fields["results"])
-                    response.added_count += fields["added_count"]
-        except errors.ImageSearchError as error:
+                try:
+                    while (chunk := await self._streams.next_chunk(context)) is not None:
+                        received += 1
+                        if isinstance(chunk, MalformedRequest):
+                            raise chunk.error()
+                        first = first or chunk
+                        self.engine.check_accepting_writes()
+                        if not chunk.images:
+                            continue
+                        ids = {image.id for image in chunk.images if image.id}
+                        while in_flight and (
+                            len(in_flight) >= STREAM_CHUNKS_IN_FLIGHT or any(ids & c.ids for c in in_flight)
+                        ):
+                            await _settle(in_flight.popleft(), response)
+                        turn = ChunkTurn(in_flight[-1].turn if in_flight else None)
+                        task = asyncio.ensure_future(
+                            self._add(
+                                first.collection,
+                                chunk.images,
+                                skip_invalid=first.skip_invalid,
+                                skip_existing=first.skip_existing,
+                                deadline=_deadline(context),
+                                index_offset=stored_up_to,
+                                turn=turn,
+                            )
+                        )
+                        in_flight.append(_StreamChunk(received, task, turn, ids))
+                        stored_up_to += len(chunk.images)
+                except errors.ImageSearchError as error:  # reading the stream failed at chunk `received`
+                    while in_flight:  # the chunks before it are stored (or fail) first
+                        await _settle(in_flight.popleft(), response)
+                    raise _ChunkFailed(received, error) from error
+                while in_flight:
+                    await _settle(in_flight.popleft(), response)
+        except _ChunkFailed as failed:
+            error = failed.error
+            response.chunk_count = failed.number
             error.message = (
-                f"chunk {response.chunk_count}: {error.message} ({response.added_count} images from "
+                f"chunk {failed.number}: {error.message} ({response.added_count} images from "
                 "earlier chunks were stored; their ids are in this status's AddImagesStreamResponse detail)"
             )
             raise StreamFailure(error, response) from error
+        finally:
+            await _abandon(in_flight)
+        response.chunk_count = received
         return response
 
     @rpc

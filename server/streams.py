@@ -8,6 +8,7 @@ not be able to open them without limit or leave them open for ever.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,7 +16,7 @@ from typing import Any
 
 import grpc
 
-from imagesearch.server.errors import DeadlineExceeded, ResourceExhausted
+from imagesearch.server.errors import Aborted, DeadlineExceeded, ResourceExhausted
 
 
 def peer_host(peer: str) -> str:
@@ -62,3 +63,60 @@ class StreamGuard:
                 metadata={"limit": f"{self.idle_timeout_s:g}s"},
             ) from None
         return None if message is grpc.aio.EOF else message
+
+
+class ChunkAbandoned(Aborted):
+    """A chunk's turn to be stored never came: an earlier chunk failed, or the stream was given up."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "an earlier chunk of this stream failed, so this one was not stored", reason="CHUNK_ABANDONED"
+        )
+
+
+class ChunkTurn:
+    """When a stream's chunk may store its rows: once the chunk before it is done, and only if that
+    one succeeded and the stream goes on.
+
+    A stream validates, decodes and extracts one chunk while the chunk before it commits (the
+    commit's fsync leaves the CPU to the next chunk), and commits it while the one before goes
+    into the index; yet the outcome is that of storing them one after the other: a chunk is never
+    stored after an earlier one failed. ``wait``, ``stored`` and ``finish`` run on worker
+    threads, ``abandon`` on the event loop.
+    """
+
+    def __init__(self, previous: ChunkTurn | None) -> None:
+        self._previous = previous
+        self._done = threading.Event()
+        self._succeeded = False
+        self._abandoned = False
+
+    def wait(self) -> None:
+        """Block until the chunk before is done; raise ChunkAbandoned when it failed or the stream
+        was given up (the engine calls this right before it stores the rows)."""
+        if not self._previous_succeeded() or self._abandoned:
+            raise ChunkAbandoned()
+
+    def stored(self) -> None:
+        """This chunk's rows are committed: the next chunk may commit its own (while this one's go
+        into the index)."""
+        self._succeeded = True
+        self._done.set()
+
+    def finish(self, succeeded: bool) -> None:
+        """This chunk is done (a no-op once ``stored``); it counts as succeeded only when every
+        chunk before it did too (a chunk that stored nothing never waited for its turn)."""
+        if self._done.is_set():
+            return
+        self._succeeded = succeeded and self._previous_succeeded()
+        self._done.set()
+
+    def abandon(self) -> None:
+        """The stream failed or ended: this chunk must not be stored if it has not begun to be."""
+        self._abandoned = True
+
+    def _previous_succeeded(self) -> bool:
+        if self._previous is None:
+            return True
+        self._previous._done.wait()
+        return self._previous._succeeded

@@ -14,8 +14,9 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -599,6 +600,106 @@ def test_concurrent_adds_reach_the_index_in_commit_order(tmp_path: Path) -> None
     assert again.index is not None and again.index.size == 400
     assert again.search(batches[5][2].vector, 1)[0].id == batches[5][2].id
     again.close()
+
+
+def _index_update_held(
+    monkeypatch: pytest.MonkeyPatch, fail: bool
+) -> tuple[threading.Event, threading.Event]:
+    """Make the next FAISS add (``VectorIndex.add``) signal ``updating``, wait for ``release``,
+    then fail (``fail``) or go on; later adds run as usual."""
+    updating, release = threading.Event(), threading.Event()
+    original = collection_module.VectorIndex.add
+    calls = []
+
+    def held(index, row_ids, vectors):
+        calls.append(len(row_ids))
+        if len(calls) == 1:
+            updating.set()
+            assert release.wait(10)
+            if fail:
+                raise RuntimeError("FAISS refused the add")
+        return original(index, row_ids, vectors)
+
+    monkeypatch.setattr(collection_module.VectorIndex, "add", held)
+    return updating, release
+
+
+@contextmanager
+def _an_add_held_in_its_index_update(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail: bool = False
+) -> Iterator[tuple[Collection, ThreadPoolExecutor, Callable[[], None]]]:
+    """A collection of img0..img9 and an add of img10..img14, committed and held in its FAISS add
+    until ``release()`` (then failing, with ``fail``). Yields the collection, a pool for calls made
+    meanwhile and ``release``; the held add has returned at exit."""
+    collection = create(tmp_path)
+    add(collection, {}, rows(0, 10))
+    updating, released = _index_update_held(monkeypatch, fail)
+    with ThreadPoolExecutor(2) as pool:
+        held = pool.submit(collection.add, rows(10, 5))
+        assert updating.wait(10)
+        yield collection, pool, released.set
+        held.result(timeout=10)
+
+
+def _committed(collection: Collection, count: int) -> bool:
+    """Wait (up to 10 s) until the store holds ``count`` rows: committed, whatever the index has."""
+    deadline = time.monotonic() + 10
+    while collection.store.count() < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return collection.store.count() == count
+
+
+def test_the_next_add_commits_while_one_updates_the_index(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An add lets the store's writer go before its FAISS add, so the next add's fsync'd commit
+    overlaps it; the index still takes them in commit order."""
+    with _an_add_held_in_its_index_update(tmp_path, monkeypatch) as (collection, pool, release):
+        second = pool.submit(collection.add, rows(20, 5))
+        assert _committed(collection, 20) and not second.done(), "committed, waiting for its index turn"
+        release()
+        second.result(timeout=10)
+    assert collection.index is not None and collection.index.size == 20
+    assert [collection.search(r.vector, 1)[0].id for r in rows(20, 5)] == [f"img{n}" for n in range(20, 25)]
+    collection.close()
+
+
+def test_a_failed_index_update_rebuilds_up_to_its_own_commit_while_later_adds_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The rebuild after FAISS refuses an add reads the store, which by then may hold a later add
+    that has committed and adds its own rows next: rebuilt past it, those rows would be in the
+    index twice."""
+    with (
+        caplog.at_level(logging.ERROR),
+        _an_add_held_in_its_index_update(tmp_path, monkeypatch, fail=True) as (collection, pool, release),
+    ):
+        second = pool.submit(collection.add, rows(20, 5))
+        assert _committed(collection, 20)
+        release()
+        second.result(timeout=10)
+    assert "index update failed" in caplog.text
+    assert collection.index is not None and collection.index.size == collection.count() == 20
+    found = [collection.search(r.vector, 2) for r in rows(10, 5) + rows(20, 5)]
+    assert [hits[0].id for hits in found] == [f"img{n}" for n in (*range(10, 15), *range(20, 25))]
+    assert all(hits[0].id != hits[1].id for hits in found), "no row twice in the index"
+    collection.close()
+
+
+def test_a_removal_waits_for_an_index_update_still_to_come(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A removal of rows an add has committed but not yet put in the index waits for that add:
+    otherwise it would remove them from the index first and the add would put them back."""
+    with _an_add_held_in_its_index_update(tmp_path, monkeypatch) as (collection, pool, release):
+        removing = pool.submit(collection.remove, ["img10", "img11"])
+        time.sleep(0.05)
+        assert not removing.done()
+        release()
+        assert removing.result(timeout=10) == 2
+    assert collection.index is not None and collection.index.size == collection.count() == 13
+    assert {hit.id for hit in collection.search(rows(10, 1)[0].vector, 13)}.isdisjoint({"img10", "img11"})
+    collection.close()
 
 
 def test_a_closed_collection_is_not_found(tmp_path: Path) -> None:

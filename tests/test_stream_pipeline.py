@@ -1,0 +1,152 @@
+"""AddImagesStream checks its next chunk while the one before it commits, with the outcome of
+storing them one after the other: the turn primitive, then the real server over gRPC."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+
+from imagesearch.server.store import CollectionStore
+from imagesearch.server.streams import ChunkAbandoned, ChunkTurn
+from imagesearch.v1 import image_search_service_pb2 as pb
+from tests.support.tiny_plugin import TinyExtractor
+
+DIM = TinyExtractor.dim
+
+
+# -- ChunkTurn ------------------------------------------------------------------------------
+def test_a_chunk_stores_only_after_the_one_before_it_finished() -> None:
+    first, events = ChunkTurn(None), []
+    second = ChunkTurn(first)
+
+    def store_second() -> None:
+        second.wait()
+        events.append("second stores")
+
+    waiting = threading.Thread(target=store_second)
+    waiting.start()
+    time.sleep(0.05)
+    assert events == [], "the second chunk waits for the first"
+    first.wait()
+    events.append("first stores")
+    first.finish(succeeded=True)
+    waiting.join(5)
+    assert events == ["first stores", "second stores"]
+
+
+def test_a_chunk_after_a_failed_one_is_abandoned() -> None:
+    first = ChunkTurn(None)
+    first.finish(succeeded=False)
+    with pytest.raises(ChunkAbandoned):
+        ChunkTurn(first).wait()
+
+
+def test_a_chunk_that_stored_nothing_after_a_failed_one_passes_the_failure_on() -> None:
+    first = ChunkTurn(None)
+    first.finish(succeeded=False)
+    middle = ChunkTurn(first)
+    middle.finish(succeeded=True)  # never waited: it had nothing to store
+    with pytest.raises(ChunkAbandoned):
+        ChunkTurn(middle).wait()
+
+
+def test_an_abandoned_chunk_stores_nothing() -> None:
+    turn = ChunkTurn(None)
+    turn.abandon()
+    with pytest.raises(ChunkAbandoned):
+        turn.wait()
+
+
+# -- over gRPC -------------------------------------------------------------------------------
+def vectors(prefix: str, count: int, seed: int = 0) -> list[pb.ImageInput]:
+    rows = np.random.default_rng(seed).random((count, DIM), dtype=np.float32) + 0.1
+    return [
+        pb.ImageInput(id=f"{prefix}{i}", vector=pb.FloatVector(float32_le=row.tobytes()))
+        for i, row in enumerate(rows)
+    ]
+
+
+def stored_ids(stub) -> set[str]:
+    return {image.id for image in stub.ListImages(pb.ListImagesRequest(page_size=1000)).images}
+
+
+@pytest.fixture
+def slow_commits(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str, str, float]]]:
+    """Every store insert takes 0.2 s more; records when each chunk's insert began and ended."""
+    timeline: list[tuple[str, str, float]] = []
+    insert = CollectionStore.insert
+
+    def slow_insert(self, images):
+        timeline.append(("insert begins", images[0].id, time.monotonic()))
+        time.sleep(0.2)
+        try:
+            return insert(self, images)
+        finally:
+            timeline.append(("insert ends", images[0].id, time.monotonic()))
+
+    monkeypatch.setattr(CollectionStore, "insert", slow_insert)
+    yield timeline
+
+
+def test_the_next_chunk_is_checked_while_one_commits_and_stored_after_it(
+    stub, slow_commits, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from imagesearch.server.engine import Engine
+
+    check = Engine._check_vectors
+
+    def recorded_check(self, values, collection, fields):
+        slow_commits.append(("check begins", fields[0], time.monotonic()))
+        return check(self, values, collection, fields)
+
+    monkeypatch.setattr(Engine, "_check_vectors", recorded_check)
+    chunks = [pb.AddImagesStreamRequest(images=vectors(f"c{n}-", 5, seed=n)) for n in range(3)]
+    response = stub.AddImagesStream(iter(chunks))
+    assert response.added_count == 15 and response.chunk_count == 3
+    assert list(response.ids) == [f"c{n}-{i}" for n in range(3) for i in range(5)]
+    assert [r.index for r in response.results] == list(range(15))
+    when = {(event, key): at for event, key, at in slow_commits}
+    assert when[("check begins", "images[5].vector")] < when[("insert ends", "c0-0")], (
+        "chunk 2 is checked while chunk 1 commits"
+    )
+    assert when[("insert begins", "c1-0")] >= when[("insert ends", "c0-0")], "and stored after it"
+    assert when[("insert begins", "c2-0")] >= when[("insert ends", "c1-0")]
+    assert stored_ids(stub) == {f"c{n}-{i}" for n in range(3) for i in range(5)}
+
+
+def test_a_chunk_checked_ahead_is_not_stored_when_the_one_before_it_fails(stub, slow_commits) -> None:
+    bad = vectors("bad", 2, seed=7)
+    bad[1].vector.float32_le = np.full(DIM, np.nan, np.float32).tobytes()
+    chunks = [
+        pb.AddImagesStreamRequest(images=vectors("a", 4, seed=1)),
+        pb.AddImagesStreamRequest(images=bad),
+        pb.AddImagesStreamRequest(images=vectors("c", 4, seed=3)),
+    ]
+    with pytest.raises(grpc.RpcError) as error:
+        stub.AddImagesStream(iter(chunks))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "chunk 2" in error.value.details() and "images[5]" in error.value.details()
+    assert "4 images from earlier chunks were stored" in error.value.details()
+    assert stored_ids(stub) == {f"a{i}" for i in range(4)}, "neither the bad chunk nor the one after it"
+
+
+def test_a_chunk_repeating_an_id_of_the_chunk_before_waits_for_it_and_is_refused_per_item(stub) -> None:
+    first = vectors("x", 3, seed=1)
+    second = [vectors("x", 1, seed=2)[0], *vectors("y", 2, seed=3)]  # "x0" again
+    response = stub.AddImagesStream(
+        iter(
+            [
+                pb.AddImagesStreamRequest(images=first, skip_invalid=True),
+                pb.AddImagesStreamRequest(images=second),
+            ]
+        )
+    )
+    assert response.added_count == 5
+    repeated = response.results[3]
+    assert repeated.code == grpc.StatusCode.ALREADY_EXISTS.value[0] and "images[3]" in repeated.message
+    assert stored_ids(stub) == {"x0", "x1", "x2", "y0", "y1"}
