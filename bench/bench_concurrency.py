@@ -8,8 +8,9 @@ Prints, on 20,000 x 1280 flat cosine vectors (bring-your-own vectors):
 3. 16 callers searching by image (the default CNN): images/s against one caller, and against
    onnxruntime extracting batches of 16 in-process;
 4. 64 idle AddImagesStream calls open: health and search latency against idle;
-5. durable ingest of the 20,000 vectors in batches of 256 against a bare SQLite insert of the
-   same rows with the same durability (WAL, synchronous=FULL, one commit per batch), and what
+5. durable ingest of the 20,000 vectors in batches of 256, by AddImages one batch after the other
+   and by one AddImagesStream, against a bare SQLite insert of the same rows with the same
+   durability (WAL, synchronous=FULL, one commit per batch) at its best page size, and what
    moving such a batch costs: refused by the server, and through gRPC alone to a bare server;
 and plots queries/s and p99 against callers (bench/results/concurrency.png).
 
@@ -58,6 +59,7 @@ from imagesearch.v1 import image_search_service_pb2 as pb
 from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
 
 MODEL = "efficientnet-lite0"
+BARE_PAGE_SIZES = (4096, 32768)  # SQLite's default page, and the store's (blob rows fit whole)
 OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
 
 
@@ -186,10 +188,11 @@ def storage_figures(base: np.ndarray, queries: np.ndarray) -> dict:
     return figures
 
 
-def bare_sqlite_rate(vectors: np.ndarray, directory: Path) -> float:
+def bare_sqlite_rate(vectors: np.ndarray, directory: Path, page_size: int) -> float:
     """Rows/s of the same rows inserted into the store's own schema with the store's durability
     (WAL, synchronous=FULL, one commit per 256) by one executemany per batch, and nothing else."""
-    conn = sqlite3.connect(directory / "bare.sqlite3", isolation_level=None)
+    conn = sqlite3.connect(directory / f"bare-{page_size}.sqlite3", isolation_level=None)
+    conn.execute(f"PRAGMA page_size={page_size}")
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.executescript(SCHEMA)
@@ -207,6 +210,24 @@ def bare_sqlite_rate(vectors: np.ndarray, directory: Path) -> float:
     rate = len(vectors) / (time.perf_counter() - started)
     conn.close()
     return rate
+
+
+def stream_ingest_rate(
+    stub: pb_grpc.ImageSearchServiceStub, requests: list[pb.AddImagesRequest], dim: int
+) -> float:
+    """Vectors/s of the same batches sent as the chunks of one AddImagesStream (the bulk path:
+    the server checks a chunk while the one before it commits), into a collection of its own."""
+    name = "vec-stream"
+    stub.CreateCollection(
+        pb.CreateCollectionRequest(collection=pb.Collection(name=name, extractor=f"vectors-{dim}"))
+    )
+    chunks = [pb.AddImagesStreamRequest(collection=name, images=r.images) for r in requests]
+    started = time.perf_counter()
+    response = stub.AddImagesStream(iter(chunks))
+    elapsed = time.perf_counter() - started
+    assert response.added_count == sum(len(r.images) for r in requests), response.added_count
+    stub.DeleteCollection(pb.DeleteCollectionRequest(collection=name))
+    return response.added_count / elapsed
 
 
 def transport_ms(stub: pb_grpc.ImageSearchServiceStub, requests: list[pb.AddImagesRequest]) -> float:
@@ -328,12 +349,15 @@ def main() -> None:
             for request in requests:
                 stub.AddImages(request)
             elapsed = time.perf_counter() - started
+            bare = {size: bare_sqlite_rate(base, Path(tmp), size) for size in BARE_PAGE_SIZES}
             results["ingest"] = {
                 "server_vectors_s": args.n / elapsed,
                 "server_ms_per_batch": elapsed * 1000 / len(requests),
+                "stream_vectors_s": stream_ingest_rate(stub, requests, args.dim),
                 "transport_ms_per_batch": transport_ms(stub, requests[:30]),
                 "grpc_alone_ms_per_batch": grpc_alone_ms(requests[:30]),
-                "bare_sqlite_rows_s": bare_sqlite_rate(base, Path(tmp)),
+                "bare_sqlite_rows_s_by_page_size": bare,
+                "bare_sqlite_rows_s": max(bare.values()),
             }
 
             def search_vector(i: int) -> object:
@@ -453,9 +477,16 @@ def report(results: dict, callers: list[int]) -> None:
         f"{storage['float16_scan_time_ratio']:.2f}x float32's (best thread setting of each)"
     )
     ingest = results["ingest"]
+    bare = ingest["bare_sqlite_rows_s"]
+    pages = ", ".join(
+        f"{rate:.0f} at {size // 1024} KiB"
+        for size, rate in ingest["bare_sqlite_rows_s_by_page_size"].items()
+    )
     print(
-        f"durable ingest, batches of 256: server {ingest['server_vectors_s']:.0f} vectors/s, bare SQLite "
-        f"{ingest['bare_sqlite_rows_s']:.0f} rows/s (ratio {ingest['server_vectors_s'] / ingest['bare_sqlite_rows_s']:.2f}); "
+        f"durable ingest, batches of 256: server {ingest['server_vectors_s']:.0f} vectors/s by AddImages, "
+        f"{ingest['stream_vectors_s']:.0f} by one AddImagesStream; bare SQLite at its best page size "
+        f"{bare:.0f} rows/s ({pages} pages); ratios {ingest['server_vectors_s'] / bare:.2f} and "
+        f"{ingest['stream_vectors_s'] / bare:.2f}; by AddImages "
         f"{ingest['server_ms_per_batch']:.2f} ms a batch, of which moving and parsing it (a refused batch's "
         f"round trip) {ingest['transport_ms_per_batch']:.2f} ms, gRPC alone (the same bytes, unparsed, to a bare "
         f"server) {ingest['grpc_alone_ms_per_batch']:.2f} ms; the bare insert {256000 / ingest['bare_sqlite_rows_s']:.2f} ms"
