@@ -59,7 +59,7 @@ from imagesearch.v1 import image_search_service_pb2 as pb
 from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
 
 MODEL = "efficientnet-lite0"
-BARE_PAGE_SIZES = (4096, 32768)  # SQLite's default page, and the store's (blob rows fit whole)
+BARE_PAGE_SIZES = (4096, 32768)  # SQLite's default (the store's), and pages these rows fit in whole
 OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
 
 
@@ -226,8 +226,43 @@ def stream_ingest_rate(
     response = stub.AddImagesStream(iter(chunks))
     elapsed = time.perf_counter() - started
     assert response.added_count == sum(len(r.images) for r in requests), response.added_count
-    stub.DeleteCollection(pb.DeleteCollectionRequest(collection=name))
+    stub.DeleteCollection(pb.DeleteCollectionRequest(name=name))
     return response.added_count / elapsed
+
+
+def per_call_floor(
+    stub: pb_grpc.ImageSearchServiceStub,
+    health: health_pb2_grpc.HealthStub,
+    base: np.ndarray,
+    query_messages: list[pb.FloatVector],
+    dim: int,
+) -> dict[str, float]:
+    """Calls/s from 16 callers of an empty call (health) and of a search whose scan costs nothing
+    (256 vectors): what each call costs the server and the two cores apart from the scan."""
+    name = "vec-small"
+    stub.CreateCollection(
+        pb.CreateCollectionRequest(collection=pb.Collection(name=name, extractor=f"vectors-{dim}"))
+    )
+    stub.AddImages(
+        pb.AddImagesRequest(
+            collection=name,
+            images=[pb.ImageInput(id=str(i), vector=float_vector(v)) for i, v in enumerate(base[:256])],
+        )
+    )
+
+    def search_small(i: int) -> object:
+        return stub.Search(
+            pb.SearchRequest(collection=name, vector=query_messages[i % len(query_messages)], top_k=10)
+        )
+
+    floor = {
+        "health_16_callers_per_s": latencies(lambda i: health.Check(health_pb2.HealthCheckRequest()), 16, 2)[
+            0
+        ],
+        "small_search_16_callers_per_s": latencies(search_small, 16, 3)[0],
+    }
+    stub.DeleteCollection(pb.DeleteCollectionRequest(name=name))
+    return floor
 
 
 def transport_ms(stub: pb_grpc.ImageSearchServiceStub, requests: list[pb.AddImagesRequest]) -> float:
@@ -380,6 +415,8 @@ def main() -> None:
             health = health_pb2_grpc.HealthStub(channel)
             _, empty = latencies(lambda i: health.Check(health_pb2.HealthCheckRequest()), 1, 2)
             results["empty_rpc_p50_ms"] = percentile(empty, 50)  # the transport's floor for one call
+            if 16 in callers:
+                results["per_call_floor"] = per_call_floor(stub, health, base, query_messages, args.dim)
 
             if have_cnn:
 
@@ -458,6 +495,13 @@ def report(results: dict, callers: list[int]) -> None:
     if 16 in levels:
         print(
             f"16 callers vs 1 caller, search by vector: {levels[16]['qps'] / levels[1]['qps']:.2f}x queries/s"
+        )
+        floor = results["per_call_floor"]
+        print(
+            f"  16 callers, per call apart from the scan: an empty call (health) {floor['health_16_callers_per_s']:.0f}/s "
+            f"({1000 / floor['health_16_callers_per_s']:.2f} ms a call); a search of 256 vectors "
+            f"{floor['small_search_16_callers_per_s']:.0f}/s ({1000 / floor['small_search_16_callers_per_s']:.2f} ms); "
+            f"of 20,000 vectors {1000 / levels[16]['qps']:.2f} ms"
         )
     if "server_by_image" in results:
         by_image = results["server_by_image"]
