@@ -714,30 +714,33 @@ class Engine:
                                 else ""
                             )
                         )
-            check_deadline(deadline, "storing the batch")
-            if rows:
-                stored = sorted(rows)
-                row_ids = collection.add(
-                    [rows[p] for p in stored],
-                    skip_existing=skip_existing,
-                    before_storing=before_storing,
-                    after_storing=after_storing,
-                )
-                for position, row_id in zip(stored, row_ids, strict=True):
-                    if row_id == SKIPPED:  # another call stored this id after the check above
-                        prefix = f"images[{position + index_offset}]"
-                        kept[position] = _left_as_it_is(
-                            _already_stored(ids[position], collection, prefix), prefix
-                        )
-            results = [
-                ItemResult.failed(p + index_offset, "", errors[p])
-                if p in errors
-                else ItemResult.failed(p + index_offset, ids[p], kept[p])
-                if p in kept
-                else ItemResult(p + index_offset, ids[p], note=notes.get(p, ""))
-                for p in range(len(items))
-            ]
-            return AddOutcome([r.id for r in results], results)
+            decoded.clear()  # the pixels are extracted: their budget goes back before storing
+        # Outside the budget: a stream's chunk may wait here for the one before it, which may
+        # itself be waiting for pixels (streams.ChunkTurn).
+        check_deadline(deadline, "storing the batch")
+        if rows:
+            stored = sorted(rows)
+            row_ids = collection.add(
+                [rows[p] for p in stored],
+                skip_existing=skip_existing,
+                before_storing=before_storing,
+                after_storing=after_storing,
+            )
+            for position, row_id in zip(stored, row_ids, strict=True):
+                if row_id == SKIPPED:  # another call stored this id after the check above
+                    prefix = f"images[{position + index_offset}]"
+                    kept[position] = _left_as_it_is(
+                        _already_stored(ids[position], collection, prefix), prefix
+                    )
+        results = [
+            ItemResult.failed(p + index_offset, "", errors[p])
+            if p in errors
+            else ItemResult.failed(p + index_offset, ids[p], kept[p])
+            if p in kept
+            else ItemResult(p + index_offset, ids[p], note=notes.get(p, ""))
+            for p in range(len(items))
+        ]
+        return AddOutcome([r.id for r in results], results)
 
     # -- search ----------------------------------------------------------------------------
     def _metric_override(self, collection: Collection, name: str) -> Metric | None:

@@ -11,10 +11,15 @@ import grpc
 import numpy as np
 import pytest
 
+from imagesearch.server import servicer
+from imagesearch.server.app import run_server
 from imagesearch.server.store import CollectionStore
 from imagesearch.server.streams import ChunkAbandoned, ChunkTurn
 from imagesearch.v1 import image_search_service_pb2 as pb
-from tests.support.tiny_plugin import TinyExtractor
+from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
+from tests.conftest import tiny_config
+from tests.support.images import encode, pattern
+from tests.support.tiny_plugin import TINY_PLUGIN, TinyExtractor
 
 DIM = TinyExtractor.dim
 
@@ -150,3 +155,34 @@ def test_a_chunk_repeating_an_id_of_the_chunk_before_waits_for_it_and_is_refused
     repeated = response.results[3]
     assert repeated.code == grpc.StatusCode.ALREADY_EXISTS.value[0] and "images[3]" in repeated.message
     assert stored_ids(stub) == {"x0", "x1", "x2", "y0", "y1"}
+
+
+def test_a_chunk_waiting_for_its_turn_holds_no_decoding_budget(
+    data_dir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The budget of decoded pixels is one chunk's worth. Chunk 2 reaches it first (chunk 1 is
+    slow to be read) and must wait for chunk 1's turn: holding the budget meanwhile, it would
+    leave chunk 1 waiting for pixels, and both for ever."""
+    image_pixels = 96 * 128  # tests.support.images.pattern's default size
+    limits = {"max_decoding_pixels": 2 * image_pixels, "max_batch_pixels": 2 * image_pixels}
+    read = servicer.image_item
+
+    def first_chunk_read_late(message: pb.ImageInput):
+        if message.id == "c1-0":
+            time.sleep(0.3)
+        return read(message)
+
+    monkeypatch.setattr(servicer, "image_item", first_chunk_read_late)
+    chunks = [
+        pb.AddImagesStreamRequest(
+            images=[pb.ImageInput(id=f"c{n}-{i}", content=encode(pattern(10 * n + i))) for i in range(2)]
+        )
+        for n in (1, 2, 3)
+    ]
+    with (
+        run_server(tiny_config(data_dir, limits=limits), extra_plugins=[TINY_PLUGIN]) as running,
+        grpc.insecure_channel(running.target) as channel,
+    ):
+        response = pb_grpc.ImageSearchServiceStub(channel).AddImagesStream(iter(chunks), timeout=20)
+    assert response.added_count == 6
+    assert list(response.ids) == [f"c{n}-{i}" for n in (1, 2, 3) for i in range(2)]
