@@ -42,7 +42,7 @@ from imagesearch.server.engine import (
 )
 from imagesearch.server.response_size import RESPONSE_FRAMING, max_response_bytes
 from imagesearch.server.store import ImageRow
-from imagesearch.server.streams import ChunkTurn, StreamGuard
+from imagesearch.server.streams import ChunkOrder, ChunkTurn, StreamGuard
 from imagesearch.server.vector_index import FLOAT16, FLOAT32, INT8
 from imagesearch.server.vector_input import vector_input
 from imagesearch.v1 import image_search_service_pb2 as pb
@@ -446,11 +446,11 @@ async def _settle(chunk: _StreamChunk, response: pb.AddImagesStreamResponse) -> 
     response.added_count += fields["added_count"]
 
 
-async def _abandon(chunks: deque[_StreamChunk]) -> None:
-    """After a failure (or the client going away): chunks not yet stored never will be, and the
-    stream's status goes out only once they have given up, so it says all that was stored."""
-    for chunk in chunks:
-        chunk.turn.abandon()
+async def _given_up(order: ChunkOrder, chunks: deque[_StreamChunk]) -> None:
+    """At the stream's end, or after a failure (or the client going away): chunks not yet stored
+    never will be, and the stream's status goes out only once they have given up, so it says all
+    that was stored."""
+    order.give_up()
     if chunks:
         await asyncio.gather(*(c.task for c in chunks), return_exceptions=True)
 
@@ -523,6 +523,7 @@ class ImageSearchServicer(pb_grpc.ImageSearchServiceServicer):
         response = pb.AddImagesStreamResponse()
         first: pb.AddImagesStreamRequest | None = None
         in_flight: deque[_StreamChunk] = deque()
+        order = ChunkOrder()
         received = stored_up_to = 0  # chunks read; images in the chunks started (the next index)
         try:
             with self._streams.admit(context.peer()):
@@ -540,7 +541,7 @@ class ImageSearchServicer(pb_grpc.ImageSearchServiceServicer):
                             len(in_flight) >= STREAM_CHUNKS_IN_FLIGHT or any(ids & c.ids for c in in_flight)
                         ):
                             await _settle(in_flight.popleft(), response)
-                        turn = ChunkTurn(in_flight[-1].turn if in_flight else None)
+                        turn = order.turn()
                         task = asyncio.ensure_future(
                             self._add(
                                 first.collection,
@@ -569,7 +570,7 @@ class ImageSearchServicer(pb_grpc.ImageSearchServiceServicer):
             )
             raise StreamFailure(error, response) from error
         finally:
-            await _abandon(in_flight)
+            await _given_up(order, in_flight)
         response.chunk_count = received
         return response
 

@@ -74,49 +74,68 @@ class ChunkAbandoned(Aborted):
         )
 
 
-class ChunkTurn:
-    """When a stream's chunk may store its rows: once the chunk before it is done, and only if that
-    one succeeded and the stream goes on.
+class ChunkOrder:
+    """The order a stream's chunks store in: each ``turn`` follows the one made before it, and
+    ``give_up`` ends them all (the stream failed, or the client went away).
 
     A stream validates, decodes and extracts one chunk while the chunk before it commits (the
     commit's fsync leaves the CPU to the next chunk), and commits it while the one before goes
     into the index; yet the outcome is that of storing them one after the other: a chunk is never
-    stored after an earlier one failed. ``wait``, ``stored`` and ``finish`` run on worker
-    threads, ``abandon`` on the event loop.
+    stored after an earlier one failed. Giving up must free every chunk waiting for its turn even
+    when the chunk before it never ran at all (a cancelled call drops work still queued for a
+    worker): waits end on the chunk before being done or on the stream being given up.
     """
 
-    def __init__(self, previous: ChunkTurn | None) -> None:
-        self._previous = previous
-        self._done = threading.Event()
-        self._succeeded = False
-        self._abandoned = False
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._given_up = False
+        self._last: ChunkTurn | None = None
+
+    def turn(self) -> ChunkTurn:
+        """The turn of the stream's next chunk, after every chunk given a turn before it."""
+        self._last = ChunkTurn(self, self._last)
+        return self._last
+
+    def give_up(self) -> None:
+        """No chunk that has not begun to store will: its ``wait`` raises ChunkAbandoned."""
+        with self._changed:
+            self._given_up = True
+            self._changed.notify_all()
+
+
+class ChunkTurn:
+    """When one chunk may store its rows: once the chunk before it is done, and only if that one
+    succeeded and the stream goes on (``ChunkOrder``). ``wait``, ``stored`` and ``finish`` run on
+    worker threads; ``ChunkOrder.give_up`` on the event loop."""
+
+    def __init__(self, order: ChunkOrder, previous: ChunkTurn | None) -> None:
+        self._order, self._previous = order, previous
+        self._done = self._succeeded = False
 
     def wait(self) -> None:
         """Block until the chunk before is done; raise ChunkAbandoned when it failed or the stream
         was given up (the engine calls this right before it stores the rows)."""
-        if not self._previous_succeeded() or self._abandoned:
+        if not self._previous_succeeded():
             raise ChunkAbandoned()
 
     def stored(self) -> None:
         """This chunk's rows are committed: the next chunk may commit its own (while this one's go
         into the index)."""
-        self._succeeded = True
-        self._done.set()
+        self._end(succeeded=True)
 
     def finish(self, succeeded: bool) -> None:
         """This chunk is done (a no-op once ``stored``); it counts as succeeded only when every
         chunk before it did too (a chunk that stored nothing never waited for its turn)."""
-        if self._done.is_set():
-            return
-        self._succeeded = succeeded and self._previous_succeeded()
-        self._done.set()
+        if not self._done:
+            self._end(succeeded and self._previous_succeeded())
 
-    def abandon(self) -> None:
-        """The stream failed or ended: this chunk must not be stored if it has not begun to be."""
-        self._abandoned = True
+    def _end(self, succeeded: bool) -> None:
+        with self._order._changed:
+            self._done, self._succeeded = True, succeeded
+            self._order._changed.notify_all()
 
     def _previous_succeeded(self) -> bool:
-        if self._previous is None:
-            return True
-        self._previous._done.wait()
-        return self._previous._succeeded
+        order, previous = self._order, self._previous
+        with order._changed:
+            order._changed.wait_for(lambda: order._given_up or previous is None or previous._done)
+            return not order._given_up and (previous is None or previous._succeeded)

@@ -14,7 +14,7 @@ import pytest
 from imagesearch.server import servicer
 from imagesearch.server.app import run_server
 from imagesearch.server.store import CollectionStore
-from imagesearch.server.streams import ChunkAbandoned, ChunkTurn
+from imagesearch.server.streams import ChunkAbandoned, ChunkOrder
 from imagesearch.v1 import image_search_service_pb2 as pb
 from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
 from tests.conftest import tiny_config
@@ -24,10 +24,10 @@ from tests.support.tiny_plugin import TINY_PLUGIN, TinyExtractor
 DIM = TinyExtractor.dim
 
 
-# -- ChunkTurn ------------------------------------------------------------------------------
+# -- ChunkOrder / ChunkTurn -------------------------------------------------------------------
 def test_a_chunk_stores_only_after_the_one_before_it_finished() -> None:
-    first, events = ChunkTurn(None), []
-    second = ChunkTurn(first)
+    order, events = ChunkOrder(), []
+    first, second = order.turn(), order.turn()
 
     def store_second() -> None:
         second.wait()
@@ -39,32 +39,50 @@ def test_a_chunk_stores_only_after_the_one_before_it_finished() -> None:
     assert events == [], "the second chunk waits for the first"
     first.wait()
     events.append("first stores")
-    first.finish(succeeded=True)
+    first.stored()
     waiting.join(5)
     assert events == ["first stores", "second stores"]
 
 
 def test_a_chunk_after_a_failed_one_is_abandoned() -> None:
-    first = ChunkTurn(None)
+    order = ChunkOrder()
+    first, second = order.turn(), order.turn()
     first.finish(succeeded=False)
     with pytest.raises(ChunkAbandoned):
-        ChunkTurn(first).wait()
+        second.wait()
 
 
 def test_a_chunk_that_stored_nothing_after_a_failed_one_passes_the_failure_on() -> None:
-    first = ChunkTurn(None)
+    order = ChunkOrder()
+    first, middle, last = order.turn(), order.turn(), order.turn()
     first.finish(succeeded=False)
-    middle = ChunkTurn(first)
     middle.finish(succeeded=True)  # never waited: it had nothing to store
     with pytest.raises(ChunkAbandoned):
-        ChunkTurn(middle).wait()
+        last.wait()
 
 
-def test_an_abandoned_chunk_stores_nothing() -> None:
-    turn = ChunkTurn(None)
-    turn.abandon()
+def test_giving_up_frees_a_chunk_waiting_for_one_that_never_ran() -> None:
+    """A cancelled call drops work still queued for a worker: the chunk before never finishes,
+    and the one waiting for it must not hold its worker thread for ever."""
+    order = ChunkOrder()
+    order.turn()  # never runs
+    waiting, outcome = order.turn(), []
+
+    def store() -> None:
+        try:
+            waiting.wait()
+            outcome.append("stored")
+        except ChunkAbandoned:
+            outcome.append("abandoned")
+
+    thread = threading.Thread(target=store)
+    thread.start()
+    time.sleep(0.05)
+    order.give_up()
+    thread.join(5)
+    assert outcome == ["abandoned"]
     with pytest.raises(ChunkAbandoned):
-        turn.wait()
+        order.turn().wait()
 
 
 # -- over gRPC -------------------------------------------------------------------------------
@@ -186,3 +204,43 @@ def test_a_chunk_waiting_for_its_turn_holds_no_decoding_budget(
         response = pb_grpc.ImageSearchServiceStub(channel).AddImagesStream(iter(chunks), timeout=20)
     assert response.added_count == 6
     assert list(response.ids) == [f"c{n}-{i}" for n in (1, 2, 3) for i in range(2)]
+
+
+def test_a_cancelled_stream_leaves_no_worker_waiting_for_a_chunk_that_never_ran(
+    data_dir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the one worker busy, a stream's chunks queue for it; the client cancels, and work not
+    yet started is dropped. A chunk that then waits for its turn behind a dropped one must give
+    up, or it holds the worker for ever and every later call hangs."""
+    release = threading.Event()
+    extract = TinyExtractor.extract
+
+    def held_extract(self, images):
+        assert release.wait(10)
+        return extract(self, images)
+
+    monkeypatch.setattr(TinyExtractor, "extract", held_extract)
+    keep_open = threading.Event()
+
+    def chunks() -> Iterator[pb.AddImagesStreamRequest]:
+        for n in range(3):
+            yield pb.AddImagesStreamRequest(images=vectors(f"c{n}-", 5, seed=n))
+        keep_open.wait(10)
+
+    with (
+        run_server(tiny_config(data_dir, workers=1), extra_plugins=[TINY_PLUGIN]) as running,
+        grpc.insecure_channel(running.target) as channel,
+    ):
+        stub = pb_grpc.ImageSearchServiceStub(channel)
+        busy = stub.AddImages.future(
+            pb.AddImagesRequest(images=[pb.ImageInput(id="busy", content=encode(pattern(1)))])
+        )
+        time.sleep(0.2)  # the worker is extracting
+        stream = stub.AddImagesStream.future(chunks())
+        time.sleep(0.3)  # its chunks are queued behind
+        stream.cancel()
+        keep_open.set()
+        release.set()
+        assert busy.result(timeout=10).added_count == 1
+        after = stub.AddImages(pb.AddImagesRequest(images=vectors("after", 1, seed=9)), timeout=5)
+        assert after.added_count == 1
