@@ -518,7 +518,7 @@ class ImageSearchServicer(pb_grpc.ImageSearchServiceServicer):
         self, request_iterator: AsyncIterator[pb.AddImagesStreamRequest], context: grpc.aio.ServicerContext
     ) -> pb.AddImagesStreamResponse:
         """Chunks are stored one after the other, as they came; the next chunk is read, validated
-        and extracted while the one before it commits (``ChunkTurn``), unless it repeats one of its
+        and extracted while the one before it commits (``ChunkOrder``), unless it repeats one of its
         ids (its check for stored ids must see that chunk's)."""
         response = pb.AddImagesStreamResponse()
         first: pb.AddImagesStreamRequest | None = None
