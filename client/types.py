@@ -304,13 +304,17 @@ class ItemResult:
 class AddResult:
     """What an add stored: ids in request order ("" for images rejected under ``skip_invalid``).
 
-    ``chunk_count`` is the number of streamed chunks (1 for ``add_images``).
+    ``chunk_count`` is the number of streamed chunks (1 for ``add_images``). ``stored_ids_omitted``
+    is set only in a failed upload's ``details.stored`` when listing every image would not fit in
+    the error status: ``ids`` and ``results`` then hold only the images not stored, and every other
+    image of the chunks before the failed one is stored.
     """
 
     ids: tuple[str, ...]
     results: tuple[ItemResult, ...]
     added_count: int
     chunk_count: int = 1
+    stored_ids_omitted: bool = False
 
     @property
     def failed(self) -> tuple[ItemResult, ...]:
@@ -319,12 +323,13 @@ class AddResult:
 
     @classmethod
     def from_proto(cls, message: pb.AddImagesResponse | pb.AddImagesStreamResponse) -> Self:
-        chunks = message.chunk_count if isinstance(message, pb.AddImagesStreamResponse) else 1
+        streamed = isinstance(message, pb.AddImagesStreamResponse)
         return cls(
             ids=tuple(message.ids),
             results=tuple(ItemResult.from_proto(result) for result in message.results),
             added_count=message.added_count,
-            chunk_count=chunks,
+            chunk_count=message.chunk_count if streamed else 1,
+            stored_ids_omitted=streamed and message.stored_ids_omitted,
         )
 
 

@@ -434,6 +434,32 @@ class _ChunkFailed(Exception):
         self.number, self.error = number, error
 
 
+# Bytes of AddImagesStreamResponse a failed stream's status may carry. The status travels in the
+# trailing metadata, base64-encoded, and gRPC clients refuse metadata past 8 KiB (soft) to 16 KiB
+# (hard) by default: about 650 stored ids already passed it, and the client got RESOURCE_EXHAUSTED
+# without a word of what was stored.
+STATUS_PROGRESS_BYTES = 4096
+
+
+def status_progress(response: pb.AddImagesStreamResponse) -> pb.AddImagesStreamResponse:
+    """What a failed stream's status says it stored: all of ``response`` when that fits in
+    STATUS_PROGRESS_BYTES; else its counts and the images not stored (``stored_ids_omitted``), as
+    many as fit, every other image of the chunks before the failed one being stored."""
+    if response.ByteSize() <= STATUS_PROGRESS_BYTES:
+        return response
+    slim = pb.AddImagesStreamResponse(
+        added_count=response.added_count, chunk_count=response.chunk_count, stored_ids_omitted=True
+    )
+    for image_id, result in zip(response.ids, response.results, strict=True):
+        if result.code == code_pb2.OK:
+            continue
+        if slim.ByteSize() + len(image_id) + result.ByteSize() + 8 > STATUS_PROGRESS_BYTES:
+            break
+        slim.ids.append(image_id)
+        slim.results.append(result)
+    return slim
+
+
 async def _settle(chunk: _StreamChunk, response: pb.AddImagesStreamResponse) -> None:
     """Wait for a chunk's outcome and add it to the stream's response, or fail the stream with it."""
     try:
@@ -524,12 +550,16 @@ class ImageSearchServicer(pb_grpc.ImageSearchServiceServicer):
         first: pb.AddImagesStreamRequest | None = None
         in_flight: deque[_StreamChunk] = deque()
         order = ChunkOrder()
-        received = stored_up_to = 0  # chunks read; images in the chunks started (the next index)
+        received = reading = stored_up_to = 0  # chunks read; images in the chunks started (the next index)
         try:
             with self._streams.admit(context.peer()):
                 try:
-                    while (chunk := await self._streams.next_chunk(context)) is not None:
-                        received += 1
+                    while True:
+                        reading = received + 1  # the chunk a failure below is about
+                        chunk = await self._streams.next_chunk(context)
+                        if chunk is None:
+                            break
+                        received = reading
                         if isinstance(chunk, MalformedRequest):
                             raise chunk.error()
                         first = first or chunk
@@ -555,20 +585,25 @@ class ImageSearchServicer(pb_grpc.ImageSearchServiceServicer):
                         )
                         in_flight.append(_StreamChunk(received, task, turn, ids))
                         stored_up_to += len(chunk.images)
-                except errors.ImageSearchError as error:  # reading the stream failed at chunk `received`
+                except errors.ImageSearchError as error:  # reading or admitting chunk `reading` failed
                     while in_flight:  # the chunks before it are stored (or fail) first
                         await _settle(in_flight.popleft(), response)
-                    raise _ChunkFailed(received, error) from error
+                    raise _ChunkFailed(reading, error) from error
                 while in_flight:
                     await _settle(in_flight.popleft(), response)
         except _ChunkFailed as failed:
             error = failed.error
-            response.chunk_count = failed.number
-            error.message = (
-                f"chunk {failed.number}: {error.message} ({response.added_count} images from "
-                "earlier chunks were stored; their ids are in this status's AddImagesStreamResponse detail)"
+            response.chunk_count = min(failed.number, received)  # an idle stream fails before its next chunk
+            progress = status_progress(response)
+            refused = sum(1 for result in response.results if result.code != code_pb2.OK)
+            listed = (
+                "their ids are in this status's AddImagesStreamResponse detail"
+                if not progress.stored_ids_omitted
+                else f"too many to list here: the detail lists {len(progress.results)} of the {refused} "
+                "images not stored, and every other image of those chunks is stored"
             )
-            raise StreamFailure(error, response) from error
+            error.message = f"chunk {failed.number}: {error.message} ({response.added_count} images from earlier chunks were stored; {listed})"
+            raise StreamFailure(error, progress) from error
         finally:
             await _given_up(order, in_flight)
         response.chunk_count = received

@@ -221,10 +221,11 @@ def test_a_stream_silent_too_long_is_closed_saying_what_it_stored(data_dir):
         release.set()
     error = caught.value
     assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "sent nothing for 0.5 s" in error.details()
+    assert error.details().startswith("chunk 2:"), "the chunk that never came, not the one stored"
     progress = [d for d in rpc_status.from_call(error).details if d.Is(pb.AddImagesStreamResponse.DESCRIPTOR)]
     stored = pb.AddImagesStreamResponse()
     progress[0].Unpack(stored)
-    assert list(stored.ids) == ["first"]
+    assert list(stored.ids) == ["first"] and stored.chunk_count == 1
 
 
 def test_a_float16_collection_serves_restarts_and_reports_its_bytes(data_dir):

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
+from grpc_status import rpc_status
 
 from imagesearch.server import servicer
 from imagesearch.server.app import run_server
@@ -244,3 +245,65 @@ def test_a_cancelled_stream_leaves_no_worker_waiting_for_a_chunk_that_never_ran(
         assert busy.result(timeout=10).added_count == 1
         after = stub.AddImages(pb.AddImagesRequest(images=vectors("after", 1, seed=9)), timeout=5)
         assert after.added_count == 1
+
+
+def stream_progress(error: grpc.RpcError) -> pb.AddImagesStreamResponse:
+    """The AddImagesStreamResponse detail of a failed stream's status."""
+    [detail] = [d for d in rpc_status.from_call(error).details if d.Is(pb.AddImagesStreamResponse.DESCRIPTOR)]
+    progress = pb.AddImagesStreamResponse()
+    detail.Unpack(progress)
+    return progress
+
+
+def test_a_large_failed_stream_says_what_it_stored_within_a_status_clients_accept(stub) -> None:
+    """800 stored ids made a status past gRPC's default 16 KiB limit for trailing metadata: the
+    client got RESOURCE_EXHAUSTED and no word of what was stored. The detail now lists only the
+    images not stored when all of them would not fit."""
+    good = [
+        pb.AddImagesStreamRequest(images=vectors(f"c{n}-", 100, seed=n), skip_invalid=True) for n in range(8)
+    ]
+    refused = good[3].images[7]
+    refused.vector.float32_le = b"\x00\x00\x80\x7f" * DIM  # +inf: refused under skip_invalid
+    too_many = vectors("many", 257, seed=99)  # past max_batch_size: the chunk fails whole
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.AddImagesStream(iter([*good, pb.AddImagesStreamRequest(images=too_many)]))
+    error = caught.value
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+    assert (
+        error.details().startswith("chunk 9:")
+        and "799 images from earlier chunks were stored" in error.details()
+    )
+    progress = stream_progress(error)
+    assert progress.stored_ids_omitted and progress.added_count == 799 and progress.chunk_count == 9
+    assert [r.index for r in progress.results] == [307] and progress.results[0].reason == "NON_FINITE_VECTOR"
+    stored = stub.GetCollection(pb.GetCollectionRequest(name="default")).collection.image_count
+    assert stored == 799
+
+
+def test_a_small_failed_stream_still_lists_every_image(stub) -> None:
+    bad = vectors("bad", 1, seed=99)
+    bad[0].vector.float32_le = b"\x00" * 3
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.AddImagesStream(
+            iter([pb.AddImagesStreamRequest(images=vectors("a", 5)), pb.AddImagesStreamRequest(images=bad)])
+        )
+    progress = stream_progress(caught.value)
+    assert not progress.stored_ids_omitted and list(progress.ids) == [f"a{i}" for i in range(5)]
+
+
+def test_the_python_client_reports_what_a_large_failed_upload_stored(server, stub, tmp_path) -> None:
+    """add_files of 400 files and one that is not an image: the error's details say 400 were
+    stored (before, the status was too large for the client and said nothing)."""
+    from imagesearch.client import ImageSearchClient, InvalidArgument
+
+    paths = []
+    for n in range(400):
+        paths.append(tmp_path / f"{n:03}.png")
+        paths[-1].write_bytes(encode(pattern(n, size=(8, 8))))
+    paths.append(tmp_path / "not-an-image.png")
+    paths[-1].write_bytes(b"not an image at all")
+    with ImageSearchClient(server.target) as client, pytest.raises(InvalidArgument) as caught:
+        client.add_files(paths, batch_size=100)
+    stored = caught.value.details.stored
+    assert stored is not None and stored.added_count == 400 and stored.stored_ids_omitted
+    assert stub.GetCollection(pb.GetCollectionRequest(name="default")).collection.image_count == 400
