@@ -139,7 +139,10 @@ def test_an_add_encoded_with_the_replaced_state_is_reencoded(
     late = image(99, registered)  # encoded by the state the collection had before training
     collection.train(0, 0)
     collection.add([late])
-    np.testing.assert_allclose(stored_vectors(collection)["img99"], np.frombuffer(raw(99), np.float32) * 5)
+    expected = np.frombuffer(raw(99), np.float32) * 5
+    np.testing.assert_allclose(stored_vectors(collection)["img99"], expected)
+    hit = collection.search(expected, 1)[0]  # the index holds the re-encoded vector too
+    assert hit.id == "img99" and hit.distance == pytest.approx(0, abs=1e-3)
 
 
 def test_a_query_encoded_with_the_replaced_state_is_aborted(collection: Collection) -> None:
