@@ -524,10 +524,10 @@ class ImageSearchServicer(pb_grpc.ImageSearchServiceServicer):
         answering health and cheap reads, should not spend. A stream's chunk stores in its ``turn``."""
 
         def add() -> AddOutcome:
-            items = [image_item(m) for m in images]
             if turn is None:
-                return self.engine.add_images(collection, items, **options)
+                return self.engine.add_images(collection, [image_item(m) for m in images], **options)
             try:
+                items = [image_item(m) for m in images]
                 outcome = self.engine.add_images(
                     collection, items, before_storing=turn.wait, after_storing=turn.stored, **options
                 )
@@ -550,7 +550,8 @@ class ImageSearchServicer(pb_grpc.ImageSearchServiceServicer):
         first: pb.AddImagesStreamRequest | None = None
         in_flight: deque[_StreamChunk] = deque()
         order = ChunkOrder()
-        received = reading = stored_up_to = 0  # chunks read; images in the chunks started (the next index)
+        # Chunks read; the chunk being read (what a failure is about); images in the chunks started.
+        received = reading = stored_up_to = 0
         try:
             with self._streams.admit(context.peer()):
                 try:
