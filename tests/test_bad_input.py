@@ -18,6 +18,7 @@ from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
 from tests.conftest import tiny_config
 from tests.support.images import encode, pattern
 from tests.support.tiny_plugin import TINY_PLUGIN, TinyExtractor
+from tests.support.uploads import listed_ids
 
 pytestmark = pytest.mark.e2e
 Code = grpc.StatusCode
@@ -57,10 +58,6 @@ def call_error(call, request) -> grpc.RpcError:
     return caught.value
 
 
-def stored_ids(stub) -> list[str]:
-    return [i.id for i in stub.ListImages(pb.ListImagesRequest(page_size=1000)).images]
-
-
 def still_serving(stub) -> None:
     assert stub.Search(pb.SearchRequest(image_id="seed", top_k=1)).hits[0].id == "seed"
 
@@ -95,7 +92,7 @@ def test_bad_image_in_a_batch_fails_it_whole(stub, name):
     bad_request = error_details_pb2.BadRequest()
     assert any(detail.Unpack(bad_request) for detail in status.details)
     assert bad_request.field_violations[0].field == "images[1].content"
-    assert stored_ids(stub) == ["seed"], "nothing from a rejected batch may be stored"
+    assert listed_ids(stub) == ["seed"], "nothing from a rejected batch may be stored"
     still_serving(stub)
 
 
@@ -171,7 +168,7 @@ def test_wrong_vector_dimension_on_add_stores_nothing(stub):
         and "images[1]" in error.details()
         and "dimension 192" in error.details()
     )
-    assert stored_ids(stub) == ["seed"]
+    assert listed_ids(stub) == ["seed"]
 
 
 def test_a_malformed_packed_vector_fails_alone(stub):
@@ -184,7 +181,7 @@ def test_a_malformed_packed_vector_fails_alone(stub):
     response = stub.AddImages(pb.AddImagesRequest(images=images, skip_invalid=True))
     assert [r.code for r in response.results] == [0, Code.INVALID_ARGUMENT.value[0]]
     assert response.results[1].field == "images[1].vector.float32_le"
-    assert sorted(stored_ids(stub)) == ["good", "seed"]
+    assert sorted(listed_ids(stub)) == ["good", "seed"]
 
 
 def test_duplicate_ids(stub):
@@ -198,14 +195,14 @@ def test_duplicate_ids(stub):
     ]
     error = call_error(stub.AddImages, pb.AddImagesRequest(images=twice))
     assert error.code() == Code.ALREADY_EXISTS and "appears twice" in error.details()
-    assert stored_ids(stub) == ["seed"]
+    assert listed_ids(stub) == ["seed"]
 
 
 def test_batch_over_the_limit(stub):
     images = [pb.ImageInput(id=f"i{i}", content=encode(pattern(i))) for i in range(9)]
     error = call_error(stub.AddImages, pb.AddImagesRequest(images=images))
     assert error.code() == Code.RESOURCE_EXHAUSTED and "limit is 8" in error.details()
-    assert stored_ids(stub) == ["seed"]
+    assert listed_ids(stub) == ["seed"]
 
 
 def test_batch_over_the_pixel_budget(data_dir):
@@ -225,7 +222,7 @@ def test_oversized_message(stub):
     huge = pb.ImageInput(id="huge", content=b"\xff\xd8\xff" + b"\x00" * (2 << 20))
     error = call_error(stub.AddImages, pb.AddImagesRequest(images=[huge]))
     assert error.code() == Code.RESOURCE_EXHAUSTED
-    assert stored_ids(stub) == ["seed"]
+    assert listed_ids(stub) == ["seed"]
     still_serving(stub)
 
 

@@ -10,7 +10,6 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
-from grpc_status import rpc_status
 
 from imagesearch.server import servicer
 from imagesearch.server.app import run_server
@@ -21,6 +20,7 @@ from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
 from tests.conftest import tiny_config
 from tests.support.images import encode, pattern
 from tests.support.tiny_plugin import TINY_PLUGIN, TinyExtractor
+from tests.support.uploads import listed_ids, stored_progress
 
 DIM = TinyExtractor.dim
 
@@ -95,10 +95,6 @@ def vectors(prefix: str, count: int, seed: int = 0) -> list[pb.ImageInput]:
     ]
 
 
-def stored_ids(stub) -> set[str]:
-    return {image.id for image in stub.ListImages(pb.ListImagesRequest(page_size=1000)).images}
-
-
 @pytest.fixture
 def slow_commits(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str, str, float]]]:
     """Every store insert takes 0.2 s more; records when each chunk's insert began and ended."""
@@ -140,7 +136,7 @@ def test_the_next_chunk_is_checked_while_one_commits_and_stored_after_it(
     )
     assert when[("insert begins", "c1-0")] >= when[("insert ends", "c0-0")], "and stored after it"
     assert when[("insert begins", "c2-0")] >= when[("insert ends", "c1-0")]
-    assert stored_ids(stub) == {f"c{n}-{i}" for n in range(3) for i in range(5)}
+    assert set(listed_ids(stub)) == {f"c{n}-{i}" for n in range(3) for i in range(5)}
 
 
 def test_a_chunk_checked_ahead_is_not_stored_when_the_one_before_it_fails(stub, slow_commits) -> None:
@@ -156,7 +152,7 @@ def test_a_chunk_checked_ahead_is_not_stored_when_the_one_before_it_fails(stub, 
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "chunk 2" in error.value.details() and "images[5]" in error.value.details()
     assert "4 images from earlier chunks were stored" in error.value.details()
-    assert stored_ids(stub) == {f"a{i}" for i in range(4)}, "neither the bad chunk nor the one after it"
+    assert set(listed_ids(stub)) == {f"a{i}" for i in range(4)}, "neither the bad chunk nor the one after it"
 
 
 def test_a_chunk_repeating_an_id_of_the_chunk_before_waits_for_it_and_is_refused_per_item(stub) -> None:
@@ -173,7 +169,7 @@ def test_a_chunk_repeating_an_id_of_the_chunk_before_waits_for_it_and_is_refused
     assert response.added_count == 5
     repeated = response.results[3]
     assert repeated.code == grpc.StatusCode.ALREADY_EXISTS.value[0] and "images[3]" in repeated.message
-    assert stored_ids(stub) == {"x0", "x1", "x2", "y0", "y1"}
+    assert set(listed_ids(stub)) == {"x0", "x1", "x2", "y0", "y1"}
 
 
 def test_a_chunk_waiting_for_its_turn_holds_no_decoding_budget(
@@ -247,14 +243,6 @@ def test_a_cancelled_stream_leaves_no_worker_waiting_for_a_chunk_that_never_ran(
         assert after.added_count == 1
 
 
-def stream_progress(error: grpc.RpcError) -> pb.AddImagesStreamResponse:
-    """The AddImagesStreamResponse detail of a failed stream's status."""
-    [detail] = [d for d in rpc_status.from_call(error).details if d.Is(pb.AddImagesStreamResponse.DESCRIPTOR)]
-    progress = pb.AddImagesStreamResponse()
-    detail.Unpack(progress)
-    return progress
-
-
 def test_a_large_failed_stream_says_what_it_stored_within_a_status_clients_accept(stub) -> None:
     """800 stored ids made a status past gRPC's default 16 KiB limit for trailing metadata: the
     client got RESOURCE_EXHAUSTED and no word of what was stored. The detail now lists only the
@@ -273,7 +261,7 @@ def test_a_large_failed_stream_says_what_it_stored_within_a_status_clients_accep
         error.details().startswith("chunk 9:")
         and "799 images from earlier chunks were stored" in error.details()
     )
-    progress = stream_progress(error)
+    progress = stored_progress(error)
     assert progress.stored_ids_omitted and progress.added_count == 799 and progress.chunk_count == 9
     assert [r.index for r in progress.results] == [307] and progress.results[0].reason == "NON_FINITE_VECTOR"
     stored = stub.GetCollection(pb.GetCollectionRequest(name="default")).collection.image_count
@@ -287,7 +275,7 @@ def test_a_small_failed_stream_still_lists_every_image(stub) -> None:
         stub.AddImagesStream(
             iter([pb.AddImagesStreamRequest(images=vectors("a", 5)), pb.AddImagesStreamRequest(images=bad)])
         )
-    progress = stream_progress(caught.value)
+    progress = stored_progress(caught.value)
     assert not progress.stored_ids_omitted and list(progress.ids) == [f"a{i}" for i in range(5)]
 
 

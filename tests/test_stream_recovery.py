@@ -9,7 +9,6 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from grpc_status import rpc_status
 
 from imagesearch.client import ImageSearchClient, InvalidArgument
 from imagesearch.server.servicer import ADDED_COUNT_KEY
@@ -17,22 +16,9 @@ from imagesearch.v1 import image_search_service_pb2 as pb
 from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
 from tests.support.images import encode, pattern
 from tests.support.process import tiny_server
+from tests.support.uploads import listed_ids, stored_progress
 
 pytestmark = pytest.mark.e2e
-
-
-def stored_progress(error: grpc.RpcError) -> pb.AddImagesStreamResponse:
-    """The AddImagesStreamResponse the server packed into the failed stream's status."""
-    status = rpc_status.from_call(error)
-    assert status is not None, "the error carries rich status details"
-    (detail,) = [d for d in status.details if d.Is(pb.AddImagesStreamResponse.DESCRIPTOR)]
-    progress = pb.AddImagesStreamResponse()
-    detail.Unpack(progress)
-    return progress
-
-
-def listed_ids(stub: pb_grpc.ImageSearchServiceStub) -> list[str]:
-    return [i.id for i in stub.ListImages(pb.ListImagesRequest(page_size=1000)).images]
 
 
 def chunk(first: int, count: int, **fields) -> pb.AddImagesStreamRequest:
