@@ -21,7 +21,6 @@ server's process would add their Python work to the server's GIL.
 from __future__ import annotations
 
 import argparse
-import sqlite3
 import sys
 import tempfile
 import threading
@@ -41,6 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (
     RESULTS,
     add_data_arguments,
+    bare_insert_rate,
+    bare_store,
     machine,
     p50_ms,
     percentile,
@@ -53,7 +54,6 @@ from imagesearch.client import float_vector
 from imagesearch.plugins import l2_normalize, onnx_cnn
 from imagesearch.server.config import Limits, ServerConfig, default_models_dir
 from imagesearch.server.imaging import decode_image
-from imagesearch.server.store import SCHEMA
 from imagesearch.server.vector_index import BLAS_THRESHOLD, WHEEL_BLAS_THRESHOLD
 from imagesearch.v1 import image_search_service_pb2 as pb
 from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
@@ -191,25 +191,11 @@ def storage_figures(base: np.ndarray, queries: np.ndarray) -> dict:
 def bare_sqlite_rate(vectors: np.ndarray, directory: Path, page_size: int) -> float:
     """Rows/s of the same rows inserted into the store's own schema with the store's durability
     (WAL, synchronous=FULL, one commit per 256) by one executemany per batch, and nothing else."""
-    conn = sqlite3.connect(directory / f"bare-{page_size}.sqlite3", isolation_level=None)
-    conn.execute(f"PRAGMA page_size={page_size}")
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
-    conn.executescript(SCHEMA)
-    started = time.perf_counter()
-    for start in range(0, len(vectors), 256):
-        conn.execute("BEGIN IMMEDIATE")
-        conn.executemany(
-            "INSERT INTO images(id, seq, label, metadata, vector, created) VALUES (?, ?, '', '{}', ?, ?)",
-            [
-                (str(start + i), start + i, v.tobytes(), time.time())
-                for i, v in enumerate(vectors[start : start + 256])
-            ],
-        )
-        conn.execute("COMMIT")
-    rate = len(vectors) / (time.perf_counter() - started)
-    conn.close()
-    return rate
+    conn = bare_store(directory / f"bare-{page_size}.sqlite3", page_size)
+    try:
+        return bare_insert_rate(conn, vectors)
+    finally:
+        conn.close()
 
 
 def stream_ingest_rate(

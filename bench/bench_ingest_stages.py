@@ -29,12 +29,21 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import VectorPlugin, machine, percentile, save
+from bench.common import (
+    BARE_INSERT,
+    VectorPlugin,
+    bare_insert_rate,
+    bare_store,
+    insert_rows_one_by_one,
+    machine,
+    percentile,
+    save,
+)
 from imagesearch.server.app import run_server
 from imagesearch.server.collection import Collection
 from imagesearch.server.config import ServerConfig, default_models_dir
 from imagesearch.server.engine import Engine, ImageItem, NewCollection, SearchQuery
-from imagesearch.server.store import SCHEMA, CollectionStore, insert_many
+from imagesearch.server.store import CollectionStore, insert_many
 from imagesearch.server.vector_index import VectorIndex
 from imagesearch.server.vector_input import read_vector, vector_input
 from imagesearch.v1 import image_search_service_pb2 as pb
@@ -152,29 +161,14 @@ def insert_while_python_runs(
     ``store.insert_many`` (one statement a batch), alone and while another thread runs Python.
     Python's sqlite3 lets go of the GIL around every statement and must win it back, from a
     thread that gives it up only every switch interval (5 ms)."""
-    rows = [
-        [
-            (f"{start + i}", start + i, v.tobytes(), time.time())
-            for i, v in enumerate(vectors[start : start + 256])
-        ]
-        for start in range(0, batches * 256, 256)
-    ]
-    sql = "INSERT INTO images(id, seq, label, metadata, vector, created) VALUES "
-    ways: dict[str, Callable[[sqlite3.Connection, list], None]] = {
-        "executemany": lambda conn, batch: conn.executemany(sql + "(?, ?, '', '{}', ?, ?)", batch),
-        "insert_many": lambda conn, batch: insert_many(
-            conn, sql, [(i, seq, "", "{}", v, now) for i, seq, v, now in batch]
-        ),
+    ways: dict[str, Callable[[sqlite3.Connection, list[tuple]], None]] = {
+        "executemany": insert_rows_one_by_one,
+        "insert_many": lambda conn, rows: insert_many(conn, BARE_INSERT, rows),
     }
     results: dict[str, dict[str, float]] = {}
     for way, insert in ways.items():
         for load in ("alone", "while a thread runs Python"):
-            conn = sqlite3.connect(
-                directory / f"{way}-{len(results.get(way, {}))}.sqlite3", isolation_level=None
-            )
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.executescript(SCHEMA)
+            conn = bare_store(directory / f"{way}-{len(results.get(way, {}))}.sqlite3")
             stop = threading.Event()
 
             def busy(stop: threading.Event = stop) -> None:
@@ -184,12 +178,7 @@ def insert_while_python_runs(
             hog = threading.Thread(target=busy)
             if load != "alone":
                 hog.start()
-            started = time.perf_counter()
-            for batch in rows:
-                conn.execute("BEGIN IMMEDIATE")
-                insert(conn, batch)
-                conn.execute("COMMIT")
-            results.setdefault(way, {})[load] = len(rows) * 256 / (time.perf_counter() - started)
+            results.setdefault(way, {})[load] = bare_insert_rate(conn, vectors[: batches * 256], insert)
             stop.set()
             if hog.is_alive():
                 hog.join()

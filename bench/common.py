@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import platform
+import sqlite3
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -138,3 +139,45 @@ def random_data(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
     base = rng.normal(size=(args.n, args.dim)).astype(np.float32)
     return base, rng.normal(size=(args.queries, args.dim)).astype(np.float32)
+
+
+# The store's rows as a bare insert writes them: (id, seq, label, metadata, vector, created).
+BARE_INSERT = "INSERT INTO images(id, seq, label, metadata, vector, created) VALUES "
+
+
+def bare_store(path: Path, page_size: int | None = None) -> sqlite3.Connection:
+    """A SQLite file with the store's schema and durability (WAL, synchronous=FULL), nothing else:
+    the raw library a durable add is compared with."""
+    from imagesearch.server.store import SCHEMA
+
+    conn = sqlite3.connect(path, isolation_level=None)
+    if page_size is not None:
+        conn.execute(f"PRAGMA page_size={page_size}")
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.executescript(SCHEMA)
+    return conn
+
+
+def insert_rows_one_by_one(conn: sqlite3.Connection, rows: list[tuple]) -> None:
+    """``executemany``: one statement a row."""
+    conn.executemany(BARE_INSERT + "(?, ?, ?, ?, ?, ?)", rows)
+
+
+def bare_insert_rate(
+    conn: sqlite3.Connection,
+    vectors: np.ndarray,
+    insert: Callable[[sqlite3.Connection, list[tuple]], None] = insert_rows_one_by_one,
+    batch: int = 256,
+) -> float:
+    """Rows/s of ``vectors`` inserted by ``insert``, one transaction (one fsync'd commit) a batch."""
+    started = time.perf_counter()
+    for start in range(0, len(vectors), batch):
+        rows = [
+            (str(start + i), start + i, "", "{}", v.tobytes(), time.time())
+            for i, v in enumerate(vectors[start : start + batch])
+        ]
+        conn.execute("BEGIN IMMEDIATE")
+        insert(conn, rows)
+        conn.execute("COMMIT")
+    return len(vectors) / (time.perf_counter() - started)
