@@ -217,12 +217,6 @@ class CollectionStore:
         value = self.get_meta("seq")
         return int(value) if value is not None else 0
 
-    def _writer_seq(self) -> int:
-        """``last_seq`` read inside the open write transaction, on the writer's own connection (a
-        reader would first have to catch up with the commits since its last read)."""
-        row = self._writer.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()
-        return int(row[0]) if row is not None else 0
-
     # -- writes ------------------------------------------------------------------
     def existing_ids(self, ids: Sequence[str]) -> set[str]:
         rows = self._reader().execute(f"SELECT id FROM images WHERE id IN {ANY_OF}", (any_of(ids),))
@@ -278,8 +272,9 @@ class CollectionStore:
 
     def _tail(self) -> tuple[int, int]:
         """(last sequence number, largest row id ever used, deleted rows included: ids are never
-        reused), read in the open write transaction by one statement (each statement lets go of
-        the GIL and must win it back: ``insert_many``)."""
+        reused), read in the open write transaction on the writer's own connection (a reader would
+        first catch up with the commits since its last read), by one statement (each statement
+        lets go of the GIL and must win it back: ``insert_many``)."""
         seq, used, largest = self._writer.execute(
             "SELECT (SELECT value FROM meta WHERE key = 'seq'),"
             " (SELECT seq FROM sqlite_sequence WHERE name = 'images'), (SELECT MAX(row_id) FROM images)"
@@ -289,7 +284,7 @@ class CollectionStore:
     def delete(self, ids: Sequence[str]) -> list[int]:
         """Delete rows by id in one transaction, logging each removal with a sequence number."""
         with self._transaction() as conn:
-            seq = self._writer_seq()
+            seq, _ = self._tail()
             removed: list[int] = []
             for image_id in ids:
                 row = conn.execute("SELECT row_id FROM images WHERE id = ?", (image_id,)).fetchone()
@@ -314,7 +309,7 @@ class CollectionStore:
             )
             conn.execute("INSERT OR REPLACE INTO extractor_state(slot, data) VALUES (1, ?)", (state,))
             self.set_meta("spec", spec_json)
-            seq = self._writer_seq() + 1
+            seq = self._tail()[0] + 1
             self.set_meta("seq", str(seq))
         return seq
 
