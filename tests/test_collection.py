@@ -702,6 +702,31 @@ def test_a_removal_waits_for_an_index_update_still_to_come(
     collection.close()
 
 
+def test_a_lone_query_after_a_restart_from_the_snapshot_skips_faiss_and_finds_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lone-query path reads FAISS's storage and id map directly: an index read back from a
+    snapshot (after removals, then a restart) must hold them in the same form."""
+    collection = create(tmp_path, metric=COSINE)
+    base: Base = {}
+    add(collection, base, rows(0, 60))
+    remove(collection, base, [f"img{n}" for n in range(0, 60, 7)])
+    collection.close()  # snapshots the index
+    assert (collection.directory / SNAPSHOT_FILE).exists()
+    again = reopen(collection)
+    assert again.pending_ops() == 0, "read from the snapshot, not rebuilt from the store"
+    lone = []
+    by_gemv = collection_module.VectorIndex._search_by_gemv
+    monkeypatch.setattr(
+        collection_module.VectorIndex, "_search_by_gemv", lambda *a: lone.append(1) or by_gemv(*a)
+    )
+    for query in rows(100, 5):
+        found = [hit.id for hit in again.search(query.vector, K)]
+        assert found == expected_ids(base, query.vector, K, COSINE)
+    assert len(lone) == 5
+    again.close()
+
+
 def test_a_closed_collection_is_not_found(tmp_path: Path) -> None:
     collection = create(tmp_path)
     add(collection, {}, rows(0, 3))
