@@ -24,7 +24,9 @@ on different threads, so a ``Batcher`` gathers them:
 
 Leader/follower keeps the bookkeeping on the callers' own threads: no queue to
 drain at shutdown, and an exception in a batch reaches exactly the callers whose
-items were in it. The batch itself may run on a ``runner``: the engine gives
+items were in it. A coroutine (``submit_many_async``) holds no thread while it
+waits: a batch it leads is gathered and run on the ``runner``, and its event loop
+hears of a whole batch's results by one wake-up, not one per caller. The batch itself may run on a ``runner``: the engine gives
 FAISS searches one dedicated thread, because OpenMP keeps a team of helper
 threads per calling thread, and a search from whichever of many threads is free
 meets a cold or competing team (bench/bench_search_threads.py: one query over 32
@@ -34,11 +36,13 @@ vectors 0.178 ms from a pool of 64 threads against 0.036 from one thread; over
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 # How long after a batch (in max_wait_s) a new leader still expects that batch's callers back.
@@ -50,11 +54,28 @@ Result = TypeVar("Result")
 
 @dataclass(eq=False)
 class _Slot(Generic[Item, Result]):
+    """One item on its way: a thread waits on ``done``, a coroutine awaits ``future``."""
+
     item: Item
-    done: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event | None = None
+    future: asyncio.Future[None] | None = None
     lead: bool = False
     result: Result | None = None
     error: BaseException | None = None
+
+
+def _wake(slots: Sequence[_Slot]) -> None:
+    """On the slots' event loop: their batch ran (a caller that went away is left alone)."""
+    for slot in slots:
+        if slot.future is not None and not slot.future.done():
+            slot.future.set_result(None)
+
+
+def _results(slots: Sequence[_Slot[Item, Result]]) -> list[Result]:
+    for slot in slots:
+        if slot.error is not None:
+            raise slot.error
+    return [slot.result for slot in slots]  # type: ignore[misc]
 
 
 class Batcher(Generic[Item, Result]):
@@ -73,6 +94,7 @@ class Batcher(Generic[Item, Result]):
         self.max_wait_s = max_wait_s
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)  # a leader gathering callers waits on it
+        self._awaited = 0  # queued items the gathering leader waits for (0: no leader waits)
         self._queue: list[_Slot[Item, Result]] = []
         self._busy = False
         self._demand = 1  # items seen around the last batch: in it, or queued when it ended
@@ -86,33 +108,66 @@ class Batcher(Generic[Item, Result]):
 
     def submit_many(self, items: Sequence[Item]) -> list[Result]:
         """Results for several items (one caller's batch), run together with everyone else's."""
-        slots: list[_Slot[Item, Result]] = [_Slot(item) for item in items]
+        slots: list[_Slot[Item, Result]] = [_Slot(item, done=threading.Event()) for item in items]
         if not slots:
             return []
+        idle = self._enqueue(slots)
+        for slot in slots:
+            if not slot.lead:
+                slot.done.wait()  # type: ignore[union-attr]
+            if slot.lead:  # the first caller, or promoted by the previous leader
+                self._lead(promoted=not idle or slot is not slots[0])
+        return _results(slots)
+
+    async def submit_many_async(self, items: Sequence[Item]) -> list[Result]:
+        """``submit_many`` for a coroutine, which no thread waits for. A batch it leads is gathered
+        and run on the ``runner`` (required)."""
+        if self.runner is None:
+            raise RuntimeError("submit_many_async needs a runner to lead batches on")
+        loop = asyncio.get_running_loop()
+        slots: list[_Slot[Item, Result]] = [_Slot(item, future=loop.create_future()) for item in items]
+        if not slots:
+            return []
+        if self._enqueue(slots):
+            self._lead_on_runner(promoted=False)
+        for slot in slots:
+            await slot.future  # type: ignore[misc]
+        return _results(slots)
+
+    def _enqueue(self, slots: list[_Slot[Item, Result]]) -> bool:
+        """Queue the slots; True when no batch was running, and so their first is to lead."""
         with self._lock:
             self._queue.extend(slots)
             idle = not self._busy
             if idle:
                 self._busy = slots[0].lead = True
-            else:
-                self._arrived.notify()
-        for slot in slots:
-            if not slot.lead:
-                slot.done.wait()
-            if slot.lead:  # the first caller, or promoted by the previous leader
-                self._lead(promoted=not idle or slot is not slots[0])
-        for slot in slots:
-            if slot.error is not None:
-                raise slot.error
-        return [slot.result for slot in slots]  # type: ignore[misc]
+            elif self._awaited and len(self._queue) >= self._awaited:
+                self._arrived.notify()  # only then: waking the leader for less costs a thread switch
+        return idle
 
-    def _lead(self, promoted: bool) -> None:
+    def _lead_on_runner(self, promoted: bool) -> None:
+        """Lead the next batch on the runner, for a coroutine caller (which has no thread to lead
+        on). A runner that is shut down fails the queued callers instead of leaving them waiting."""
+        try:
+            self.runner.submit(self._lead, promoted, True)  # type: ignore[union-attr]
+        except RuntimeError as exc:  # the runner is shut down
+            with self._lock:
+                queued, self._queue, self._busy = self._queue, [], False
+            for slot in queued:
+                slot.error = exc
+            self._finish(queued)
+
+    def _lead(self, promoted: bool, on_runner: bool = False) -> None:
         with self._lock:
             self._gather(promoted)
             batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
         try:
             items = [slot.item for slot in batch]
-            results = self.run(items) if self.runner is None else self.runner.submit(self.run, items).result()
+            results = (
+                self.run(items)
+                if self.runner is None or on_runner
+                else self.runner.submit(self.run, items).result()
+            )
             if len(results) != len(batch):
                 raise RuntimeError(f"batch of {len(batch)} gave {len(results)} results")
             for slot, result in zip(batch, results, strict=True):
@@ -132,9 +187,26 @@ class Batcher(Generic[Item, Result]):
                 successor.lead = True
         for slot in batch:
             slot.lead = False
-            slot.done.set()
-        if successor is not None:
-            successor.done.set()
+        self._finish(batch)
+        if successor is None:
+            return
+        if successor.done is not None:
+            successor.done.set()  # a thread: it leads the next batch
+        else:
+            self._lead_on_runner(promoted=True)
+
+    @staticmethod
+    def _finish(slots: Sequence[_Slot[Item, Result]]) -> None:
+        """Tell the slots' callers their results are in: threads one by one, each event loop once."""
+        loops: dict[asyncio.AbstractEventLoop, list[_Slot[Item, Result]]] = {}
+        for slot in slots:
+            if slot.done is not None:
+                slot.done.set()
+            elif slot.future is not None:
+                loops.setdefault(slot.future.get_loop(), []).append(slot)
+        for loop, waiting in loops.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+                loop.call_soon_threadsafe(_wake, waiting)
 
     def _gather(self, promoted: bool) -> None:
         """Under the lock: right after a batch, wait (at most max_wait_s) for as many items as were
@@ -146,4 +218,6 @@ class Batcher(Generic[Item, Result]):
             return  # idle for a while: nobody is coming back
         target, deadline = min(self._demand, self.max_batch), now + self.max_wait_s
         while len(self._queue) < target and (remaining := deadline - time.monotonic()) > 0:
+            self._awaited = target
             self._arrived.wait(remaining)
+        self._awaited = 0

@@ -646,7 +646,11 @@ class Collection:
         """Each query's (raw distance, row id) pairs without empty slots and its excluded row, and
         the rows of all of them."""
         found = [
-            [(float(d), int(i)) for d, i in zip(raw[q], ids[q], strict=True) if i >= 0 and i != excludes[q]]
+            [
+                (d, i)
+                for d, i in zip(raw[q].tolist(), ids[q].tolist(), strict=True)
+                if i >= 0 and i != excludes[q]
+            ]
             for q in range(len(excludes))
         ]
         return found, self.store.rows_by_row_id(sorted({i for pairs in found for _, i in pairs}))

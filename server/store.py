@@ -370,7 +370,7 @@ class CollectionStore:
         rows = self._reader().execute(
             f"SELECT row_id, id, label, metadata FROM images WHERE row_id IN {ANY_OF}", (any_of(row_ids),)
         )
-        return {r[0]: HitRow(r[0], r[1], r[2], json.loads(r[3])) for r in rows}
+        return {r[0]: HitRow(r[0], r[1], r[2], {} if r[3] == "{}" else json.loads(r[3])) for r in rows}
 
     def vectors_by_row_id(self, row_ids: Sequence[int]) -> dict[int, np.ndarray]:
         """Raw float32 vectors keyed by row id (rows deleted meanwhile are absent)."""

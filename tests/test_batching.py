@@ -1,8 +1,10 @@
 """The leader/follower batcher: every caller gets its own result, concurrent callers share batches,
-an idle caller runs at once, and an error reaches exactly the callers of its batch."""
+an idle caller runs at once, and an error reaches exactly the callers of its batch; coroutine
+callers likewise, without a thread each."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Sequence
@@ -167,3 +169,95 @@ def test_batches_run_on_the_runner_thread_when_given_one():
         with ThreadPoolExecutor(8) as pool:
             assert list(pool.map(batcher.submit, range(50))) == list(range(50))
     assert threads == {"runner_0"}
+
+
+# -- coroutine callers (submit_many_async) ----------------------------------------------------
+def test_coroutines_and_threads_share_batches_and_each_gets_its_own_result():
+    """Coroutines on one event loop hold no thread while they wait: 100 of them and 40 threads
+    are served by one runner thread, in shared batches."""
+    work = SlowDoubler(0.01)
+    with ThreadPoolExecutor(1) as runner, ThreadPoolExecutor(8) as pool:
+        batcher = Batcher(work, runner=runner)
+
+        async def coroutines() -> list[list[int]]:
+            return await asyncio.gather(*(batcher.submit_many_async([i]) for i in range(100)))
+
+        threads = [pool.submit(batcher.submit, 1000 + i) for i in range(40)]
+        assert asyncio.run(coroutines()) == [[2 * i] for i in range(100)]
+        assert [f.result() for f in threads] == [2 * (1000 + i) for i in range(40)]
+    assert sum(work.sizes) == 140
+    assert len(work.sizes) < 60, work.sizes
+
+
+def test_one_coroutines_items_over_several_batches_keep_their_order():
+    work = SlowDoubler(0.0)
+    with ThreadPoolExecutor(1) as runner:
+        batcher = Batcher(work, max_batch=4, runner=runner)
+        assert asyncio.run(batcher.submit_many_async(list(range(10)))) == [2 * i for i in range(10)]
+    assert work.sizes == [4, 4, 2]
+
+
+def test_an_error_reaches_the_coroutines_of_its_batch_only():
+    def fails_on_13(items: Sequence[int]) -> list[int]:
+        if 13 in items:
+            raise ValueError("unlucky")
+        return list(items)
+
+    with ThreadPoolExecutor(1) as runner:
+        batcher = Batcher(fails_on_13, runner=runner)
+        with pytest.raises(ValueError, match="unlucky"):
+            asyncio.run(batcher.submit_many_async([13]))
+        assert asyncio.run(batcher.submit_many_async([7])) == [7]
+
+
+def test_a_cancelled_coroutine_leaves_the_batcher_serving_the_others():
+    """A caller that goes away (its RPC cancelled) while queued: its batch still runs, the others
+    get their results, and the next caller is served."""
+    gate = threading.Event()
+
+    def gated(items: Sequence[int]) -> list[int]:
+        gate.wait(5)
+        return list(items)
+
+    async def scenario(batcher: Batcher) -> None:
+        first = asyncio.ensure_future(batcher.submit_many_async([1]))
+        await asyncio.sleep(0.05)  # the first batch runs, and waits at the gate
+        leaving = asyncio.ensure_future(batcher.submit_many_async([2]))
+        staying = asyncio.ensure_future(batcher.submit_many_async([3]))
+        await asyncio.sleep(0.05)
+        leaving.cancel()
+        gate.set()
+        assert await asyncio.wait_for(first, 5) == [1]
+        assert await asyncio.wait_for(staying, 5) == [3]
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
+        assert await asyncio.wait_for(batcher.submit_many_async([4]), 5) == [4]
+
+    with ThreadPoolExecutor(1) as runner:
+        asyncio.run(scenario(Batcher(gated, runner=runner)))
+
+
+def test_a_coroutine_needs_a_runner_to_lead_on():
+    with pytest.raises(RuntimeError, match="runner"):
+        asyncio.run(Batcher(list).submit_many_async([1]))
+
+
+def test_a_shut_down_runner_fails_coroutines_instead_of_leaving_them_waiting():
+    runner = ThreadPoolExecutor(1)
+    runner.shutdown()
+    batcher = Batcher(list, runner=runner)
+    for _ in range(2):  # and the batcher is not left busy by the first failure
+        with pytest.raises(RuntimeError, match="shutdown"):
+            asyncio.run(asyncio.wait_for(batcher.submit_many_async([1]), 5))
+
+
+def test_a_gathering_leader_starts_as_soon_as_the_demand_is_there():
+    """The leader waits for as many callers as came around the last batch, but is woken the
+    moment they are all queued: not at max_wait_s, and not by each of them (a thread switch)."""
+    work = SlowDoubler(0.0)
+    batcher = Batcher(work, max_wait_s=5.0)
+    batcher.submit_many(list(range(8)))  # a batch of 8 just ended: the next leader expects 8
+    with ThreadPoolExecutor(8) as pool:
+        started = time.perf_counter()
+        assert list(pool.map(batcher.submit, range(8))) == [2 * i for i in range(8)]
+    assert time.perf_counter() - started < 2.5, "the leader waited out max_wait_s with everyone there"

@@ -8,6 +8,7 @@ built-in metrics) so a failure points at engine.py rather than the servicer.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import threading
@@ -430,6 +431,44 @@ def test_search_by_vector_with_top_k_default_and_bounds(engine: Engine) -> None:
     raises(InvalidArgument, "BAD_TOP_K", lambda: search(engine, vector=query, top_k=-1))
     raises(InvalidArgument, "NO_QUERY", lambda: search(engine))
     raises(InvalidArgument, "DIMENSION_MISMATCH", lambda: search(engine, vector=[1.0, 2.0]))
+
+
+def test_a_vector_search_on_the_event_loop_answers_and_refuses_as_on_a_worker(engine: Engine) -> None:
+    """``search_async`` (the gRPC Search of a vector, no worker thread) gives the hits and the
+    errors ``search`` gives, deadline included, and takes only the queries it can answer alone."""
+    engine.add_images("c", vector_items(0, 8))
+    engine.create_collection(NewCollection(name="cos", metric="cosine"))
+    engine.add_images("cos", vector_items(0, 8))
+
+    def both(**fields: Any) -> list[Any]:
+        query = SearchQuery(**fields)
+        assert Engine.searches_on_loop(query)
+        found = []
+        for call in (lambda: engine.search(query), lambda: asyncio.run(engine.search_async(query))):
+            try:
+                outcome = call()
+                found.append([(h.id, h.score, h.distance, h.label, h.metadata) for h in outcome.hits])
+                found[-1].append(outcome.metric)
+            except ImageSearchError as error:
+                found.append((type(error), error.reason, error.field, error.message))
+        assert found[0] == found[1], fields
+        return found[0]
+
+    assert [hit[0] for hit in both(collection="c", vector=vector(100), top_k=5)[:5]] == l2_order(
+        engine, vector(100), 5
+    )
+    both(collection="cos", vector=vector(3), top_k=4)
+    both(collection="c", vector=vector(3), metric="cosine", labels=["x"])
+    both(collection="c", vector=[1.0, 2.0])
+    both(collection="c", vector=[float("nan")] * DIM)
+    both(collection="c", vector=vector(1), top_k=21)
+    both(collection="nope", vector=vector(1))
+    both(collection="c", vector=vector(1), extractor_version="other")
+    past = time.monotonic() - 1
+    with pytest.raises(DeadlineExceeded):
+        asyncio.run(engine.search_async(SearchQuery(collection="c", vector=vector(1)), deadline=past))
+    assert not Engine.searches_on_loop(SearchQuery(collection="c", image_id="v1"))
+    assert not Engine.searches_on_loop(SearchQuery(collection="c", vector=vector(1), mode="BUCKETED"))
 
 
 def test_search_by_id_and_exclude_query(engine: Engine) -> None:

@@ -6,6 +6,7 @@ import threading
 import time
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
@@ -18,8 +19,10 @@ from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
 from tests.conftest import tiny_config
 from tests.support.gate_plugin import GatePlugin
 from tests.support.images import encode, pattern
+from tests.support.tiny_plugin import TinyExtractor
 
 pytestmark = pytest.mark.e2e
+DIM = TinyExtractor.dim
 
 
 def gated_server(data_dir, **changes):
@@ -58,6 +61,34 @@ def test_deadline_passed_during_extraction_stores_nothing(data_dir):
         assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         time.sleep(0.6)  # the server finishes its side and must not commit
         assert stub.ListImages(pb.ListImagesRequest()).images == []
+
+
+def test_a_search_by_vector_is_answered_while_every_worker_is_busy(data_dir):
+    """A search by vector is planned on the event loop and batched on the index thread: a worker
+    pool taken up by slow adds (here its one thread, held in extraction) does not delay it."""
+    gate, server = gated_server(data_dir, workers=1)
+    with server as running, grpc.insecure_channel(running.target) as chan:
+        stub = pb_grpc.ImageSearchServiceStub(chan)
+        vectors = np.eye(DIM, dtype=np.float32)[:4]
+        stub.AddImages(
+            pb.AddImagesRequest(
+                images=[
+                    pb.ImageInput(id=f"v{i}", vector=pb.FloatVector(values=v)) for i, v in enumerate(vectors)
+                ]
+            )
+        )
+        held = stub.AddImages.future(
+            pb.AddImagesRequest(images=[pb.ImageInput(id="slow", content=encode(pattern(1)))])
+        )
+        try:
+            assert gate.entered.wait(10), "the add never reached the extractor"
+            found = stub.Search(
+                pb.SearchRequest(vector=pb.FloatVector(values=vectors[2]), top_k=1), timeout=5
+            )
+            assert [hit.id for hit in found.hits] == ["v2"]
+        finally:
+            gate.release.set()
+        assert held.result(10).ids == ["slow"]
 
 
 def test_removals_and_collection_changes_past_the_deadline_commit_nothing(stub, monkeypatch):
