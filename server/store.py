@@ -55,9 +55,10 @@ CREATE TABLE IF NOT EXISTS extractor_state (slot INTEGER PRIMARY KEY CHECK (slot
 """
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class NewImage:
-    """A row to insert: the vector is the extractor's raw output (not metric-prepared)."""
+    """A row to insert: the vector is the extractor's raw output (not metric-prepared). One per
+    image of a batch: slotted, not frozen, for the cost of making 256 of them (engine.ImageItem)."""
 
     id: str
     label: str
@@ -223,39 +224,38 @@ class CollectionStore:
         return {r[0] for r in rows}
 
     def insert(self, images: Sequence[NewImage]) -> tuple[list[int], list[int]]:
-        """Insert all rows in one transaction (one executemany); return (row_ids, seqs).
+        """Insert all rows in one transaction (``insert_many``); return (row_ids, seqs).
 
         Row ids are given explicitly, continuing after the largest ever used (what
         AUTOINCREMENT would pick), so they are known without a query per row. An id
         already stored raises AlreadyExists and the whole batch rolls back.
         """
         now = time.time()
+        # A batch of bare vectors leaves the image columns to their defaults: fewer values to bind
+        # (bound holding the GIL), and the rows are made before the writer's transaction opens.
+        with_image = any(
+            i.thumbnail is not None or i.original is not None or i.width or i.height for i in images
+        )
+        columns = "id, label, metadata, vector, created" + (
+            ", thumbnail, original, width, height" if with_image else ""
+        )
+        payloads = [
+            (
+                image.id,
+                image.label,
+                json.dumps(image.metadata, sort_keys=True) if image.metadata else "{}",
+                np.asarray(image.vector, dtype=np.float32).tobytes(),
+                now,
+                *((image.thumbnail, image.original, image.width, image.height) if with_image else ()),
+            )
+            for image in images
+        ]
         with self._transaction() as conn:
             seq, last_row_id = self._tail()
             first = last_row_id + 1
-            rows = [
-                (
-                    first + offset,
-                    image.id,
-                    seq + 1 + offset,
-                    image.label,
-                    json.dumps(image.metadata, sort_keys=True) if image.metadata else "{}",
-                    np.asarray(image.vector, dtype=np.float32).tobytes(),
-                    image.thumbnail,
-                    image.original,
-                    image.width,
-                    image.height,
-                    now,
-                )
-                for offset, image in enumerate(images)
-            ]
+            rows = [(first + offset, seq + 1 + offset, *payload) for offset, payload in enumerate(payloads)]
             try:
-                insert_many(
-                    conn,
-                    "INSERT INTO images(row_id, id, seq, label, metadata, vector, thumbnail, original, width,"
-                    " height, created) VALUES ",
-                    rows,
-                )
+                insert_many(conn, f"INSERT INTO images(row_id, seq, {columns}) VALUES ", rows)
             except sqlite3.IntegrityError as exc:
                 ids = [image.id for image in images]
                 # What a committed batch (the reader cannot see this transaction) or this batch itself holds.
@@ -268,7 +268,7 @@ class CollectionStore:
             if local:
                 insert_many(conn, "INSERT INTO local_features(row_id, data) VALUES ", local)
             self.set_meta("seq", str(seq + len(images)))
-        return [row[0] for row in rows], [row[2] for row in rows]
+        return [row[0] for row in rows], [row[1] for row in rows]
 
     def _tail(self) -> tuple[int, int]:
         """(last sequence number, largest row id ever used, deleted rows included: ids are never
