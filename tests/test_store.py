@@ -199,6 +199,24 @@ def test_a_row_without_blobs_reads_back_as_none(store: CollectionStore) -> None:
     assert row is not None and row.thumbnail is None and row.original is None
 
 
+def test_a_batch_of_bare_vectors_and_a_mixed_batch_keep_each_rows_columns(store: CollectionStore) -> None:
+    """A batch whose rows carry no image leaves the image columns to their defaults (fewer values
+    to bind); a batch mixing such rows with images stores each row's own."""
+    bare = {"thumbnail": None, "original": None, "width": 0, "height": 0}
+    store.insert([image("v0", **bare), image("v1", **bare, metadata={})])
+    store.insert([image("v2", **bare), image("i0")])
+    for image_id in ("v0", "v1", "v2"):
+        row = store.get(image_id, with_original=True, with_vector=True)
+        assert row is not None
+        assert (row.thumbnail, row.original, row.width, row.height) == (None, None, 0, 0)
+        assert np.array_equal(row.vector, vector_for(image_id))
+    assert store.get("v0", with_original=False).metadata == {"name": "v0"}
+    assert store.get("v1", with_original=False).metadata == {}
+    full = store.get("i0", with_original=True)
+    assert (full.thumbnail, full.original, full.width, full.height) == (b"thumb-i0", b"original-i0", 3, 2)
+    assert store.last_seq() == 4
+
+
 def test_vector_of(store: CollectionStore) -> None:
     insert(store, "a", "b")
     row_id, vector = store.vector_of("b")
