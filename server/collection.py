@@ -603,8 +603,11 @@ class Collection:
         Each query gets its own ``k`` and excluded row; the index is asked for the largest
         and each list is cut to its own, which gives every query the hits it would get alone
         on flat and IVF indexes (HNSW's beam depends on k: the engine batches HNSW queries of
-        equal k only). Scores may differ from a lone query's in the last float32 bits (a
-        matrix product sums in another order: up to ~2e-6), never the ids' order otherwise.
+        equal k only). On a float32 flat index hits are scored exactly and equal scores ranked
+        by id, so a query gets the same hits and scores alone or in any batch
+        (``vector_index.EXACT_MARGIN``); on IVF, HNSW and quantised storage scores may differ in
+        the last float32 bits (a matrix product sums in another order), and so may the order of
+        hits that close.
         """
         excludes = list(exclude_row_ids) if exclude_row_ids is not None else [None] * len(ks)
         metric = metric_override or self.metric

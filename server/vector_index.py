@@ -63,6 +63,23 @@ PARALLEL_WORK = 10_000_000
 GEMV_MAX_QUERIES = 2
 
 
+# A float32 flat search (inner product or L2) asks its scan for EXACT_MARGIN candidates more than
+# it returns, scores them exactly (float64) and ranks them, equal scores by ascending id. The scan
+# rounds in float32, and differently for a lone query (sgemv) than for a batch (FAISS's matrix
+# product), and for two copies of one vector stored at different places: without this the same
+# query found another copy of a duplicate, or ordered near-equal hits otherwise, depending on what
+# other callers sent at the same moment (an outside test: 156 of 800 answers differed in scores or
+# order). If the candidates' last one is not clearly worse than the k-th (within twice the scan's
+# worst rounding, SCAN_ERROR), more are asked for, until nothing left out could rank or tie.
+EXACT_MARGIN = 8
+
+
+def scan_error(dim: int) -> float:
+    """A bound on a float32 dot product's rounding over ``dim`` terms, relative to |q| |v|
+    (d x 2^-24 for a sum of d products, doubled)."""
+    return dim * 2.0**-23
+
+
 def search_threads(queries: int, vectors: int, dim: int) -> int:
     """OpenMP threads for a search of this size: one for small work, every core for large."""
     return 1 if queries * vectors * dim < PARALLEL_WORK else available_cpus()
@@ -335,34 +352,95 @@ class VectorIndex:
         """Return (raw FAISS distances, ids); ids of -1 mark empty slots."""
         queries = as_float32(prepared_queries)
         k = max(1, min(k, max(self.size, 1)))
-        flat = self._float32_inner_product_flat()
-        if flat is not None and allowed is None and len(queries) <= GEMV_MAX_QUERIES and flat.ntotal:
+        flat = self._float32_flat()
+        if flat is not None and flat.ntotal:
+            return self._exactly_ranked(flat, queries, k, allowed)
+        return self._scan(queries, k, allowed)
+
+    def _scan(
+        self, queries: np.ndarray, k: int, allowed: np.ndarray | None, flat: faiss.IndexFlat | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS's search; one or two inner-product queries on a float32 ``flat`` index by sgemv."""
+        inner_product = self.spec.metric.faiss_metric == faiss.METRIC_INNER_PRODUCT
+        if flat is not None and inner_product and allowed is None and len(queries) <= GEMV_MAX_QUERIES:
             return self._search_by_gemv(flat, queries, k)
         faiss.omp_set_num_threads(search_threads(len(queries), self.size, self.spec.dim))
         params, _keep = self._params(allowed)  # _keep holds the selectors alive during the search
         if self.spec.kind == HNSW:
             # HNSW's beam must be at least k wide or it returns fewer hits than it could.
             params.efSearch = max(self.spec.ef_search, k)
-        distances, ids = self._index.search(queries, k, params=params)
-        if self._blas_l2():
-            distances, ids = self._exact_l2(queries, distances, ids)
-        if flat is not None:  # the order _search_by_gemv gives, so a lone query and a batch agree
-            distances, ids = _ties_by_id(distances, ids)
-        return distances, ids
+        return self._index.search(queries, k, params=params)
 
-    def _float32_inner_product_flat(self) -> faiss.IndexFlat | None:
-        """The float32 flat index inside, when the metric is an inner product (cosine, ip)."""
-        if self.trained or self.spec.metric.faiss_metric != faiss.METRIC_INNER_PRODUCT:
+    def _float32_flat(self) -> faiss.IndexFlat | None:
+        """The float32 flat index inside, when its metric is an inner product (cosine, ip) or L2."""
+        if self.trained or self.spec.kind == HNSW:
+            return None
+        if self.spec.metric.faiss_metric not in (faiss.METRIC_INNER_PRODUCT, faiss.METRIC_L2):
             return None
         inner = faiss.downcast_index(self._index.index)
         return inner if isinstance(inner, faiss.IndexFlat) else None
+
+    def _exactly_ranked(
+        self, flat: faiss.IndexFlat, queries: np.ndarray, k: int, allowed: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The k best by exact score among the scan's candidates, equal scores by ascending id: the
+        same answer whichever way the scan ran (EXACT_MARGIN). Distances as FAISS gives them (inner
+        products; squared L2), exact to float32; empty slots as FAISS marks them."""
+        inner_product = self.spec.metric.faiss_metric == faiss.METRIC_INNER_PRODUCT
+        distances = np.full((len(queries), k), _empty_distance(inner_product), np.float32)
+        found = np.full((len(queries), k), -1, np.int64)
+        pool = flat.ntotal if allowed is None else min(flat.ntotal, len(allowed))
+        asked, todo = min(pool, k + EXACT_MARGIN), np.arange(len(queries))
+        while len(todo):
+            _, candidates = self._scan(queries[todo], asked, allowed, flat)
+            exact, ids, settled = self._rescored(queries[todo], candidates, k, inner_product)
+            complete = (candidates < 0).any(axis=1) | (asked >= pool)  # every vector was a candidate
+            kept = exact.shape[1]
+            distances[todo, :kept], found[todo, :kept] = exact, ids
+            todo = todo[~(settled | complete)]
+            asked = min(pool, asked * 4)
+        return distances, found
+
+    def _rescored(
+        self, queries: np.ndarray, candidates: np.ndarray, k: int, inner_product: bool
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Candidates scored exactly (float64), best k first (equal scores by ascending id), and
+        for each query whether the candidates surely hold its k best: their worst is worse than the
+        k-th by more than the scan could have misjudged either. (Any vector left out scanned no
+        better than every candidate, so its exact score is at most the worst candidate's plus twice
+        the scan's rounding: the candidates are the scan's best, though not in order.)"""
+        valid = candidates >= 0
+        shape = (*candidates.shape, queries.shape[1])
+        if valid.all():
+            vectors = self._index.reconstruct_batch(candidates.ravel()).reshape(shape)
+        else:
+            vectors = np.zeros(shape, np.float32)
+            vectors[valid] = self._index.reconstruct_batch(candidates[valid])
+        if inner_product:
+            exact = np.einsum("qcd,qd->qc", vectors, queries, dtype=np.float64)
+            badness = -exact
+        else:
+            exact = ((vectors.astype(np.float64) - queries[:, None, :]) ** 2).sum(axis=2)
+            badness = exact.copy()
+        badness[~valid] = np.inf
+        order = np.lexsort((candidates, badness), axis=1)[:, :k]
+        ranked = np.take_along_axis(exact, order, axis=1).astype(np.float32)
+        ranked_ids = np.take_along_axis(candidates, order, axis=1)
+        missing = ~np.take_along_axis(valid, order, axis=1)
+        ranked[missing], ranked_ids[missing] = _empty_distance(inner_product), -1
+        query_norms = np.sqrt(np.einsum("qd,qd->q", queries, queries))
+        vector_norms = np.sqrt(np.einsum("qcd,qcd->qc", vectors, vectors).max(axis=1))
+        scale = query_norms * vector_norms if inner_product else query_norms**2 + vector_norms**2
+        worst = np.where(valid, badness, -np.inf).max(axis=1)
+        kth = np.take_along_axis(badness, order[:, -1:], axis=1)[:, 0]
+        settled = worst > kth + 2 * scan_error(queries.shape[1]) * scale
+        return ranked, ranked_ids, settled
 
     def _search_by_gemv(
         self, flat: faiss.IndexFlat, queries: np.ndarray, k: int
     ) -> tuple[np.ndarray, np.ndarray]:
         """Each query scored against every vector by one matrix-vector product (views of FAISS's
-        own storage and id map, no copy). The k best with FAISS's rule at the cut-off: among equal
-        scores the earliest stored are kept (its heap replaces only on a strictly better score)."""
+        own storage and id map, no copy): the k best candidates, for ``_exactly_ranked``."""
         count = flat.ntotal
         base = faiss.rev_swig_ptr(flat.get_xb(), count * flat.d).reshape(count, flat.d)
         ids = faiss.rev_swig_ptr(self._index.id_map.data(), count)
@@ -374,7 +452,7 @@ class VectorIndex:
             above = np.flatnonzero(scores > cut)
             best = np.concatenate([above, np.flatnonzero(scores == cut)[: k - len(above)]])
             distances[row], found[row] = scores[best], ids[best]
-        return _ties_by_id(distances, found)
+        return distances, found
 
     def search_among(
         self, prepared_queries: np.ndarray, k: int, ids: np.ndarray
@@ -393,28 +471,6 @@ class VectorIndex:
         vectors = self._index.reconstruct_batch(ids)
         raw, positions = brute_force(self.spec.metric, vectors, queries, k)
         return raw, np.where(positions >= 0, ids[np.maximum(positions, 0)], -1)
-
-    def _blas_l2(self) -> bool:
-        """Whether results come from FAISS's BLAS path for L2 on a float32 flat index, which
-        computes |x|^2 + |y|^2 - 2xy: a stored vector then lies at 1e-4 from itself, not 0."""
-        if self.spec.metric.faiss_metric != faiss.METRIC_L2 or self.trained or self.spec.kind == HNSW:
-            return False
-        return isinstance(faiss.downcast_index(self._index.index), faiss.IndexFlat)
-
-    def _exact_l2(self, queries: np.ndarray, distances: np.ndarray, ids: np.ndarray):
-        """Recompute the hits' squared L2 distances directly and re-sort: exact values, and the
-        same whether a query was searched alone or in a batch (k x d work per query)."""
-        found = ids >= 0
-        if not found.any():
-            return distances, ids
-        vectors = self._index.reconstruct_batch(ids[found])
-        exact = np.full(distances.shape, np.inf, dtype=np.float32)
-        rows = np.nonzero(found)[0]
-        exact[found] = ((vectors - queries[rows]) ** 2).sum(axis=1)
-        order = np.argsort(exact, axis=1, kind="stable")
-        exact, ids = np.take_along_axis(exact, order, axis=1), np.take_along_axis(ids, order, axis=1)
-        exact[ids < 0] = np.finfo(np.float32).max  # empty slots, as FAISS marks them
-        return exact, ids
 
     def check_layout(self) -> None:
         """Refuse a loaded FAISS object that is not what this spec builds (old or foreign snapshots)."""
@@ -447,13 +503,9 @@ class VectorIndex:
         return self.spec.kind == HNSW and len(self._tombstones) > max(1000, self._index.ntotal // 4)
 
 
-def _ties_by_id(distances: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Inner-product hits best first, equal scores by ascending id: on a flat index, the order
-    they were stored in (row ids only grow, and a removal keeps the others' order)."""
-    by_id = np.argsort(ids, axis=1, kind="stable")
-    distances, ids = np.take_along_axis(distances, by_id, axis=1), np.take_along_axis(ids, by_id, axis=1)
-    by_score = np.argsort(-distances, axis=1, kind="stable")
-    return np.take_along_axis(distances, by_score, axis=1), np.take_along_axis(ids, by_score, axis=1)
+def _empty_distance(inner_product: bool) -> float:
+    """What FAISS puts in an empty slot's distance: the worst float32 score for the metric."""
+    return -np.finfo(np.float32).max if inner_product else np.finfo(np.float32).max
 
 
 def brute_force(

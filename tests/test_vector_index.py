@@ -3,11 +3,12 @@ adds, removals and re-adds, including IVF after training and HNSW past compactio
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 
 from imagesearch.plugins import l2_normalize
-from imagesearch.plugins.metrics import COSINE, L2
+from imagesearch.plugins.metrics import COSINE, INNER_PRODUCT, L2
 from imagesearch.plugins.types import FLAT, HNSW, IVF
 from imagesearch.server import vector_index
 from imagesearch.server.vector_index import (
@@ -227,3 +228,39 @@ def test_equal_scores_at_the_cut_off_keep_the_earliest_stored_alone_or_batched(m
     zeros.add(np.arange(50), np.zeros((50, DIM), np.float32))
     assert zeros.search(twin, 5)[1][0].tolist() == zeros.search(np.repeat(twin, 3, axis=0), 5)[1][1].tolist()
     assert zeros.search(twin, 5)[1][0].tolist() == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("metric", [COSINE, INNER_PRODUCT, L2], ids=lambda m: m.name)
+def test_a_query_ranks_the_same_alone_or_in_any_batch_among_duplicates(metric):
+    """Copies of one vector stored far apart, and scaled copies, after removals: a query gets the
+    same ids and the same distances alone (sgemv for inner products), in a batch of three and in a
+    batch past GEMV_MAX_QUERIES (FAISS), scored exactly, equal scores by ascending id.
+    The float32 scans round differently per path and per stored position (found by an outside
+    test: the lone search and a batch returned different copies of a duplicate)."""
+    rng = np.random.default_rng(12)
+    base = rng.normal(size=(150, DIM)).astype(np.float32)
+    stored = np.concatenate([base, base[:50], base[:50] * 2.0])
+    prepared = metric.prepare(stored)
+    index = VectorIndex(IndexSpec(kind=FLAT, dim=DIM, metric=metric))
+    index.add(np.arange(len(stored)), prepared)
+    index.remove(np.arange(100, 120))
+    kept = np.array([i for i in range(len(stored)) if not 100 <= i < 120])
+    queries = metric.prepare(np.concatenate([stored[:60:3], stored[1:60:3] + 0.01]).astype(np.float32))
+    for k in (1, 3, 10, 60):
+        alone = [index.search(query[None], k) for query in queries]
+        for size in (3, 20):
+            for start in range(0, len(queries), size):
+                distances, ids = index.search(queries[start : start + size], k)
+                for row, (lone_distances, lone_ids) in enumerate(alone[start : start + size]):
+                    assert ids[row].tolist() == lone_ids[0].tolist(), (k, size, start + row)
+                    assert distances[row].tolist() == lone_distances[0].tolist(), (k, size, start + row)
+    for query, (distances, ids) in zip(queries, (index.search(q[None], 10) for q in queries), strict=True):
+        vectors = prepared[kept].astype(np.float64)
+        if metric.faiss_metric == faiss.METRIC_L2:
+            exact = ((vectors - query) ** 2).sum(axis=1)
+            order = np.lexsort((kept, exact))
+        else:
+            exact = vectors @ query.astype(np.float64)
+            order = np.lexsort((kept, -exact))
+        assert ids[0].tolist() == kept[order[:10]].tolist()
+        assert np.allclose(distances[0], exact[order[:10]], rtol=1e-6, atol=1e-6)
