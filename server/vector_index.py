@@ -20,6 +20,7 @@ another row:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import faiss
@@ -72,6 +73,11 @@ GEMV_MAX_QUERIES = 2
 # order). If the candidates' last one is not clearly worse than the k-th (within twice the scan's
 # worst rounding, SCAN_ERROR), more are asked for, until nothing left out could rank or tie.
 EXACT_MARGIN = 8
+# At most this many candidates a query: past it the candidates are taken as they are (a query
+# all of whose scores tie, the zero vector under inner product, would otherwise gather the whole
+# collection), and exact scores are computed for at most EXACT_SLICE floats of vectors at once.
+EXACT_MAX_CANDIDATES = 1024
+EXACT_SLICE = 1 << 22
 
 
 def scan_error(dim: int) -> float:
@@ -165,6 +171,7 @@ class VectorIndex:
         self._index = _with_direct_map(index) if index is not None else self._empty()
         self._tombstones: set[int] = set() if tombstones is None else {int(t) for t in tombstones}
         self.training_error = ""
+        self._largest_norm: float | None = None  # of any vector ever held here (see norm_bound)
 
     def _empty(self) -> faiss.Index:
         if self.spec.kind == HNSW:
@@ -266,6 +273,8 @@ class VectorIndex:
             self.add(ids[:wanted], prepared[:wanted])
             ids, prepared = ids[wanted:], prepared[wanted:]
         self._index.add_with_ids(prepared, ids)
+        if self._largest_norm is not None:
+            self._largest_norm = max(self._largest_norm, _largest_norm(prepared))
         if self._will_train() and self._index.ntotal >= self.spec.effective_train_size:
             self._train()
 
@@ -383,58 +392,27 @@ class VectorIndex:
     def _exactly_ranked(
         self, flat: faiss.IndexFlat, queries: np.ndarray, k: int, allowed: np.ndarray | None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The k best by exact score among the scan's candidates, equal scores by ascending id: the
-        same answer whichever way the scan ran (EXACT_MARGIN). Distances as FAISS gives them (inner
-        products; squared L2), exact to float32; empty slots as FAISS marks them."""
-        inner_product = self.spec.metric.faiss_metric == faiss.METRIC_INNER_PRODUCT
-        distances = np.full((len(queries), k), _empty_distance(inner_product), np.float32)
-        found = np.full((len(queries), k), -1, np.int64)
-        pool = flat.ntotal if allowed is None else min(flat.ntotal, len(allowed))
-        asked, todo = min(pool, k + EXACT_MARGIN), np.arange(len(queries))
-        while len(todo):
-            _, candidates = self._scan(queries[todo], asked, allowed, flat)
-            exact, ids, settled = self._rescored(queries[todo], candidates, k, inner_product)
-            complete = (candidates < 0).any(axis=1) | (asked >= pool)  # every vector was a candidate
-            kept = exact.shape[1]
-            distances[todo, :kept], found[todo, :kept] = exact, ids
-            todo = todo[~(settled | complete)]
-            asked = min(pool, asked * 4)
-        return distances, found
+        """The k best by exact score among the float32 scan's candidates, equal scores by ascending
+        id (``exact_top_k``): the same answer whichever way the scan ran."""
+        return exact_top_k(
+            queries,
+            k,
+            inner_product=self.spec.metric.faiss_metric == faiss.METRIC_INNER_PRODUCT,
+            pool=flat.ntotal if allowed is None else min(flat.ntotal, len(allowed)),
+            rounding=scan_error(queries.shape[1]),
+            largest_norm=self._norm_bound(flat),
+            scan=lambda rows, asked: self._scan(queries[rows], asked, allowed, flat)[1],
+            gather=self._index.reconstruct_batch,
+        )
 
-    def _rescored(
-        self, queries: np.ndarray, candidates: np.ndarray, k: int, inner_product: bool
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Candidates scored exactly (float64), best k first (equal scores by ascending id), and
-        for each query whether the candidates surely hold its k best: their worst is worse than the
-        k-th by more than the scan could have misjudged either. (Any vector left out scanned no
-        better than every candidate, so its exact score is at most the worst candidate's plus twice
-        the scan's rounding: the candidates are the scan's best, though not in order.)"""
-        valid = candidates >= 0
-        shape = (*candidates.shape, queries.shape[1])
-        if valid.all():
-            vectors = self._index.reconstruct_batch(candidates.ravel()).reshape(shape)
-        else:
-            vectors = np.zeros(shape, np.float32)
-            vectors[valid] = self._index.reconstruct_batch(candidates[valid])
-        if inner_product:
-            exact = np.einsum("qcd,qd->qc", vectors, queries, dtype=np.float64)
-            badness = -exact
-        else:
-            exact = ((vectors.astype(np.float64) - queries[:, None, :]) ** 2).sum(axis=2)
-            badness = exact.copy()
-        badness[~valid] = np.inf
-        order = np.lexsort((candidates, badness), axis=1)[:, :k]
-        ranked = np.take_along_axis(exact, order, axis=1).astype(np.float32)
-        ranked_ids = np.take_along_axis(candidates, order, axis=1)
-        missing = ~np.take_along_axis(valid, order, axis=1)
-        ranked[missing], ranked_ids[missing] = _empty_distance(inner_product), -1
-        query_norms = np.sqrt(np.einsum("qd,qd->q", queries, queries))
-        vector_norms = np.sqrt(np.einsum("qcd,qcd->qc", vectors, vectors).max(axis=1))
-        scale = query_norms * vector_norms if inner_product else query_norms**2 + vector_norms**2
-        worst = np.where(valid, badness, -np.inf).max(axis=1)
-        kth = np.take_along_axis(badness, order[:, -1:], axis=1)[:, 0]
-        settled = worst > kth + 2 * scan_error(queries.shape[1]) * scale
-        return ranked, ranked_ids, settled
+    def _norm_bound(self, flat: faiss.IndexFlat) -> float:
+        """The largest norm of any vector held (removed ones may count: an overestimate is safe),
+        which bounds how far the scan can misjudge a vector it left out. Read from the storage
+        once, then kept up by ``add``."""
+        if self._largest_norm is None:
+            stored = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
+            self._largest_norm = _largest_norm(stored)
+        return self._largest_norm
 
     def _search_by_gemv(
         self, flat: faiss.IndexFlat, queries: np.ndarray, k: int
@@ -503,6 +481,96 @@ class VectorIndex:
         return self.spec.kind == HNSW and len(self._tombstones) > max(1000, self._index.ntotal // 4)
 
 
+def exact_top_k(
+    queries: np.ndarray,
+    k: int,
+    *,
+    inner_product: bool,
+    pool: int,
+    rounding: float,
+    largest_norm: float,
+    scan: Callable[[np.ndarray, int], np.ndarray],
+    gather: Callable[[np.ndarray], np.ndarray],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's k best of ``pool`` vectors by exact score (float64), equal scores by ascending
+    key, and their distances as FAISS gives them (inner products; squared L2), empty slots as FAISS
+    marks them. ``scan(rows, asked)`` gives the keys (-1: none) of the ``asked`` best for
+    ``queries[rows]`` by a computation that may round, off by at most ``rounding`` × |q||v| (L2:
+    × (|q|² + |v|²)), |v| at most ``largest_norm``; ``gather(keys)`` their vectors. EXACT_MARGIN
+    candidates more than k are scored exactly, four times as many again (up to
+    EXACT_MAX_CANDIDATES) while the worst is within twice that rounding of the k-th (a vector
+    left out might then rank as well or better)."""
+    distances = np.full((len(queries), k), _empty_distance(inner_product), np.float32)
+    found = np.full((len(queries), k), -1, np.int64)
+    asked, todo = min(pool, k + EXACT_MARGIN), np.arange(len(queries))
+    while len(todo):
+        candidates = scan(todo, asked)
+        per_slice = max(1, EXACT_SLICE // (asked * queries.shape[1]))
+        unsettled = []
+        for start in range(0, len(todo), per_slice):
+            rows = todo[start : start + per_slice]
+            part = candidates[start : start + per_slice]
+            exact, keys, settled = _ranked_exactly(
+                queries[rows], part, gather, k, inner_product, rounding, largest_norm
+            )
+            kept = exact.shape[1]
+            distances[rows, :kept], found[rows, :kept] = exact, keys
+            complete = (part < 0).any(axis=1)  # every vector was a candidate
+            unsettled.append(rows[~(settled | complete)])
+        if asked >= min(pool, EXACT_MAX_CANDIDATES):
+            break
+        todo = np.concatenate(unsettled)
+        asked = min(pool, EXACT_MAX_CANDIDATES, asked * 4)
+    return distances, found
+
+
+def _ranked_exactly(
+    queries: np.ndarray,
+    candidates: np.ndarray,
+    gather: Callable[[np.ndarray], np.ndarray],
+    k: int,
+    inner_product: bool,
+    rounding: float,
+    largest_norm: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Candidates scored exactly (float64, one product a pair, the same wherever a vector sits),
+    best k first, equal scores by ascending key; and for each query whether they surely hold its k
+    best: their worst is worse than the k-th by more than the scan could have misjudged either. (A
+    vector left out scanned no better than every candidate, so its exact score is at most the
+    worst candidate's plus twice the rounding: the candidates are the scan's best, in any order.)"""
+    valid = candidates >= 0
+    shape = (*candidates.shape, queries.shape[1])
+    if valid.all():
+        vectors = np.asarray(gather(candidates.ravel()), np.float32).reshape(shape)
+    else:
+        vectors = np.zeros(shape, np.float32)
+        vectors[valid] = gather(candidates[valid])
+    if inner_product:
+        exact = np.einsum("qcd,qd->qc", vectors, queries, dtype=np.float64)
+        badness = -exact
+    else:
+        exact = ((vectors.astype(np.float64) - queries[:, None, :]) ** 2).sum(axis=2)
+        badness = exact.copy()
+    badness[~valid] = np.inf
+    order = np.lexsort((candidates, badness), axis=1)[:, :k]
+    ranked = np.take_along_axis(exact, order, axis=1).astype(np.float32)
+    ranked_keys = np.take_along_axis(candidates, order, axis=1)
+    missing = ~np.take_along_axis(valid, order, axis=1)
+    ranked[missing], ranked_keys[missing] = _empty_distance(inner_product), -1
+    query_norms = np.sqrt(np.einsum("qd,qd->q", queries, queries, dtype=np.float64))
+    scale = query_norms * largest_norm if inner_product else query_norms**2 + largest_norm**2
+    worst = np.where(valid, badness, -np.inf).max(axis=1)
+    kth = np.take_along_axis(badness, order[:, -1:], axis=1)[:, 0]
+    return ranked, ranked_keys, worst > kth + 2 * rounding * scale
+
+
+def _largest_norm(vectors: np.ndarray) -> float:
+    """The largest row norm (float64 sums: a float32 square of a norm near 1e18 would overflow)."""
+    if len(vectors) == 0:
+        return 0.0
+    return float(np.sqrt(np.einsum("ij,ij->i", vectors, vectors, dtype=np.float64).max()))
+
+
 def _empty_distance(inner_product: bool) -> float:
     """What FAISS puts in an empty slot's distance: the worst float32 score for the metric."""
     return -np.finfo(np.float32).max if inner_product else np.finfo(np.float32).max
@@ -528,13 +596,29 @@ def brute_force(
         return index.search(queries, k)
     wide_q, wide_v = queries.astype(np.float64), base.astype(np.float64)
     products = wide_q @ wide_v.T
-    if metric.faiss_metric == faiss.METRIC_L2:
-        raw = np.maximum((wide_q**2).sum(1)[:, None] + (wide_v**2).sum(1)[None, :] - 2 * products, 0)
-        order = np.argsort(raw, axis=1, kind="stable")[:, :k]
+    inner_product = metric.faiss_metric == faiss.METRIC_INNER_PRODUCT
+    if inner_product:
+        badness = -products
     else:
-        raw = products
-        order = np.argsort(-raw, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(raw, order, axis=1).astype(np.float32), order.astype(np.int64)
+        badness = (wide_q**2).sum(1)[:, None] + (wide_v**2).sum(1)[None, :] - 2 * products
+
+    def best(rows: np.ndarray, asked: int) -> np.ndarray:
+        if asked >= len(base):
+            return np.tile(np.arange(len(base)), (len(rows), 1))
+        return np.argpartition(badness[rows], asked - 1, axis=1)[:, :asked]
+
+    # The matrix product rounds each pair its own way (by position, and by how many queries share
+    # it): it only proposes candidates, which exact_top_k scores one pair at a time.
+    return exact_top_k(
+        queries,
+        k,
+        inner_product=inner_product,
+        pool=len(base),
+        rounding=queries.shape[1] * 2.0**-52,
+        largest_norm=_largest_norm(base),
+        scan=best,
+        gather=lambda positions: base[positions],
+    )
 
 
 __all__ = [
