@@ -70,8 +70,9 @@ GEMV_MAX_QUERIES = 2
 # product), and for two copies of one vector stored at different places: without this the same
 # query found another copy of a duplicate, or ordered near-equal hits otherwise, depending on what
 # other callers sent at the same moment (an outside test: 156 of 800 answers differed in scores or
-# order). If the candidates' last one is not clearly worse than the k-th (within twice the scan's
-# worst rounding, SCAN_ERROR), more are asked for, until nothing left out could rank or tie.
+# order). If the candidates' worst is not clearly worse than the k-th (by more than twice the
+# scan's worst rounding, ``scan_error`` of the largest norm held), more are asked for, until
+# nothing left out could rank or tie, or EXACT_MAX_CANDIDATES are.
 EXACT_MARGIN = 8
 # At most this many candidates a query: past it the candidates are taken as they are (a query
 # all of whose scores tie, the zero vector under inner product, would otherwise gather the whole
@@ -171,7 +172,7 @@ class VectorIndex:
         self._index = _with_direct_map(index) if index is not None else self._empty()
         self._tombstones: set[int] = set() if tombstones is None else {int(t) for t in tombstones}
         self.training_error = ""
-        self._largest_norm: float | None = None  # of any vector ever held here (see norm_bound)
+        self._largest_norm: float | None = None  # of any vector held here (``_norm_bound``)
 
     def _empty(self) -> faiss.Index:
         if self.spec.kind == HNSW:
