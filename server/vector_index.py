@@ -518,10 +518,11 @@ def exact_top_k(
             distances[rows, :kept], found[rows, :kept] = exact, keys
             complete = (part < 0).any(axis=1)  # every vector was a candidate
             unsettled.append(rows[~(settled | complete)])
-        if asked >= min(pool, EXACT_MAX_CANDIDATES):
+        more = min(pool, EXACT_MAX_CANDIDATES, asked * 4)
+        if asked >= more or (more < 2 * asked and more < pool):  # nothing, or a few, more to ask for
             break
         todo = np.concatenate(unsettled)
-        asked = min(pool, EXACT_MAX_CANDIDATES, asked * 4)
+        asked = more
     return distances, found
 
 
