@@ -9,9 +9,11 @@ Prints single-query p50 of the server's own ``VectorIndex.search`` over flat cos
    searches led by whichever worker thread came first did): each calling thread gets its own
    OpenMP team, and teams left spinning take the cores from the current one;
 3. as the server runs a lone query on such an index: NumPy's matrix-vector product (sgemv).
-Then one query over the 20,000 vectors scanned by FAISS as two halves on two threads at once,
-and the CPU NumPy's OpenBLAS spends spinning after one product, with its default thread timeout
-and with the server's.
+Then one query over the 20,000 vectors scanned by FAISS as two halves on two threads at once;
+what the exact ranking of a flat search costs (``VectorIndex.search``, which scores its scan's
+candidates exactly, against FAISS's own search of the same batch, for batches and k a server
+meets); and the CPU NumPy's OpenBLAS spends spinning after one product, with its default thread
+timeout and with the server's.
 """
 
 from __future__ import annotations
@@ -84,6 +86,15 @@ def main() -> None:
         f"20,000 vectors, one query's FAISS scan split in two halves on two threads (1 OpenMP thread "
         f"each): {split:.3f}"
     )
+    ranking = exact_ranking_ms(index, queries)  # the 20,000-vector index
+    print(
+        "20,000 vectors, the exact ranking's cost, p50 ms of VectorIndex.search against FAISS's own "
+        "search of the same batch (2 OpenMP threads): "
+        + "; ".join(
+            f"{found['queries']} queries, k {found['k']}: {found['server']:.2f} against {found['faiss']:.2f}"
+            for found in ranking
+        )
+    )
     spin = {timeout or "default": blas_spin(timeout) for timeout in ("", "4")}
     print(
         "NumPy's OpenBLAS, one 20,000 x 1280 matrix-vector product: "
@@ -93,7 +104,10 @@ def main() -> None:
             for name, found in spin.items()
         )
     )
-    save("search_threads", {"p50_ms": results, "split_scan_p50_ms": split, "blas_spin": spin})
+    save(
+        "search_threads",
+        {"p50_ms": results, "split_scan_p50_ms": split, "exact_ranking_ms": ranking, "blas_spin": spin},
+    )
 
 
 SPIN_PROBE = """
@@ -125,6 +139,27 @@ def blas_spin(timeout: str) -> dict[str, float]:
     )
     spun, product = (float(value) for value in done.stdout.split())
     return {"spin_cpu_ms": spun, "product_p50_ms": product}
+
+
+def exact_ranking_ms(index: VectorIndex, queries: np.ndarray) -> list[dict[str, float]]:
+    """p50 of the server's search (scan, then exact scores of k + EXACT_MARGIN candidates) and of
+    FAISS's own search alone, the two interleaved, for batches of (queries, k)."""
+    vector_index.search_threads = lambda *_: 2
+    faiss.omp_set_num_threads(2)
+    pool = np.resize(
+        queries, (256, queries.shape[1])
+    )  # as many as the largest batch (repeats past --queries)
+    found = []
+    for size, k in ((16, 10), (256, 10), (256, 100), (64, 1000)):
+        times: dict[str, list[float]] = {"server": [], "faiss": []}
+        for round_ in range(5):
+            batch = np.ascontiguousarray(np.roll(pool, round_ * 7, axis=0)[:size])
+            for name, search in (("server", index.search), ("faiss", index.faiss_index.search)):
+                started = time.perf_counter()
+                search(batch, k)
+                times[name].append((time.perf_counter() - started) * 1000)
+        found.append({"queries": size, "k": k} | {name: percentile(t, 50) for name, t in times.items()})
+    return found
 
 
 def split_scan_p50_ms(index: VectorIndex, queries: np.ndarray) -> float:
