@@ -198,7 +198,8 @@ def l2_normalize(vectors: np.ndarray) -> np.ndarray:
     float32. The rows themselves stay float32 (half the time of converting them)."""
     rows = np.asarray(vectors, dtype=np.float32)
     norms = np.sqrt(np.einsum("ij,ij->i", rows, rows, dtype=np.float64))[:, None]
-    if norms.all():  # the usual case: no mask to apply (a third of the time for a batch of 256)
+    if (norms > 0).all():  # the usual case, no mask to apply (a third of the time for 256 rows);
+        # "> 0", not truthiness: a NaN norm must take the masked path, which zeroes its row
         return np.divide(rows, norms, out=np.empty_like(rows))
     return np.divide(rows, norms, out=np.zeros_like(rows), where=norms > 0)
 

@@ -528,3 +528,15 @@ def test_l2_normalize_keeps_the_direction_of_any_finite_float32_vector(norm: flo
 def test_l2_normalize_leaves_zero_rows_zero() -> None:
     rows = np.array([[0.0, 0.0], [3.0, 4.0]], dtype=np.float32)
     assert l2_normalize(rows).tolist() == [[0.0, 0.0], [0.6000000238418579, 0.800000011920929]]
+
+
+def test_l2_normalize_takes_the_masked_path_for_a_nan_row_and_is_exact_otherwise() -> None:
+    """The unmasked fast path (no zero row) must give the same rows as the masked one, and a row
+    whose norm is NaN is zeroed as before the fast path existed (NaN is truthy, not > 0)."""
+    rng = np.random.default_rng(3)
+    rows = rng.normal(size=(256, 64)).astype(np.float32)
+    norms = np.sqrt(np.einsum("ij,ij->i", rows, rows, dtype=np.float64))[:, None]
+    masked = np.divide(rows, norms, out=np.zeros_like(rows), where=norms > 0)
+    assert np.array_equal(l2_normalize(rows), masked)
+    with_nan = np.array([[np.nan, 1.0], [3.0, 4.0]], dtype=np.float32)
+    assert l2_normalize(with_nan).tolist() == [[0.0, 0.0], [0.6000000238418579, 0.800000011920929]]
