@@ -334,3 +334,21 @@ def test_a_query_that_ties_everything_gathers_a_bounded_number_of_candidates(mon
         _, ids = index.search(np.zeros((batch, DIM), np.float32), 10)
         assert all(row.tolist() == list(range(10)) for row in ids)
         assert max(gathered) <= 64, gathered
+
+
+def test_the_norm_bound_follows_adds_after_the_first_search():
+    """The largest norm held is read from the storage at the first search, then kept up by adds:
+    a large-norm vector whose components cancel, added after a search, still ranks first."""
+    dim = 192
+    rng = np.random.default_rng(4)
+    index = VectorIndex(IndexSpec(kind=FLAT, dim=dim, metric=INNER_PRODUCT))
+    index.add(np.arange(40), np.abs(rng.normal(size=(40, dim))).astype(np.float32) / 10)
+    query = np.zeros(dim, np.float32)
+    query[0], query[1] = 1 + 2.0**-12, 1
+    assert 40 not in index.search(query[None], 3)[1][0].tolist()  # the bound is now read
+    big = np.zeros(dim, np.float32)
+    big[0], big[1] = (1 + 2.0**-12) * 2.0**55, -(1 + 2.0**-11) * 2.0**55
+    index.add(np.array([40]), big[None])
+    for batch in (1, 3):
+        _, ids = index.search(np.repeat(query[None], batch, axis=0), 3)
+        assert all(row[0] == 40 for row in ids), ids
