@@ -8,6 +8,7 @@ is checked directly against a store on a temporary file.
 from __future__ import annotations
 
 import dataclasses
+import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 
 from imagesearch.server.errors import AlreadyExists
-from imagesearch.server.store import CollectionStore, HitRow, ImageRow, NewImage
+from imagesearch.server.store import PAGE_SIZE, CollectionStore, HitRow, ImageRow, NewImage
 
 DIM = 4
 
@@ -356,3 +357,28 @@ def test_reencode_commits_state_spec_and_vectors_together(store: CollectionStore
     assert store.extractor_state() == b"state" and store.get_meta("spec") == '{"new": 1}'
     np.testing.assert_array_equal(store.vector_of("a")[1], np.ones(3))
     np.testing.assert_array_equal(store.vector_of("b")[1], vector_for("b"))
+
+
+def page_size_of(path: Path) -> int:
+    with sqlite3.connect(path) as conn:
+        return conn.execute("PRAGMA page_size").fetchone()[0]
+
+
+def test_a_new_store_has_large_pages_and_an_old_one_keeps_its_own(tmp_path: Path) -> None:
+    """A new store takes PAGE_SIZE (a row with its vector then fits in a page); a store made with
+    SQLite's default 4 KiB before that opens, reads and grows as it is (WAL fixes the size)."""
+    new = CollectionStore(tmp_path / "new.sqlite3")
+    insert(new, "a")
+    new.close()
+    assert PAGE_SIZE == 32768 and page_size_of(tmp_path / "new.sqlite3") == PAGE_SIZE
+    old_path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(old_path) as conn:  # what an older server made: default pages, then WAL
+        conn.execute("PRAGMA journal_mode=WAL")
+    old = CollectionStore(old_path)
+    insert(old, "a", "b")
+    assert [row.id for row in old.page(0, 10)] == ["a", "b"]
+    old.close()
+    reopened = CollectionStore(old_path, create=False)
+    assert reopened.count() == 2
+    reopened.close()
+    assert page_size_of(old_path) == 4096
