@@ -352,3 +352,13 @@ def test_the_norm_bound_follows_adds_after_the_first_search():
     for batch in (1, 3):
         _, ids = index.search(np.repeat(query[None], batch, axis=0), 3)
         assert all(row[0] == 40 for row in ids), ids
+
+
+@pytest.mark.parametrize("scale", [1e-20, 1.0, 1e10, 1e17])
+def test_the_largest_norm_is_bounded_from_above_within_a_rounding_at_any_scale(scale):
+    """Summed in float32 where that is safe, in float64 where float32 would under- or overflow:
+    never below the true largest norm (an underestimate would let the scan's error go unnoticed)."""
+    rows = (np.random.default_rng(5).normal(size=(300, 1280)) * scale).astype(np.float32)
+    true = float(np.sqrt((rows.astype(np.float64) ** 2).sum(axis=1).max()))
+    bound = vector_index._largest_norm(rows)
+    assert true <= bound <= true * (1 + 2 * vector_index.scan_error(1280))
