@@ -5,7 +5,8 @@ then several at once into one collection), timing the stages the docs name:
 the store's insert with its fsync'd commit, the FAISS add, the rest of ``Collection.add``
 (stacking and preparing vectors, under the collection's writer lock) and the engine's validation
 and rows. Prints ms per batch, vectors/s and the CPU the process used, so the bench/README
-breakdown of ingest comes from a command. First, the cost of one batch's message in each of
+breakdown of ingest comes from a command. First, the minimal durable pipeline (no server)
+against the bare insert: how close any server could come. Then the cost of one batch's message in each of
 FloatVector's two forms (``values``, ``float32_le``) on the client and on the server, and how a
 thread running Python slows SQLite inserts made one statement a row against one a batch.
 """
@@ -13,6 +14,7 @@ thread running Python slows SQLite inserts made one statement a row against one 
 from __future__ import annotations
 
 import argparse
+import queue
 import resource
 import sqlite3
 import sys
@@ -25,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
+import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -39,6 +42,7 @@ from bench.common import (
     percentile,
     save,
 )
+from imagesearch.plugins import l2_normalize
 from imagesearch.server.app import run_server
 from imagesearch.server.collection import Collection
 from imagesearch.server.config import ServerConfig, default_models_dir
@@ -186,6 +190,70 @@ def insert_while_python_runs(
     return results
 
 
+def minimal_pipeline(
+    vectors: np.ndarray, directory: Path, page_size: int, batch: int = 256
+) -> dict[str, float]:
+    """Rows/s of the least any durable server must do with a batch received over the wire, against
+    the bare insert of the same rows, same page size, same run: parse the AddImagesRequest, read
+    its vectors as one matrix, check them finite, normalise them (cosine), commit the rows (one
+    fsync'd transaction a batch, one statement) and add them to a flat FAISS index. The commit and
+    the index add run on threads of their own, overlapping the next batch's parsing: no per-image
+    checks, no responses, no gRPC. What the server does on top of this is its own cost; what this
+    costs above the bare insert, any server pays."""
+    wire = [
+        pb.AddImagesRequest(
+            images=[
+                pb.ImageInput(id=str(start + i), vector=pb.FloatVector(float32_le=v.tobytes()))
+                for i, v in enumerate(vectors[start : start + batch])
+            ]
+        ).SerializeToString()
+        for start in range(0, len(vectors), batch)
+    ]
+    directory.mkdir(exist_ok=True)
+    to_store: queue.Queue = queue.Queue(4)
+    to_index: queue.Queue = queue.Queue(4)
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
+
+    def store() -> None:
+        conn = bare_store(directory / f"pipeline-{page_size}.sqlite3", page_size)
+        stored = 0
+        while (work := to_store.get()) is not None:
+            ids, matrix, prepared = work
+            rows = [(ids[i], stored + i, "", "{}", matrix[i], time.time()) for i in range(len(ids))]
+            conn.execute("BEGIN IMMEDIATE")
+            insert_many(conn, BARE_INSERT, rows)
+            conn.execute("COMMIT")
+            to_index.put((np.arange(stored, stored + len(ids)), prepared))
+            stored += len(ids)
+        to_index.put(None)
+        conn.close()
+
+    def add_to_index() -> None:
+        while (work := to_index.get()) is not None:
+            index.add_with_ids(work[1], work[0])
+
+    threads = [threading.Thread(target=store), threading.Thread(target=add_to_index)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for message in wire:
+        images = pb.AddImagesRequest.FromString(message).images
+        matrix = np.frombuffer(
+            bytearray().join([m.vector.float32_le for m in images]), dtype=np.float32
+        ).reshape(len(images), -1)
+        if not np.isfinite(np.einsum("ij,ij->i", matrix, matrix)).all():
+            raise ValueError("the bench's vectors are finite")
+        to_store.put(([m.id for m in images], matrix, l2_normalize(matrix)))
+    to_store.put(None)
+    for thread in threads:
+        thread.join()
+    pipeline = len(vectors) / (time.perf_counter() - started)
+    conn = bare_store(directory / f"bare-{page_size}.sqlite3", page_size)
+    bare = bare_insert_rate(conn, vectors)
+    conn.close()
+    return {"minimal pipeline rows/s": pipeline, "bare insert rows/s": bare, "ratio": pipeline / bare}
+
+
 def cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -208,6 +276,14 @@ def main() -> None:
     for form, costs in results["message_forms"].items():
         print(f"one batch as {form}: " + ", ".join(f"{stage} {ms:.2f}" for stage, ms in costs.items()))
     with tempfile.TemporaryDirectory() as tmp:
+        results["minimal_pipeline"] = [
+            minimal_pipeline(base, Path(tmp) / str(run), 32768) for run in range(3)
+        ]
+        for run in results["minimal_pipeline"]:
+            print(
+                f"the minimal durable pipeline, 32 KiB pages: {run['minimal pipeline rows/s']:.0f} rows/s against "
+                f"the bare insert's {run['bare insert rows/s']:.0f}: {run['ratio']:.2f}x"
+            )
         results["insert_while_python_runs"] = insert_while_python_runs(base, Path(tmp))
         for way, rates in results["insert_while_python_runs"].items():
             print(f"rows/s by {way}: " + ", ".join(f"{load} {rate:.0f}" for load, rate in rates.items()))
