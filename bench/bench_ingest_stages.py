@@ -6,7 +6,8 @@ the store's insert with its fsync'd commit, the FAISS add, the rest of ``Collect
 (stacking and preparing vectors, under the collection's writer lock) and the engine's validation
 and rows. Prints ms per batch, vectors/s and the CPU the process used, so the bench/README
 breakdown of ingest comes from a command. First, the minimal durable pipeline (no server)
-against the bare insert: how close any server could come. Then the cost of one batch's message in each of
+against the bare insert: how close any server could come; the store's page size, what it gives
+the insert and costs a search's reads. Then the cost of one batch's message in each of
 FloatVector's two forms (``values``, ``float32_le``) on the client and on the server, and how a
 thread running Python slows SQLite inserts made one statement a row against one a batch.
 """
@@ -43,11 +44,12 @@ from bench.common import (
     save,
 )
 from imagesearch.plugins import l2_normalize
+from imagesearch.server import store as store_module
 from imagesearch.server.app import run_server
 from imagesearch.server.collection import Collection
 from imagesearch.server.config import ServerConfig, default_models_dir
 from imagesearch.server.engine import Engine, ImageItem, NewCollection, SearchQuery
-from imagesearch.server.store import CollectionStore, insert_many
+from imagesearch.server.store import CollectionStore, NewImage, insert_many
 from imagesearch.server.vector_index import VectorIndex
 from imagesearch.server.vector_input import read_vector, vector_input
 from imagesearch.v1 import image_search_service_pb2 as pb
@@ -254,6 +256,40 @@ def minimal_pipeline(
     return {"minimal pipeline rows/s": pipeline, "bare insert rows/s": bare, "ratio": pipeline / bare}
 
 
+def page_size_trade(vectors: np.ndarray, directory: Path, batch: int = 256) -> dict[int, dict[str, float]]:
+    """The store at SQLite's default 4 KiB pages and at its own PAGE_SIZE: rows/s of its durable
+    insert in batches, and the p50 of reading 10 random rows' hit fields (``rows_by_row_id``,
+    what every search does for its hits) once all are in."""
+    rng = np.random.default_rng(1)
+    picks = [rng.integers(1, len(vectors) + 1, 10).tolist() for _ in range(2000)]
+    trade = {}
+    for size in (4096, store_module.PAGE_SIZE):
+        kept, store_module.PAGE_SIZE = store_module.PAGE_SIZE, size
+        try:
+            store = CollectionStore(directory / f"pages-{size}.sqlite3")
+        finally:
+            store_module.PAGE_SIZE = kept
+        rows = [
+            [
+                NewImage(id=str(start + i), label="", vector=v)
+                for i, v in enumerate(vectors[start : start + batch])
+            ]
+            for start in range(0, len(vectors), batch)
+        ]
+        started = time.perf_counter()
+        for chunk in rows:
+            store.insert(chunk)
+        rate = len(vectors) / (time.perf_counter() - started)
+        reads = []
+        for pick in picks:
+            began = time.perf_counter()
+            store.rows_by_row_id(pick)
+            reads.append((time.perf_counter() - began) * 1e6)
+        store.close()
+        trade[size] = {"insert rows/s": rate, "10 hit rows p50 us": percentile(reads, 50)}
+    return trade
+
+
 def cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -283,6 +319,12 @@ def main() -> None:
             print(
                 f"the minimal durable pipeline, 32 KiB pages: {run['minimal pipeline rows/s']:.0f} rows/s against "
                 f"the bare insert's {run['bare insert rows/s']:.0f}: {run['ratio']:.2f}x"
+            )
+        results["page_sizes"] = page_size_trade(base, Path(tmp))
+        for size, trade in results["page_sizes"].items():
+            print(
+                f"the store at {size // 1024} KiB pages: {trade['insert rows/s']:.0f} rows/s inserted, "
+                f"10 hits' rows read in {trade['10 hit rows p50 us']:.0f} us p50"
             )
         results["insert_while_python_runs"] = insert_while_python_runs(base, Path(tmp))
         for way, rates in results["insert_while_python_runs"].items():
