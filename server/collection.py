@@ -48,7 +48,7 @@ from imagesearch.server.errors import (
 from imagesearch.server.files import fsync_dir
 from imagesearch.server.rwlock import ReadWriteLock
 from imagesearch.server.snapshot import SnapshotError, read_snapshot, write_snapshot
-from imagesearch.server.store import CollectionStore, HitRow, ImageRow, NewImage
+from imagesearch.server.store import CollectionStore, HitRow, ImageRow, NewImage, page_size_for
 from imagesearch.server.vector_index import (
     FLOAT32,
     INT8,
@@ -359,7 +359,7 @@ class Collection:
     ) -> Collection:
         """Write a new collection's spec (and a trainable extractor's starting state), then open it."""
         directory.mkdir(parents=True, exist_ok=False)
-        store = CollectionStore(directory / STORE_FILE)
+        store = CollectionStore(directory / STORE_FILE, page_size=page_size_for(spec.dim))
         store.set_meta("spec", spec.to_json())
         if isinstance(extractor, TrainableExtractor):
             store.set_extractor_state(extractor.state())

@@ -32,11 +32,28 @@ from imagesearch.server.errors import AlreadyExists, disk_full_reported, shown
 
 log = logging.getLogger(__name__)
 
-# A new store's page size. A row holds its vector (5 KiB at 1280 dimensions): at SQLite's default
-# 4 KiB each row spills into overflow pages, at 32 KiB six rows share a page, and a durable batch
-# commits 10-15 % faster (bench/bench_concurrency.py's bare insert at both sizes). A search reads
-# its hits' rows from pages the OS has cached, a larger copy each, unmeasurable beside the scan.
-PAGE_SIZE = 32768
+# The page sizes a new store may take, and the fill that is good enough for the smallest. A row
+# holds its vector (5 KiB at 1280 dimensions): at SQLite's default 4 KiB such a row spills into an
+# overflow page, at 8 KiB one row leaves a third of its page empty, at 16 KiB three fill it. Pages
+# that rows fill make a durable batch commit faster (fewer bytes to write and fsync); larger pages
+# make each hit a search reads a larger copy. bench/bench_ingest_stages.py prints both, at 4 KiB
+# and at the size ``page_size_for`` picks for 1280 dimensions.
+PAGE_SIZES = (4096, 8192, 16384, 32768)
+GOOD_FILL = 0.9
+PAGE_HEADER = 64  # a page's own bytes (header, cell pointers), about
+ROW_OVERHEAD = 64  # a vector row's bytes beyond its vector: id, seq, label, "{}", created, cell header
+DEFAULT_PAGE_SIZE = 4096  # SQLite's own, for a store made without a vector size (tests, old stores)
+
+
+def page_size_for(dim: int) -> int:
+    """The smallest page size that rows of ``dim`` float32 values fill to GOOD_FILL, else the one
+    they fill best (equal fills: the smaller). Rows carrying images are larger; their ingest is
+    paced by decoding and extraction, not by the store."""
+    row = 4 * dim + ROW_OVERHEAD
+    fills = {size: ((size - PAGE_HEADER) // row) * row / size for size in PAGE_SIZES}
+    good = [size for size in PAGE_SIZES if fills[size] >= GOOD_FILL]
+    return good[0] if good else max(PAGE_SIZES, key=lambda size: (fills[size], -size))
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -131,13 +148,13 @@ def insert_many(conn: sqlite3.Connection, insert: str, rows: Sequence[tuple[obje
         conn.execute(insert + ", ".join([row_marks] * len(chunk)), [value for row in chunk for value in row])
 
 
-def _connect(path: Path, create: bool) -> sqlite3.Connection:
+def _connect(path: Path, create: bool, page_size: int = DEFAULT_PAGE_SIZE) -> sqlite3.Connection:
     """A connection to the store at ``path``; unless ``create``, the file must exist: opening an
     existing collection must never leave an empty store where a moved-away one was."""
     uri = f"file:{quote(str(path))}?mode={'rwc' if create else 'rw'}"
     conn = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None, timeout=30)
     if create:  # takes effect only in a new, empty file, and only before WAL mode is set
-        conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
+        conn.execute(f"PRAGMA page_size={page_size}")
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
@@ -152,11 +169,11 @@ class CollectionStore:
     WAL lets run alongside the writer.
     """
 
-    def __init__(self, path: Path, *, create: bool = True) -> None:
+    def __init__(self, path: Path, *, create: bool = True, page_size: int = DEFAULT_PAGE_SIZE) -> None:
         """Open the store at ``path``, making it if ``create`` (else sqlite3.OperationalError when
-        the file is missing)."""
+        the file is missing), with pages of ``page_size`` bytes when it is new (``page_size_for``)."""
         self.path = path
-        self._writer = _connect(path, create)
+        self._writer = _connect(path, create, page_size)
         self._writer.executescript(SCHEMA)
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []

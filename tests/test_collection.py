@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -848,3 +849,12 @@ def test_invalid_collection_names(name: str) -> None:
     with pytest.raises(InvalidArgument) as caught:
         check_collection_name(name)
     assert (caught.value.field, caught.value.reason) == ("name", "BAD_COLLECTION_NAME")
+
+
+def test_a_new_collection_stores_rows_on_pages_sized_for_its_dimension(tmp_path: Path) -> None:
+    """1280-d rows (5 KiB) get 16 KiB pages, which three fill; small vectors keep SQLite's 4 KiB."""
+    for dim, pages in ((1280, 16384), (DIM, 4096)):
+        spec = dataclasses.replace(make_spec(), dim=dim)
+        Collection.create(tmp_path / str(dim), spec, L2, None).close()
+        with sqlite3.connect(tmp_path / str(dim) / collection_module.STORE_FILE) as conn:
+            assert conn.execute("PRAGMA page_size").fetchone()[0] == pages

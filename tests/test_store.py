@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from imagesearch.server.errors import AlreadyExists
-from imagesearch.server.store import PAGE_SIZE, CollectionStore, HitRow, ImageRow, NewImage
+from imagesearch.server.store import CollectionStore, HitRow, ImageRow, NewImage, page_size_for
 
 DIM = 4
 
@@ -364,17 +364,26 @@ def page_size_of(path: Path) -> int:
         return conn.execute("PRAGMA page_size").fetchone()[0]
 
 
-def test_a_new_store_has_large_pages_and_an_old_one_keeps_its_own(tmp_path: Path) -> None:
-    """A new store takes PAGE_SIZE (a row with its vector then fits in a page); a store made with
-    SQLite's default 4 KiB before that opens, reads and grows as it is (WAL fixes the size)."""
-    new = CollectionStore(tmp_path / "new.sqlite3")
+@pytest.mark.parametrize(
+    ("dim", "pages"), [(128, 4096), (512, 16384), (1000, 8192), (1280, 16384), (2048, 32768)]
+)
+def test_pages_are_sized_for_rows_to_fill_them(dim: int, pages: int) -> None:
+    """The smallest page that a vector row fills to 90 %, else the best filled: 1280 floats (5 KiB)
+    spill out of a 4 KiB page, leave a third of an 8 KiB one empty and fill a 16 KiB one."""
+    assert page_size_for(dim) == pages
+
+
+def test_a_new_store_takes_its_page_size_and_an_old_one_keeps_its_own(tmp_path: Path) -> None:
+    """A new store takes the page size it is given; a store made with SQLite's default 4 KiB before
+    that opens, reads and grows as it is (WAL fixes the size), even when opened with another."""
+    new = CollectionStore(tmp_path / "new.sqlite3", page_size=16384)
     insert(new, "a")
     new.close()
-    assert PAGE_SIZE == 32768 and page_size_of(tmp_path / "new.sqlite3") == PAGE_SIZE
+    assert page_size_of(tmp_path / "new.sqlite3") == 16384
     old_path = tmp_path / "old.sqlite3"
     with sqlite3.connect(old_path) as conn:  # what an older server made: default pages, then WAL
         conn.execute("PRAGMA journal_mode=WAL")
-    old = CollectionStore(old_path)
+    old = CollectionStore(old_path, page_size=16384)
     insert(old, "a", "b")
     assert [row.id for row in old.page(0, 10)] == ["a", "b"]
     old.close()
