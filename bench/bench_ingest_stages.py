@@ -15,7 +15,6 @@ thread running Python slows SQLite inserts made one statement a row against one 
 from __future__ import annotations
 
 import argparse
-import queue
 import resource
 import sqlite3
 import sys
@@ -28,14 +27,15 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
-import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (
     BARE_INSERT,
+    MinimalPipeline,
     VectorPlugin,
+    add_requests,
     bare_insert_rate,
     bare_store,
     insert_rows_one_by_one,
@@ -43,13 +43,11 @@ from bench.common import (
     percentile,
     save,
 )
-from imagesearch.plugins import l2_normalize
-from imagesearch.server import store as store_module
 from imagesearch.server.app import run_server
 from imagesearch.server.collection import Collection
 from imagesearch.server.config import ServerConfig, default_models_dir
 from imagesearch.server.engine import Engine, ImageItem, NewCollection, SearchQuery
-from imagesearch.server.store import CollectionStore, NewImage, insert_many
+from imagesearch.server.store import CollectionStore, NewImage, insert_many, page_size_for
 from imagesearch.server.vector_index import VectorIndex
 from imagesearch.server.vector_input import read_vector, vector_input
 from imagesearch.v1 import image_search_service_pb2 as pb
@@ -192,83 +190,33 @@ def insert_while_python_runs(
     return results
 
 
-def minimal_pipeline(
-    vectors: np.ndarray, directory: Path, page_size: int, batch: int = 256
-) -> dict[str, float]:
-    """Rows/s of the least any durable server must do with a batch received over the wire, against
-    the bare insert of the same rows, same page size, same run: parse the AddImagesRequest, read
-    its vectors as one matrix, check them finite, normalise them (cosine), commit the rows (one
-    fsync'd transaction a batch, one statement) and add them to a flat FAISS index. The commit and
-    the index add run on threads of their own, overlapping the next batch's parsing: no per-image
-    checks, no responses, no gRPC. What the server does on top of this is its own cost; what this
-    costs above the bare insert, any server pays."""
-    wire = [
-        pb.AddImagesRequest(
-            images=[
-                pb.ImageInput(id=str(start + i), vector=pb.FloatVector(float32_le=v.tobytes()))
-                for i, v in enumerate(vectors[start : start + batch])
-            ]
-        ).SerializeToString()
-        for start in range(0, len(vectors), batch)
-    ]
+def minimal_pipeline(vectors: np.ndarray, directory: Path, page_size: int) -> dict[str, float]:
+    """Rows/s of ``MinimalPipeline`` in this process, fed the batches as serialised requests,
+    against the bare insert of the same rows, same page size, same run: how close any server
+    could come with no gRPC at all."""
     directory.mkdir(exist_ok=True)
-    to_store: queue.Queue = queue.Queue(4)
-    to_index: queue.Queue = queue.Queue(4)
-    index = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
-
-    def store() -> None:
-        conn = bare_store(directory / f"pipeline-{page_size}.sqlite3", page_size)
-        stored = 0
-        while (work := to_store.get()) is not None:
-            ids, matrix, prepared = work
-            rows = [(ids[i], stored + i, "", "{}", matrix[i], time.time()) for i in range(len(ids))]
-            conn.execute("BEGIN IMMEDIATE")
-            insert_many(conn, BARE_INSERT, rows)
-            conn.execute("COMMIT")
-            to_index.put((np.arange(stored, stored + len(ids)), prepared))
-            stored += len(ids)
-        to_index.put(None)
-        conn.close()
-
-    def add_to_index() -> None:
-        while (work := to_index.get()) is not None:
-            index.add_with_ids(work[1], work[0])
-
-    threads = [threading.Thread(target=store), threading.Thread(target=add_to_index)]
+    wire = add_requests(vectors)
     started = time.perf_counter()
-    for thread in threads:
-        thread.start()
+    pipeline = MinimalPipeline(directory / f"pipeline-{page_size}.sqlite3", page_size, vectors.shape[1])
     for message in wire:
-        images = pb.AddImagesRequest.FromString(message).images
-        matrix = np.frombuffer(
-            bytearray().join([m.vector.float32_le for m in images]), dtype=np.float32
-        ).reshape(len(images), -1)
-        if not np.isfinite(np.einsum("ij,ij->i", matrix, matrix)).all():
-            raise ValueError("the bench's vectors are finite")
-        to_store.put(([m.id for m in images], matrix, l2_normalize(matrix)))
-    to_store.put(None)
-    for thread in threads:
-        thread.join()
-    pipeline = len(vectors) / (time.perf_counter() - started)
+        pipeline.put(message)
+    pipeline.finish()
+    rate = len(vectors) / (time.perf_counter() - started)
     conn = bare_store(directory / f"bare-{page_size}.sqlite3", page_size)
     bare = bare_insert_rate(conn, vectors)
     conn.close()
-    return {"minimal pipeline rows/s": pipeline, "bare insert rows/s": bare, "ratio": pipeline / bare}
+    return {"minimal pipeline rows/s": rate, "bare insert rows/s": bare, "ratio": rate / bare}
 
 
 def page_size_trade(vectors: np.ndarray, directory: Path, batch: int = 256) -> dict[int, dict[str, float]]:
-    """The store at SQLite's default 4 KiB pages and at its own PAGE_SIZE: rows/s of its durable
-    insert in batches, and the p50 of reading 10 random rows' hit fields (``rows_by_row_id``,
-    what every search does for its hits) once all are in."""
+    """The store at SQLite's default 4 KiB pages and at the size it picks for these vectors
+    (``store.page_size_for``): rows/s of its durable insert in batches, and the p50 of reading 10
+    random rows' hit fields (``rows_by_row_id``, what every search does for its hits) once all are in."""
     rng = np.random.default_rng(1)
     picks = [rng.integers(1, len(vectors) + 1, 10).tolist() for _ in range(2000)]
     trade = {}
-    for size in (4096, store_module.PAGE_SIZE):
-        kept, store_module.PAGE_SIZE = store_module.PAGE_SIZE, size
-        try:
-            store = CollectionStore(directory / f"pages-{size}.sqlite3")
-        finally:
-            store_module.PAGE_SIZE = kept
+    for size in (4096, page_size_for(vectors.shape[1])):
+        store = CollectionStore(directory / f"pages-{size}.sqlite3", page_size=size)
         rows = [
             [
                 NewImage(id=str(start + i), label="", vector=v)

@@ -6,7 +6,9 @@ import argparse
 import json
 import os
 import platform
+import queue
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from imagesearch.plugins import Extractor, hookimpl
+from imagesearch.server.store import insert_many
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -181,3 +184,81 @@ def bare_insert_rate(
         insert(conn, rows)
         conn.execute("COMMIT")
     return len(vectors) / (time.perf_counter() - started)
+
+
+class MinimalPipeline:
+    """The least any durable server must do with a batch of vectors received as an
+    AddImagesRequest: parse it, read its vectors as one matrix, check them finite, normalise them
+    (cosine), commit the rows (the store's schema, one fsync'd transaction and one statement a
+    batch) and add them to a flat FAISS index. The commit and the index add run on threads of their
+    own, so the next batch is parsed meanwhile; no per-image checks, no responses. What a server
+    does on top of this is its own cost; what this costs above the bare insert, any server pays."""
+
+    def __init__(self, path: Path, page_size: int, dim: int) -> None:
+        import faiss
+
+        self._path, self._page_size = path, page_size
+        self._to_store: queue.Queue = queue.Queue(4)
+        self._to_index: queue.Queue = queue.Queue(4)
+        self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        self._threads = [threading.Thread(target=self._store), threading.Thread(target=self._add_to_index)]
+        for thread in self._threads:
+            thread.start()
+
+    def put(self, message: bytes) -> None:
+        """One serialised AddImagesRequest (or AddImagesStreamRequest: the same field numbers)."""
+        from imagesearch.plugins import l2_normalize
+        from imagesearch.v1 import image_search_service_pb2 as pb
+
+        images = pb.AddImagesRequest.FromString(message).images
+        joined = bytearray().join([m.vector.float32_le for m in images])
+        matrix = np.frombuffer(joined, dtype=np.float32).reshape(len(images), -1)
+        if not np.isfinite(np.einsum("ij,ij->i", matrix, matrix)).all():
+            raise ValueError("a vector is not finite")
+        self._to_store.put(([m.id for m in images], matrix, l2_normalize(matrix)))
+
+    def finish(self) -> None:
+        """Wait until every batch put is committed and indexed."""
+        self._to_store.put(None)
+        for thread in self._threads:
+            thread.join()
+
+    def _store(self) -> None:
+        conn = bare_store(self._path, self._page_size)
+        stored = 0
+        try:
+            while (work := self._to_store.get()) is not None:
+                ids, matrix, prepared = work
+                rows = [(ids[i], stored + i, "", "{}", matrix[i], time.time()) for i in range(len(ids))]
+                conn.execute("BEGIN IMMEDIATE")
+                insert_many(conn, BARE_INSERT, rows)
+                conn.execute("COMMIT")
+                self._to_index.put((np.arange(stored, stored + len(ids)), prepared))
+                stored += len(ids)
+        except BaseException:
+            while self._to_store.get() is not None:  # never leave ``put`` waiting on a full queue
+                pass
+            raise
+        finally:
+            self._to_index.put(None)
+            conn.close()
+
+    def _add_to_index(self) -> None:
+        while (work := self._to_index.get()) is not None:
+            self._index.add_with_ids(work[1], work[0])
+
+
+def add_requests(vectors: np.ndarray, batch: int = 256) -> list[bytes]:
+    """``vectors`` as serialised AddImagesRequests of ``batch`` images, ids "0", "1", ...,
+    vectors packed as float32_le (what the Python client sends)."""
+    from imagesearch.v1 import image_search_service_pb2 as pb
+
+    return [
+        pb.AddImagesRequest(
+            images=[
+                pb.ImageInput(id=str(start + i), vector=pb.FloatVector(float32_le=v.tobytes()))
+                for i, v in enumerate(vectors[start : start + batch])
+            ]
+        ).SerializeToString()
+        for start in range(0, len(vectors), batch)
+    ]

@@ -5,11 +5,13 @@ look like the server's)."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 from imagesearch.server.config import ServerConfig
 
@@ -70,6 +72,46 @@ def _serve_bare(options: list[tuple[str, int]], commands: Connection) -> None:
     commands.send("stopped")
 
 
+def _serve_pipeline(options: list[tuple[str, int]], directory: Path, commands: Connection) -> None:
+    """Child: a gRPC server whose every stream-in call feeds its chunks, unparsed, to a fresh
+    ``MinimalPipeline`` and answers once all are committed and indexed (``pipeline_process``)."""
+    import asyncio
+
+    import grpc
+
+    from bench.common import MinimalPipeline
+
+    streams = 0
+
+    async def ingest(chunks: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+        nonlocal streams
+        streams += 1
+        loop = asyncio.get_running_loop()
+        pipeline = MinimalPipeline(directory / f"pipeline-{os.getpid()}-{streams}.sqlite3", 32768, 1280)
+        async for chunk in chunks:  # parsed and prepared on the event loop, as a server reads
+            await loop.run_in_executor(None, pipeline.put, chunk)
+        await loop.run_in_executor(None, pipeline.finish)
+        return b""
+
+    class AnyMethod(grpc.GenericRpcHandler):
+        def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+            return grpc.stream_unary_rpc_method_handler(
+                ingest, request_deserializer=bytes, response_serializer=bytes
+            )
+
+    async def serve() -> None:
+        server = grpc.aio.server(options=options)
+        server.add_generic_rpc_handlers((AnyMethod(),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        commands.send(("ready", port))
+        await asyncio.get_running_loop().run_in_executor(None, commands.recv)  # "stop"
+        await server.stop(grace=None)
+
+    asyncio.run(serve())
+    commands.send("stopped")
+
+
 @dataclass
 class ServerProcess:
     target: str
@@ -98,6 +140,14 @@ def bare_grpc_process(options: list[tuple[str, int]]) -> Iterator[ServerProcess]
     """A gRPC server in its own process that answers every call with an empty message unparsed:
     the floor under any server's round trip for the same bytes (``batcher_counts`` unsupported)."""
     with _child(_serve_bare, (options,), "127.0.0.1") as started:
+        yield started
+
+
+@contextmanager
+def pipeline_process(options: list[tuple[str, int]], directory: Path) -> Iterator[ServerProcess]:
+    """A gRPC server in its own process whose streams go into ``bench.common.MinimalPipeline``,
+    1280-d, 32 KiB pages, files under ``directory``: the floor under any server's durable stream."""
+    with _child(_serve_pipeline, (options, directory), "127.0.0.1") as started:
         yield started
 
 
