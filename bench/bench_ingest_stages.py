@@ -265,7 +265,7 @@ def main() -> None:
         ]
         for run in results["minimal_pipeline"]:
             print(
-                f"the minimal durable pipeline, 32 KiB pages: {run['minimal pipeline rows/s']:.0f} rows/s against "
+                f"the minimal durable pipeline, {page_size_for(dim) // 1024} KiB pages: {run['minimal pipeline rows/s']:.0f} rows/s against "
                 f"the bare insert's {run['bare insert rows/s']:.0f}: {run['ratio']:.2f}x"
             )
         results["page_sizes"] = page_size_trade(base, Path(tmp))

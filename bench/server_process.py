@@ -40,24 +40,16 @@ def _serve(
     commands.send("stopped")
 
 
-def _serve_bare(options: list[tuple[str, int]], commands: Connection) -> None:
-    """Child: a gRPC server that answers every unary call with an empty message, without parsing
-    the request: what the transport alone costs (``bare_grpc_process``)."""
+def _serve_generic(options: list[tuple[str, int]], commands: Connection, handler: object) -> None:
+    """Child: a gRPC server answering every method with ``handler`` (a grpc.RpcMethodHandler)
+    until told to stop."""
     import asyncio
 
     import grpc
 
-    def as_is(data: bytes) -> bytes:
-        return data
-
-    async def empty(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        return b""
-
     class AnyMethod(grpc.GenericRpcHandler):
         def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
-            return grpc.unary_unary_rpc_method_handler(
-                empty, request_deserializer=as_is, response_serializer=as_is
-            )
+            return handler
 
     async def serve() -> None:
         server = grpc.aio.server(options=options)
@@ -70,6 +62,21 @@ def _serve_bare(options: list[tuple[str, int]], commands: Connection) -> None:
 
     asyncio.run(serve())
     commands.send("stopped")
+
+
+def _serve_bare(options: list[tuple[str, int]], commands: Connection) -> None:
+    """Child: a gRPC server that answers every unary call with an empty message, without parsing
+    the request: what the transport alone costs (``bare_grpc_process``)."""
+    import grpc
+
+    async def empty(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return b""
+
+    _serve_generic(
+        options,
+        commands,
+        grpc.unary_unary_rpc_method_handler(empty, request_deserializer=bytes, response_serializer=bytes),
+    )
 
 
 def _serve_pipeline(options: list[tuple[str, int]], directory: Path, commands: Connection) -> None:
@@ -80,6 +87,7 @@ def _serve_pipeline(options: list[tuple[str, int]], directory: Path, commands: C
     import grpc
 
     from bench.common import MinimalPipeline
+    from imagesearch.server.store import page_size_for
 
     streams = 0
 
@@ -87,29 +95,18 @@ def _serve_pipeline(options: list[tuple[str, int]], directory: Path, commands: C
         nonlocal streams
         streams += 1
         loop = asyncio.get_running_loop()
-        pipeline = MinimalPipeline(directory / f"pipeline-{os.getpid()}-{streams}.sqlite3", 32768, 1280)
-        async for chunk in chunks:  # parsed and prepared on the event loop, as a server reads
+        path = directory / f"pipeline-{os.getpid()}-{streams}.sqlite3"
+        pipeline = MinimalPipeline(path, page_size_for(1280), 1280)
+        async for chunk in chunks:  # parsed and prepared on a worker thread, as the server does
             await loop.run_in_executor(None, pipeline.put, chunk)
         await loop.run_in_executor(None, pipeline.finish)
         return b""
 
-    class AnyMethod(grpc.GenericRpcHandler):
-        def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
-            return grpc.stream_unary_rpc_method_handler(
-                ingest, request_deserializer=bytes, response_serializer=bytes
-            )
-
-    async def serve() -> None:
-        server = grpc.aio.server(options=options)
-        server.add_generic_rpc_handlers((AnyMethod(),))
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        commands.send(("ready", port))
-        await asyncio.get_running_loop().run_in_executor(None, commands.recv)  # "stop"
-        await server.stop(grace=None)
-
-    asyncio.run(serve())
-    commands.send("stopped")
+    _serve_generic(
+        options,
+        commands,
+        grpc.stream_unary_rpc_method_handler(ingest, request_deserializer=bytes, response_serializer=bytes),
+    )
 
 
 @dataclass
@@ -146,7 +143,7 @@ def bare_grpc_process(options: list[tuple[str, int]]) -> Iterator[ServerProcess]
 @contextmanager
 def pipeline_process(options: list[tuple[str, int]], directory: Path) -> Iterator[ServerProcess]:
     """A gRPC server in its own process whose streams go into ``bench.common.MinimalPipeline``,
-    1280-d, 32 KiB pages, files under ``directory``: the floor under any server's durable stream."""
+    1280-d, on the pages the store takes for them, files under ``directory``: the floor under any server's durable stream."""
     with _child(_serve_pipeline, (options, directory), "127.0.0.1") as started:
         yield started
 
