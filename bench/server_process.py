@@ -19,7 +19,8 @@ from imagesearch.server.config import ServerConfig
 def _serve(
     config: ServerConfig, vector_dim: int | None, gemv_max_queries: int | None, commands: Connection
 ) -> None:
-    """Child: serve until told to stop; answer ``stats`` with the search batcher's counters."""
+    """Child: serve until told to stop; answer ``stats`` with the search batcher's counters, and
+    ``snapshot`` once every collection's pending changes are in its snapshot."""
     from bench.common import VectorPlugin
     from imagesearch.server import vector_index
     from imagesearch.server.app import run_server
@@ -35,6 +36,9 @@ def _serve(
             if command == "stats":
                 batcher = running.engine.searches
                 commands.send((batcher.batches, batcher.items))
+            elif command == "snapshot":  # every collection with changes not yet in its snapshot
+                running.engine.catalog.snapshot_due(0, 0)
+                commands.send("snapshotted")
             elif command == "stop":
                 break
     commands.send("stopped")
@@ -119,6 +123,13 @@ class ServerProcess:
         """(batches, queries) the search batcher has run so far, for the mean batch size."""
         self._commands.send("stats")
         return self._commands.recv()
+
+    def snapshot(self) -> None:
+        """Snapshot every collection with changes since its last snapshot, now: a measurement
+        started after this does not meet the snapshot the server would otherwise write of a
+        collection filled before it (100 MB at 20,000 x 1280, in the middle of a stream)."""
+        self._commands.send("snapshot")
+        self._commands.recv()
 
 
 @contextmanager
