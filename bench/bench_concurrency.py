@@ -47,7 +47,6 @@ from bench.common import (
     machine,
     p50_ms,
     percentile,
-    quiet_disk,
     random_data,
     save,
     save_figure,
@@ -214,7 +213,6 @@ def stream_ingest_rate(
         pb.CreateCollectionRequest(collection=pb.Collection(name=name, extractor=f"vectors-{dim}"))
     )
     chunks = [pb.AddImagesStreamRequest(collection=name, images=r.images) for r in requests]
-    quiet_disk()
     started = time.perf_counter()
     response = stub.AddImagesStream(iter(chunks))
     elapsed = time.perf_counter() - started
@@ -305,7 +303,6 @@ def minimal_stream_rate(requests: list[pb.AddImagesRequest], directory: Path) ->
             response_deserializer=bytes,
         )
         ingest(iter(requests[:3]))  # the connection's windows grow on the first large messages
-        quiet_disk()
         started = time.perf_counter()
         ingest(iter(requests))
         return sum(len(r.images) for r in requests) / (time.perf_counter() - started)
@@ -393,7 +390,6 @@ def main() -> None:
                 )
                 for start in range(0, args.n, 256)
             ]
-            quiet_disk()
             started = time.perf_counter()
             for request in requests:
                 stub.AddImages(request)

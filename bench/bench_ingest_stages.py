@@ -41,7 +41,6 @@ from bench.common import (
     insert_rows_one_by_one,
     machine,
     percentile,
-    quiet_disk,
     save,
 )
 from imagesearch.server.app import run_server
@@ -197,7 +196,6 @@ def minimal_pipeline(vectors: np.ndarray, directory: Path, page_size: int) -> di
     could come with no gRPC at all."""
     directory.mkdir(exist_ok=True)
     wire = add_requests(vectors)
-    quiet_disk()
     started = time.perf_counter()
     pipeline = MinimalPipeline(directory / f"pipeline-{page_size}.sqlite3", page_size, vectors.shape[1])
     for message in wire:
@@ -226,7 +224,6 @@ def page_size_trade(vectors: np.ndarray, directory: Path, batch: int = 256) -> d
             ]
             for start in range(0, len(vectors), batch)
         ]
-        quiet_disk()
         started = time.perf_counter()
         for chunk in rows:
             store.insert(chunk)
@@ -292,7 +289,6 @@ def main() -> None:
             for callers in (int(c) for c in args.callers.split(",")):
                 name = f"ingest-{callers}"
                 engine.create_collection(NewCollection(name, extractor=f"vectors-{dim}"))
-                quiet_disk()
                 cpu, started = cpu_seconds(), time.perf_counter()
                 with timed_stages() as totals, ThreadPoolExecutor(callers) as pool:
                     list(pool.map(lambda batch, n=name: engine.add_images(n, batch), batches))

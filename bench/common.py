@@ -167,13 +167,6 @@ def insert_rows_one_by_one(conn: sqlite3.Connection, rows: list[tuple]) -> None:
     conn.executemany(BARE_INSERT + "(?, ?, ?, ?, ?, ?)", rows)
 
 
-def quiet_disk() -> None:
-    """Write back every dirty page before a durable measurement starts: the hundreds of MB the
-    measurements before it wrote would otherwise be flushed during it and slow its fsyncs (a
-    stream measured after three bare inserts ran at half its rate)."""
-    os.sync()
-
-
 def bare_insert_rate(
     conn: sqlite3.Connection,
     vectors: np.ndarray,
@@ -181,7 +174,6 @@ def bare_insert_rate(
     batch: int = 256,
 ) -> float:
     """Rows/s of ``vectors`` inserted by ``insert``, one transaction (one fsync'd commit) a batch."""
-    quiet_disk()
     started = time.perf_counter()
     for start in range(0, len(vectors), batch):
         rows = [
