@@ -204,9 +204,13 @@ def l2_normalize(vectors: np.ndarray) -> np.ndarray:
     rows = np.asarray(vectors, dtype=np.float32)
     norms = np.sqrt(np.einsum("ij,ij->i", rows, rows, dtype=np.float64))[:, None]
     low, high = _FLOAT32_SAFE_NORMS
-    if ((norms > low) & (norms < high)).all():  # the usual case: no mask ("> low" is False for NaN)
+    safe = (norms > low) & (norms < high)  # False for NaN
+    if safe.all():  # the usual case: no mask
         return np.divide(rows, norms.astype(np.float32), out=np.empty_like(rows))
-    return np.divide(rows, norms, out=np.zeros_like(rows), where=norms > 0)
+    # Each row by its own rule, never by the batch's: a query must be the same vector alone as
+    # beside a zero row (an outside test caught the whole batch switching to float64).
+    unit = np.divide(rows, np.where(safe, norms, 1).astype(np.float32), out=np.zeros_like(rows), where=safe)
+    return np.divide(rows, norms, out=unit, where=~safe & (norms > 0))
 
 
 @dataclass(frozen=True)

@@ -540,5 +540,10 @@ def test_l2_normalize_is_within_an_ulp_of_exact_zeroes_a_nan_row_and_ignores_the
     unit = l2_normalize(rows)
     np.testing.assert_array_max_ulp(unit, (rows / norms).astype(np.float32), maxulp=2)
     assert all(np.array_equal(l2_normalize(rows[i : i + 1])[0], unit[i]) for i in range(0, 256, 17))
+    # ... also beside rows that take the careful path (zero, tiny, huge: an outside test found the
+    # whole batch switching to the float64 division, and a query's scores moving by an ulp)
+    for odd in ([0.0] * 64, [1e-35] + [0.0] * 63, [3e37] * 64):
+        beside = l2_normalize(np.vstack([rows[:5], np.array([odd], np.float32)]))
+        assert np.array_equal(beside[:5], unit[:5])
     with_nan = np.array([[np.nan, 1.0], [3.0, 4.0]], dtype=np.float32)
     assert l2_normalize(with_nan).tolist() == [[0.0, 0.0], [0.6000000238418579, 0.800000011920929]]
