@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import faiss
@@ -65,20 +65,26 @@ PARALLEL_WORK = 10_000_000
 GEMV_MAX_QUERIES = 2
 
 
-# A float32 flat search (inner product or L2) asks its scan for EXACT_MARGIN candidates more than
-# it returns, scores them exactly (float64) and ranks them, equal scores by ascending id. The scan
+# A float32 flat search (inner product or L2) asks its scan for a margin of candidates more than it
+# returns (EXACT_MARGIN, or k / EXACT_MARGIN_SHARE for a large k), scores them exactly (float64)
+# and ranks them, equal scores by ascending id. The scan
 # rounds in float32, and differently for a lone query (sgemv) than for a batch (FAISS's matrix
 # product), and for two copies of one vector stored at different places: without this the same
 # query found another copy of a duplicate, or ordered near-equal hits otherwise, depending on what
 # other callers sent at the same moment (an outside test: 156 of 800 answers differed in scores or
 # order). If the candidates' worst is not clearly worse than the k-th (by more than twice the
-# scan's worst rounding, ``scan_error`` of the largest norm held), more are asked for, until
-# nothing left out could rank or tie, or EXACT_MAX_CANDIDATES are.
+# scan's worst rounding, ``scan_error`` of the largest norm held), a margin eight times as wide is
+# asked for, until nothing left out could rank or tie, or the margin reaches EXACT_MAX_MARGIN.
 EXACT_MARGIN = 8
-# At most this many candidates a query: past it the candidates are taken as they are (a query
-# all of whose scores tie, the zero vector under inner product, would otherwise gather the whole
-# collection), and exact scores are computed for at most EXACT_SLICE floats of vectors at once.
-EXACT_MAX_CANDIDATES = 1024
+EXACT_MARGIN_SHARE = 16  # k 1000: 62 more, where a band of twice the rounding holds about 20
+EXACT_MARGIN_GROWTH = 8
+# Past this margin a query still unsettled (the zero vector under inner product ties every vector;
+# L2 vectors far from the origin all lie within the scan's rounding of each other) is scored
+# exactly against every vector, in slices of at most EXACT_SLICE floats of vectors: an answer
+# that never depends on the scan, for a float64 pass over the collection (gathering ever more
+# candidates would copy the whole collection for every query: 1.2 GB for a batch of 32 over
+# 50,000 vectors, an outside test).
+EXACT_MAX_MARGIN = 1024
 EXACT_SLICE = 1 << 22
 
 
@@ -405,7 +411,25 @@ class VectorIndex:
             largest_norm=self._norm_bound(flat),
             scan=lambda rows, asked: self._scan(queries[rows], asked, allowed, flat)[1],
             gather=self._index.reconstruct_batch,
+            pool_slices=lambda rows: self._pool_slices(flat, allowed, rows),
         )
+
+    def _pool_slices(
+        self, flat: faiss.IndexFlat, allowed: np.ndarray | None, rows: int
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, vectors) of every vector a search may return (all, or those ``allowed``), ``rows``
+        at a time: views of FAISS's own storage and id map when unfiltered, no copy."""
+        count = flat.ntotal
+        stored = faiss.rev_swig_ptr(flat.get_xb(), count * flat.d).reshape(count, flat.d)
+        ids = faiss.rev_swig_ptr(self._index.id_map.data(), count)
+        if allowed is None:
+            for start in range(0, count, rows):
+                yield ids[start : start + rows], stored[start : start + rows]
+            return
+        positions = np.flatnonzero(np.isin(ids, np.asarray(allowed, np.int64)))
+        for start in range(0, len(positions), rows):
+            part = positions[start : start + rows]
+            yield ids[part], stored[part]
 
     def _norm_bound(self, flat: faiss.IndexFlat) -> float:
         """The largest norm of any vector held (removed ones may count: an overestimate is safe),
@@ -493,19 +517,37 @@ def exact_top_k(
     largest_norm: float,
     scan: Callable[[np.ndarray, int], np.ndarray],
     gather: Callable[[np.ndarray], np.ndarray],
+    pool_slices: PoolSlices,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each query's k best of ``pool`` vectors by exact score (float64), equal scores by ascending
     key, and their distances as FAISS gives them (inner products; squared L2), empty slots as FAISS
     marks them. ``scan(rows, asked)`` gives the keys (-1: none) of the ``asked`` best for
     ``queries[rows]`` by a computation that may round, off by at most ``rounding`` × |q||v| (L2:
-    × (|q|² + |v|²)), |v| at most ``largest_norm``; ``gather(keys)`` their vectors. EXACT_MARGIN
-    candidates more than k are scored exactly, four times as many again (up to
-    EXACT_MAX_CANDIDATES) while the worst is within twice that rounding of the k-th (a vector
-    left out might then rank as well or better)."""
+    × (|q|² + |v|²)), |v| at most ``largest_norm``; ``gather(keys)`` their vectors; ``pool_slices``
+    the whole pool, a slice at a time. A margin of candidates beyond k is scored exactly, a margin
+    EXACT_MARGIN_GROWTH times as wide (up to EXACT_MAX_MARGIN) while the worst is within twice that
+    rounding of the k-th (a vector left out might then rank as well or better). A query still
+    unsettled there (its scores tie past the cap, or the scan cannot tell them apart: L2 far from
+    the origin) is scored exactly against the whole pool (``_exhaustive_top_k``)."""
+    first, inverse = _distinct_rows(queries)
+    if len(first) < len(queries):  # identical queries are answered once (a batch of zero vectors)
+        distances, found = exact_top_k(
+            queries[first],
+            k,
+            inner_product=inner_product,
+            pool=pool,
+            rounding=rounding,
+            largest_norm=largest_norm,
+            scan=lambda rows, asked: scan(first[rows], asked),
+            gather=gather,
+            pool_slices=pool_slices,
+        )
+        return distances[inverse], found[inverse]
     distances = np.full((len(queries), k), _empty_distance(inner_product), np.float32)
     found = np.full((len(queries), k), -1, np.int64)
-    asked, todo = min(pool, k + EXACT_MARGIN), np.arange(len(queries))
+    margin, todo = max(EXACT_MARGIN, k // EXACT_MARGIN_SHARE), np.arange(len(queries))
     while len(todo):
+        asked = min(pool, k + margin)
         candidates = scan(todo, asked)
         per_slice = max(1, EXACT_SLICE // (asked * queries.shape[1]))
         unsettled = []
@@ -517,14 +559,69 @@ def exact_top_k(
             )
             kept = exact.shape[1]
             distances[rows, :kept], found[rows, :kept] = exact, keys
-            complete = (part < 0).any(axis=1)  # every vector was a candidate
+            complete = (part < 0).any(axis=1) | (asked >= pool)  # every vector was a candidate
             unsettled.append(rows[~(settled | complete)])
-        more = min(pool, EXACT_MAX_CANDIDATES, asked * 4)
-        if asked >= more or (more < 2 * asked and more < pool):  # nothing, or a few, more to ask for
-            break
         todo = np.concatenate(unsettled)
-        asked = more
+        if len(todo) and margin >= EXACT_MAX_MARGIN:
+            exact, keys = _exhaustive_top_k(queries[todo], k, inner_product, pool_slices)
+            kept = exact.shape[1]
+            distances[todo, :kept], found[todo, :kept] = exact, keys
+            break
+        margin = min(EXACT_MAX_MARGIN, margin * EXACT_MARGIN_GROWTH)
     return distances, found
+
+
+PoolSlices = Callable[[int], Iterator[tuple[np.ndarray, np.ndarray]]]
+
+
+def _exhaustive_top_k(
+    queries: np.ndarray, k: int, inner_product: bool, pool_slices: PoolSlices
+) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of the whole pool by exact score, equal scores by ascending key: ``pool_slices``
+    gives (keys, vectors) of at most the rows asked for at a time, each slice scored by
+    ``_exact_scores`` (the very products the candidates get, so a pair scores the same either way),
+    the best k kept from slice to slice. The cost is a float64 pass over the pool per query
+    (bench/bench_search_threads.py, "a query the scan cannot settle")."""
+    best_badness = np.full((len(queries), 0), np.inf)
+    best_exact, best_keys = best_badness.copy(), np.zeros((len(queries), 0), np.int64)
+    for keys, vectors in pool_slices(max(1, EXACT_SLICE // queries.size)):
+        shape = (len(queries), len(keys))
+        exact, badness = _exact_scores(
+            queries, np.broadcast_to(vectors, (*shape, vectors.shape[1])), inner_product
+        )
+        badness = np.concatenate([best_badness, badness], axis=1)
+        exact = np.concatenate([best_exact, exact], axis=1)
+        joined = np.concatenate([best_keys, np.broadcast_to(keys, shape)], axis=1)
+        order = np.lexsort((joined, badness), axis=1)[:, :k]
+        best_badness = np.take_along_axis(badness, order, axis=1)
+        best_exact = np.take_along_axis(exact, order, axis=1)
+        best_keys = np.take_along_axis(joined, order, axis=1)
+    return best_exact.astype(np.float32), best_keys
+
+
+def _distinct_rows(queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The first row of each distinct query, and for each query the position of its own among
+    them (bitwise identity: the same bytes always get the same answer)."""
+    seen: dict[bytes, int] = {}
+    inverse = np.array([seen.setdefault(row.tobytes(), len(seen)) for row in queries], np.int64)
+    return np.unique(inverse, return_index=True)[1], inverse
+
+
+def _exact_scores(
+    queries: np.ndarray, vectors: np.ndarray, inner_product: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's candidate vectors (queries × candidates × dimensions) scored exactly: float64,
+    one product a pair, the same wherever a vector sits and whatever else is scored beside it
+    (tests/test_vector_index.py checks copies, slices and broadcast views). Returns the scores
+    (inner products; squared L2) and their badness (lower ranks first)."""
+    if inner_product:
+        exact = np.einsum("qcd,qd->qc", vectors, queries, dtype=np.float64)
+        return exact, -exact
+    # L2: differences widened as they are made, then one product a pair (a third of the time of
+    # widening the vectors, subtracting, squaring and summing, each a pass of its own)
+    differences = np.subtract(vectors, queries[:, None, :], dtype=np.float64)
+    exact = np.einsum("qcd,qcd->qc", differences, differences)
+    return exact, exact.copy()
 
 
 def _ranked_exactly(
@@ -536,11 +633,11 @@ def _ranked_exactly(
     rounding: float,
     largest_norm: float,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Candidates scored exactly (float64, one product a pair, the same wherever a vector sits),
-    best k first, equal scores by ascending key; and for each query whether they surely hold its k
-    best: their worst is worse than the k-th by more than the scan could have misjudged either. (A
-    vector left out scanned no better than every candidate, so its exact score is at most the
-    worst candidate's plus twice the rounding: the candidates are the scan's best, in any order.)"""
+    """Candidates scored exactly (``_exact_scores``), best k first, equal scores by ascending key;
+    and for each query whether they surely hold its k best: their worst is worse than the k-th by
+    more than the scan could have misjudged either. (A vector left out scanned no better than every
+    candidate, so its exact score is at most the worst candidate's plus twice the rounding: the
+    candidates are the scan's best, in any order.)"""
     valid = candidates >= 0
     shape = (*candidates.shape, queries.shape[1])
     if valid.all():
@@ -548,14 +645,7 @@ def _ranked_exactly(
     else:
         vectors = np.zeros(shape, np.float32)
         vectors[valid] = gather(candidates[valid])
-    if inner_product:
-        exact = np.einsum("qcd,qd->qc", vectors, queries, dtype=np.float64)
-        badness = -exact
-    else:  # differences widened as they are made, then one product a pair (a third of the time
-        # of widening the vectors, subtracting, squaring and summing, each a pass of its own)
-        differences = np.subtract(vectors, queries[:, None, :], dtype=np.float64)
-        exact = np.einsum("qcd,qcd->qc", differences, differences)
-        badness = exact.copy()
+    exact, badness = _exact_scores(queries, vectors, inner_product)
     badness[~valid] = np.inf
     order = np.lexsort((candidates, badness), axis=1)[:, :k]
     ranked = np.take_along_axis(exact, order, axis=1).astype(np.float32)
@@ -630,6 +720,10 @@ def brute_force(
         largest_norm=_largest_norm(base),
         scan=best,
         gather=lambda positions: base[positions],
+        pool_slices=lambda rows: (
+            (np.arange(start, min(start + rows, len(base))), base[start : start + rows])
+            for start in range(0, len(base), rows)
+        ),
     )
 
 

@@ -123,3 +123,28 @@ def test_ivf_searches_exactly_before_it_is_trained(stub):
     assert not stub.GetCollection(pb.GetCollectionRequest(name="ivf")).collection.index_trained
     query = base[7] + 0.01
     assert search(stub, "ivf", query, 1)[0].id == "v7"
+
+
+def test_queries_the_float32_scan_cannot_settle_rank_exactly_alone_and_in_a_batch(stub):
+    """More vectors than the exact ranking's candidate cap, all within the float32 scan's rounding
+    of each other (L2, a tight cluster 10^4 from the origin), and a zero query under inner product
+    that ties every vector: each query's hits are the exact ones, the same sent alone or in a
+    SearchBatch beside others, equal scores in the order stored (an outside test found other hits
+    alone than in a batch, and later ids among ties)."""
+    rng = np.random.default_rng(21)
+    center = rng.normal(size=DIM) * 1e4
+    cluster = (center + rng.normal(size=(1500, DIM)) * 1e-2).astype(np.float32)
+    fill(stub, "far", "l2", cluster)
+    fill(stub, "ip", "inner_product", rng.normal(size=(1100, DIM)).astype(np.float32))
+    queries = (center + rng.normal(size=(4, DIM)) * 1e-2).astype(np.float32)
+    asked = [pb.SearchRequest(collection="far", vector=pb.FloatVector(values=q), top_k=5) for q in queries]
+    asked.append(pb.SearchRequest(collection="ip", vector=pb.FloatVector(values=np.zeros(DIM)), top_k=5))
+    together = stub.SearchBatch(pb.SearchBatchRequest(queries=asked)).results
+    for request, in_batch in zip(asked, together, strict=True):
+        alone = stub.Search(request).hits
+        assert [(h.id, h.score) for h in in_batch.response.hits] == [(h.id, h.score) for h in alone]
+    for query, result in zip(queries, together[:-1], strict=True):
+        wide = cluster.astype(np.float64) - query.astype(np.float64)
+        nearest = np.argsort((wide * wide).sum(axis=1), kind="stable")[:5]
+        assert [h.id for h in result.response.hits] == [f"v{i}" for i in nearest]
+    assert [h.id for h in together[-1].response.hits] == ["v0", "v1", "v2", "v3", "v4"]

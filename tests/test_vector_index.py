@@ -311,29 +311,151 @@ def test_a_vector_the_float32_scan_misjudges_still_ranks_by_its_exact_score():
         assert all(row.tolist() == expected for row in ids), batch
 
 
-def test_a_query_that_ties_everything_gathers_a_bounded_number_of_candidates(monkeypatch):
+def test_a_query_that_ties_everything_is_answered_in_bounded_slices(monkeypatch):
     """The zero vector under inner product scores 0 against every vector: all tie, and each retry
-    would gather four times as many. Past EXACT_MAX_CANDIDATES the candidates are taken as they
-    are: the earliest stored come first, at the cost of a few scans, not of copying the whole
-    collection for every query (an outside test: 1.2 GB for a batch of 32 over 50,000 vectors)."""
-    monkeypatch.setattr(vector_index, "EXACT_MAX_CANDIDATES", 64)
-    gathered: list[int] = []
-    ranked = vector_index._ranked_exactly
+    would gather eight times as many. Past EXACT_MAX_MARGIN the query is scored against the
+    whole pool a slice at a time, never the whole collection at once (an outside test: 1.2 GB for a
+    batch of 32 over 50,000 vectors), and gets the earliest ids; identical queries once."""
+    monkeypatch.setattr(vector_index, "EXACT_MAX_MARGIN", 64)
+    monkeypatch.setattr(vector_index, "EXACT_SLICE", 64 * DIM)
+    scored: list[tuple[int, int]] = []
+    exact_scores = vector_index._exact_scores
     monkeypatch.setattr(
         vector_index,
-        "_ranked_exactly",
-        lambda queries, candidates, *rest: (
-            gathered.append(candidates.shape[1]) or ranked(queries, candidates, *rest)
-        ),
+        "_exact_scores",
+        lambda queries, vectors, ip: scored.append(vectors.shape[:2]) or exact_scores(queries, vectors, ip),
     )
     rng = np.random.default_rng(2)
     index = VectorIndex(IndexSpec(kind=FLAT, dim=DIM, metric=INNER_PRODUCT))
-    index.add(np.arange(5000), rng.normal(size=(5000, DIM)).astype(np.float32))
+    index.add(rng.permutation(5000) + 7, rng.normal(size=(5000, DIM)).astype(np.float32))
     for batch in (1, 3, 32):
-        gathered.clear()
+        scored.clear()
         _, ids = index.search(np.zeros((batch, DIM), np.float32), 10)
-        assert all(row.tolist() == list(range(10)) for row in ids)
-        assert max(gathered) <= 64, gathered
+        assert all(row.tolist() == list(range(7, 17)) for row in ids)
+        assert all(queries == 1 for queries, _ in scored), scored  # the zero vector, once
+        assert max(candidates for _, candidates in scored) <= 10 + 64, scored  # k + the margin
+
+
+def test_a_large_k_is_settled_by_its_first_scan(monkeypatch):
+    """k 1000 asks k / 16 candidates more, not 8: among random vectors the band the scan may
+    misjudge holds a few, and 8 more left every such query to the whole-pool pass (64 queries
+    at k 1000 over 20,000 x 1280 vectors took 2.4 s instead of 0.1, bench_search_threads.py)."""
+    scans: list[int] = []
+    monkeypatch.setattr(vector_index, "_exhaustive_top_k", lambda *_: pytest.fail("whole-pool pass"))
+    rng = np.random.default_rng(8)
+    index = VectorIndex(IndexSpec(kind=FLAT, dim=256, metric=INNER_PRODUCT))
+    index.add(np.arange(5000), l2_normalize(rng.normal(size=(5000, 256)).astype(np.float32)))
+    scan = index._scan
+    monkeypatch.setattr(index, "_scan", lambda q, asked, *rest: scans.append(asked) or scan(q, asked, *rest))
+    _, ids = index.search(l2_normalize(rng.normal(size=(16, 256)).astype(np.float32)), 1000)
+    assert scans == [1000 + 1000 // 16] and (ids >= 0).all()
+
+
+def far_cluster(n: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Vectors 10^4 from the origin with a spread of 10^-2, and queries among them: the float32
+    scan's rounding (|q|^2 + |v|^2 in its expansion) is wider than every distance between them."""
+    rng = np.random.default_rng(seed)
+    center = rng.normal(size=dim) * 1e4
+    vectors = (center + rng.normal(size=(n, dim)) * 1e-2).astype(np.float32)
+    return vectors, (center + rng.normal(size=(8, dim)) * 1e-2).astype(np.float32)
+
+
+def exact_l2(vectors: np.ndarray, ids: np.ndarray, query: np.ndarray, k: int) -> tuple[list, list]:
+    """The k nearest by float64 distance, equal distances by ascending id."""
+    wide = vectors.astype(np.float64) - query.astype(np.float64)
+    distances = (wide * wide).sum(axis=1)
+    order = np.lexsort((ids, distances))[:k]
+    return ids[order].tolist(), distances[order].astype(np.float32).tolist()
+
+
+@pytest.mark.parametrize("dim", [3, 64])
+def test_l2_far_from_the_origin_ranks_exactly_alone_and_in_any_batch(dim):
+    """Past EXACT_MAX_MARGIN vectors all within the scan's rounding, the answer used to be
+    whatever the scan gave: other hits for a lone query (FAISS's direct path) than in a batch (its
+    BLAS expansion), and not the nearest (an outside test). Now such a query is scored exactly
+    against the whole collection."""
+    vectors, queries = far_cluster(3000, dim, seed=dim)
+    ids = np.random.default_rng(1).permutation(len(vectors)).astype(np.int64)
+    index = VectorIndex(IndexSpec(kind=FLAT, dim=dim, metric=L2))
+    index.add(ids, vectors)
+    for query_row, query in enumerate(queries):
+        expected_ids, expected_distances = exact_l2(vectors, ids, query, 5)
+        batches = [(query[None], 0), (queries, query_row), (np.vstack([queries[::-1], query]), 8)]
+        for batch, row in batches:
+            distances, found = index.search(batch, 5)
+            assert found[row].tolist() == expected_ids
+            assert distances[row].tolist() == expected_distances
+
+
+def test_ties_past_the_cap_give_the_earliest_ids():
+    """2,000 copies of one vector under L2 (ids shuffled), and the zero vector under inner product
+    over 1,100 vectors: more ties than k + EXACT_MAX_MARGIN, so the earliest ids come from scoring
+    the whole pool, not from the scan's order (an outside test got 2, 3, 4, 12, 20)."""
+    rng = np.random.default_rng(0)
+    copy = np.array([1.0, 2.0, 3.0], np.float32)
+    stored = np.vstack([np.tile(copy, (2000, 1)), rng.normal(size=(100, 3)).astype(np.float32)])
+    ids = rng.permutation(len(stored)).astype(np.int64)
+    index = VectorIndex(IndexSpec(kind=FLAT, dim=3, metric=L2))
+    index.add(ids, stored)
+    for batch in (copy[None], np.vstack([copy, stored[-5:]])):
+        distances, found = index.search(batch, 5)
+        assert found[0].tolist() == np.sort(ids[:2000])[:5].tolist()
+        assert distances[0].tolist() == [0.0] * 5
+    _, found = index.search(copy[None], 5)
+    allowed = np.sort(ids[:2000])[::3]  # a label's vectors: the filter keeps its own earliest
+    _, found = index.search(copy[None], 5, allowed=allowed)
+    assert found[0].tolist() == allowed[:5].tolist()
+    index = VectorIndex(IndexSpec(kind=FLAT, dim=3, metric=INNER_PRODUCT))
+    index.add(rng.permutation(1100), rng.normal(size=(1100, 3)).astype(np.float32))
+    _, found = index.search(np.zeros((1, 3), np.float32), 5)
+    assert found[0].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_brute_force_ties_past_the_cap_give_the_earliest_positions():
+    """The exact search among a label's vectors (and metric overrides, int8 re-scoring) ranks
+    the same way: 2,100 copies tie among 900 others, and the zero vector ties 1,500 vectors; the
+    earliest positions come back (they used to be 1097, 1098, 1099, 1101, 1104, and 1 to 5)."""
+    rng = np.random.default_rng(0)
+    base = np.ones((3000, 4), np.float32)
+    elsewhere = rng.random(3000) < 0.3
+    base[elsewhere] = 5
+    raw, positions = vector_index.brute_force(L2, base, np.ones((1, 4), np.float32), 5)
+    assert positions[0].tolist() == np.flatnonzero(~elsewhere)[:5].tolist()
+    assert raw[0].tolist() == [0.0] * 5
+    stored = rng.normal(size=(1500, 4)).astype(np.float32)
+    _, positions = vector_index.brute_force(INNER_PRODUCT, stored, np.zeros((1, 4), np.float32), 5)
+    assert positions[0].tolist() == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("metric", [INNER_PRODUCT, L2])
+def test_the_whole_pool_pass_scores_a_pair_as_the_candidates_do(metric):
+    """The exact score of a pair is the same bits whether the pair was a scan candidate (gathered
+    copies) or met in the whole-pool pass (slices of the storage, shared by the queries): an answer
+    cannot depend on which way a query went."""
+    rng = np.random.default_rng(5)
+    for dim in (3, 127, 1280):
+        vectors = (rng.normal(size=(300, dim)) * rng.choice([1e-3, 1, 1e4], (300, 1))).astype(np.float32)
+        queries = rng.normal(size=(4, dim)).astype(np.float32)
+        candidates = np.stack([rng.permutation(300)[:40] for _ in queries])
+        ranked, keys, whole, whole_keys = both_ways(vectors, queries, candidates, metric is INNER_PRODUCT)
+        for row in range(len(queries)):
+            scores = dict(zip(whole_keys[row].tolist(), whole[row].tolist(), strict=True))
+            assert [scores[key] for key in keys[row].tolist()] == ranked[row].tolist()
+
+
+def both_ways(vectors: np.ndarray, queries: np.ndarray, candidates: np.ndarray, inner_product: bool):
+    """Exact scores of the candidates as a scan's candidates, and of every vector by the whole-pool
+    pass in slices of 64."""
+    ranked, keys, _ = vector_index._ranked_exactly(
+        queries, candidates, lambda at: vectors[at], candidates.shape[1], inner_product, 0.0, 1.0
+    )
+
+    def slices(rows: int):
+        for start in range(0, len(vectors), min(rows, 64)):
+            yield np.arange(start, min(start + 64, len(vectors))), vectors[start : start + 64]
+
+    whole, whole_keys = vector_index._exhaustive_top_k(queries, len(vectors), inner_product, slices)
+    return ranked, keys, whole, whole_keys
 
 
 def test_the_norm_bound_follows_adds_after_the_first_search():
