@@ -12,7 +12,8 @@ Prints single-query p50 of the server's own ``VectorIndex.search`` over flat cos
 Then one query over the 20,000 vectors scanned by FAISS as two halves on two threads at once;
 what the exact ranking of a flat search costs (``VectorIndex.search``, which scores its scan's
 candidates exactly, against FAISS's own search of the same batch, for batches and k a server
-meets); and the CPU NumPy's OpenBLAS spends spinning after one product, with its default thread
+meets); what a query costs that the scan cannot settle (``exact_top_k`` scores it against every
+vector); and the CPU NumPy's OpenBLAS spends spinning after one product, with its default thread
 timeout and with the server's.
 """
 
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import machine, percentile, save
 from imagesearch.plugins import FLAT, l2_normalize
-from imagesearch.plugins.metrics import COSINE, L2
+from imagesearch.plugins.metrics import COSINE, INNER_PRODUCT, L2
 from imagesearch.server import vector_index
 from imagesearch.server.vector_index import IndexSpec, VectorIndex
 
@@ -98,6 +99,16 @@ def main() -> None:
                 for found in rows
             )
         )
+    unsettled = unsettled_ms(index, l2_index, queries)
+    print(
+        "20,000 x 1280 vectors, queries the float32 scan cannot settle (scored against every vector "
+        "in float64), p50 ms of VectorIndex.search against an ordinary query on the same index and "
+        "FAISS's own search: "
+        + "; ".join(
+            f"{row['case']}: {row['server']:.2f} against {row['ordinary']:.2f} and FAISS {row['faiss']:.2f}"
+            for row in unsettled
+        )
+    )
     spin = {timeout or "default": blas_spin(timeout) for timeout in ("", "4")}
     print(
         "NumPy's OpenBLAS, one 20,000 x 1280 matrix-vector product: "
@@ -109,7 +120,13 @@ def main() -> None:
     )
     save(
         "search_threads",
-        {"p50_ms": results, "split_scan_p50_ms": split, "exact_ranking_ms": ranking, "blas_spin": spin},
+        {
+            "p50_ms": results,
+            "split_scan_p50_ms": split,
+            "exact_ranking_ms": ranking,
+            "unsettled_ms": unsettled,
+            "blas_spin": spin,
+        },
     )
 
 
@@ -162,6 +179,47 @@ def exact_ranking_ms(index: VectorIndex, queries: np.ndarray) -> list[dict[str, 
                 search(batch, k)
                 times[name].append((time.perf_counter() - started) * 1000)
         found.append({"queries": size, "k": k} | {name: percentile(t, 50) for name, t in times.items()})
+    return found
+
+
+def unsettled_ms(index: VectorIndex, l2_index: VectorIndex, queries: np.ndarray) -> list[dict]:
+    """What a query costs that the exact ranking must score against the whole pool: the zero
+    vector by inner product (it ties every vector), alone and 16 at once (one pass: identical
+    queries are answered once); and L2 queries in a tight cluster 10^4 from the origin (every
+    distance within the scan's rounding), 1 and 16 distinct. Each against ordinary queries of the
+    same number (random unit vectors: by inner product on the same index, by L2 on the same vectors
+    near the origin, ``l2_index``), and FAISS's own search of the batch, interleaved."""
+    vector_index.search_threads = lambda *_: 2
+    vector_index.GEMV_MAX_QUERIES = 2
+    faiss.omp_set_num_threads(2)
+    vectors = index.faiss_index.reconstruct_n(0, index.size)
+    by_ip = VectorIndex(IndexSpec(FLAT, 1280, INNER_PRODUCT))
+    by_ip.add(np.arange(len(vectors)), vectors)
+    rng = np.random.default_rng(1)
+    center = rng.normal(size=1280) * 1e4
+    far = VectorIndex(IndexSpec(FLAT, 1280, L2))
+    far.add(np.arange(len(vectors)), (center + rng.normal(size=vectors.shape) * 1e-2).astype(np.float32))
+    near_far = (center + rng.normal(size=(16, 1280)) * 1e-2).astype(np.float32)
+    zeros = np.zeros((16, 1280), np.float32)
+    cases = (
+        ("the zero vector by inner product, 1", by_ip, zeros[:1], by_ip, queries[:1]),
+        ("the zero vector by inner product, 16", by_ip, zeros, by_ip, queries[:16]),
+        ("L2 far from the origin, 1", far, near_far[:1], l2_index, queries[:1]),
+        ("L2 far from the origin, 16", far, near_far, l2_index, queries[:16]),
+    )
+    found = []
+    for case, target, hard, usual, easy in cases:
+        times: dict[str, list[float]] = {"server": [], "ordinary": [], "faiss": []}
+        for _ in range(5):
+            for name, search, batch in (
+                ("server", target.search, hard),
+                ("ordinary", usual.search, easy),
+                ("faiss", target.faiss_index.search, hard),
+            ):
+                started = time.perf_counter()
+                search(batch, 10)
+                times[name].append((time.perf_counter() - started) * 1000)
+        found.append({"case": case} | {name: percentile(t, 50) for name, t in times.items()})
     return found
 
 
