@@ -88,6 +88,13 @@ EXACT_MAX_MARGIN = 1024
 EXACT_SLICE = 1 << 22
 
 
+# The smallest normal float32 and float64. Below it a product or a sum loses absolute precision
+# (gradual underflow), or all of it where a build flushes subnormals to zero: vectors of norm 1e-23
+# score 0 against each other in float32 (an outside test), far more wrong than ``scan_error``.
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+FLOAT64_TINY = float(np.finfo(np.float64).tiny)
+
+
 def scan_error(dim: int) -> float:
     """A bound on a float32 dot product's rounding over ``dim`` terms, relative to |q| |v|
     (d x 2^-24 for a sum of d products, doubled)."""
@@ -408,6 +415,7 @@ class VectorIndex:
             inner_product=self.spec.metric.faiss_metric == faiss.METRIC_INNER_PRODUCT,
             pool=flat.ntotal if allowed is None else min(flat.ntotal, len(allowed)),
             rounding=scan_error(queries.shape[1]),
+            tiny=FLOAT32_TINY,
             largest_norm=self._norm_bound(flat),
             scan=lambda rows, asked: self._scan(queries[rows], asked, allowed, flat)[1],
             gather=self._index.reconstruct_batch,
@@ -514,6 +522,7 @@ def exact_top_k(
     inner_product: bool,
     pool: int,
     rounding: float,
+    tiny: float,
     largest_norm: float,
     scan: Callable[[np.ndarray, int], np.ndarray],
     gather: Callable[[np.ndarray], np.ndarray],
@@ -523,7 +532,8 @@ def exact_top_k(
     key, and their distances as FAISS gives them (inner products; squared L2), empty slots as FAISS
     marks them. ``scan(rows, asked)`` gives the keys (-1: none) of the ``asked`` best for
     ``queries[rows]`` by a computation that may round, off by at most ``rounding`` × |q||v| (L2:
-    × (|q|² + |v|²)), |v| at most ``largest_norm``; ``gather(keys)`` their vectors; ``pool_slices``
+    × (|q|² + |v|²)), |v| at most ``largest_norm``, plus what underflow below ``tiny`` (the
+    smallest normal number of the scan's type) can lose; ``gather(keys)`` their vectors; ``pool_slices``
     the whole pool, a slice at a time. A margin of candidates beyond k is scored exactly, a margin
     EXACT_MARGIN_GROWTH times as wide (up to EXACT_MAX_MARGIN) while the worst is within twice that
     rounding of the k-th (a vector left out might then rank as well or better). A query still
@@ -537,6 +547,7 @@ def exact_top_k(
             inner_product=inner_product,
             pool=pool,
             rounding=rounding,
+            tiny=tiny,
             largest_norm=largest_norm,
             scan=lambda rows, asked: scan(first[rows], asked),
             gather=gather,
@@ -555,7 +566,7 @@ def exact_top_k(
             rows = todo[start : start + per_slice]
             part = candidates[start : start + per_slice]
             exact, keys, settled = _ranked_exactly(
-                queries[rows], part, gather, k, inner_product, rounding, largest_norm
+                queries[rows], part, gather, k, inner_product, (rounding, tiny), largest_norm
             )
             kept = exact.shape[1]
             distances[rows, :kept], found[rows, :kept] = exact, keys
@@ -630,14 +641,15 @@ def _ranked_exactly(
     gather: Callable[[np.ndarray], np.ndarray],
     k: int,
     inner_product: bool,
-    rounding: float,
+    error: tuple[float, float],
     largest_norm: float,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Candidates scored exactly (``_exact_scores``), best k first, equal scores by ascending key;
     and for each query whether they surely hold its k best: their worst is worse than the k-th by
     more than the scan could have misjudged either. (A vector left out scanned no better than every
     candidate, so its exact score is at most the worst candidate's plus twice the rounding: the
-    candidates are the scan's best, in any order.)"""
+    candidates are the scan's best, in any order.) ``error`` is the scan's (rounding, tiny), as
+    ``exact_top_k`` takes them."""
     valid = candidates >= 0
     shape = (*candidates.shape, queries.shape[1])
     if valid.all():
@@ -653,10 +665,14 @@ def _ranked_exactly(
     missing = ~np.take_along_axis(valid, order, axis=1)
     ranked[missing], ranked_keys[missing] = _empty_distance(inner_product), -1
     query_norms = np.sqrt(np.einsum("qd,qd->q", queries, queries, dtype=np.float64))
+    rounding, tiny = error
     scale = query_norms * largest_norm if inner_product else query_norms**2 + largest_norm**2
+    # Underflow: each of the d products (for L2 also the squares) may lose up to ``tiny`` times the
+    # larger operand, or ``tiny`` itself, and so may each partial sum.
+    underflow = 4 * queries.shape[1] * tiny * (1 + query_norms + largest_norm)
     worst = np.where(valid, badness, -np.inf).max(axis=1)
     kth = np.take_along_axis(badness, order[:, -1:], axis=1)[:, 0]
-    return ranked, ranked_keys, worst > kth + 2 * rounding * scale
+    return ranked, ranked_keys, worst > kth + 2 * (rounding * scale + underflow)
 
 
 def _largest_norm(vectors: np.ndarray) -> float:
@@ -717,6 +733,7 @@ def brute_force(
         inner_product=inner_product,
         pool=len(base),
         rounding=queries.shape[1] * 2.0**-52,
+        tiny=FLOAT64_TINY,
         largest_norm=_largest_norm(base),
         scan=best,
         gather=lambda positions: base[positions],

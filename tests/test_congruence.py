@@ -148,3 +148,22 @@ def test_queries_the_float32_scan_cannot_settle_rank_exactly_alone_and_in_a_batc
         nearest = np.argsort((wide * wide).sum(axis=1), kind="stable")[:5]
         assert [h.id for h in result.response.hits] == [f"v{i}" for i in nearest]
     assert [h.id for h in together[-1].response.hits] == ["v0", "v1", "v2", "v3", "v4"]
+
+
+@pytest.mark.parametrize("metric", ["inner_product", "l2"])
+def test_vectors_whose_products_underflow_rank_exactly(stub, metric):
+    """Vectors of norm 1e-22 are accepted (there is no lower bound), and the float32 scan scores
+    them 0 or a subnormal against each other: the hits are still the exact ones, alone and in a
+    SearchBatch (an outside test got v11, v3, v1, v2, v4 for the exact v456, v588, ...)."""
+    rng = np.random.default_rng(1)
+    base = (rng.normal(size=(1500, DIM)) / np.sqrt(DIM) * 1e-22).astype(np.float32)
+    fill(stub, "tiny", metric, base)
+    queries = (rng.normal(size=(4, DIM)) / np.sqrt(DIM) * 1e-22).astype(np.float32)
+    asked = [pb.SearchRequest(collection="tiny", vector=pb.FloatVector(values=q), top_k=5) for q in queries]
+    together = stub.SearchBatch(pb.SearchBatchRequest(queries=asked)).results
+    wide = base.astype(np.float64)
+    for request, query, in_batch in zip(asked, queries.astype(np.float64), together, strict=True):
+        badness = -(wide @ query) if metric == "inner_product" else ((wide - query) ** 2).sum(axis=1)
+        exact = [f"v{i}" for i in np.lexsort((np.arange(len(base)), badness))[:5]]
+        assert [h.id for h in stub.Search(request).hits] == exact
+        assert [h.id for h in in_batch.response.hits] == exact

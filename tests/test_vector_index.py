@@ -387,6 +387,26 @@ def test_l2_far_from_the_origin_ranks_exactly_alone_and_in_any_batch(dim):
             assert distances[row].tolist() == expected_distances
 
 
+@pytest.mark.parametrize("metric", [INNER_PRODUCT, L2])
+def test_vectors_whose_products_underflow_float32_rank_exactly(metric):
+    """Vectors of norm about 1e-22: their products (about 1e-46) fall below float32's smallest
+    subnormal, so the scan scored nearly all of them 0, and its relative rounding bound, of the
+    same tiny order, called that settled (an outside test: hits neither the exact ones nor the
+    same alone as in a batch). The bound now counts what underflow can lose."""
+    rng = np.random.default_rng(1)
+    stored = (rng.normal(size=(3000, 16)) * 1e-23).astype(np.float32)
+    ids = rng.permutation(len(stored)).astype(np.int64) + 5
+    queries = (rng.normal(size=(8, 16)) * 1e-23).astype(np.float32)
+    index = VectorIndex(IndexSpec(kind=FLAT, dim=16, metric=metric))
+    index.add(ids, stored)
+    wide, wide_queries = stored.astype(np.float64), queries.astype(np.float64)
+    for row, query in enumerate(wide_queries):
+        badness = -(wide @ query) if metric is INNER_PRODUCT else ((wide - query) ** 2).sum(axis=1)
+        expected = ids[np.lexsort((ids, badness))[:5]].tolist()
+        for batch, at in ((queries[row : row + 1], 0), (queries, row)):
+            assert index.search(batch, 5)[1][at].tolist() == expected
+
+
 def test_ties_past_the_cap_give_the_earliest_ids():
     """2,000 copies of one vector under L2 (ids shuffled), and the zero vector under inner product
     over 1,100 vectors: more ties than k + EXACT_MAX_MARGIN, so the earliest ids come from scoring
@@ -447,7 +467,7 @@ def both_ways(vectors: np.ndarray, queries: np.ndarray, candidates: np.ndarray, 
     """Exact scores of the candidates as a scan's candidates, and of every vector by the whole-pool
     pass in slices of 64."""
     ranked, keys, _ = vector_index._ranked_exactly(
-        queries, candidates, lambda at: vectors[at], candidates.shape[1], inner_product, 0.0, 1.0
+        queries, candidates, lambda at: vectors[at], candidates.shape[1], inner_product, (0.0, 0.0), 1.0
     )
 
     def slices(rows: int):
