@@ -19,9 +19,12 @@ another row:
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import faiss
@@ -73,11 +76,12 @@ GEMV_MAX_QUERIES = 2
 # query found another copy of a duplicate, or ordered near-equal hits otherwise, depending on what
 # other callers sent at the same moment (an outside test: 156 of 800 answers differed in scores or
 # order). If the candidates' worst is not clearly worse than the k-th (by more than twice the
-# scan's worst rounding, ``scan_error`` of the largest norm held), a margin eight times as wide is
-# asked for, until nothing left out could rank or tie, or the margin reaches EXACT_MAX_MARGIN.
+# scan's worst rounding, ``scan_error`` of the largest norm held, and what underflow can lose), a
+# margin 32 times as wide is asked for, until nothing left out could rank or tie, or the margin
+# reaches EXACT_MAX_MARGIN: at most three scans for k 10 (8, 256, 1,024), two for k 1000.
 EXACT_MARGIN = 8
 EXACT_MARGIN_SHARE = 16  # k 1000: 62 more, where a band of twice the rounding holds about 20
-EXACT_MARGIN_GROWTH = 8
+EXACT_MARGIN_GROWTH = 32
 # Past this margin a query still unsettled (the zero vector under inner product ties every vector;
 # L2 vectors far from the origin all lie within the scan's rounding of each other) is scored
 # exactly against every vector, in slices of at most EXACT_SLICE floats of vectors: an answer
@@ -86,6 +90,7 @@ EXACT_MARGIN_GROWTH = 8
 # 50,000 vectors, an outside test).
 EXACT_MAX_MARGIN = 1024
 EXACT_SLICE = 1 << 22
+EXACT_PASS_ROWS = 1024  # the least a slice of the whole-pool pass holds, when EXACT_SLICE allows
 
 
 # The smallest normal float32 and float64. Below it a product or a sum loses absolute precision
@@ -591,15 +596,29 @@ def _exhaustive_top_k(
     """The k best of the whole pool by exact score, equal scores by ascending key: ``pool_slices``
     gives (keys, vectors) of at most the rows asked for at a time, each slice scored by
     ``_exact_scores`` (the very products the candidates get, so a pair scores the same either way),
-    the best k kept from slice to slice. The cost is a float64 pass over the pool per query
-    (bench/bench_search_threads.py, "a query the scan cannot settle")."""
+    the best k kept from slice to slice. Queries go through in groups small enough that a slice
+    holds at least EXACT_PASS_ROWS rows (or 4k) within EXACT_SLICE floats: a batch of 256 shared
+    each slice, so slices of 12 rows each re-sorted 256 × k kept scores, and its time grew with the
+    square of the batch (an outside test: 54 s for 256 L2 queries with k 1000 over 20,000 × 1280,
+    twice their time one by one). The cost is a float64 pass over the pool per query, on every
+    core (bench/bench_search_threads.py, "a query the scan cannot settle")."""
+    rows = max(EXACT_PASS_ROWS, 4 * k)
+    group = max(1, EXACT_SLICE // (rows * queries.shape[1]))
+    parts = [
+        _exhaustive_group(queries[start : start + group], k, inner_product, pool_slices)
+        for start in range(0, len(queries), group)
+    ]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def _exhaustive_group(
+    queries: np.ndarray, k: int, inner_product: bool, pool_slices: PoolSlices
+) -> tuple[np.ndarray, np.ndarray]:
     best_badness = np.full((len(queries), 0), np.inf)
     best_exact, best_keys = best_badness.copy(), np.zeros((len(queries), 0), np.int64)
-    for keys, vectors in pool_slices(max(1, EXACT_SLICE // queries.size)):
+    slices = pool_slices(max(1, EXACT_SLICE // queries.size))
+    for keys, (exact, badness) in _scored_on_every_core(queries, slices, inner_product):
         shape = (len(queries), len(keys))
-        exact, badness = _exact_scores(
-            queries, np.broadcast_to(vectors, (*shape, vectors.shape[1])), inner_product
-        )
         badness = np.concatenate([best_badness, badness], axis=1)
         exact = np.concatenate([best_exact, exact], axis=1)
         joined = np.concatenate([best_keys, np.broadcast_to(keys, shape)], axis=1)
@@ -608,6 +627,31 @@ def _exhaustive_top_k(
         best_exact = np.take_along_axis(exact, order, axis=1)
         best_keys = np.take_along_axis(joined, order, axis=1)
     return best_exact.astype(np.float32), best_keys
+
+
+def _scored_on_every_core(
+    queries: np.ndarray, slices: Iterator[tuple[np.ndarray, np.ndarray]], inner_product: bool
+) -> Iterator[tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]]:
+    """Each slice's keys and ``_exact_scores``, in the slices' order, scored by one thread a core
+    (NumPy's einsum releases the GIL: 1.6× on two cores), at most that many slices in flight so
+    that memory stays bounded."""
+    scorers = _scorers()
+    pending: deque[tuple[np.ndarray, Future]] = deque()
+    for keys, vectors in slices:
+        view = np.broadcast_to(vectors, (len(queries), *vectors.shape))
+        pending.append((keys, scorers.submit(_exact_scores, queries, view, inner_product)))
+        if len(pending) >= available_cpus():
+            done_keys, future = pending.popleft()
+            yield done_keys, future.result()
+    while pending:
+        done_keys, future = pending.popleft()
+        yield done_keys, future.result()
+
+
+@functools.cache
+def _scorers() -> ThreadPoolExecutor:
+    """The threads of the whole-pool pass, made on first use (most servers never need them)."""
+    return ThreadPoolExecutor(available_cpus(), thread_name_prefix="exact-pass")
 
 
 def _distinct_rows(queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -313,7 +313,7 @@ def test_a_vector_the_float32_scan_misjudges_still_ranks_by_its_exact_score():
 
 def test_a_query_that_ties_everything_is_answered_in_bounded_slices(monkeypatch):
     """The zero vector under inner product scores 0 against every vector: all tie, and each retry
-    would gather eight times as many. Past EXACT_MAX_MARGIN the query is scored against the
+    would gather 32 times as many. Past EXACT_MAX_MARGIN the query is scored against the
     whole pool a slice at a time, never the whole collection at once (an outside test: 1.2 GB for a
     batch of 32 over 50,000 vectors), and gets the earliest ids; identical queries once."""
     monkeypatch.setattr(vector_index, "EXACT_MAX_MARGIN", 64)
