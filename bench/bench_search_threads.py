@@ -183,29 +183,41 @@ def exact_ranking_ms(index: VectorIndex, queries: np.ndarray) -> list[dict[str, 
 
 
 def unsettled_ms(index: VectorIndex, l2_index: VectorIndex, queries: np.ndarray) -> list[dict]:
-    """What a query costs that the exact ranking must score against the whole pool: the zero
-    vector by inner product (it ties every vector), alone and 16 at once (one pass: identical
-    queries are answered once); and L2 queries in a tight cluster 10^4 from the origin (every
-    distance within the scan's rounding), 1 and 16 distinct. Each against ordinary queries of the
-    same number (random unit vectors: by inner product on the same index, by L2 on the same vectors
-    near the origin, ``l2_index``), and FAISS's own search of the batch, interleaved."""
+    """What queries cost that the exact ranking must score against the whole pool: the zero vector
+    by inner product (it ties every vector), alone and 16 at once (one pass: identical queries are
+    answered once); 16 distinct queries orthogonal to every vector (the vectors use the first half
+    of the dimensions, the queries the second: every score is 0); and L2 queries in a tight cluster
+    10^4 from the origin (every distance within the scan's rounding), 1, 16 and 64 distinct. Each
+    against ordinary queries of the same number (random unit vectors: by inner product on the same
+    index, by L2 on the same vectors near the origin, ``l2_index``), and FAISS's own search of the
+    batch, interleaved, k 10."""
     vector_index.search_threads = lambda *_: 2
     vector_index.GEMV_MAX_QUERIES = 2
     faiss.omp_set_num_threads(2)
     vectors = index.faiss_index.reconstruct_n(0, index.size)
-    by_ip = VectorIndex(IndexSpec(FLAT, 1280, INNER_PRODUCT))
+    by_ip, half = (
+        VectorIndex(IndexSpec(FLAT, 1280, INNER_PRODUCT)),
+        VectorIndex(IndexSpec(FLAT, 1280, INNER_PRODUCT)),
+    )
     by_ip.add(np.arange(len(vectors)), vectors)
+    first_half = vectors.copy()
+    first_half[:, 640:] = 0
+    half.add(np.arange(len(vectors)), first_half)
+    orthogonal = queries[:16].copy()
+    orthogonal[:, :640] = 0
     rng = np.random.default_rng(1)
     center = rng.normal(size=1280) * 1e4
     far = VectorIndex(IndexSpec(FLAT, 1280, L2))
     far.add(np.arange(len(vectors)), (center + rng.normal(size=vectors.shape) * 1e-2).astype(np.float32))
-    near_far = (center + rng.normal(size=(16, 1280)) * 1e-2).astype(np.float32)
+    near_far = (center + rng.normal(size=(64, 1280)) * 1e-2).astype(np.float32)
     zeros = np.zeros((16, 1280), np.float32)
     cases = (
         ("the zero vector by inner product, 1", by_ip, zeros[:1], by_ip, queries[:1]),
         ("the zero vector by inner product, 16", by_ip, zeros, by_ip, queries[:16]),
+        ("queries orthogonal to every vector, 16 distinct", half, orthogonal, by_ip, queries[:16]),
         ("L2 far from the origin, 1", far, near_far[:1], l2_index, queries[:1]),
-        ("L2 far from the origin, 16", far, near_far, l2_index, queries[:16]),
+        ("L2 far from the origin, 16 distinct", far, near_far[:16], l2_index, queries[:16]),
+        ("L2 far from the origin, 64 distinct", far, near_far, l2_index, queries[:64]),
     )
     found = []
     for case, target, hard, usual, easy in cases:
