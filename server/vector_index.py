@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -652,6 +653,9 @@ def _scored_on_every_core(
 def _scorers() -> ThreadPoolExecutor:
     """The threads of the whole-pool pass, made on first use (most servers never need them)."""
     return ThreadPoolExecutor(available_cpus(), thread_name_prefix="exact-pass")
+
+
+os.register_at_fork(after_in_child=_scorers.cache_clear)  # a forked child has none of its threads
 
 
 def _distinct_rows(queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -3,6 +3,9 @@ adds, removals and re-adds, including IVF after training and HNSW past compactio
 
 from __future__ import annotations
 
+import faulthandler
+import os
+
 import faiss
 import numpy as np
 import pytest
@@ -504,3 +507,18 @@ def test_the_largest_norm_is_bounded_from_above_within_a_rounding_at_any_scale(s
     true = float(np.sqrt((rows.astype(np.float64) ** 2).sum(axis=1).max()))
     bound = vector_index._largest_norm(rows)
     assert true <= bound <= true * (1 + 2 * vector_index.scan_error(1280))
+
+
+def test_the_whole_pool_pass_works_in_a_forked_child():
+    """The pass's threads do not survive a fork: a child (a worker forked by an application that
+    embeds the index) makes its own instead of waiting forever on the parent's."""
+    base = np.random.default_rng(0).normal(size=(3000, 8)).astype(np.float32)
+    zero = np.zeros((1, 8), np.float32)
+    assert vector_index.brute_force(INNER_PRODUCT, base, zero, 3)[1].tolist() == [[0, 1, 2]]
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child's outcome is its exit status
+        faulthandler.dump_traceback_later(30, exit=True)
+        ok = vector_index.brute_force(INNER_PRODUCT, base, zero, 3)[1].tolist() == [[0, 1, 2]]
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
