@@ -60,6 +60,7 @@ from imagesearch.server.vector_index import (
     default_train_size,
     rescore_pool,
 )
+from imagesearch.server.vector_input import as_matrix
 
 log = logging.getLogger(__name__)
 
@@ -524,7 +525,10 @@ class Collection:
 
     def _prepared(self, images: Sequence[NewImage]) -> np.ndarray:
         """The rows' vectors as the index takes them (the metric's preparation, e.g. unit length)."""
-        return self.metric.prepare(np.stack([np.asarray(image.vector, dtype=np.float32) for image in images]))
+        vectors = [np.asarray(image.vector, dtype=np.float32) for image in images]
+        # Their own size, not the spec's: rows encoded before a training replaced the state are
+        # prepared, then re-encoded under the writer lock (``_current_encoding``).
+        return self.metric.prepare(as_matrix(vectors, len(vectors[0]) if vectors else self.spec.dim))
 
     def _current_encoding(self, images: Sequence[NewImage]) -> Sequence[NewImage]:
         """Re-encode rows whose vectors a since-replaced extractor state made (a training committed

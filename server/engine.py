@@ -68,7 +68,7 @@ from imagesearch.server.imaging import DecodedImage, decode_image, decoded_pixel
 from imagesearch.server.page_tokens import decode_page_token, encode_page_token, row_position
 from imagesearch.server.parallel import Pulling
 from imagesearch.server.store import ImageRow, NewImage
-from imagesearch.server.vector_input import VectorInput, read_vector
+from imagesearch.server.vector_input import VectorInput, as_matrix, read_vector
 
 log = logging.getLogger(__name__)
 
@@ -398,10 +398,7 @@ class Engine:
         dim = collection.spec.dim
         vectors = [read_vector(v, field) for v, field in zip(values, fields, strict=True)]
         fitting = [i for i, v in enumerate(vectors) if isinstance(v, np.ndarray) and v.shape == (dim,)]
-        if len(fitting) == 1:  # a search's query: np.stack's checks cost more than the rest
-            matrix = vectors[fitting[0]].reshape(1, dim).copy()
-        else:
-            matrix = np.stack([vectors[i] for i in fitting]) if fitting else np.zeros((0, dim), np.float32)
+        matrix = as_matrix([vectors[i] for i in fitting], dim)  # type: ignore[misc]
         # Squares in float32: a norm within the bound squares to at most 1e36 < 3.4e38, one past it
         # overflows to inf or lands past the bound, and a NaN or infinity makes it NaN or inf: one
         # product accepts the usual batch; only a refused row needs to know which of the two it is.
@@ -1095,7 +1092,7 @@ class Engine:
             first = pending[positions[0]]
             try:
                 found = first.collection.search_many(
-                    np.stack([pending[p].vector for p in positions]),
+                    as_matrix([pending[p].vector for p in positions], len(first.vector)),
                     [pending[p].k for p in positions],
                     first.labels,
                     first.override,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from imagesearch.server.errors import InvalidArgument
-from imagesearch.server.vector_input import PackedVector, read_vector, vector_input
+from imagesearch.server.vector_input import PackedVector, as_matrix, read_vector, vector_input
 
 
 def test_packed_and_listed_values_read_the_same_floats() -> None:
@@ -41,3 +41,17 @@ def test_an_empty_message_reads_as_an_empty_vector() -> None:
     """Neither form set: zero values, which the engine refuses as a dimension mismatch."""
     empty = read_vector(vector_input([], b""), "vector")
     assert isinstance(empty, np.ndarray) and empty.size == 0
+
+
+def test_as_matrix_equals_np_stack_and_is_a_writable_copy() -> None:
+    rows = [np.frombuffer(np.arange(i, i + 4, dtype="<f4").tobytes(), dtype="<f4") for i in range(5)]
+    matrix = as_matrix(rows, 4)
+    assert matrix.dtype == np.float32 and matrix.flags.writeable and matrix.flags.c_contiguous
+    assert np.array_equal(matrix, np.stack(rows))
+    assert as_matrix([], 7).shape == (0, 7)
+
+
+def test_as_matrix_refuses_rows_that_would_regroup() -> None:
+    """Rows of 3 and 5 values hold 8, which a reshape to (2, 4) would silently regroup."""
+    with pytest.raises(ValueError, match=r"shape \(4,\)"):
+        as_matrix([np.zeros(3, np.float32), np.zeros(5, np.float32)], 4)
