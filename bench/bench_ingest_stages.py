@@ -49,7 +49,7 @@ from imagesearch.server.config import ServerConfig, default_models_dir
 from imagesearch.server.engine import Engine, ImageItem, NewCollection, SearchQuery
 from imagesearch.server.store import CollectionStore, NewImage, insert_many, page_size_for
 from imagesearch.server.vector_index import VectorIndex
-from imagesearch.server.vector_input import read_vector, vector_input
+from imagesearch.server.vector_input import as_matrix, read_vector, vector_input
 from imagesearch.v1 import image_search_service_pb2 as pb
 
 STAGES = {  # stage name -> (class, method); inner stages are subtracted from the outer ones
@@ -117,7 +117,7 @@ def message_forms(batch: np.ndarray) -> dict[str, dict[str, float]]:
         def server_read(wire: bytes = wire) -> np.ndarray:
             images = pb.AddImagesRequest.FromString(wire).images
             vectors = [read_vector(vector_input(m.vector.values, m.vector.float32_le), "v") for m in images]
-            return np.stack(vectors)  # type: ignore[arg-type]
+            return as_matrix(vectors, batch.shape[1])  # type: ignore[arg-type]
 
         forms[form] = {
             "client build ms": best_ms(request),
@@ -125,6 +125,16 @@ def message_forms(batch: np.ndarray) -> dict[str, dict[str, float]]:
             "server parse + read ms": best_ms(server_read),
         }
     return forms
+
+
+def matrix_ms(batch: np.ndarray) -> dict[str, float]:
+    """One batch's vectors, read from packed bytes, made into one matrix: by ``np.stack`` (which
+    makes a view of every row first) and by the server's ``as_matrix`` (one concatenation)."""
+    rows = [np.frombuffer(v.astype("<f4").tobytes(), dtype="<f4") for v in batch]
+    return {
+        "np.stack ms": best_ms(lambda: np.stack(rows), 100),
+        "as_matrix ms": best_ms(lambda: as_matrix(rows, batch.shape[1]), 100),
+    }
 
 
 def searches_during_ingest(engine: Engine, batches: list[list[ImageItem]], dim: int) -> dict[str, float]:
@@ -259,6 +269,11 @@ def main() -> None:
     results["message_forms"] = message_forms(base[:256])
     for form, costs in results["message_forms"].items():
         print(f"one batch as {form}: " + ", ".join(f"{stage} {ms:.2f}" for stage, ms in costs.items()))
+    results["matrix_ms"] = matrix_ms(base[:256])
+    print(
+        "one batch's vectors (256, packed) into one matrix: "
+        + ", ".join(f"{way} {ms:.3f}" for way, ms in results["matrix_ms"].items())
+    )
     with tempfile.TemporaryDirectory() as tmp:
         results["minimal_pipeline"] = [
             minimal_pipeline(base, Path(tmp) / str(run), 32768) for run in range(3)
