@@ -71,12 +71,11 @@ GEMV_MAX_QUERIES = 2
 
 # A float32 flat search (inner product or L2) asks its scan for a margin of candidates more than it
 # returns (EXACT_MARGIN, or k / EXACT_MARGIN_SHARE for a large k), scores them exactly (float64)
-# and ranks them, equal scores by ascending id. The scan
-# rounds in float32, and differently for a lone query (sgemv) than for a batch (FAISS's matrix
-# product), and for two copies of one vector stored at different places: without this the same
-# query found another copy of a duplicate, or ordered near-equal hits otherwise, depending on what
-# other callers sent at the same moment (an outside test: 156 of 800 answers differed in scores or
-# order). If the candidates' worst is not clearly worse than the k-th (by more than twice the
+# and ranks them, equal scores by ascending id. The scan rounds in float32, and differently for a
+# lone query (sgemv) than for a batch (FAISS's matrix product), and for two copies of one vector
+# stored at different places: without this the same query found another copy of a duplicate, or
+# ordered near-equal hits otherwise, depending on what other callers sent at the same moment (an
+# outside test: 156 of 800 answers differed in scores or order). If the candidates' worst is not clearly worse than the k-th (by more than twice the
 # scan's worst rounding, ``scan_error`` of the largest norm held, and what underflow can lose), a
 # margin 32 times as wide is asked for, until nothing left out could rank or tie, or the margin
 # reaches EXACT_MAX_MARGIN: at most three scans for k 10 (8, 256, 1,024), two for k 1000.
