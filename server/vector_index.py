@@ -381,6 +381,10 @@ class VectorIndex:
         """Return (raw FAISS distances, ids); ids of -1 mark empty slots."""
         queries = as_float32(prepared_queries)
         k = max(1, min(k, max(self.size, 1)))
+        if allowed is not None and len(allowed) == 0:  # FAISS asserts on an empty selector
+            inner_product = self.spec.metric.faiss_metric == faiss.METRIC_INNER_PRODUCT
+            empty = np.full((len(queries), k), _empty_distance(inner_product), np.float32)
+            return empty, np.full((len(queries), k), -1, np.int64)
         flat = self._float32_flat()
         if flat is not None and flat.ntotal:
             return self._exactly_ranked(flat, queries, k, allowed)
@@ -752,6 +756,8 @@ def brute_force(
     metrics go to FAISS's own exact flat search.
     """
     queries, base = as_float32(prepared_queries), as_float32(prepared_base)
+    if len(base) == 0:
+        return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
     k = max(1, min(k, len(base)))
     if metric.faiss_metric not in (faiss.METRIC_L2, faiss.METRIC_INNER_PRODUCT):
         index = faiss.IndexFlat(base.shape[1], metric.faiss_metric)

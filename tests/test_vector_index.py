@@ -522,3 +522,17 @@ def test_the_whole_pool_pass_works_in_a_forked_child():
         os._exit(0 if ok else 1)
     _, status = os.waitpid(child, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.parametrize("metric", [INNER_PRODUCT, L2])
+def test_nothing_to_search_gives_empty_answers(metric):
+    """An empty label filter, and an exact search among no vectors, answer nothing: FAISS asserts
+    on an empty selector and the exact ranking divided by the pool's size (an outside test; the
+    server checks both first, but these are the index's own answers)."""
+    index = VectorIndex(IndexSpec(kind=FLAT, dim=DIM, metric=metric))
+    index.add(np.arange(10), np.random.default_rng(0).normal(size=(10, DIM)).astype(np.float32))
+    queries = np.ones((2, DIM), np.float32)
+    _, ids = index.search(queries, 5, allowed=np.zeros(0, np.int64))
+    assert (ids == -1).all() and ids.shape == (2, 5)
+    raw, positions = vector_index.brute_force(metric, np.zeros((0, DIM), np.float32), queries, 5)
+    assert raw.shape == positions.shape == (2, 0)
