@@ -398,7 +398,7 @@ class Engine:
         dim = collection.spec.dim
         vectors = [read_vector(v, field) for v, field in zip(values, fields, strict=True)]
         fitting = [i for i, v in enumerate(vectors) if isinstance(v, np.ndarray) and v.shape == (dim,)]
-        matrix = as_matrix([vectors[i] for i in fitting], dim)  # type: ignore[misc]
+        matrix = as_matrix([vectors[i] for i in fitting], dim)  # type: ignore[arg-type]  (fitting: arrays only)
         # Squares in float32: a norm within the bound squares to at most 1e36 < 3.4e38, one past it
         # overflows to inf or lands past the bound, and a NaN or infinity makes it NaN or inf: one
         # product accepts the usual batch; only a refused row needs to know which of the two it is.

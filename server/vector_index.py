@@ -75,10 +75,11 @@ GEMV_MAX_QUERIES = 2
 # lone query (sgemv) than for a batch (FAISS's matrix product), and for two copies of one vector
 # stored at different places: without this the same query found another copy of a duplicate, or
 # ordered near-equal hits otherwise, depending on what other callers sent at the same moment (an
-# outside test: 156 of 800 answers differed in scores or order). If the candidates' worst is not clearly worse than the k-th (by more than twice the
-# scan's worst rounding, ``scan_error`` of the largest norm held, and what underflow can lose), a
-# margin 32 times as wide is asked for, until nothing left out could rank or tie, or the margin
-# reaches EXACT_MAX_MARGIN: at most three scans for k 10 (8, 256, 1,024), two for k 1000.
+# outside test: 156 of 800 answers differed in scores or order). If the candidates' worst is not
+# clearly worse than the k-th (by more than twice the scan's worst rounding, ``scan_error`` of the
+# largest norm held, and what underflow can lose), a margin 32 times as wide is asked for, until
+# nothing left out could rank or tie, or the margin reaches EXACT_MAX_MARGIN: at most three scans
+# for k 10 (8, 256, 1,024), two for k 1000.
 EXACT_MARGIN = 8
 EXACT_MARGIN_SHARE = 16  # k 1000: 62 more, where a band of twice the rounding holds about 20
 EXACT_MARGIN_GROWTH = 32
@@ -428,25 +429,19 @@ class VectorIndex:
             largest_norm=self._norm_bound(flat),
             scan=lambda rows, asked: self._scan(queries[rows], asked, allowed, flat)[1],
             gather=self._index.reconstruct_batch,
-            pool_slices=lambda rows: self._pool_slices(flat, allowed, rows),
+            pool_slices=lambda rows: self._pool_slices(allowed, rows),
         )
 
-    def _pool_slices(
-        self, flat: faiss.IndexFlat, allowed: np.ndarray | None, rows: int
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def _pool_slices(self, allowed: np.ndarray | None, rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(ids, vectors) of every vector a search may return (all, or those ``allowed``), ``rows``
-        at a time: views of FAISS's own storage and id map when unfiltered, no copy."""
-        count = flat.ntotal
-        stored = faiss.rev_swig_ptr(flat.get_xb(), count * flat.d).reshape(count, flat.d)
-        ids = faiss.rev_swig_ptr(self._index.id_map.data(), count)
+        at a time: views of FAISS's own storage when unfiltered, a slice's copy when filtered."""
+        stored, ids = self.stored_vectors(), self.ids()
         if allowed is None:
-            for start in range(0, count, rows):
-                yield ids[start : start + rows], stored[start : start + rows]
+            yield from _in_slices(ids, stored, rows)
             return
         positions = np.flatnonzero(np.isin(ids, np.asarray(allowed, np.int64)))
-        for start in range(0, len(positions), rows):
-            part = positions[start : start + rows]
-            yield ids[part], stored[part]
+        for part, at in _in_slices(ids[positions], positions, rows):
+            yield part, stored[at]
 
     def _norm_bound(self, flat: faiss.IndexFlat) -> float:
         """The largest norm of any vector held (removed ones may count: an overestimate is safe),
@@ -594,6 +589,12 @@ def exact_top_k(
 PoolSlices = Callable[[int], Iterator[tuple[np.ndarray, np.ndarray]]]
 
 
+def _in_slices(keys: np.ndarray, vectors: np.ndarray, rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(keys, vectors) ``rows`` at a time, as views: the pool a whole-pool pass reads."""
+    for start in range(0, len(keys), rows):
+        yield keys[start : start + rows], vectors[start : start + rows]
+
+
 def _exhaustive_top_k(
     queries: np.ndarray, k: int, inner_product: bool, pool_slices: PoolSlices
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -603,8 +604,7 @@ def _exhaustive_top_k(
     the best k kept from slice to slice. Queries go through in groups small enough that a slice
     holds at least EXACT_PASS_ROWS rows (or 4k) within EXACT_SLICE floats: a batch of 256 shared
     each slice, so slices of 12 rows each re-sorted 256 × k kept scores, and its time grew with the
-    square of the batch (an outside test: 54 s for 256 L2 queries with k 1000 over 20,000 × 1280,
-    twice their time one by one). The cost is a float64 pass over the pool per query, on every
+    square of the batch (found by an outside test). The cost is a float64 pass over the pool per query, on every
     core (bench/bench_search_threads.py, "a query the scan cannot settle")."""
     rows = max(EXACT_PASS_ROWS, 4 * k)
     group = max(1, EXACT_SLICE // (rows * queries.shape[1]))
@@ -637,14 +637,14 @@ def _scored_on_every_core(
     queries: np.ndarray, slices: Iterator[tuple[np.ndarray, np.ndarray]], inner_product: bool
 ) -> Iterator[tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]]:
     """Each slice's keys and ``_exact_scores``, in the slices' order, scored by one thread a core
-    (NumPy's einsum releases the GIL: 1.6× on two cores), at most that many slices in flight so
-    that memory stays bounded."""
-    scorers = _scorers()
+    (NumPy's einsum releases the GIL), at most that many slices in flight so that memory stays
+    bounded."""
+    scorers, in_flight = _scorers(), available_cpus()
     pending: deque[tuple[np.ndarray, Future]] = deque()
     for keys, vectors in slices:
         view = np.broadcast_to(vectors, (len(queries), *vectors.shape))
         pending.append((keys, scorers.submit(_exact_scores, queries, view, inner_product)))
-        if len(pending) >= available_cpus():
+        if len(pending) >= in_flight:
             done_keys, future = pending.popleft()
             yield done_keys, future.result()
     while pending:
@@ -790,10 +790,7 @@ def brute_force(
         largest_norm=_largest_norm(base),
         scan=best,
         gather=lambda positions: base[positions],
-        pool_slices=lambda rows: (
-            (np.arange(start, min(start + rows, len(base))), base[start : start + rows])
-            for start in range(0, len(base), rows)
-        ),
+        pool_slices=lambda rows: _in_slices(np.arange(len(base)), base, rows),
     )
 
 

@@ -536,3 +536,26 @@ def test_nothing_to_search_gives_empty_answers(metric):
     assert (ids == -1).all() and ids.shape == (2, 5)
     raw, positions = vector_index.brute_force(metric, np.zeros((0, DIM), np.float32), queries, 5)
     assert raw.shape == positions.shape == (2, 0)
+
+
+def test_the_whole_pool_pass_after_removals_and_re_adds(monkeypatch):
+    """The pass reads what the index holds now: removed ids never come back, ids added since
+    rank among the ties by id, and a label filter keeps only its own (allowed ids since removed
+    included)."""
+    passes: list[int] = []
+    exhaustive = vector_index._exhaustive_top_k
+    monkeypatch.setattr(
+        vector_index, "_exhaustive_top_k", lambda q, *rest: passes.append(len(q)) or exhaustive(q, *rest)
+    )
+    copy = np.array([1.0, 2.0, 3.0], np.float32)
+    index = VectorIndex(IndexSpec(kind=FLAT, dim=3, metric=L2))
+    index.add(np.arange(100, 3100), np.tile(copy, (3000, 1)))
+    index.remove(np.array([100, 101, 102, 105]))
+    index.add(np.array([7, 3200]), np.tile(copy, (2, 1)))  # a new row id below the rest, and above
+    _, found = index.search(copy[None], 5)
+    assert found[0].tolist() == [7, 103, 104, 106, 107] and passes == [1]
+    # Even ids: 100 and 102 removed since; 101 removed and odd; 99999 never held.
+    allowed = np.concatenate([[99999, 101], np.arange(3100, 99, -2)])
+    _, found = index.search(np.vstack([copy, copy + 1]), 5, allowed=allowed)
+    assert found.tolist() == [[104, 106, 108, 110, 112]] * 2  # both tie every copy
+    assert passes == [1, 2]
