@@ -46,7 +46,8 @@ from bench.common import (
 from imagesearch.server.app import run_server
 from imagesearch.server.collection import Collection
 from imagesearch.server.config import ServerConfig, default_models_dir
-from imagesearch.server.engine import Engine, ImageItem, NewCollection, SearchQuery
+from imagesearch.server.engine import Engine
+from imagesearch.server.records import ImageItem, NewCollection, SearchQuery
 from imagesearch.server.store import CollectionStore, NewImage, insert_many, page_size_for
 from imagesearch.server.vector_index import VectorIndex
 from imagesearch.server.vector_input import as_matrix, read_vector, vector_input

@@ -1,31 +1,29 @@
 """The use cases: add, search, remove, get, list — validated, timed, protocol-free.
 
-The servicer turns protobuf into the plain inputs below and calls one method
-per RPC; everything the API promises (all-or-nothing batches, per-item
+The servicer turns protobuf into the plain inputs of ``records`` and calls one
+method per RPC; everything the API promises (all-or-nothing batches, per-item
 results, limits, deadlines, stage timings) is decided here, once, so the
-unary and the streaming upload behave identically.
-"""
+unary and the streaming upload behave identically. What an item must satisfy
+is in ``item_checks``; decoding and extraction in ``extraction``."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import functools
 import logging
 import math
-import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from imagesearch.plugins.manager import PluginRegistry
-from imagesearch.plugins.types import FLAT, HNSW, Extractor, Metric, TrainableExtractor
+from imagesearch.plugins.types import HNSW, Metric, TrainableExtractor
 from imagesearch.server.batching import Batcher
 from imagesearch.server.budget import PixelBudget
 from imagesearch.server.catalog import Catalog
@@ -49,7 +47,7 @@ from imagesearch.server.collection import (
     Hit,
     TrainOutcome,
 )
-from imagesearch.server.config import ServerConfig, available_cpus
+from imagesearch.server.config import ServerConfig
 from imagesearch.server.errors import (
     Aborted,
     AlreadyExists,
@@ -63,12 +61,34 @@ from imagesearch.server.errors import (
     Unavailable,
     shown,
 )
-from imagesearch.server.image_header import HeaderError, read_header
-from imagesearch.server.imaging import DecodedImage, decode_image, decoded_pixels, make_thumbnail
+from imagesearch.server.extraction import Extraction, checked_vectors
+from imagesearch.server.imaging import DecodedImage, decode_image
+from imagesearch.server.item_checks import (
+    check_batch_pixels,
+    check_deadline,
+    check_fields,
+    check_vector,
+    check_vectors,
+    decoded_total,
+)
 from imagesearch.server.page_tokens import decode_page_token, encode_page_token, row_position
-from imagesearch.server.parallel import Pulling
+from imagesearch.server.records import (
+    AddOutcome,
+    ClassifyQuery,
+    ExtractorInfo,
+    ImageItem,
+    ItemResult,
+    LocalFeaturesInfo,
+    MetricInfo,
+    NewCollection,
+    PendingSearch,
+    PluginList,
+    SearchOutcome,
+    SearchQuery,
+    Timings,
+)
 from imagesearch.server.store import ImageRow, NewImage
-from imagesearch.server.vector_input import VectorInput, as_matrix, read_vector
+from imagesearch.server.vector_input import as_matrix
 
 log = logging.getLogger(__name__)
 
@@ -87,131 +107,9 @@ def _left_as_it_is(error: AlreadyExists, prefix: str) -> AlreadyExists:
     return error
 
 
-OK_CODE = 0  # google.rpc.Code OK; failures carry their error's code
-_CONTROL_CHARACTER = re.compile("[\x00\n\r\t]")  # refused in ids (they break logs and listings)
 GEOMETRIC = "geometric"
 MAX_SEED = 2**31 - 1  # FAISS k-means takes a C int
 RERANK_METHODS = (GEOMETRIC,)
-
-
-# One of each of these three is made per image of a batch: plain slotted records, a third of the
-# cost of frozen ones (whose __init__ sets each field through object.__setattr__), which a batch of
-# 256 vectors paid three times over.
-@dataclass(slots=True)
-class ImageItem:
-    """One image of an AddImages batch: ``content`` bytes or a ``vector``, not both."""
-
-    id: str = ""
-    content: bytes | None = None
-    vector: VectorInput | None = None
-    label: str = ""
-    metadata: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(slots=True)
-class ItemResult:
-    index: int
-    id: str
-    code: int = OK_CODE
-    message: str = ""
-    reason: str = ""
-    field: str = ""
-    note: str = ""
-
-    @classmethod
-    def failed(cls, index: int, image_id: str, error: ImageSearchError) -> ItemResult:
-        """The per-item form of ``error``: the same code, reason and field a whole request would get."""
-        return cls(index, image_id, error.code, error.message, error.reason, error.field or "")
-
-
-@dataclass(frozen=True)
-class AddOutcome:
-    ids: list[str]
-    results: list[ItemResult]
-
-    @property
-    def added_count(self) -> int:
-        return sum(1 for r in self.results if r.code == OK_CODE)
-
-
-@dataclass(frozen=True)
-class SearchQuery:
-    collection: str = ""
-    image: bytes | None = None
-    image_id: str | None = None
-    vector: VectorInput | None = None
-    top_k: int = 0
-    labels: Sequence[str] = ()
-    metric: str = ""
-    exclude_query: bool = False
-    extractor: str = ""
-    mode: str = ""  # "" or PLAIN: as asked; BUCKETED: only the predicted class's images
-    rerank: str = ""  # "" or GEOMETRIC: re-rank the first stage's candidates by verified geometry
-    rerank_candidates: int = 0  # 0: the server's default_rerank_candidates
-    extractor_version: str = ""  # a vector query's guard: refused when the collection encodes otherwise
-
-
-@dataclass(frozen=True)
-class ClassifyQuery:
-    collection: str = ""
-    image: bytes | None = None
-    image_id: str | None = None
-    vector: VectorInput | None = None
-    neighbors: int = 0  # 0: DEFAULT_NEIGHBORS
-    mode: str = ""  # "" or KNN, or CENTROID
-    exclude_query: bool = False
-
-
-@dataclass(frozen=True)
-class NewCollection:
-    """CreateCollection's input; zeros and empty strings mean "the server's default"."""
-
-    name: str
-    extractor: str = ""
-    metric: str = ""
-    index_type: str = FLAT
-    params: dict[str, int] = field(default_factory=dict)
-    store_originals: bool = False
-    description: str = ""
-    storage: str = ""
-    local_features: str = ""
-
-
-@dataclass(frozen=True)
-class ExtractorInfo:
-    name: str
-    version: str
-    dim: int
-    default_metric: str
-    description: str
-    plugin: str
-    trainable: bool
-    local_features: str = ""
-
-
-@dataclass(frozen=True)
-class LocalFeaturesInfo:
-    name: str
-    version: str
-    description: str
-    plugin: str
-
-
-@dataclass(frozen=True)
-class MetricInfo:
-    name: str
-    version: str
-    description: str
-    plugin: str
-    index_types: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class PluginList:
-    extractors: list[ExtractorInfo]
-    metrics: list[MetricInfo]
-    problems: tuple[str, ...]
-    local_features: list[LocalFeaturesInfo] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -266,75 +164,6 @@ def _for_query(error: ImageSearchError, position: int, count: int) -> ImageSearc
     return error
 
 
-@dataclass(frozen=True)
-class PendingSearch:
-    """A search whose query vector is known, waiting to share an index call with others."""
-
-    collection: Collection
-    vector: np.ndarray
-    k: int
-    labels: tuple[str, ...]
-    override: Metric | None
-    exclude: int | None
-    version: str = ""
-
-
-@dataclass(frozen=True)
-class Timings:
-    decode_ms: float = 0.0
-    extract_ms: float = 0.0
-    search_ms: float = 0.0
-    total_ms: float = 0.0
-    rerank_ms: float = 0.0
-
-
-@dataclass(frozen=True)
-class SearchOutcome:
-    hits: list[Hit]
-    timings: Timings
-    metric: str
-    predicted: Classification | None = None  # BUCKETED mode: the class the hits come from
-
-
-# Squared L2 distances and inner products of vectors up to this norm stay far inside float32
-# (|a - b|^2 <= 4e36 < 3.4e38), so FAISS can rank them; beyond it a stored vector is unreachable.
-MAX_VECTOR_NORM = 1e18
-
-
-def within_index_range(vectors: np.ndarray) -> bool:
-    """Whether every row is finite with a norm FAISS can compute distances for."""
-    rows = np.atleast_2d(vectors).astype(np.float64)
-    return bool(np.all(np.isfinite(rows)) and np.all(np.einsum("ij,ij->i", rows, rows) <= MAX_VECTOR_NORM**2))
-
-
-def _checked_extract(extractor: Extractor, images: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """Run an extractor and refuse output the index could not use (a plugin bug: INTERNAL)."""
-    return _checked_vectors(extractor, extractor.extract(images), len(images))
-
-
-def _checked_vectors(extractor: Extractor, output: np.ndarray, count: int) -> list[np.ndarray]:
-    """An extractor's output for ``count`` images, refused if the index could not use it."""
-    vectors = np.asarray(output, dtype=np.float32)
-    if vectors.shape != (count, extractor.dim) or not within_index_range(vectors):
-        raise Internal(
-            f"extractor {extractor.name!r} returned {vectors.shape} (or non-finite values) for "
-            f"{count} images of dimension {extractor.dim}",
-            reason="EXTRACTOR_FAILED",
-        )
-    return list(vectors)
-
-
-def check_deadline(deadline: float | None, stage: str) -> None:
-    """``deadline`` is a time.monotonic() value; past it, stop before doing more work."""
-    if deadline is not None and time.monotonic() > deadline:
-        raise DeadlineExceeded(f"deadline exceeded before {stage}", reason="DEADLINE_EXCEEDED")
-
-
-def utf8_size(text: str) -> int:
-    """The bytes ``text`` takes on the wire and in the store, which is what a byte limit bounds."""
-    return len(text.encode("utf-8", "surrogatepass"))
-
-
 def _ms(start: float) -> float:
     return (time.perf_counter() - start) * 1000
 
@@ -347,23 +176,15 @@ class Engine:
         self.catalog = catalog
         self._stopping = threading.Event()
         wait_s = config.batch_max_wait_ms / 1000
-        # Concurrent searches run as one index call per collection and filter; concurrent images
-        # (searches by image and AddImages alike) go through their extractor as one batch.
-        # Every index search runs on this one thread, so FAISS's OpenMP team stays one warm team
+        # Concurrent searches run as one index call per collection and filter (concurrent images
+        # share their extractor's batches in ``extraction``). Every index search runs on this one thread, so FAISS's OpenMP team stays one warm team
         # (teams of other threads would spin and steal the cores: see batching.py).
         self._index_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index")
         self.searches: Batcher[PendingSearch, list[Hit] | ImageSearchError] = Batcher(
             self._run_searches, config.search_max_batch, wait_s, runner=self._index_thread
         )
-        self._extractions: dict[int, Batcher[np.ndarray, np.ndarray]] = {}
-        self._extractions_lock = threading.Lock()
         self.pixels = PixelBudget(config.limits.max_decoding_pixels)
-        # A batch's images are decoded (and thumbnailed) one per core at once, ahead of the
-        # call's own item-by-item checks: a JPEG decode releases the GIL (_decoding_ahead).
-        # Enough threads for every call running at once to have its own pullers.
-        self._decoders = ThreadPoolExecutor(
-            max_workers=config.workers * available_cpus(), thread_name_prefix="decode"
-        )
+        self.extraction = Extraction(config)  # decoding, thumbnails and extractor batches
 
     # -- lifecycle ---------------------------------------------------------------------
     def begin_shutdown(self) -> None:
@@ -373,7 +194,7 @@ class Engine:
     def close(self) -> None:
         """Stop the index thread once no call is running (after the gRPC server has stopped)."""
         self._index_thread.shutdown(wait=True)
-        self._decoders.shutdown(wait=True)
+        self.extraction.close()
 
     def check_accepting_writes(self) -> None:
         """Unavailable once shutdown has begun: a long upload must not outlive the drain."""
@@ -385,152 +206,6 @@ class Engine:
             )
 
     # -- validation helpers -------------------------------------------------------------
-    def _check_vector(self, values: VectorInput, collection: Collection, field_name: str) -> np.ndarray:
-        checked = self._check_vectors([values], collection, [field_name])[0]
-        if isinstance(checked, ImageSearchError):
-            raise checked
-        return checked
-
-    def _check_vectors(
-        self, values: Sequence[VectorInput], collection: Collection, fields: Sequence[str]
-    ) -> list[np.ndarray | InvalidArgument]:
-        """Each vector as float32, or the error that refuses it; checked as one matrix (fast for batches)."""
-        dim = collection.spec.dim
-        vectors = [read_vector(v, field) for v, field in zip(values, fields, strict=True)]
-        fitting = [i for i, v in enumerate(vectors) if isinstance(v, np.ndarray) and v.shape == (dim,)]
-        matrix = as_matrix([vectors[i] for i in fitting], dim)  # type: ignore[arg-type]  (fitting: arrays only)
-        # Squares in float32: a norm within the bound squares to at most 1e36 < 3.4e38, one past it
-        # overflows to inf or lands past the bound, and a NaN or infinity makes it NaN or inf: one
-        # product accepts the usual batch; only a refused row needs to know which of the two it is.
-        in_range = np.einsum("ij,ij->i", matrix, matrix) <= np.float32(MAX_VECTOR_NORM**2)
-        finite = np.ones(len(matrix), bool) if in_range.all() else np.isfinite(matrix).all(axis=1)
-        # A malformed encoding is refused already; a vector of the wrong size is refused below.
-        verdicts = [v if isinstance(v, InvalidArgument) else None for v in vectors]
-        for row, i in enumerate(fitting):  # errors are built only for the vectors they refuse
-            if not finite[row]:
-                verdicts[i] = InvalidArgument(
-                    "vector contains NaN or infinity", field=fields[i], reason="NON_FINITE_VECTOR"
-                )
-            elif not in_range[row]:
-                verdicts[i] = InvalidArgument(
-                    f"vector norm is over {MAX_VECTOR_NORM:.0e}: distances to it would overflow float32, "
-                    "so the index could never return it (scale it down)",
-                    field=fields[i],
-                    reason="VECTOR_OUT_OF_RANGE",
-                )
-            else:
-                verdicts[i] = matrix[row]  # the stacked copy: writable even when read from packed bytes
-        return [
-            verdict
-            if verdict is not None
-            else InvalidArgument(
-                f"vector has {v.size} values; collection {collection.spec.name!r} has dimension {dim}",
-                field=field,
-                reason="DIMENSION_MISMATCH",
-            )
-            for verdict, v, field in zip(verdicts, vectors, fields, strict=True)
-        ]
-
-    def _check_fields(self, item: ImageItem, prefix: str) -> None:
-        limits = self.limits
-        if len(item.id) > limits.max_id_length or _CONTROL_CHARACTER.search(item.id):
-            raise InvalidArgument(
-                f"id must be at most {limits.max_id_length} characters without control characters",
-                field=f"{prefix}.id",
-                reason="BAD_ID",
-            )
-        if len(item.label) > limits.max_label_length:
-            raise InvalidArgument(
-                f"label is longer than {limits.max_label_length} characters",
-                field=f"{prefix}.label",
-                reason="BAD_LABEL",
-            )
-        if not item.metadata:
-            return
-        size = sum(utf8_size(k) + utf8_size(v) for k, v in item.metadata.items())
-        if len(item.metadata) > limits.max_metadata_entries or size > limits.max_metadata_bytes:
-            raise InvalidArgument(
-                f"metadata is limited to {limits.max_metadata_entries} entries and {limits.max_metadata_bytes} "
-                "bytes (UTF-8 keys and values)",
-                field=f"{prefix}.metadata",
-                reason="METADATA_TOO_LARGE",
-            )
-
-    def _features(
-        self, collection: Collection, images: list[np.ndarray], *, query: bool = False, rerank: bool = False
-    ) -> tuple[np.ndarray, list[bytes] | None, str]:
-        """Vectors for decoded images, their local features when the collection keeps some (for
-        a ``query``, only when it is re-ranked or they make its vector; a re-ranked query's are
-        denser) and the extractor version that made the vectors.
-
-        A trainable extractor encodes the local features (one SIFT pass for both); any other
-        runs on the pixels, batched with other callers' images when that helps it."""
-        extractor = collection.extractor
-        local = collection.local_features
-        if local is not None and query and not rerank and not isinstance(extractor, TrainableExtractor):
-            local = None
-        features = local.extract(images, for_query=rerank) if local is not None else None
-        if isinstance(extractor, TrainableExtractor) and features is not None:
-            vectors = np.stack(_checked_vectors(extractor, extractor.encode(features), len(images)))
-        else:
-            vectors = self._extract(collection, images)
-        return vectors, features, extractor.version
-
-    def _extract(self, collection: Collection, images: list[np.ndarray]) -> np.ndarray:
-        """Vectors for decoded images, extracted together with other callers' images."""
-        extractor = collection.extractor
-        if not extractor.batches:
-            return np.stack(_checked_extract(extractor, images))
-        with self._extractions_lock:
-            batcher = self._extractions.get(id(extractor))
-            if batcher is None:
-                batcher = Batcher(
-                    functools.partial(_checked_extract, extractor),
-                    self.config.extract_max_batch,
-                    self.config.extract_max_wait_ms / 1000,
-                )
-                self._extractions[id(extractor)] = batcher
-        return np.stack(batcher.submit_many(images))
-
-    def _min_side(self, collection: Collection) -> int | None:
-        """How far a JPEG may be shrunk while decoding: enough for the extractor and the thumbnail."""
-        extractor = collection.loaded_extractor
-        wanted = extractor.min_input_side if extractor is not None else 0
-        return max(wanted, self.config.thumbnail_size) if wanted else None
-
-    def _decoded_total(self, contents: Iterable[bytes | None], min_side: int | None) -> int:
-        """The pixels these images will decode to, read from their headers. Bad headers and images
-        over the per-image limit count nothing: the per-image checks refuse and name them."""
-        total = 0
-        for content in contents:
-            if content:
-                try:
-                    header = read_header(content)
-                except HeaderError:
-                    continue
-                if header.pixels <= self.limits.max_image_pixels:
-                    total += decoded_pixels(header, min_side)
-        return total
-
-    def _check_batch_pixels(self, contents: Iterable[bytes | None], min_side: int | None, field: str) -> int:
-        """Refuse a call whose images would together decode to more than the per-call budget
-        (AddImages' images, SearchBatch's query images).
-
-        Each image may be within the per-image limits while 256 of them are not: 256
-        highly compressed 40-megapixel PNGs fit in one message and would need 30 GB.
-        Read from the headers, before anything is decoded. Returns the total.
-        """
-        total = self._decoded_total(contents, min_side)
-        if total > self.limits.max_batch_pixels:
-            raise ResourceExhausted(
-                f"the batch decodes to {total} pixels; the limit is {self.limits.max_batch_pixels} "
-                "(send fewer or smaller images per call)",
-                field=field,
-                reason="BATCH_TOO_MANY_PIXELS",
-                metadata={"limit": str(self.limits.max_batch_pixels), "value": str(total)},
-            )
-        return total
-
     def _prepare(
         self,
         item: ImageItem,
@@ -543,9 +218,9 @@ class Engine:
     ) -> tuple[NewImage, np.ndarray | None]:
         """Validate one image; decode it and make its thumbnail (or take what ``decoding``, started
         ahead, made). Returns the row (vector still missing for decoded images) and the decoded
-        pixels (None for a precomputed vector, which ``_check_vectors`` has already checked with
+        pixels (None for a precomputed vector, which ``item_checks.check_vectors`` has already checked with
         the rest of the batch)."""
-        self._check_fields(item, prefix)
+        check_fields(item, prefix, self.limits)
         common = {
             "id": image_id,
             "label": item.label,
@@ -567,7 +242,9 @@ class Engine:
             return NewImage(vector=vector, **common), None
         if item.content is None:
             raise InvalidArgument("image has neither content nor vector", field=prefix, reason="NO_SOURCE")
-        image, thumbnail = decoding.result() if decoding else self._decode(item.content, prefix, min_side)
+        image, thumbnail = (
+            decoding.result() if decoding else self.extraction.decode(item.content, prefix, min_side)
+        )
         row = NewImage(
             vector=np.empty(0, np.float32),
             thumbnail=thumbnail,
@@ -577,54 +254,6 @@ class Engine:
             **common,
         )
         return row, image.pixels
-
-    def _decode(self, content: bytes, prefix: str, min_side: int | None) -> tuple[DecodedImage, bytes]:
-        image = decode_image(content, self.limits, f"{prefix}.content", min_side)
-        return image, make_thumbnail(image.pixels, self.config.thumbnail_size, self.config.thumbnail_quality)
-
-    @contextlib.contextmanager
-    def _decoding_ahead(
-        self,
-        items: Sequence[ImageItem],
-        ids: Sequence[str],
-        existing: set[str],
-        index_offset: int,
-        min_side: int | None,
-    ) -> Iterator[dict[int, Future[tuple[DecodedImage, bytes]]]]:
-        """Decode a batch's images on one thread per core, in order, while the call checks its
-        items in order (the item loop still meets each image's error at its own position).
-
-        Only images the loop will decode: not an id already stored (a resumed import skips
-        those without decoding them) nor a repeated id. A lone image is decoded in the call
-        itself: there is nothing to overlap. The call's images stay in its own queue (its
-        pullers take them one by one), so a small call never waits behind a large call's
-        images. On leaving, decodes not started are cancelled and running ones awaited, so
-        none outlives the call's hold on the pixel budget.
-        """
-        first: dict[str, int] = {}
-        for position, image_id in enumerate(ids):
-            first.setdefault(image_id, position)
-        positions = [
-            p
-            for p, item in enumerate(items)
-            if item.content is not None
-            and item.vector is None
-            and ids[p] not in existing
-            and first[ids[p]] == p
-        ]
-        if len(positions) < 2:
-            yield {}
-            return
-        job = Pulling(
-            lambda p: self._decode(items[p].content, f"images[{p + index_offset}]", min_side),
-            positions,
-            stop_on_error=False,  # each image fails on its own (skip_invalid)
-        )
-        job.start_helpers(self._decoders, available_cpus())
-        try:
-            yield dict(zip(positions, job.futures, strict=True))
-        finally:
-            job.finish()
 
     # -- add -----------------------------------------------------------------------------
     def add_images(
@@ -660,7 +289,7 @@ class Engine:
         decoded: dict[int, np.ndarray] = {}
         ids = [item.id or uuid.uuid4().hex for item in items]
         seen: dict[str, int] = {}
-        min_side = self._min_side(collection)
+        min_side = self.extraction.min_side(collection)
 
         def fail(position: int, error: ImageSearchError) -> None:
             error.message = f"images[{position + index_offset}]: {error.message}"
@@ -668,7 +297,7 @@ class Engine:
                 raise error
             errors[position] = error
 
-        decoding = self._check_batch_pixels((item.content for item in items), min_side, "images")
+        decoding = check_batch_pixels((item.content for item in items), min_side, "images", self.limits)
         with self.pixels.hold(decoding):  # all calls together stay within max_decoding_pixels
             if any(item.content is not None for item in items):
                 collection.check_extractor()  # FAILED_PRECONDITION before decoding anything
@@ -676,13 +305,13 @@ class Engine:
             existing = collection.existing_ids([item.id for item in items if item.id])
             kept: dict[int, ImageSearchError] = {}  # already stored, left as they are (skip_existing)
             given = [p for p, item in enumerate(items) if item.vector is not None and item.content is None]
-            checked = self._check_vectors(
+            checked = check_vectors(
                 [items[p].vector for p in given],
                 collection,
                 [f"images[{p + index_offset}].vector" for p in given],
             )
             vectors = dict(zip(given, checked, strict=True))
-            with self._decoding_ahead(items, ids, existing, index_offset, min_side) as decodings:
+            with self.extraction.decoding_ahead(items, ids, existing, index_offset, min_side) as decodings:
                 for position, item in enumerate(items):
                     prefix = f"images[{position + index_offset}]"
                     try:
@@ -717,7 +346,9 @@ class Engine:
             notes: dict[int, str] = {}
             if decoded:
                 positions = list(decoded)
-                vectors, features, version = self._features(collection, [decoded[p] for p in positions])
+                vectors, features, version = self.extraction.vectors(
+                    collection, [decoded[p] for p in positions]
+                )
                 local = collection.local_features
                 for at, (position, vector) in enumerate(zip(positions, vectors, strict=True)):
                     found = features[at] if features is not None else None
@@ -801,7 +432,7 @@ class Engine:
                 reason="BATCH_TOO_LARGE",
                 metadata={"limit": str(self.limits.max_batch_size), "value": str(len(queries))},
             )
-        with self.pixels.hold(self._check_batch_pixels((q.image for q in queries), None, "queries")):
+        with self.pixels.hold(check_batch_pixels((q.image for q in queries), None, "queries", self.limits)):
             plans = self._plans(queries, deadline)
             self._extract_plans([p for p in plans if isinstance(p, _Plan)], deadline)
         self._choose_buckets([p for p in plans if isinstance(p, _Plan) and p.bucketed and p.error is None])
@@ -904,7 +535,9 @@ class Engine:
             collection.check_extractor()
             collection.local_features  # noqa: B018  (raises when the server cannot extract them)
             step = time.perf_counter()
-            plan.pixels = decode_image(query.image, self.limits, "image", self._min_side(collection)).pixels
+            plan.pixels = decode_image(
+                query.image, self.limits, "image", self.extraction.min_side(collection)
+            ).pixels
             plan.decode_ms = _ms(step)
         elif query.image_id is not None:
             plan.version = collection.extractor_version  # read before the vector: a retrain in between aborts
@@ -922,7 +555,7 @@ class Engine:
                     reason="EXTRACTOR_VERSION_MISMATCH",
                 )
             plan.version = query.extractor_version
-            plan.vector = self._check_vector(query.vector, collection, "vector")
+            plan.vector = check_vector(query.vector, collection, "vector")
         else:
             raise InvalidArgument(
                 "the query needs image, image_id or vector", field="query", reason="NO_QUERY"
@@ -951,7 +584,7 @@ class Engine:
         extractor = plan.collection.loaded_extractor
         if not isinstance(extractor, TrainableExtractor) or plan.local is None:
             return False
-        plan.vector = _checked_vectors(extractor, extractor.encode([plan.local]), 1)[0]
+        plan.vector = checked_vectors(extractor, extractor.encode([plan.local]), 1)[0]
         plan.version = extractor.version
         return True
 
@@ -1038,7 +671,7 @@ class Engine:
             vector=query.vector,
             exclude_query=query.exclude_query,
         )
-        with self.pixels.hold(self._decoded_total([query.image], None)):
+        with self.pixels.hold(decoded_total([query.image], None, self.limits)):
             plan = self._plan(asked, deadline)
             self._extract_plans([plan], deadline)
         if plan.error is not None:
@@ -1061,7 +694,7 @@ class Engine:
             try:
                 check_deadline(deadline, "feature extraction")
                 images = [plan.pixels for plan in group]
-                vectors, features, version = self._features(
+                vectors, features, version = self.extraction.vectors(
                     group[0].collection, images, query=True, rerank=any(plan.rerank for plan in group)
                 )
             except ImageSearchError as error:

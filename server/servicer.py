@@ -30,11 +30,10 @@ from imagesearch.plugins.types import FLAT, HNSW, IVF
 from imagesearch.server import errors
 from imagesearch.server.classify import BUCKETED, CENTROID, KNN, PLAIN
 from imagesearch.server.collection import CollectionInfo
-from imagesearch.server.engine import (
-    GEOMETRIC,
+from imagesearch.server.engine import GEOMETRIC, Engine
+from imagesearch.server.records import (
     AddOutcome,
     ClassifyQuery,
-    Engine,
     ImageItem,
     NewCollection,
     SearchOutcome,

@@ -81,7 +81,7 @@ CREATE TABLE IF NOT EXISTS extractor_state (slot INTEGER PRIMARY KEY CHECK (slot
 @dataclass(slots=True)
 class NewImage:
     """A row to insert: the vector is the extractor's raw output (not metric-prepared). One per
-    image of a batch: slotted, not frozen, for the cost of making 256 of them (engine.ImageItem)."""
+    image of a batch: slotted, not frozen, for the cost of making 256 of them (records.ImageItem)."""
 
     id: str
     label: str

@@ -27,15 +27,7 @@ from imagesearch.plugins.types import FLAT, HNSW, IVF
 from imagesearch.server.catalog import Catalog
 from imagesearch.server.collection import Collection, Hit
 from imagesearch.server.config import ServerConfig
-from imagesearch.server.engine import (
-    OK_CODE,
-    ClassifyQuery,
-    Engine,
-    ImageItem,
-    NewCollection,
-    SearchOutcome,
-    SearchQuery,
-)
+from imagesearch.server.engine import Engine
 from imagesearch.server.errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -46,6 +38,14 @@ from imagesearch.server.errors import (
     NotFound,
     ResourceExhausted,
     Unavailable,
+)
+from imagesearch.server.records import (
+    OK_CODE,
+    ClassifyQuery,
+    ImageItem,
+    NewCollection,
+    SearchOutcome,
+    SearchQuery,
 )
 from imagesearch.server.vector_input import PackedVector
 from tests.conftest import tiny_config
@@ -238,13 +238,13 @@ def test_a_batch_decodes_ahead_on_the_decoder_threads_only_what_it_will_store(
         engine, "limits", dataclasses.replace(engine.limits, max_batch_pixels=10 * PNG_PIXELS)
     )
     decoded: list[tuple[str, str]] = []
-    real_decode = engine._decode
+    real_decode = engine.extraction.decode
 
     def recording(content: bytes, prefix: str, min_side: int | None):
         decoded.append((prefix, threading.current_thread().name))
         return real_decode(content, prefix, min_side)
 
-    monkeypatch.setattr(engine, "_decode", recording)
+    monkeypatch.setattr(engine.extraction, "decode", recording)
     items = [
         ImageItem(id="old", content=png(0)),
         ImageItem(id="a", content=png(1)),
@@ -263,7 +263,7 @@ def test_a_batch_decodes_ahead_on_the_decoder_threads_only_what_it_will_store(
 def test_a_failed_batch_leaves_no_decode_running(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     """Decodes ahead are cancelled or awaited before the call releases its pixel budget."""
     running = []
-    real_decode = engine._decode
+    real_decode = engine.extraction.decode
 
     def slow(content: bytes, prefix: str, min_side: int | None):
         running.append(prefix)
@@ -273,7 +273,7 @@ def test_a_failed_batch_leaves_no_decode_running(engine: Engine, monkeypatch: py
         finally:
             running.remove(prefix)
 
-    monkeypatch.setattr(engine, "_decode", slow)
+    monkeypatch.setattr(engine.extraction, "decode", slow)
     monkeypatch.setattr(
         engine, "limits", dataclasses.replace(engine.limits, max_batch_pixels=10 * PNG_PIXELS)
     )
@@ -290,7 +290,7 @@ def test_a_small_batch_does_not_wait_behind_a_large_batchs_decodes(
 ) -> None:
     """Each call decodes its own images with its own pullers (server/parallel.py): a shared FIFO
     queue of every image made a 2-image call wait for all of another call's images."""
-    real_decode = engine._decode
+    real_decode = engine.extraction.decode
     big = [ImageItem(id=f"big{n}", content=png(n)) for n in range(8)]
     big_contents = {item.content for item in big}
     big_started = threading.Event()
@@ -301,7 +301,7 @@ def test_a_small_batch_does_not_wait_behind_a_large_batchs_decodes(
             time.sleep(0.2)
         return real_decode(content, prefix, min_side)
 
-    monkeypatch.setattr(engine, "_decode", slow)
+    monkeypatch.setattr(engine.extraction, "decode", slow)
     monkeypatch.setattr(
         engine, "limits", dataclasses.replace(engine.limits, max_batch_pixels=10 * PNG_PIXELS)
     )

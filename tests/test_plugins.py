@@ -39,7 +39,7 @@ from imagesearch.plugins.types import (
     inverse_distance_score,
     l2_normalize,
 )
-from imagesearch.server.engine import MAX_VECTOR_NORM
+from imagesearch.server.item_checks import MAX_VECTOR_NORM
 
 # The CNN plugin needs exported models; these tests are about the plugin machinery.
 NO_CNN = {BLOCK_ENV: "onnx_cnn"}

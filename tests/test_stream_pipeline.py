@@ -116,15 +116,15 @@ def slow_commits(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str, st
 def test_the_next_chunk_is_checked_while_one_commits_and_stored_after_it(
     stub, slow_commits, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from imagesearch.server.engine import Engine
+    from imagesearch.server import engine
 
-    check = Engine._check_vectors
+    check = engine.check_vectors
 
-    def recorded_check(self, values, collection, fields):
+    def recorded_check(values, collection, fields):
         slow_commits.append(("check begins", fields[0], time.monotonic()))
-        return check(self, values, collection, fields)
+        return check(values, collection, fields)
 
-    monkeypatch.setattr(Engine, "_check_vectors", recorded_check)
+    monkeypatch.setattr(engine, "check_vectors", recorded_check)
     chunks = [pb.AddImagesStreamRequest(images=vectors(f"c{n}-", 5, seed=n)) for n in range(3)]
     response = stub.AddImagesStream(iter(chunks))
     assert response.added_count == 15 and response.chunk_count == 3

@@ -1,0 +1,155 @@
+"""What a request's items must satisfy before anything is decoded, stored or searched: ids,
+labels and metadata within the limits, vectors the index can use, and the pixels a batch's images
+will decode to. Each check returns or raises the error the client sees; the engine decides
+whether it fails the call or only the item (skip_invalid)."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from imagesearch.server.collection import Collection
+from imagesearch.server.config import Limits
+from imagesearch.server.errors import DeadlineExceeded, ImageSearchError, InvalidArgument, ResourceExhausted
+from imagesearch.server.image_header import HeaderError, read_header
+from imagesearch.server.imaging import decoded_pixels
+from imagesearch.server.records import ImageItem
+from imagesearch.server.vector_input import VectorInput, as_matrix, read_vector
+
+CONTROL_CHARACTER = re.compile("[\x00\n\r\t]")  # refused in ids (they break logs and listings)
+
+# Squared L2 distances and inner products of vectors up to this norm stay far inside float32
+# (|a - b|^2 <= 4e36 < 3.4e38), so FAISS can rank them; beyond it a stored vector is unreachable.
+MAX_VECTOR_NORM = 1e18
+
+
+def within_index_range(vectors: np.ndarray) -> bool:
+    """Whether every row is finite with a norm FAISS can compute distances for."""
+    rows = np.atleast_2d(vectors).astype(np.float64)
+    return bool(np.all(np.isfinite(rows)) and np.all(np.einsum("ij,ij->i", rows, rows) <= MAX_VECTOR_NORM**2))
+
+
+def check_deadline(deadline: float | None, stage: str) -> None:
+    """``deadline`` is a time.monotonic() value; past it, stop before doing more work."""
+    if deadline is not None and time.monotonic() > deadline:
+        raise DeadlineExceeded(f"deadline exceeded before {stage}", reason="DEADLINE_EXCEEDED")
+
+
+def utf8_size(text: str) -> int:
+    """The bytes ``text`` takes on the wire and in the store, which is what a byte limit bounds."""
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def check_vector(values: VectorInput, collection: Collection, field_name: str) -> np.ndarray:
+    """One vector as float32, or raise the error that refuses it."""
+    checked = check_vectors([values], collection, [field_name])[0]
+    if isinstance(checked, ImageSearchError):
+        raise checked
+    return checked
+
+
+def check_vectors(
+    values: Sequence[VectorInput], collection: Collection, fields: Sequence[str]
+) -> list[np.ndarray | InvalidArgument]:
+    """Each vector as float32, or the error that refuses it; checked as one matrix (fast for batches)."""
+    dim = collection.spec.dim
+    vectors = [read_vector(v, field) for v, field in zip(values, fields, strict=True)]
+    fitting = [i for i, v in enumerate(vectors) if isinstance(v, np.ndarray) and v.shape == (dim,)]
+    matrix = as_matrix([vectors[i] for i in fitting], dim)  # type: ignore[arg-type]  (fitting: arrays only)
+    # Squares in float32: a norm within the bound squares to at most 1e36 < 3.4e38, one past it
+    # overflows to inf or lands past the bound, and a NaN or infinity makes it NaN or inf: one
+    # product accepts the usual batch; only a refused row needs to know which of the two it is.
+    in_range = np.einsum("ij,ij->i", matrix, matrix) <= np.float32(MAX_VECTOR_NORM**2)
+    finite = np.ones(len(matrix), bool) if in_range.all() else np.isfinite(matrix).all(axis=1)
+    # A malformed encoding is refused already; a vector of the wrong size is refused below.
+    verdicts = [v if isinstance(v, InvalidArgument) else None for v in vectors]
+    for row, i in enumerate(fitting):  # errors are built only for the vectors they refuse
+        if not finite[row]:
+            verdicts[i] = InvalidArgument(
+                "vector contains NaN or infinity", field=fields[i], reason="NON_FINITE_VECTOR"
+            )
+        elif not in_range[row]:
+            verdicts[i] = InvalidArgument(
+                f"vector norm is over {MAX_VECTOR_NORM:.0e}: distances to it would overflow float32, "
+                "so the index could never return it (scale it down)",
+                field=fields[i],
+                reason="VECTOR_OUT_OF_RANGE",
+            )
+        else:
+            verdicts[i] = matrix[row]  # the stacked copy: writable even when read from packed bytes
+    return [
+        verdict
+        if verdict is not None
+        else InvalidArgument(
+            f"vector has {v.size} values; collection {collection.spec.name!r} has dimension {dim}",
+            field=field,
+            reason="DIMENSION_MISMATCH",
+        )
+        for verdict, v, field in zip(verdicts, vectors, fields, strict=True)
+    ]
+
+
+def check_fields(item: ImageItem, prefix: str, limits: Limits) -> None:
+    """An item's id, label and metadata within the limits (its image or vector is checked apart)."""
+    if len(item.id) > limits.max_id_length or CONTROL_CHARACTER.search(item.id):
+        raise InvalidArgument(
+            f"id must be at most {limits.max_id_length} characters without control characters",
+            field=f"{prefix}.id",
+            reason="BAD_ID",
+        )
+    if len(item.label) > limits.max_label_length:
+        raise InvalidArgument(
+            f"label is longer than {limits.max_label_length} characters",
+            field=f"{prefix}.label",
+            reason="BAD_LABEL",
+        )
+    if not item.metadata:
+        return
+    size = sum(utf8_size(k) + utf8_size(v) for k, v in item.metadata.items())
+    if len(item.metadata) > limits.max_metadata_entries or size > limits.max_metadata_bytes:
+        raise InvalidArgument(
+            f"metadata is limited to {limits.max_metadata_entries} entries and {limits.max_metadata_bytes} "
+            "bytes (UTF-8 keys and values)",
+            field=f"{prefix}.metadata",
+            reason="METADATA_TOO_LARGE",
+        )
+
+
+def decoded_total(contents: Iterable[bytes | None], min_side: int | None, limits: Limits) -> int:
+    """The pixels these images will decode to, read from their headers. Bad headers and images
+    over the per-image limit count nothing: the per-image checks refuse and name them."""
+    total = 0
+    for content in contents:
+        if content:
+            try:
+                header = read_header(content)
+            except HeaderError:
+                continue
+            if header.pixels <= limits.max_image_pixels:
+                total += decoded_pixels(header, min_side)
+    return total
+
+
+def check_batch_pixels(
+    contents: Iterable[bytes | None], min_side: int | None, field: str, limits: Limits
+) -> int:
+    """Refuse a call whose images would together decode to more than the per-call budget
+    (AddImages' images, SearchBatch's query images).
+
+    Each image may be within the per-image limits while 256 of them are not: 256
+    highly compressed 40-megapixel PNGs fit in one message and would need 30 GB.
+    Read from the headers, before anything is decoded. Returns the total.
+    """
+    total = decoded_total(contents, min_side, limits)
+    if total > limits.max_batch_pixels:
+        raise ResourceExhausted(
+            f"the batch decodes to {total} pixels; the limit is {limits.max_batch_pixels} "
+            "(send fewer or smaller images per call)",
+            field=field,
+            reason="BATCH_TOO_MANY_PIXELS",
+            metadata={"limit": str(limits.max_batch_pixels), "value": str(total)},
+        )
+    return total
