@@ -26,6 +26,7 @@ import numpy as np
 
 from imagesearch.plugins.types import (
     FLAT,
+    HNSW,
     IVF,
     Extractor,
     LocalFeatures,
@@ -593,6 +594,14 @@ class Collection:
         """The k best hits for a raw (not yet metric-prepared) query vector, best first."""
         return self.search_many(raw_query.reshape(1, -1), [k], labels, metric_override, [exclude_row_id])[0]
 
+    @property
+    def hits_follow_count(self) -> bool:
+        """Whether a query's hits depend on how many the index is asked for, not only on which are
+        best: HNSW's beam widens with the count past ef_search, and int8 re-scores a pool of
+        candidates that grows with it. Such queries share an index call only with queries that
+        ask for as many."""
+        return self.spec.index_type == HNSW or self.spec.storage == INT8
+
     def search_many(
         self,
         raw_queries: np.ndarray,
@@ -606,8 +615,8 @@ class Collection:
 
         Each query gets its own ``k`` and excluded row; the index is asked for the largest
         and each list is cut to its own, which gives every query the hits it would get alone
-        on flat and IVF indexes (HNSW's beam depends on k: the engine batches HNSW queries of
-        equal k only). On a float32 flat index hits are scored exactly and equal scores ranked
+        on flat and IVF indexes (where hits follow the count asked, ``hits_follow_count``, the
+        engine batches queries asking for equal counts only). On a float32 flat index hits are scored exactly and equal scores ranked
         by id, so a query gets the same hits and scores alone or in any batch
         (``vector_index.EXACT_MARGIN``); on IVF, HNSW and quantised storage scores may differ in
         the last float32 bits (a matrix product sums in another order), and so may the order of

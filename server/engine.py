@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from imagesearch.plugins.manager import PluginRegistry
-from imagesearch.plugins.types import HNSW, Metric, TrainableExtractor
+from imagesearch.plugins.types import Metric, TrainableExtractor
 from imagesearch.server.batching import Batcher
 from imagesearch.server.budget import PixelBudget
 from imagesearch.server.catalog import Catalog
@@ -708,15 +708,17 @@ class Engine:
 
     def _run_searches(self, pending: Sequence[PendingSearch]) -> list[list[Hit] | ImageSearchError]:
         """One index call per group of searches that can share it: same collection, label filter
-        and metric (and, on HNSW, the same k, since its beam width follows k)."""
+        and metric; and, where the hits follow the count the index is asked for (HNSW, int8), the
+        same count, the excluded row included: otherwise a query's hits would follow another
+        caller's top_k."""
         groups: dict[tuple, list[int]] = {}
         for position, search in enumerate(pending):
-            hnsw_k = search.k if search.collection.spec.index_type == HNSW else 0
+            asked = search.k + (search.exclude is not None) if search.collection.hits_follow_count else 0
             key = (
                 id(search.collection),
                 search.labels,
                 search.override and search.override.name,
-                hnsw_k,
+                asked,
                 search.version,
             )
             groups.setdefault(key, []).append(position)
