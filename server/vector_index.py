@@ -516,7 +516,13 @@ class VectorIndex:
             )
 
     def needs_compaction(self) -> bool:
-        return self.spec.kind == HNSW and len(self._tombstones) > max(1000, self._index.ntotal // 4)
+        """HNSW past a quarter of tombstones: rebuilt without them. Removed nodes still take room in
+        the search's beam, so a graph that is mostly tombstones loses recall and returns fewer
+        hits than it holds (an outside test, 600 of 800 removed: recall@10 0.46 against 0.84
+        fresh). A quarter keeps a rebuild's cost, O(size), at O(1) a removal however small the
+        collection (there used to be a floor of 1,000 tombstones, which is what let small
+        collections decay)."""
+        return self.spec.kind == HNSW and len(self._tombstones) > self._index.ntotal // 4
 
 
 def exact_top_k(

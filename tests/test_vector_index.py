@@ -97,7 +97,9 @@ def test_hnsw_tombstones_only_what_it_holds_and_needs_compaction_past_a_quarter(
     index.add(np.arange(1, 4001), rng.normal(size=(4000, DIM)).astype(np.float32))
     index.remove(np.arange(5000, 5100))  # absent: no tombstones, size unchanged
     assert index.size == 4000 and not index.needs_compaction()
-    index.remove(np.arange(1, 1002))
+    index.remove(np.arange(1, 1001))
+    assert index.size == 3000 and not index.needs_compaction(), "a quarter: kept"
+    index.remove(np.arange(1001, 1002))
     assert index.size == 2999 and index.needs_compaction()
     _, ids = index.search(rng.normal(size=(3, DIM)).astype(np.float32), 50)
     assert not set(ids.ravel().tolist()) & set(range(1, 1002))
