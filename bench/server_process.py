@@ -34,7 +34,7 @@ def _serve(
         while True:
             command = commands.recv()
             if command == "stats":
-                batcher = running.engine.searches
+                batcher = running.engine.searching.searches
                 commands.send((batcher.batches, batcher.items))
             elif command == "snapshot":  # every collection with changes not yet in its snapshot
                 running.engine.catalog.snapshot_due(0, 0)

@@ -30,7 +30,7 @@ from imagesearch.plugins.types import FLAT, HNSW, IVF
 from imagesearch.server import errors
 from imagesearch.server.classify import BUCKETED, CENTROID, KNN, PLAIN
 from imagesearch.server.collection import CollectionInfo
-from imagesearch.server.engine import GEOMETRIC, Engine
+from imagesearch.server.engine import Engine
 from imagesearch.server.records import (
     AddOutcome,
     ClassifyQuery,
@@ -40,6 +40,7 @@ from imagesearch.server.records import (
     SearchQuery,
 )
 from imagesearch.server.response_size import RESPONSE_FRAMING, max_response_bytes
+from imagesearch.server.searching import GEOMETRIC
 from imagesearch.server.store import ImageRow
 from imagesearch.server.streams import ChunkOrder, ChunkTurn, StreamGuard
 from imagesearch.server.vector_index import FLOAT16, FLOAT32, INT8
@@ -616,7 +617,7 @@ class ImageSearchServicer(pb_grpc.ImageSearchServiceServicer):
     @rpc
     async def Search(self, request: pb.SearchRequest, context: grpc.aio.ServicerContext) -> pb.SearchResponse:
         query = search_query(request)
-        if self.engine.searches_on_loop(query):
+        if self.engine.searching.searches_on_loop(query):
             outcome = await self.engine.search_async(query, deadline=_deadline(context))
         else:
             outcome = await self._work(self.engine.search, query, deadline=_deadline(context))

@@ -47,6 +47,7 @@ from imagesearch.server.records import (
     SearchOutcome,
     SearchQuery,
 )
+from imagesearch.server.searching import Searching
 from imagesearch.server.vector_input import PackedVector
 from tests.conftest import tiny_config
 from tests.support.images import encode, pattern
@@ -442,7 +443,7 @@ def test_a_vector_search_on_the_event_loop_answers_and_refuses_as_on_a_worker(en
 
     def both(**fields: Any) -> list[Any]:
         query = SearchQuery(**fields)
-        assert Engine.searches_on_loop(query)
+        assert Searching.searches_on_loop(query)
         found = []
         for call in (lambda: engine.search(query), lambda: asyncio.run(engine.search_async(query))):
             try:
@@ -467,8 +468,8 @@ def test_a_vector_search_on_the_event_loop_answers_and_refuses_as_on_a_worker(en
     past = time.monotonic() - 1
     with pytest.raises(DeadlineExceeded):
         asyncio.run(engine.search_async(SearchQuery(collection="c", vector=vector(1)), deadline=past))
-    assert not Engine.searches_on_loop(SearchQuery(collection="c", image_id="v1"))
-    assert not Engine.searches_on_loop(SearchQuery(collection="c", vector=vector(1), mode="BUCKETED"))
+    assert not Searching.searches_on_loop(SearchQuery(collection="c", image_id="v1"))
+    assert not Searching.searches_on_loop(SearchQuery(collection="c", vector=vector(1), mode="BUCKETED"))
 
 
 def test_search_by_id_and_exclude_query(engine: Engine) -> None:

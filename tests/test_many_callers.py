@@ -109,16 +109,16 @@ def test_concurrent_searches_are_answered_in_shared_batches(filled, monkeypatch)
     """Each index call is made to take 20 ms, as a large collection's would: callers arriving
     meanwhile must be answered together by the next call, not one by one."""
     target, base, engine = filled
-    run = engine.searches.run
-    monkeypatch.setattr(engine.searches, "run", lambda items: (time.sleep(0.02), run(items))[1])
+    run = engine.searching.searches.run
+    monkeypatch.setattr(engine.searching.searches, "run", lambda items: (time.sleep(0.02), run(items))[1])
     asked = [pb.SearchRequest(collection="flat", vector=vector(row), top_k=5) for row in base[:200]]
-    batches, items = engine.searches.batches, engine.searches.items
+    batches, items = engine.searching.searches.batches, engine.searching.searches.items
     with grpc.insecure_channel(target) as chan, ThreadPoolExecutor(32) as pool:
         stub = pb_grpc.ImageSearchServiceStub(chan)
         hits = list(pool.map(lambda q: stub.Search(q).hits[0].id, asked))
     assert hits == [f"v{i}" for i in range(200)]
-    assert engine.searches.items - items == 200
-    assert engine.searches.batches - batches <= 40, "32 concurrent callers must share index calls"
+    assert engine.searching.searches.items - items == 200
+    assert engine.searching.searches.batches - batches <= 40, "32 concurrent callers must share index calls"
 
 
 def test_callers_in_a_loop_keep_sharing_full_batches(filled, monkeypatch):
@@ -126,9 +126,9 @@ def test_callers_in_a_loop_keep_sharing_full_batches(filled, monkeypatch):
     first should hold (nearly) all of them, not alternating halves (the first caller back used to
     start a batch alone while the other seven queued behind it)."""
     target, base, engine = filled
-    run = engine.searches.run
-    monkeypatch.setattr(engine.searches, "run", lambda items: (time.sleep(0.01), run(items))[1])
-    batches, items = engine.searches.batches, engine.searches.items
+    run = engine.searching.searches.run
+    monkeypatch.setattr(engine.searching.searches, "run", lambda items: (time.sleep(0.01), run(items))[1])
+    batches, items = engine.searching.searches.batches, engine.searching.searches.items
 
     def caller(worker: int) -> None:
         with grpc.insecure_channel(target) as chan:
@@ -140,7 +140,7 @@ def test_callers_in_a_loop_keep_sharing_full_batches(filled, monkeypatch):
 
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(caller, range(8)))
-    mean = (engine.searches.items - items) / (engine.searches.batches - batches)
+    mean = (engine.searching.searches.items - items) / (engine.searching.searches.batches - batches)
     assert mean >= 6, f"8 callers in a loop made batches of {mean:.1f} on average"
 
 
