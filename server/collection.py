@@ -179,8 +179,8 @@ def check_index_params(spec: CollectionSpec, limits: Limits) -> None:
         )
     if spec.storage == INT8 and spec.metric != INT8_METRIC:
         raise InvalidArgument(
-            f"storage int8 is for {INT8_METRIC} collections, whose unit-length vectors fit its fixed "
-            f"[-1, 1] grid; a {spec.metric} collection can use float16",
+            f"storage int8 is for {INT8_METRIC} collections, whose unit-length vectors bound its grid "
+            f"to [-1, 1]; a {spec.metric} collection can use float16",
             field="collection.storage",
             reason="BAD_INDEX_PARAM",
         )
@@ -228,6 +228,16 @@ class TrainOutcome:
     training_images: int
     reencoded_images: int
     train_ms: float = 0.0  # filled in by the engine, which times the whole call
+
+
+def _with_outliers(ids: np.ndarray, outliers: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
+    """An int8 scan's candidates for each query, and the index's outliers (those a label filter
+    allows), which the scan may have misjudged: all of them are re-scored."""
+    if allowed is not None:
+        outliers = outliers[np.isin(outliers, allowed)]
+    if len(outliers) == 0:
+        return ids
+    return np.hstack([ids, np.broadcast_to(outliers, (len(ids), len(outliers)))])
 
 
 def _hits(metric: Metric, pairs: list[tuple[float, int]], rows: dict[int, HitRow], k: int) -> list[Hit]:
@@ -648,6 +658,8 @@ class Collection:
                     raw, ids = index.search_among(prepared, asked, allowed)
                 else:
                     raw, ids = index.search(prepared, asked, allowed)
+                if quantized:
+                    ids = _with_outliers(ids, index.outliers(), allowed)
             else:
                 raw, ids = self._search_other_metric(metric, raw_queries, want, allowed)
             if not quantized:
@@ -684,7 +696,9 @@ class Collection:
         exact_raw = np.zeros((len(ids), k), np.float32)
         exact_ids = np.full((len(ids), k), -1, np.int64)
         for q, candidates in enumerate(ids):
-            kept = np.array([i for i in candidates if i in position], dtype=np.int64)
+            # Each candidate once (an outlier may also be among the scan's best), by row id: equal
+            # scores rank by id, as on a float32 index.
+            kept = np.unique([i for i in candidates.tolist() if i in position]).astype(np.int64)
             if len(kept) == 0:
                 continue
             base = prepared[[position[int(i)] for i in kept]]  # type: ignore[index]

@@ -119,11 +119,22 @@ STORAGES = (FLOAT32, FLOAT16, INT8)
 SCALAR_TYPES = {FLOAT16: faiss.ScalarQuantizer.QT_fp16, INT8: faiss.ScalarQuantizer.QT_8bit}
 
 # int8 is for cosine collections, whose prepared vectors have unit length: every component lies in
-# [-1, 1], so the 8-bit grid is that fixed range in every dimension. It needs no training and never
-# clips, whatever vectors come later (a grid learnt from the first vectors clipped dimensions that
-# only later ones used, and lost their neighbours).
+# INT8_RANGE. A fixed grid over that range cannot tell close neighbours apart (its step, 2/255, is
+# coarser than the components of a unit 1280-d vector, about 0.03: recall@10 0.10 where the nearest
+# lies at cosine 0.97, bench/bench_storage.py), so the grid is learnt: an int8 index keeps float32
+# and searches exactly until it holds INT8_LEARN_SIZE vectors, then takes each dimension's range
+# over exactly those (whatever the batches, as IVF trains, so a rebuild learns the same),
+# INT8_HEADROOM times as wide about its centre, within INT8_RANGE. A later vector outside a range
+# is clipped there in its code, so it is kept as an outlier: every search re-scores the outliers
+# too, and clipping never loses a neighbour (a grid learnt without this lost the vectors that used
+# dimensions the first ones had left at zero: an outside test).
 INT8_RANGE = (-1.0, 1.0)
 INT8_METRIC = "cosine"
+INT8_LEARN_SIZE = 1000
+INT8_HEADROOM = 2.0
+INT8_MIN_HALF_WIDTH = 2.0**-10  # a dimension the first vectors all left at one value
+INT8_EDGES = (0, 255)  # codes a clipped component takes (and an unclipped one at the very edge)
+OUTLIER_WARNING_SHARE = 0.01  # past this share of outliers, searches re-read many vectors: say so
 # An int8 search takes this many times the hits asked for and re-scores them exactly with the
 # store's float32 vectors (bench/bench_storage.py prints the recall it reaches and how much of the
 # true top 10 the int8 top 40 holds).
@@ -193,6 +204,8 @@ class VectorIndex:
         self._tombstones: set[int] = set() if tombstones is None else {int(t) for t in tombstones}
         self.training_error = ""
         self._largest_norm: float | None = None  # of any vector held here (``_norm_bound``)
+        self._outliers: set[int] = self._clipped(self.ids(), self._codes()) if self.quantized else set()
+        self._warned_outliers = False
 
     def _empty(self) -> faiss.Index:
         if self.spec.kind == HNSW:
@@ -200,12 +213,7 @@ class VectorIndex:
             inner.hnsw.efConstruction = self.spec.ef_construction
         elif self.spec.storage == FLOAT16:  # flat only: CreateCollection refuses it elsewhere
             inner = self._scalar_quantizer(SCALAR_TYPES[FLOAT16])
-        elif self.spec.storage == INT8:  # flat and cosine only (CreateCollection)
-            inner = self._scalar_quantizer(SCALAR_TYPES[INT8])
-            inner.train(
-                np.array([[INT8_RANGE[0]] * self.spec.dim, [INT8_RANGE[1]] * self.spec.dim], np.float32)
-            )
-        else:  # flat, and IVF before it is trained
+        else:  # flat, IVF before it is trained, int8 before it learns its grid
             inner = _flat(self.spec)
         return faiss.IndexIDMap2(inner)
 
@@ -228,8 +236,30 @@ class VectorIndex:
 
     @property
     def quantized(self) -> bool:
-        """Whether distances are approximate (int8): hits need re-scoring with float32."""
-        return self.spec.storage == INT8 and self.spec.kind == FLAT
+        """Whether distances are approximate (int8 once it has learnt its grid): hits need
+        re-scoring with float32."""
+        inner = (
+            faiss.downcast_index(self._index.index) if isinstance(self._index, faiss.IndexIDMap2) else None
+        )
+        return isinstance(inner, faiss.IndexScalarQuantizer) and inner.sq.qtype == SCALAR_TYPES[INT8]
+
+    def outliers(self) -> np.ndarray:
+        """Ids of int8 vectors with a component at the edge of the grid (clipped, or all but): a
+        search must re-score them whatever their codes say."""
+        return np.fromiter(sorted(self._outliers), dtype=np.int64, count=len(self._outliers))
+
+    def _codes(self) -> np.ndarray:
+        """An int8 index's codes, one row a vector in ids() order (a view of FAISS's storage)."""
+        inner = faiss.downcast_index(self._index.index)
+        return faiss.rev_swig_ptr(inner.codes.data(), inner.ntotal * inner.code_size).reshape(
+            inner.ntotal, inner.code_size
+        )
+
+    @staticmethod
+    def _clipped(ids: np.ndarray, codes: np.ndarray) -> set[int]:
+        """The ids whose codes touch the grid's edges."""
+        edge = np.isin(codes, INT8_EDGES).any(axis=1)
+        return {int(i) for i in ids[edge]}
 
     @property
     def size(self) -> int:
@@ -289,19 +319,40 @@ class VectorIndex:
         ids, prepared = np.asarray(ids, dtype=np.int64), as_float32(prepared)
         if len(ids) == 0:
             return
-        wanted = self.spec.effective_train_size - self._index.ntotal
+        wanted = self._train_size() - self._index.ntotal
         if self._will_train() and 0 < wanted < len(ids):
             self.add(ids[:wanted], prepared[:wanted])
             ids, prepared = ids[wanted:], prepared[wanted:]
         self._index.add_with_ids(prepared, ids)
         if self._largest_norm is not None:
             self._largest_norm = max(self._largest_norm, _largest_norm(prepared))
-        if self._will_train() and self._index.ntotal >= self.spec.effective_train_size:
+        if self.quantized:
+            inner = faiss.downcast_index(self._index.index)
+            self._note_outliers(self._clipped(ids, inner.sa_encode(prepared)))
+        if self._will_train() and self._index.ntotal >= self._train_size():
             self._train()
 
+    def _train_size(self) -> int:
+        """How many vectors IVF trains on, or int8 learns its grid from."""
+        return INT8_LEARN_SIZE if self.spec.storage == INT8 else self.spec.effective_train_size
+
+    def _note_outliers(self, found: set[int]) -> None:
+        self._outliers |= found
+        if not self._warned_outliers and len(self._outliers) > max(100, OUTLIER_WARNING_SHARE * self.size):
+            self._warned_outliers = True
+            log.warning(
+                "%d int8 vectors lie outside the grid learnt from the first %d: every search re-scores "
+                "them from the store; if the collection's vectors have changed since, float16 storage "
+                "would serve it better",
+                len(self._outliers),
+                INT8_LEARN_SIZE,
+            )
+
     def _will_train(self) -> bool:
-        """An IVF index still searching exactly, with no failed training behind it."""
-        return self.spec.kind == IVF and not self.trained and not self.training_error
+        """An IVF index, or an int8 one, still searching exactly, with no failed training behind it."""
+        if self.spec.kind == IVF:
+            return not self.trained and not self.training_error
+        return self.spec.storage == INT8 and not self.quantized
 
     def remove(self, ids: np.ndarray) -> None:
         ids = np.asarray(ids, dtype=np.int64)
@@ -319,6 +370,7 @@ class VectorIndex:
                 else faiss.IDSelectorBatch(ids)
             )
             self._index.remove_ids(selector)
+            self._outliers.difference_update(int(i) for i in ids)
 
     def _train(self) -> None:
         """Train IVF's lists on every vector held so far and move them into the trained index, keyed
@@ -328,6 +380,9 @@ class VectorIndex:
         GetCollection and the logs: a write must never fail after its rows are committed.
         """
         ids, vectors = self.ids(), np.array(self.stored_vectors())
+        if self.spec.storage == INT8:
+            self._index = self._int8_index(ids, vectors)
+            return
         try:
             trained = self._trained_ivf(vectors)
             trained.add_with_ids(vectors, ids)
@@ -336,6 +391,19 @@ class VectorIndex:
             log.error("%s", self.training_error)
             return
         self._index = trained
+
+    def _int8_index(self, ids: np.ndarray, vectors: np.ndarray) -> faiss.Index:
+        """The 8-bit grid learnt from ``vectors`` (see INT8_LEARN_SIZE), holding them."""
+        low, high = vectors.min(axis=0), vectors.max(axis=0)
+        centre = (low + high) / 2
+        half = np.maximum((high - low) / 2 * INT8_HEADROOM, INT8_MIN_HALF_WIDTH)
+        grid = np.stack([np.maximum(centre - half, INT8_RANGE[0]), np.minimum(centre + half, INT8_RANGE[1])])
+        quantizer = self._scalar_quantizer(SCALAR_TYPES[INT8])
+        quantizer.train(grid.astype(np.float32))
+        index = faiss.IndexIDMap2(quantizer)
+        index.add_with_ids(vectors, ids)
+        self._outliers = self._clipped(ids, quantizer.sa_encode(vectors))
+        return index
 
     def _trained_ivf(self, vectors: np.ndarray) -> faiss.Index:
         if len(vectors) < self.spec.nlist:
@@ -499,7 +567,9 @@ class VectorIndex:
             inner = faiss.downcast_index(index.index)
             if self.spec.kind == HNSW:
                 wanted = faiss.IndexHNSWFlat
-            elif self.spec.storage in (FLOAT16, INT8):
+            elif self.spec.storage == FLOAT16 or (
+                self.spec.storage == INT8 and isinstance(inner, faiss.IndexScalarQuantizer)
+            ):  # int8 holds float32 until it learns its grid
                 wanted = faiss.IndexScalarQuantizer
             else:
                 wanted = faiss.IndexFlat
