@@ -106,7 +106,10 @@ class _SnapshotThread(threading.Thread):
     def run(self) -> None:
         period = max(0.5, min(self.config.snapshot_interval_s, 5.0))
         while not self.stopped.wait(period):
-            self.catalog.snapshot_due(self.config.snapshot_every_ops, self.config.snapshot_interval_s)
+            try:
+                self.catalog.snapshot_due(self.config.snapshot_every_ops, self.config.snapshot_interval_s)
+            except Exception:  # never let one failure end every collection's snapshots
+                log.exception("periodic snapshot failed")
 
 
 def _grpc_options(config: ServerConfig) -> list[tuple[str, int]]:

@@ -103,6 +103,8 @@ class Catalog:
     def _open_or_report(self, path: Path) -> None:
         try:
             self._open(path)
+        except MisplacedCollection as exc:
+            self._report_unavailable(path.name, str(exc))
         except (sqlite3.DatabaseError, ValueError, TypeError, OSError) as exc:
             self._report_unavailable(path.name, _why_unopenable(path, exc))
 
@@ -132,6 +134,23 @@ class Catalog:
 
     def _open(self, path: Path) -> None:
         spec = Collection.read_spec(path)
+        if spec.name != path.name:
+            # Collections are found by directory and served by the name their store holds: a copy
+            # beside the original would take its name (and its writes, and its deletion), a renamed
+            # one would keep serving under the old name (an outside test lost data both ways).
+            raise MisplacedCollection(
+                f"its store belongs to collection {spec.name!r}, not {path.name!r}: the directory was "
+                f"copied or renamed. Nothing was changed; rename it back to {spec.name!r} (if that "
+                f"collection is not there already) or move it out of {self._root}, and restart the "
+                "server"
+            )
+        unwritable = [
+            f
+            for f in (path / STORE_FILE, *(path / f"{STORE_FILE}{end}" for end in ("-wal", "-shm")))
+            if f.exists() and not os.access(f, os.R_OK | os.W_OK)
+        ]
+        if unwritable:  # SQLite would open it read-only without a word, and fail every write
+            raise PermissionError(f"no read-write access to {unwritable[0]}")
         metric = self.registry.metrics.get(spec.metric)
         if metric is None:
             self._report_unavailable(
@@ -140,11 +159,16 @@ class Catalog:
             return
         started = time.monotonic()
         collection = Collection(path, spec, metric.item, self._loaded_extractor(spec), self._local(spec))
+        try:
+            count = collection.count()  # a store whose spec reads may still be damaged past it
+        except sqlite3.DatabaseError:
+            collection.close(snapshot=False)
+            raise
         self._collections[spec.name] = collection
         log.info(
             "collection %s loaded: %d images in %.1f ms",
             spec.name,
-            collection.count(),
+            count,
             (time.monotonic() - started) * 1000,
         )
 
@@ -263,6 +287,12 @@ class Catalog:
                 raise AlreadyExists(
                     f"collection {name!r} already exists", field="name", reason="COLLECTION_EXISTS"
                 )
+            if (self._root / name).exists():  # a file, or a directory the server skipped at start
+                raise FailedPrecondition(
+                    f"{self._root / name} is in the way and is not a collection: move it away first",
+                    field="name",
+                    reason="COLLECTION_PATH_TAKEN",
+                )
             staging = self._root / f".creating-{name}"
             shutil.rmtree(staging, ignore_errors=True)
             with disk_full_reported(f"collection {name!r} was not created"), _discarded_on_failure(staging):
@@ -327,6 +357,10 @@ class Catalog:
                 collection.close()
             self._collections.clear()
         self._lock.release()
+
+
+class MisplacedCollection(ValueError):
+    """A collection directory whose store belongs to another name (copied or renamed)."""
 
 
 def _why_unopenable(directory: Path, exc: Exception) -> str:

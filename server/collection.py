@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import re
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -72,7 +73,10 @@ STORE_FILE = "store.sqlite3"
 GATHER_LIMIT = 20_000
 SKIPPED = -1  # Collection.add's row id for an image left out under skip_existing
 SNAPSHOT_FILE = "index.snapshot"
-SNAPSHOT_ERRORS = (OSError, DiskFull)  # a snapshot that fails is logged: the index is only a cache
+# A snapshot that fails is logged: the index is only a cache. sqlite3.Error: pruning the removals
+# a snapshot covers writes to the store, which may be read-only (an outside test: the error killed
+# the snapshot thread, and every collection's periodic snapshots with it).
+SNAPSHOT_ERRORS = (OSError, DiskFull, sqlite3.Error)
 EXTRACTOR_CHANGED = "EXTRACTOR_CHANGED"  # a query encoded with a state a training replaced
 TRAINING_SAMPLE_IMAGES = 2000  # images a fit reads at most (a seeded sample): ~290 MB of SIFT features
 ENCODE_CHUNK = 256

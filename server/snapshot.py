@@ -101,6 +101,8 @@ def read_snapshot(path: Path, spec: IndexSpec, store: str, last_seq: int) -> tup
         handle = open(path, "rb")  # noqa: SIM115  closed below
     except FileNotFoundError as exc:
         raise SnapshotError("no snapshot") from exc
+    except OSError as exc:  # a directory in its place, no permission: rebuilt from the store like any damage
+        raise SnapshotError(f"snapshot cannot be read: {exc}") from exc
     with handle:
         size = os.fstat(handle.fileno()).st_size
         if handle.read(len(MAGIC)) != MAGIC:

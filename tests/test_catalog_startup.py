@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import pytest
 from imagesearch.plugins.manager import PluginRegistry
 from imagesearch.server.catalog import Catalog
 from imagesearch.server.collection import STORE_FILE, Collection
-from imagesearch.server.errors import FailedPrecondition
+from imagesearch.server.errors import AlreadyExists, FailedPrecondition, NotFound
 from imagesearch.server.files import remove_temp_files
 from imagesearch.server.store import NewImage
 from tests.support.tiny_plugin import TINY_PLUGIN, TinyExtractor
@@ -144,3 +145,105 @@ def test_a_damaged_store_still_suggests_a_backup_or_deleting_it(data: Path) -> N
         Path(f"{store}{name}").unlink(missing_ok=True)
     reason = unavailable(data)
     assert "cannot be opened" in reason and "restore it from a backup, or delete the collection" in reason
+
+
+def test_a_store_that_opens_read_only_is_unavailable_not_ready(
+    data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Simulated (root ignores permissions): SQLite opens a store it may not write read-only without
+    a word, so the collection served as READY and every write failed INTERNAL (an outside test)."""
+    store = collection_dir(data) / STORE_FILE
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != store and real_access(path, mode))
+    reason = unavailable(data)
+    assert f"the server may not read and write {store}" in reason and "delete" not in reason
+
+
+def test_a_copied_or_renamed_collection_directory_is_refused_not_served_under_its_old_name(
+    data: Path,
+) -> None:
+    """A copy beside the original took over its name (its writes went to the copy, deleting it
+    deleted the copy, and the original came back with a write lost); a renamed one kept serving
+    under the old name and made creating the new name fail INTERNAL (an outside test)."""
+    root = data / "collections"
+    shutil.copytree(root / "c", root / "c-copy")
+    with catalog(data) as opened:
+        assert [c.spec.name for c in opened.list()] == ["c"]
+        assert opened.get("c").directory == root / "c"
+        with pytest.raises(FailedPrecondition) as refused:
+            opened.get("c-copy")
+        assert "belongs to collection 'c', not 'c-copy'" in refused.value.message
+        assert "rename it back" in refused.value.message
+        opened.get("c").add([NewImage(id="new", label="", vector=np.ones(TinyExtractor.dim, np.float32))])
+        with pytest.raises(AlreadyExists):
+            opened.create("c-copy", extractor=TinyExtractor.name, metric="l2")
+        opened.delete("c-copy")  # how an operator clears it: the original is untouched
+        assert opened.get("c").count() == 4
+    shutil.rmtree(root / "c-copy", ignore_errors=True)
+    os.replace(root / "c", root / "renamed")
+    with catalog(data) as opened:
+        assert opened.list() == []
+        with pytest.raises(FailedPrecondition, match="belongs to collection 'c', not 'renamed'"):
+            opened.get("renamed")
+        with pytest.raises(NotFound):
+            opened.get("c")
+
+
+def test_a_store_damaged_past_its_spec_is_unavailable_and_deletable(data: Path) -> None:
+    """The spec read, the images table did not: the collection was recorded both as loaded and as
+    unavailable, so listing every collection failed INTERNAL for every client, and deleting it left
+    it half-registered (an outside test)."""
+    store = collection_dir(data) / STORE_FILE
+    conn = sqlite3.connect(store)
+    page = conn.execute("PRAGMA page_size").fetchone()[0]
+    roots = [r for (r,) in conn.execute("SELECT rootpage FROM sqlite_master WHERE tbl_name = 'images'") if r]
+    conn.close()
+    with open(store, "r+b") as file:  # the images table's pages and its indexes'; the spec's intact
+        for root in roots:
+            file.seek((root - 1) * page)
+            file.write(b"\xff" * page)
+    with catalog(data) as opened:
+        assert opened.list() == []
+        with pytest.raises(FailedPrecondition) as refused:
+            opened.get("c")
+        assert refused.value.reason == "COLLECTION_UNAVAILABLE"
+        opened.delete("c")
+        with pytest.raises(NotFound):
+            opened.get("c")
+        opened.create("c", extractor=TinyExtractor.name, metric="l2")
+        assert opened.get("c").count() == 0
+
+
+def test_a_snapshot_that_cannot_be_read_is_rebuilt_from_the_store(data: Path) -> None:
+    """A directory where the snapshot should be (or one the server may not read) made the
+    collection read-only although its store was intact (an outside test); it is only a cache."""
+    snapshot = collection_dir(data) / "index.snapshot"
+    snapshot.unlink(missing_ok=True)
+    snapshot.mkdir()
+    with catalog(data) as opened:
+        collection = opened.get("c")
+        assert collection.problem == "" and collection.count() == 3
+        assert [hit.id for hit in collection.search(np.full(TinyExtractor.dim, 2, np.float32), 1)] == ["a2"]
+
+
+def test_a_snapshot_whose_store_refuses_writes_is_logged_and_the_others_go_on(
+    data: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Pruning the removals a snapshot covers writes to the store: a read-only one raised an
+    sqlite3 error that ended the snapshot thread for every collection, and made shutdown fail."""
+    from imagesearch.server.store import CollectionStore
+
+    def refuse(store: CollectionStore, upto_seq: int) -> None:
+        raise sqlite3.OperationalError("attempt to write a readonly database")
+
+    monkeypatch.setattr(CollectionStore, "prune_removals", refuse)
+    with catalog(data) as opened:
+        opened.create("d", extractor=TinyExtractor.name, metric="l2")
+        for name in ("c", "d"):
+            opened.get(name).add([NewImage(id="x", label="", vector=np.ones(TinyExtractor.dim, np.float32))])
+        with caplog.at_level(logging.ERROR):
+            opened.snapshot_due(every_ops=1, interval_s=0)
+        assert (
+            sum("snapshot failed: attempt to write a readonly database" in r.message for r in caplog.records)
+            == 2
+        )
