@@ -249,6 +249,19 @@ def test_row_ids_with_labels(store: CollectionStore) -> None:
     assert store.row_ids_with_labels(many, last).tolist() == [3]
 
 
+def test_labels_holding_a_nul_character_filter_whole(store: CollectionStore) -> None:
+    """Labels are stored whole whatever they hold; the filter cut "a\x00b" at the NUL and found
+    the images labelled "a" (an outside test: wrong hits for a label filter and BUCKETED mode)."""
+    insert(store, "plain", label="a")
+    insert(store, "nul-b", label="a\x00b")
+    insert(store, "nul-c", label="a\x00c")
+    last = store.last_seq()
+    assert store.row_ids_with_labels(["a\x00b"], last).tolist() == [2]
+    assert store.row_ids_with_labels(["a\x00c", "a"], last).tolist() == [1, 3]
+    assert store.row_ids_with_labels(["a\x00b", "a\x00c"], last).tolist() == [2, 3]
+    assert store.row_ids_with_labels(["a\x00b", "a\x00b"], last).tolist() == [2]
+
+
 def test_lookups_by_many_ids_take_one_parameter(store: CollectionStore) -> None:
     """Every lookup of a set (ids, row ids) stays one query whatever its size: a SearchBatch of 256
     queries of 1,000 hits asks for 256,000 rows, past SQLite's limit on bound variables."""
