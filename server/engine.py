@@ -227,6 +227,7 @@ class Engine:
                 [items[p].vector for p in given],
                 collection,
                 [f"images[{p + index_offset}].vector" for p in given],
+                stored=True,
             )
             vectors = dict(zip(given, checked, strict=True))
             with self.extraction.decoding_ahead(items, ids, existing, index_offset, min_side) as decodings:

@@ -17,6 +17,7 @@ from imagesearch.server.errors import DeadlineExceeded, ImageSearchError, Invali
 from imagesearch.server.image_header import HeaderError, read_header
 from imagesearch.server.imaging import decoded_pixels
 from imagesearch.server.records import ImageItem
+from imagesearch.server.vector_index import FLOAT16
 from imagesearch.server.vector_input import VectorInput, as_matrix, read_vector
 
 CONTROL_CHARACTER = re.compile("[\x00\n\r\t]")  # refused in ids (they break logs and listings)
@@ -24,6 +25,7 @@ CONTROL_CHARACTER = re.compile("[\x00\n\r\t]")  # refused in ids (they break log
 # Squared L2 distances and inner products of vectors up to this norm stay far inside float32
 # (|a - b|^2 <= 4e36 < 3.4e38), so FAISS can rank them; beyond it a stored vector is unreachable.
 MAX_VECTOR_NORM = 1e18
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
 
 
 def within_index_range(vectors: np.ndarray) -> bool:
@@ -52,9 +54,11 @@ def check_vector(values: VectorInput, collection: Collection, field_name: str) -
 
 
 def check_vectors(
-    values: Sequence[VectorInput], collection: Collection, fields: Sequence[str]
+    values: Sequence[VectorInput], collection: Collection, fields: Sequence[str], *, stored: bool = False
 ) -> list[np.ndarray | InvalidArgument]:
-    """Each vector as float32, or the error that refuses it; checked as one matrix (fast for batches)."""
+    """Each vector as float32, or the error that refuses it; checked as one matrix (fast for batches).
+    A vector to be ``stored`` must also fit the collection's storage (float16: components within
+    ±65504 once prepared; a query is never stored, so it need not)."""
     dim = collection.spec.dim
     vectors = [read_vector(v, field) for v, field in zip(values, fields, strict=True)]
     fitting = [i for i, v in enumerate(vectors) if isinstance(v, np.ndarray) and v.shape == (dim,)]
@@ -64,6 +68,7 @@ def check_vectors(
     # product accepts the usual batch; only a refused row needs to know which of the two it is.
     in_range = np.einsum("ij,ij->i", matrix, matrix) <= np.float32(MAX_VECTOR_NORM**2)
     finite = np.ones(len(matrix), bool) if in_range.all() else np.isfinite(matrix).all(axis=1)
+    fits = _fits_storage(matrix, collection) if stored else np.ones(len(matrix), bool)
     # A malformed encoding is refused already; a vector of the wrong size is refused below.
     verdicts = [v if isinstance(v, InvalidArgument) else None for v in vectors]
     for row, i in enumerate(fitting):  # errors are built only for the vectors they refuse
@@ -75,6 +80,14 @@ def check_vectors(
             verdicts[i] = InvalidArgument(
                 f"vector norm is over {MAX_VECTOR_NORM:.0e}: distances to it would overflow float32, "
                 "so the index could never return it (scale it down)",
+                field=fields[i],
+                reason="VECTOR_OUT_OF_RANGE",
+            )
+        elif not fits[row]:
+            verdicts[i] = InvalidArgument(
+                f"collection {collection.spec.name!r} stores float16, which holds components up to "
+                f"±{FLOAT16_MAX:.0f}; this vector has larger ones (scale it down, or use a float32 "
+                "collection)",
                 field=fields[i],
                 reason="VECTOR_OUT_OF_RANGE",
             )
@@ -90,6 +103,15 @@ def check_vectors(
         )
         for verdict, v, field in zip(verdicts, vectors, fields, strict=True)
     ]
+
+
+def _fits_storage(matrix: np.ndarray, collection: Collection) -> np.ndarray:
+    """Which rows the collection's storage can hold: float16 turns components past its largest
+    value into infinities, which lost those vectors from their own searches and reported inf
+    scores (an outside test); the other storages hold any vector within MAX_VECTOR_NORM."""
+    if collection.spec.storage != FLOAT16 or len(matrix) == 0:
+        return np.ones(len(matrix), bool)
+    return np.abs(collection.metric.prepare(matrix)).max(axis=1) <= FLOAT16_MAX
 
 
 def check_fields(item: ImageItem, prefix: str, limits: Limits) -> None:

@@ -383,3 +383,34 @@ def test_hits_that_follow_the_count_asked_do_not_follow_other_callers_counts(stu
             if answer(together) != answer(stub.Search(query)):
                 differ.append((i, other.top_k, other.exclude_query))
     assert differ == []
+
+
+@pytest.mark.parametrize("metric", ["l2", "inner_product"])
+def test_a_float16_collection_refuses_vectors_it_cannot_hold(stub, metric):
+    """float16 holds components up to 65504: larger ones became infinities, which lost those
+    vectors from their own searches (l2) and reported inf scores (inner product): an outside
+    test. They are refused, item by item; a query is never stored, so it may hold them."""
+    half = pb.Collection(name="half", metric=metric, storage=pb.VECTOR_STORAGE_FLOAT16)
+    stub.CreateCollection(pb.CreateCollectionRequest(collection=half))
+    rng = np.random.default_rng(8)
+    small = rng.normal(size=(3, DIM)).astype(np.float32)
+    large = small[0] * 1e5
+    images = [pb.ImageInput(id=f"s{i}", vector=vector(v)) for i, v in enumerate(small)]
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.AddImages(
+            pb.AddImagesRequest(
+                collection="half", images=[*images, pb.ImageInput(id="big", vector=vector(large))]
+            )
+        )
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.details().startswith("images[3]: ") and "65504" in refused.value.details()
+    response = stub.AddImages(
+        pb.AddImagesRequest(
+            collection="half",
+            images=[*images, pb.ImageInput(id="big", vector=vector(large))],
+            skip_invalid=True,
+        )
+    )
+    assert response.added_count == 3 and response.results[3].reason == "VECTOR_OUT_OF_RANGE"
+    hits = stub.Search(pb.SearchRequest(collection="half", vector=vector(large), top_k=3)).hits
+    assert len(hits) == 3 and all(np.isfinite(h.score) for h in hits)
