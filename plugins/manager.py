@@ -148,6 +148,7 @@ class PluginRegistry:
                 self._load(name, lambda plugin=plugin: plugin)
         if load_entry_points:
             self._load_entry_points()
+        self._check_plugin_tables()
         self._collect("register_extractors", self.extractors, _check_extractor, "extractor")
         self._collect("register_metrics", self.metrics, _check_metric, "metric")
         self._collect("register_local_features", self.local_features, _check_local_features, "local features")
@@ -200,6 +201,17 @@ class PluginRegistry:
         # A misspelt allow-list entry would otherwise disable a plugin without a word.
         for name in sorted((self._allow or set()) - found - self._block - self._local_names):
             self._problem(f"plugin {name!r} is named in {ALLOW_ENV} but no such plugin is installed")
+
+    def _check_plugin_tables(self) -> None:
+        """A ``[plugins.<name>]`` table for no loaded plugin is a problem, said at start-up: a
+        misspelt name (``[plugins.sfit]``) would otherwise leave the real plugin on its defaults
+        without a word. A blocked or not allow-listed plugin's table is expected, and left alone."""
+        for name in sorted(set(self._plugin_config) - set(self.loaded)):
+            if not any(f"plugin {name!r}" in skipped for skipped in self.skipped):
+                loaded = ", ".join(sorted(self.loaded)) or "none"
+                self._problem(
+                    f"[plugins.{name}] configures no loaded plugin (loaded: {loaded}); is it misspelt?"
+                )
 
     def _collect(
         self,

@@ -125,8 +125,9 @@ _SERVER_RULES = {
     "batch_max_wait_ms": Setting(float, low=0, note="0 turns batching waits off"),
     "extract_max_wait_ms": Setting(float, low=0, note="0 turns batching waits off"),
     "thumbnail_quality": Setting(int, 1, 100, note="JPEG quality"),
-    "shutdown_announce_s": Setting(float, low=0),
-    "shutdown_grace_s": Setting(float, low=0),
+    # Deadlines are computed from them: 1e300 s overflowed the clock at SIGTERM (an outside test).
+    "shutdown_announce_s": Setting(float, 0, 86400, note="at most a day"),
+    "shutdown_grace_s": Setting(float, 0, 86400, note="at most a day"),
     "log_format": Setting(str, choices=("json", "text")),
     "log_level": Setting(str, choices=_LEVELS),
 }
@@ -137,6 +138,7 @@ _LIMIT_RULES = {
     "max_metadata_bytes": Setting(int, low=0, note="0 allows no metadata"),
     "max_label_length": Setting(int, low=0, note="0 allows no labels"),
     "max_hnsw_m": Setting(int, low=2, note="HNSW needs m >= 2"),
+    "max_concurrent_rpcs": Setting(int, 1, 2**31 - 1, note="gRPC takes a signed 32-bit count"),
 }
 # A default a request gets when it asks for 0 must itself be allowed.
 _DEFAULT_WITHIN_MAX = (
@@ -174,7 +176,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(handle)
     except OSError as exc:
         raise ValueError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:  # TOML is UTF-8
         raise ValueError(f"config file {path} is not valid TOML: {exc}") from exc
 
 

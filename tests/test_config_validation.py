@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from imagesearch.plugins import PluginContext, Setting, SettingsError
-from imagesearch.plugins.manager import PluginRegistry
+from imagesearch.plugins.manager import BLOCK_ENV, PluginRegistry
 from imagesearch.server.cli import main
 from imagesearch.server.config import LIMIT_RULES, SERVER_RULES, Limits, ServerConfig, load_config
 
@@ -31,7 +31,13 @@ REFUSED = [  # (TOML, what the message must say)
     ("batch_max_wait_ms = -1", "batch_max_wait_ms must be a number >= 0"),
     ("snapshot_interval_s = 0", "snapshot_interval_s must be a number > 0, got 0"),
     ("snapshot_interval_s = nan", "snapshot_interval_s must be a number > 0, got nan"),
-    ("shutdown_grace_s = inf", "shutdown_grace_s must be a number >= 0, got inf"),
+    ("shutdown_grace_s = inf", "shutdown_grace_s must be a number from 0 to 86400 (at most a day), got inf"),
+    ("shutdown_grace_s = 1e300", "shutdown_grace_s must be a number from 0 to 86400"),
+    ("shutdown_announce_s = 1e300", "shutdown_announce_s must be a number from 0 to 86400"),
+    (
+        "[limits]\nmax_concurrent_rpcs = 2147483648",
+        "[limits] max_concurrent_rpcs must be an integer from 1 to 2147483647",
+    ),
     ("thumbnail_quality = 101", "thumbnail_quality must be an integer from 1 to 100 (JPEG quality)"),
     ('create_default_collection = "yes"', "create_default_collection must be true or false, got 'yes'"),
     ("host = 5", "host must be a string, got 5"),
@@ -105,11 +111,17 @@ def test_command_line_overrides_are_checked_too():
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [(None, "cannot read config file"), ("port = ", "is not valid TOML")],
+    [
+        (None, "cannot read config file"),
+        ("port = ", "is not valid TOML"),
+        (b"port = 1 # \xff", "is not valid TOML"),
+    ],
 )
 def test_an_unreadable_or_malformed_file_is_a_one_line_error(tmp_path, content, message):
     path = tmp_path / "server.toml"
-    if content is not None:
+    if isinstance(content, bytes):  # not UTF-8: the error named no file (an outside test)
+        path.write_bytes(content)
+    elif content is not None:
         path.write_text(content)
     with pytest.raises(ValueError, match=message) as refused:
         load_config(path)
@@ -158,3 +170,14 @@ def test_serve_with_a_bad_config_exits_2_with_one_line(tmp_path, capfd, toml, me
     assert main(["serve", "--config", str(config), "--data", str(tmp_path / "data")]) == 2
     err = capfd.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1
+
+
+def test_a_table_for_no_loaded_plugin_is_reported_as_a_problem():
+    """[plugins.sfit] for sift was ignored without a word, leaving sift on its defaults (an outside
+    test); it is a plugin problem now, logged at start-up and listed by ListPlugins."""
+    registry = PluginRegistry(load_entry_points=False, env={}, plugin_config={"sfit": {"max_side": 480}})
+    assert any("[plugins.sfit] configures no loaded plugin" in p and "sift" in p for p in registry.problems)
+    blocked = PluginRegistry(
+        load_entry_points=False, env={BLOCK_ENV: "sift"}, plugin_config={"sift": {"max_side": 480}}
+    )
+    assert not any("[plugins.sift]" in p for p in blocked.problems)
