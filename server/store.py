@@ -174,11 +174,23 @@ class CollectionStore:
         the file is missing), with pages of ``page_size`` bytes when it is new (``page_size_for``)."""
         self.path = path
         self._writer = _connect(path, create, page_size)
+        if not create:
+            self._check_tables()
         self._writer.executescript(SCHEMA)
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self.identity = self._identity()
+
+    def _check_tables(self) -> None:
+        """An existing store keeps its images: SCHEMA would make an empty table in place of a lost
+        one, and the collection would serve as READY with no images (an outside test). Tables
+        added by later versions (local features, extractor state) are still made."""
+        tables = {r[0] for r in self._writer.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        missing = sorted({"meta", "images", "removals"} - tables)
+        if missing:
+            self._writer.close()
+            raise sqlite3.DatabaseError(f"the store has lost its {', '.join(missing)} table(s) (damaged)")
 
     # -- connections -----------------------------------------------------------
     def _reader(self) -> sqlite3.Connection:

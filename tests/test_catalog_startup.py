@@ -247,3 +247,15 @@ def test_a_snapshot_whose_store_refuses_writes_is_logged_and_the_others_go_on(
             sum("snapshot failed: attempt to write a readonly database" in r.message for r in caplog.records)
             == 2
         )
+
+
+def test_a_store_that_lost_its_images_table_is_unavailable_not_empty(data: Path) -> None:
+    """Opening made a new, empty images table in place of the lost one: the collection served
+    as READY with no images (an outside test)."""
+    store = collection_dir(data) / STORE_FILE
+    conn = sqlite3.connect(store)
+    conn.execute("DROP TABLE images")
+    conn.commit()
+    conn.close()
+    reason = unavailable(data)
+    assert "lost its images table" in reason and "restore it from a backup" in reason
