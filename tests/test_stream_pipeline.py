@@ -120,9 +120,9 @@ def test_the_next_chunk_is_checked_while_one_commits_and_stored_after_it(
 
     check = engine.check_vectors
 
-    def recorded_check(values, collection, fields):
+    def recorded_check(values, collection, fields, **options):
         slow_commits.append(("check begins", fields[0], time.monotonic()))
-        return check(values, collection, fields)
+        return check(values, collection, fields, **options)
 
     monkeypatch.setattr(engine, "check_vectors", recorded_check)
     chunks = [pb.AddImagesStreamRequest(images=vectors(f"c{n}-", 5, seed=n)) for n in range(3)]
