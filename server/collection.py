@@ -272,6 +272,7 @@ class Collection:
         self.spec = spec
         self.metric = metric
         self.store = CollectionStore(directory / STORE_FILE, create=False)
+        self._check_tables(spec)
         self._extractor = self._bind(extractor)
         self._local = local if local is not None and self._matches(local) else None
         self._training = threading.Lock()
@@ -384,7 +385,7 @@ class Collection:
 
     @staticmethod
     def read_spec(directory: Path) -> CollectionSpec:
-        store = CollectionStore(directory / STORE_FILE, create=False)
+        store = CollectionStore(directory / STORE_FILE, create=False, migrate=False)
         try:
             text = store.get_meta("spec")
         finally:
@@ -392,6 +393,18 @@ class Collection:
         if text is None:
             raise ValueError(f"{directory} has no collection spec")
         return CollectionSpec.from_json(text)
+
+    def _check_tables(self, spec: CollectionSpec) -> None:
+        """A table this collection's spec relies on must have been in the store already: opening
+        adds the tables later versions brought, so a lost one would come back empty and the
+        collection serve as READY without its local features (an outside test) or its trained
+        state."""
+        needed = {"local_features"} if spec.local_features else set()
+        needed |= {"extractor_state"} if spec.trainable else set()
+        missing = sorted(needed - self.store.tables_at_open)
+        if missing:
+            self.store.close()
+            raise sqlite3.DatabaseError(f"the store has lost its {', '.join(missing)} table(s) (damaged)")
 
     def _load_index(self) -> VectorIndex:
         """Snapshot plus the store's tail; a full rebuild when the snapshot is unusable or disagrees."""
@@ -413,6 +426,11 @@ class Collection:
                 self.spec.name,
                 index.size,
                 self.store.count(),
+            )
+            return self._rebuild(index_spec)
+        if index.needs_compaction():  # removals replayed as tombstones after a crash
+            log.info(
+                "collection %s: %d tombstones after replay; compacting", self.spec.name, len(index.tombstones)
             )
             return self._rebuild(index_spec)
         return index
@@ -611,10 +629,11 @@ class Collection:
     @property
     def hits_follow_count(self) -> bool:
         """Whether a query's hits depend on how many the index is asked for, not only on which are
-        best: HNSW's beam widens with the count past ef_search, and int8 re-scores a pool of
-        candidates that grows with it. Such queries share an index call only with queries that
-        ask for as many."""
-        return self.spec.index_type == HNSW or self.spec.storage == INT8
+        best: HNSW's beam widens with the count past ef_search, int8 re-scores a pool of candidates
+        that grows with it, and where scores tie FAISS's heap keeps other copies for another count
+        (float16 and IVF: an outside test, one vector stored twice). Such queries share an index
+        call only with queries that ask for as many; float32 flat ranks exactly, ties by id."""
+        return self.spec.index_type == HNSW or self.spec.storage != FLOAT32 or self.spec.index_type == IVF
 
     def search_many(
         self,
@@ -724,6 +743,13 @@ class Collection:
         index = self.live_index()
         ids = index.ids()
         base = index.stored_vectors()
+        if index.quantized and len(index.outliers()):
+            # An outlier decodes clipped, far from itself: compare its stored float32 vector instead
+            # (an outside test: an override missed a vector's own copy among its top 5).
+            base = np.array(base)
+            at = np.flatnonzero(np.isin(ids, index.outliers()))
+            stored = self.store.vectors_by_row_id(ids[at].tolist())
+            base[at] = self.metric.prepare(np.stack([stored[int(i)] for i in ids[at]]))
         if allowed is not None:
             mask = np.isin(ids, allowed)
             ids, base = ids[mask], base[mask]

@@ -169,14 +169,20 @@ class CollectionStore:
     WAL lets run alongside the writer.
     """
 
-    def __init__(self, path: Path, *, create: bool = True, page_size: int = DEFAULT_PAGE_SIZE) -> None:
+    def __init__(
+        self, path: Path, *, create: bool = True, page_size: int = DEFAULT_PAGE_SIZE, migrate: bool = True
+    ) -> None:
         """Open the store at ``path``, making it if ``create`` (else sqlite3.OperationalError when
-        the file is missing), with pages of ``page_size`` bytes when it is new (``page_size_for``)."""
+        the file is missing), with pages of ``page_size`` bytes when it is new (``page_size_for``).
+        ``migrate`` adds the tables later versions brought (not when only the spec is read: the
+        collection checks first that none it relies on was lost, ``tables_at_open``)."""
         self.path = path
+        self.tables_at_open: frozenset[str] = frozenset()  # an existing store's tables (``_check_tables``)
         self._writer = _connect(path, create, page_size)
         if not create:
             self._check_tables()
-        self._writer.executescript(SCHEMA)
+        if create or migrate:
+            self._writer.executescript(SCHEMA)
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
@@ -187,6 +193,7 @@ class CollectionStore:
         one, and the collection would serve as READY with no images (an outside test). Tables
         added by later versions (local features, extractor state) are still made."""
         tables = {r[0] for r in self._writer.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        self.tables_at_open = frozenset(tables)
         missing = sorted({"meta", "images", "removals"} - tables)
         if missing:
             self._writer.close()

@@ -29,7 +29,9 @@ from tests.support.tiny_plugin import TINY_PLUGIN, TinyExtractor
 
 @contextmanager
 def catalog(data: Path) -> Iterator[Catalog]:
-    opened = Catalog(data, PluginRegistry([TINY_PLUGIN], load_entry_points=False, env={}))
+    """The tiny extractor, and SIFT local features when the models directory holds the vocabulary."""
+    models = Path(os.environ["IMAGESEARCH_MODELS"]) if "IMAGESEARCH_MODELS" in os.environ else None
+    opened = Catalog(data, PluginRegistry([TINY_PLUGIN], load_entry_points=False, env={}, models_dir=models))
     try:
         yield opened
     finally:
@@ -259,3 +261,16 @@ def test_a_store_that_lost_its_images_table_is_unavailable_not_empty(data: Path)
     conn.close()
     reason = unavailable(data)
     assert "lost its images table" in reason and "restore it from a backup" in reason
+
+
+def test_a_store_that_lost_its_local_features_table_is_unavailable(tmp_path: Path) -> None:
+    """Opening adds the tables later versions brought, so a lost local_features table came back
+    empty and the collection served READY with nothing to re-rank by (an outside test)."""
+    data = tmp_path / "data"
+    with catalog(data) as made:
+        made.create("c", extractor=TinyExtractor.name, metric="l2", local_features="sift")
+    conn = sqlite3.connect(collection_dir(data) / STORE_FILE)
+    conn.execute("DROP TABLE local_features")
+    conn.commit()
+    conn.close()
+    assert "lost its local_features table" in unavailable(data)

@@ -208,10 +208,12 @@ def test_int8_ranks_close_neighbours_as_float32_does(tmp_path: Path) -> None:
     rng = np.random.default_rng(4)
     centre = rng.normal(size=dim)
     vectors = (centre + 0.1 * rng.normal(size=(1500, dim))).astype(np.float32)
+    vectors[[100, 300, 500]] = rng.normal(size=(3, dim))  # odd ones among the first 1,000: outliers
     collection = int8_collection(tmp_path, dim)
     base: Base = {}
     add(collection, base, [NewImage(id=f"v{n}", label="", vector=v) for n, v in enumerate(vectors)])
     assert collection.live_index().quantized
+    assert len(collection.live_index().outliers()) >= 3, "the odd ones widen no range"
     for query in (centre + 0.1 * rng.normal(size=(10, dim))).astype(np.float32):
         assert hit_ids(collection.search(query, 10)) == expected_ids(base, query, 10, COSINE)
     collection.close(snapshot=False)
@@ -235,6 +237,8 @@ def test_an_int8_vector_outside_the_learnt_grid_is_still_found(tmp_path: Path) -
     assert index.quantized and len(index.outliers()) == 1
     for labels in ((), ("x",)):
         assert hit_ids(collection.search(later[0], 3, labels))[0] == "later"
+    for override in (INNER_PRODUCT, L2):  # compares vectors: an outlier's own, not its clipped code
+        assert hit_ids(collection.search(later[0], 3, metric_override=override))[0] == "later"
     collection.close()
     again = reopen(collection)
     assert len(again.live_index().outliers()) == 1, "found again from the codes"
@@ -535,6 +539,24 @@ def test_hnsw_past_the_compaction_threshold_is_rebuilt_without_tombstones(tmp_pa
     assert len(index.tombstones) == 0 and index.faiss_index.ntotal == index.size == 299
     check_against_brute_force(collection, base, seed=8)
     collection.close(snapshot=False)
+
+
+def test_hnsw_removals_replayed_after_a_crash_are_compacted(tmp_path: Path) -> None:
+    """Removals made after the last snapshot come back as tombstones when the snapshot is loaded
+    and the store's tail replayed: the collection must compact them then too (an outside test: a
+    top_k of 200 returned 128 to 165 of the 200 images left after a kill -9)."""
+    collection = create(tmp_path, HNSW, hnsw_m=8, ef_search=16)
+    base: Base = {}
+    add(collection, base, rows(0, 800))
+    collection.snapshot()
+    remove(collection, base, [f"img{n}" for n in range(200, 800)])
+    collection.close(snapshot=False)  # as a crash leaves it: the snapshot predates the removals
+    again = reopen(collection)
+    assert again.live_index().tombstones.size == 0 and again.live_index().size == 200
+    queries = np.stack([base[f"img{n}"].vector for n in range(0, 200, 10)])
+    for hits in again.search_many(queries, [200] * len(queries)):
+        assert sorted(hit.id for hit in hits) == sorted(base)
+    again.close(snapshot=False)
 
 
 def test_a_small_hnsw_collection_mostly_removed_still_returns_every_image_it_holds(tmp_path: Path) -> None:

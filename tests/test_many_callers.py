@@ -414,3 +414,34 @@ def test_a_float16_collection_refuses_vectors_it_cannot_hold(stub, metric):
     assert response.added_count == 3 and response.results[3].reason == "VECTOR_OUT_OF_RANGE"
     hits = stub.Search(pb.SearchRequest(collection="half", vector=vector(large), top_k=3)).hits
     assert len(hits) == 3 and all(np.isfinite(h.score) for h in hits)
+
+
+@pytest.mark.parametrize(
+    "collection",
+    [
+        pb.Collection(name="c", metric="cosine", storage=pb.VECTOR_STORAGE_FLOAT16),
+        pb.Collection(
+            name="c",
+            metric="cosine",
+            index_type=pb.INDEX_TYPE_IVF,
+            ivf=pb.IvfParams(nlist=4, nprobe=4, train_size=100),
+        ),
+    ],
+    ids=["float16", "ivf"],
+)
+def test_a_stored_copy_is_chosen_alone_as_in_a_batch(stub, collection):
+    """Where scores tie, FAISS's heap keeps other copies for another count: a vector stored twice
+    gave its first copy alone and its second when a top_k 30 query shared the batch (an outside
+    test, float16: 50 of 50 queries)."""
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=(200, DIM)).astype(np.float32)
+    stub.CreateCollection(pb.CreateCollectionRequest(collection=collection))
+    images = [pb.ImageInput(id=f"v{i}", vector=vector(v)) for i, v in enumerate(base)]
+    images += [pb.ImageInput(id=f"copy{i}", vector=vector(v)) for i, v in enumerate(base[:20])]
+    stub.AddImages(pb.AddImagesRequest(collection="c", images=images))
+    for i in range(20):
+        near = base[i] + 0.01 * rng.normal(size=DIM).astype(np.float32)
+        query = pb.SearchRequest(collection="c", vector=vector(near), top_k=1)
+        other = pb.SearchRequest(collection="c", vector=vector(base[i + 50]), top_k=30)
+        together = stub.SearchBatch(pb.SearchBatchRequest(queries=[query, other])).results[0].response
+        assert answer(together) == answer(stub.Search(query)), i
