@@ -429,28 +429,21 @@ class CollectionStore:
         """Row ids with one of ``labels`` among rows written up to ``upto_seq`` (the ones the index
         holds: a commit the index has not applied yet is left out), ascending: the order the rows
         were stored in, which a filtered search's equal scores keep (docs/api.md)."""
-        conn = self._reader()
-        # SQLite's json_each cuts a string at a NUL character, so labels holding one (accepted, and
-        # stored whole) are bound one by one: "a\x00b" matched the images labelled "a" (an outside test).
-        whole = [label for label in labels if "\x00" in label]
-        found = (
-            []
-            if len(whole) == len(labels)
-            else [
-                r[0]
-                for r in conn.execute(
-                    f"SELECT row_id FROM images WHERE label IN {ANY_OF} AND seq <= ?",
-                    (any_of(label for label in labels if "\x00" not in label), upto_seq),
-                )
-            ]
+        # SQLite's json_each cuts a string at a NUL character, so a label holding one (accepted, and
+        # stored whole) is bound on its own: "a\x00b" matched the images labelled "a" (an outside test).
+        plain = [label for label in labels if "\x00" not in label]
+        queries = (
+            [(f"SELECT row_id FROM images WHERE label IN {ANY_OF} AND seq <= ?", any_of(plain))]
+            if plain
+            else []
         )
-        for label in whole:
-            found += [
-                r[0]
-                for r in conn.execute(
-                    "SELECT row_id FROM images WHERE label = ? AND seq <= ?", (label, upto_seq)
-                )
-            ]
+        queries += [
+            ("SELECT row_id FROM images WHERE label = ? AND seq <= ?", label)
+            for label in labels
+            if "\x00" in label
+        ]
+        conn = self._reader()
+        found = [row[0] for sql, value in queries for row in conn.execute(sql, (value, upto_seq))]
         return np.unique(np.array(found, dtype=np.int64))
 
     def page(self, after_row_id: int, limit: int, label: str | None = None) -> list[ImageRow]:
