@@ -861,20 +861,27 @@ class Collection:
     def info(self) -> CollectionInfo:
         """What GetCollection reports, with every default resolved."""
         spec = self.spec
+        unreadable = ""
         with self._reading():
-            count = self.store.count()
             index_bytes = self.index.memory_bytes() if self.index is not None else 0
-            if self._local_bytes is None or self._local_bytes[0] != self._applied_seq:
-                local = self.store.local_features_bytes() if spec.local_features else 0
-                self._local_bytes = (self._applied_seq, local)
+            try:
+                count = self.store.count()
+                if self._local_bytes is None or self._local_bytes[0] != self._applied_seq:
+                    local = self.store.local_features_bytes() if spec.local_features else 0
+                    self._local_bytes = (self._applied_seq, local)
+            except sqlite3.DatabaseError as exc:  # damaged since it opened: say so, and let others list
+                count, self._local_bytes = 0, None
+                unreadable = (
+                    f"its store cannot be read: {exc}; restore it from a backup, or delete the collection"
+                )
         return CollectionInfo(
             spec=dataclasses.replace(spec, train_size=default_train_size(spec.nlist, spec.train_size)),
             image_count=count,
             index_bytes=index_bytes,
             index_trained=self.index_trained,
-            read_only=bool(self.problem),
-            state_reason=self.state_reason,
-            local_features_bytes=self._local_bytes[1],
+            read_only=bool(self.problem or unreadable),
+            state_reason=unreadable or self.state_reason,
+            local_features_bytes=self._local_bytes[1] if self._local_bytes else 0,
         )
 
     @property

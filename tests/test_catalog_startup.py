@@ -274,3 +274,26 @@ def test_a_store_that_lost_its_local_features_table_is_unavailable(tmp_path: Pat
     conn.commit()
     conn.close()
     assert "lost its local_features table" in unavailable(data)
+
+
+def test_a_store_damaged_while_serving_is_listed_with_its_reason(
+    data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One collection's unreadable store must not make listing fail for everyone (an outside test
+    showed INTERNAL for every ListCollections from a store damaged past its spec)."""
+    from imagesearch.server.store import CollectionStore
+
+    with catalog(data) as opened:
+        opened.create("d", extractor=TinyExtractor.name, metric="l2")
+        damaged = opened.get("c").store
+        count = CollectionStore.count
+
+        def failing(store: CollectionStore, label: str | None = None) -> int:
+            if store is damaged:
+                raise sqlite3.DatabaseError("database disk image is malformed")
+            return count(store, label)
+
+        monkeypatch.setattr(CollectionStore, "count", failing)
+        infos = {c.spec.name: c.info() for c in opened.list()}
+        assert infos["c"].read_only and "its store cannot be read" in infos["c"].state_reason
+        assert not infos["d"].read_only and infos["d"].image_count == 0
