@@ -438,11 +438,25 @@ class Collection:
     def _replay(self, index: VectorIndex, after_seq: int, upto_seq: int | None = None) -> None:
         """Apply the store's changes after ``after_seq`` (up to ``upto_seq``, else all) to ``index``."""
         upto = self.store.last_seq() if upto_seq is None else upto_seq
-        for row_ids, vectors, _ in self.store.iter_vectors(after_seq, upto_seq=upto):
-            index.add(row_ids, self.metric.prepare(vectors))
+        # In sequence order, removals between the adds: what an index holds when it trains (IVF)
+        # or learns its grid (int8) must be what it held live. All adds first, then all removals,
+        # trained a crashed collection on vectors removed before it ever reached the size (an
+        # outside test: int8 recall@10 0.99 live, 0.12 after a kill -9, for good).
         removals = self.store.removals_after(after_seq, upto_seq=upto)
-        if removals:
-            index.remove(np.array([r for _, r in removals], dtype=np.int64))
+        seqs = np.array([s for s, _ in removals], dtype=np.int64)
+        removed = np.array([r for _, r in removals], dtype=np.int64)
+        done = 0  # removals applied
+        for row_ids, vectors, row_seqs in self.store.iter_vectors(after_seq, upto_seq=upto):
+            prepared = self.metric.prepare(vectors)
+            start = 0
+            while done < len(seqs) and seqs[done] < row_seqs[-1]:
+                cut = int(np.searchsorted(row_seqs, seqs[done]))  # rows committed before that removal
+                index.add(row_ids[start:cut], prepared[start:cut])
+                end = done + int(np.searchsorted(seqs[done:], row_seqs[cut]))  # removals before the next row
+                index.remove(removed[done:end])
+                start, done = cut, end
+            index.add(row_ids[start:], prepared[start:])
+        index.remove(removed[done:])
         self._applied_seq = upto
 
     def _rebuild(self, index_spec: IndexSpec, upto_seq: int | None = None) -> VectorIndex:

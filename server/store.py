@@ -463,8 +463,8 @@ class CollectionStore:
     def iter_vectors(
         self, after_seq: int = 0, chunk: int = 4096, upto_seq: int | None = None
     ) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
-        """Yield (row_ids, raw vectors, max seq) in seq order for rows added after ``after_seq`` (and
-        up to ``upto_seq``, when given)."""
+        """Yield (row_ids, raw vectors, their seqs) in seq order for rows added after ``after_seq``
+        (and up to ``upto_seq``, when given)."""
         conn = self._reader()
         last = after_seq
         upto = MAX_SEQ if upto_seq is None else upto_seq
@@ -477,8 +477,9 @@ class CollectionStore:
                 return
             ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
             vectors = np.stack([np.frombuffer(r[1], dtype=np.float32) for r in rows])
-            last = rows[-1][2]
-            yield ids, vectors, last
+            seqs = np.fromiter((r[2] for r in rows), dtype=np.int64, count=len(rows))
+            last = int(seqs[-1])
+            yield ids, vectors, seqs
 
     def iter_labelled(self, chunk: int = 4096) -> Iterator[tuple[np.ndarray, list[str], np.ndarray]]:
         """Yield (row_ids, labels, raw vectors) of every labelled row, in row order."""

@@ -119,7 +119,7 @@ def test_iter_vectors_yields_rows_after_a_seq_in_seq_order_in_chunks(store: Coll
     assert [len(ids) for ids, _, _ in chunks] == [2, 2, 1]
     row_ids = np.concatenate([ids for ids, _, _ in chunks]).tolist()
     assert row_ids == [5, 6, 7, 8, 9]  # r4 (seq 5), then s0..s3 (seqs 8-11); r3 is gone
-    assert [last for _, _, last in chunks] == [8, 10, 11]
+    assert [seqs.tolist() for _, _, seqs in chunks] == [[5, 8], [9, 10], [11]]
     expected = np.stack([vector_for(i) for i in ["r4", "s0", "s1", "s2", "s3"]])
     assert np.array_equal(np.concatenate([v for _, v, _ in chunks]), expected)
     assert all(ids.dtype == np.int64 and v.dtype == np.float32 for ids, v, _ in chunks)
