@@ -26,6 +26,7 @@ from imagesearch.client.client import ImageSearchClient
 from imagesearch.client.errors import (
     Aborted,
     AlreadyExists,
+    DataLoss,
     DeadlineExceeded,
     ErrorDetails,
     FailedPrecondition,
@@ -70,6 +71,7 @@ __all__ = [
     "CallOptions",
     "Classification",
     "CollectionInfo",
+    "DataLoss",
     "DeadlineExceeded",
     "ErrorDetails",
     "ExtractorInfo",

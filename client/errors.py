@@ -132,6 +132,11 @@ class Internal(ImageSearchError):
     """A server-side bug; report it with the ``request_id``."""
 
 
+class DataLoss(ImageSearchError):
+    """A collection's store is damaged (reason ``STORE_DAMAGED``): its operator must restore it from
+    a backup or delete it; retrying will not help."""
+
+
 ERROR_CLASSES: Mapping[grpc.StatusCode, type[ImageSearchError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.NOT_FOUND: NotFound,
@@ -143,6 +148,7 @@ ERROR_CLASSES: Mapping[grpc.StatusCode, type[ImageSearchError]] = {
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.INTERNAL: Internal,
     grpc.StatusCode.ABORTED: Aborted,
+    grpc.StatusCode.DATA_LOSS: DataLoss,
 }
 """Status code -> exception class; any other code raises the base ImageSearchError."""
 

@@ -419,7 +419,7 @@ class Collection:
                 )
             return self._rebuild(index_spec)
         self._snapshot_seq = seq
-        self._replay(index, after_seq=seq)
+        compacted_live = self._replay(index, after_seq=seq)
         if index.size != self.store.count():
             log.warning(
                 "collection %s: index holds %d vectors after replay but the store %d; rebuilding",
@@ -428,15 +428,17 @@ class Collection:
                 self.store.count(),
             )
             return self._rebuild(index_spec)
-        if index.needs_compaction():  # removals replayed as tombstones after a crash
+        if compacted_live or index.needs_compaction():  # removals replayed as tombstones after a crash
             log.info(
                 "collection %s: %d tombstones after replay; compacting", self.spec.name, len(index.tombstones)
             )
             return self._rebuild(index_spec)
         return index
 
-    def _replay(self, index: VectorIndex, after_seq: int, upto_seq: int | None = None) -> None:
-        """Apply the store's changes after ``after_seq`` (up to ``upto_seq``, else all) to ``index``."""
+    def _replay(self, index: VectorIndex, after_seq: int, upto_seq: int | None = None) -> bool:
+        """Apply the store's changes after ``after_seq`` (up to ``upto_seq``, else all) to ``index``.
+        True if the tombstones ever passed the compaction threshold on the way, as the live
+        collection then compacted (adds after it can bring them back under: an outside test)."""
         upto = self.store.last_seq() if upto_seq is None else upto_seq
         # In sequence order, removals between the adds: what an index holds when it trains (IVF)
         # or learns its grid (int8) must be what it held live. All adds first, then all removals,
@@ -445,7 +447,7 @@ class Collection:
         removals = self.store.removals_after(after_seq, upto_seq=upto)
         seqs = np.array([s for s, _ in removals], dtype=np.int64)
         removed = np.array([r for _, r in removals], dtype=np.int64)
-        done = 0  # removals applied
+        done, compacted = 0, False  # removals applied; whether the live collection compacted
         for row_ids, vectors, row_seqs in self.store.iter_vectors(after_seq, upto_seq=upto):
             prepared = self.metric.prepare(vectors)
             start = 0
@@ -454,10 +456,12 @@ class Collection:
                 index.add(row_ids[start:cut], prepared[start:cut])
                 end = done + int(np.searchsorted(seqs[done:], row_seqs[cut]))  # removals before the next row
                 index.remove(removed[done:end])
+                compacted |= index.needs_compaction()
                 start, done = cut, end
             index.add(row_ids[start:], prepared[start:])
         index.remove(removed[done:])
         self._applied_seq = upto
+        return compacted or index.needs_compaction()
 
     def _rebuild(self, index_spec: IndexSpec, upto_seq: int | None = None) -> VectorIndex:
         index = VectorIndex(index_spec)

@@ -133,6 +133,31 @@ class Unavailable(ImageSearchError):
     code = 14
 
 
+class StoreDamaged(ImageSearchError):
+    """A collection's SQLite file turned out corrupt while serving: DATA_LOSS, the status gRPC keeps
+    for unrecoverable corruption, with what an operator can do (not INTERNAL: no bug of ours)."""
+
+    reason = "STORE_DAMAGED"
+    code = 15
+
+
+def is_corruption(exc: BaseException) -> bool:
+    """Whether ``exc`` is SQLite finding its file corrupt (SQLITE_CORRUPT, SQLITE_NOTADB)."""
+    corrupt = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+    return isinstance(exc, sqlite3.DatabaseError) and (
+        getattr(exc, "sqlite_errorcode", None) in corrupt or "malformed" in str(exc)
+    )
+
+
+def store_damaged(exc: sqlite3.DatabaseError) -> StoreDamaged:
+    damaged = StoreDamaged(
+        f"the collection's store is damaged ({exc}), so the request failed; restore the collection "
+        "from a backup, or delete it"
+    )
+    log.error("%s", damaged.message)  # the operator's to fix
+    return damaged
+
+
 class Internal(ImageSearchError):
     """A bug or a broken invariant on the server side (never the client's fault)."""
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import sqlite3
 import time
 import uuid
 from collections import deque
@@ -189,7 +190,12 @@ def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
         try:
             if isinstance(request, MalformedRequest):
                 raise request.error()
-            return await method(self, request, context)
+            try:
+                return await method(self, request, context)
+            except sqlite3.DatabaseError as exc:  # a store damaged while serving: DATA_LOSS, not INTERNAL
+                if not errors.is_corruption(exc):
+                    raise
+                raise errors.store_damaged(exc) from exc
         except (errors.ImageSearchError, StreamFailure) as caught:
             error, extra, trailers = caught, (), ()
             if isinstance(caught, StreamFailure):

@@ -582,6 +582,14 @@ def test_hnsw_removals_replayed_after_a_crash_are_compacted(tmp_path: Path) -> N
     queries = np.stack([base[f"img{n}"].vector for n in range(0, 200, 10)])
     for hits in again.search_many(queries, [200] * len(queries)):
         assert sorted(hit.id for hit in hits) == sorted(base)
+    add(again, base, rows(800, 300))  # past the quarter again, then adds bring it back under
+    again.snapshot()
+    remove(again, base, [f"img{n}" for n in range(800, 950)])
+    assert again.live_index().tombstones.size == 0, "compacted live"
+    add(again, base, rows(1100, 400))
+    again.close(snapshot=False)
+    again = reopen(again)
+    assert again.live_index().tombstones.size == 0, "and after the crash, though the adds replayed after it"
     again.close(snapshot=False)
 
 

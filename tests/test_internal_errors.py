@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
 
 import grpc
 import numpy as np
 import pytest
 
+from imagesearch.client import DataLoss, ImageItem, ImageSearchClient
 from imagesearch.plugins.hookspecs import hookimpl
 from imagesearch.server.app import run_server
+from imagesearch.server.store import CollectionStore
 from imagesearch.v1 import image_search_service_pb2 as pb
 from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
 from tests.conftest import tiny_config
@@ -78,6 +81,34 @@ def test_every_domain_error_has_its_own_status():
         errors.Unavailable: "UNAVAILABLE",
         errors.Aborted: "ABORTED",
         errors.Internal: "INTERNAL",
+        errors.StoreDamaged: "DATA_LOSS",
     }
     assert set(expected) == set(errors.ImageSearchError.__subclasses__())
     assert {cls: status_of(cls("x")).name for cls in expected} == expected
+
+
+def test_a_store_damaged_while_serving_is_data_loss_with_what_to_do(server, stub, monkeypatch):
+    """SQLite finding a collection's file corrupt mid-request is no bug of ours: DATA_LOSS
+    (STORE_DAMAGED) saying what an operator can do, not INTERNAL (an outside test saw INTERNAL);
+    other SQLite errors stay INTERNAL."""
+    stub.CreateCollection(pb.CreateCollectionRequest(collection=pb.Collection(name="c", metric="l2")))
+    failure = sqlite3.DatabaseError("database disk image is malformed")
+
+    def failing(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(CollectionStore, "existing_ids", failing)
+    image = pb.ImageInput(id="a", vector=pb.FloatVector(values=[1.0] * TinyExtractor.dim))
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.AddImages(pb.AddImagesRequest(collection="c", images=[image]))
+    assert refused.value.code() == grpc.StatusCode.DATA_LOSS
+    assert (
+        "store is damaged" in refused.value.details() and "restore the collection" in refused.value.details()
+    )
+    with ImageSearchClient(server.target) as client, pytest.raises(DataLoss) as raised:
+        client.add_images([ImageItem(id="b", vector=np.ones(TinyExtractor.dim, np.float32))], collection="c")
+    assert raised.value.reason == "STORE_DAMAGED"
+    failure = sqlite3.OperationalError("database is locked")
+    with pytest.raises(grpc.RpcError) as other:
+        stub.AddImages(pb.AddImagesRequest(collection="c", images=[image]))
+    assert other.value.code() == grpc.StatusCode.INTERNAL
