@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -43,6 +44,7 @@ from imagesearch.server.errors import (
     ResourceExhausted,
     Unavailable,
     shown,
+    store_damage_reported,
 )
 from imagesearch.server.extraction import Extraction
 from imagesearch.server.imaging import DecodedImage
@@ -70,6 +72,7 @@ from imagesearch.server.searching import Searching
 from imagesearch.server.store import ImageRow, NewImage
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def _already_stored(image_id: str, collection: Collection, prefix: str) -> AlreadyExists:
@@ -87,6 +90,19 @@ def _left_as_it_is(error: AlreadyExists, prefix: str) -> AlreadyExists:
 
 
 MAX_SEED = 2**31 - 1  # FAISS k-means takes a C int
+
+
+def _reports_store_damage(method: Callable[..., T]) -> Callable[..., T]:
+    """A use case on one collection (its name first) that reports SQLite finding that collection's
+    file corrupt as StoreDamaged, naming it: a stream then says what it stored before, as for any
+    failure of ours."""
+
+    @functools.wraps(method)
+    def wrapped(self: Engine, collection_name: str, *args: Any, **kwargs: Any) -> T:
+        with store_damage_reported(collection_name):
+            return method(self, collection_name, *args, **kwargs)
+
+    return wrapped
 
 
 def _ms(start: float) -> float:
@@ -174,6 +190,7 @@ class Engine:
         return row, image.pixels
 
     # -- add -----------------------------------------------------------------------------
+    @_reports_store_damage
     def add_images(
         self,
         collection_name: str,
@@ -328,6 +345,7 @@ class Engine:
         return self.searching.classify(query, deadline)
 
     # -- the rest ---------------------------------------------------------------------------
+    @_reports_store_damage
     def remove_images(
         self, collection_name: str, ids: Sequence[str], allow_missing: bool, deadline: float | None = None
     ) -> int:
@@ -348,6 +366,7 @@ class Engine:
         check_deadline(deadline, "removing the images")
         return collection.remove(list(dict.fromkeys(ids)))
 
+    @_reports_store_damage
     def get_image(
         self, collection_name: str, image_id: str, with_original: bool, with_vector: bool
     ) -> ImageRow:
@@ -362,6 +381,7 @@ class Engine:
             raise InvalidArgument("page_size must be >= 0", field="page_size", reason="BAD_PAGE_SIZE")
         return min(page_size or self.limits.default_page_size, self.limits.max_page_size)
 
+    @_reports_store_damage
     def list_images(
         self, collection_name: str, page_size: int, page_token: str, label: str
     ) -> tuple[list[ImageRow], str, int]:

@@ -149,13 +149,27 @@ def is_corruption(exc: BaseException) -> bool:
     )
 
 
-def store_damaged(exc: sqlite3.DatabaseError) -> StoreDamaged:
+def store_damaged(exc: sqlite3.DatabaseError, collection: str = "") -> StoreDamaged:
+    """The DATA_LOSS a corrupt store gives, naming the collection when known, and logged."""
+    whose = f"collection {shown(collection)}'s store" if collection else "the collection's store"
     damaged = StoreDamaged(
-        f"the collection's store is damaged ({exc}), so the request failed; restore the collection "
-        "from a backup, or delete it"
+        f"{whose} is damaged ({exc}), so the request failed; restore the collection from a backup, "
+        "or delete it"
     )
     log.error("%s", damaged.message)  # the operator's to fix
     return damaged
+
+
+@contextmanager
+def store_damage_reported(collection: str) -> Iterator[None]:
+    """Turn SQLite finding ``collection``'s file corrupt into StoreDamaged, an error of ours, so a
+    batch, a stream or a query of a SearchBatch reports it as it reports any other."""
+    try:
+        yield
+    except sqlite3.DatabaseError as exc:
+        if not is_corruption(exc):
+            raise
+        raise store_damaged(exc, collection) from exc
 
 
 class Internal(ImageSearchError):

@@ -41,6 +41,7 @@ from imagesearch.server.errors import (
     InvalidArgument,
     ResourceExhausted,
     shown,
+    store_damage_reported,
 )
 from imagesearch.server.extraction import Extraction, checked_vectors
 from imagesearch.server.imaging import decode_image
@@ -224,7 +225,8 @@ class Searching:
         plans: list[_Plan | ImageSearchError] = []
         for position, query in enumerate(queries):
             try:
-                plans.append(self._plan(query, deadline))
+                with store_damage_reported(query.collection):
+                    plans.append(self._plan(query, deadline))
             except ImageSearchError as error:
                 plans.append(_for_query(error, position, len(queries)))
         return plans
@@ -479,14 +481,15 @@ class Searching:
         for positions in groups.values():
             first = pending[positions[0]]
             try:
-                found = first.collection.search_many(
-                    as_matrix([pending[p].vector for p in positions], len(first.vector)),
-                    [pending[p].k for p in positions],
-                    first.labels,
-                    first.override,
-                    [pending[p].exclude for p in positions],
-                    first.version,
-                )
+                with store_damage_reported(first.collection.spec.name):
+                    found = first.collection.search_many(
+                        as_matrix([pending[p].vector for p in positions], len(first.vector)),
+                        [pending[p].k for p in positions],
+                        first.labels,
+                        first.override,
+                        [pending[p].exclude for p in positions],
+                        first.version,
+                    )
             except ImageSearchError as error:
                 found = [error] * len(positions)
             except Exception as exc:  # a bug in one group must not fail the others sharing the batch

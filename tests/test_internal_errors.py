@@ -112,3 +112,55 @@ def test_a_store_damaged_while_serving_is_data_loss_with_what_to_do(server, stub
     with pytest.raises(grpc.RpcError) as other:
         stub.AddImages(pb.AddImagesRequest(collection="c", images=[image]))
     assert other.value.code() == grpc.StatusCode.INTERNAL
+
+
+def test_store_damage_fails_only_its_own_queries_and_a_stream_says_what_it_stored(server, stub, monkeypatch):
+    """The damaged collection's searches are DATA_LOSS naming it (a search by vector was INTERNAL
+    "search failed"), a SearchBatch's query on another collection is still answered (the whole
+    batch failed), and a stream's status counts what it stored first (it said nothing): the
+    fourth outside test."""
+    from imagesearch.server.servicer import ADDED_COUNT_KEY
+
+    for name in ("c", "d"):
+        stub.CreateCollection(pb.CreateCollectionRequest(collection=pb.Collection(name=name, metric="l2")))
+    vectors = [pb.FloatVector(values=[float(i)] * TinyExtractor.dim) for i in range(10)]
+    for name in ("c", "d"):
+        images = [pb.ImageInput(id=f"{name}{i}", vector=v) for i, v in enumerate(vectors[:5])]
+        stub.AddImages(pb.AddImagesRequest(collection=name, images=images))
+    damaged = server.engine.catalog.get("c").store
+    real_rows, real_existing = CollectionStore.rows_by_row_id, CollectionStore.existing_ids
+    malformed = sqlite3.DatabaseError("database disk image is malformed")
+
+    def rows(store, row_ids):
+        if store is damaged:
+            raise malformed
+        return real_rows(store, row_ids)
+
+    def existing(store, ids):
+        if store is damaged and "s1" in ids:  # the stream's second chunk meets the damage
+            raise malformed
+        return real_existing(store, ids)
+
+    monkeypatch.setattr(CollectionStore, "existing_ids", existing)
+    chunks = [
+        pb.AddImagesStreamRequest(collection="c", images=[pb.ImageInput(id="s0", vector=vectors[5])]),
+        pb.AddImagesStreamRequest(images=[pb.ImageInput(id="s1", vector=vectors[6])]),
+    ]
+    with pytest.raises(grpc.RpcError) as streamed:
+        stub.AddImagesStream(iter(chunks))
+    assert streamed.value.code() == grpc.StatusCode.DATA_LOSS
+    assert (ADDED_COUNT_KEY, "1") in streamed.value.trailing_metadata()
+    monkeypatch.setattr(CollectionStore, "rows_by_row_id", rows)
+    with pytest.raises(grpc.RpcError) as searched:
+        stub.Search(pb.SearchRequest(collection="c", vector=vectors[1], top_k=3))
+    assert searched.value.code() == grpc.StatusCode.DATA_LOSS and "collection 'c'" in searched.value.details()
+    batch = stub.SearchBatch(
+        pb.SearchBatchRequest(
+            queries=[
+                pb.SearchRequest(collection="d", vector=vectors[1], top_k=3),
+                pb.SearchRequest(collection="c", vector=vectors[2], top_k=3),
+            ]
+        )
+    )
+    assert batch.results[0].response.hits[0].id == "d1"
+    assert batch.results[1].code == grpc.StatusCode.DATA_LOSS.value[0]
