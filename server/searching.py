@@ -252,9 +252,8 @@ class Searching:
                 continue
             metric = plan.override or plan.collection.metric
             if any(math.isnan(hit.score) for hit in hits):
-                outcomes.append(
-                    Internal(f"metric {metric.name!r} produced NaN scores", reason="METRIC_FAILED")
-                )
+                failed = Internal(f"metric {metric.name!r} produced NaN scores", reason="METRIC_FAILED")
+                outcomes.append(_for_query(failed, position, len(plans)))
                 continue
             timings = Timings(plan.decode_ms, plan.extract_ms, search_ms, _ms(started), plan.rerank_ms)
             outcomes.append(SearchOutcome(hits, timings, metric.name, plan.predicted))

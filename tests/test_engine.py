@@ -23,6 +23,7 @@ import pytest
 
 from imagesearch.plugins import hookimpl
 from imagesearch.plugins.manager import PluginRegistry
+from imagesearch.plugins.metrics import L2
 from imagesearch.plugins.types import FLAT, HNSW, IVF
 from imagesearch.server.catalog import Catalog
 from imagesearch.server.collection import Collection, Hit
@@ -1065,3 +1066,26 @@ def test_classify_names_neighbors_when_it_is_out_of_range(engine: Engine, neighb
     error = raises(InvalidArgument, "BAD_TOP_K", lambda: engine.classify(query))
     assert error.field == "neighbors"
     assert error.message.startswith(f"neighbors {neighbors}" if neighbors > 0 else "neighbors must be >= 0")
+
+
+class NaNScores:
+    """A metric plugin whose scores are NaN: a plugin bug the engine must report, query by query."""
+
+    @hookimpl
+    def register_metrics(self, register) -> None:
+        register(dataclasses.replace(L2, name="nan-scores", to_score=lambda d: np.full(np.shape(d), np.nan)))
+
+
+def test_nan_scores_are_internal_for_each_query_and_named_in_a_batch(tmp_path: Path) -> None:
+    """METRIC_FAILED, like any error of one query of a batch, names the query (an outside reading
+    of the code: it was the only one without ``queries[i]``)."""
+    with open_engine(tmp_path, TINY_PLUGIN, ("nan-scores", NaNScores())) as engine:
+        engine.create_collection(NewCollection(name="n", metric="nan-scores"))
+        engine.add_images("n", vector_items(0, 4))
+        query = SearchQuery(collection="n", vector=vector(1), top_k=2)
+        with pytest.raises(Internal) as alone:
+            engine.search(query)
+        assert alone.value.reason == "METRIC_FAILED" and not alone.value.message.startswith("queries[")
+        outcomes = engine.search_batch([query, query])
+        assert [o.reason for o in outcomes] == ["METRIC_FAILED"] * 2  # type: ignore[union-attr]
+        assert outcomes[1].message.startswith("queries[1]: ")  # type: ignore[union-attr]
