@@ -443,7 +443,7 @@ class Collection:
         # In sequence order, removals between the adds: what an index holds when it trains (IVF)
         # or learns its grid (int8) must be what it held live. All adds first, then all removals,
         # trained a crashed collection on vectors removed before it ever reached the size (an
-        # outside test: int8 recall@10 0.99 live, 0.12 after a kill -9, for good).
+        # outside test: int8 recall collapsed after a kill -9, for good).
         removals = self.store.removals_after(after_seq, upto_seq=upto)
         seqs = np.array([s for s, _ in removals], dtype=np.int64)
         removed = np.array([r for _, r in removals], dtype=np.int64)

@@ -396,7 +396,7 @@ class VectorIndex:
     def _int8_index(self, ids: np.ndarray, vectors: np.ndarray) -> faiss.Index:
         """The 8-bit grid learnt from ``vectors`` (see INT8_LEARN_SIZE), holding them."""
         # Quantiles, not the extremes: one odd vector among the first 1,000 widened every dimension's
-        # range and cut the recall of the rest (an outside test: 1.0 to 0.79); beyond them it is an
+        # range and cut the recall of the rest (an outside test: by a fifth); beyond them it is an
         # outlier like any other, re-scored by every search.
         low, high = np.quantile(vectors, [INT8_TRIM, 1 - INT8_TRIM], axis=0)
         centre = (low + high) / 2
@@ -592,8 +592,8 @@ class VectorIndex:
     def needs_compaction(self) -> bool:
         """HNSW past a quarter of tombstones: rebuilt without them. Removed nodes still take room in
         the search's beam, so a graph that is mostly tombstones loses recall and returns fewer
-        hits than it holds (an outside test, 600 of 800 removed: recall@10 0.46 against 0.84
-        fresh). A quarter keeps a rebuild's cost, O(size), at O(1) a removal however small the
+        hits than it holds (an outside test, 600 of 800 removed: half the recall of a fresh
+        graph). A quarter keeps a rebuild's cost, O(size), at O(1) a removal however small the
         collection (there used to be a floor of 1,000 tombstones, which is what let small
         collections decay)."""
         return self.spec.kind == HNSW and len(self._tombstones) > self._index.ntotal // 4
