@@ -144,11 +144,7 @@ class Catalog:
                 f"collection is not there already) or move it out of {self._root}, and restart the "
                 "server"
             )
-        unwritable = [
-            f
-            for f in (path / STORE_FILE, *(path / f"{STORE_FILE}{end}" for end in ("-wal", "-shm")))
-            if f.exists() and not os.access(f, os.R_OK | os.W_OK)
-        ]
+        unwritable = _unwritable_store_files(path)
         if unwritable:  # SQLite would open it read-only without a word, and fail every write
             raise PermissionError(f"no read-write access to {unwritable[0]}")
         metric = self.registry.metrics.get(spec.metric)
@@ -380,14 +376,21 @@ def _why_unopenable(directory: Path, exc: Exception) -> str:
             f"{STORE_FILE} is missing from {directory}; nothing was changed. Put the file back (or "
             "restore it from a backup) and restart the server"
         )
-    wal_files = [store, *(store.with_name(store.name + end) for end in ("-wal", "-shm"))]
-    unwritable = [f for f in wal_files if f.exists() and not os.access(f, os.R_OK | os.W_OK)]
+    unwritable = _unwritable_store_files(directory)
     if unwritable:
         return _no_access(unwritable[0], exc)
     return (
         f"{directory} cannot be opened: {exc}. Nothing was changed; restore it from a backup, or "
         "delete the collection"
     )
+
+
+def _unwritable_store_files(directory: Path) -> list[Path]:
+    """The store's files (the database, its WAL and shared memory) that exist but that the server
+    may not read and write."""
+    store = directory / STORE_FILE
+    files = [store, *(store.with_name(store.name + end) for end in ("-wal", "-shm"))]
+    return [f for f in files if f.exists() and not os.access(f, os.R_OK | os.W_OK)]
 
 
 def _no_access(path: Path, exc: Exception) -> str:

@@ -400,11 +400,7 @@ class Collection:
         collection serve as READY without its local features (an outside test) or its trained
         state."""
         needed = {"local_features"} if spec.local_features else set()
-        needed |= {"extractor_state"} if spec.trainable else set()
-        missing = sorted(needed - self.store.tables_at_open)
-        if missing:
-            self.store.close()
-            raise sqlite3.DatabaseError(f"the store has lost its {', '.join(missing)} table(s) (damaged)")
+        self.store.require_tables(needed | ({"extractor_state"} if spec.trainable else set()))
 
     def _load_index(self) -> VectorIndex:
         """Snapshot plus the store's tail; a full rebuild when the snapshot is unusable or disagrees."""

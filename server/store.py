@@ -121,7 +121,12 @@ class ImageRow(HitRow):
 # variable (SQLite refuses more variables than its limit: a SearchBatch of 256 queries of 1,000 hits
 # asked for 256,000 rows, and a query with 300,000 labels failed).
 ANY_OF = "(SELECT value FROM json_each(?))"
-MAX_SEQ = 2**63 - 1  # past any sequence number (SQLite integers are 64-bit)
+MAX_SEQ = 2**63 - 1
+CORE_TABLES = (
+    "meta",
+    "images",
+    "removals",
+)  # in every store since the first version  # past any sequence number (SQLite integers are 64-bit)
 
 
 def any_of(values: Iterable[object]) -> str:
@@ -177,26 +182,28 @@ class CollectionStore:
         ``migrate`` adds the tables later versions brought (not when only the spec is read: the
         collection checks first that none it relies on was lost, ``tables_at_open``)."""
         self.path = path
-        self.tables_at_open: frozenset[str] = frozenset()  # an existing store's tables (``_check_tables``)
-        self._writer = _connect(path, create, page_size)
-        if not create:
-            self._check_tables()
-        if create or migrate:
-            self._writer.executescript(SCHEMA)
+        self.tables_at_open: frozenset[str] = frozenset()  # an existing store's tables (``require_tables``)
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
+        self._writer = _connect(path, create, page_size)
+        if not create:
+            self.tables_at_open = frozenset(
+                r[0] for r in self._writer.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            )
+            self.require_tables(CORE_TABLES)
+        if create or migrate:
+            self._writer.executescript(SCHEMA)
         self.identity = self._identity()
 
-    def _check_tables(self) -> None:
-        """An existing store keeps its images: SCHEMA would make an empty table in place of a lost
-        one, and the collection would serve as READY with no images (an outside test). Tables
-        added by later versions (local features, extractor state) are still made."""
-        tables = {r[0] for r in self._writer.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        self.tables_at_open = frozenset(tables)
-        missing = sorted({"meta", "images", "removals"} - tables)
+    def require_tables(self, names: Iterable[str]) -> None:
+        """sqlite3.DatabaseError (the store closed) unless an existing store held ``names`` when it
+        opened: SCHEMA would make an empty table in place of a lost one, and the collection serve
+        as READY without its images (an outside test). CORE_TABLES every store has had; a
+        collection requires the later ones its spec relies on."""
+        missing = sorted(set(names) - self.tables_at_open)
         if missing:
-            self._writer.close()
+            self.close()
             raise sqlite3.DatabaseError(f"the store has lost its {', '.join(missing)} table(s) (damaged)")
 
     # -- connections -----------------------------------------------------------
