@@ -27,7 +27,6 @@ import numpy as np
 
 from imagesearch.plugins.types import (
     FLAT,
-    HNSW,
     IVF,
     Extractor,
     LocalFeatures,
@@ -647,7 +646,7 @@ class Collection:
         that grows with it, and where scores tie FAISS's heap keeps other copies for another count
         (float16 and IVF: an outside test, one vector stored twice). Such queries share an index
         call only with queries that ask for as many; float32 flat ranks exactly, ties by id."""
-        return self.spec.index_type == HNSW or self.spec.storage != FLOAT32 or self.spec.index_type == IVF
+        return not (self.spec.index_type == FLAT and self.spec.storage == FLOAT32)
 
     def search_many(
         self,

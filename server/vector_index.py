@@ -205,7 +205,11 @@ class VectorIndex:
         self._tombstones: set[int] = set() if tombstones is None else {int(t) for t in tombstones}
         self.training_error = ""
         self._largest_norm: float | None = None  # of any vector held here (``_norm_bound``)
-        self._outliers: set[int] = self._clipped(self.ids(), self._codes()) if self.quantized else set()
+        self._outliers: set[int] = (
+            self._clipped(self.ids(), _codes(faiss.downcast_index(self._index.index)))
+            if self.quantized
+            else set()
+        )
         self._warned_outliers = False
 
     def _empty(self) -> faiss.Index:
@@ -248,13 +252,6 @@ class VectorIndex:
         """Ids of int8 vectors with a component at the edge of the grid (clipped, or all but): a
         search must re-score them whatever their codes say."""
         return np.fromiter(sorted(self._outliers), dtype=np.int64, count=len(self._outliers))
-
-    def _codes(self) -> np.ndarray:
-        """An int8 index's codes, one row a vector in ids() order (a view of FAISS's storage)."""
-        inner = faiss.downcast_index(self._index.index)
-        return faiss.rev_swig_ptr(inner.codes.data(), inner.ntotal * inner.code_size).reshape(
-            inner.ntotal, inner.code_size
-        )
 
     @staticmethod
     def _clipped(ids: np.ndarray, codes: np.ndarray) -> set[int]:
@@ -327,9 +324,10 @@ class VectorIndex:
         self._index.add_with_ids(prepared, ids)
         if self._largest_norm is not None:
             self._largest_norm = max(self._largest_norm, _largest_norm(prepared))
-        if self.quantized:
-            inner = faiss.downcast_index(self._index.index)
-            self._note_outliers(self._clipped(ids, inner.sa_encode(prepared)))
+        if self.quantized:  # the codes just stored, the last rows (read, not encoded again)
+            self._note_outliers(
+                self._clipped(ids, _codes(faiss.downcast_index(self._index.index))[-len(ids) :])
+            )
         if self._will_train() and self._index.ntotal >= self._train_size():
             self._train()
 
@@ -406,7 +404,7 @@ class VectorIndex:
         quantizer.train(grid.astype(np.float32))
         index = faiss.IndexIDMap2(quantizer)
         index.add_with_ids(vectors, ids)
-        self._outliers = self._clipped(ids, quantizer.sa_encode(vectors))
+        self._outliers = self._clipped(ids, _codes(quantizer))
         return index
 
     def _trained_ivf(self, vectors: np.ndarray) -> faiss.Index:
@@ -597,6 +595,12 @@ class VectorIndex:
         collection (there used to be a floor of 1,000 tombstones, which is what let small
         collections decay)."""
         return self.spec.kind == HNSW and len(self._tombstones) > self._index.ntotal // 4
+
+
+def _codes(quantizer: faiss.IndexScalarQuantizer) -> np.ndarray:
+    """A scalar quantiser's codes, one row a vector in storage order (a view, no copy)."""
+    count, size = quantizer.ntotal, quantizer.code_size
+    return faiss.rev_swig_ptr(quantizer.codes.data(), count * size).reshape(count, size)
 
 
 def exact_top_k(
