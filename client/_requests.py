@@ -458,6 +458,16 @@ def list_collections(page_token: str = "") -> Rpc[tuple[list[CollectionInfo], st
     )
 
 
+def unavailable_collections() -> Rpc[dict[str, str]]:
+    """Collections the server could not open, name to reason (ListCollections' first page
+    carries them all; one collection per page keeps the rest of the answer small)."""
+    return Rpc(
+        _method("ListCollections"),
+        pb.ListCollectionsRequest(page_size=1),
+        lambda r: {u.name: u.reason for u in r.unavailable},
+    )
+
+
 def delete_collection(name: str) -> Rpc[None]:
     if not name:
         raise ValueError("delete_collection needs a collection name")

@@ -312,6 +312,10 @@ class AsyncImageSearchClient(ClientBase):
             collections += page
         return collections
 
+    async def unavailable_collections(self, **options: Unpack[CallOptions]) -> dict[str, str]:
+        """See ``ImageSearchClient.unavailable_collections``."""
+        return await self._call(R.unavailable_collections(), options)
+
     async def delete_collection(self, name: str, **options: Unpack[CallOptions]) -> None:
         """See ``ImageSearchClient.delete_collection``."""
         await self._call(R.delete_collection(name), options)

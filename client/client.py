@@ -374,6 +374,12 @@ class ImageSearchClient(ClientBase):
             collections += page
         return collections
 
+    def unavailable_collections(self, **options: Unpack[CallOptions]) -> dict[str, str]:
+        """Collections on the server's disk that it could not open (a damaged or unwritable store,
+        a copied directory, a missing metric plugin), name to reason and what to do; not in
+        ``list_collections``. ``delete_collection`` clears one."""
+        return self._call(R.unavailable_collections(), options)
+
     def delete_collection(self, name: str, **options: Unpack[CallOptions]) -> None:
         """Delete a collection and everything stored in it."""
         self._call(R.delete_collection(name), options)

@@ -194,6 +194,11 @@ class Catalog:
     def list(self) -> list[Collection]:
         return sorted(self._collections.values(), key=lambda c: c.spec.name)
 
+    def unavailable(self) -> dict[str, str]:
+        """Collections on disk that could not be opened, by name, each with its reason."""
+        with self._mutex:
+            return dict(sorted(self._unavailable.items()))
+
     def _local(self, spec: CollectionSpec) -> LocalFeatures | None:
         registered = self.registry.local_features.get(spec.local_features) if spec.local_features else None
         return None if registered is None else registered.item

@@ -450,8 +450,12 @@ class Engine:
         """Every serving collection, sorted by name."""
         return [c.info() for c in self.catalog.list()]
 
-    def list_collections(self, page_size: int, page_token: str) -> tuple[list[CollectionInfo], str]:
-        """Collections sorted by name, paginated by name (stable while collections come and go)."""
+    def list_collections(
+        self, page_size: int, page_token: str
+    ) -> tuple[list[CollectionInfo], str, dict[str, str]]:
+        """Collections sorted by name, paginated by name (stable while collections come and go),
+        and on the first page those that could not be opened, with why: an operator listing the
+        server must see them, apart from the collections whose fields they cannot fill."""
         size = self._page_size(page_size)
         after = decode_page_token(page_token, "collections")
         if after is not None and not NAME_PATTERN.fullmatch(after):
@@ -459,7 +463,8 @@ class Engine:
         remaining = [c for c in self.catalog.list() if after is None or c.spec.name > after]
         page = remaining[:size]
         token = encode_page_token(page[-1].spec.name, "collections") if len(remaining) > size else ""
-        return [c.info() for c in page], token
+        unavailable = self.catalog.unavailable() if after is None else {}
+        return [c.info() for c in page], token, unavailable
 
     def list_plugins(self) -> PluginList:
         """What the plugins registered, and what went wrong loading them."""

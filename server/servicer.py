@@ -732,9 +732,13 @@ class ImageSearchServicer(pb_grpc.ImageSearchServiceServicer):
     async def ListCollections(
         self, request: pb.ListCollectionsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListCollectionsResponse:
-        infos, token = await self._read(self.engine.list_collections, request.page_size, request.page_token)
+        infos, token, unavailable = await self._read(
+            self.engine.list_collections, request.page_size, request.page_token
+        )
         return pb.ListCollectionsResponse(
-            collections=[collection_message(info) for info in infos], next_page_token=token
+            collections=[collection_message(info) for info in infos],
+            next_page_token=token,
+            unavailable=[pb.UnavailableCollection(name=n, reason=r) for n, r in unavailable.items()],
         )
 
     @rpc

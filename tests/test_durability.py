@@ -8,6 +8,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from imagesearch.client import ImageSearchClient
 from imagesearch.server.app import run_server
 from imagesearch.server.collection import SNAPSHOT_FILE
 from imagesearch.server.errors import DataDirLocked
@@ -150,6 +151,12 @@ def test_an_unreadable_store_is_reported_while_the_others_serve(data_dir):
         assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "collections/other" in caught.value.details()
         assert "file is not a database" in caught.value.details()
+        listed = stub.ListCollections(pb.ListCollectionsRequest(page_size=1))
+        assert [c.name for c in listed.collections] == ["default"] and not listed.next_page_token
+        (unopened,) = listed.unavailable  # apart, with the same reason GetCollection gives
+        assert unopened.name == "other" and unopened.reason in caught.value.details()
+        with ImageSearchClient(running.target) as client:
+            assert client.unavailable_collections() == {"other": unopened.reason}
         with pytest.raises(grpc.RpcError) as caught:
             stub.CreateCollection(pb.CreateCollectionRequest(collection=pb.Collection(name="other")))
         assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
@@ -157,4 +164,5 @@ def test_an_unreadable_store_is_reported_while_the_others_serve(data_dir):
         with pytest.raises(grpc.RpcError) as caught:
             health_of(health, "other")
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        assert not stub.ListCollections(pb.ListCollectionsRequest()).unavailable
     assert not (data_dir / "collections" / "other").exists()

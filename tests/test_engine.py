@@ -824,16 +824,16 @@ def test_page_tokens_are_bound_to_their_listing(engine: Engine) -> None:
 def test_list_collections_pagination(engine: Engine) -> None:
     for name in ("e", "b", "d", "a"):
         engine.create_collection(NewCollection(name=name, metric="l2"))
-    first, token = engine.list_collections(2, "")
-    assert [c.spec.name for c in first] == ["a", "b"] and token
+    first, token, unavailable = engine.list_collections(2, "")
+    assert [c.spec.name for c in first] == ["a", "b"] and token and unavailable == {}
     engine.delete_collection("b")
     engine.delete_collection("c")
-    second, token = engine.list_collections(2, token)
+    second, token, _ = engine.list_collections(2, token)
     assert [c.spec.name for c in second] == ["d", "e"] and token == ""
-    everything, token = engine.list_collections(0, "")
+    everything, token, _ = engine.list_collections(0, "")
     assert [c.spec.name for c in everything] == ["a", "d", "e"] and token == ""
     assert [c.spec.name for c in engine.collections()] == ["a", "d", "e"]
-    _, token = engine.list_collections(1, "")
+    _, token, _ = engine.list_collections(1, "")
     for bad in ("junk", forged(token, "bad name"), forged(token, "keep\n")):
         error = raises(InvalidArgument, "BAD_PAGE_TOKEN", lambda t=bad: engine.list_collections(2, t))
         assert error.field == "page_token"
