@@ -60,7 +60,7 @@ def read_dataset(root: PathLike) -> Dataset:
     images = [image for image in scan.images if image.label]
     unclassed = [image.path for image in scan.images if not image.label]
     ordered = sorted(images, key=lambda image: (image.label, image.id))
-    return Dataset(Path(root), tuple(ordered), tuple(sorted([*unclassed, *scan.not_images])))
+    return Dataset(scan.directory, tuple(ordered), tuple(sorted([*unclassed, *scan.not_images])))
 
 
 def class_rng(seed: int, name: str) -> np.random.Generator:

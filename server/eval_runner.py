@@ -118,6 +118,21 @@ class EvalConfig:
     strip_hits: int = 5
     """Hits shown per worst query (more when a wrong hit ranks lower)."""
 
+    def __post_init__(self) -> None:
+        """Refuse counts no run could use before any collection is made (an outside test:
+        ``--neighbors -1`` made every Classify fail, and the run said nothing)."""
+        for name, value, least in (
+            ("top_k", self.top_k, 0),
+            ("neighbors", self.neighbors, 0),
+            ("worst", self.worst, 0),
+            ("strip_hits", self.strip_hits, 1),
+            *(("ks", k, 1) for k in self.ks),
+        ):
+            if value < least:
+                raise ValueError(f"{name} must be at least {least}, not {value}")
+        if not self.ks:
+            raise ValueError("ks must name at least one cut-off")
+
     @property
     def k_max(self) -> int:
         return self.top_k or max(self.ks)
@@ -338,6 +353,7 @@ def _classify(
         notes.append("recognition accuracy not measured: this client has no classify()")
         return {}
     predictions: dict[str, tuple[str, float]] = {}
+    failures: list[ImageSearchError] = []
     with progress(f"classify {collection}", len(split.queries), stream) as bar:
         for image in split.queries:
             try:
@@ -348,10 +364,17 @@ def _classify(
                 if _unimplemented(error):
                     notes.append(f"recognition accuracy not measured: the server says {error.message}")
                     return {}
+                failures.append(error)  # left out of the accuracy, and said so below
                 bar.advance()
-                continue  # the search pass reports the same image as failed
+                continue
             predictions[image.id] = (answer.label, answer.confidence)
             bar.advance()
+    if failures:
+        first = failures[0]
+        notes.append(
+            f"recognition: Classify failed for {len(failures)} of {len(split.queries)} queries, "
+            f"left out of its accuracy (first: {first.reason or first.code.name}: {first.message})"
+        )
     return predictions
 
 

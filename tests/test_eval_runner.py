@@ -10,16 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from imagesearch.client import ImageSearchClient
+from imagesearch.client import ImageSearchClient, InvalidArgument
 from imagesearch.client.datasets import (
     HOLDOUT,
     LEAVE_ONE_OUT,
     Dataset,
     Relevance,
+    describe,
     holdout_split,
     leave_one_out,
     read_dataset,
 )
+from imagesearch.client.errors import ErrorDetails
 from imagesearch.server import eval_report, eval_runner
 from imagesearch.server.app import RunningServer, run_server
 from imagesearch.server.config import ServerConfig
@@ -61,6 +63,16 @@ def test_read_dataset_lists_classes_images_and_other_files(tree: Path):
     assert others == ["README.txt", "b/notes.md"]  # hidden files are skipped, as `imagesearch add` does
     with pytest.raises(FileNotFoundError):
         read_dataset(tree / "missing")
+
+
+def test_a_dataset_given_by_a_relative_path_lists_its_other_files(tree: Path, monkeypatch):
+    """``imagesearch eval set`` from the folder above (an outside test: the report's listing of
+    other files failed, relative root against absolute paths, and the run exited 2)."""
+    monkeypatch.chdir(tree.parent)
+    dataset = read_dataset("set")
+    described = describe(dataset, leave_one_out(dataset))
+    assert described["other_files_listed"] == ["README.txt", "b/notes.md"]
+    assert described["root"] == str(tree) and described["images"] == 7
 
 
 def test_holdout_split_is_seeded_stratified_and_keeps_singletons_indexed(tmp_path: Path):
@@ -142,6 +154,40 @@ def test_runner_reports_what_an_older_client_cannot_measure(tree: Path):
     eval_runner._search_all(_OldClient(), run, split, Relevance.of(split.indexed), {}, None)
     assert "bucketed search is not available" in run.skipped
     assert run.to_dict()["summary"] is None
+
+
+class _RefusingClassifier:
+    """A client whose Classify refuses every query, as the server does a bad ``neighbors``."""
+
+    def classify(self, image=None, *, image_id=None, neighbors=0, collection=None):
+        raise InvalidArgument("neighbors must be at least 1", details=ErrorDetails(reason="BAD_TOP_K"))
+
+
+def test_classify_failures_are_noted_not_swallowed(tree: Path):
+    """An outside test: every Classify failed and the run reported recognition as not measured,
+    without a word of why."""
+    split = holdout_split(read_dataset(tree), 0.5, seed=0)
+    notes: list[str] = []
+    config = eval_runner.EvalConfig()
+    assert eval_runner._classify(_RefusingClassifier(), "c", split, config, None, notes) == {}
+    assert notes == [
+        f"recognition: Classify failed for {len(split.queries)} of {len(split.queries)} queries, left out "
+        "of its accuracy (first: BAD_TOP_K: neighbors must be at least 1)"
+    ]
+
+
+@pytest.mark.parametrize(
+    "change", [{"neighbors": -1}, {"top_k": -1}, {"ks": (0, 5)}, {"ks": ()}, {"worst": -2}, {"strip_hits": 0}]
+)
+def test_eval_config_refuses_counts_no_run_could_use(change: dict):
+    with pytest.raises(ValueError, match="must"):
+        eval_runner.EvalConfig(**change)
+
+
+def test_the_cli_refuses_negative_neighbors_before_touching_the_server(tree: Path, capsys):
+    """Exit 2 and one line, as for ``--fraction 0``; the target is never called (nothing listens)."""
+    assert eval_runner.main([str(tree), "--target", "127.0.0.1:1", "--neighbors", "-1"]) == 2
+    assert "neighbors must be at least 0, not -1" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------
