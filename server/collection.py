@@ -515,6 +515,7 @@ class Collection:
         skip_existing: bool = False,
         before_storing: Callable[[], None] | None = None,
         after_storing: Callable[[], None] | None = None,
+        before_commit: Callable[[], None] | None = None,
     ) -> list[int]:
         """Commit rows to the store, then to the index. Returns row ids.
 
@@ -523,6 +524,8 @@ class Collection:
         is then SKIPPED. ``before_storing`` runs once the vectors are prepared, before the writer
         lock; it may wait, or raise to store nothing. ``after_storing`` runs once the rows are
         committed, before the index takes them (a stream's next chunk may then commit).
+        ``before_commit`` runs under the writer lock, right before the commit: it may raise to
+        store nothing (a deadline that passed while the add waited for the lock).
 
         Searches go on during the store's commit and see the rows once the index has them, when
         this returns; a reader of the store (``get``, ``count``) may see them a moment sooner.
@@ -535,6 +538,8 @@ class Collection:
         with self._writes:
             self._check_open()
             self.live_index()  # a read-only collection refuses the add before storing anything
+            if before_commit is not None:
+                before_commit()
             current = self._current_encoding(images)
             if current is not images:  # re-encoded under the lock: a training replaced the state
                 prepared = self._prepared(current)
@@ -591,11 +596,14 @@ class Collection:
             fresh[i] = dataclasses.replace(fresh[i], vector=vector, encoded_with=extractor.version)
         return fresh
 
-    def remove(self, ids: Sequence[str]) -> int:
+    def remove(self, ids: Sequence[str], before_commit: Callable[[], None] | None = None) -> int:
+        """Remove the images with ``ids``; ``before_commit`` as in ``add``."""
         # The delete commits under the reader lock too: a search never meets a hit whose row is gone.
         with self._writing(), self.lock.write():
             self._check_open()
             index = self.live_index()
+            if before_commit is not None:
+                before_commit()
             removed = self.store.delete(ids)
             self._follow_store(lambda: index.remove(np.array(removed, dtype=np.int64)))
             self._applied_seq = self.store.last_seq()

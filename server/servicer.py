@@ -30,7 +30,7 @@ from imagesearch.client.types import status_code
 from imagesearch.plugins.types import FLAT, HNSW, IVF
 from imagesearch.server import errors
 from imagesearch.server.classify import BUCKETED, CENTROID, KNN, PLAIN
-from imagesearch.server.collection import CollectionInfo
+from imagesearch.server.collection import Collection, CollectionInfo
 from imagesearch.server.engine import Engine
 from imagesearch.server.records import (
     AddOutcome,
@@ -211,8 +211,9 @@ def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
             status = rpc_status.to_status(to_rpc_status(error, extra, named))
             status = status._replace(trailing_metadata=(*status.trailing_metadata, *trailers))
             await context.abort_with_status(_with_request_id(status, request_id))
-        except asyncio.CancelledError:
-            outcome = "CANCELLED"
+        except asyncio.CancelledError:  # the client went away, or its deadline passed (gRPC cancels then too)
+            remaining = context.time_remaining()
+            outcome = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
             raise
         except Exception as exc:  # a bug: report INTERNAL with the request id, never UNKNOWN
             outcome = "INTERNAL"
@@ -558,6 +559,7 @@ class ImageSearchServicer(pb_grpc.ImageSearchServiceServicer):
         ids (its check for stored ids must see that chunk's)."""
         response = pb.AddImagesStreamResponse()
         first: pb.AddImagesStreamRequest | None = None
+        pinned: Collection | None = None
         in_flight: deque[_StreamChunk] = deque()
         order = ChunkOrder()
         # Chunks read; the chunk being read (what a failure is about); images in the chunks started.
@@ -573,7 +575,10 @@ class ImageSearchServicer(pb_grpc.ImageSearchServiceServicer):
                         received = reading
                         if isinstance(chunk, MalformedRequest):
                             raise chunk.error()
-                        first = first or chunk
+                        if (
+                            first is None
+                        ):  # the collection the stream adds to, whatever is made under its name later
+                            first, pinned = chunk, self.engine.catalog.get(chunk.collection)
                         self.engine.check_accepting_writes()
                         if not chunk.images:
                             continue
@@ -592,6 +597,7 @@ class ImageSearchServicer(pb_grpc.ImageSearchServiceServicer):
                                 deadline=_deadline(context),
                                 index_offset=stored_up_to,
                                 turn=turn,
+                                pinned=pinned,
                             )
                         )
                         in_flight.append(_StreamChunk(received, task, turn, ids))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -407,6 +408,34 @@ def test_a_past_deadline_stores_nothing(engine: Engine) -> None:
         "DEADLINE_EXCEEDED",
         lambda: engine.search(SearchQuery(collection="c", vector=vector(0)), deadline=past),
     )
+
+
+def test_a_deadline_that_passes_while_waiting_for_the_writer_stores_nothing(engine: Engine) -> None:
+    """The deadline is checked again once the collection's writer lock is held (an outside test:
+    adds waiting behind others' commits were stored up to 1.2 s after their deadline)."""
+    engine.add_images("c", vector_items(0, 1))
+    writer = engine.catalog.get("c")._writes
+    outcomes: list[BaseException | object] = []
+
+    def late(call) -> None:
+        try:
+            outcomes.append(call(deadline=time.monotonic() + 0.1))
+        except BaseException as exc:  # what each call raised is the result
+            outcomes.append(exc)
+
+    calls = [
+        functools.partial(engine.add_images, "c", vector_items(1, 2)),
+        functools.partial(engine.remove_images, "c", ["v0"], False),
+    ]
+    with writer:  # another caller's commit, held for longer than the deadline
+        threads = [threading.Thread(target=late, args=(call,)) for call in calls]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.4)
+    for thread in threads:
+        thread.join(10)
+    assert [type(o) for o in outcomes] == [DeadlineExceeded, DeadlineExceeded]
+    assert stored_ids(engine) == ["v0"]
 
 
 # -- search ----------------------------------------------------------------------------------------
@@ -819,6 +848,19 @@ def test_page_tokens_are_bound_to_their_listing(engine: Engine) -> None:
     engine.create_collection(NewCollection(name="other", metric="l2"))
     engine.add_images("other", vector_items(10, 3))
     raises(InvalidArgument, "BAD_PAGE_TOKEN", lambda: engine.list_images("other", 1, stale, ""))
+
+
+def test_a_collection_deleted_while_listed_is_left_out_not_an_error(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deleted between the catalog's list and its info (an outside test: NOT_FOUND for up to a
+    fifth of ListCollections calls while another client created and deleted a collection)."""
+    engine.create_collection(NewCollection(name="gone", metric="l2"))
+    listed = engine.catalog.list()
+    engine.delete_collection("gone")
+    monkeypatch.setattr(engine.catalog, "list", lambda: listed)  # the list taken before the delete
+    infos, token, _ = engine.list_collections(0, "")
+    assert [c.spec.name for c in infos] == ["c"] and token == ""
 
 
 def test_list_collections_pagination(engine: Engine) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -51,16 +52,24 @@ def test_concurrent_rpc_limit_answers_resource_exhausted(data_dir):
         assert first.result(10).ids == ["a"]
 
 
-def test_deadline_passed_during_extraction_stores_nothing(data_dir):
+def test_deadline_passed_during_extraction_stores_nothing(data_dir, caplog):
     gate, server = gated_server(data_dir)
-    with server as running, grpc.insecure_channel(running.target) as chan:
+    with (
+        caplog.at_level(logging.INFO, logger=servicer.log.name),
+        server as running,
+        grpc.insecure_channel(running.target) as chan,
+    ):
+        logging.getLogger().addHandler(caplog.handler)  # the server's start set the root's handlers
         stub = pb_grpc.ImageSearchServiceStub(chan)
         threading.Timer(0.6, gate.release.set).start()
         with pytest.raises(grpc.RpcError) as error:
-            add_one(stub, "late", timeout=0.3)
+            add_one(stub, "late", timeout=0.3, metadata=[("x-request-id", "late-add")])
         assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         time.sleep(0.6)  # the server finishes its side and must not commit
         assert stub.ListImages(pb.ListImagesRequest()).images == []
+    # The access log says what the client saw, not CANCELLED (an outside test: operators were misled).
+    (logged,) = [r for r in caplog.records if getattr(r, "request_id", "") == "late-add"]
+    assert logged.status == "DEADLINE_EXCEEDED"
 
 
 def test_a_search_by_vector_is_answered_while_every_worker_is_busy(data_dir):

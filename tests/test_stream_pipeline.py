@@ -3,6 +3,7 @@ storing them one after the other: the turn primitive, then the real server over 
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -295,3 +296,26 @@ def test_the_python_client_reports_what_a_large_failed_upload_stored(server, stu
     stored = caught.value.details.stored
     assert stored is not None and stored.added_count == 400 and stored.stored_ids_omitted
     assert stub.GetCollection(pb.GetCollectionRequest(name="default")).collection.image_count == 400
+
+
+def test_a_stream_never_goes_on_into_a_collection_created_again_under_its_name(stub) -> None:
+    """Deleted and created again between two chunks: the stream fails NOT_FOUND, as an AddImages
+    would, and nothing of it lands in the new collection (an outside test: chunk 2 went into the
+    new one and the stream ended OK)."""
+    stub.CreateCollection(pb.CreateCollectionRequest(collection=pb.Collection(name="c", metric="l2")))
+    sent: queue.Queue = queue.Queue()
+    call = stub.AddImagesStream.future(iter(sent.get, None), timeout=30)
+    sent.put(pb.AddImagesStreamRequest(collection="c", images=vectors("old", 5, seed=1)))
+    deadline = time.monotonic() + 10
+    while stub.GetCollection(pb.GetCollectionRequest(name="c")).collection.image_count < 5:
+        assert time.monotonic() < deadline, "chunk 1 was stored"
+        time.sleep(0.02)
+    stub.DeleteCollection(pb.DeleteCollectionRequest(name="c"))
+    stub.CreateCollection(pb.CreateCollectionRequest(collection=pb.Collection(name="c", metric="cosine")))
+    sent.put(pb.AddImagesStreamRequest(images=vectors("new", 5, seed=2)))
+    sent.put(None)
+    with pytest.raises(grpc.RpcError) as error:
+        call.result()
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND and "chunk 2" in error.value.details()
+    assert "'c' was deleted" in error.value.details()
+    assert stub.GetCollection(pb.GetCollectionRequest(name="c")).collection.image_count == 0
