@@ -916,13 +916,17 @@ class Collection:
         return self.problem or (self.index.training_error if self.index is not None else "")
 
     # -- training ----------------------------------------------------------------------
-    def train(self, size: int, seed: int) -> TrainOutcome:
+    def train(self, size: int, seed: int, still_wanted: Callable[[], None] | None = None) -> TrainOutcome:
         """Refit a trainable extractor on this collection's local features and re-encode every image.
 
         Fitting and encoding run while the old state keeps serving; one transaction then commits
         the state, the spec and every vector, and the index is rebuilt. The snapshot is deleted
         first, so a crash at any point restarts with either the old state or the new one, whole.
+        ``still_wanted`` runs after the fit, between chunks of encoding and last under the writer
+        lock before the commit; it raises to abandon the training uncommitted (a server shutting
+        down: an outside test saw a SIGTERM'd training commit at the end of the drain).
         """
+        still_wanted = still_wanted or (lambda: None)
         extractor = self.extractor
         if not isinstance(extractor, TrainableExtractor):
             raise FailedPrecondition(
@@ -962,13 +966,15 @@ class Collection:
             except NotEnoughTrainingData as exc:
                 raise FailedPrecondition(str(exc), reason="NOT_ENOUGH_TRAINING_DATA") from exc
             del features
+            still_wanted()
             trained = extractor.with_state(state)
             vectors: dict[int, np.ndarray] = {}
-            self._encode_rows(trained, row_ids.tolist(), vectors, locked=False)
+            self._encode_rows(trained, row_ids.tolist(), vectors, locked=False, still_wanted=still_wanted)
             with self._writing(), self.lock.write():
                 self._check_open()
                 current = self.store.local_row_ids().tolist()
                 self._encode_rows(trained, [r for r in current if r not in vectors], vectors, locked=True)
+                still_wanted()
                 kept = set(current)
                 vectors = {r: v for r, v in vectors.items() if r in kept}
                 spec = dataclasses.replace(self.spec, extractor_version=trained.version, dim=trained.dim)
@@ -985,10 +991,18 @@ class Collection:
             self._training.release()
 
     def _encode_rows(
-        self, extractor: TrainableExtractor, row_ids: list[int], into: dict[int, np.ndarray], *, locked: bool
+        self,
+        extractor: TrainableExtractor,
+        row_ids: list[int],
+        into: dict[int, np.ndarray],
+        *,
+        locked: bool,
+        still_wanted: Callable[[], None] = lambda: None,
     ) -> None:
-        """Encode stored local features chunk by chunk (``locked``: the caller holds the writer lock)."""
+        """Encode stored local features chunk by chunk (``locked``: the caller holds the writer lock;
+        ``still_wanted`` runs before each chunk)."""
         for start in range(0, len(row_ids), ENCODE_CHUNK):
+            still_wanted()
             chunk = row_ids[start : start + ENCODE_CHUNK]
             found = self.store.local_features_of(chunk) if locked else self.local_features_of(chunk)
             present = [r for r in chunk if r in found]

@@ -445,7 +445,7 @@ class Engine:
         started = time.perf_counter()
         collection = self.catalog.get(name)
         self.check_accepting_writes()
-        outcome = collection.train(model_size, seed)
+        outcome = collection.train(model_size, seed, still_wanted=self.check_accepting_writes)
         return collection.info(), dataclasses.replace(outcome, train_ms=_ms(started))
 
     def get_collection(self, name: str) -> CollectionInfo:

@@ -19,7 +19,7 @@ import pytest
 from imagesearch.plugins.metrics import L2
 from imagesearch.plugins.types import LocalFeatures, NotEnoughTrainingData, TrainableExtractor
 from imagesearch.server.collection import SNAPSHOT_FILE, Collection, CollectionSpec
-from imagesearch.server.errors import Aborted, FailedPrecondition
+from imagesearch.server.errors import Aborted, FailedPrecondition, Unavailable
 from imagesearch.server.store import NewImage
 
 DIM = 4
@@ -174,6 +174,42 @@ def test_a_failed_commit_changes_nothing(collection: Collection, monkeypatch: py
         collection.directory, Collection.read_spec(collection.directory), L2, Scaled(), Features()
     )
     assert again.extractor.version == "1+1" and again.search(before["img3"], 1)[0].id == "img3"
+
+
+def test_a_training_no_longer_wanted_is_abandoned_uncommitted(collection: Collection) -> None:
+    """A server shutting down during the fit: the training stops at its next step and commits
+    nothing (an outside test: a SIGTERM'd training committed at the end of the drain)."""
+    before = stored_vectors(collection)
+    collection.snapshot()
+    stopping = threading.Event()
+
+    def still_wanted() -> None:
+        if stopping.is_set():
+            raise Unavailable("the server is shutting down", reason="SHUTTING_DOWN")
+
+    raised: list[BaseException] = []
+
+    def train() -> None:
+        try:
+            collection.train(0, 0, still_wanted)
+        except Unavailable as exc:
+            raised.append(exc)
+
+    fitted = collection.extractor
+    assert isinstance(fitted, Scaled)
+    fitted.release.clear()
+    thread = threading.Thread(target=train)
+    thread.start()
+    assert fitted.fitting.wait(10)
+    stopping.set()  # SIGTERM while k-means runs
+    fitted.release.set()
+    thread.join(10)
+    assert [e.reason for e in raised] == ["SHUTTING_DOWN"]
+    assert collection.extractor.version == collection.spec.extractor_version == "1+1"
+    after = stored_vectors(collection)
+    assert all(np.array_equal(before[key], after[key]) for key in before)
+    assert (collection.directory / SNAPSHOT_FILE).exists()  # untouched: nothing was committed
+    assert collection.train(0, 0).training_images == 5  # and the next training may run
 
 
 def test_too_little_data_and_a_second_training_are_refused(tmp_path: Path, registered: Scaled) -> None:
