@@ -36,8 +36,9 @@ def _serve(
             if command == "stats":
                 batcher = running.engine.searching.searches
                 commands.send((batcher.batches, batcher.items))
-            elif command == "snapshot":  # every collection with changes not yet in its snapshot
-                running.engine.catalog.snapshot_due(0, 0)
+            elif command == "snapshot":  # every collection with changes not yet in its snapshot, now
+                for collection in running.engine.catalog.list():
+                    collection.snapshot()
                 commands.send("snapshotted")
             elif command == "stop":
                 break

@@ -76,6 +76,15 @@ SNAPSHOT_FILE = "index.snapshot"
 # a snapshot covers writes to the store, which may be read-only (an outside test: the error killed
 # the snapshot thread, and every collection's periodic snapshots with it).
 SNAPSHOT_ERRORS = (OSError, DiskFull, sqlite3.Error)
+# A snapshot rewrites the whole index while the collection's writers wait, however few the
+# changes, so periodic snapshots are bounded by what they cost: after one that took t seconds the
+# next waits (1 / SNAPSHOT_TIME_SHARE - 1) t, so they take at most this share of the time (every
+# 5,000 adds wrote the whole index again: a bulk import rewrote it over and over, quadratic in its
+# size); and the interval alone takes one only for changes of at least SNAPSHOT_TRICKLE_SHARE of
+# the images (a few adds a minute to a large collection rewrote all of it every minute, to save a
+# replay of those few). A clean stop always takes one.
+SNAPSHOT_TIME_SHARE = 0.1
+SNAPSHOT_TRICKLE_SHARE = 0.01
 EXTRACTOR_CHANGED = "EXTRACTOR_CHANGED"  # a query encoded with a state a training replaced
 TRAINING_SAMPLE_IMAGES = 2000  # images a fit reads at most (a seeded sample): ~290 MB of SIFT features
 ENCODE_CHUNK = 256
@@ -289,6 +298,7 @@ class Collection:
         self._applied_seq = 0
         self._snapshot_seq = 0
         self._last_snapshot = time.monotonic()
+        self._snapshot_took = 0.0  # seconds the last snapshot took to write
         self.closed = False
         self.problem = ""  # why the index is unavailable (the collection is then read-only)
         self._centroids: tuple[int, list[str], np.ndarray, np.ndarray] | None = None  # cached class sums
@@ -1014,10 +1024,16 @@ class Collection:
         return self._applied_seq - self._snapshot_seq
 
     def snapshot_if_due(self, every_ops: int, interval_s: float) -> bool:
+        """Snapshot after ``every_ops`` changes, or after ``interval_s`` with changes pending, within
+        SNAPSHOT_TIME_SHARE and SNAPSHOT_TRICKLE_SHARE (above)."""
         pending = self.pending_ops()
         if pending <= 0:
             return False
-        if pending < every_ops and time.monotonic() - self._last_snapshot < interval_s:
+        since = time.monotonic() - self._last_snapshot
+        if since < self._snapshot_took * (1 / SNAPSHOT_TIME_SHARE - 1):
+            return False
+        size = self.index.size if self.index is not None else 0
+        if pending < every_ops and (since < interval_s or pending < SNAPSHOT_TRICKLE_SHARE * size):
             return False
         self.snapshot()
         return True
@@ -1032,11 +1048,13 @@ class Collection:
             seq = self._applied_seq
             if seq == self._snapshot_seq and (self.directory / SNAPSHOT_FILE).exists():
                 return
+            started = time.monotonic()
             with disk_full_reported("the index snapshot was not written (the store is intact)"):
                 write_snapshot(self.directory / SNAPSHOT_FILE, self.index, seq, self.store.identity)
                 self.store.prune_removals(seq)
             self._snapshot_seq = seq
             self._last_snapshot = time.monotonic()
+            self._snapshot_took = self._last_snapshot - started
 
     def _check_open(self) -> None:
         if self.closed:

@@ -984,3 +984,45 @@ def test_a_new_collection_stores_rows_on_pages_sized_for_its_dimension(tmp_path:
         Collection.create(tmp_path / str(dim), spec, L2, None).close()
         with sqlite3.connect(tmp_path / str(dim) / collection_module.STORE_FILE) as conn:
             assert conn.execute("PRAGMA page_size").fetchone()[0] == pages
+
+
+def test_periodic_snapshots_take_a_bounded_share_of_the_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A snapshot rewrites the whole index while writers wait: after one that took t seconds the
+    next waits 9 t, whatever the writes (a bulk import rewrote the index every 5,000 adds)."""
+    collection = create(tmp_path)
+    collection.add(rows(0, 50))
+    clock = [time.monotonic() + 1000]
+    monkeypatch.setattr(collection_module.time, "monotonic", lambda: clock[0])
+
+    def slow_write(*args: object) -> None:
+        clock[0] += 2.0  # this snapshot takes 2 s
+
+    monkeypatch.setattr(collection_module, "write_snapshot", slow_write)
+    assert collection.snapshot_if_due(every_ops=1, interval_s=0)
+    collection.add(rows(50, 10))
+    clock[0] += 17.9
+    assert not collection.snapshot_if_due(every_ops=1, interval_s=0), "within 9 x 2 s of the last"
+    clock[0] += 0.2
+    assert collection.snapshot_if_due(every_ops=1, interval_s=0)
+    collection.close(snapshot=False)
+
+
+def test_the_interval_alone_snapshots_only_changes_of_a_hundredth(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A few adds a minute to a large collection must not rewrite all of it every minute."""
+    collection = create(tmp_path)
+    collection.add(rows(0, 300))
+    collection.snapshot()
+    clock = [time.monotonic() + 3600]  # long past the interval
+    monkeypatch.setattr(collection_module.time, "monotonic", lambda: clock[0])
+    collection.add(rows(300, 2))  # 2 of 302 images: under 1 %
+    assert not collection.snapshot_if_due(every_ops=5000, interval_s=60)
+    collection.add(rows(302, 2))  # 4 of 304: past it
+    assert collection.snapshot_if_due(every_ops=5000, interval_s=60)
+    collection.add(rows(304, 1))
+    assert not collection.snapshot_if_due(every_ops=5000, interval_s=60)
+    assert collection.snapshot_if_due(every_ops=1, interval_s=60), "every_ops still applies"
+    collection.close(snapshot=False)
