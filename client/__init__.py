@@ -1,7 +1,7 @@
 """imagesearch Python client: find similar images on an imagesearch server over gRPC.
 
-Install with ``pip install imagesearch`` (client only: grpcio, grpcio-status,
-protobuf, numpy). Usage::
+Install with ``pip install ./imagesearch`` from a checkout (the distribution imagesearch-cbir; client
+only: grpcio, grpcio-status, protobuf, numpy). Usage::
 
     from pathlib import Path
     from imagesearch.client import ImageSearchClient, ImageItem, NotFound

@@ -111,7 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except ModuleNotFoundError as exc:
-        print(f"error: {exc}. The server needs `pip install 'imagesearch[server]'`.", file=sys.stderr)
+        print(
+            f"error: {exc}. The server needs the server extra: `pip install '<checkout>[server]'` (distribution imagesearch-cbir).",
+            file=sys.stderr,
+        )
         return 2
     except (ValueError, RuntimeError) as exc:  # bad configuration, plugin conflicts
         print(f"error: {exc}", file=sys.stderr)

@@ -1,6 +1,6 @@
 """What the commands that talk to a running server (`add`, `search`) share: where to connect, how to fail.
 
-They use the client SDK only, so they work with `pip install imagesearch` alone.
+They use the client SDK only, so they work with the client install alone (no extras).
 Exit codes are the same for all of them: 2 means the command could not do its job
 (bad usage, server unreachable, unknown collection), and the message says why.
 """

@@ -209,6 +209,7 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
     unprotected, and a nonsense one must not start a server that misbehaves later.
     """
     values = _read_toml(path) if path is not None else {}
+    check_values(values)  # the file as it stands, even where a flag overrides it: it must start alone too
     values.update({key: value for key, value in overrides.items() if value is not None})
     check_values(values)
     for key, rule in SERVER_RULES.items():

@@ -64,7 +64,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         from imagesearch.plugins.cnn.export import ExportError, export_recipe
     except ImportError as exc:
-        return _error(f"export needs torch and onnx: pip install 'imagesearch[export]' ({exc})")
+        return _error(
+            f"export needs torch and onnx: pip install '<checkout>[export]' (distribution imagesearch-cbir) ({exc})"
+        )
     if args.recipe not in RECIPES:
         return _error(f"unknown recipe {args.recipe!r}; known: {', '.join(RECIPES)}")
     out = Path(args.out) if args.out else default_models_dir()

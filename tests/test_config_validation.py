@@ -109,6 +109,15 @@ def test_command_line_overrides_are_checked_too():
         load_config(port=70000)
 
 
+def test_a_bad_file_value_is_refused_even_where_a_flag_overrides_it(tmp_path):
+    """The file must start a server alone too (an outside test: `port = 70000` with `--port 0`
+    started, and failed the day the flag was left off)."""
+    path = tmp_path / "server.toml"
+    path.write_text("port = 70000\n")
+    with pytest.raises(ValueError, match="port must be an integer from 0 to 65535"):
+        load_config(path, port=0)
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [

@@ -1,4 +1,4 @@
-"""`pip install imagesearch` is a working client without any server dependency.
+"""The client install (no extras) is a working client without any server dependency.
 
 A subprocess blocks the server's heavy dependencies (and the server's own
 packages) at import time, imports the client and makes real calls against the

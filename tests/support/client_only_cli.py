@@ -1,6 +1,6 @@
 """Run the `imagesearch` command with the server's dependencies blocked: `python -m tests.support.client_only_cli ARGS`.
 
-`add` and `search` must work with `pip install imagesearch` alone (the client): here
+`add` and `search` must work with the client install (no extras) alone (the client): here
 importing faiss, onnxruntime, OpenCV, pluggy, torch or the plugins package raises
 ImportError, so a test that runs them through this module proves they need none of it.
 """
