@@ -572,8 +572,13 @@ class Collection:
                 after_storing()
             self._indexing.acquire()  # before the next add may commit: index updates keep commit order
         try:
+            # Only index changes take _indexing, which this add holds: the index stands still while
+            # its storage grows here, and searches go on (VectorIndex.room_for).
+            grown = self.index.room_for(len(row_ids)) if self.index is not None else None
             with self.lock.write():
                 index = self.index  # now: the add before may have rebuilt it after a failed update
+                if grown is not None:
+                    grown()
                 if index is not None:  # else that rebuild failed: read-only, the store keeps the rows
                     self._follow_store(
                         lambda: index.add(np.array(row_ids, dtype=np.int64), prepared), upto_seq=seqs[-1]

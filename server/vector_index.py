@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import faiss
 import numpy as np
@@ -211,6 +212,7 @@ class VectorIndex:
             else set()
         )
         self._warned_outliers = False
+        self._room: tuple[int, int] = (0, 0)  # (address, bytes) of flat storage grown by ``room_for``
 
     def _empty(self) -> faiss.Index:
         if self.spec.kind == HNSW:
@@ -330,6 +332,42 @@ class VectorIndex:
             )
         if self._will_train() and self._index.ntotal >= self._train_size():
             self._train()
+
+    def room_for(self, count: int) -> Callable[[], None] | None:
+        """Room in a flat index's storage for ``count`` more vectors, made now, outside the
+        collection's write lock, or None when there is room already (or the index is not flat).
+
+        FAISS grows its storage inside ``add``, copying all of it while searches wait for the
+        lock: a pause that grows with the collection (bench/bench_concurrency.py's neighbours:
+        at 60,000 × 1280, a 300 MB copy). Here the larger buffer is made and filled while searches
+        still read the old one (only the caller may change the index meanwhile), and the returned
+        function, called under the write lock, puts it in place by a swap of pointers. Storage
+        then at least doubles, as std::vector's would."""
+        storage = _flat_storage(self._index)
+        if storage is None:
+            return None
+        inner, codes = storage
+        size = codes.size()
+        needed = size + count * inner.code_size
+        capacity = self._room[1] if self._room[0] == _address(codes) else size
+        if needed <= capacity:
+            return None
+        capacity = max(needed, 2 * size)
+        larger = faiss.UInt8Vector()
+        larger.resize(capacity)  # allocated and touched here, not under the lock
+        if size:
+            np.copyto(faiss.rev_swig_ptr(larger.data(), size), faiss.rev_swig_ptr(codes.data(), size))
+        larger.resize(size)  # a std::vector keeps its capacity when it shrinks
+        address = _address(codes)
+
+        def install() -> None:
+            if _address(codes) != address or codes.size() != size:  # changed since: FAISS grows it
+                return
+            codes.owned_data.swap(larger)
+            codes.resize(size)  # MaybeOwnedVector caches the data pointer: point it at the new buffer
+            self._room = (_address(codes), capacity)
+
+        return install
 
     def _train_size(self) -> int:
         """How many vectors IVF trains on, or int8 learns its grid from."""
@@ -595,6 +633,21 @@ class VectorIndex:
         collection (there used to be a floor of 1,000 tombstones, which is what let small
         collections decay)."""
         return self.spec.kind == HNSW and len(self._tombstones) > self._index.ntotal // 4
+
+
+def _flat_storage(index: faiss.Index) -> tuple[faiss.IndexFlatCodes, Any] | None:
+    """A flat index's inner index and the storage FAISS owns (float32, float16 or int8 codes)."""
+    if not isinstance(index, faiss.IndexIDMap2):
+        return None
+    inner = faiss.downcast_index(index.index)
+    if not isinstance(inner, faiss.IndexFlatCodes) or not inner.codes.is_owned:
+        return None
+    return inner, inner.codes
+
+
+def _address(codes: Any) -> int:
+    """Where a FAISS byte vector's data starts."""
+    return faiss.rev_swig_ptr(codes.data(), 1).ctypes.data if codes.size() else 0
 
 
 def _codes(quantizer: faiss.IndexScalarQuantizer) -> np.ndarray:

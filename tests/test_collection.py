@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 
@@ -1026,3 +1027,31 @@ def test_the_interval_alone_snapshots_only_changes_of_a_hundredth(
     assert not collection.snapshot_if_due(every_ops=5000, interval_s=60)
     assert collection.snapshot_if_due(every_ops=1, interval_s=60), "every_ops still applies"
     collection.close(snapshot=False)
+
+
+def test_an_add_never_copies_the_index_storage_while_searches_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The storage grows before the write lock (VectorIndex.room_for): under it FAISS adds in
+    place, so a growing collection never makes searches wait for a copy of all its vectors."""
+    from imagesearch.server.vector_index import VectorIndex
+
+    collection = create(tmp_path)
+    moved: list[bool] = []
+    add = VectorIndex.add
+
+    def watched(index: VectorIndex, ids: np.ndarray, prepared: np.ndarray) -> None:
+        inner = faiss.downcast_index(index.faiss_index.index)
+        before = _storage_address(inner)
+        add(index, ids, prepared)
+        moved.append(before != 0 and _storage_address(inner) != before)
+
+    monkeypatch.setattr(VectorIndex, "add", watched)
+    for start in range(0, 600, 20):
+        collection.add(rows(start, 20))
+    assert len(moved) == 30 and not any(moved)
+    collection.close(snapshot=False)
+
+
+def _storage_address(inner: faiss.IndexFlatCodes) -> int:
+    return faiss.rev_swig_ptr(inner.codes.data(), 1).ctypes.data if inner.ntotal else 0

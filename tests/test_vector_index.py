@@ -16,6 +16,7 @@ from imagesearch.plugins.types import FLAT, HNSW, IVF
 from imagesearch.server import vector_index
 from imagesearch.server.vector_index import (
     FLOAT16,
+    FLOAT32,
     INT8,
     IndexSpec,
     VectorIndex,
@@ -576,3 +577,43 @@ def test_the_whole_pool_pass_after_removals_and_re_adds(monkeypatch):
     _, found = index.search(np.vstack([copy, copy + 1]), 5, allowed=allowed)
     assert found.tolist() == [[104, 106, 108, 110, 112]] * 2  # both tie every copy
     assert passes == [1, 2]
+
+
+def _storage_address(index: VectorIndex) -> int:
+    inner = faiss.downcast_index(index.faiss_index.index)
+    return faiss.rev_swig_ptr(inner.codes.data(), 1).ctypes.data
+
+
+@pytest.mark.parametrize("storage", [FLOAT32, FLOAT16, INT8])
+def test_room_made_beforehand_keeps_every_vector_and_faiss_adds_in_place(storage: str) -> None:
+    """Storage grown outside the write lock (room_for), so that FAISS's own add never copies the
+    collection under it: the index holds exactly what plain adds give."""
+    rng = np.random.default_rng(0)
+    vectors = l2_normalize(rng.normal(size=(1500, 64)).astype(np.float32))
+    grown = VectorIndex(IndexSpec(kind=FLAT, dim=64, metric=COSINE, storage=storage))
+    plain = VectorIndex(IndexSpec(kind=FLAT, dim=64, metric=COSINE, storage=storage))
+    for start in range(0, 1500, 100):  # int8 learns its grid at 1,000 and swaps its index
+        ids = np.arange(start, start + 100)
+        install = grown.room_for(len(ids))
+        if install is not None:
+            install()
+        before = _storage_address(grown)
+        grown.add(ids, vectors[ids])
+        learns_here = storage == INT8 and start < 1000 <= start + 100  # a new index, new storage
+        assert learns_here or _storage_address(grown) == before, "FAISS added in place"
+        plain.add(ids, vectors[ids])
+    assert grown.room_for(0) is None
+    np.testing.assert_array_equal(grown.ids(), plain.ids())
+    if storage != INT8:
+        np.testing.assert_array_equal(np.asarray(grown.stored_vectors()), np.asarray(plain.stored_vectors()))
+    raw, found = grown.search(vectors[:20], 10)
+    raw_plain, found_plain = plain.search(vectors[:20], 10)
+    np.testing.assert_array_equal(found, found_plain)
+    np.testing.assert_array_equal(raw, raw_plain)
+
+
+def test_room_for_leaves_graph_and_list_indexes_to_faiss() -> None:
+    rng = np.random.default_rng(1)
+    hnsw = VectorIndex(spec(HNSW))
+    hnsw.add(np.arange(50), rng.normal(size=(50, DIM)).astype(np.float32))
+    assert hnsw.room_for(100) is None
