@@ -20,7 +20,6 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 
@@ -41,6 +40,7 @@ from imagesearch.server.config import Limits
 from imagesearch.server.errors import FailedPrecondition, InvalidArgument, NotFound
 from imagesearch.server.store import CollectionStore, NewImage
 from imagesearch.server.vector_index import INT8, INT8_LEARN_SIZE
+from tests.support.storage import storage_address
 
 DIM = 8
 LABELS = ("a", "b", "c")
@@ -1041,17 +1041,12 @@ def test_an_add_never_copies_the_index_storage_while_searches_wait(
     add = VectorIndex.add
 
     def watched(index: VectorIndex, ids: np.ndarray, prepared: np.ndarray) -> None:
-        inner = faiss.downcast_index(index.faiss_index.index)
-        before = _storage_address(inner)
+        before = storage_address(index)
         add(index, ids, prepared)
-        moved.append(before != 0 and _storage_address(inner) != before)
+        moved.append(before != 0 and storage_address(index) != before)
 
     monkeypatch.setattr(VectorIndex, "add", watched)
     for start in range(0, 600, 20):
         collection.add(rows(start, 20))
     assert len(moved) == 30 and not any(moved)
     collection.close(snapshot=False)
-
-
-def _storage_address(inner: faiss.IndexFlatCodes) -> int:
-    return faiss.rev_swig_ptr(inner.codes.data(), 1).ctypes.data if inner.ntotal else 0

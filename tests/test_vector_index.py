@@ -22,6 +22,7 @@ from imagesearch.server.vector_index import (
     VectorIndex,
     rescore_pool,
 )
+from tests.support.storage import storage_address
 
 DIM = 16
 
@@ -579,11 +580,6 @@ def test_the_whole_pool_pass_after_removals_and_re_adds(monkeypatch):
     assert passes == [1, 2]
 
 
-def _storage_address(index: VectorIndex) -> int:
-    inner = faiss.downcast_index(index.faiss_index.index)
-    return faiss.rev_swig_ptr(inner.codes.data(), 1).ctypes.data
-
-
 @pytest.mark.parametrize("storage", [FLOAT32, FLOAT16, INT8])
 def test_room_made_beforehand_keeps_every_vector_and_faiss_adds_in_place(storage: str) -> None:
     """Storage grown outside the write lock (room_for), so that FAISS's own add never copies the
@@ -597,10 +593,10 @@ def test_room_made_beforehand_keeps_every_vector_and_faiss_adds_in_place(storage
         install = grown.room_for(len(ids))
         if install is not None:
             install()
-        before = _storage_address(grown)
+        before = storage_address(grown)
         grown.add(ids, vectors[ids])
         learns_here = storage == INT8 and start < 1000 <= start + 100  # a new index, new storage
-        assert learns_here or _storage_address(grown) == before, "FAISS added in place"
+        assert learns_here or storage_address(grown) == before, "FAISS added in place"
         plain.add(ids, vectors[ids])
     assert grown.room_for(0) is None
     np.testing.assert_array_equal(grown.ids(), plain.ids())
