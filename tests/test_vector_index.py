@@ -596,7 +596,7 @@ def test_room_made_beforehand_keeps_every_vector_and_faiss_adds_in_place(storage
         before = storage_address(grown)
         grown.add(ids, vectors[ids])
         learns_here = storage == INT8 and start < 1000 <= start + 100  # a new index, new storage
-        assert learns_here or storage_address(grown) == before, "FAISS added in place"
+        assert learns_here or before in (0, storage_address(grown)), "FAISS added in place"
         plain.add(ids, vectors[ids])
     assert grown.room_for(0) is None
     np.testing.assert_array_equal(grown.ids(), plain.ids())
