@@ -132,12 +132,21 @@ class Engine:
 
     def check_accepting_writes(self) -> None:
         """Unavailable once shutdown has begun: a long upload must not outlive the drain."""
+        self._refuse_when_stopping(
+            "the server is shutting down; resend the rest to a running server (with the same ids "
+            "and skip_existing, anything already stored is left as it is)"
+        )
+
+    def _refuse_when_stopping(self, message: str) -> None:
         if self._stopping.is_set():
-            raise Unavailable(
-                "the server is shutting down; resend the rest to a running server (with the same ids "
-                "and skip_existing, anything already stored is left as it is)",
-                reason="SHUTTING_DOWN",
-            )
+            raise Unavailable(message, reason="SHUTTING_DOWN")
+
+    def _training_still_wanted(self) -> None:
+        """Unavailable once shutdown has begun: a training stops at its next step, uncommitted."""
+        self._refuse_when_stopping(
+            "the server is shutting down, so the training was abandoned and nothing changed; "
+            "run it again on the restarted server"
+        )
 
     # -- validation helpers -------------------------------------------------------------
     def _prepare(
@@ -445,7 +454,7 @@ class Engine:
         started = time.perf_counter()
         collection = self.catalog.get(name)
         self.check_accepting_writes()
-        outcome = collection.train(model_size, seed, still_wanted=self.check_accepting_writes)
+        outcome = collection.train(model_size, seed, still_wanted=self._training_still_wanted)
         return collection.info(), dataclasses.replace(outcome, train_ms=_ms(started))
 
     def get_collection(self, name: str) -> CollectionInfo:
@@ -472,10 +481,19 @@ class Engine:
         if after is not None and not NAME_PATTERN.fullmatch(after):
             raise InvalidArgument("page_token is invalid", field="page_token", reason="BAD_PAGE_TOKEN")
         remaining = [c for c in self.catalog.list() if after is None or c.spec.name > after]
-        page = remaining[:size]
-        token = encode_page_token(page[-1].spec.name, "collections") if len(remaining) > size else ""
+        infos: list[CollectionInfo] = []
+        taken = 0  # of ``remaining``: a page is filled past collections deleted since the list
+        for collection in remaining:
+            if len(infos) == size:
+                break
+            taken += 1
+            if (info := _info_unless_deleted(collection)) is not None:
+                infos.append(info)
+        token = (
+            encode_page_token(infos[-1].spec.name, "collections") if infos and taken < len(remaining) else ""
+        )
         unavailable = self.catalog.unavailable() if after is None else {}
-        return [info for c in page if (info := _info_unless_deleted(c)) is not None], token, unavailable
+        return infos, token, unavailable
 
     def list_plugins(self) -> PluginList:
         """What the plugins registered, and what went wrong loading them."""

@@ -410,6 +410,14 @@ def test_a_past_deadline_stores_nothing(engine: Engine) -> None:
     )
 
 
+def test_shutdown_refuses_uploads_and_trainings_each_with_its_own_advice(engine: Engine) -> None:
+    """A training has no ids to resend (an outside test: it got the upload's advice)."""
+    engine.begin_shutdown()
+    upload = raises(Unavailable, "SHUTTING_DOWN", engine.check_accepting_writes)
+    training = raises(Unavailable, "SHUTTING_DOWN", engine._training_still_wanted)
+    assert "skip_existing" in upload.message and "training was abandoned" in training.message
+
+
 def test_a_deadline_that_passes_while_waiting_for_the_writer_stores_nothing(engine: Engine) -> None:
     """The deadline is checked again once the collection's writer lock is held (an outside test:
     adds waiting behind others' commits were stored up to 1.2 s after their deadline)."""
@@ -861,6 +869,18 @@ def test_a_collection_deleted_while_listed_is_left_out_not_an_error(
     monkeypatch.setattr(engine.catalog, "list", lambda: listed)  # the list taken before the delete
     infos, token, _ = engine.list_collections(0, "")
     assert [c.spec.name for c in infos] == ["c"] and token == ""
+    # A page of one is filled past it, not left empty with a token (an outside test: clients
+    # that stop at an empty page stopped early).
+    engine.create_collection(NewCollection(name="later", metric="l2"))
+    monkeypatch.setattr(
+        engine.catalog,
+        "list",
+        lambda: sorted([*listed, engine.catalog.get("later")], key=lambda c: c.spec.name),
+    )
+    first, token, _ = engine.list_collections(1, "")
+    assert [c.spec.name for c in first] == ["c"] and token
+    second, token, _ = engine.list_collections(1, token)
+    assert [c.spec.name for c in second] == ["later"] and token == ""
 
 
 def test_list_collections_pagination(engine: Engine) -> None:

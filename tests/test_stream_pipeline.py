@@ -319,3 +319,17 @@ def test_a_stream_never_goes_on_into_a_collection_created_again_under_its_name(s
     assert error.value.code() == grpc.StatusCode.NOT_FOUND and "chunk 2" in error.value.details()
     assert "'c' was deleted" in error.value.details()
     assert stub.GetCollection(pb.GetCollectionRequest(name="c")).collection.image_count == 0
+
+
+def test_a_stream_whose_first_chunk_is_empty_adds_to_the_collection_there_when_images_come(stub) -> None:
+    """The collection is looked up at the first chunk with images (an outside test: an empty first
+    chunk naming a collection created a moment later failed NOT_FOUND)."""
+    sent: queue.Queue = queue.Queue()
+    call = stub.AddImagesStream.future(iter(sent.get, None), timeout=30)
+    sent.put(pb.AddImagesStreamRequest(collection="late"))
+    time.sleep(0.2)  # the empty chunk is read before the collection exists
+    stub.CreateCollection(pb.CreateCollectionRequest(collection=pb.Collection(name="late", metric="l2")))
+    sent.put(pb.AddImagesStreamRequest(images=vectors("x", 3, seed=4)))
+    sent.put(None)
+    assert call.result().added_count == 3
+    assert stub.GetCollection(pb.GetCollectionRequest(name="late")).collection.image_count == 3
