@@ -338,8 +338,8 @@ class VectorIndex:
         collection's write lock, or None when there is room already (or the index is not flat).
 
         FAISS grows its storage inside ``add``, copying all of it while searches wait for the
-        lock: a pause that grows with the collection (bench/bench_concurrency.py's neighbours:
-        at 60,000 × 1280, a 300 MB copy). Here the larger buffer is made and filled while searches
+        lock: a pause that grows with the collection (bench/bench_ingest_stages.py prints the
+        longest search during an ingest; bench/README.md, "Ingest stages"). Here the larger buffer is made and filled while searches
         still read the old one (only the caller may change the index meanwhile), and the returned
         function, called under the write lock, puts it in place by a swap of pointers. Storage
         then at least doubles, as std::vector's would."""
