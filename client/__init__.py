@@ -1,6 +1,6 @@
 """imagesearch Python client: find similar images on an imagesearch server over gRPC.
 
-Install with ``pip install ./imagesearch`` from a checkout (the distribution imagesearch-cbir; client
+Install with ``pip install .`` in a checkout (the distribution imagesearch-cbir; client
 only: grpcio, grpcio-status, protobuf, numpy). Usage::
 
     from pathlib import Path

@@ -321,9 +321,18 @@ class Catalog:
                 del self._collections[collection.spec.name]
                 directory = collection.directory
             doomed = self._root / f".deleting-{name}-{time.time_ns()}"
-            os.replace(directory, doomed)
+            try:
+                os.replace(directory, doomed)
+            except OSError as exc:  # a read-only or mounted directory: as it was, and said so
+                self._open_or_report(directory)
+                raise FailedPrecondition(
+                    f"collection {name!r} was not deleted: its directory {directory} cannot be moved "
+                    f"({exc.strerror or exc}); it is as it was. Make its parent writable, or unmount it",
+                    field="name",
+                    reason="DELETE_REFUSED",
+                ) from exc
             fsync_dir(self._root)
-        shutil.rmtree(doomed, ignore_errors=True)
+        shutil.rmtree(doomed, onerror=_leftover_reported)
         log.info("collection %s deleted", name)
 
     def ensure_default(self, extractor: str) -> None:
@@ -358,6 +367,11 @@ class Catalog:
                 collection.close()
             self._collections.clear()
         self._lock.release()
+
+
+def _leftover_reported(function: object, path: str, exc_info: tuple[type, BaseException, object]) -> None:
+    """A deleted collection's file that cannot be removed now: said, and removed at the next start."""
+    log.warning("could not remove %s (%s); the next start removes it", path, exc_info[1])
 
 
 class MisplacedCollection(ValueError):

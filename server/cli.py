@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
+from typing import Any
 
+from imagesearch.server.client_cli import path_argument
 from imagesearch.server.config import load_config
 from imagesearch.server.errors import DataDirLocked
 from imagesearch.server.folder_cli import add_folder_command
@@ -66,12 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 50051; 0 picks a free one)")
     serve.add_argument(
-        "--data", type=Path, help="data directory (default $IMAGESEARCH_DATA or ./var/imagesearch)"
+        "--data", type=path_argument, help="data directory (default $IMAGESEARCH_DATA or ./var/imagesearch)"
     )
     serve.add_argument(
-        "--models", type=Path, help="ONNX models directory (default $IMAGESEARCH_MODELS or ./var/models)"
+        "--models",
+        type=path_argument,
+        help="ONNX models directory (default $IMAGESEARCH_MODELS or ./var/models)",
     )
-    serve.add_argument("--config", type=Path, help="TOML file with settings and a [limits] table")
+    serve.add_argument("--config", type=path_argument, help="TOML file with settings and a [limits] table")
     serve.add_argument("--log-format", choices=("json", "text"), help="log line format (default json)")
     serve.add_argument(
         "--demo", action="store_true", help="index sample photos and print a first search result"
@@ -79,14 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=_serve)
 
     plugins = commands.add_parser("plugins", help="list loaded extractors and metrics, and plugin problems")
-    plugins.add_argument("--models", type=Path, help="ONNX models directory (as for serve)")
-    plugins.add_argument("--config", type=Path, help="TOML file (as for serve: models_dir, [plugins.*])")
+    plugins.add_argument("--models", type=path_argument, help="ONNX models directory (as for serve)")
+    plugins.add_argument(
+        "--config", type=path_argument, help="TOML file (as for serve: models_dir, [plugins.*])"
+    )
     plugins.set_defaults(handler=_plugins)
 
     try:
         from imagesearch.server.model_cli import add_model_commands
-    except ImportError:
-        pass
+    except ImportError as exc:
+        _offered_without(commands, exc, ("model", "list, export and verify CNN models"))
     else:
         add_model_commands(commands)
     add_folder_command(commands)  # add and search use the client only: they work without the server extra
@@ -95,12 +100,35 @@ def build_parser() -> argparse.ArgumentParser:
     try:  # these render images (OpenCV): with the client alone they are not offered
         from imagesearch.server.dataset_builder import add_dataset_command
         from imagesearch.server.eval_runner import add_eval_command
-    except ImportError:
-        pass
+    except ImportError as exc:
+        _offered_without(
+            commands,
+            exc,
+            ("eval", "measure extractors and metrics on a labelled folder"),
+            ("dataset", "write the offline labelled image set"),
+        )
     else:
         add_eval_command(commands)
         add_dataset_command(commands)
     return parser
+
+
+def _offered_without(commands: Any, missing: ImportError, *named: tuple[str, str]) -> None:
+    """Commands whose modules need the server extra, listed all the same: run without it, each says
+    what to install (an outside test met a bare "invalid choice" in a client-only install)."""
+    for name, description in named:
+        stub = commands.add_parser(name, help=f"{description} (needs the server extra)", add_help=False)
+        stub.add_argument("arguments", nargs=argparse.REMAINDER)
+        stub.set_defaults(handler=lambda args, exc=missing: _server_extra_needed(exc))
+
+
+def _server_extra_needed(exc: ImportError) -> int:
+    print(
+        f"error: {exc}. This needs the server extra: `pip install '<checkout>[server]'` "
+        "(distribution imagesearch-cbir).",
+        file=sys.stderr,
+    )
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,11 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except ModuleNotFoundError as exc:
-        print(
-            f"error: {exc}. The server needs the server extra: `pip install '<checkout>[server]'` (distribution imagesearch-cbir).",
-            file=sys.stderr,
-        )
-        return 2
+        return _server_extra_needed(exc)
     except (ValueError, RuntimeError) as exc:  # bad configuration, plugin conflicts
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from imagesearch.client import DeadlineExceeded, ImageSearchError, Unavailable
 from imagesearch.client._requests import DEFAULT_TARGET
@@ -39,6 +40,14 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def path_argument(text: str) -> Path:
+    """An argparse type: a path, never empty (``--data "$UNSET"`` would be ".", the current
+    directory: an outside test saw a server make its data directory where it was started)."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return Path(text)
 
 
 def fail(message: str) -> int:

@@ -121,6 +121,8 @@ _LEVELS = tuple(
 )
 # Every field gets the rule of its type (numbers must be positive); these are the exceptions.
 _SERVER_RULES = {
+    "host": Setting(str, low=1, note="an interface name or address"),
+    "default_extractor": Setting(str, low=1, note="an extractor name"),
     "port": Setting(int, 0, 65535, note="0 picks a free port"),
     "batch_max_wait_ms": Setting(float, low=0, note="0 turns batching waits off"),
     "extract_max_wait_ms": Setting(float, low=0, note="0 turns batching waits off"),

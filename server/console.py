@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
+
 from imagesearch.server.app import plugin_registry
 from imagesearch.server.config import ServerConfig
 
@@ -22,7 +25,7 @@ Query it:
   grpcurl -plaintext 127.0.0.1:{port} list
   grpcurl -plaintext -d "{{\\"image\\": \\"$(base64 -w0 photo.jpg)\\", \\"top_k\\": 3}}" \\
       127.0.0.1:{port} imagesearch.v1.ImageSearchService/Search
-  .venv/bin/python -c "from imagesearch.client import ImageSearchClient as C; \\
+  {shlex.quote(sys.executable)} -c "from imagesearch.client import ImageSearchClient as C; \\
 print(C('127.0.0.1:{port}').search('photo.jpg', top_k=3))"
 """,
         flush=True,

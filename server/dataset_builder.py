@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 
 from imagesearch.client.datasets import class_rng
+from imagesearch.server.client_cli import path_argument
 
 DEFAULT_COPIES = 9
 DEFAULT_SEED = 0
@@ -409,7 +410,7 @@ def add_dataset_command(commands: argparse._SubParsersAction) -> None:
 
 
 def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("out", type=Path, help="output folder (must not exist or be empty)")
+    parser.add_argument("out", type=path_argument, help="output folder (must not exist or be empty)")
     parser.add_argument("--copies", type=int, default=DEFAULT_COPIES, help="edited copies per photo (9)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="random seed (0)")
     parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help="long side in pixels (480)")

@@ -28,7 +28,6 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, TextIO
 
 import cv2
@@ -55,7 +54,7 @@ from imagesearch.client.evaluation import (
     summarize,
     worst_first,
 )
-from imagesearch.server.client_cli import add_server_arguments, fail, server_error
+from imagesearch.server.client_cli import add_server_arguments, fail, path_argument, server_error
 from imagesearch.server.contact_sheet import SheetItem
 from imagesearch.server.dataset_builder import encode_jpeg, resize_long_side
 from imagesearch.server.progress import ProgressLine
@@ -132,6 +131,14 @@ class EvalConfig:
                 raise ValueError(f"{name} must be at least {least}, not {value}")
         if not self.ks:
             raise ValueError("ks must name at least one cut-off")
+        if len(set(self.ks)) != len(self.ks):
+            raise ValueError(f"ks must not repeat a cut-off, got {list(self.ks)}")
+        if self.top_k and self.top_k < max(self.ks):
+            raise ValueError(
+                f"top_k must be 0 or at least the largest k, {max(self.ks)} (P@k needs k hits), not {self.top_k}"
+            )
+        if not self.modes:
+            raise ValueError("modes must name at least one mode (plain, bucketed)")
 
     @property
     def k_max(self) -> int:
@@ -370,12 +377,19 @@ def _classify(
             predictions[image.id] = (answer.label, answer.confidence)
             bar.advance()
     if failures:
-        first = failures[0]
         notes.append(
-            f"recognition: Classify failed for {len(failures)} of {len(split.queries)} queries, "
-            f"left out of its accuracy (first: {first.reason or first.code.name}: {first.message})"
+            "recognition: " + _failures_note("Classify", failures, len(split.queries), "its accuracy")
         )
     return predictions
+
+
+def _failures_note(call: str, failures: Sequence[ImageSearchError], total: int, left_out_of: str) -> str:
+    """How many queries a call failed for, and the first reason: never a silent gap in the figures."""
+    first = failures[0]
+    return (
+        f"{call} failed for {len(failures)} of {total} queries, left out of {left_out_of} "
+        f"(first: {first.reason or first.code.name}: {first.message})"
+    )
 
 
 def _search_all(
@@ -392,6 +406,7 @@ def _search_all(
         run.skipped = "bucketed search is not available: this client's search() has no `mode` argument"
         return
     started = time.perf_counter()
+    failures: list[ImageSearchError] = []
     with progress(f"search {run.mode} {run.collection}", len(split.queries), stream) as bar:
         for image in split.queries:
             try:
@@ -403,6 +418,7 @@ def _search_all(
                     run.skipped = f"the server does not implement this search: {error.message}"
                     return
                 run.failed_queries.append({"id": image.id, "error": f"{error.code.name}: {error.message}"})
+                failures.append(error)
                 bar.advance()
                 continue
             label, confidence = predictions.get(image.id, (None, None))
@@ -413,6 +429,8 @@ def _search_all(
             )
             bar.advance()
     run.query_seconds = time.perf_counter() - started
+    if failures:
+        run.notes.append(_failures_note("Search", failures, len(split.queries), "every measure"))
     if mode_options and run.queries and not any(query.bucket_label for query in run.queries):
         run.notes.append("the server returned no predicted label: it may have ignored the bucketed mode")
 
@@ -574,7 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dataset", type=Path, help="folder with one subfolder of images per class")
+    parser.add_argument("dataset", type=path_argument, help="folder with one subfolder of images per class")
     add_server_arguments(parser, collection=False)
     parser.add_argument(
         "--extractors", "--extractor", help="comma-separated (default: the server's default extractor)"
@@ -591,14 +609,16 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ks", default="1,5,10", help="cut-offs k (1,5,10)")
     parser.add_argument("--top-k", type=int, default=0, help="hits requested, K of AP@K (default: max k)")
     parser.add_argument("--neighbors", type=int, default=0, help="Classify's voting neighbours (0: server's)")
-    parser.add_argument("--json", type=Path, help="write the results as JSON")
-    parser.add_argument("--html", type=Path, help="write an HTML report (PR plot, worst queries)")
+    parser.add_argument("--json", type=path_argument, help="write the results as JSON")
+    parser.add_argument("--html", type=path_argument, help="write an HTML report (PR plot, worst queries)")
     parser.add_argument("--worst", type=int, default=5, help="worst queries shown per run in the HTML (5)")
     parser.add_argument("--keep", action="store_true", help="keep the evaluation collections")
 
 
 def run_cli(args: argparse.Namespace, connect: Callable[[str], ImageSearchClient] = ImageSearchClient) -> int:
     dataset = read_dataset(args.dataset)
+    if not dataset.images:
+        raise ValueError(f"no images in class folders under {args.dataset} (DATASET/<class>/<images>)")
     if args.split == HOLDOUT:
         split = holdout_split(dataset, args.fraction, args.seed)
     else:
@@ -607,11 +627,11 @@ def run_cli(args: argparse.Namespace, connect: Callable[[str], ImageSearchClient
         extractors=_names(args.extractors),
         metrics=_names(args.metrics),
         modes=tuple(name for name in _names(args.modes) if name),
-        ks=tuple(int(k) for k in args.ks.split(",")),
+        ks=tuple(sorted({int(k) for k in args.ks.split(",")})),
         top_k=args.top_k,
         neighbors=args.neighbors,
         keep=args.keep,
-        worst=args.worst if args.html else 0,
+        worst=args.worst if args.html else min(args.worst, 0),  # a bad value is refused either way
     )
     with connect(args.target) as client:
         evaluation = evaluate(client, dataset, split, config, stream=sys.stderr)
@@ -620,6 +640,10 @@ def run_cli(args: argparse.Namespace, connect: Callable[[str], ImageSearchClient
     print(format_table(evaluation))
     for path in write_reports(evaluation, args.json, args.html):
         print(f"wrote {path}")
+    unmeasured = [run for run in evaluation.runs if not run.skipped and not run.queries]
+    if unmeasured:  # every query failed: figures of nothing must not pass for a result
+        notes = "; ".join(dict.fromkeys(note for run in unmeasured for note in run.notes))
+        return fail(f"{len(unmeasured)} of {len(evaluation.runs)} runs measured no query: {notes}")
     return 0
 
 

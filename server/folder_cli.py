@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from imagesearch.client import ImageSearchClient, ImageSearchError, NotFound
 from imagesearch.client.folders import FolderImport, FolderScan, add_folder, scan_folder
@@ -20,6 +19,7 @@ from imagesearch.server.client_cli import (
     EXIT_PARTIAL,
     add_server_arguments,
     fail,
+    path_argument,
     positive_int,
     server_error,
 )
@@ -37,7 +37,9 @@ def add_folder_command(commands: argparse._SubParsersAction) -> None:
         description="Store every image under DIR once, labelled by its subfolder of DIR, with its "
         "relative path as id. Exit codes: 0 all stored, 1 some images rejected, 2 could not run.",
     )
-    parser.add_argument("directory", metavar="DIR", type=Path, help="folder with one subfolder per label")
+    parser.add_argument(
+        "directory", metavar="DIR", type=path_argument, help="folder with one subfolder per label"
+    )
     add_server_arguments(parser)
     parser.add_argument(
         "--batch-size",

@@ -12,7 +12,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from imagesearch.client import ImageSearchClient, ImageSearchError, SearchHit, SearchResult
-from imagesearch.server.client_cli import EXIT_OK, add_server_arguments, fail, positive_int, server_error
+from imagesearch.server.client_cli import (
+    EXIT_OK,
+    add_server_arguments,
+    fail,
+    path_argument,
+    positive_int,
+    server_error,
+)
 from imagesearch.server.contact_sheet import SheetItem, hit_item, render_contact_sheet
 
 
@@ -24,7 +31,7 @@ def add_search_command(commands: argparse._SubParsersAction) -> None:
         description="Print the hits for a query image, best first: rank, id, label, score "
         "(higher is more similar). Exit codes: 0 searched, 2 could not search.",
     )
-    parser.add_argument("image", metavar="IMG", type=Path, help="query image file")
+    parser.add_argument("image", metavar="IMG", type=path_argument, help="query image file")
     parser.add_argument(
         "-k",
         "--top-k",
@@ -56,7 +63,7 @@ def add_search_command(commands: argparse._SubParsersAction) -> None:
     add_server_arguments(parser)
     parser.add_argument(
         "--html",
-        type=Path,
+        type=path_argument,
         metavar="OUT.html",
         help="also write a contact sheet: the query and hit thumbnails",
     )

@@ -297,3 +297,33 @@ def test_a_store_damaged_while_serving_is_listed_with_its_reason(
         infos = {c.spec.name: c.info() for c in opened.list()}
         assert infos["c"].read_only and "its store cannot be read" in infos["c"].state_reason
         assert not infos["d"].read_only and infos["d"].image_count == 0
+
+
+def test_a_delete_that_cannot_move_the_directory_leaves_the_collection_as_it_was(
+    data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read-only or mounted collection directory (an outside test: the delete answered INTERNAL
+    and the collection vanished from every list until the next start, its data still on disk)."""
+    from imagesearch.server import catalog as catalog_module
+
+    with catalog(data) as opened:
+        opened.create("d", extractor=TinyExtractor.name, metric="l2")
+    (collection_dir(data).parent / "d" / STORE_FILE).write_bytes(b"damaged" * 100)  # d: unavailable
+    real_replace = os.replace
+
+    def refused(source: Any, target: Any) -> None:
+        raise OSError(30, "Read-only file system")
+
+    with catalog(data) as opened:
+        assert list(opened.unavailable()) == ["d"]
+        monkeypatch.setattr(catalog_module.os, "replace", refused)
+        for name in ("c", "d"):
+            with pytest.raises(FailedPrecondition) as error:
+                opened.delete(name)
+            assert error.value.reason == "DELETE_REFUSED" and "Read-only file system" in error.value.message
+        assert list(opened.unavailable()) == ["d"]
+        assert opened.get("c").count() == 3  # reopened, serving its images
+        monkeypatch.setattr(catalog_module.os, "replace", real_replace)
+        opened.delete("c")
+        opened.delete("d")
+        assert opened.list() == [] and opened.unavailable() == {}

@@ -40,7 +40,7 @@ REFUSED = [  # (TOML, what the message must say)
     ),
     ("thumbnail_quality = 101", "thumbnail_quality must be an integer from 1 to 100 (JPEG quality)"),
     ('create_default_collection = "yes"', "create_default_collection must be true or false, got 'yes'"),
-    ("host = 5", "host must be a string, got 5"),
+    ("host = 5", "host must be a non-empty string (an interface name or address), got 5"),
     ('data_dir = ""', "data_dir must be a path (a non-empty string), got ''"),
     ("models_dir = 3", "models_dir must be a path (a non-empty string), got 3"),
     ('log_format = "xml"', "log_format must be one of 'json', 'text', got 'xml'"),
@@ -107,6 +107,25 @@ def test_every_field_has_a_rule_its_default_satisfies():
 def test_command_line_overrides_are_checked_too():
     with pytest.raises(ValueError, match="port must be an integer from 0 to 65535"):
         load_config(port=70000)
+
+
+@pytest.mark.parametrize("key", ["host", "default_extractor"])
+def test_an_empty_name_is_refused(tmp_path, key):
+    """``host = ""`` started, then failed at bind time with a message naming no key (an outside test)."""
+    path = tmp_path / "server.toml"
+    path.write_text(f'{key} = ""\n')
+    with pytest.raises(ValueError, match=f"{key} must be a non-empty string"):
+        load_config(path, host="127.0.0.1")
+
+
+@pytest.mark.parametrize("flag", ["--data", "--models", "--config"])
+def test_an_empty_path_flag_is_refused_not_taken_for_the_current_directory(flag, capsys):
+    """``--data "$UNSET"`` made the server keep its data where it was started (an outside test)."""
+    from imagesearch.server import cli
+
+    with pytest.raises(SystemExit) as exited:
+        cli.build_parser().parse_args(["serve", flag, ""])
+    assert exited.value.code == 2 and "must not be empty" in capsys.readouterr().err
 
 
 def test_a_bad_file_value_is_refused_even_where_a_flag_overrides_it(tmp_path):

@@ -177,11 +177,77 @@ def test_classify_failures_are_noted_not_swallowed(tree: Path):
 
 
 @pytest.mark.parametrize(
-    "change", [{"neighbors": -1}, {"top_k": -1}, {"ks": (0, 5)}, {"ks": ()}, {"worst": -2}, {"strip_hits": 0}]
+    "change",
+    [
+        {"neighbors": -1},
+        {"top_k": -1},
+        {"ks": (0, 5)},
+        {"ks": ()},
+        {"worst": -2},
+        {"strip_hits": 0},
+        {"ks": (5, 1, 5)},  # the same row twice
+        {"top_k": 3},  # P@5 and P@10 from 3 hits
+        {"modes": ()},  # an empty table
+    ],
 )
 def test_eval_config_refuses_counts_no_run_could_use(change: dict):
     with pytest.raises(ValueError, match="must"):
         eval_runner.EvalConfig(**change)
+
+
+class _RefusingSearcher:
+    """A client whose Search refuses every query."""
+
+    def search(self, image=None, *, image_id=None, top_k=0, collection=None, **options):
+        raise InvalidArgument("top_k must be at most 1000", details=ErrorDetails(reason="BAD_TOP_K"))
+
+
+def test_search_failures_are_noted_and_a_run_that_measured_nothing_fails_the_command(
+    tree: Path, monkeypatch, capsys
+):
+    """An outside test: with every search refused, the table was all n/a and the command exited 0."""
+    split = holdout_split(read_dataset(tree), 0.5, seed=0)
+    run = eval_runner.RunResult("x", "cosine", eval_runner.PLAIN, "c", 10, (1, 5, 10))
+    eval_runner._search_all(_RefusingSearcher(), run, split, Relevance.of(split.indexed), {}, None)
+    assert run.queries == [] and len(run.failed_queries) == len(split.queries)
+    assert run.notes == [
+        f"Search failed for {len(split.queries)} of {len(split.queries)} queries, left out of every measure "
+        "(first: BAD_TOP_K: top_k must be at most 1000)"
+    ]
+
+    def unmeasured(client, dataset, split, config, stream=None):
+        return eval_runner.Evaluation({"classes": 3}, config, "here", runs=[run])
+
+    class Connected:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(eval_runner, "evaluate", unmeasured)
+    args = eval_runner.build_parser().parse_args([str(tree), "--modes", "plain"])
+    assert eval_runner.run_cli(args, connect=lambda target: Connected()) == 2
+    assert "1 of 1 runs measured no query: Search failed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--worst", "-1"], "worst must be at least 0"),  # refused without --html too
+        (["--modes", ""], "modes must name at least one mode"),
+        (["--top-k", "3"], "top_k must be 0 or at least the largest k, 10"),
+    ],
+)
+def test_the_cli_refuses_what_no_run_could_use(tree: Path, capsys, argv: list[str], says: str):
+    assert eval_runner.main([str(tree), "--target", "127.0.0.1:1", *argv]) == 2
+    assert says in capsys.readouterr().err
+
+
+def test_the_cli_refuses_a_folder_without_images(tmp_path: Path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert eval_runner.main([str(tmp_path / "empty"), "--target", "127.0.0.1:1"]) == 2
+    assert "no images in class folders" in capsys.readouterr().err
 
 
 def test_the_cli_refuses_negative_neighbors_before_touching_the_server(tree: Path, capsys):

@@ -177,6 +177,15 @@ def test_unreachable_server_is_exit_code_2_naming_the_target(tree, tmp_path):
         assert "Traceback" not in result.stderr
 
 
+def test_commands_that_need_the_server_extra_say_so_in_a_client_only_install():
+    """Listed, and each names what to install (an outside test met a bare "invalid choice")."""
+    listing = run_cli("--help")
+    assert all(name in listing.stdout for name in ("model", "eval", "dataset"))
+    for args in (("model", "list"), ("eval", "photos"), ("dataset", "out")):
+        result = run_cli(*args)
+        assert result.returncode == 2 and "needs the server extra" in result.stderr, (args, result.stderr)
+
+
 def test_usage_errors_are_exit_code_2(server, tmp_path):
     assert run_cli("add", str(tmp_path / "missing"), "--target", server.target).returncode == 2
     assert run_cli("add", str(tmp_path), "--batch-size", "0").returncode == 2
