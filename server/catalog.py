@@ -323,11 +323,13 @@ class Catalog:
             doomed = self._root / f".deleting-{name}-{time.time_ns()}"
             try:
                 os.replace(directory, doomed)
-            except OSError as exc:  # a read-only or mounted directory: as it was, and said so
+            except OSError as exc:  # a read-only or mounted directory: reopened (or reported unavailable, as
+                # at start-up, if it can no longer be served), its data untouched, and said so
                 self._open_or_report(directory)
                 raise FailedPrecondition(
                     f"collection {name!r} was not deleted: its directory {directory} cannot be moved "
-                    f"({exc.strerror or exc}); it is as it was. Make its parent writable, or unmount it",
+                    f"({exc.strerror or exc}); its data is untouched. Make its parent writable, or unmount "
+                    "it, then delete it again",
                     field="name",
                     reason="DELETE_REFUSED",
                 ) from exc
