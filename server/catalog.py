@@ -328,8 +328,8 @@ class Catalog:
                 self._open_or_report(directory)
                 raise FailedPrecondition(
                     f"collection {name!r} was not deleted: its directory {directory} cannot be moved "
-                    f"({exc.strerror or exc}); its data is untouched. Make its parent writable, or unmount "
-                    "it, then delete it again",
+                    f"({exc.strerror or exc}); its data is untouched. Stop the server, make its parent "
+                    "writable or unmount it, start the server, then delete it again",
                     field="name",
                     reason="DELETE_REFUSED",
                 ) from exc

@@ -117,8 +117,13 @@ def _offered_without(commands: Any, missing: ImportError, *named: tuple[str, str
     """Commands whose modules need the server extra, listed all the same: run without it, each says
     what to install (an outside test met a bare "invalid choice" in a client-only install)."""
     for name, description in named:
-        stub = commands.add_parser(name, help=f"{description} (needs the server extra)", add_help=False)
-        stub.add_argument("arguments", nargs=argparse.REMAINDER)
+        stub = commands.add_parser(
+            name,
+            help=f"{description} (needs the server extra)",
+            add_help=False,
+            prefix_chars="\0",  # every argument, options and -h included, is taken as it comes
+        )
+        stub.add_argument("arguments", nargs="*")
         stub.set_defaults(handler=lambda args, exc=missing: _server_extra_needed(exc))
 
 

@@ -24,7 +24,7 @@ MODELS_ENV = "IMAGESEARCH_MODELS"
 
 def default_models_dir() -> Path:
     """Where ONNX models live unless configured: $IMAGESEARCH_MODELS, else var/models."""
-    return Path(os.environ.get(MODELS_ENV, "var/models"))
+    return Path(os.environ.get(MODELS_ENV) or "var/models")  # set but empty: unset, never "."
 
 
 def available_cpus() -> int:
@@ -76,7 +76,7 @@ class Limits:
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
-    data_dir: Path = field(default_factory=lambda: Path(os.environ.get(DATA_ENV, "var/imagesearch")))
+    data_dir: Path = field(default_factory=lambda: Path(os.environ.get(DATA_ENV) or "var/imagesearch"))
     models_dir: Path = field(default_factory=default_models_dir)
     workers: int = 16  # threads for engine work; decoding memory is bounded by max_decoding_pixels
     # Micro-batching: concurrent searches share one index call, concurrent images one extractor

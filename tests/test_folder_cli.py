@@ -181,7 +181,13 @@ def test_commands_that_need_the_server_extra_say_so_in_a_client_only_install():
     """Listed, and each names what to install (an outside test met a bare "invalid choice")."""
     listing = run_cli("--help")
     assert all(name in listing.stdout for name in ("model", "eval", "dataset"))
-    for args in (("model", "list"), ("eval", "photos"), ("dataset", "out")):
+    for args in (
+        ("model", "list"),
+        ("eval", "photos"),
+        ("dataset", "out"),
+        ("eval", "--target", "x", "ds"),
+        ("model", "-h"),
+    ):
         result = run_cli(*args)
         assert result.returncode == 2 and "needs the server extra" in result.stderr, (args, result.stderr)
 
