@@ -339,17 +339,17 @@ class VectorIndex:
 
         FAISS grows its storage inside ``add``, copying all of it while searches wait for the
         lock: a pause that grows with the collection (bench/bench_ingest_stages.py prints the
-        longest search during an ingest; bench/README.md, "Ingest stages"). Here the larger buffer is made and filled while searches
-        still read the old one (only the caller may change the index meanwhile), and the returned
-        function, called under the write lock, puts it in place by a swap of pointers. Storage
-        then at least doubles, as std::vector's would."""
+        longest search during an ingest; bench/README.md, "Ingest stages"). Here the larger buffer
+        is made and filled while searches still read the old one (only the caller may change the
+        index meanwhile), and the returned function, called under the write lock, puts it in place
+        by a swap of pointers. Storage then at least doubles, as std::vector's would."""
         storage = _flat_storage(self._index)
         if storage is None:
             return None
         inner, codes = storage
-        size = codes.size()
+        size, address = codes.size(), _address(codes)
         needed = size + count * inner.code_size
-        capacity = self._room[1] if self._room[0] == _address(codes) else size
+        capacity = self._room[1] if self._room[0] == address else size
         if needed <= capacity:
             return None
         capacity = max(needed, 2 * size)
@@ -358,7 +358,6 @@ class VectorIndex:
         if size:
             np.copyto(faiss.rev_swig_ptr(larger.data(), size), faiss.rev_swig_ptr(codes.data(), size))
         larger.resize(size)  # a std::vector keeps its capacity when it shrinks
-        address = _address(codes)
 
         def install() -> None:
             if _address(codes) != address or codes.size() != size:  # changed since: FAISS grows it

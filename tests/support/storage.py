@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import faiss
 
-from imagesearch.server.vector_index import VectorIndex
+from imagesearch.server.vector_index import VectorIndex, _address
 
 
 def storage_address(index: VectorIndex) -> int:
     """The address of a flat index's storage (0 while it is empty)."""
-    inner = faiss.downcast_index(index.faiss_index.index)
-    return faiss.rev_swig_ptr(inner.codes.data(), 1).ctypes.data if inner.ntotal else 0
+    return _address(faiss.downcast_index(index.faiss_index.index).codes)
