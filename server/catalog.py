@@ -34,6 +34,7 @@ from imagesearch.server.collection import (
     SNAPSHOT_ERRORS,
     STORE_FILE,
     Collection,
+    CollectionInfo,
     CollectionSpec,
     check_collection_name,
     check_index_params,
@@ -229,8 +230,9 @@ class Catalog:
         storage: str = "",
         local_features: str = "",
         before_commit: Callable[[], None] | None = None,
-    ) -> Collection:
-        """Validate, stage the collection's files, then make it visible with one rename.
+    ) -> CollectionInfo:
+        """Validate, stage the collection's files, then make it visible with one rename; return
+        what it is.
         ``before_commit`` runs just before that rename and may raise to stop it (a caller's
         deadline: nothing is created)."""
         check_collection_name(name)
@@ -304,10 +306,11 @@ class Catalog:
             fsync_dir(self._root)
             collection = Collection(self._root / name, spec, metric_obj, chosen, local)
             self._collections[name] = collection
+            info = collection.info()  # before another caller can delete it (and answer NOT_FOUND for it)
         log.info(
             "collection %s created: %s %s, %s, %s", name, chosen.name, chosen.version, metric, index_type
         )
-        return collection
+        return info
 
     def delete(self, name: str) -> None:
         """Delete a collection, an unavailable one included (that is how an operator clears it)."""
@@ -317,14 +320,23 @@ class Catalog:
                 del self._unavailable[name]
             else:
                 collection = self.get(name)
+                unmovable = _why_unmovable(collection.directory)
+                if unmovable:  # refused while it still serves: nothing to reopen, no restart to advise
+                    raise FailedPrecondition(
+                        f"collection {name!r} was not deleted: its directory {collection.directory} cannot "
+                        f"be moved ({unmovable}); it is untouched and still served. Make its parent "
+                        "directory writable or unmount it, then delete it again",
+                        field="name",
+                        reason="DELETE_REFUSED",
+                    )
                 collection.close(snapshot=False)
                 del self._collections[collection.spec.name]
                 directory = collection.directory
             doomed = self._root / f".deleting-{name}-{time.time_ns()}"
             try:
                 os.replace(directory, doomed)
-            except OSError as exc:  # a read-only or mounted directory: reopened (or reported unavailable, as
-                # at start-up, if it can no longer be served), its data untouched, and said so
+            except OSError as exc:  # unmovable after all (the checks above cannot foresee every refusal):
+                # reopened (or reported unavailable, as at start-up, if it can no longer be served)
                 self._open_or_report(directory)
                 raise FailedPrecondition(
                     f"collection {name!r} was not deleted: its directory {directory} cannot be moved "
@@ -369,6 +381,19 @@ class Catalog:
                 collection.close()
             self._collections.clear()
         self._lock.release()
+
+
+def _why_unmovable(directory: Path) -> str:
+    """Why renaming ``directory`` within its parent would fail, as far as can be told without trying
+    ("" if nothing is known against it): a delete checks this before it closes the collection."""
+    if os.path.ismount(directory):
+        return "it is a mount point"
+    parent = directory.parent
+    if os.statvfs(parent).f_flag & os.ST_RDONLY:
+        return f"{parent} is on a read-only file system"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{parent} is not writable by this server"
+    return ""
 
 
 def _leftover_reported(function: object, path: str, exc_info: tuple[type, BaseException, object]) -> None:

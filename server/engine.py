@@ -432,7 +432,7 @@ class Engine:
             storage=wanted.storage,
             local_features=wanted.local_features,
             before_commit=functools.partial(check_deadline, deadline, "creating the collection"),
-        ).info()
+        )
 
     def _check_description(self, description: str) -> None:
         """Refuse a description over the limit: every ListCollections page carries them all."""

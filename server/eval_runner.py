@@ -566,6 +566,16 @@ def evaluate(
 # Command line
 
 
+def cut_offs(text: str) -> tuple[int, ...]:
+    """``--ks``: whole numbers separated by commas, sorted, each once (EvalConfig checks the range)."""
+    try:
+        return tuple(sorted({int(k) for k in text.split(",")}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"cut-offs are whole numbers separated by commas, such as 1,5,10; got {text!r}"
+        ) from None
+
+
 def _names(text: str | None) -> tuple[str | None, ...]:
     return tuple(name.strip() for name in text.split(",") if name.strip()) if text else (None,)
 
@@ -606,7 +616,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", choices=(HOLDOUT, LEAVE_ONE_OUT), default=HOLDOUT)
     parser.add_argument("--fraction", type=float, default=0.2, help="held-out share of each class (0.2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the held-out choice (0)")
-    parser.add_argument("--ks", default="1,5,10", help="cut-offs k (1,5,10)")
+    parser.add_argument("--ks", type=cut_offs, default=(1, 5, 10), help="cut-offs k (1,5,10)")
     parser.add_argument("--top-k", type=int, default=0, help="hits requested, K of AP@K (default: max k)")
     parser.add_argument("--neighbors", type=int, default=0, help="Classify's voting neighbours (0: server's)")
     parser.add_argument("--json", type=path_argument, help="write the results as JSON")
@@ -627,7 +637,7 @@ def run_cli(args: argparse.Namespace, connect: Callable[[str], ImageSearchClient
         extractors=_names(args.extractors),
         metrics=_names(args.metrics),
         modes=tuple(name for name in _names(args.modes) if name),
-        ks=tuple(sorted({int(k) for k in args.ks.split(",")})),
+        ks=args.ks,
         top_k=args.top_k,
         neighbors=args.neighbors,
         keep=args.keep,

@@ -32,7 +32,7 @@ class SettingsError(ValueError):
 @dataclass(frozen=True)
 class Setting:
     """What one key takes: a kind (bool, int, float, str, Path or dict: a table), for numbers a range (``low``
-    is exclusive when ``above``), for strings the allowed ``choices`` or a least length (``low``);
+    is exclusive when ``above``), for strings the allowed ``choices`` or a least length not counting blanks (``low``);
     ``note`` explains a bound."""
 
     kind: type
@@ -46,7 +46,7 @@ class Setting:
         """The rule in words, as the error message states it."""
         text = _KIND_NAMES[self.kind]
         if self.kind is str and self.low:
-            text = "a non-empty string"
+            text = "a string that is not blank"
         elif self.choices:
             text = "one of " + ", ".join(repr(choice) for choice in self.choices)
         elif self.low is not None and self.high is not None:
@@ -63,8 +63,8 @@ class Setting:
     def _in_range(self, value: Any) -> bool:
         if self.choices:
             return value in self.choices
-        if self.kind is str and self.low:  # ``low``: the least length a string may have
-            return len(value) >= self.low
+        if self.kind is str and self.low:  # ``low``: the least length a string may have, blanks aside
+            return len(value.strip()) >= self.low
         if self.kind not in (int, float):
             return True
         if self.low is not None and (value <= self.low if self.above else value < self.low):

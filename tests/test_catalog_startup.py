@@ -299,6 +299,42 @@ def test_a_store_damaged_while_serving_is_listed_with_its_reason(
         assert not infos["d"].read_only and infos["d"].image_count == 0
 
 
+@pytest.mark.parametrize("obstacle", ["mount point", "read-only file system"])
+def test_a_delete_refused_up_front_keeps_serving_the_collection(
+    data: Path, monkeypatch: pytest.MonkeyPatch, obstacle: str
+) -> None:
+    """A mounted collection directory, or a data directory on a read-only file system, is seen
+    before the collection is closed: the delete is refused and the very same collection goes on
+    serving (an outside test: it was closed, reopened and, read-only, unavailable until a restart)."""
+    from imagesearch.server import catalog as catalog_module
+
+    with catalog(data) as opened:
+        served = opened.get("c")
+        closed = []
+        monkeypatch.setattr(served, "close", lambda **_: closed.append(True))
+        if obstacle == "mount point":
+            monkeypatch.setattr(
+                catalog_module.os.path, "ismount", lambda path: Path(path) == served.directory
+            )
+        else:
+            real_statvfs = os.statvfs
+
+            class ReadOnly:
+                def __init__(self, path: Any) -> None:
+                    self.f_flag = real_statvfs(path).f_flag | os.ST_RDONLY
+
+            monkeypatch.setattr(catalog_module.os, "statvfs", ReadOnly)
+        with pytest.raises(FailedPrecondition) as error:
+            opened.delete("c")
+        assert error.value.reason == "DELETE_REFUSED" and obstacle in error.value.message
+        assert "still served" in error.value.message and "restart" not in error.value.message
+        assert closed == [] and opened.get("c") is served and served.count() == 3
+        assert served.directory.is_dir() and not list(served.directory.parent.glob(".deleting-*"))
+        monkeypatch.undo()
+        opened.delete("c")
+        assert opened.list() == []
+
+
 def test_a_delete_that_cannot_move_the_directory_leaves_the_collection_as_it_was(
     data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -327,3 +363,25 @@ def test_a_delete_that_cannot_move_the_directory_leaves_the_collection_as_it_was
         opened.delete("c")
         opened.delete("d")
         assert opened.list() == [] and opened.unavailable() == {}
+
+
+def test_create_describes_the_collection_it_made_even_if_it_is_deleted_at_once(
+    data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CreateCollection used to read the new collection's description after the catalog let it
+    go, so a delete by another caller in between made a successful create answer NOT_FOUND."""
+    from imagesearch.server import catalog as catalog_module
+
+    with catalog(data) as opened:
+        real_info = catalog_module.log.info
+
+        def deleted_by_someone_else(message: str, *args: Any) -> None:
+            real_info(message, *args)
+            if message.startswith("collection %s created"):
+                opened.delete(args[0])
+
+        monkeypatch.setattr(catalog_module.log, "info", deleted_by_someone_else)
+        made = opened.create("fleeting", extractor=TinyExtractor.name, metric="cosine")
+        assert (made.spec.name, made.spec.metric, made.image_count) == ("fleeting", "cosine", 0)
+        with pytest.raises(NotFound):
+            opened.get("fleeting")

@@ -40,7 +40,7 @@ REFUSED = [  # (TOML, what the message must say)
     ),
     ("thumbnail_quality = 101", "thumbnail_quality must be an integer from 1 to 100 (JPEG quality)"),
     ('create_default_collection = "yes"', "create_default_collection must be true or false, got 'yes'"),
-    ("host = 5", "host must be a non-empty string (an interface name or address), got 5"),
+    ("host = 5", "host must be a string that is not blank (an interface name or address), got 5"),
     ('data_dir = ""', "data_dir must be a path (a non-empty string), got ''"),
     ("models_dir = 3", "models_dir must be a path (a non-empty string), got 3"),
     ('log_format = "xml"', "log_format must be one of 'json', 'text', got 'xml'"),
@@ -110,11 +110,13 @@ def test_command_line_overrides_are_checked_too():
 
 
 @pytest.mark.parametrize("key", ["host", "default_extractor"])
-def test_an_empty_name_is_refused(tmp_path, key):
-    """``host = ""`` started, then failed at bind time with a message naming no key (an outside test)."""
+@pytest.mark.parametrize("blank", ["", " ", "\\t "])
+def test_an_empty_name_is_refused(tmp_path, key, blank):
+    """``host = ""`` started, then failed at bind time with a message naming no key (an outside test);
+    ``host = " "`` got past the check the same way (the next outside test)."""
     path = tmp_path / "server.toml"
-    path.write_text(f'{key} = ""\n')
-    with pytest.raises(ValueError, match=f"{key} must be a non-empty string"):
+    path.write_text(f'{key} = "{blank}"\n')
+    with pytest.raises(ValueError, match=f"{key} must be a string that is not blank"):
         load_config(path, host="127.0.0.1")
 
 

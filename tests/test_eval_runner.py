@@ -244,6 +244,22 @@ def test_the_cli_refuses_what_no_run_could_use(tree: Path, capsys, argv: list[st
     assert says in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("ks", ["", "1,x", "5,,10"])
+def test_the_cli_says_what_cut_offs_look_like(tree: Path, capsys, ks: str):
+    """``--ks ''`` answered with Python's own int() message (an outside test)."""
+    with pytest.raises(SystemExit) as exited:
+        eval_runner.main([str(tree), "--target", "127.0.0.1:1", "--ks", ks])
+    assert exited.value.code == 2
+    assert (
+        f"cut-offs are whole numbers separated by commas, such as 1,5,10; got {ks!r}"
+        in capsys.readouterr().err
+    )
+
+
+def test_the_cli_sorts_cut_offs_and_keeps_each_once():
+    assert eval_runner.build_parser().parse_args(["here", "--ks", "10, 1,5,5"]).ks == (1, 5, 10)
+
+
 def test_the_cli_refuses_a_folder_without_images(tmp_path: Path, capsys):
     (tmp_path / "empty").mkdir()
     assert eval_runner.main([str(tmp_path / "empty"), "--target", "127.0.0.1:1"]) == 2
