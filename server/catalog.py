@@ -282,7 +282,7 @@ class Catalog:
             store_originals=store_originals,
             **({"storage": storage} if storage else {}),  # "": the spec's default, float32
             description=description,
-            **index_params(index_type, params or {}),
+            **index_params(index_type, params or {}, self.limits),
         )
         check_index_params(spec, self.limits)
         with self._mutex:

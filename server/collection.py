@@ -152,14 +152,26 @@ class CollectionSpec:
         )
 
 
-def index_params(index_type: str, given: dict[str, int]) -> dict[str, int]:
+def index_params(index_type: str, given: dict[str, int], limits: Limits) -> dict[str, int]:
     """The parameters a new collection gets: the given ones (0 = unset) over the spec's defaults.
 
+    A default above the server's limit for it is lowered to the limit: an operator who lowers
+    ``max_hnsw_m`` or ``max_ef`` has not asked for every create that leaves them unset to fail.
     nprobe's default, 10 lists, is capped at nlist: probing more lists than exist is meaningless.
     """
     chosen = {key: value for key, value in given.items() if value}
-    if index_type == IVF and "nprobe" not in chosen:
-        chosen["nprobe"] = min(CollectionSpec.nprobe, chosen.get("nlist", CollectionSpec.nlist))
+    ceilings = {
+        "nlist": limits.max_nlist,
+        "hnsw_m": limits.max_hnsw_m,
+        "ef_construction": limits.max_ef,
+        "ef_search": limits.max_ef,
+    }
+    for key, ceiling in ceilings.items():
+        if key not in chosen and getattr(CollectionSpec, key) > ceiling:
+            chosen[key] = ceiling
+    nprobe = min(CollectionSpec.nprobe, chosen.get("nlist", CollectionSpec.nlist))
+    if "nprobe" not in chosen and (index_type == IVF or nprobe != CollectionSpec.nprobe):
+        chosen["nprobe"] = nprobe
     return chosen
 
 

@@ -912,12 +912,30 @@ def test_info_reports_resolved_defaults_and_state(tmp_path: Path) -> None:
 
 
 def test_index_params_fill_defaults_and_cap_nprobe_at_nlist() -> None:
-    assert index_params(IVF, {"nlist": 4}) == {"nlist": 4, "nprobe": 4}
-    assert index_params(IVF, {"nlist": 50}) == {"nlist": 50, "nprobe": 10}
-    assert index_params(IVF, {}) == {"nprobe": 10}
-    assert index_params(IVF, {"nlist": 4, "nprobe": 2, "train_size": 0}) == {"nlist": 4, "nprobe": 2}
-    assert index_params(FLAT, {"nlist": 0, "hnsw_m": 0}) == {}
-    assert index_params(HNSW, {"hnsw_m": 16, "ef_search": 0}) == {"hnsw_m": 16}
+    limits = Limits()
+    assert index_params(IVF, {"nlist": 4}, limits) == {"nlist": 4, "nprobe": 4}
+    assert index_params(IVF, {"nlist": 50}, limits) == {"nlist": 50, "nprobe": 10}
+    assert index_params(IVF, {}, limits) == {"nprobe": 10}
+    assert index_params(IVF, {"nlist": 4, "nprobe": 2, "train_size": 0}, limits) == {"nlist": 4, "nprobe": 2}
+    assert index_params(FLAT, {"nlist": 0, "hnsw_m": 0}, limits) == {}
+    assert index_params(HNSW, {"hnsw_m": 16, "ef_search": 0}, limits) == {"hnsw_m": 16}
+
+
+@pytest.mark.parametrize("index_type", [FLAT, IVF, HNSW])
+def test_defaults_above_lowered_limits_are_lowered_to_them(index_type: str) -> None:
+    """``max_nlist = 8``, ``max_hnsw_m = 6`` or ``max_ef = 20`` are valid limits, yet the built-in
+    defaults (100, 32, 40 and 64) were checked against them: start-up failed creating the default
+    flat collection, and every create that left them unset failed (an outside test)."""
+    limits = Limits(max_nlist=8, max_hnsw_m=6, max_ef=20)
+    chosen = index_params(index_type, {}, limits)
+    spec = make_spec(index_type, L2, **chosen)
+    check_index_params(spec, limits)
+    assert (spec.nlist, spec.hnsw_m, spec.ef_construction, spec.ef_search) == (8, 6, 20, 20)
+    if index_type == IVF:
+        assert spec.nprobe == 8
+    given = {"nlist": 9} if index_type == IVF else {"hnsw_m": 7}
+    with pytest.raises(InvalidArgument):  # what a client asks for is still checked, not lowered
+        check_index_params(make_spec(index_type, L2, **index_params(index_type, given, limits)), limits)
 
 
 @pytest.mark.parametrize(
