@@ -3,7 +3,7 @@
 
 The vocabulary is a file in the models directory, ``sift-vocabulary.bin``, built by
 ``imagesearch model vocabulary`` (``make models`` does it) from photos that installed packages
-ship, so a SIFT collection works with zero set-up. No vocabulary file: nothing is registered.
+ship, so a SIFT collection works with zero set-up. No vocabulary file: only the local features.
 Settings from ``[plugins.sift]``: ``max_side``, ``max_keypoints`` (stored per image) and
 ``query_keypoints`` (extracted from a query image for geometric re-ranking) and ``vlad_pca_dim``
 (when > 0, TrainCollection on a ``sift-vlad`` collection also fits a PCA to that many dimensions);
@@ -39,22 +39,30 @@ SETTINGS = {  # [plugins.sift]: any other key, or a value outside these, stops s
 }
 
 
-def _load(context: PluginContext) -> tuple[SiftLocalFeatures, list[SiftExtractor]] | None:
-    """The plugin's objects, built once per models directory and settings (both hooks share them)."""
+def _load(context: PluginContext) -> tuple[SiftLocalFeatures, list[SiftExtractor]]:
+    """The plugin's objects, built once per models directory and settings (both hooks share them).
+
+    The ``sift`` local features need no vocabulary, so they are offered without one: a CNN
+    collection that keeps them for re-ranking must not lose its image queries when the file goes
+    (an outside test). Only the extractors that encode them over the vocabulary need it."""
     limits = context.settings(SETTINGS)  # checked first: a bad table is an error with or without models
-    if context.models_dir is None:
-        return None
-    path = context.models_dir / VOCABULARY_FILE
-    if not path.is_file():
-        log.info("no SIFT vocabulary at %s: no SIFT extractors (run `make models`)", path)
-        return None
+    path = context.models_dir / VOCABULARY_FILE if context.models_dir is not None else None
     try:
-        vocabulary = Vocabulary.from_bytes(path.read_bytes())
+        vocabulary = Vocabulary.from_bytes(path.read_bytes()) if path is not None and path.is_file() else None
     except (OSError, ValueError) as exc:
         raise RegistrationProblems([f"unusable SIFT vocabulary {path}: {exc}"]) from exc
-    key = (str(path), vocabulary.version, tuple(sorted(limits.items())))
+    key = (str(path), vocabulary.version if vocabulary else "", tuple(sorted(limits.items())))
     if key not in _built:  # one set of objects for both hooks: the extractors use the registered features
-        _built[key] = sift_plugins(vocabulary, **limits)
+        if vocabulary is not None:
+            _built[key] = sift_plugins(vocabulary, **limits)
+        else:
+            log.warning(
+                "no SIFT vocabulary at %s: sift-bovw and sift-vlad are not offered, the sift local "
+                "features are (`imagesearch model vocabulary` builds it; `make models` does)",
+                path,
+            )
+            local_limits = {name: value for name, value in limits.items() if name != "vlad_pca_dim"}
+            _built[key] = (SiftLocalFeatures(**local_limits), [])
     return _built[key]
 
 
@@ -63,14 +71,10 @@ _built: dict[tuple, tuple[SiftLocalFeatures, list[SiftExtractor]]] = {}
 
 @hookimpl
 def register_local_features(register: Callable[[LocalFeatures], None], context: PluginContext) -> None:
-    loaded = _load(context)
-    if loaded is not None:
-        register(loaded[0])
+    register(_load(context)[0])
 
 
 @hookimpl
 def register_extractors(register: Callable[[Extractor], None], context: PluginContext) -> None:
-    loaded = _load(context)
-    if loaded is not None:
-        for extractor in loaded[1]:
-            register(extractor)
+    for extractor in _load(context)[1]:
+        register(extractor)

@@ -23,8 +23,11 @@ on different threads, so a ``Batcher`` gathers them:
   never waits.
 
 Leader/follower keeps the bookkeeping on the callers' own threads: no queue to
-drain at shutdown, and an exception in a batch reaches exactly the callers whose
-items were in it. A coroutine (``submit_many_async``) holds no thread while it
+drain at shutdown. An exception reaches only the callers whose own items raise
+it: a batch of several callers that fails is run again caller by caller (a
+plugin that refuses one caller's image must not fail everyone who shared its
+batch; found by an outside test), which costs a second run only when a batch
+fails. A coroutine (``submit_many_async``) holds no thread while it
 waits: a batch it leads is gathered and run on the ``runner``, and its event loop
 hears of a whole batch's results by one wake-up, not one per caller. The batch itself may run on a ``runner``: the engine gives
 FAISS searches one dedicated thread, because OpenMP keeps a team of helper
@@ -57,6 +60,7 @@ class _Slot(Generic[Item, Result]):
     """One item on its way: a thread waits on ``done``, a coroutine awaits ``future``."""
 
     item: Item
+    caller: object  # the call the item came in (a failing batch is retried call by call)
     done: threading.Event | None = None
     future: asyncio.Future[None] | None = None
     lead: bool = False
@@ -108,7 +112,8 @@ class Batcher(Generic[Item, Result]):
 
     def submit_many(self, items: Sequence[Item]) -> list[Result]:
         """Results for several items (one caller's batch), run together with everyone else's."""
-        slots: list[_Slot[Item, Result]] = [_Slot(item, done=threading.Event()) for item in items]
+        caller = object()
+        slots: list[_Slot[Item, Result]] = [_Slot(item, caller, done=threading.Event()) for item in items]
         if not slots:
             return []
         idle = self._enqueue(slots)
@@ -125,7 +130,10 @@ class Batcher(Generic[Item, Result]):
         if self.runner is None:
             raise RuntimeError("submit_many_async needs a runner to lead batches on")
         loop = asyncio.get_running_loop()
-        slots: list[_Slot[Item, Result]] = [_Slot(item, future=loop.create_future()) for item in items]
+        caller = object()
+        slots: list[_Slot[Item, Result]] = [
+            _Slot(item, caller, future=loop.create_future()) for item in items
+        ]
         if not slots:
             return []
         if self._enqueue(slots):
@@ -162,17 +170,20 @@ class Batcher(Generic[Item, Result]):
             self._gather(promoted)
             batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
         try:
-            items = [slot.item for slot in batch]
-            results = (
-                self.run(items)
-                if self.runner is None or on_runner
-                else self.runner.submit(self.run, items).result()
-            )
-            if len(results) != len(batch):
-                raise RuntimeError(f"batch of {len(batch)} gave {len(results)} results")
-            for slot, result in zip(batch, results, strict=True):
-                slot.result = result
-        except BaseException as exc:  # every caller of the batch gets the error
+            self._run_into(batch, on_runner)
+        except Exception as exc:  # run again call by call: the error reaches only the calls that cause it
+            calls: dict[object, list[_Slot[Item, Result]]] = {}
+            for slot in batch:
+                calls.setdefault(slot.caller, []).append(slot)
+            for slots in calls.values():
+                try:
+                    if len(calls) == 1:
+                        raise exc
+                    self._run_into(slots, on_runner)
+                except BaseException as error:
+                    for slot in slots:
+                        slot.error = error
+        except BaseException as exc:  # not an error of the items (an interrupt): every caller gets it
             for slot in batch:
                 slot.error = exc
         self.batches += 1
@@ -194,6 +205,19 @@ class Batcher(Generic[Item, Result]):
             successor.done.set()  # a thread: it leads the next batch
         else:
             self._lead_on_runner(promoted=True)
+
+    def _run_into(self, slots: Sequence[_Slot[Item, Result]], on_runner: bool) -> None:
+        """Run the slots' items as one batch (on the runner, if there is one) and fill in their results."""
+        items = [slot.item for slot in slots]
+        results = (
+            self.run(items)
+            if self.runner is None or on_runner
+            else self.runner.submit(self.run, items).result()
+        )
+        if len(results) != len(slots):
+            raise RuntimeError(f"batch of {len(slots)} gave {len(results)} results")
+        for slot, result in zip(slots, results, strict=True):
+            slot.result = result
 
     @staticmethod
     def _finish(slots: Sequence[_Slot[Item, Result]]) -> None:

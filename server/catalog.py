@@ -120,18 +120,21 @@ class Catalog:
                 log.info("removing leftover %s", path)
                 shutil.rmtree(path, ignore_errors=True)
 
-    def _loaded_extractor(self, spec: CollectionSpec) -> Extractor | None:
-        """The registered extractor of the spec's name, warmed up (the collection checks its version)."""
+    def _loaded_extractor(self, spec: CollectionSpec) -> tuple[Extractor | None, str]:
+        """The registered extractor of the spec's name, warmed up (the collection checks its version),
+        or None and why: the collection's errors and GetCollection say it, not only this log."""
         registered = self.registry.extractors.get(spec.extractor)
         if registered is None:
-            log.warning("collection %s: extractor %s is not loaded", spec.name, spec.extractor)
-            return None
+            problems = [p for p in self.registry.problems if spec.extractor in p]
+            problem = "it is not loaded" + (f" ({'; '.join(problems)})" if problems else "")
+            log.warning("collection %s: extractor %s: %s", spec.name, spec.extractor, problem)
+            return None, problem
         try:
             registered.item.warm_up()
         except Exception as exc:  # a replaced or corrupt model: refuse image queries, keep the data
             log.error("collection %s: extractor %s cannot start: %s", spec.name, spec.extractor, exc)
-            return None
-        return registered.item
+            return None, f"it cannot start: {exc}"
+        return registered.item, ""
 
     def _open(self, path: Path) -> None:
         spec = Collection.read_spec(path)
@@ -155,7 +158,8 @@ class Catalog:
             )
             return
         started = time.monotonic()
-        collection = Collection(path, spec, metric.item, self._loaded_extractor(spec), self._local(spec))
+        extractor, extractor_problem = self._loaded_extractor(spec)
+        collection = Collection(path, spec, metric.item, extractor, self._local(spec), extractor_problem)
         try:
             count = collection.count()  # a store whose spec reads may still be damaged past it
         except sqlite3.DatabaseError:

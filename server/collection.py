@@ -41,6 +41,7 @@ from imagesearch.server.errors import (
     AlreadyExists,
     DiskFull,
     FailedPrecondition,
+    Internal,
     InvalidArgument,
     NotFound,
     disk_full_reported,
@@ -277,6 +278,27 @@ def _hits(metric: Metric, pairs: list[tuple[float, int]], rows: dict[int, HitRow
     return hits[:k]
 
 
+def prepared_by(metric: Metric, vectors: np.ndarray) -> np.ndarray:
+    """``metric.prepare(vectors)``, refused (INTERNAL, METRIC_FAILED, naming the metric) unless it
+    gives finite float32 vectors of the same shape. The index takes whatever it is given; a plugin
+    whose preparation changed the shape had an add acknowledged, then its collection read-only for
+    good, and one that gave NaN had searches answer nothing (outside tests)."""
+    try:
+        prepared = np.asarray(metric.prepare(vectors), dtype=np.float32)
+    except Exception as exc:
+        raise Internal(
+            f"metric {metric.name!r} failed to prepare vectors: {type(exc).__name__}: {exc}",
+            reason="METRIC_FAILED",
+        ) from exc
+    if prepared.shape != vectors.shape or not np.isfinite(prepared).all():
+        raise Internal(
+            f"metric {metric.name!r} prepared vectors of shape {vectors.shape} into "
+            + (f"shape {prepared.shape}" if prepared.shape != vectors.shape else "non-finite values"),
+            reason="METRIC_FAILED",
+        )
+    return prepared
+
+
 class Collection:
     def __init__(
         self,
@@ -285,14 +307,19 @@ class Collection:
         metric: Metric,
         extractor: Extractor | None,
         local: LocalFeatures | None = None,
+        extractor_problem: str = "",
     ):
         """``extractor`` and ``local`` are the registered plugins of the spec's names (None when
-        this server lacks them); the collection checks their versions and binds its own state."""
+        this server lacks them, ``extractor_problem`` then saying why); the collection checks their
+        versions and binds its own state."""
         self.directory = directory
         self.spec = spec
         self.metric = metric
         self.store = CollectionStore(directory / STORE_FILE, create=False)
         self._check_tables(spec)
+        # Why image queries and adds are refused ("" while the extractor serves): said in their
+        # errors and in GetCollection's state_reason, not only in the start-up log.
+        self._extractor_problem = extractor_problem or "no loaded plugin provides it"
         self._extractor = self._bind(extractor)
         self._local = local if local is not None and self._matches(local) else None
         self._training = threading.Lock()
@@ -321,37 +348,44 @@ class Collection:
             self._index_failed(f"its index could not be built from the store: {exc}")
 
     def _bind(self, registered: Extractor | None) -> Extractor | None:
-        """The extractor serving this collection: the registered one if its version matches the
-        spec's; for a trainable one, an instance over the collection's own stored state."""
+        """The extractor serving this collection: the registered one if its version and dimension
+        match the spec's; for a trainable one, an instance over the collection's own stored state.
+        When there is none, ``_extractor_problem`` says why."""
         if registered is None:
             return None
         bound = registered
         if isinstance(registered, TrainableExtractor) and self.spec.trainable:
             state = self.store.extractor_state()
             if state is None or registered.base_version != self.spec.extractor_base_version:
-                log.warning(
-                    "collection %s: extractor %s %s cannot serve its stored state (base %s)",
-                    self.spec.name,
-                    registered.name,
-                    registered.base_version,
-                    self.spec.extractor_base_version,
+                return self._unbound(
+                    f"the server's {registered.name} {registered.base_version} cannot serve its stored "
+                    f"state (made by {self.spec.extractor_base_version})"
                 )
-                return None
             try:
                 bound = registered.with_state(state)
             except ValueError as exc:
-                log.error("collection %s: its extractor state is unusable: %s", self.spec.name, exc)
-                return None
+                return self._unbound(f"its stored extractor state is unusable: {exc}", error=True)
         if bound.version != self.spec.extractor_version:
-            log.warning(
-                "collection %s: built with %s %s, server has %s; image queries will be refused",
-                self.spec.name,
-                self.spec.extractor,
-                self.spec.extractor_version,
-                bound.version,
+            return self._unbound(f"the server has version {bound.version!r} of it")
+        if bound.dim != self.spec.dim:  # a plugin that changed its output size under the same version
+            return self._unbound(
+                f"it now makes vectors of dimension {bound.dim}, the collection holds {self.spec.dim}",
+                error=True,
             )
-            return None
         return bound
+
+    def _unbound(self, problem: str, *, error: bool = False) -> None:
+        """No extractor for this collection, because of ``problem`` (logged, and kept for its errors)."""
+        self._extractor_problem = problem
+        log.log(
+            logging.ERROR if error else logging.WARNING,
+            "collection %s: extractor %s version %s cannot serve it: %s; image queries and adds are refused",
+            self.spec.name,
+            self.spec.extractor,
+            self.spec.extractor_version,
+            problem,
+        )
+        return None
 
     def _matches(self, local: LocalFeatures) -> bool:
         if local.name == self.spec.local_features and local.version == self.spec.local_features_version:
@@ -466,7 +500,7 @@ class Collection:
         removed = np.array([r for _, r in removals], dtype=np.int64)
         done, compacted = 0, False  # removals applied; whether the live collection compacted
         for row_ids, vectors, row_seqs in self.store.iter_vectors(after_seq, upto_seq=upto):
-            prepared = self.metric.prepare(vectors)
+            prepared = prepared_by(self.metric, vectors)
             start = 0
             while done < len(seqs) and seqs[done] < row_seqs[-1]:
                 cut = int(np.searchsorted(row_seqs, seqs[done]))  # rows committed before that removal
@@ -523,8 +557,9 @@ class Collection:
         if self._extractor is None:
             raise FailedPrecondition(
                 f"collection {self.spec.name!r} was built with extractor {self.spec.extractor!r} "
-                f"version {self.spec.extractor_version!r}, which this server does not provide; "
-                "install or enable that plugin, or re-index into a new collection",
+                f"version {self.spec.extractor_version!r}, which this server cannot serve: "
+                f"{self._extractor_problem}. Bring that extractor back and restart the server, or "
+                "re-index into a new collection",
                 reason="EXTRACTOR_UNAVAILABLE",
             )
         return self._extractor
@@ -565,6 +600,7 @@ class Collection:
             current = self._current_encoding(images)
             if current is not images:  # re-encoded under the lock: a training replaced the state
                 prepared = self._prepared(current)
+            self._check_dimension(prepared)
             images = list(current)
             kept = [True] * len(images)
             try:
@@ -601,12 +637,24 @@ class Collection:
         stored = iter(row_ids)
         return [next(stored) if keep else SKIPPED for keep in kept]
 
+    def _check_dimension(self, prepared: np.ndarray) -> None:
+        """Refuse vectors of another size than the collection's before they are stored: the engine
+        checks a client's vectors, so these came from a plugin (an extractor whose output changed
+        size under the same version had its add acknowledged, then the collection read-only for
+        good: an outside test)."""
+        if prepared.shape[1] != self.spec.dim:
+            raise Internal(
+                f"vectors of dimension {prepared.shape[1]} reached collection {self.spec.name!r} of "
+                f"dimension {self.spec.dim} (extractor {self.spec.extractor!r}); nothing was stored",
+                reason="EXTRACTOR_FAILED",
+            )
+
     def _prepared(self, images: Sequence[NewImage]) -> np.ndarray:
         """The rows' vectors as the index takes them (the metric's preparation, e.g. unit length)."""
         vectors = [np.asarray(image.vector, dtype=np.float32) for image in images]
         # Their own size, not the spec's: rows encoded before a training replaced the state are
         # prepared, then re-encoded under the writer lock (``_current_encoding``).
-        return self.metric.prepare(as_matrix(vectors, len(vectors[0]) if vectors else self.spec.dim))
+        return prepared_by(self.metric, as_matrix(vectors, len(vectors[0]) if vectors else self.spec.dim))
 
     def _current_encoding(self, images: Sequence[NewImage]) -> Sequence[NewImage]:
         """Re-encode rows whose vectors a since-replaced extractor state made (a training committed
@@ -720,7 +768,7 @@ class Collection:
             index = self.live_index() if metric_override is None else None
             quantized = index is not None and index.quantized
             if index is not None:
-                prepared = self.metric.prepare(raw_queries)
+                prepared = prepared_by(self.metric, raw_queries)
                 # int8 ranks approximately: take more candidates and re-score them in float32.
                 asked = rescore_pool(want) if quantized else want
                 if allowed is not None and len(allowed) <= GATHER_LIMIT:
@@ -763,7 +811,7 @@ class Collection:
         stored = self.store.vectors_by_row_id(sorted({int(i) for i in ids.ravel() if i >= 0}))
         order = list(stored)  # each candidate prepared once, however many queries share it
         position = {row_id: n for n, row_id in enumerate(order)}
-        prepared = self.metric.prepare(np.stack([stored[r] for r in order])) if order else None
+        prepared = prepared_by(self.metric, np.stack([stored[r] for r in order])) if order else None
         exact_raw = np.zeros((len(ids), k), np.float32)
         exact_ids = np.full((len(ids), k), -1, np.int64)
         for q, candidates in enumerate(ids):
@@ -797,15 +845,15 @@ class Collection:
             base = np.array(base)
             at = np.flatnonzero(np.isin(ids, index.outliers()))
             stored = self.store.vectors_by_row_id(ids[at].tolist())
-            base[at] = self.metric.prepare(np.stack([stored[int(i)] for i in ids[at]]))
+            base[at] = prepared_by(self.metric, np.stack([stored[int(i)] for i in ids[at]]))
         if allowed is not None:
             mask = np.isin(ids, allowed)
             ids, base = ids[mask], base[mask]
         if len(ids) == 0:
             return np.zeros((len(raw_queries), 0), np.float32), np.zeros((len(raw_queries), 0), np.int64)
         # Stored vectors went through the collection metric's prepare; put the queries in the same space first.
-        query = metric.prepare(self.metric.prepare(raw_queries))
-        raw, positions = brute_force(metric, metric.prepare(base), query, k)
+        query = prepared_by(metric, prepared_by(self.metric, raw_queries))
+        raw, positions = brute_force(metric, prepared_by(metric, base), query, k)
         return raw, np.where(positions >= 0, ids[np.maximum(positions, 0)], -1)
 
     @contextmanager
@@ -862,14 +910,15 @@ class Collection:
         if row is not None and row.label in labels:  # the query is that image: take it out of its mean
             at = labels.index(row.label)
             sums, counts = sums.copy(), counts.copy()
-            sums[at] -= self.metric.prepare(raw_query[None])[0]
+            sums[at] -= prepared_by(self.metric, raw_query[None])[0]
             counts[at] -= 1
         keep = counts > 0
         if not keep.any():
             return shares((), CENTROID)
         names = [label for label, kept in zip(labels, keep, strict=True) if kept]
-        means = self.metric.prepare(sums[keep] / counts[keep, None])
-        raw, positions = brute_force(self.metric, means, self.metric.prepare(raw_query[None]), len(names))
+        means = prepared_by(self.metric, sums[keep] / counts[keep, None])
+        query = prepared_by(self.metric, raw_query[None])
+        raw, positions = brute_force(self.metric, means, query, len(names))
         scores = self.metric.to_score(self.metric.to_distance(raw[0]))
         return shares(((names[p], s) for p, s in zip(positions[0], scores, strict=True) if p >= 0), CENTROID)
 
@@ -884,7 +933,7 @@ class Collection:
                 if len(codes) > len(counts):  # new labels in this chunk
                     sums = np.vstack([sums, np.zeros((len(codes) - len(counts), self.spec.dim))])
                     counts = np.concatenate([counts, np.zeros(len(codes) - len(counts))])
-                np.add.at(sums, rows, self.metric.prepare(vectors))
+                np.add.at(sums, rows, prepared_by(self.metric, vectors))
                 np.add.at(counts, rows, 1)
             order = sorted(codes, key=codes.__getitem__)
             self._centroids = (self._applied_seq, order, sums, counts)
@@ -939,8 +988,19 @@ class Collection:
 
     @property
     def state_reason(self) -> str:
-        """Why the collection is read-only, or a warning about its index; "" when all is well."""
-        return self.problem or (self.index.training_error if self.index is not None else "")
+        """Why the collection is read-only, or a warning about its index or its extractor; "" when
+        all is well (image queries and adds refused for want of the extractor: monitoring built on
+        GetCollection must see it, not only the start-up log; an outside test)."""
+        if self.problem:
+            return self.problem
+        warnings = [self.index.training_error if self.index is not None else ""]
+        if self._extractor is None:
+            warnings.insert(
+                0,
+                f"image queries and image adds are refused: extractor {self.spec.extractor!r} version "
+                f"{self.spec.extractor_version!r} cannot serve it: {self._extractor_problem}",
+            )
+        return "; ".join(warning for warning in warnings if warning)
 
     # -- training ----------------------------------------------------------------------
     def train(self, size: int, seed: int, still_wanted: Callable[[], None] | None = None) -> TrainOutcome:

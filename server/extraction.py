@@ -7,38 +7,106 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from imagesearch.plugins.types import Extractor, TrainableExtractor
+from imagesearch.plugins.types import Extractor, LocalFeatures, TrainableExtractor
 from imagesearch.server.batching import Batcher
 from imagesearch.server.collection import Collection
 from imagesearch.server.config import ServerConfig, available_cpus
-from imagesearch.server.errors import Internal
+from imagesearch.server.errors import ImageSearchError, Internal
 from imagesearch.server.imaging import DecodedImage, decode_image, make_thumbnail
 from imagesearch.server.item_checks import within_index_range
 from imagesearch.server.parallel import Pulling
 from imagesearch.server.records import ImageItem
 
+log = logging.getLogger(__name__)
+
 
 def checked_extract(extractor: Extractor, images: Sequence[np.ndarray]) -> list[np.ndarray]:
     """Run an extractor and refuse output the index could not use (a plugin bug: INTERNAL)."""
-    return checked_vectors(extractor, extractor.extract(images), len(images))
+    with _plugin_failure(f"extractor {extractor.name!r}", "EXTRACTOR_FAILED"):
+        output = extractor.extract(images)
+    return checked_vectors(extractor, output, len(images))
 
 
 def checked_vectors(extractor: Extractor, output: np.ndarray, count: int) -> list[np.ndarray]:
-    """An extractor's output for ``count`` images, refused if the index could not use it."""
-    vectors = np.asarray(output, dtype=np.float32)
-    if vectors.shape != (count, extractor.dim) or not within_index_range(vectors):
+    """An extractor's output for ``count`` images, refused if the index could not use it: numbers
+    only (an array of strings became one vector for every image: an outside test), of the
+    extractor's shape, finite and within the index's range."""
+    wrong = ""
+    raw = np.asarray(output)
+    if raw.dtype.kind not in "iuf":
+        wrong = f"values of type {raw.dtype}, not numbers"
+    else:
+        vectors = raw.astype(np.float32, copy=False)
+        if vectors.shape != (count, extractor.dim):
+            wrong = f"shape {vectors.shape}, not ({count}, {extractor.dim})"
+        elif not within_index_range(vectors):
+            wrong = "non-finite values, or values too large for the index"
+    if wrong:
         raise Internal(
-            f"extractor {extractor.name!r} returned {vectors.shape} (or non-finite values) for "
-            f"{count} images of dimension {extractor.dim}",
-            reason="EXTRACTOR_FAILED",
+            f"extractor {extractor.name!r} returned {wrong} for {count} images", reason="EXTRACTOR_FAILED"
         )
     return list(vectors)
+
+
+def checked_local_features(
+    local: LocalFeatures, images: Sequence[np.ndarray], for_query: bool
+) -> list[bytes]:
+    """Local features for ``images``, refused unless one ``bytes`` each: anything else was stored,
+    then failed every re-ranking, even once the plugin was fixed (an outside test)."""
+    with _plugin_failure(f"local features {local.name!r}", "LOCAL_FEATURES_FAILED"):
+        features = local.extract(images, for_query=for_query)
+    if not isinstance(features, list | tuple) or len(features) != len(images):
+        wrong = f"{type(features).__name__} of {len(features) if hasattr(features, '__len__') else '?'} items"
+    else:
+        wrong = next((type(f).__name__ for f in features if not isinstance(f, bytes)), "")
+    if wrong:
+        raise Internal(
+            f"local features {local.name!r} returned {wrong} for {len(images)} images, not one bytes each",
+            reason="LOCAL_FEATURES_FAILED",
+        )
+    return list(features)
+
+
+def checked_inliers(local: LocalFeatures, query: bytes, candidates: Sequence[bytes]) -> list[int]:
+    """``local.verify``'s inlier counts, refused unless one whole number >= 0 per candidate."""
+    with _plugin_failure(f"local features {local.name!r}", "LOCAL_FEATURES_FAILED"):
+        counts = local.verify(query, candidates)
+    try:
+        inliers = [int(n) for n in counts] if len(counts) == len(candidates) else None
+    except (TypeError, ValueError, OverflowError):  # NaN, None, text
+        inliers = None
+    if inliers is None or any(n < 0 or n != c for n, c in zip(inliers, counts, strict=True)):
+        raise Internal(
+            f"local features {local.name!r} verified {len(candidates)} candidates into "
+            f"{_shown_counts(counts)}, not one whole number >= 0 each",
+            reason="LOCAL_FEATURES_FAILED",
+        )
+    return inliers
+
+
+def _shown_counts(counts: object) -> str:
+    text = repr(counts)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+@contextlib.contextmanager
+def _plugin_failure(what: str, reason: str) -> Iterator[None]:
+    """A plugin's exception as INTERNAL naming the plugin object (the log keeps the traceback);
+    the server's own errors pass through."""
+    try:
+        yield
+    except ImageSearchError:
+        raise
+    except Exception as exc:
+        log.exception("%s failed", what)
+        raise Internal(f"{what} failed: {type(exc).__name__}: {exc}", reason=reason) from exc
 
 
 class Extraction:
@@ -70,12 +138,16 @@ class Extraction:
         A trainable extractor encodes the local features (one SIFT pass for both); any other
         runs on the pixels, batched with other callers' images when that helps it."""
         extractor = collection.extractor
-        local = collection.local_features
-        if local is not None and query and not rerank and not isinstance(extractor, TrainableExtractor):
-            local = None
-        features = local.extract(images, for_query=rerank) if local is not None else None
-        if isinstance(extractor, TrainableExtractor) and features is not None:
-            vectors = np.stack(checked_vectors(extractor, extractor.encode(features), len(images)))
+        trainable = isinstance(extractor, TrainableExtractor)
+        # A plain query of a collection whose vectors are not made from its local features needs
+        # none: it is answered even when those features' plugin is gone (an outside test).
+        wanted = bool(collection.spec.local_features) and (trainable or not query or rerank)
+        local = collection.local_features if wanted else None
+        features = checked_local_features(local, images, rerank) if local is not None else None
+        if trainable and features is not None:
+            with _plugin_failure(f"extractor {extractor.name!r}", "EXTRACTOR_FAILED"):
+                encoded = extractor.encode(features)
+            vectors = np.stack(checked_vectors(extractor, encoded, len(images)))
         else:
             vectors = self._extract_batched(collection, images)
         return vectors, features, extractor.version

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from imagesearch.server.collection import Collection
+from imagesearch.server.collection import Collection, prepared_by
 from imagesearch.server.config import Limits
 from imagesearch.server.errors import DeadlineExceeded, ImageSearchError, InvalidArgument, ResourceExhausted
 from imagesearch.server.image_header import HeaderError, read_header
@@ -111,7 +111,7 @@ def _fits_storage(matrix: np.ndarray, collection: Collection) -> np.ndarray:
     scores (an outside test); the other storages hold any vector within MAX_VECTOR_NORM."""
     if collection.spec.storage != FLOAT16 or len(matrix) == 0:
         return np.ones(len(matrix), bool)
-    return np.abs(collection.metric.prepare(matrix)).max(axis=1) <= FLOAT16_MAX
+    return np.abs(prepared_by(collection.metric, matrix)).max(axis=1) <= FLOAT16_MAX
 
 
 def check_fields(item: ImageItem, prefix: str, limits: Limits) -> None:

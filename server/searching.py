@@ -43,7 +43,7 @@ from imagesearch.server.errors import (
     shown,
     store_damage_reported,
 )
-from imagesearch.server.extraction import Extraction, checked_vectors
+from imagesearch.server.extraction import Extraction, checked_inliers, checked_vectors
 from imagesearch.server.imaging import decode_image
 from imagesearch.server.item_checks import (
     check_batch_pixels,
@@ -378,13 +378,12 @@ class Searching:
         try:
             local = collection.local_features
             stored = collection.local_features_of([hit.row_id for hit in hits])
-        except ImageSearchError as error:
+            assert local is not None and query is not None
+            verified = [i for i, hit in enumerate(hits) if hit.row_id in stored]
+            counts = checked_inliers(local, query, [stored[hits[i].row_id] for i in verified])
+        except ImageSearchError as error:  # this query's alone, not its batch's
             return error
-        assert local is not None and query is not None
-        verified = [i for i, hit in enumerate(hits) if hit.row_id in stored]
-        inliers = dict(
-            zip(verified, local.verify(query, [stored[hits[i].row_id] for i in verified]), strict=True)
-        )
+        inliers = dict(zip(verified, counts, strict=True))
         # Below min_inliers is chance agreement: those keep the first stage's order, under the verified.
         evidence = {i: n if n >= local.min_inliers else 0 for i, n in inliers.items()}
         ranked = sorted(range(len(hits)), key=lambda i: -evidence.get(i, 0))

@@ -887,7 +887,11 @@ def test_info_reports_resolved_defaults_and_state(tmp_path: Path) -> None:
     ivf = Collection.create(tmp_path / "ivf", make_spec(IVF, nlist=4, train_size=0), L2, None)
     info = ivf.info()
     assert info.spec.train_size == 39 * 4 and ivf.spec.train_size == 0, "resolved in info only"
-    assert (info.image_count, info.index_trained, info.read_only, info.state_reason) == (0, False, False, "")
+    assert (info.image_count, info.index_trained, info.read_only) == (0, False, False)
+    assert info.state_reason == (  # no extractor was given: said, not only logged (an outside test)
+        "image queries and image adds are refused: extractor 'none' version '1' cannot serve it: "
+        "no loaded plugin provides it"
+    )
     ivf.close(snapshot=False)
 
     trained = Collection.create(tmp_path / "trained", make_spec(IVF), L2, None)

@@ -128,7 +128,7 @@ def test_the_state_is_restored_on_reopening_and_a_missing_one_refuses_images(
     other_code = Scaled()
     other_code.base_version = "2"
     stranger = Collection(collection.directory, again.spec, L2, other_code, Features())
-    with pytest.raises(FailedPrecondition, match="does not provide"):
+    with pytest.raises(FailedPrecondition, match="the server's scaled 2 cannot serve its stored state"):
         stranger.check_extractor()
     stranger.close()
 
