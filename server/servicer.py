@@ -23,6 +23,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2, timestamp_pb2
+from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -188,6 +189,23 @@ def _with_request_id(status: grpc.Status, request_id: str) -> grpc.Status:
     return status._replace(trailing_metadata=(*status.trailing_metadata, (REQUEST_ID_KEY, request_id)))
 
 
+def _within_send_limit(response: Any, limit: int) -> Any:
+    """``response``, or RESOURCE_EXHAUSTED if it is past the send limit. The limit covers what
+    today's limits let anyone store, but rows stored under higher limits can be larger: gRPC then
+    failed the send itself, with its own message, after the access log had said OK (an outside
+    test lowered max_metadata_bytes over stored metadata)."""
+    size = response.ByteSize() if isinstance(response, Message) else 0
+    if size > limit:
+        raise errors.ResourceExhausted(
+            f"the answer is {size} bytes, past this server's send limit of {limit} (derived from its "
+            "limits; docs/api.md, Message size): what it holds was stored under higher limits. Ask "
+            "for fewer hits or a smaller page, or have the operator raise the limits again",
+            reason="RESPONSE_TOO_LARGE",
+            metadata={"limit": str(limit), "value": str(size)},
+        )
+    return response
+
+
 def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap an async handler: request id, structured access log, error mapping."""
 
@@ -201,7 +219,7 @@ def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
             if isinstance(request, MalformedRequest):
                 raise request.error()
             try:
-                return await method(self, request, context)
+                return _within_send_limit(await method(self, request, context), self._send_limit)
             except sqlite3.DatabaseError as exc:  # a store damaged while serving: DATA_LOSS, not INTERNAL
                 if not errors.is_corruption(exc):
                     raise

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pytest
 from google.protobuf import timestamp_pb2
 
 from imagesearch.client import ImageItem, ImageSearchClient, Query
@@ -119,3 +120,45 @@ def test_a_full_page_of_large_metadata_over_4_mib_reaches_the_python_client(data
     assert len(hits) == count and all(hit.metadata == {"k": value} for hit in hits)
     assert len(page.images) == count and page.images[-1].metadata == {"k": value}
     assert [len(result) for result in batch] == [count, count]
+
+
+def test_rows_stored_under_higher_limits_get_a_clear_refusal_not_a_failed_send(data_dir, caplog) -> None:
+    """An operator lowered max_metadata_bytes (and with it the send limit) over stored metadata:
+    gRPC failed the send with its own text, and the access log said OK (an outside test)."""
+    import logging
+
+    from imagesearch.client import ResourceExhausted
+
+    big = {"note": "x" * 16_300}
+    vector = np.ones(TinyExtractor.dim, np.float32)
+    with (
+        run_server(tiny_config(data_dir), extra_plugins=[TINY_PLUGIN]) as running,
+        ImageSearchClient(running.target) as client,
+    ):
+        client.add_images([ImageItem(id=f"i{n}", vector=vector, metadata=big) for n in range(6)])
+    lowered = Limits(
+        max_metadata_bytes=100,
+        max_metadata_entries=1,
+        max_message_bytes=65536,
+        max_top_k=5,
+        default_top_k=5,
+        max_page_size=5,
+        default_page_size=5,
+        max_description_length=10,
+    )
+    assert max_response_bytes(lowered) < 5 * 16_300
+    with (
+        run_server(tiny_config(data_dir, limits=lowered), extra_plugins=[TINY_PLUGIN]) as running,
+        ImageSearchClient(running.target) as client,
+        caplog.at_level(logging.INFO, logger="imagesearch.rpc"),
+    ):
+        with pytest.raises(ResourceExhausted) as refused:
+            client.search(vector=vector, top_k=5)
+        assert refused.value.reason == "RESPONSE_TOO_LARGE" and "stored under higher limits" in str(
+            refused.value
+        )
+        assert [hit.id for hit in client.search(vector=vector, top_k=1).hits] == [
+            "i0"
+        ]  # what fits is answered
+    statuses = [getattr(r, "status", None) for r in caplog.records if getattr(r, "rpc", None) == "Search"]
+    assert statuses[:1] == ["RESOURCE_EXHAUSTED"]
