@@ -524,7 +524,9 @@ class Engine:
             LocalFeaturesInfo(name, r.item.version, r.item.description, r.plugin)
             for name, r in sorted(self.registry.local_features.items())
         ]
-        return PluginList(extractors, metrics, (*self.registry.problems, *self.registry.skipped), local)
+        return PluginList(
+            extractors, metrics, tuple(self.registry.problems), local, tuple(self.registry.skipped)
+        )
 
 
 def _info_unless_deleted(collection: Collection) -> CollectionInfo | None:

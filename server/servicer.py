@@ -816,6 +816,7 @@ class ImageSearchServicer(pb_grpc.ImageSearchServiceServicer):
                 )
                 for f in plugins.local_features
             ],
+            skipped=plugins.skipped,
         )
 
     @rpc
