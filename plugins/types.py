@@ -77,6 +77,10 @@ class LocalFeatures:
     min_inliers: int = 10
     """Fewer verified matches than this are no evidence (unrelated images reach a few by chance):
     the server orders such candidates as the first stage did, below every verified one."""
+    min_input_side: int = 0
+    """The shortest side ``extract`` needs, as ``Extractor.min_input_side``: the server decodes a
+    large JPEG at a reduced scale only while its short side stays at least this long, for the
+    collection's extractor and its local features alike; 0 means full size."""
 
     def extract(self, images: Sequence[np.ndarray], *, for_query: bool = False) -> list[bytes]:
         """One serialised feature set per image (BGR ``uint8`` arrays, as ``Extractor.extract``).

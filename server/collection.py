@@ -536,6 +536,11 @@ class Collection:
         return self.spec.extractor_version
 
     @property
+    def loaded_local_features(self) -> LocalFeatures | None:
+        """The collection's local features if this server has them, else None (no error)."""
+        return self._local
+
+    @property
     def local_features(self) -> LocalFeatures | None:
         """The local features this collection keeps (None when it keeps none); FailedPrecondition
         when it keeps some this server cannot extract: rows without them would break re-ranking

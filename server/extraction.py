@@ -169,9 +169,13 @@ class Extraction:
         return np.stack(batcher.submit_many(images))
 
     def min_side(self, collection: Collection) -> int | None:
-        """How far a JPEG may be shrunk while decoding: enough for the extractor and the thumbnail."""
+        """How far a JPEG may be shrunk while decoding: enough for the extractor, the local features
+        the collection keeps and the thumbnail (None: full size)."""
         extractor = collection.loaded_extractor
         wanted = extractor.min_input_side if extractor is not None else 0
+        if wanted and collection.spec.local_features:
+            local = collection.loaded_local_features
+            wanted = max(wanted, local.min_input_side) if local is not None and local.min_input_side else 0
         return max(wanted, self.config.thumbnail_size) if wanted else None
 
     def decode(self, content: bytes, prefix: str, min_side: int | None) -> tuple[DecodedImage, bytes]:

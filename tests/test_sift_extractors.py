@@ -47,9 +47,52 @@ def models(tmp_path_factory) -> Path:
     return directory
 
 
-def test_no_vocabulary_no_sift_extractors(tmp_path):
+def test_no_vocabulary_no_sift_extractors_but_the_local_features(tmp_path):
+    """A CNN collection keeping ``sift`` for re-ranking must not lose its image queries when the
+    vocabulary file goes: the features are SIFT itself (an outside test)."""
     registry = PluginRegistry(load_entry_points=False, models_dir=tmp_path, env={})
     assert not {"sift-bovw", "sift-vlad"} & set(registry.extractors)
+    assert "sift" in registry.local_features
+
+
+@pytest.mark.parametrize("shape", [(640, 640), (3000, 4000), (1200, 1100)])
+def test_jpegs_are_never_decoded_below_what_sift_runs_at(models, data_dir, shape):
+    """SIFT shrinks an image to max_side and never enlarges it, so a JPEG decoded at a reduced scale
+    must keep its long side at max_side: the first rule (a short side of max_side / 2) decoded a
+    square 640-px query at 320 px, and its pasted copy lost inliers; a CNN collection keeping SIFT
+    features was decoded for the CNN alone."""
+    from imagesearch.plugins import hookimpl
+    from imagesearch.server.catalog import Catalog
+    from imagesearch.server.config import ServerConfig
+    from imagesearch.server.extraction import Extraction
+    from imagesearch.server.image_header import read_header
+    from imagesearch.server.imaging import decoded_shape
+    from tests.support.tiny_plugin import TinyExtractor
+
+    class SmallInput(TinyExtractor):  # like a CNN: content with a short side of 100 px
+        name, min_input_side = "small-input", 100
+
+    class SmallInputPlugin:
+        @hookimpl
+        def register_extractors(self, register) -> None:
+            register(SmallInput())
+
+    registry = PluginRegistry(
+        [("small", SmallInputPlugin())], load_entry_points=False, models_dir=models, env={}
+    )
+    max_side = registry.local_features["sift"].item.max_side
+    catalog = Catalog(data_dir, registry)
+    try:
+        catalog.create("vlad", extractor="sift-vlad")
+        catalog.create("hybrid", extractor="small-input", local_features="sift")
+        extraction = Extraction(ServerConfig(data_dir=data_dir))
+        header = read_header(jpeg(np.zeros((*shape, 3), np.uint8)))
+        for collection in catalog.list():
+            decoded = decoded_shape(header, extraction.min_side(collection))
+            assert max(decoded) >= min(max_side, max(shape)), (collection.spec.name, decoded)
+        extraction.close()
+    finally:
+        catalog.close()
 
 
 @pytest.mark.parametrize("extractor", ["sift-vlad", "sift-bovw"])

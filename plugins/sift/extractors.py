@@ -56,6 +56,11 @@ class SiftLocalFeatures(LocalFeatures):
         query_keypoints: int = DEFAULT_QUERY_KEYPOINTS,
     ) -> None:
         self.max_side, self.max_keypoints = max_side, max_keypoints
+        # SIFT runs on the image shrunk to max_side, never enlarged: a JPEG decoded at a reduced
+        # scale must keep its long side at max_side, which a short side of max_side ensures for any
+        # shape. Half of it (as first set) decoded a square 640-px query at 320 px, and a 4000 x 3000
+        # photo at 500, losing keypoints (found by a copy-detection test on another CPU).
+        self.min_input_side = max_side
         self.query_keypoints = max(query_keypoints, max_keypoints)
         self.description = (
             f"RootSIFT: the {max_keypoints} strongest keypoints ({self.query_keypoints} for a query) on a "
@@ -139,9 +144,7 @@ class SiftExtractor(TrainableExtractor):
         self.max_model_size = max_words
         projection = f".pca{pca.dim}-{_digest(pca.to_bytes())}" if pca is not None else ""
         self.version = f"{self.base_version}+{vocabulary.version}{projection}"
-        self.min_input_side = (
-            local.max_side // 2
-        )  # JPEGs may be decoded smaller: SIFT runs at max_side anyway
+        self.min_input_side = local.min_input_side
         self.description = (
             f"SIFT ({what}) over a {vocabulary.k}-word vocabulary {vocabulary.version}: {local.description}. "
             f"TrainCollection fits a vocabulary on the collection's images ({default_words} words by default)"
