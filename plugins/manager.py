@@ -21,15 +21,8 @@ from typing import Any
 import pluggy
 
 from imagesearch.plugins import hookspecs
-from imagesearch.plugins.types import (
-    ALL_INDEX_TYPES,
-    Extractor,
-    LocalFeatures,
-    Metric,
-    PluginContext,
-    RegistrationProblems,
-    TrainableExtractor,
-)
+from imagesearch.plugins.registration_checks import check_extractor, check_local_features, check_metric
+from imagesearch.plugins.types import PluginContext, RegistrationProblems, TrainableExtractor
 from imagesearch.server.settings import SettingsError
 
 log = logging.getLogger(__name__)
@@ -64,48 +57,6 @@ def _names_from_env(env: Mapping[str, str], key: str) -> set[str] | None:
     if raw is None:
         return None
     return {part.strip() for part in raw.split(",") if part.strip()}
-
-
-def _check_name(kind: str, obj: object) -> None:
-    name = getattr(obj, "name", None)
-    if not isinstance(name, str) or not name.strip():
-        raise TypeError(f"{kind} {obj!r} has no usable name: {name!r}")
-
-
-def _check_extractor(obj: object) -> None:
-    if not isinstance(obj, Extractor):
-        raise TypeError(f"extractor {obj!r} is not a subclass of imagesearch.plugins.Extractor")
-    missing = [attr for attr in ("name", "version", "dim", "default_metric") if not hasattr(obj, attr)]
-    if missing:
-        raise TypeError(f"extractor {obj!r} lacks {', '.join(missing)}")
-    _check_name("extractor", obj)
-    dim = obj.dim  # type: ignore[attr-defined]
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
-        raise TypeError(f"extractor {obj.name!r} has invalid dim {dim!r}")  # type: ignore[attr-defined]
-    for attr in ("version", "default_metric"):
-        if not isinstance(getattr(obj, attr), str):
-            raise TypeError(f"extractor {obj.name!r}: {attr} must be a str")  # type: ignore[attr-defined]
-    if not callable(obj.extract):  # type: ignore[attr-defined]
-        raise TypeError(f"extractor {obj.name!r}: extract is not callable")  # type: ignore[attr-defined]
-
-
-def _check_local_features(obj: object) -> None:
-    if not isinstance(obj, LocalFeatures):
-        raise TypeError(f"local features {obj!r} are not a subclass of imagesearch.plugins.LocalFeatures")
-    _check_name("local features", obj)
-    if not isinstance(getattr(obj, "version", None), str):
-        raise TypeError(f"local features {obj.name!r}: version must be a str")
-
-
-def _check_metric(obj: object) -> None:
-    if not isinstance(obj, Metric):
-        raise TypeError(f"metric {obj!r} is not an imagesearch.plugins.types.Metric")
-    _check_name("metric", obj)
-    unknown = set(obj.index_types) - ALL_INDEX_TYPES
-    if not obj.index_types or unknown:
-        raise TypeError(
-            f"metric {obj.name!r}: index_types must be a non-empty subset of {sorted(ALL_INDEX_TYPES)}"
-        )
 
 
 class PluginRegistry:
@@ -149,9 +100,9 @@ class PluginRegistry:
         if load_entry_points:
             self._load_entry_points()
         self._check_plugin_tables()
-        self._collect("register_extractors", self.extractors, _check_extractor, "extractor")
-        self._collect("register_metrics", self.metrics, _check_metric, "metric")
-        self._collect("register_local_features", self.local_features, _check_local_features, "local features")
+        self._collect("register_extractors", self.extractors, check_extractor, "extractor")
+        self._collect("register_metrics", self.metrics, check_metric, "metric")
+        self._collect("register_local_features", self.local_features, check_local_features, "local features")
         self._check_default_metrics()
         self._check_trainable_inputs()
 

@@ -169,9 +169,9 @@ class PluginContext:
     def settings(self, rules: Mapping[str, Setting]) -> dict[str, Any]:
         """The plugin's table, checked against ``rules`` (every key it takes): an unknown key or a
         bad value raises SettingsError, which stops start-up with a message naming
-        ``[plugins.<name>] key``. A misspelt setting must not silently keep its default."""
-        check_table(self.config, rules, f"[plugins.{self.plugin}]")
-        return dict(self.config)
+        ``[plugins.<name>] key``. A misspelt setting must not silently keep its default. Values come
+        back as their kind: a float setting written ``1`` is 1.0, a path setting a Path."""
+        return check_table(self.config, rules, f"[plugins.{self.plugin}]")
 
 
 class RegistrationProblems(Exception):

@@ -182,16 +182,19 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ValueError(f"config file {path} is not valid TOML: {exc}") from exc
 
 
-def check_values(values: dict[str, Any]) -> None:
-    """SettingsError (a ValueError) naming the first key whose value is unknown, mistyped or out
-    of range: top-level keys, the [limits] table and the shape of the [plugins.*] tables (each
-    plugin checks its own keys when it registers, PluginContext.settings)."""
+def check_values(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` as their kinds (a float setting written ``2`` is 2.0, a path a Path); SettingsError
+    (a ValueError) naming the first key whose value is unknown, mistyped or out of range: top-level
+    keys, the [limits] table and the shape of the [plugins.*] tables (each plugin checks its own keys
+    when it registers, PluginContext.settings)."""
     known = {**SERVER_RULES, **{name: Setting(dict) for name in _TABLES}}
-    check_table(values, known, "configuration")
-    check_table(values.get("limits", {}), LIMIT_RULES, "[limits]")
+    checked = check_table(values, known, "configuration")
+    if "limits" in checked:
+        checked["limits"] = check_table(checked["limits"], LIMIT_RULES, "[limits]")
     for name, table in values.get("plugins", {}).items():
         if not isinstance(table, dict):
             raise SettingsError(f"[plugins.{name}] must be a table of settings, got {table!r}")
+    return checked
 
 
 def _check_defaults_within_max(limits: Limits) -> None:
@@ -213,10 +216,6 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
     values = _read_toml(path) if path is not None else {}
     check_values(values)  # the file as it stands, even where a flag overrides it: it must start alone too
     values.update({key: value for key, value in overrides.items() if value is not None})
-    check_values(values)
-    for key, rule in SERVER_RULES.items():
-        if rule.kind is Path and key in values:
-            values[key] = Path(values[key])
-    config = ServerConfig().replace(**values)
+    config = ServerConfig().replace(**check_values(values))
     _check_defaults_within_max(config.limits)
     return config

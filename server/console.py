@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import shlex
 import sys
+from collections.abc import Iterator
 
+from imagesearch.plugins import manager
 from imagesearch.server.app import plugin_registry
 from imagesearch.server.config import ServerConfig
 
@@ -32,8 +36,21 @@ print(C('127.0.0.1:{port}').search('photo.jpg', top_k=3))"
     )
 
 
+@contextlib.contextmanager
+def _problems_not_logged() -> Iterator[None]:
+    """The registry logs each problem as a warning, which a server needs; this command prints them
+    itself, so the log said each one a second time on stderr (an outside test)."""
+    level = manager.log.level
+    manager.log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        manager.log.setLevel(level)
+
+
 def print_plugins(config: ServerConfig) -> int:
-    registry = plugin_registry(config)
+    with _problems_not_logged():
+        registry = plugin_registry(config)
     print("extractors:")
     for name, registered in sorted(registry.extractors.items()):
         item = registered.item

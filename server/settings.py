@@ -50,7 +50,8 @@ class Setting:
         elif self.choices:
             text = "one of " + ", ".join(repr(choice) for choice in self.choices)
         elif self.low is not None and self.high is not None:
-            text += f" from {_number(self.low)} to {_number(self.high)}"
+            low, high = _number(self.low), _number(self.high)
+            text += f" above {low} and at most {high}" if self.above else f" from {low} to {high}"
         elif self.low is not None:
             text += f" {'>' if self.above else '>='} {_number(self.low)}"
         elif self.high is not None:
@@ -59,6 +60,13 @@ class Setting:
 
     def accepts(self, value: Any) -> bool:
         return _of_kind(value, self.kind) and self._in_range(value)
+
+    def value(self, accepted: Any) -> Any:
+        """An accepted value as its kind: TOML's ``ratio = 1`` is an int, a float setting gives 1.0
+        (code dividing by it or formatting it expects a float); a path setting gives a Path."""
+        if self.kind in (float, Path):
+            return self.kind(accepted)
+        return accepted
 
     def _in_range(self, value: Any) -> bool:
         if self.choices:
@@ -89,8 +97,9 @@ def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
 
 
-def check_table(table: Any, rules: Mapping[str, Setting], where: str) -> None:
-    """SettingsError unless ``table`` is a table whose every key has a rule that accepts its value.
+def check_table(table: Any, rules: Mapping[str, Setting], where: str) -> dict[str, Any]:
+    """``table``'s values, each as its rule's kind (``Setting.value``); SettingsError unless
+    ``table`` is a table whose every key has a rule that accepts its value.
 
     ``where`` names the table in messages: "configuration", "[limits]", "[plugins.sift]".
     """
@@ -103,3 +112,4 @@ def check_table(table: Any, rules: Mapping[str, Setting], where: str) -> None:
         if not rules[key].accepts(value):
             prefix = "" if where == "configuration" else f"{where} "
             raise SettingsError(f"{prefix}{key} must be {rules[key].expected()}, got {value!r}")
+    return {key: rules[key].value(value) for key, value in table.items()}

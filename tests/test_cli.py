@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
+from imagesearch.plugins.manager import ALLOW_ENV, BLOCK_ENV
 from imagesearch.server.cli import main
 
 
@@ -42,3 +47,16 @@ def test_documented_config_example_loads_and_lists_every_limit(tmp_path):
     documented = tomllib.loads(example)["limits"]
     defaults = dataclasses.asdict(Limits())
     assert documented == defaults
+
+
+def test_plugins_prints_each_problem_once(tmp_path):
+    """A real process, whose logging is Python's default, as an operator runs it: each problem was
+    printed on stdout and logged again on stderr (an outside test)."""
+    config = tmp_path / "server.toml"
+    config.write_text("[plugins.nope]\nsize = 1\n")
+    env = {**os.environ, ALLOW_ENV: "", BLOCK_ENV: "onnx_cnn"}
+    command = [sys.executable, "-m", "imagesearch.server.cli", "plugins", "--config", str(config)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 1
+    assert done.stdout.count("[plugins.nope] configures no loaded plugin") == 1
+    assert "[plugins.nope]" not in done.stderr

@@ -179,6 +179,40 @@ def test_a_bad_plugin_table_stops_start_up(plugin, table, message):
     assert message in str(refused.value)
 
 
+@pytest.mark.parametrize(
+    ("rule", "words"),
+    [
+        (Setting(float, low=0, high=1, above=True), "a number above 0 and at most 1"),
+        (Setting(float, low=0, high=1), "a number from 0 to 1"),
+        (Setting(float, low=0, above=True), "a number > 0"),
+        (Setting(int, low=1), "an integer >= 1"),
+    ],
+)
+def test_a_rule_says_whether_its_low_bound_is_allowed(rule, words):
+    """A rule refusing 0 said "from 0 to 1", as if 0 were allowed (an outside test)."""
+    assert rule.expected() == words
+
+
+def test_an_exclusive_low_bound_is_said_in_the_message():
+    context = PluginContext(config={"ratio": 0.0}, plugin="demo")
+    with pytest.raises(SettingsError) as refused:
+        context.settings({"ratio": Setting(float, low=0, high=1, above=True)})
+    assert str(refused.value) == "[plugins.demo] ratio must be a number above 0 and at most 1, got 0.0"
+
+
+def test_values_come_back_as_their_kind():
+    """``ratio = 1`` in TOML is an int: a float setting returns 1.0 (it returned the int), a path a Path."""
+    context = PluginContext(config={"ratio": 1, "cache": "/tmp/c", "size": 2}, plugin="demo")
+    settings = context.settings({"ratio": Setting(float), "cache": Setting(Path), "size": Setting(int)})
+    assert settings == {"ratio": 1.0, "cache": Path("/tmp/c"), "size": 2}
+    assert [type(value) for value in settings.values()] == [float, type(Path("/tmp/c")), int]
+
+
+def test_a_float_server_setting_written_as_an_integer_loads_as_a_float(tmp_path):
+    config = load(tmp_path, "snapshot_interval_s = 2\n[limits]\nstream_idle_timeout_s = 30")
+    assert type(config.snapshot_interval_s) is float and type(config.limits.stream_idle_timeout_s) is float
+
+
 def test_a_good_plugin_table_reaches_the_plugin():
     context = PluginContext(config={"size": 3}, plugin="demo")
     assert context.settings({"size": Setting(int, low=1), "name": Setting(str)}) == {"size": 3}

@@ -1132,17 +1132,26 @@ def test_classify_names_neighbors_when_it_is_out_of_range(engine: Engine, neighb
 
 
 class NaNScores:
-    """A metric plugin whose scores are NaN: a plugin bug the engine must report, query by query."""
+    """A metric plugin whose scores turn NaN once ``broken`` (after start-up, where the registration
+    spot-check saw sound ones): a plugin bug the engine must report, query by query."""
+
+    def __init__(self) -> None:
+        self.broken = False
+
+    def score(self, distances: np.ndarray) -> np.ndarray:
+        return np.full(np.shape(distances), np.nan) if self.broken else L2.to_score(distances)
 
     @hookimpl
     def register_metrics(self, register) -> None:
-        register(dataclasses.replace(L2, name="nan-scores", to_score=lambda d: np.full(np.shape(d), np.nan)))
+        register(dataclasses.replace(L2, name="nan-scores", to_score=self.score))
 
 
 def test_nan_scores_are_internal_for_each_query_and_named_in_a_batch(tmp_path: Path) -> None:
     """METRIC_FAILED, like any error of one query of a batch, names the query (an outside reading
     of the code: it was the only one without ``queries[i]``)."""
-    with open_engine(tmp_path, TINY_PLUGIN, ("nan-scores", NaNScores())) as engine:
+    plugin = NaNScores()
+    with open_engine(tmp_path, TINY_PLUGIN, ("nan-scores", plugin)) as engine:
+        plugin.broken = True
         engine.create_collection(NewCollection(name="n", metric="nan-scores"))
         engine.add_images("n", vector_items(0, 4))
         query = SearchQuery(collection="n", vector=vector(1), top_k=2)

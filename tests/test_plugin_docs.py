@@ -25,6 +25,7 @@ from imagesearch.plugins.manager import (
     PluginRegistry,
 )
 from imagesearch.plugins.metrics import BUILTIN_METRICS
+from imagesearch.plugins.registration_checks import METRIC_FUNCTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = (ROOT / "docs" / "plugins.md").read_text()
@@ -101,6 +102,16 @@ INTERFACES = {
 def test_every_interface_member_has_a_table_row(heading: str, member: str) -> None:
     rows = re.findall(r"^\| `(\w+)", section(heading), flags=re.MULTILINE)
     assert member in rows, f"docs/plugins.md, section {heading!r}: no table row for `{member}`"
+
+
+@pytest.mark.parametrize("member", METRIC_FUNCTIONS)
+def test_every_metric_function_says_it_receives_arrays(member: str) -> None:
+    """A ``math.exp(-d)`` to_score registered fine and failed every search: the page never said the
+    functions get NumPy arrays (an outside test). Each has a row saying which array it receives."""
+    rows = re.findall(rf"^\| `{member}` +\| (.*?) \|", section("The Metric interface"), flags=re.MULTILINE)
+    assert any("array" in row and "float32" in row for row in rows), (
+        f"`{member}`: what array does it receive?"
+    )
 
 
 @pytest.mark.parametrize(

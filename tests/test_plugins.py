@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import sys
 import textwrap
 from collections.abc import Callable, Iterator
@@ -61,8 +62,74 @@ class Nameless(Extractor):
     """Subclasses the base but sets none of the required attributes."""
 
 
+class NoExtract(Extractor):
+    """Sets every required attribute but keeps the base class's ``extract``, which raises."""
+
+    name, version, dim, default_metric = "lazy", "1", 4, "l2"
+
+
+class NoVersion(Extractor):
+    """Its repr, ``<tests.test_plugins.NoVersion object at 0x...>``, is what messages used to show."""
+
+    name, version, dim, default_metric = "unversioned", None, 4, "l2"
+
+    def extract(self, images: list[np.ndarray]) -> np.ndarray:
+        return np.zeros((len(images), 4), np.float32)
+
+
+class Dots(LocalFeatures):
+    """Local features implementing their three methods."""
+
+    name, version = "dots", "1"
+
+    def extract(self, images: list[np.ndarray], *, for_query: bool = False) -> list[bytes]:
+        return [b""] * len(images)
+
+    def count(self, features: bytes) -> int:
+        return 0
+
+    def verify(self, query: bytes, candidates: list[bytes]) -> list[int]:
+        return [0] * len(candidates)
+
+
+class BareFeatures(LocalFeatures):
+    name, version = "bare", "1"
+
+
+class DotsEncoder(TrainableExtractor):
+    """A trainable extractor implementing everything it must."""
+
+    name, version, dim, default_metric = "dots-bovw", "1+0", 4, "l2"
+    base_version, local_features = "1", "dots"
+
+    def extract(self, images: list[np.ndarray]) -> np.ndarray:
+        return np.zeros((len(images), 4), np.float32)
+
+    def encode(self, features: list[bytes]) -> np.ndarray:
+        return np.zeros((len(features), 4), np.float32)
+
+    def state(self) -> bytes:
+        return b""
+
+    def with_state(self, state: bytes) -> DotsEncoder:
+        return self
+
+    def fit(self, features: list[bytes], size: int = 0, seed: int = 0) -> bytes:
+        return b""
+
+
+class UnfittableEncoder(TrainableExtractor):
+    """Extracts, but leaves the trainable members to the base class."""
+
+    name, version, dim, default_metric = "unfittable", "1+0", 4, "l2"
+    base_version, local_features = "1", "dots"
+
+    def extract(self, images: list[np.ndarray]) -> np.ndarray:
+        return np.zeros((len(images), 4), np.float32)
+
+
 def metric(name: str, faiss_metric: int = faiss.METRIC_L2) -> Metric:
-    return Metric(name=name, faiss_metric=faiss_metric, description="test", to_score=abs)
+    return Metric(name=name, faiss_metric=faiss_metric, description="test", to_score=inverse_distance_score)
 
 
 class Plugin:
@@ -151,18 +218,13 @@ def test_hook_register_extractors() -> None:
 def test_hook_register_local_features() -> None:
     """Local features register under their name; a trainable extractor without its features is dropped."""
 
-    class Features(LocalFeatures):
-        name, version = "dots", "1"
-
-    class Encoder(TrainableExtractor):
-        name, version, dim, default_metric = "dots-bovw", "1+0", 4, "l2"
-        base_version, local_features = "1", "dots"
-
-    class Orphan(Encoder):
+    class Orphan(DotsEncoder):
         name, local_features = "orphan-bovw", "stripes"
 
-    features = Features()
-    registry = make_registry(("dots", Plugin(extractors=(Encoder(), Orphan()), local_features=(features,))))
+    features = Dots()
+    registry = make_registry(
+        ("dots", Plugin(extractors=(DotsEncoder(), Orphan()), local_features=(features,)))
+    )
     assert registry.local_features["dots"] == Registered(features, "dots")
     assert "dots-bovw" in registry.extractors and "orphan-bovw" not in registry.extractors
     assert any("orphan-bovw" in problem and "stripes" in problem for problem in registry.problems)
@@ -295,27 +357,160 @@ def test_a_raising_hook_is_reported_and_contributes_nothing() -> None:
     assert "l2" in registry.metrics
 
 
-@pytest.mark.parametrize(
-    ("extractors", "metrics", "reason"),
-    [
-        ((object(),), (), "is not a subclass of imagesearch.plugins.Extractor"),
-        ((Nameless(),), (), "lacks name, version, dim, default_metric"),
-        ((FakeExtractor("zero", dim=0),), (), "invalid dim 0"),
-        ((FakeExtractor("float", dim=2.5),), (), "invalid dim 2.5"),  # type: ignore[arg-type]
-        ((FakeExtractor(""),), (), "no usable name"),
-        ((FakeExtractor("v", version=2),), (), "version must be a str"),  # type: ignore[arg-type]
-        ((), ("l1",), "is not an imagesearch.plugins.types.Metric"),
-        ((), (replace(metric("m"), index_types=frozenset({"annoy"})),), "index_types must be"),
-    ],
-)
-def test_an_invalid_registered_object_is_reported(extractors: tuple, metrics: tuple, reason: str) -> None:
-    hook = "register_extractors" if extractors else "register_metrics"
+def _registering(kind: str, *objects: object) -> Plugin:
+    """A plugin registering ``objects`` through the hook of ``kind``: extractors, metrics, local_features."""
+    return Plugin(**{kind: objects})
+
+
+def _with(**changes: object) -> Metric:
+    """A sound test metric with some fields changed, as a careless plugin might set them."""
+    return replace(metric("m"), **changes)
+
+
+INVALID_OBJECTS = [  # (the hook's kind, what the plugin registers, what the message must say)
+    ("extractors", object(), "extractor (class object) is not a subclass of imagesearch.plugins.Extractor"),
+    ("extractors", Nameless(), "extractor (class Nameless) lacks name, version, dim, default_metric"),
+    ("extractors", FakeExtractor("zero", dim=0), "extractor 'zero' (class FakeExtractor) has invalid dim 0"),
+    ("extractors", FakeExtractor("float", dim=2.5), "invalid dim 2.5"),  # type: ignore[arg-type]
+    ("extractors", FakeExtractor("bool", dim=True), "invalid dim True"),
+    ("extractors", FakeExtractor(""), "no usable name"),
+    ("extractors", FakeExtractor("v", version=2), "version must be a str"),  # type: ignore[arg-type]
+    ("extractors", NoVersion(), "extractor 'unversioned' (class NoVersion): version must be a str"),
+    ("extractors", NoExtract(), "extractor 'lazy' (class NoExtract) does not implement extract"),
+    (
+        "extractors",
+        UnfittableEncoder(),
+        "(class UnfittableEncoder) does not implement state, with_state, fit, encode",
+    ),
+    (
+        "local_features",
+        BareFeatures(),
+        "local features 'bare' (class BareFeatures) does not implement extract, count, verify",
+    ),
+    ("metrics", "l1", "metric (class str) is not an imagesearch.plugins.types.Metric"),
+    ("metrics", _with(index_types=frozenset({"annoy"})), "index_types must be"),
+    (
+        "metrics",
+        _with(to_score=None),
+        "metric 'm' (class Metric): to_score must be a function of NumPy arrays, got None",
+    ),
+    (
+        "metrics",
+        _with(to_distance="abs"),
+        "metric 'm' (class Metric): to_distance must be a function of NumPy arrays, got 'abs'",
+    ),
+    (
+        "metrics",
+        _with(prepare=None),
+        "metric 'm' (class Metric): prepare must be a function of NumPy arrays, got None",
+    ),
+    (
+        "metrics",
+        _with(faiss_metric=12345),
+        "metric 'm' (class Metric): faiss_metric must be one of faiss.METRIC_",
+    ),
+    ("metrics", _with(faiss_metric=True), "got True"),  # True == METRIC_L2, but a bool says a mistake
+    ("metrics", _with(faiss_metric=np.int64(1)), "faiss_metric must be"),  # FAISS's constructors refuse it
+]
+
+
+@pytest.mark.parametrize(("kind", "registered", "reason"), INVALID_OBJECTS)
+def test_an_invalid_registered_object_is_reported(kind: str, registered: object, reason: str) -> None:
+    """Each was accepted and failed every request (outside tests), or was named by its repr."""
     good = FakeExtractor("good")
-    registry = make_registry(("bad", Plugin(extractors, metrics)), ("fine", Plugin(extractors=(good,))))
+    registry = make_registry(("bad", _registering(kind, registered)), ("fine", Plugin(extractors=(good,))))
     (problem,) = registry.problems
-    assert problem.startswith(f"plugin 'bad' failed in {hook}: TypeError")
+    assert problem.startswith(f"plugin 'bad' failed in register_{kind}: TypeError")
     assert reason in problem
+    assert " object at 0x" not in problem  # the class is named, not the repr
     assert registry.extractors["good"].item is good
+
+
+def _nan_beyond_10(distances: np.ndarray) -> np.ndarray:
+    return np.where(distances > 10, np.nan, -distances)
+
+
+SCORE_SPOT_CHECK = [  # (the metric's changed fields, the exception, what the message must say)
+    (
+        {"to_score": lambda d: np.sin(7 * d)},  # the outside test's: the best match came last
+        "ValueError",
+        "to_score must shrink as FAISS's raw distance grows (higher score = more similar), "
+        "but raw 0 scores 0 and raw 0.1 scores 0.644",
+    ),
+    ({"to_score": lambda d: d}, "ValueError", "to_score must shrink as FAISS's raw distance grows"),
+    (
+        {"faiss_metric": faiss.METRIC_INNER_PRODUCT, "to_score": lambda s: -s},
+        "ValueError",
+        "to_score must grow as FAISS's raw similarity grows",
+    ),
+    (
+        {"to_score": lambda d: np.full(np.shape(d), np.nan)},
+        "ValueError",
+        "to_score gives NaN for raw value 0",
+    ),
+    ({"to_score": _nan_beyond_10}, "ValueError", "to_score gives NaN for raw value 13.3"),
+    ({"to_distance": lambda raw: raw * np.nan}, "ValueError", "to_distance gives NaN for raw value 0"),
+    ({"to_score": np.ones_like}, "ValueError", "gives every raw value from 0 to 1000 the same score, 1"),
+    (
+        {"to_score": lambda d: math.exp(-d)},  # the outside test's: refused by every search
+        "TypeError",
+        "to_score failed on a 1-D float32 array of 34 values: TypeError: ",
+    ),
+    ({"to_distance": math.sqrt}, "TypeError", "Metric functions receive NumPy arrays, not single numbers"),
+    (
+        {"to_score": lambda d: float(np.mean(d))},
+        "TypeError",
+        "to_score turned a float32 array of shape (34,) into float64 values of shape (); "
+        "it must return one number per value",
+    ),
+    ({"to_score": lambda d: d.astype(str)}, "TypeError", "into <U"),
+    (  # an empty collection's search scores no hits
+        {"to_score": lambda d: d.max() - d},
+        "TypeError",
+        "to_score failed on a 1-D float32 array of 0 values: ValueError: zero-size array",
+    ),
+]
+
+
+@pytest.mark.parametrize(("changes", "error", "reason"), SCORE_SPOT_CHECK)
+def test_a_metric_whose_scores_fail_the_spot_check_is_refused(changes: dict, error: str, reason: str) -> None:
+    """to_score(to_distance(raw)) on a fixed increasing float32 array of raw values: scores in FAISS's
+    order (FAISS keeps the best raw values, the server sorts them by score), never NaN, not constant."""
+    registry = make_registry(("bad", Plugin(metrics=(_with(**changes),))))
+    (problem,) = registry.problems
+    assert problem.startswith(
+        f"plugin 'bad' failed in register_metrics: {error}: metric 'm' (class Metric): "
+    )
+    assert reason in problem
+    assert "m" not in registry.metrics
+
+
+def _faiss_metric_types() -> list[tuple[str, int]]:
+    return sorted((name, value) for name, value in vars(faiss).items() if name.startswith("METRIC_"))
+
+
+@pytest.mark.parametrize(("name", "faiss_metric"), _faiss_metric_types())
+def test_every_faiss_metric_type_is_accepted_with_a_score_in_its_direction(
+    name: str, faiss_metric: int
+) -> None:
+    """The spot-check samples each metric type's own range: a distance scored by 1 / (1 + d), a
+    similarity scored by itself, and a score clipped flat at the ends (cosine's) all pass."""
+    similarity = faiss.is_similarity_metric(faiss_metric)
+    scores = [lambda s: s, lambda s: np.clip(s, -1, 1)] if similarity else [inverse_distance_score]
+    metrics = tuple(
+        Metric(name=f"{name}-{n}", faiss_metric=faiss_metric, description="", to_score=score)
+        for n, score in enumerate(scores)
+    )
+    registry = make_registry(("all", Plugin(metrics=metrics)))
+    assert registry.problems == []
+    assert all(m.name in registry.metrics for m in metrics)
+
+
+def test_a_numpy_integer_dim_is_accepted_and_stored_as_an_int() -> None:
+    extractor = FakeExtractor("numpy-dim", dim=np.int64(4))  # type: ignore[arg-type]
+    registry = make_registry(("np", Plugin(extractors=(extractor,))))
+    assert registry.problems == []
+    assert type(registry.extractors["numpy-dim"].item.dim) is int and extractor.dim == 4
 
 
 class UnknownHookPlugin:
