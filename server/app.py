@@ -11,6 +11,7 @@ import faulthandler
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable, Iterator
@@ -112,6 +113,36 @@ class _SnapshotThread(threading.Thread):
                 log.exception("periodic snapshot failed")
 
 
+def check_listenable(host: str, port: int) -> None:
+    """RuntimeError, saying what to do, unless ``host:port`` can be listened on. gRPC's own refusal
+    ("Failed to bind to address ...; set GRPC_VERBOSITY=debug") came after the data directory had
+    been locked and the default collection made (an outside test). Port 0 always can."""
+    if port == 0:
+        return
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise RuntimeError(_cannot_listen(host, port, exc.strerror or str(exc))) from exc
+    reason = ""
+    for family, kind, protocol, _, address in addresses:
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does
+            try:
+                probe.bind(address)
+                return  # gRPC listens on every address it can bind
+            except OSError as exc:
+                reason = reason or exc.strerror or str(exc)
+    raise RuntimeError(_cannot_listen(host, port, reason))
+
+
+def _cannot_listen(host: str, port: int, reason: str) -> str:
+    return (
+        f"cannot listen on {host}:{port} ({reason}): another process (perhaps another imagesearch "
+        "server) holds the port, or the host is not an address of this machine. Choose another "
+        "--port or --host, or stop that process"
+    )
+
+
 def _grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
     """Requests up to max_message_bytes; responses up to the largest the limits allow."""
     return [
@@ -157,9 +188,12 @@ async def _start(
     health_servicer = CollectionHealth(catalog)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection(server, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    try:
+        port = server.add_insecure_port(f"{config.host}:{config.port}")
+    except RuntimeError as exc:  # taken between check_listenable and now
+        raise RuntimeError(_cannot_listen(config.host, config.port, str(exc))) from exc
     if port == 0:
-        raise OSError(f"could not bind {config.host}:{config.port}")
+        raise RuntimeError(_cannot_listen(config.host, config.port, "gRPC could not bind it"))
     await server.start()
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -185,6 +219,7 @@ def run_server(
     """Start a server (port 0 picks a free one); stop it, drained and snapshotted, on exit."""
     config = config or ServerConfig()
     check_decoder_cap(config.limits)
+    check_listenable(config.host, config.port)  # before the data directory is locked or touched
     registry = registry or plugin_registry(config, extra_plugins)
     catalog = Catalog(config.data_dir, registry, config.limits)
     loop = pools = engine = None
@@ -231,14 +266,14 @@ def serve_forever(
     on_ready: Callable[[RunningServer], None] | None = None,
     extra_plugins: Iterable[tuple[str, object]] = (),
 ) -> None:
-    """Run until SIGTERM or SIGINT, then drain and stop; used by ``imagesearch serve``.
+    """Run until SIGTERM, SIGINT or SIGHUP, then drain and stop; used by ``imagesearch serve``.
 
     The signal handler only flips a flag: taking a lock (``Event.set``) inside a
     handler can deadlock against the very thread it interrupts. The main thread
     polls the flag instead.
     """
     received: list[int] = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # a closed terminal stops it gracefully too
         signal.signal(sig, lambda signum, _frame: received.append(signum))
     # `kill -USR1 <pid>` prints every thread's stack to stderr: how to see what a stuck server does.
     faulthandler.register(signal.SIGUSR1, all_threads=True)

@@ -1,0 +1,65 @@
+"""How a server process ends and refuses to start: a hang-up stops it gracefully, as SIGTERM does,
+and a port another process holds is refused, saying so, before the data directory is touched.
+Both found by an outside test of an operator's first months (SIGHUP killed the server on the
+spot; a taken port gave gRPC's own message after the data directory was locked and filled)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from imagesearch.client import ImageItem, ImageSearchClient
+from tests.support.process import tiny_server
+from tests.support.tiny_plugin import TinyExtractor
+
+pytestmark = pytest.mark.e2e
+
+
+def test_a_hang_up_drains_and_stops_the_server_like_sigterm(tmp_path: Path) -> None:
+    import numpy as np
+
+    server = tiny_server(tmp_path / "data")
+    with ImageSearchClient(server.target) as client:
+        client.add_images([ImageItem(id="kept", vector=np.ones(TinyExtractor.dim, np.float32))])
+    server.proc.send_signal(signal.SIGHUP)
+    assert server.proc.wait(30) == 0  # drained and stopped: exit 0, not killed by the signal
+    again = tiny_server(tmp_path / "data")
+    try:
+        with ImageSearchClient(again.target) as client:
+            assert client.get_image("kept").id == "kept"
+    finally:
+        assert again.terminate() == 0
+
+
+def test_a_taken_port_is_refused_plainly_before_the_data_directory_is_touched(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        refused = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "imagesearch.server.cli",
+                "serve",
+                "--port",
+                str(port),
+                "--data",
+                str(tmp_path / "data"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "IMAGESEARCH_MODELS": str(tmp_path / "no-models")},
+        )
+    assert refused.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port} (Address already in use)" in refused.stderr
+    assert "Choose another --port" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (tmp_path / "data").exists()
