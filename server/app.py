@@ -113,6 +113,23 @@ class _SnapshotThread(threading.Thread):
                 log.exception("periodic snapshot failed")
 
 
+def default_extractor_reported(name: str, registry: PluginRegistry) -> None:
+    """Log an ERROR when the configured default extractor is not loaded, whatever the data directory
+    holds: a misspelt name started the server with at most a warning on a new data directory and
+    nothing on an existing one (an outside test). Not a refusal to start: a server without models
+    yet serves collections of vectors and of other extractors."""
+    if name in registry.extractors:
+        return
+    log.error(
+        "default_extractor %r is not loaded (loaded: %s): the default collection is not created and a "
+        "CreateCollection without an extractor fails until it is. Check the name, or build the model "
+        "(`imagesearch model export %s`, `make models`)",
+        name,
+        ", ".join(sorted(registry.extractors)) or "none",
+        name,
+    )
+
+
 def check_listenable(host: str, port: int) -> None:
     """RuntimeError, saying what to do, unless ``host:port`` can be listened on. gRPC's own refusal
     ("Failed to bind to address ...; set GRPC_VERBOSITY=debug") came after the data directory had
@@ -222,6 +239,7 @@ def run_server(
     check_listenable(config.host, config.port)  # before the data directory is locked or touched
     registry = registry or plugin_registry(config, extra_plugins)
     catalog = Catalog(config.data_dir, registry, config.limits)
+    default_extractor_reported(config.default_extractor, registry)
     loop = pools = engine = None
     try:
         if config.create_default_collection:

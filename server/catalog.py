@@ -357,13 +357,7 @@ class Catalog:
         """Create the zero-setup ``default`` collection (default CNN + cosine) if it is missing."""
         if DEFAULT_COLLECTION in self._collections:
             return
-        if extractor not in self.registry.extractors:
-            log.warning(
-                "default collection not created: extractor %s is not loaded (run `make models` or "
-                "`imagesearch model export %s`)",
-                extractor,
-                extractor,
-            )
+        if extractor not in self.registry.extractors:  # said at start-up (app.default_extractor_reported)
             return
         try:
             self.create(

@@ -1131,7 +1131,7 @@ class Collection:
             if seq == self._snapshot_seq and (self.directory / SNAPSHOT_FILE).exists():
                 return
             started = time.monotonic()
-            with disk_full_reported("the index snapshot was not written (the store is intact)"):
+            with disk_full_reported("the index snapshot was not written (the store is intact)", logged=False):
                 write_snapshot(self.directory / SNAPSHOT_FILE, self.index, seq, self.store.identity)
                 self.store.prune_removals(seq)
             self._snapshot_seq = seq

@@ -98,10 +98,11 @@ def is_disk_full(exc: BaseException) -> bool:
 
 
 @contextmanager
-def disk_full_reported(outcome: str = NOTHING_STORED) -> Iterator[None]:
+def disk_full_reported(outcome: str = NOTHING_STORED, *, logged: bool = True) -> Iterator[None]:
     """Raise DiskFull for a full disk met inside the block, the one mapping of it: the low-level
     error ("database or disk is full", errno 28) means nothing to a client, and an operator needs
-    to hear which disk to free. ``outcome`` says what the failure left behind."""
+    to hear which disk to free. ``outcome`` says what the failure left behind; ``logged=False``
+    for a caller that logs the failure itself (a snapshot's was logged twice: an outside test)."""
     try:
         yield
     except (sqlite3.OperationalError, OSError) as exc:
@@ -112,7 +113,8 @@ def disk_full_reported(outcome: str = NOTHING_STORED) -> Iterator[None]:
             "then retry",
             metadata={"cause": str(exc)},
         )
-        log.error("%s (%s)", full.message, exc)  # the operator's to fix: said in the log, not only to clients
+        if logged:  # the operator's to fix: said in the log, not only to clients
+            log.error("%s (%s)", full.message, exc)
         raise full from exc
 
 

@@ -28,7 +28,7 @@ from urllib.parse import quote
 
 import numpy as np
 
-from imagesearch.server.errors import AlreadyExists, disk_full_reported, shown
+from imagesearch.server.errors import NOTHING_STORED, AlreadyExists, disk_full_reported, shown
 
 log = logging.getLogger(__name__)
 
@@ -224,11 +224,11 @@ class CollectionStore:
         self._writer.close()
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, undone: str = NOTHING_STORED) -> Iterator[sqlite3.Connection]:
         """One write transaction on the writer connection: committed whole, or rolled back whole
-        (a full disk raises DiskFull)."""
+        (a full disk raises DiskFull, saying ``undone``: what the rollback means to the caller)."""
         conn = self._writer
-        with disk_full_reported():
+        with disk_full_reported(undone):
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
@@ -334,7 +334,7 @@ class CollectionStore:
 
     def delete(self, ids: Sequence[str]) -> list[int]:
         """Delete rows by id in one transaction, logging each removal with a sequence number."""
-        with self._transaction() as conn:
+        with self._transaction("nothing was removed") as conn:
             seq, _ = self._tail()
             removed: list[int] = []
             for image_id in ids:
@@ -353,7 +353,7 @@ class CollectionStore:
         """Commit a refitted extractor in one transaction: its state, the spec naming its version
         and every row's new vector. Returns the change's sequence number. Before the commit
         nothing has changed; after it, everything has (the index is then rebuilt)."""
-        with self._transaction() as conn:
+        with self._transaction("the training was not committed (the collection is as it was)") as conn:
             conn.executemany(
                 "UPDATE images SET vector = ? WHERE row_id = ?",
                 ((np.asarray(v, dtype=np.float32).tobytes(), int(r)) for r, v in vectors.items()),

@@ -450,6 +450,16 @@ class VectorIndex:
         ivf = faiss.IndexIVFFlat(
             _flat(self.spec), self.spec.dim, self.spec.nlist, self.spec.metric.faiss_metric
         )
+        # FAISS prints its own warning below 39 vectors a list, straight to stderr (it broke a JSON
+        # log stream); the threshold decides nothing else, so the warning is the server's log's.
+        ivf.cp.min_points_per_centroid = 1
+        if len(vectors) < TRAIN_POINTS_PER_LIST * self.spec.nlist:
+            log.warning(
+                "training %d IVF lists on %d vectors: %d or more give steadier lists",
+                self.spec.nlist,
+                len(vectors),
+                TRAIN_POINTS_PER_LIST * self.spec.nlist,
+            )
         ivf.train(vectors)
         ivf.nprobe = self.spec.nprobe
         return _with_direct_map(ivf)

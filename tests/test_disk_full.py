@@ -99,7 +99,7 @@ def test_writes_on_a_full_disk_say_so_store_nothing_and_the_server_goes_on(
         removed = refused(stub.RemoveImages, pb.RemoveImagesRequest(ids=["a0"]))
         hits = stub.Search(pb.SearchRequest(image_id="a1", top_k=3)).hits  # reads go on
     assert_disk_full(added, "nothing was stored")
-    assert_disk_full(removed, "nothing was stored")
+    assert_disk_full(removed, "nothing was removed")  # said "stored" (an outside test)
     assert "cannot rollback" not in caplog.text and "unhandled error" not in caplog.text
     assert f"{FULL})" in caplog.text  # the operator sees the low-level cause in the log
     assert hits[0].id == "a1"
@@ -142,6 +142,7 @@ def test_a_snapshot_on_a_full_disk_is_logged_and_leaves_no_temp_file(
         server.engine.catalog.snapshot_due(every_ops=1, interval_s=0)
     assert "snapshot failed: the disk holding the server's data directory is full" in caplog.text
     assert "the index snapshot was not written" in caplog.text
+    assert caplog.text.count("the index snapshot was not written") == 1  # once, with the collection's name
     assert [p.name for p in collection.directory.iterdir() if p.name.endswith(".tmp")] == []
     assert not (collection.directory / SNAPSHOT_FILE).exists()
     assert collection.pending_ops() == 5  # still due: retried on the next round

@@ -281,3 +281,14 @@ def test_rerank_is_stable_for_ties(originals: dict[str, LocalFeatures]) -> None:
     ranking = rerank(originals["coffee"], [("x", empty), ("coffee", originals["coffee"]), ("y", empty)])
     assert [key for key, _ in ranking] == ["coffee", "x", "y"]
     assert ranking[1][1] == ranking[2][1] == 0
+
+
+def test_a_vocabulary_fitted_on_few_descriptors_warns_in_the_log_not_on_stderr(capfd, caplog) -> None:
+    """FAISS's own 'WARNING clustering ...' went straight to stderr, into a JSON log stream."""
+    import logging
+
+    descriptors = np.random.default_rng(SEED).random((200, 128), dtype=np.float32)
+    with caplog.at_level(logging.WARNING, logger="imagesearch.plugins.sift.vocabulary"):
+        fit_vocabulary(descriptors, k=32, seed=SEED)
+    assert "WARNING clustering" not in capfd.readouterr().err
+    assert "clustering 200 descriptors into 32 visual words: 1248 or more" in caplog.text

@@ -63,3 +63,32 @@ def test_a_taken_port_is_refused_plainly_before_the_data_directory_is_touched(tm
     assert f"cannot listen on 127.0.0.1:{port} (Address already in use)" in refused.stderr
     assert "Choose another --port" in refused.stderr and "Traceback" not in refused.stderr
     assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_default_extractor_that_is_not_loaded_is_an_error_at_every_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, existing: bool
+) -> None:
+    """A misspelt default_extractor started with a warning on a new data directory and nothing on
+    an existing one; now one ERROR naming it and what is loaded, either way (the server still starts)."""
+    import logging
+
+    from imagesearch.server.app import run_server
+    from tests.conftest import tiny_config
+    from tests.support.tiny_plugin import TINY_PLUGIN
+
+    data = tmp_path / "data"
+    if existing:
+        with run_server(tiny_config(data), extra_plugins=[TINY_PLUGIN]):
+            pass
+    with (
+        caplog.at_level(logging.ERROR, logger="imagesearch.server.app"),
+        run_server(
+            tiny_config(data, default_extractor="no-such-extractor"), extra_plugins=[TINY_PLUGIN]
+        ) as running,
+        ImageSearchClient(running.target) as client,
+    ):
+        assert client.health() == "SERVING"
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "default_extractor 'no-such-extractor' is not loaded" in errors[0]
+    assert "tiny-8x8" in errors[0]

@@ -616,3 +616,27 @@ def test_room_for_leaves_graph_and_list_indexes_to_faiss() -> None:
     hnsw = VectorIndex(spec(HNSW))
     hnsw.add(np.arange(50), rng.normal(size=(50, DIM)).astype(np.float32))
     assert hnsw.room_for(100) is None
+
+
+def test_ivf_training_on_few_vectors_warns_in_the_log_not_on_stderr(capfd, caplog):
+    """FAISS printed its own 'WARNING clustering ...' to stderr, which broke a JSON log stream (an
+    outside test). The server logs it instead; the lists are what FAISS's default would give."""
+    import logging
+
+    import faiss
+
+    rng = np.random.default_rng(3)
+    vectors = rng.normal(size=(40, DIM)).astype(np.float32)
+    with caplog.at_level(logging.WARNING, logger="imagesearch.server.vector_index"):
+        index = VectorIndex(spec(IVF, nlist=4, train_size=40))
+        index.add(np.arange(40), vectors)
+    assert index.trained
+    assert "WARNING clustering" not in capfd.readouterr().err
+    assert "training 4 IVF lists on 40 vectors: 156 or more give steadier lists" in caplog.text
+    # The threshold decides FAISS's print and nothing else: the same centroids either way.
+    quiet = faiss.Kmeans(DIM, 4, niter=10, seed=1, min_points_per_centroid=1)
+    quiet.train(vectors)
+    loud = faiss.Kmeans(DIM, 4, niter=10, seed=1)
+    loud.train(vectors)
+    capfd.readouterr()
+    np.testing.assert_array_equal(quiet.centroids, loud.centroids)
