@@ -43,6 +43,9 @@ class ErrorDetails:
     field_violations: tuple[FieldViolation, ...] = ()
     stored: AddResult | None = None
     """For a failed AddImagesStream: what the stream had stored before the error."""
+    retry_delay: float | None = None
+    """Seconds the server asks the client to wait before retrying (google.rpc.RetryInfo, sent
+    with back-pressure such as TOO_MANY_STREAMS); None when it sent none."""
 
 
 class ImageSearchError(Exception):
@@ -78,6 +81,12 @@ class ImageSearchError(Exception):
     @property
     def field_violations(self) -> tuple[FieldViolation, ...]:
         return self.details.field_violations
+
+    @property
+    def retry_delay(self) -> float | None:
+        """Seconds the server asks to wait before retrying (its RetryInfo), None if it gave none:
+        back-pressure (RESOURCE_EXHAUSTED, TOO_MANY_STREAMS) says when to come back."""
+        return self.details.retry_delay
 
     def __str__(self) -> str:
         parts = [f"{self.code.name}: {self.message}"]
@@ -165,7 +174,7 @@ def parse_details(error: grpc.RpcError) -> ErrorDetails:
         return ErrorDetails()
     if status is None:
         return ErrorDetails()
-    reason, domain, metadata, violations, stored = "", "", {}, [], None
+    reason, domain, metadata, violations, stored, retry_delay = "", "", {}, [], None, None
     for detail in status.details:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()
@@ -181,8 +190,17 @@ def parse_details(error: grpc.RpcError) -> ErrorDetails:
             progress = pb.AddImagesStreamResponse()
             detail.Unpack(progress)
             stored = AddResult.from_proto(progress)
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            retry_delay = retry.retry_delay.ToTimedelta().total_seconds()
     return ErrorDetails(
-        reason=reason, domain=domain, metadata=metadata, field_violations=tuple(violations), stored=stored
+        reason=reason,
+        domain=domain,
+        metadata=metadata,
+        field_violations=tuple(violations),
+        stored=stored,
+        retry_delay=retry_delay,
     )
 
 

@@ -528,12 +528,15 @@ class MetricInfo:
 
 @dataclass(frozen=True)
 class PluginList:
-    """Loaded extractors and metrics (sorted by name) and plugins that failed to load, with why."""
+    """Loaded extractors and metrics (sorted by name); ``problems``: plugins that failed to load or
+    loaded with something wrong, with why (alert on any); ``skipped``: plugins the server was told
+    to leave out (IMAGESEARCH_PLUGINS, IMAGESEARCH_DISABLE_PLUGINS), with why."""
 
     extractors: tuple[ExtractorInfo, ...]
     metrics: tuple[MetricInfo, ...]
     problems: tuple[str, ...] = ()
     local_features: tuple[LocalFeaturesInfo, ...] = ()
+    skipped: tuple[str, ...] = ()
 
     def extractor(self, name: str) -> ExtractorInfo:
         """The extractor called ``name`` (KeyError if the server has none)."""
@@ -550,6 +553,7 @@ class PluginList:
             metrics=tuple(MetricInfo.from_proto(item) for item in message.metrics),
             problems=tuple(message.problems),
             local_features=tuple(LocalFeaturesInfo.from_proto(item) for item in message.local_features),
+            skipped=tuple(message.skipped),
         )
 
 

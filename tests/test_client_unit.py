@@ -532,6 +532,7 @@ def test_collections_plugins_and_health(client: ImageSearchClient, servicer: Fak
     assert plugins.extractor("sift").trainable and plugins.extractor("sift").dimension == 512
     assert plugins.metric("cosine").index_types == (IndexType.FLAT, IndexType.HNSW)
     assert plugins.problems == ("broken-plugin: ImportError",)
+    assert plugins.skipped == ("plugin 'colorhist' is blocked by IMAGESEARCH_DISABLE_PLUGINS",)
     with pytest.raises(KeyError, match="loaded: sift"):
         plugins.extractor("resnet")
 

@@ -15,7 +15,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from imagesearch.client import ImageSearchClient, InvalidArgument, Query
+from imagesearch.client import ImageSearchClient, InvalidArgument, Query, from_rpc_error
 from imagesearch.server.app import run_server
 from imagesearch.server.engine import Engine
 from imagesearch.v1 import image_search_service_pb2 as pb
@@ -195,6 +195,7 @@ def test_idle_streams_hold_no_thread_and_past_the_cap_are_refused_with_a_retry_h
             d for d in rpc_status.from_call(error).details if d.Is(error_details_pb2.RetryInfo.DESCRIPTOR)
         ]
         assert retry, "back-pressure says when to retry"
+        assert from_rpc_error(error).retry_delay == 1.0  # and the Python client reads it (an outside test)
         health = health_pb2_grpc.HealthStub(chan)
         started = time.perf_counter()
         assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING

@@ -269,6 +269,7 @@ class FakeServicer(pb_grpc.ImageSearchServiceServicer):
                 ),
             ],
             problems=["broken-plugin: ImportError"],
+            skipped=["plugin 'colorhist' is blocked by IMAGESEARCH_DISABLE_PLUGINS"],
         )
 
 
