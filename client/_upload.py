@@ -156,6 +156,18 @@ class Upload:
             self.error.upload_ids = self.ids  # type: ignore[attr-defined]
         return self.error
 
+    def interrupted(self, error: BaseException) -> BaseException:
+        """``error`` (a KeyboardInterrupt, a cancelled task: the same object, its type unchanged)
+        carrying ``upload_ids``: some chunks may be stored, and without the ids an upload that made
+        its own could not be finished without storing them twice (an outside test)."""
+        error.upload_ids = self.ids  # type: ignore[attr-defined]
+        error.add_note(
+            f"imagesearch: the upload was interrupted after {self.sent} of {self.total} images were "
+            "sent: some may be stored. To finish, call add_files again with ids=error.upload_ids and "
+            "skip_existing=True."
+        )
+        return error
+
     def local_failure(self, stored: AddResult) -> BaseException:
         """The local error that ended the stream early, saying what the server stored before it
         (``error.stored``) and carrying ``upload_ids`` to finish the upload with."""

@@ -142,8 +142,8 @@ class AsyncImageSearchClient(ClientBase):
             failure = upload.failure()
             if failure is not None:
                 raise failure from error
-            if isinstance(error, asyncio.CancelledError):
-                raise
+            if isinstance(error, asyncio.CancelledError):  # carrying the ids to finish with
+                raise upload.interrupted(error)  # noqa: B904 (re-raised as itself)
             raise upload.annotate(from_rpc_error(error, request_id=request_id)) from error
         if upload.error is not None:  # a local error ended the stream early; the rest was stored
             raise upload.local_failure(AddResult.from_proto(response))

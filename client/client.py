@@ -171,6 +171,8 @@ class ImageSearchClient(ClientBase):
             raise (
                 upload.failure() or upload.annotate(from_rpc_error(error, request_id=request_id))
             ) from error
+        except BaseException as error:  # Ctrl-C: the same exception, carrying the ids to finish with
+            raise upload.interrupted(error)  # noqa: B904 (re-raised as itself)
         if upload.error is not None:  # a local error ended the stream early; the rest was stored
             raise upload.local_failure(AddResult.from_proto(response))
         return AddResult.from_proto(response)

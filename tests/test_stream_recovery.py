@@ -140,3 +140,68 @@ def test_sigterm_cuts_a_stream_at_a_chunk_and_says_exactly_what_was_stored(data_
             assert sorted(listed_ids(stub)) == sorted(f"img{i}" for i in range(total))
     finally:
         again.terminate()
+
+
+def _photos(tmp_path, count: int) -> list:
+    paths = []
+    for i in range(count):
+        path = tmp_path / f"{i}.png"
+        path.write_bytes(encode(pattern(i, size=(24, 32))))
+        paths.append(path)
+    return paths
+
+
+def test_a_ctrl_c_mid_upload_carries_the_ids_to_finish_with(server, tmp_path):
+    """Ctrl-C during add_files without ids escaped with nothing to resume by: chunks already sent
+    were stored under ids the caller never saw, and the re-run stored them twice (an outside test)."""
+    import _thread
+
+    paths = _photos(tmp_path, 12)
+
+    def interrupt_after_the_second_chunk(sent: int, total: int) -> None:
+        if sent == 4:
+            time.sleep(0.3)  # the server stores the two chunks sent so far
+            _thread.interrupt_main()
+
+    with ImageSearchClient(server.target) as client:
+        with pytest.raises(KeyboardInterrupt) as caught:
+            client.add_files(paths, batch_size=2, progress=interrupt_after_the_second_chunk)
+            time.sleep(5)  # the interrupt lands here if the upload ended before it
+        error = caught.value
+        assert len(error.upload_ids) == 12 and "ids=error.upload_ids" in "".join(error.__notes__)
+        finished = client.add_files(paths, ids=error.upload_ids, skip_existing=True, batch_size=2)
+        stored = [image.id for image in client.iter_images()]
+    assert sorted(stored) == sorted(error.upload_ids) and finished.added_count < 12
+
+
+def test_a_cancelled_async_upload_carries_the_ids_to_finish_with(server, tmp_path):
+    import asyncio
+
+    from imagesearch.client.aio import AsyncImageSearchClient
+
+    paths = _photos(tmp_path, 12)
+
+    async def cancel_mid_upload() -> tuple[BaseException, int]:
+        sent = threading.Event()
+
+        def slow_after_two_chunks(done: int, total: int) -> None:  # runs off the loop, in the reader
+            if done >= 4:
+                sent.set()
+                time.sleep(0.5)
+
+        async with AsyncImageSearchClient(server.target) as client:
+            task = asyncio.create_task(client.add_files(paths, batch_size=2, progress=slow_after_two_chunks))
+            while not sent.is_set():
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.3)  # the server stores the chunks sent so far
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError) as caught:
+                await task
+            error = caught.value
+            finished = await client.add_files(paths, ids=error.upload_ids, skip_existing=True, batch_size=2)
+            stored = [image.id async for image in client.iter_images()]
+            assert sorted(stored) == sorted(error.upload_ids)
+            return error, finished.added_count
+
+    error, added = asyncio.run(cancel_mid_upload())
+    assert len(error.upload_ids) == 12 and "ids=error.upload_ids" in "".join(error.__notes__) and added < 12
