@@ -13,8 +13,6 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
 from imagesearch.client._upload import Progress
 from imagesearch.client.client import ImageSearchClient
 from imagesearch.client.types import AddResult, PathLike
@@ -172,19 +170,15 @@ def _local_problem(image: FolderImage, max_message_bytes: int) -> FailedFile | N
 def _summary(
     scan: FolderScan, sent: list[FolderImage], result: AddResult, local: tuple[FailedFile, ...]
 ) -> FolderImport:
-    already = 0
     rejected: list[FailedFile] = []
-    for item in result.results:
-        if item.code is grpc.StatusCode.ALREADY_EXISTS:
-            already += 1
-        elif not item.ok:
-            image = sent[item.index]
-            message = item.message.removeprefix(f"images[{item.index}]: ")  # the id names the file
-            rejected.append(FailedFile(image.path, image.id, item.reason or item.code.name, message))
+    for item in result.failed:
+        image = sent[item.index]
+        message = item.message.removeprefix(f"images[{item.index}]: ")  # the id names the file
+        rejected.append(FailedFile(image.path, image.id, item.reason or item.code.name, message))
     return FolderImport(
         directory=scan.directory,
         stored=result.added_count,
-        already_stored=already,
+        already_stored=len(result.already_stored),
         failed=tuple(sorted((*local, *rejected), key=lambda failure: failure.id)),
         not_images=scan.not_images,
     )

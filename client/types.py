@@ -318,8 +318,17 @@ class AddResult:
 
     @property
     def failed(self) -> tuple[ItemResult, ...]:
-        """The rejected images (only possible with ``skip_invalid=True``)."""
-        return tuple(result for result in self.results if not result.ok)
+        """The rejected images (only possible with ``skip_invalid=True``). Images left out because
+        their id was already stored (``skip_existing=True``) are not failures: they are in
+        ``already_stored`` (they were listed here, so a resume that fully succeeded looked failed:
+        an outside test)."""
+        return tuple(result for result in self.results if not result.ok and not _already_stored(result))
+
+    @property
+    def already_stored(self) -> tuple[ItemResult, ...]:
+        """The images left out under ``skip_existing=True`` because their id was already stored
+        (code ALREADY_EXISTS); the stored image was left as it was."""
+        return tuple(result for result in self.results if _already_stored(result))
 
     @classmethod
     def from_proto(cls, message: pb.AddImagesResponse | pb.AddImagesStreamResponse) -> Self:
@@ -331,6 +340,10 @@ class AddResult:
             chunk_count=message.chunk_count if streamed else 1,
             stored_ids_omitted=streamed and message.stored_ids_omitted,
         )
+
+
+def _already_stored(result: ItemResult) -> bool:
+    return result.code is grpc.StatusCode.ALREADY_EXISTS
 
 
 @dataclass(frozen=True)

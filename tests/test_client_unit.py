@@ -323,6 +323,24 @@ def test_item_results_map_codes() -> None:
     assert ItemResult.from_proto(pb.ItemResult(code=999)).code is grpc.StatusCode.UNKNOWN
 
 
+def test_images_already_stored_are_not_failures() -> None:
+    """A resume with skip_existing that fully succeeded listed every skipped image in ``failed``
+    (an outside test): they are ``already_stored``; ``failed`` keeps the rejections."""
+    result = AddResult.from_proto(
+        pb.AddImagesResponse(
+            ids=["a", "b", ""],
+            results=[
+                pb.ItemResult(index=0, id="a", code=0),
+                pb.ItemResult(index=1, id="b", code=6, reason="IMAGE_EXISTS"),
+                pb.ItemResult(index=2, code=3, reason="IMAGE_UNDECODABLE"),
+            ],
+            added_count=1,
+        )
+    )
+    assert [r.id for r in result.already_stored] == ["b"]
+    assert [r.reason for r in result.failed] == ["IMAGE_UNDECODABLE"]
+
+
 # -------------------------------------------------------------------------------------------------
 # Over the wire: the fake server
 
