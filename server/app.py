@@ -291,17 +291,21 @@ def serve_forever(
     polls the flag instead.
     """
     received: list[int] = []
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # a closed terminal stops it gracefully too
-        signal.signal(sig, lambda signum, _frame: received.append(signum))
+    stopping = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # a closed terminal stops it gracefully too
+    before = {sig: signal.signal(sig, lambda signum, _frame: received.append(signum)) for sig in stopping}
     # `kill -USR1 <pid>` prints every thread's stack to stderr: how to see what a stuck server does.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    with run_server(config, extra_plugins=extra_plugins) as running:
-        if on_ready is not None:
-            on_ready(running)
-        while not received:
-            time.sleep(0.2)
-        log.info("signal %s received: draining", signal.Signals(received[0]).name)
-        _exit_if_stuck(config.shutdown_announce_s + config.shutdown_grace_s + 30)
+    try:
+        with run_server(config, extra_plugins=extra_plugins) as running:
+            if on_ready is not None:
+                on_ready(running)
+            while not received:
+                time.sleep(0.2)
+            log.info("signal %s received: draining", signal.Signals(received[0]).name)
+            _exit_if_stuck(config.shutdown_announce_s + config.shutdown_grace_s + 30)
+    finally:  # a caller in the same process (a test, an embedding) gets its own handlers back
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def _exit_if_stuck(after_s: float) -> None:

@@ -151,7 +151,19 @@ def _photos(tmp_path, count: int) -> list:
     return paths
 
 
-def test_a_ctrl_c_mid_upload_carries_the_ids_to_finish_with(server, tmp_path):
+@pytest.fixture
+def ctrl_c_raises() -> Iterator[None]:
+    """SIGINT as Python's default handler makes it (KeyboardInterrupt), whatever ran before."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_a_ctrl_c_mid_upload_carries_the_ids_to_finish_with(server, tmp_path, ctrl_c_raises):
     """Ctrl-C during add_files without ids escaped with nothing to resume by: chunks already sent
     were stored under ids the caller never saw, and the re-run stored them twice (an outside test)."""
     import _thread
