@@ -137,7 +137,10 @@ def check_listenable(host: str, port: int) -> None:
     if port == 0:
         return
     try:
-        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        # gRPC takes an IPv6 address in brackets ("[::1]"), the resolver without them.
+        addresses = socket.getaddrinfo(
+            host.removeprefix("[").removesuffix("]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
     except socket.gaierror as exc:
         raise RuntimeError(_cannot_listen(host, port, exc.strerror or str(exc))) from exc
     reason = ""

@@ -92,3 +92,22 @@ def test_a_default_extractor_that_is_not_loaded_is_an_error_at_every_start(
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1 and "default_extractor 'no-such-extractor' is not loaded" in errors[0]
     assert "tiny-8x8" in errors[0]
+
+
+def test_an_ipv6_host_in_brackets_is_probed_without_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gRPC takes "[::1]"; the resolver does not, and the probe must not refuse what gRPC serves."""
+    from imagesearch.server import app
+
+    asked: list[str] = []
+    real = socket.getaddrinfo
+
+    def resolve(host: str, port: int, **kwargs: object) -> list:
+        asked.append(host)
+        return real("127.0.0.1", port, type=socket.SOCK_STREAM)
+
+    monkeypatch.setattr(app.socket, "getaddrinfo", resolve)
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    app.check_listenable("[::1]", port)
+    assert asked == ["::1"]
