@@ -261,7 +261,7 @@ def search(
     image_id: str | None,
     vector: VectorLike | None,
     top_k: int,
-    labels: Iterable[str],
+    labels: Iterable[str] | None,
     metric: str | None,
     exclude_query: bool,
     extractor: str | None,
@@ -278,7 +278,7 @@ def search(
         mode=SEARCH_MODES[mode],
         collection=_collection(collection),
         top_k=top_k,
-        labels=list(labels),
+        labels=list(labels or ()),  # None: no filter, like ()
         metric=metric or "",
         exclude_query=exclude_query,
         extractor=extractor or "",

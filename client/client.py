@@ -184,7 +184,7 @@ class ImageSearchClient(ClientBase):
         image_id: str | None = None,
         vector: VectorLike | None = None,
         top_k: int = 0,
-        labels: Iterable[str] = (),
+        labels: Iterable[str] | None = (),
         metric: str | None = None,
         exclude_query: bool = False,
         extractor: str | None = None,

@@ -123,6 +123,11 @@ def test_search_rejects_bad_vectors_and_label_strings() -> None:
         _search(image_id="x", labels="cat")
 
 
+def test_search_takes_labels_none_as_no_filter() -> None:
+    """``labels=None`` raised "'NoneType' object is not iterable" (an outside test)."""
+    assert list(_search(image_id="x", labels=None).labels) == []
+
+
 def test_add_images_request_from_items_and_paths(tmp_path: Path) -> None:
     path = tmp_path / "a.png"
     path.write_bytes(b"png-bytes")
