@@ -343,7 +343,10 @@ class AddResult:
 
 
 def _already_stored(result: ItemResult) -> bool:
-    return result.code is grpc.StatusCode.ALREADY_EXISTS
+    """Left as it was under skip_existing: ALREADY_EXISTS with its id kept. A rejection with that
+    code (an id twice in one request) has its id cleared, and is a failure (found by a helper's
+    review)."""
+    return result.code is grpc.StatusCode.ALREADY_EXISTS and bool(result.id)
 
 
 @dataclass(frozen=True)

@@ -344,6 +344,10 @@ def test_images_already_stored_are_not_failures() -> None:
     )
     assert [r.id for r in result.already_stored] == ["b"]
     assert [r.reason for r in result.failed] == ["IMAGE_UNDECODABLE"]
+    twice = AddResult.from_proto(
+        pb.AddImagesResponse(ids=[""], results=[pb.ItemResult(index=0, code=6, reason="DUPLICATE_ID")])
+    )
+    assert twice.already_stored == () and [r.reason for r in twice.failed] == ["DUPLICATE_ID"]
 
 
 # -------------------------------------------------------------------------------------------------
