@@ -110,9 +110,13 @@ class Upload:
     def __iter__(self) -> Iterator[pb.AddImagesStreamRequest]:
         # Ending the iterator closes the stream normally: every chunk sent is committed and the
         # server answers with what it stored, which the client reports with this error.
+        # A KeyboardInterrupt from the progress callback too: left to propagate, it killed gRPC's
+        # sending thread and the call hung until its deadline (found by a helper's review).
         try:
             yield from self._messages()
-        except Exception as error:
+        except GeneratorExit:
+            raise
+        except BaseException as error:
             self.error = error
 
     def _messages(self) -> Iterator[pb.AddImagesStreamRequest]:

@@ -217,3 +217,22 @@ def test_a_cancelled_async_upload_carries_the_ids_to_finish_with(server, tmp_pat
 
     error, added = asyncio.run(cancel_mid_upload())
     assert len(error.upload_ids) == 12 and "ids=error.upload_ids" in "".join(error.__notes__) and added < 12
+
+
+def test_a_keyboard_interrupt_from_progress_ends_the_upload_instead_of_hanging_it(server, tmp_path):
+    """It killed gRPC's sending thread, and the call hung until its deadline (a helper's review)."""
+    paths = _photos(tmp_path, 12)
+
+    def interrupt(sent: int, total: int) -> None:
+        if sent == 4:
+            raise KeyboardInterrupt
+
+    with ImageSearchClient(server.target) as client:
+        started = time.monotonic()
+        with pytest.raises(KeyboardInterrupt) as caught:
+            client.add_files(paths, batch_size=2, progress=interrupt, timeout=60)
+        assert time.monotonic() - started < 30
+        error = caught.value
+        assert error.stored.added_count == 4 and len(error.upload_ids) == 12
+        client.add_files(paths, ids=error.upload_ids, skip_existing=True, batch_size=2)
+        assert sorted(image.id for image in client.iter_images()) == sorted(error.upload_ids)
