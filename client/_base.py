@@ -7,7 +7,7 @@ clients differ only in which module builds the channel and in ``await``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -23,7 +23,7 @@ class ClientBase:
     def __init__(
         self,
         channel_module: ModuleType,
-        target: str,
+        target: str | None,
         *,
         timeout: float | None,
         max_message_bytes: int,
@@ -31,20 +31,41 @@ class ClientBase:
         channel: Any,
         metadata: Mapping[str, str] | Sequence[tuple[str, str]] | None,
     ) -> None:
-        self.target = target
+        _check_one_connection(target, credentials, channel)
+        self.target = _address(target, channel)
         self.max_message_bytes = max_message_bytes
         self._settings = R.CallSettings(timeout=timeout, metadata=R.metadata_pairs(metadata))
         self._owns_channel = channel is None
+        self._closed = False
         if channel is None:
             options = R.channel_options(max_message_bytes)
             if credentials is None:
-                channel = channel_module.insecure_channel(target, options=options)
+                channel = channel_module.insecure_channel(self.target, options=options)
             else:
-                channel = channel_module.secure_channel(target, credentials, options=options)
+                channel = channel_module.secure_channel(self.target, credentials, options=options)
         self._channel = channel
-        self._callables: dict[str, Callable[..., Any]] = {}
+        self._callables: dict[str, Any] = {}
 
-    def _multicallable(self, method: MethodDescriptor) -> Callable[..., Any]:
+    def _closing(self) -> bool:
+        """Mark the client closed; True when the channel is its own to close."""
+        self._closed = True
+        return self._owns_channel
+
+    def _prepare(
+        self, options: R.CallOptions, rpc: R.Rpc[Any] | None = None, *, deadline: bool = True
+    ) -> tuple[dict[str, Any], str]:
+        """The call's gRPC keyword arguments and request id, after the checks gRPC would make with a
+        bare message (a closed channel, a request over the send limit): nothing is sent if one fails."""
+        if self._closed:
+            raise ValueError(f"{self!r} is closed: make a new client (or call it inside its with block)")
+        kwargs, request_id = self._settings.resolve(options, deadline=deadline)
+        if rpc is not None:
+            rpc.check_size(self.max_message_bytes, request_id)
+        return kwargs, request_id
+
+    def _multicallable(self, method: MethodDescriptor) -> Any:
+        """The method's grpc or grpc.aio multicallable (typed Any: the two modules' types differ, the
+        calls made on them do not; the blocking client also uses a stream's ``future``)."""
         path = R.method_path(method)
         if path not in self._callables:
             serialize, deserialize = R.codec(method)
@@ -55,4 +76,29 @@ class ClientBase:
         return self._callables[path]
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.target!r})"
+        return (
+            f"{type(self).__name__}({self.target!r})"
+            if self._owns_channel
+            else f"{type(self).__name__}(channel=...)"
+        )
+
+
+def _address(target: str | None, channel: object) -> str:
+    """What the client connects to: the target, the default one, or "" when a passed channel
+    holds its own (gRPC does not say which)."""
+    if target is not None:
+        return target
+    return "" if channel is not None else R.DEFAULT_TARGET
+
+
+def _check_one_connection(target: str | None, credentials: object, channel: object) -> None:
+    """A ready channel has its own target and credentials: ones given with it would be silently
+    ignored (an outside test passed a dead target with a live channel and never knew)."""
+    if channel is not None and (target is not None or credentials is not None):
+        given = [
+            name for name, value in (("target", target), ("credentials", credentials)) if value is not None
+        ]
+        raise ValueError(
+            f"pass either a ready channel or a target (and credentials), not both: {' and '.join(given)} "
+            "given with a channel"
+        )

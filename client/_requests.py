@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypedDict, TypeVar
 
+import grpc
 import numpy as np
 import numpy.typing as npt
 from google.protobuf import message_factory
@@ -31,6 +32,7 @@ from imagesearch.client.errors import (
     ErrorDetails,
     FieldViolation,
     ImageSearchError,
+    ResourceExhausted,
 )
 from imagesearch.client.types import (
     AddResult,
@@ -86,6 +88,29 @@ class Rpc(Generic[T]):
     method: MethodDescriptor
     request: Message
     convert: Callable[[Any], T]
+
+    def result(self, response: Any, request_id: str) -> T:
+        """The converted response. Errors returned in it (``search_batch``'s failed queries) get the
+        call's request id: the server logged them under it, as it logs a raised error."""
+        result = self.convert(response)
+        for item in result if isinstance(result, list) else ():
+            if isinstance(item, ImageSearchError):
+                item.request_id = request_id
+        return result
+
+    def check_size(self, max_message_bytes: int, request_id: str) -> None:
+        """ResourceExhausted naming the limit, before sending a request gRPC would refuse to send
+        (with its own terse text and no reason)."""
+        size = self.request.ByteSize()
+        if size > max_message_bytes:
+            raise ResourceExhausted(
+                f"the {self.method.name} request is {size} bytes, more than the client's "
+                f"max_message_bytes ({max_message_bytes}): nothing was sent. Send fewer or smaller "
+                "images in one call (add_files splits an upload into chunks that fit), or raise "
+                "max_message_bytes on the client and the server",
+                code=grpc.StatusCode.RESOURCE_EXHAUSTED,
+                request_id=request_id,
+            )
 
 
 def method_path(method: MethodDescriptor) -> str:

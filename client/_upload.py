@@ -11,14 +11,19 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
-from imagesearch.client.errors import ImageSearchError
+import grpc
+
+from imagesearch.client.errors import from_rpc_error
 from imagesearch.client.types import AddResult, PathLike
 from imagesearch.v1 import image_search_service_pb2 as pb
 
 # Room left in a chunk for the collection name, field tags and length prefixes.
 _CHUNK_HEADROOM = 1024
 _ITEM_OVERHEAD = 16
+
+E = TypeVar("E", bound=BaseException)
 
 Progress = Callable[[int, int], None]
 """``progress(sent, total)``: images handed to gRPC so far, out of all images of the upload."""
@@ -57,10 +62,12 @@ class Upload:
     Planning stats every file first, so a missing or oversized file fails before
     anything is sent. Chunks hold at most ``batch_size`` images and stay below the
     message limit. Iterating yields the stream's messages; an error while
-    iterating (a file unreadable mid-stream, a failing ``progress`` callback) is
-    kept in ``error`` and ends the stream cleanly: cancelling it would make the
-    server drop the chunks gRPC had taken but not yet delivered. The client then
-    raises that error, saying what the server stored (``local_failure``).
+    iterating (a file unreadable mid-stream, a failing ``progress`` callback, a
+    KeyboardInterrupt from it) is kept in ``error`` and ends the stream cleanly:
+    cancelling it would make the server drop the chunks gRPC had taken but not yet
+    delivered. The client then raises that error, saying what the server stored
+    (``result``). Whatever the client raises once the upload started carries
+    ``upload_ids``, so the upload can be finished with each image stored once.
     """
 
     def __init__(
@@ -109,12 +116,12 @@ class Upload:
 
     def __iter__(self) -> Iterator[pb.AddImagesStreamRequest]:
         # Ending the iterator closes the stream normally: every chunk sent is committed and the
-        # server answers with what it stored, which the client reports with this error.
-        # A KeyboardInterrupt from the progress callback too: left to propagate, it killed gRPC's
-        # sending thread and the call hung until its deadline (found by a helper's review).
+        # server answers with what it stored, which the client reports with this error. A
+        # KeyboardInterrupt from ``progress`` too: escaping gRPC's sending thread, it killed that
+        # thread and left the call waiting for chunks that never came (an outside test).
         try:
             yield from self._messages()
-        except GeneratorExit:
+        except GeneratorExit:  # the iterator is being closed: not an error of the upload
             raise
         except BaseException as error:
             self.error = error
@@ -138,52 +145,51 @@ class Upload:
     def ids(self) -> tuple[str, ...]:
         return tuple(f.id for f in self.files)
 
-    def annotate(self, error: ImageSearchError) -> ImageSearchError:
-        """Say what the failed upload stored and how to finish it without storing anything twice."""
-        error.upload_ids = self.ids
-        stored = error.details.stored
-        error.add_note(
-            f"imagesearch: {stored.added_count if stored else 'an unknown number'} of {self.total} images "
-            "were stored before this error (error.details.stored). To finish, call add_files again "
-            "with ids=error.upload_ids and skip_existing=True: images already stored are left as they are."
+    def result(self, response: pb.AddImagesStreamResponse) -> AddResult:
+        """What the upload stored; or, when a local error ended the stream early, that error, saying
+        what the server stored before it (``error.stored``)."""
+        stored = AddResult.from_proto(response)
+        if self.error is None:
+            return stored
+        self.error.stored = stored  # type: ignore[attr-defined]
+        raise self._resumable(
+            self.error,
+            f"{stored.added_count} of {self.total} images were stored before this error (error.stored).",
         )
-        return error
 
-    def failure(self) -> BaseException | None:
-        """The local error that broke the stream (the call itself failed too), annotated."""
+    def call_failed(self, error: grpc.RpcError, request_id: str) -> BaseException:
+        """What to raise for a failed call: the local error that broke the stream if there was one
+        (the call then failed too), else the call's ImageSearchError, saying what was stored."""
         if self.error is not None:
-            self.error.add_note(
-                f"imagesearch: {self.sent} of {self.total} images were sent before this error, then the "
-                "call failed as well: some may be stored. To finish, call add_files again with "
-                "ids=error.upload_ids and skip_existing=True."
+            return self._resumable(
+                self.error,
+                f"{self.sent} of {self.total} images were sent before this error, then the call failed "
+                "as well: some may be stored.",
             )
-            self.error.upload_ids = self.ids  # type: ignore[attr-defined]
-        return self.error
+        failure = from_rpc_error(error, request_id=request_id)
+        stored = failure.details.stored
+        count = stored.added_count if stored else "an unknown number"
+        return self._resumable(
+            failure, f"{count} of {self.total} images were stored before this error (error.details.stored)."
+        )
 
     def interrupted(self, error: BaseException) -> BaseException:
         """``error`` (a KeyboardInterrupt, a cancelled task: the same object, its type unchanged)
         carrying ``upload_ids``: some chunks may be stored, and without the ids an upload that made
         its own could not be finished without storing them twice (an outside test)."""
+        return self._resumable(
+            error,
+            f"the upload was interrupted after {self.sent} of {self.total} images were sent: some may be stored.",
+        )
+
+    def _resumable(self, error: E, what: str) -> E:
+        """``error`` with the upload's ids (``upload_ids``) and a note saying how to finish the upload."""
         error.upload_ids = self.ids  # type: ignore[attr-defined]
         error.add_note(
-            f"imagesearch: the upload was interrupted after {self.sent} of {self.total} images were "
-            "sent: some may be stored. To finish, call add_files again with ids=error.upload_ids and "
-            "skip_existing=True."
-        )
-        return error
-
-    def local_failure(self, stored: AddResult) -> BaseException:
-        """The local error that ended the stream early, saying what the server stored before it
-        (``error.stored``) and carrying ``upload_ids`` to finish the upload with."""
-        assert self.error is not None
-        self.error.upload_ids = self.ids  # type: ignore[attr-defined]
-        self.error.stored = stored  # type: ignore[attr-defined]
-        self.error.add_note(
-            f"imagesearch: {stored.added_count} of {self.total} images were stored before this error "
-            "(error.stored). To finish, call add_files again with ids=error.upload_ids and "
+            f"imagesearch: {what} To finish, call add_files again with ids=error.upload_ids and "
             "skip_existing=True: images already stored are left as they are."
         )
-        return self.error
+        return error
 
 
 def _file_size(path: Path) -> int:

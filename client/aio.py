@@ -50,7 +50,7 @@ class AsyncImageSearchClient(ClientBase):
 
     def __init__(
         self,
-        target: str = R.DEFAULT_TARGET,
+        target: str | None = None,
         *,
         timeout: float | None = R.DEFAULT_TIMEOUT,
         max_message_bytes: int = R.DEFAULT_MAX_MESSAGE_BYTES,
@@ -71,8 +71,8 @@ class AsyncImageSearchClient(ClientBase):
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def close(self) -> None:
-        """Close the channel (unless it was passed in)."""
-        if self._owns_channel:
+        """Close the channel (unless it was passed in); later calls raise ValueError."""
+        if self._closing():
             await self._channel.close()
 
     async def __aenter__(self) -> Self:
@@ -86,12 +86,12 @@ class AsyncImageSearchClient(ClientBase):
     # -- sending -----------------------------------------------------------------------------
 
     async def _call(self, rpc: R.Rpc[T], options: CallOptions) -> T:
-        kwargs, request_id = self._settings.resolve(options)
+        kwargs, request_id = self._prepare(options, rpc)
         try:
             response = await self._multicallable(rpc.method)(rpc.request, **kwargs)
         except grpc.RpcError as error:
             raise from_rpc_error(error, request_id=request_id) from error
-        return rpc.convert(response)
+        return rpc.result(response, request_id)
 
     # -- images ------------------------------------------------------------------------------
 
@@ -120,7 +120,10 @@ class AsyncImageSearchClient(ClientBase):
         progress: Progress | None = None,
         **options: Unpack[CallOptions],
     ) -> AddResult:
-        """See ``ImageSearchClient.add_files``; files are read in a worker thread, off the event loop."""
+        """See ``ImageSearchClient.add_files``; files are read in a worker thread, off the event loop.
+        A cancelled call raises its CancelledError carrying ``upload_ids`` (under ``asyncio.timeout``
+        or ``wait_for``, the ``__cause__`` of their TimeoutError)."""
+        kwargs, request_id = self._prepare(options, deadline=False)
         upload = Upload(
             paths,
             labels=labels,
@@ -134,20 +137,14 @@ class AsyncImageSearchClient(ClientBase):
         )
         if not upload.total:
             return NOTHING_ADDED
-        kwargs, request_id = self._settings.resolve(options, deadline=False)
         try:
             response = await self._multicallable(R.ADD_IMAGES_STREAM)(_off_loop(iter(upload)), **kwargs)
-        except (grpc.RpcError, asyncio.CancelledError) as error:
-            # grpc.aio cancels the call when the request iterator raises: surface the real cause.
-            failure = upload.failure()
-            if failure is not None:
-                raise failure from error
-            if isinstance(error, asyncio.CancelledError):  # carrying the ids to finish with
-                raise upload.interrupted(error)  # noqa: B904 (re-raised as itself)
-            raise upload.annotate(from_rpc_error(error, request_id=request_id)) from error
-        if upload.error is not None:  # a local error ended the stream early; the rest was stored
-            raise upload.local_failure(AddResult.from_proto(response))
-        return AddResult.from_proto(response)
+        except grpc.RpcError as error:
+            raise upload.call_failed(error, request_id) from error
+        except BaseException as error:  # a cancelled task (grpc.aio cancels the call): the same
+            upload.interrupted(error)  # exception, carrying the ids to finish with
+            raise
+        return upload.result(response)
 
     async def search(
         self,

@@ -42,13 +42,15 @@ T = TypeVar("T")
 class ImageSearchClient(ClientBase):
     """A connection to an imagesearch server.
 
-    ``target`` is ``host:port``. ``timeout`` (seconds, None for none) applies to
-    every call except ``add_files``. ``max_message_bytes`` bounds the requests sent
-    and should match the server's limit; responses of any size are accepted (the
-    server bounds them by its limits). Pass ``credentials`` for TLS, or a
-    ready ``channel`` (which the client then does not close). ``metadata`` is sent
-    with every call (e.g. an API key). Use it as a context manager, or call
-    ``close()``. Safe to share between threads.
+    ``target`` is ``host:port`` (None: ``127.0.0.1:50051``). ``timeout`` (seconds, None
+    for none) applies to every call except ``add_files``. ``max_message_bytes`` bounds the
+    requests sent (a larger one raises ResourceExhausted naming it, sending nothing) and
+    should match the server's limit; responses of any size are accepted (the server
+    bounds them by its limits). Pass ``credentials`` for TLS, or instead of
+    a target a ready ``channel`` (which the client then does not close; a target or
+    credentials given with it raise ValueError). ``metadata`` is sent with every call
+    (e.g. an API key). Use it as a context manager, or call ``close()``; a call after
+    it raises ValueError. Safe to share between threads.
 
     Every method also takes the keyword options of ``CallOptions``: ``timeout``,
     ``request_id`` (sent as ``x-request-id``; a fresh uuid4 hex otherwise),
@@ -57,7 +59,7 @@ class ImageSearchClient(ClientBase):
 
     def __init__(
         self,
-        target: str = R.DEFAULT_TARGET,
+        target: str | None = None,
         *,
         timeout: float | None = R.DEFAULT_TIMEOUT,
         max_message_bytes: int = R.DEFAULT_MAX_MESSAGE_BYTES,
@@ -78,8 +80,8 @@ class ImageSearchClient(ClientBase):
     # -- lifecycle ---------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close the channel (unless it was passed in)."""
-        if self._owns_channel:
+        """Close the channel (unless it was passed in); later calls raise ValueError."""
+        if self._closing():
             self._channel.close()
 
     def __enter__(self) -> Self:
@@ -93,12 +95,12 @@ class ImageSearchClient(ClientBase):
     # -- sending -----------------------------------------------------------------------------
 
     def _call(self, rpc: R.Rpc[T], options: CallOptions) -> T:
-        kwargs, request_id = self._settings.resolve(options)
+        kwargs, request_id = self._prepare(options, rpc)
         try:
             response = self._multicallable(rpc.method)(rpc.request, **kwargs)
         except grpc.RpcError as error:
             raise from_rpc_error(error, request_id=request_id) from error
-        return rpc.convert(response)
+        return rpc.result(response, request_id)
 
     # -- images ------------------------------------------------------------------------------
 
@@ -146,11 +148,14 @@ class ImageSearchClient(ClientBase):
         runs with ``skip_existing``; if it fails, the error's ``upload_ids`` and
         ``details.stored`` say what it planned and what was stored, and
         ``add_files(paths, ids=error.upload_ids, skip_existing=True)`` finishes it, storing
-        each image once. Each image's metadata records its ``path``.
+        each image once. Every exception raised once the upload started carries ``upload_ids``,
+        a KeyboardInterrupt too (then the call is cancelled; its type is kept). Each image's
+        metadata records its ``path``.
         ``progress(sent, total)`` is called after each chunk is handed to gRPC.
         No default deadline applies (pass ``timeout=`` to set one). A file that
         is missing or too large fails before anything is sent.
         """
+        kwargs, request_id = self._prepare(options, deadline=False)
         upload = Upload(
             paths,
             labels=labels,
@@ -164,18 +169,18 @@ class ImageSearchClient(ClientBase):
         )
         if not upload.total:
             return NOTHING_ADDED
-        kwargs, request_id = self._settings.resolve(options, deadline=False)
+        # A future, not a blocking call: a Ctrl-C must be able to cancel the call, which a blocking
+        # call leaves with its sending thread stuck.
+        call = self._multicallable(R.ADD_IMAGES_STREAM).future(iter(upload), **kwargs)
         try:
-            response = self._multicallable(R.ADD_IMAGES_STREAM)(iter(upload), **kwargs)
+            response = call.result()
         except grpc.RpcError as error:
-            raise (
-                upload.failure() or upload.annotate(from_rpc_error(error, request_id=request_id))
-            ) from error
-        except BaseException as error:  # Ctrl-C: the same exception, carrying the ids to finish with
-            raise upload.interrupted(error)  # noqa: B904 (re-raised as itself)
-        if upload.error is not None:  # a local error ended the stream early; the rest was stored
-            raise upload.local_failure(AddResult.from_proto(response))
-        return AddResult.from_proto(response)
+            raise upload.call_failed(error, request_id) from error
+        except BaseException as error:  # Ctrl-C: stop sending; the same exception, carrying the ids
+            call.cancel()
+            upload.interrupted(error)
+            raise
+        return upload.result(response)
 
     def search(
         self,

@@ -53,7 +53,8 @@ class ImageSearchError(Exception):
 
     ``code`` is the grpc.StatusCode, ``message`` the server's message, ``details``
     the parsed rich status, ``request_id`` the ``x-request-id`` the call was sent
-    with (quote it when you look for the call in the server's logs). For a failed
+    with (quote it when you look for the call in the server's logs; "" only for an error
+    ``from_rpc_error`` made of a call that is not this client's). For a failed
     ``add_files``, ``upload_ids`` holds the id of every file of the upload, to resume with.
     """
 
@@ -65,13 +66,13 @@ class ImageSearchError(Exception):
         *,
         code: grpc.StatusCode = grpc.StatusCode.UNKNOWN,
         details: ErrorDetails | None = None,
-        request_id: str | None = None,
+        request_id: str = "",
     ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.details = details or ErrorDetails()
-        self.request_id = request_id
+        self.request_id: str = request_id
 
     @property
     def reason(self) -> str:
@@ -225,5 +226,8 @@ def from_rpc_error(error: grpc.RpcError, *, request_id: str | None = None) -> Im
     message = (details_of() if callable(details_of) else str(error)) or code.name
     cls = ERROR_CLASSES.get(code, ImageSearchError)
     return cls(
-        message, code=code, details=parse_details(error), request_id=_echoed_request_id(error) or request_id
+        message,
+        code=code,
+        details=parse_details(error),
+        request_id=_echoed_request_id(error) or request_id or "",
     )

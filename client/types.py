@@ -46,7 +46,7 @@ def _vector(message: pb.FloatVector) -> npt.NDArray[np.float32]:
 
 
 def _time(stamp: timestamp_pb2.Timestamp) -> datetime | None:
-    """An aware UTC datetime; None when the server left the field unset."""
+    """An aware UTC datetime; None when the server left the field unset (never read as 1970)."""
     if not stamp.seconds and not stamp.nanos:
         return None
     return datetime.fromtimestamp(stamp.seconds + stamp.nanos / 1e9, tz=UTC)
@@ -202,7 +202,7 @@ class Query:
     image_id: str | None = None
     vector: VectorLike | None = None
     top_k: int = 0
-    labels: Sequence[str] = ()
+    labels: Sequence[str] | None = ()
     metric: str | None = None
     exclude_query: bool = False
     extractor: str | None = None
@@ -327,7 +327,8 @@ class AddResult:
     @property
     def already_stored(self) -> tuple[ItemResult, ...]:
         """The images left out under ``skip_existing=True`` because their id was already stored
-        (code ALREADY_EXISTS); the stored image was left as it was."""
+        (code ALREADY_EXISTS); the stored image was left as it was. A rejection with that code (an
+        id twice in one request, or taken without ``skip_existing``) is in ``failed``."""
         return tuple(result for result in self.results if _already_stored(result))
 
     @classmethod
@@ -343,15 +344,16 @@ class AddResult:
 
 
 def _already_stored(result: ItemResult) -> bool:
-    """Left as it was under skip_existing: ALREADY_EXISTS with its id kept. A rejection with that
-    code (an id twice in one request) has its id cleared, and is a failure (found by a helper's
-    review)."""
+    """Left as it is under skip_existing: the server names the stored id, where a rejected image's
+    id is "" (ItemResult.id in the proto); DUPLICATE_ID and, under skip_invalid alone, IMAGE_EXISTS
+    rejections have the same code."""
     return result.code is grpc.StatusCode.ALREADY_EXISTS and bool(result.id)
 
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """A stored image. ``thumbnail`` (JPEG), ``original`` and ``vector`` are None when not returned."""
+    """A stored image. ``thumbnail`` (JPEG), ``original`` and ``vector`` are None when not returned
+    (``thumbnail`` also for an image added as a vector: it has no pixels)."""
 
     id: str
     label: str = ""
@@ -362,6 +364,7 @@ class ImageRecord:
     width: int = 0
     height: int = 0
     created_at: datetime | None = None
+    """When the image was stored (aware, UTC; this server always sets it)."""
 
     @classmethod
     def from_proto(cls, message: pb.Image) -> Self:
@@ -414,6 +417,7 @@ class CollectionInfo:
     ivf: IvfParams | None = None
     hnsw: HnswParams | None = None
     created_at: datetime | None = None
+    """When the collection was created (aware, UTC; this server always sets it)."""
     index_trained: bool = False
     storage: str = "float32"
     """How a flat index keeps its vectors in memory: "float32" or "float16"."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,3 +61,14 @@ def channel(server: RunningServer) -> Iterator[grpc.Channel]:
 @pytest.fixture
 def stub(channel: grpc.Channel) -> pb_grpc.ImageSearchServiceStub:
     return pb_grpc.ImageSearchServiceStub(channel)
+
+
+@pytest.fixture
+def ctrl_c_raises() -> Iterator[None]:
+    """SIGINT as Python's default handler makes it (KeyboardInterrupt), whatever ran before: CI runs
+    the suite as a background job, where SIGINT is ignored and a simulated Ctrl-C would do nothing."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

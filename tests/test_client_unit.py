@@ -7,16 +7,22 @@ error details), so no model, index or OpenCV is involved.
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import inspect
 import re
+import threading
+import time
 from collections.abc import Iterator
+from datetime import UTC
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from google.protobuf import timestamp_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
 
 from imagesearch.client import (
     AddResult,
@@ -35,7 +41,10 @@ from imagesearch.client import (
     ItemResult,
     IvfParams,
     NotFound,
+    Query,
+    ResourceExhausted,
     Unavailable,
+    from_rpc_error,
 )
 from imagesearch.client import _requests as R
 from imagesearch.client import _upload as U
@@ -299,6 +308,7 @@ def test_image_record_marks_absent_fields_none() -> None:
     assert (full.thumbnail, full.original) == (b"t", b"o")
     assert full.vector is not None and full.vector.dtype == np.float32 and full.vector.tolist() == [1.0, 2.0]
     assert full.created_at is not None and full.created_at.timestamp() == 60.0
+    assert full.created_at.tzinfo is UTC
 
 
 def test_collection_info_and_index_types() -> None:
@@ -344,10 +354,6 @@ def test_images_already_stored_are_not_failures() -> None:
     )
     assert [r.id for r in result.already_stored] == ["b"]
     assert [r.reason for r in result.failed] == ["IMAGE_UNDECODABLE"]
-    twice = AddResult.from_proto(
-        pb.AddImagesResponse(ids=[""], results=[pb.ItemResult(index=0, code=6, reason="DUPLICATE_ID")])
-    )
-    assert twice.already_stored == () and [r.reason for r in twice.failed] == ["DUPLICATE_ID"]
 
 
 # -------------------------------------------------------------------------------------------------
@@ -654,3 +660,241 @@ def test_create_collection_request_carries_the_storage() -> None:
     assert R.create_collection("c", description="", **common).request.collection.storage == 0
     with pytest.raises(ValueError, match="storage must be one of"):
         R.create_collection("c", description="", storage="int4", **common)
+
+
+# -------------------------------------------------------------------------------------------------
+# Found by an outside test of the client: interrupted uploads, retry hints, closed clients, ...
+
+
+class _FailedCall(grpc.RpcError):
+    """A failed call as gRPC reports it: code, message, and the rich status in the trailers."""
+
+    def __init__(self, status: status_pb2.Status) -> None:
+        self.status = status
+
+    def code(self) -> grpc.StatusCode:
+        return next(code for code in grpc.StatusCode if code.value[0] == self.status.code)
+
+    def details(self) -> str:
+        return self.status.message
+
+    def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
+        return (("grpc-status-details-bin", self.status.SerializeToString()),)
+
+
+def _status(code: grpc.StatusCode, *details: Message) -> status_pb2.Status:
+    status = status_pb2.Status(code=code.value[0], message="too many streams")
+    for detail in details:
+        status.details.add().Pack(detail)
+    return status
+
+
+def test_retry_info_is_read_as_seconds() -> None:
+    """The server's RetryInfo (back-pressure) was dropped by parse_details (an outside test)."""
+    hint = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=1, nanos=500_000_000))
+    info = error_details_pb2.ErrorInfo(reason="TOO_MANY_STREAMS", domain="imagesearch.v1")
+    error = from_rpc_error(_FailedCall(_status(grpc.StatusCode.RESOURCE_EXHAUSTED, info, hint)))
+    assert isinstance(error, ResourceExhausted) and error.reason == "TOO_MANY_STREAMS"
+    assert error.retry_delay == error.details.retry_delay == 1.5
+    assert from_rpc_error(_FailedCall(_status(grpc.StatusCode.RESOURCE_EXHAUSTED, info))).retry_delay is None
+
+
+def test_only_images_left_as_they_were_are_already_stored() -> None:
+    """Rejections with code ALREADY_EXISTS (an id twice in a request; an id taken, under skip_invalid
+    alone) are failures: the server gives them no id, where an image it left as it was keeps its own."""
+    result = AddResult.from_proto(
+        pb.AddImagesResponse(
+            ids=["a", "b", "", ""],
+            results=[
+                pb.ItemResult(index=0, id="a", code=0),
+                pb.ItemResult(index=1, id="b", code=6, reason="IMAGE_EXISTS"),
+                pb.ItemResult(index=2, code=6, reason="DUPLICATE_ID"),
+                pb.ItemResult(index=3, code=6, reason="IMAGE_EXISTS"),
+            ],
+            added_count=1,
+        )
+    )
+    assert [r.id for r in result.already_stored] == ["b"]
+    assert [(r.index, r.reason) for r in result.failed] == [(2, "DUPLICATE_ID"), (3, "IMAGE_EXISTS")]
+
+
+def test_every_error_has_a_request_id_as_text() -> None:
+    """``request_id`` was ``str | None`` and search_batch's returned errors had none, though the
+    server logged them under the batch call's id."""
+    assert ImageSearchError("x").request_id == ""
+    rpc = R.search_batch([Query(image_id="q")])
+    failed = pb.SearchBatchResult(code=5, message="no image 'q'", reason="IMAGE_NOT_FOUND")
+    (result,) = rpc.result(pb.SearchBatchResponse(results=[failed]), "batch-7")
+    assert isinstance(result, NotFound) and result.request_id == "batch-7"
+
+
+def test_a_channel_comes_without_a_target_or_credentials(served: tuple[FakeServicer, str]) -> None:
+    """A target given with a channel was silently ignored (an outside test)."""
+    with grpc.insecure_channel(served[1]) as channel:
+        for client_class in (ImageSearchClient, AsyncImageSearchClient):
+            with pytest.raises(ValueError, match="not both: target given with a channel"):
+                client_class("127.0.0.1:1", channel=channel)  # type: ignore[arg-type]
+            with pytest.raises(ValueError, match="credentials given"):
+                client_class(credentials=grpc.ssl_channel_credentials(), channel=channel)  # type: ignore[arg-type]
+        with ImageSearchClient(channel=channel) as client:
+            assert client.health() == "SERVING" and repr(client) == "ImageSearchClient(channel=...)"
+    assert ImageSearchClient().target == R.DEFAULT_TARGET
+
+
+def test_a_closed_client_says_so(served: tuple[FakeServicer, str], tmp_path: Path) -> None:
+    """gRPC's bare "Cannot invoke RPC on closed channel!" (sync) / UsageError (asyncio) did not say
+    which object was closed; a client on a passed channel went on working after close()."""
+    paths = _files(tmp_path, [100])
+    closed = ImageSearchClient(served[1])
+    closed.close()
+    with pytest.raises(ValueError, match=r"ImageSearchClient\('127.*'\) is closed"):
+        closed.health()
+    with pytest.raises(ValueError, match="is closed"):
+        closed.add_files(paths)
+    with grpc.insecure_channel(served[1]) as channel:
+        borrowed = ImageSearchClient(channel=channel)
+        borrowed.close()
+        with pytest.raises(ValueError, match="is closed"):
+            borrowed.search(image_id="q")
+
+    async def scenario() -> None:
+        client = AsyncImageSearchClient(served[1])
+        await client.close()
+        with pytest.raises(ValueError, match=r"AsyncImageSearchClient\(.*\) is closed"):
+            await client.health()
+        with pytest.raises(ValueError, match="is closed"):
+            await client.add_files(paths)
+
+    asyncio.run(scenario())
+
+
+def test_a_request_over_the_message_limit_names_it(served: tuple[FakeServicer, str]) -> None:
+    """It raised ResourceExhausted with gRPC's own text and no word of max_message_bytes."""
+    servicer, target = served
+    big = ImageItem(id="big", content=b"x" * 5000)
+    calls = len(servicer.calls)
+    with ImageSearchClient(target, max_message_bytes=4096) as client:
+        with pytest.raises(
+            ResourceExhausted, match=r"AddImages request is \d+ bytes.*max_message_bytes \(4096\)"
+        ):
+            client.add_images([big], request_id="big-1")
+        with pytest.raises(ResourceExhausted, match="nothing was sent") as error:
+            client.search(b"x" * 5000)
+        assert error.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED and error.value.request_id
+        assert client.search(b"x" * 3000).ids  # below the limit: sent
+
+    async def scenario() -> None:
+        async with AsyncImageSearchClient(target, max_message_bytes=4096) as client:
+            with pytest.raises(ResourceExhausted, match=r"max_message_bytes \(4096\)"):
+                await client.add_images([big])
+
+    asyncio.run(scenario())
+    assert [call.method for call in servicer.calls[calls:]] == ["Search"]
+
+
+def test_a_keyboard_interrupt_from_progress_ends_the_upload_and_carries_its_ids(tmp_path: Path) -> None:
+    """It escaped gRPC's sending thread, killing it: the call waited for chunks that never came
+    (until its deadline), and no exception carried the ids (an outside test)."""
+    paths = _files(tmp_path, [100] * 6)
+
+    def interrupt_after_two(sent: int, total: int) -> None:
+        if sent == 2:
+            raise KeyboardInterrupt
+
+    with fake_server() as (servicer, target), ImageSearchClient(target) as client:
+        with pytest.raises(KeyboardInterrupt) as caught:
+            client.add_files(paths, batch_size=1, progress=interrupt_after_two, timeout=10)
+        error = caught.value
+        assert len(error.upload_ids) == 6 and error.stored.added_count == 2  # type: ignore[attr-defined]
+        assert "ids=error.upload_ids" in "".join(error.__notes__)
+        assert [len(chunk.images) for chunk in servicer.last("AddImagesStream").request] == [1, 1]
+
+
+def test_a_ctrl_c_cancels_the_upload_and_leaves_no_thread_behind(tmp_path: Path, ctrl_c_raises: None) -> None:
+    """Ctrl-C escaped the blocking call and left gRPC's sending thread stuck for good."""
+    paths = _files(tmp_path, [100] * 10)
+    sent_so_far: list[int] = []
+
+    def ctrl_c_after_two(sent: int, total: int) -> None:
+        sent_so_far.append(sent)
+        if sent == 2:
+            _thread.interrupt_main()
+        time.sleep(0.05)
+
+    with fake_server() as (_, target), ImageSearchClient(target) as client:
+        before = _client_threads()
+        with pytest.raises(KeyboardInterrupt) as caught:
+            client.add_files(paths, batch_size=1, progress=ctrl_c_after_two)
+            time.sleep(5)  # the interrupt lands here if the upload ended before it
+        assert len(caught.value.upload_ids) == 10 and "interrupted" in "".join(caught.value.__notes__)
+        deadline = time.monotonic() + 5
+        while _client_threads() - before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _client_threads() - before and len(sent_so_far) < 10
+
+
+def _client_threads() -> set[threading.Thread]:
+    """Running threads but the fake server's workers (its pool grows with the calls it serves)."""
+    return {thread for thread in threading.enumerate() if not thread.name.startswith("ThreadPoolExecutor")}
+
+
+def test_a_cancelled_async_upload_carries_its_ids(tmp_path: Path) -> None:
+    paths = _files(tmp_path, [100] * 6)
+    first_chunk_sent, release = threading.Event(), threading.Event()
+
+    def wait_after_the_first_chunk(sent: int, total: int) -> None:  # in the reading thread
+        first_chunk_sent.set()
+        release.wait(5)
+
+    async def cancel_mid_upload() -> BaseException:
+        async with AsyncImageSearchClient(target) as client:
+            task = asyncio.create_task(
+                client.add_files(paths, batch_size=1, progress=wait_after_the_first_chunk)
+            )
+            while not first_chunk_sent.is_set():
+                await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError) as caught:
+                await task
+            release.set()
+            return caught.value
+
+    with fake_server() as (_, target):
+        error = asyncio.run(cancel_mid_upload())
+    assert len(error.upload_ids) == 6 and "ids=error.upload_ids" in "".join(error.__notes__)  # type: ignore[attr-defined]
+
+
+def test_a_keyboard_interrupt_from_progress_ends_the_async_upload_too(tmp_path: Path) -> None:
+    paths = _files(tmp_path, [100] * 6)
+
+    def interrupt_after_two(sent: int, total: int) -> None:
+        if sent == 2:
+            raise KeyboardInterrupt
+
+    async def upload() -> None:
+        async with AsyncImageSearchClient(target) as client:
+            await client.add_files(paths, batch_size=1, progress=interrupt_after_two, timeout=10)
+
+    with fake_server() as (_, target), pytest.raises(KeyboardInterrupt) as caught:
+        asyncio.run(upload())
+    assert len(caught.value.upload_ids) == 6 and caught.value.stored.added_count == 2  # type: ignore[attr-defined]
+
+
+def test_an_async_upload_timed_out_by_asyncio_carries_its_ids_in_the_cause(tmp_path: Path) -> None:
+    """``asyncio.timeout`` / ``wait_for`` turn the cancellation into a TimeoutError of their own; the
+    CancelledError carrying the ids is its ``__cause__`` (as docs/client.md says)."""
+    paths = _files(tmp_path, [100] * 6)
+
+    def slow(sent: int, total: int) -> None:
+        time.sleep(0.2)
+
+    async def upload_for_a_moment() -> BaseException:
+        async with AsyncImageSearchClient(target) as client:
+            with pytest.raises(TimeoutError) as caught:
+                async with asyncio.timeout(0.3):
+                    await client.add_files(paths, batch_size=1, progress=slow)
+            return caught.value
+
+    with fake_server() as (_, target):
+        error = asyncio.run(upload_for_a_moment())
+    assert len(error.__cause__.upload_ids) == 6  # type: ignore[union-attr]

@@ -10,12 +10,15 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from imagesearch.client import ImageSearchClient, InvalidArgument
+from imagesearch.client import ImageItem, ImageSearchClient, InvalidArgument, ResourceExhausted
+from imagesearch.server.app import run_server
 from imagesearch.server.servicer import ADDED_COUNT_KEY
 from imagesearch.v1 import image_search_service_pb2 as pb
 from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
+from tests.conftest import tiny_config
 from tests.support.images import encode, pattern
 from tests.support.process import tiny_server
+from tests.support.tiny_plugin import TINY_PLUGIN
 from tests.support.uploads import listed_ids, stored_progress
 
 pytestmark = pytest.mark.e2e
@@ -151,18 +154,6 @@ def _photos(tmp_path, count: int) -> list:
     return paths
 
 
-@pytest.fixture
-def ctrl_c_raises() -> Iterator[None]:
-    """SIGINT as Python's default handler makes it (KeyboardInterrupt), whatever ran before."""
-    import signal
-
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def test_a_ctrl_c_mid_upload_carries_the_ids_to_finish_with(server, tmp_path, ctrl_c_raises):
     """Ctrl-C during add_files without ids escaped with nothing to resume by: chunks already sent
     were stored under ids the caller never saw, and the re-run stored them twice (an outside test)."""
@@ -236,3 +227,48 @@ def test_a_keyboard_interrupt_from_progress_ends_the_upload_instead_of_hanging_i
         assert error.stored.added_count == 4 and len(error.upload_ids) == 12
         client.add_files(paths, ids=error.upload_ids, skip_existing=True, batch_size=2)
         assert sorted(image.id for image in client.iter_images()) == sorted(error.upload_ids)
+
+
+def test_failed_holds_rejections_and_already_stored_the_images_left_as_they_were(server):
+    """``failed`` listed the images a resume skipped as already stored; images the server rejects
+    with the same code (an id twice in a request, an id taken without skip_existing) stay in it
+    (an outside test of the client)."""
+    image = ImageItem(id="a", content=encode(pattern(1)))
+    with ImageSearchClient(server.target) as client:
+        client.add_images([image])
+        resumed = client.add_images(
+            [image, ImageItem(id="b", content=encode(pattern(2)))], skip_existing=True
+        )
+        assert ([r.id for r in resumed.already_stored], resumed.failed, resumed.added_count) == (["a"], (), 1)
+        taken = client.add_images([image], skip_invalid=True)
+        twice = client.add_images([ImageItem(id="c", content=encode(pattern(3)))] * 2, skip_invalid=True)
+    assert (taken.already_stored, [r.reason for r in taken.failed]) == ((), ["IMAGE_EXISTS"])
+    assert (twice.already_stored, [r.reason for r in twice.failed]) == ((), ["DUPLICATE_ID"])
+
+
+def test_the_client_says_when_to_retry_a_stream_refused_by_back_pressure(data_dir, tmp_path):
+    """The server's RetryInfo reached no caller of the client (parse_details dropped it)."""
+    paths = _photos(tmp_path, 2)
+    first_chunk_sent, release = threading.Event(), threading.Event()
+
+    def hold_the_stream_open(sent: int, total: int) -> None:
+        first_chunk_sent.set()
+        release.wait(10)
+
+    config = tiny_config(data_dir, limits={"max_streams_per_peer": 1})
+    with (
+        run_server(config, extra_plugins=[TINY_PLUGIN]) as running,
+        ImageSearchClient(running.target) as client,
+    ):
+        holder = threading.Thread(
+            target=client.add_files, args=(paths,), kwargs={"batch_size": 1, "progress": hold_the_stream_open}
+        )
+        holder.start()
+        try:
+            assert first_chunk_sent.wait(10)
+            with pytest.raises(ResourceExhausted) as caught:
+                client.add_files(paths[:1])
+        finally:
+            release.set()
+            holder.join(10)
+    assert (caught.value.reason, caught.value.retry_delay) == ("TOO_MANY_STREAMS", 1.0)
