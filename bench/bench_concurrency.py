@@ -407,15 +407,25 @@ def main() -> None:
                 "bare_sqlite_rows_s": max(bare.values()),
             }
 
+            server_timings: list[tuple[float, float]] = []  # (total_ms, search_ms) the server reports
+
             def search_vector(i: int) -> object:
-                return stub.Search(
+                response = stub.Search(
                     pb.SearchRequest(collection="vec", vector=query_messages[i % len(queries)], top_k=10)
                 )
+                server_timings.append((response.timings.total_ms, response.timings.search_ms))
+                return response
 
             levels = {}
             for c in callers:
                 batches, items = running.batcher_counts()
+                server_timings.clear()
                 qps, times = latencies(search_vector, c, args.seconds)
+                if c == 1:  # where a lone search's time goes, by the server's own account
+                    results["lone_server_p50_ms"] = {
+                        "total": percentile([t for t, _ in server_timings], 50),
+                        "search": percentile([s for _, s in server_timings], 50),
+                    }
                 batches_now, items_now = running.batcher_counts()
                 levels[c] = {
                     "qps": qps,
@@ -489,6 +499,14 @@ def report(results: dict, callers: list[int]) -> None:
         f"  for comparison: raw FAISS after a 2 ms pause p50 {raw['single_after_pause_p50_ms']:.2f} ms; "
         f"an empty gRPC call (health check) p50 {results['empty_rpc_p50_ms']:.2f} ms"
     )
+    if "lone_server_p50_ms" in results:
+        lone = results["lone_server_p50_ms"]
+        print(
+            f"  where that caller's time goes (p50 of the timings each response carries): in the server "
+            f"{lone['total']:.2f} ms, of which the search {lone['search']:.2f} ms (hand-off to the index "
+            f"thread, the scan, exact ranking, the hits' rows); the round trip the rest, "
+            f"{levels[1]['p50_ms'] - lone['total']:.2f} ms"
+        )
     paths = raw["p50_ms_by_batch_threads_threshold"]
     print(
         "  raw FAISS p50 ms by BLAS threshold (batch/threads/threshold): "
