@@ -342,10 +342,12 @@ class Collection:
         self.problem = ""  # why the index is unavailable (the collection is then read-only)
         self._centroids: tuple[int, list[str], np.ndarray, np.ndarray] | None = None  # cached class sums
         self.index: VectorIndex | None = None
+        self._learnt_kept = False  # whether the store keeps what the index learnt (``_keep_learnt``)
         try:
             self.index = self._load_index()
         except Exception as exc:  # one broken collection must not stop the server
             self._index_failed(f"its index could not be built from the store: {exc}")
+        self._keep_learnt()  # learnt at this start (a rebuild), or before stores kept it
 
     def _bind(self, registered: Extractor | None) -> Extractor | None:
         """The extractor serving this collection: the registered one if its version and dimension
@@ -462,7 +464,9 @@ class Collection:
         index_spec = self.spec.index_spec(self.metric)
         path = self.directory / SNAPSHOT_FILE
         try:
-            index, seq = read_snapshot(path, index_spec, self.store.identity, self.store.last_seq())
+            index, seq = read_snapshot(
+                path, index_spec, self.store.identity, self.store.last_seq(), self._stored_learnt()
+            )
         except SnapshotError as exc:
             if path.exists():
                 log.warning(
@@ -515,10 +519,32 @@ class Collection:
         return compacted or index.needs_compaction()
 
     def _rebuild(self, index_spec: IndexSpec, upto_seq: int | None = None) -> VectorIndex:
-        index = VectorIndex(index_spec)
+        index = VectorIndex(index_spec, learnt=self._stored_learnt())
         self._snapshot_seq = 0
         self._replay(index, after_seq=0, upto_seq=upto_seq)
         return index
+
+    def _stored_learnt(self) -> np.ndarray | None:
+        """What the index learnt in an earlier life, as the store keeps it."""
+        learnt = self.store.learnt()
+        self._learnt_kept = learnt is not None
+        return learnt
+
+    def _keep_learnt(self) -> None:
+        """Keep what the index learnt (IVF's lists, int8's grid) with the store, once. Learnt again
+        from the store's first rows, it could differ: rows removed since are gone, so a rebuild
+        after a crash answered otherwise than the index it replaced (and ran k-means again). A
+        failure to keep it is logged: the rows are committed, the index serves, and a rebuild
+        learns it again as before."""
+        learnt = None if self._learnt_kept or self.index is None else self.index.learnt
+        if learnt is None:
+            return
+        try:
+            self.store.keep_learnt(learnt)
+        except (sqlite3.Error, DiskFull) as exc:
+            log.warning("collection %s: what its index learnt was not kept (%s)", self.spec.name, exc)
+            return
+        self._learnt_kept = True
 
     # -- extractor -----------------------------------------------------------------
     @property
@@ -637,6 +663,7 @@ class Collection:
                         lambda: index.add(np.array(row_ids, dtype=np.int64), prepared), upto_seq=seqs[-1]
                     )
                 self._applied_seq = seqs[-1]
+            self._keep_learnt()  # after the lock: searches need not wait for its commit
         finally:
             self._indexing.release()
         stored = iter(row_ids)
@@ -1075,9 +1102,10 @@ class Collection:
                 self.store.reencode(spec.to_json(), state, vectors)
                 self.spec, self._extractor, self._centroids = spec, trained, None
                 try:
-                    self.index = self._rebuild(spec.index_spec(self.metric))
+                    self.index = self._rebuild(spec.index_spec(self.metric))  # learns from the new vectors
                 except Exception as exc:
                     self._index_failed(f"its index could not be rebuilt after training: {exc}")
+                self._keep_learnt()
             return TrainOutcome(extractor.version, len(sample), len(vectors))
         finally:
             self._training.release()

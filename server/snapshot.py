@@ -92,11 +92,14 @@ def _verify_body(handle: BinaryIO, start: int, end: int) -> int:
     return crc
 
 
-def read_snapshot(path: Path, spec: IndexSpec, store: str, last_seq: int) -> tuple[VectorIndex, int]:
+def read_snapshot(
+    path: Path, spec: IndexSpec, store: str, last_seq: int, learnt: np.ndarray | None = None
+) -> tuple[VectorIndex, int]:
     """Load a snapshot; SnapshotError if it is absent, damaged, does not match ``spec``, or is not
     a past state of this store (another store's, or newer than its last write ``last_seq``: the
     store was restored from an older copy). Snapshots made before stores had an identity carry
-    none and are checked by sequence only."""
+    none and are checked by sequence only. ``learnt``: what the index learnt, kept by the store,
+    for an index snapshotted before it trained (``VectorIndex``)."""
     try:
         handle = open(path, "rb")  # noqa: SIM115  closed below
     except FileNotFoundError as exc:
@@ -133,7 +136,7 @@ def read_snapshot(path: Path, spec: IndexSpec, store: str, last_seq: int) -> tup
         tombstones = _read_exact(handle, dead_len)
         try:
             loaded = faiss.read_index(faiss.PyCallbackIOReader(handle.read, CHUNK))
-            index = VectorIndex(spec, loaded, np.frombuffer(tombstones, dtype=np.int64))
+            index = VectorIndex(spec, loaded, np.frombuffer(tombstones, dtype=np.int64), learnt)
             index.check_layout()
         except (RuntimeError, ValueError) as exc:  # FAISS raises RuntimeError subclasses of its own
             raise SnapshotError(f"FAISS could not read the snapshot: {exc}") from exc

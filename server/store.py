@@ -14,6 +14,7 @@ so the index maps hits back to rows without a second lookup table.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import sqlite3
@@ -75,6 +76,7 @@ CREATE INDEX IF NOT EXISTS images_seq ON images(seq);
 CREATE TABLE IF NOT EXISTS removals (seq INTEGER PRIMARY KEY, row_id INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS local_features (row_id INTEGER PRIMARY KEY, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS extractor_state (slot INTEGER PRIMARY KEY CHECK (slot = 1), data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS index_learnt (slot INTEGER PRIMARY KEY CHECK (slot = 1), data BLOB NOT NULL);
 """
 
 
@@ -359,10 +361,37 @@ class CollectionStore:
                 ((np.asarray(v, dtype=np.float32).tobytes(), int(r)) for r, v in vectors.items()),
             )
             conn.execute("INSERT OR REPLACE INTO extractor_state(slot, data) VALUES (1, ?)", (state,))
+            conn.execute("DELETE FROM index_learnt")  # learnt from the vectors replaced here
             self.set_meta("spec", spec_json)
             seq = self._tail()[0] + 1
             self.set_meta("seq", str(seq))
         return seq
+
+    def keep_learnt(self, learnt: np.ndarray) -> None:
+        """Keep what the index learnt (``VectorIndex.learnt``). On a connection of its own: it is
+        written during an add's index update, while the next add may be committing on the writer
+        (SQLite's lock orders the two; that add waits for this one's update only after its commit)."""
+        buffer = io.BytesIO()
+        np.save(buffer, np.asarray(learnt, np.float32), allow_pickle=False)
+        conn = _connect(self.path, create=False)
+        try:
+            with disk_full_reported("what the index learnt was not kept (a rebuild learns it again)"):
+                conn.execute(
+                    "INSERT OR REPLACE INTO index_learnt(slot, data) VALUES (1, ?)", (buffer.getvalue(),)
+                )
+        finally:
+            conn.close()
+
+    def learnt(self) -> np.ndarray | None:
+        """What the index learnt, as ``keep_learnt`` kept it; None if nothing was (or the store is
+        read without the tables later versions brought)."""
+        try:
+            row = self._reader().execute("SELECT data FROM index_learnt WHERE slot = 1").fetchone()
+        except sqlite3.OperationalError as exc:
+            if "no such table" not in str(exc):
+                raise
+            return None
+        return None if row is None else np.load(io.BytesIO(row[0]), allow_pickle=False)
 
     def set_extractor_state(self, state: bytes) -> None:
         self._writer.execute("INSERT OR REPLACE INTO extractor_state(slot, data) VALUES (1, ?)", (state,))

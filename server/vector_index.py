@@ -199,9 +199,15 @@ class VectorIndex:
     """Thread-compatible, not thread-safe: the collection serialises writes against reads."""
 
     def __init__(
-        self, spec: IndexSpec, index: faiss.Index | None = None, tombstones: np.ndarray | None = None
+        self,
+        spec: IndexSpec,
+        index: faiss.Index | None = None,
+        tombstones: np.ndarray | None = None,
+        learnt: np.ndarray | None = None,
     ):
         self.spec = spec
+        # What an earlier life of this index learnt (``learnt``), taken instead of learning again.
+        self._given = learnt if learnt is not None and self.fits_learnt(learnt) else None
         self._index = _with_direct_map(index) if index is not None else self._empty()
         self._tombstones: set[int] = set() if tombstones is None else {int(t) for t in tombstones}
         self.training_error = ""
@@ -240,6 +246,32 @@ class VectorIndex:
     def trained(self) -> bool:
         """For IVF: whether the inverted-file index is in use yet."""
         return isinstance(self._index, faiss.IndexIVF)
+
+    @property
+    def learnt(self) -> np.ndarray | None:
+        """What training learnt from the collection's first vectors, to be kept with the store: IVF's
+        centroids (nlist x dim), int8's grid (FAISS's ``ScalarQuantizer.trained``: each dimension's
+        minimum, then its range). A rebuild given it (``learnt=``) adds the same vectors to the
+        same lists or codes, where learning again from the store could not: rows removed since
+        are gone from it. None before training and for other kinds."""
+        if isinstance(self._index, faiss.IndexIVF):
+            quantizer = faiss.downcast_index(self._index.quantizer)
+            return (
+                faiss.rev_swig_ptr(quantizer.get_xb(), quantizer.ntotal * quantizer.d)
+                .reshape(quantizer.ntotal, quantizer.d)
+                .copy()
+            )
+        if self.quantized:
+            return faiss.vector_to_array(faiss.downcast_index(self._index.index).sq.trained).astype(
+                np.float32
+            )
+        return None
+
+    def fits_learnt(self, learnt: np.ndarray) -> bool:
+        """Whether ``learnt`` is the shape this spec learns (an IVF's lists, int8's grid)."""
+        if self.spec.kind == IVF:
+            return learnt.shape == (self.spec.nlist, self.spec.dim)
+        return self.spec.storage == INT8 and learnt.shape == (2 * self.spec.dim,)
 
     @property
     def quantized(self) -> bool:
@@ -314,7 +346,8 @@ class VectorIndex:
         It trains on exactly the first ``train_size`` vectors held, whatever the batches: a batch
         that crosses the size is split around the training. A rebuild from the store (which replays
         rows in their order, in chunks of another size) then trains on the same vectors and gives
-        the same results, unless some of those rows were removed since.
+        the same results; if some of those rows were removed since, it takes what this index
+        learnt (``learnt``, kept by the store) instead.
         """
         ids, prepared = np.asarray(ids, dtype=np.int64), as_float32(prepared)
         if len(ids) == 0:
@@ -433,12 +466,18 @@ class VectorIndex:
         # Quantiles, not the extremes: one odd vector among the first 1,000 widened every dimension's
         # range and cut the recall of the rest (an outside test: by a fifth); beyond them it is an
         # outlier like any other, re-scored by every search.
-        low, high = np.quantile(vectors, [INT8_TRIM, 1 - INT8_TRIM], axis=0)
-        centre = (low + high) / 2
-        half = np.maximum((high - low) / 2 * INT8_HEADROOM, INT8_MIN_HALF_WIDTH)
-        grid = np.stack([np.maximum(centre - half, INT8_RANGE[0]), np.minimum(centre + half, INT8_RANGE[1])])
         quantizer = self._scalar_quantizer(SCALAR_TYPES[INT8])
-        quantizer.train(grid.astype(np.float32))
+        if self._given is not None:
+            faiss.copy_array_to_vector(self._given, quantizer.sq.trained)
+            quantizer.is_trained = True
+        else:
+            low, high = np.quantile(vectors, [INT8_TRIM, 1 - INT8_TRIM], axis=0)
+            centre = (low + high) / 2
+            half = np.maximum((high - low) / 2 * INT8_HEADROOM, INT8_MIN_HALF_WIDTH)
+            grid = np.stack(
+                [np.maximum(centre - half, INT8_RANGE[0]), np.minimum(centre + half, INT8_RANGE[1])]
+            )
+            quantizer.train(grid.astype(np.float32))
         index = faiss.IndexIDMap2(quantizer)
         index.add_with_ids(vectors, ids)
         self._outliers = self._clipped(ids, _codes(quantizer))
@@ -450,6 +489,11 @@ class VectorIndex:
         ivf = faiss.IndexIVFFlat(
             _flat(self.spec), self.spec.dim, self.spec.nlist, self.spec.metric.faiss_metric
         )
+        ivf.nprobe = self.spec.nprobe
+        if self._given is not None:  # the lists an earlier life learnt (``learnt``): no k-means
+            ivf.quantizer.add(self._given)
+            ivf.is_trained = True
+            return _with_direct_map(ivf)
         # FAISS prints its own warning below 39 vectors a list, straight to stderr (it broke a JSON
         # log stream); the threshold decides nothing else, so the warning is the server's log's.
         ivf.cp.min_points_per_centroid = 1
@@ -461,7 +505,6 @@ class VectorIndex:
                 TRAIN_POINTS_PER_LIST * self.spec.nlist,
             )
         ivf.train(vectors)
-        ivf.nprobe = self.spec.nprobe
         return _with_direct_map(ivf)
 
     # -- search ------------------------------------------------------------------

@@ -568,6 +568,36 @@ def test_a_crash_replays_removals_between_adds_so_training_sees_what_it_saw_live
     again.close(snapshot=False)
 
 
+@pytest.mark.parametrize("storage", ["ivf", INT8])
+@pytest.mark.parametrize("snapshot", ["before training", "none"])
+def test_what_the_index_learnt_outlives_a_crash_after_its_first_rows_were_removed(
+    tmp_path: Path, storage: str, snapshot: str
+) -> None:
+    """IVF's lists and int8's grid are learnt from the first rows; a rebuild after a crash learnt
+    them again from the store, where the rows removed since were gone: other lists, other
+    answers than the index the crash lost. The store now keeps what was learnt."""
+    if storage == INT8:
+        collection, size = create(tmp_path, FLAT, COSINE, storage=INT8), INT8_LEARN_SIZE
+    else:
+        collection, size = create(tmp_path, IVF, nlist=8, nprobe=1, train_size=400), 400
+    base: Base = {}
+    add(collection, base, rows(0, size - 100))
+    if snapshot == "before training":
+        collection.snapshot()
+    add(collection, base, rows(size, 300))  # trains
+    learnt = collection.live_index().learnt
+    assert learnt is not None and np.array_equal(collection.store.learnt(), learnt)
+    remove(collection, base, [f"img{n}" for n in range(150)])  # half the training rows gone
+    before = search_all(collection, base)
+    collection.close(snapshot=False)  # as a crash leaves it
+    if snapshot == "none":
+        (collection.directory / SNAPSHOT_FILE).unlink(missing_ok=True)
+    again = reopen(collection)
+    assert np.array_equal(again.live_index().learnt, learnt)
+    assert search_all(again, base) == before
+    again.close(snapshot=False)
+
+
 def test_hnsw_removals_replayed_after_a_crash_are_compacted(tmp_path: Path) -> None:
     """Removals made after the last snapshot come back as tombstones when the snapshot is loaded
     and the store's tail replayed: the collection must compact them then too (an outside test: a

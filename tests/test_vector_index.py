@@ -188,6 +188,34 @@ def test_ivf_trains_on_the_first_train_size_vectors_whatever_the_batches() -> No
     assert np.array_equal(live.search(queries, 10)[1], rebuilt.search(queries, 10)[1])
 
 
+@pytest.mark.parametrize(
+    "made", [spec(IVF), IndexSpec(kind=FLAT, dim=128, metric=COSINE, storage=INT8)], ids=["ivf", "int8"]
+)
+def test_an_index_given_what_another_learnt_learns_nothing_of_its_own(made: IndexSpec) -> None:
+    """Given ``learnt``, an index trains to the very lists (or grid) the other learnt, even from
+    other first rows (the ones removed since are gone from the store), and without k-means; one
+    of another shape is ignored, and the index learns for itself."""
+    rng = np.random.default_rng(12)
+    base = l2_normalize(rng.normal(size=(1500, made.dim)).astype(np.float32))  # int8's grid saturates at 16-d
+    first = VectorIndex(made)
+    first.add(np.arange(1500), base)
+    learnt = first.learnt
+    assert learnt is not None and VectorIndex(made).learnt is None
+    given = VectorIndex(made, learnt=learnt)
+    given.add(np.arange(100, 1500), base[100:])
+    assert np.array_equal(given.learnt, learnt)
+    alone = VectorIndex(made)
+    alone.add(np.arange(100, 1500), base[100:])
+    assert not np.array_equal(alone.learnt, learnt)  # what a rebuild learnt before
+    misfit = VectorIndex(made, learnt=np.zeros((3, made.dim), np.float32))
+    misfit.add(np.arange(100, 1500), base[100:])
+    assert np.array_equal(misfit.learnt, alone.learnt)
+    queries = l2_normalize(rng.normal(size=(20, made.dim)).astype(np.float32))
+    same = VectorIndex(made, learnt=learnt)
+    same.add(np.arange(1500), base)
+    assert np.array_equal(same.search(queries, 10)[1], first.search(queries, 10)[1])
+
+
 def test_flat_l2_distances_are_exact_and_the_same_alone_or_batched():
     """FAISS's BLAS path computes L2 as |x|^2 + |y|^2 - 2xy (a vector lies ~1e-4 from itself); the
     index re-scores its hits directly, so distances are exact and independent of the batch."""
