@@ -542,6 +542,13 @@ def test_hnsw_past_the_compaction_threshold_is_rebuilt_without_tombstones(tmp_pa
     collection.close(snapshot=False)
 
 
+def learning(tmp_path: Path, storage: str, nlist: int, train_size: int) -> tuple[Collection, int]:
+    """A collection whose index learns from its first rows (IVF, nprobe 1; or int8), and how many."""
+    if storage == INT8:
+        return create(tmp_path, FLAT, COSINE, storage=INT8), INT8_LEARN_SIZE
+    return create(tmp_path, IVF, nlist=nlist, nprobe=1, train_size=train_size), train_size
+
+
 @pytest.mark.parametrize("storage", ["ivf", INT8])
 def test_a_crash_replays_removals_between_adds_so_training_sees_what_it_saw_live(
     tmp_path: Path, storage: str
@@ -550,10 +557,7 @@ def test_a_crash_replays_removals_between_adds_so_training_sees_what_it_saw_live
     its training size on vectors removed before it ever got there: an IVF index trained although
     it never held train_size vectors, an int8 grid learnt from removed outliers (an outside test:
     recall collapsed after a kill -9, for good)."""
-    if storage == INT8:
-        collection, size = create(tmp_path, FLAT, COSINE, storage=INT8), INT8_LEARN_SIZE
-    else:
-        collection, size = create(tmp_path, IVF, nlist=4, nprobe=1, train_size=1000), 1000
+    collection, size = learning(tmp_path, storage, nlist=4, train_size=1000)
     base: Base = {}
     add(collection, base, rows(0, size - 100))
     collection.snapshot()
@@ -576,10 +580,7 @@ def test_what_the_index_learnt_outlives_a_crash_after_its_first_rows_were_remove
     """IVF's lists and int8's grid are learnt from the first rows; a rebuild after a crash learnt
     them again from the store, where the rows removed since were gone: other lists, other
     answers than the index the crash lost. The store now keeps what was learnt."""
-    if storage == INT8:
-        collection, size = create(tmp_path, FLAT, COSINE, storage=INT8), INT8_LEARN_SIZE
-    else:
-        collection, size = create(tmp_path, IVF, nlist=8, nprobe=1, train_size=400), 400
+    collection, size = learning(tmp_path, storage, nlist=8, train_size=400)
     base: Base = {}
     add(collection, base, rows(0, size - 100))
     if snapshot == "before training":
