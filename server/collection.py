@@ -45,6 +45,7 @@ from imagesearch.server.errors import (
     InvalidArgument,
     NotFound,
     disk_full_reported,
+    plugin_failure,
     shown,
 )
 from imagesearch.server.files import fsync_dir
@@ -265,10 +266,29 @@ def _with_outliers(ids: np.ndarray, outliers: np.ndarray, allowed: np.ndarray | 
     return np.hstack([ids, np.broadcast_to(outliers, (len(ids), len(outliers)))])
 
 
+def scored_by(metric: Metric, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``metric``'s distances and scores for FAISS's raw distances, refused (INTERNAL,
+    METRIC_FAILED, naming the metric) unless one number each and none NaN: a metric that raised
+    failed as SEARCH_FAILED without its name, and NaN scores reached Classify's answers (an
+    outside test). The one home of the rule for Search, SearchBatch and Classify."""
+    with plugin_failure(f"metric {metric.name!r} scoring hits", "METRIC_FAILED"):
+        distances = np.asarray(metric.to_distance(raw))
+        scores = np.asarray(metric.to_score(distances))
+    wrong = ""
+    if distances.dtype.kind not in "iuf" or scores.dtype.kind not in "iuf":
+        wrong = f"distances of type {distances.dtype} and scores of type {scores.dtype}, not numbers"
+    elif distances.shape != raw.shape or scores.shape != raw.shape:
+        wrong = f"{distances.shape} distances and {scores.shape} scores for {raw.shape} raw distances"
+    elif np.isnan(scores).any() or np.isnan(distances).any():
+        wrong = "NaN scores" if np.isnan(scores).any() else "NaN distances"
+    if wrong:
+        raise Internal(f"metric {metric.name!r} produced {wrong}", reason="METRIC_FAILED")
+    return distances, scores
+
+
 def _hits(metric: Metric, pairs: list[tuple[float, int]], rows: dict[int, HitRow], k: int) -> list[Hit]:
     """Raw (FAISS distance, row id) pairs to the k best hits, scored by ``metric``, best first."""
-    distances = metric.to_distance(np.array([d for d, _ in pairs], dtype=np.float32))
-    scores = metric.to_score(distances)
+    distances, scores = scored_by(metric, np.array([d for d, _ in pairs], dtype=np.float32))
     hits = [
         Hit(row.id, float(score), float(distance), row.label, row.metadata, row_id)
         for (_, row_id), distance, score in zip(pairs, distances, scores, strict=True)
@@ -283,13 +303,8 @@ def prepared_by(metric: Metric, vectors: np.ndarray) -> np.ndarray:
     gives finite float32 vectors of the same shape. The index takes whatever it is given; a plugin
     whose preparation changed the shape had an add acknowledged, then its collection read-only for
     good, and one that gave NaN had searches answer nothing (outside tests)."""
-    try:
+    with plugin_failure(f"metric {metric.name!r} preparing vectors", "METRIC_FAILED"):
         prepared = np.asarray(metric.prepare(vectors), dtype=np.float32)
-    except Exception as exc:
-        raise Internal(
-            f"metric {metric.name!r} failed to prepare vectors: {type(exc).__name__}: {exc}",
-            reason="METRIC_FAILED",
-        ) from exc
     if prepared.shape != vectors.shape or not np.isfinite(prepared).all():
         raise Internal(
             f"metric {metric.name!r} prepared vectors of shape {vectors.shape} into "
@@ -951,7 +966,7 @@ class Collection:
         means = prepared_by(self.metric, sums[keep] / counts[keep, None])
         query = prepared_by(self.metric, raw_query[None])
         raw, positions = brute_force(self.metric, means, query, len(names))
-        scores = self.metric.to_score(self.metric.to_distance(raw[0]))
+        scores = scored_by(self.metric, raw[0])[1]
         return shares(((names[p], s) for p, s in zip(positions[0], scores, strict=True) if p >= 0), CENTROID)
 
     def _class_sums(self) -> tuple[list[str], np.ndarray, np.ndarray]:

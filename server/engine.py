@@ -46,7 +46,7 @@ from imagesearch.server.errors import (
     shown,
     store_damage_reported,
 )
-from imagesearch.server.extraction import Extraction
+from imagesearch.server.extraction import Extraction, checked_count
 from imagesearch.server.imaging import DecodedImage
 from imagesearch.server.item_checks import (
     check_batch_pixels,
@@ -305,7 +305,7 @@ class Engine:
                     rows[position] = dataclasses.replace(
                         rows[position], vector=vector, local=found, encoded_with=version
                     )
-                    if local is not None and found is not None and local.count(found) == 0:
+                    if local is not None and found is not None and checked_count(local, found) == 0:
                         notes[position] = (
                             f"no {local.name} keypoints found (flat or tiny image): stored, but geometric "
                             "re-ranking cannot confirm it"

@@ -183,3 +183,21 @@ class Internal(ImageSearchError):
 
 class DataDirLocked(RuntimeError):
     """Another process owns the data directory."""
+
+
+@contextmanager
+def plugin_failure(what: str, reason: str) -> Iterator[None]:
+    """A plugin's exception as INTERNAL naming the plugin object (the log keeps the traceback);
+    the server's own errors pass through. Any exception: a KeyboardInterrupt or SystemExit raised
+    by a plugin in a worker thread reached the event loop, which stopped, and every later call,
+    health checks too, hung until a restart (an outside test). Plugins run in worker threads, so a
+    real Ctrl-C never arrives here: it interrupts the main thread."""
+    try:
+        yield
+    except ImageSearchError:
+        raise
+    except GeneratorExit:
+        raise
+    except BaseException as exc:
+        log.error("%s failed", what, exc_info=exc)
+        raise Internal(f"{what} failed: {type(exc).__name__}: {exc}", reason=reason) from exc

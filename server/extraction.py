@@ -18,7 +18,7 @@ from imagesearch.plugins.types import Extractor, LocalFeatures, TrainableExtract
 from imagesearch.server.batching import Batcher
 from imagesearch.server.collection import Collection
 from imagesearch.server.config import ServerConfig, available_cpus
-from imagesearch.server.errors import ImageSearchError, Internal
+from imagesearch.server.errors import Internal, plugin_failure
 from imagesearch.server.imaging import DecodedImage, decode_image, make_thumbnail
 from imagesearch.server.item_checks import within_index_range
 from imagesearch.server.parallel import Pulling
@@ -26,10 +26,12 @@ from imagesearch.server.records import ImageItem
 
 log = logging.getLogger(__name__)
 
+MAX_COUNT = 2**31 - 1  # inliers and keypoints travel as int32 (SearchHit.inliers)
+
 
 def checked_extract(extractor: Extractor, images: Sequence[np.ndarray]) -> list[np.ndarray]:
     """Run an extractor and refuse output the index could not use (a plugin bug: INTERNAL)."""
-    with _plugin_failure(f"extractor {extractor.name!r}", "EXTRACTOR_FAILED"):
+    with plugin_failure(f"extractor {extractor.name!r}", "EXTRACTOR_FAILED"):
         output = extractor.extract(images)
     return checked_vectors(extractor, output, len(images))
 
@@ -39,7 +41,8 @@ def checked_vectors(extractor: Extractor, output: np.ndarray, count: int) -> lis
     only (an array of strings became one vector for every image: an outside test), of the
     extractor's shape, finite and within the index's range."""
     wrong = ""
-    raw = np.asarray(output)
+    with plugin_failure(f"extractor {extractor.name!r}", "EXTRACTOR_FAILED"):
+        raw = np.asarray(output)  # a ragged list raises here
     if raw.dtype.kind not in "iuf":
         wrong = f"values of type {raw.dtype}, not numbers"
     else:
@@ -60,7 +63,7 @@ def checked_local_features(
 ) -> list[bytes]:
     """Local features for ``images``, refused unless one ``bytes`` each: anything else was stored,
     then failed every re-ranking, even once the plugin was fixed (an outside test)."""
-    with _plugin_failure(f"local features {local.name!r}", "LOCAL_FEATURES_FAILED"):
+    with plugin_failure(f"local features {local.name!r}", "LOCAL_FEATURES_FAILED"):
         features = local.extract(images, for_query=for_query)
     if not isinstance(features, list | tuple) or len(features) != len(images):
         wrong = f"{type(features).__name__} of {len(features) if hasattr(features, '__len__') else '?'} items"
@@ -76,37 +79,44 @@ def checked_local_features(
 
 def checked_inliers(local: LocalFeatures, query: bytes, candidates: Sequence[bytes]) -> list[int]:
     """``local.verify``'s inlier counts, refused unless one whole number >= 0 per candidate."""
-    with _plugin_failure(f"local features {local.name!r}", "LOCAL_FEATURES_FAILED"):
+    with plugin_failure(f"local features {local.name!r}", "LOCAL_FEATURES_FAILED"):
         counts = local.verify(query, candidates)
     try:
         inliers = [int(n) for n in counts] if len(counts) == len(candidates) else None
     except (TypeError, ValueError, OverflowError):  # NaN, None, text
         inliers = None
-    if inliers is None or any(n < 0 or n != c for n, c in zip(inliers, counts, strict=True)):
+    if inliers is None or any(
+        not 0 <= n <= MAX_COUNT or n != c for n, c in zip(inliers, counts, strict=True)
+    ):
         raise Internal(
             f"local features {local.name!r} verified {len(candidates)} candidates into "
-            f"{_shown_counts(counts)}, not one whole number >= 0 each",
+            f"{_shown_counts(counts)}, not one whole number from 0 to {MAX_COUNT} each",
             reason="LOCAL_FEATURES_FAILED",
         )
     return inliers
 
 
+def checked_count(local: LocalFeatures, features: bytes) -> int:
+    """``local.count``: how many keypoints ``features`` hold, refused unless a whole number from 0
+    to MAX_COUNT (NaN, text and negatives were taken as they came: an outside test)."""
+    with plugin_failure(f"local features {local.name!r}", "LOCAL_FEATURES_FAILED"):
+        count = local.count(features)
+    try:
+        whole = int(count)
+    except (TypeError, ValueError, OverflowError):
+        whole = -1
+    if whole != count or not 0 <= whole <= MAX_COUNT:
+        raise Internal(
+            f"local features {local.name!r} counted {_shown_counts(count)} keypoints, not a whole number "
+            f"from 0 to {MAX_COUNT}",
+            reason="LOCAL_FEATURES_FAILED",
+        )
+    return whole
+
+
 def _shown_counts(counts: object) -> str:
     text = repr(counts)
     return text if len(text) <= 80 else text[:77] + "..."
-
-
-@contextlib.contextmanager
-def _plugin_failure(what: str, reason: str) -> Iterator[None]:
-    """A plugin's exception as INTERNAL naming the plugin object (the log keeps the traceback);
-    the server's own errors pass through."""
-    try:
-        yield
-    except ImageSearchError:
-        raise
-    except Exception as exc:
-        log.exception("%s failed", what)
-        raise Internal(f"{what} failed: {type(exc).__name__}: {exc}", reason=reason) from exc
 
 
 class Extraction:
@@ -145,7 +155,7 @@ class Extraction:
         local = collection.local_features if wanted else None
         features = checked_local_features(local, images, rerank) if local is not None else None
         if trainable and features is not None:
-            with _plugin_failure(f"extractor {extractor.name!r}", "EXTRACTOR_FAILED"):
+            with plugin_failure(f"extractor {extractor.name!r}", "EXTRACTOR_FAILED"):
                 encoded = extractor.encode(features)
             vectors = np.stack(checked_vectors(extractor, encoded, len(images)))
         else:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import math
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -251,10 +250,6 @@ class Searching:
                 outcomes.append(_for_query(hits, position, len(plans)))
                 continue
             metric = plan.override or plan.collection.metric
-            if any(math.isnan(hit.score) for hit in hits):
-                failed = Internal(f"metric {metric.name!r} produced NaN scores", reason="METRIC_FAILED")
-                outcomes.append(_for_query(failed, position, len(plans)))
-                continue
             timings = Timings(plan.decode_ms, plan.extract_ms, search_ms, _ms(started), plan.rerank_ms)
             outcomes.append(SearchOutcome(hits, timings, metric.name, plan.predicted))
         return outcomes
@@ -443,21 +438,34 @@ class Searching:
             if plan.pixels is not None:
                 by_collection.setdefault(id(plan.collection), []).append(plan)
         for group in by_collection.values():
-            step = time.perf_counter()
-            try:
-                check_deadline(deadline, "feature extraction")
-                images = [plan.pixels for plan in group]
-                vectors, features, version = self.extraction.vectors(
-                    group[0].collection, images, query=True, rerank=any(plan.rerank for plan in group)
-                )
-            except ImageSearchError as error:
+            if not self._extracted(group, deadline) and len(group) > 1:
+                # One by one: an image the extractor refuses fails its own query only, not the
+                # SearchBatch's other queries of the collection (an outside test).
                 for plan in group:
-                    plan.error = error
-                continue
-            for at, (plan, vector) in enumerate(zip(group, vectors, strict=True)):
-                plan.vector, plan.pixels, plan.extract_ms, plan.version = vector, None, _ms(step), version
-                plan.local = features[at] if features is not None else None
+                    plan.error = None
+                    self._extracted([plan], deadline)
         _check_search_deadline(plans, deadline)
+
+    def _extracted(self, group: Sequence[_Plan], deadline: float | None) -> bool:
+        """Give the plans (of one collection) their vectors by one extractor call; on failure, each
+        its error, and False."""
+        step = time.perf_counter()
+        try:
+            check_deadline(deadline, "feature extraction")
+            vectors, features, version = self.extraction.vectors(
+                group[0].collection,
+                [plan.pixels for plan in group],
+                query=True,
+                rerank=any(plan.rerank for plan in group),
+            )
+        except ImageSearchError as error:
+            for plan in group:
+                plan.error = error
+            return False
+        for at, (plan, vector) in enumerate(zip(group, vectors, strict=True)):
+            plan.vector, plan.pixels, plan.extract_ms, plan.version = vector, None, _ms(step), version
+            plan.local = features[at] if features is not None else None
+        return True
 
     def _run_searches(self, pending: Sequence[PendingSearch]) -> list[list[Hit] | ImageSearchError]:
         """One index call per group of searches that can share it: same collection, label filter
@@ -477,24 +485,33 @@ class Searching:
             groups.setdefault(key, []).append(position)
         results: list[list[Hit] | ImageSearchError] = [[] for _ in pending]
         for positions in groups.values():
-            first = pending[positions[0]]
-            try:
-                with store_damage_reported(first.collection.spec.name):
-                    found = first.collection.search_many(
-                        as_matrix([pending[p].vector for p in positions], len(first.vector)),
-                        [pending[p].k for p in positions],
-                        first.labels,
-                        first.override,
-                        [pending[p].exclude for p in positions],
-                        first.version,
-                    )
-            except ImageSearchError as error:
-                found = [error] * len(positions)
-            except Exception as exc:  # a bug in one group must not fail the others sharing the batch
-                log.exception("search of collection %s failed", first.collection.spec.name)
-                found = [Internal(f"search failed ({type(exc).__name__})", reason="SEARCH_FAILED")] * len(
-                    positions
-                )
+            found = _group_searched(pending, positions)
+            if len(positions) > 1 and any(isinstance(hits, ImageSearchError) for hits in found):
+                # Run again one by one: a query the metric cannot score (NaN) must not fail the
+                # queries that shared its index call (as the batcher does for its callers).
+                found = [_group_searched(pending, [p])[0] for p in positions]
             for position, hits in zip(positions, found, strict=True):
                 results[position] = hits
         return results
+
+
+def _group_searched(
+    pending: Sequence[PendingSearch], positions: list[int]
+) -> list[list[Hit] | ImageSearchError]:
+    """The hits of the searches at ``positions``, which share one index call, or its error for each."""
+    first = pending[positions[0]]
+    try:
+        with store_damage_reported(first.collection.spec.name):
+            return first.collection.search_many(
+                as_matrix([pending[p].vector for p in positions], len(first.vector)),
+                [pending[p].k for p in positions],
+                first.labels,
+                first.override,
+                [pending[p].exclude for p in positions],
+                first.version,
+            )
+    except ImageSearchError as error:
+        return [error] * len(positions)
+    except Exception as exc:  # a bug in one group must not fail the others sharing the batch
+        log.exception("search of collection %s failed", first.collection.spec.name)
+        return [Internal(f"search failed ({type(exc).__name__})", reason="SEARCH_FAILED")] * len(positions)
