@@ -56,12 +56,15 @@ class ClientBase:
     ) -> tuple[dict[str, Any], str]:
         """The call's gRPC keyword arguments and request id, after the checks gRPC would make with a
         bare message (a closed channel, a request over the send limit): nothing is sent if one fails."""
-        if self._closed:
-            raise ValueError(f"{self!r} is closed: make a new client (or call it inside its with block)")
+        self._check_open()
         kwargs, request_id = self._settings.resolve(options, deadline=deadline)
         if rpc is not None:
             rpc.check_size(self.max_message_bytes, request_id)
         return kwargs, request_id
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError(f"{self!r} is closed: make a new client (or call it inside its with block)")
 
     def _multicallable(self, method: MethodDescriptor) -> Any:
         """The method's grpc or grpc.aio multicallable (typed Any: the two modules' types differ, the

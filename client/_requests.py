@@ -105,12 +105,21 @@ class Rpc(Generic[T]):
         if size > max_message_bytes:
             raise ResourceExhausted(
                 f"the {self.method.name} request is {size} bytes, more than the client's "
-                f"max_message_bytes ({max_message_bytes}): nothing was sent. Send fewer or smaller "
-                "images in one call (add_files splits an upload into chunks that fit), or raise "
-                "max_message_bytes on the client and the server",
+                f"max_message_bytes ({max_message_bytes}): nothing was sent. {_SMALLER.get(self.method.name, _SMALLER[''])}, "
+                "or raise max_message_bytes on the client and the server",
                 code=grpc.StatusCode.RESOURCE_EXHAUSTED,
                 request_id=request_id,
             )
+
+
+# What to send instead of a request over the limit, by method ("": any other).
+_SMALLER = {
+    "AddImages": "Send fewer or smaller images in one call (add_files splits an upload into chunks that fit)",
+    "Search": "Send a smaller image (fewer pixels, or a JPEG)",
+    "Classify": "Send a smaller image (fewer pixels, or a JPEG)",
+    "SearchBatch": "Send fewer queries, or smaller images, in one call",
+    "": "Send a smaller request",
+}
 
 
 def method_path(method: MethodDescriptor) -> str:

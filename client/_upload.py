@@ -56,6 +56,18 @@ def _per_file(values: PerFile, paths: Sequence[Path], what: str) -> list[str]:
     return list(values)
 
 
+def _check_distinct(ids: Sequence[str], paths: Sequence[Path]) -> None:
+    """ValueError naming the first id given to two files. The server refuses an id twice in one
+    request, but an upload is many: whether the two met in one chunk decided between a refusal and
+    the second file being skipped as already stored (an outside test)."""
+    first: dict[str, Path] = {}
+    for image_id, path in zip(ids, paths, strict=True):
+        if image_id and first.setdefault(image_id, path) is not path:
+            raise ValueError(
+                f"ids: {image_id!r} is given to both {first[image_id]} and {path}; nothing was sent"
+            )
+
+
 class Upload:
     """A chunked AddImagesStream upload of files, planned up front and read lazily.
 
@@ -90,6 +102,7 @@ class Upload:
         # Every image gets its id before anything is sent, so a retry can name the same images:
         # with skip_existing, those already stored are left as they are (stored once, whatever failed).
         id_list = _per_file(ids, files, "ids") if ids is not None else [uuid.uuid4().hex for _ in files]
+        _check_distinct(id_list, files)
         budget = max_message_bytes - _CHUNK_HEADROOM
         self.files = [
             _File(path, _file_size(path), file_id, label)
@@ -163,7 +176,7 @@ class Upload:
         if self.error is not None:
             return self._resumable(
                 self.error,
-                f"{self.sent} of {self.total} images were sent before this error, then the call failed "
+                f"{self.sent} of {self.total} images were handed to gRPC before this error, then the call failed "
                 "as well: some may be stored.",
             )
         failure = from_rpc_error(error, request_id=request_id)
@@ -179,7 +192,8 @@ class Upload:
         its own could not be finished without storing them twice (an outside test)."""
         return self._resumable(
             error,
-            f"the upload was interrupted after {self.sent} of {self.total} images were sent: some may be stored.",
+            f"the upload was interrupted after {self.sent} of {self.total} images were handed to gRPC: "
+            "some of them may be stored.",
         )
 
     def _resumable(self, error: E, what: str) -> E:

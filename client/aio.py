@@ -76,6 +76,7 @@ class AsyncImageSearchClient(ClientBase):
             await self._channel.close()
 
     async def __aenter__(self) -> Self:
+        self._check_open()
         return self
 
     async def __aexit__(

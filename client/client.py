@@ -85,6 +85,7 @@ class ImageSearchClient(ClientBase):
             self._channel.close()
 
     def __enter__(self) -> Self:
+        self._check_open()  # a with block on a closed client fails at its start, not at a call
         return self
 
     def __exit__(

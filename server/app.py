@@ -134,6 +134,13 @@ def check_listenable(host: str, port: int) -> None:
     """RuntimeError, saying what to do, unless ``host:port`` can be listened on. gRPC's own refusal
     ("Failed to bind to address ...; set GRPC_VERBOSITY=debug") came after the data directory had
     been locked and the default collection made (an outside test). Port 0 always can."""
+    if ":" in host and not host.startswith("["):
+        # gRPC reads "::1:50051" as a domain name it cannot resolve, after the probe passed and the
+        # data directory was written (an outside test).
+        raise RuntimeError(
+            f"cannot listen on {host}:{port}: an IPv6 address is written in brackets, as in "
+            f"--host '[{host}]' (or host = \"[{host}]\" in the config file)"
+        )
     if port == 0:
         return
     try:

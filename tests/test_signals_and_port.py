@@ -111,3 +111,33 @@ def test_an_ipv6_host_in_brackets_is_probed_without_them(monkeypatch: pytest.Mon
         port = free.getsockname()[1]
     app.check_listenable("[::1]", port)
     assert asked == ["::1"]
+
+
+@pytest.mark.parametrize("host", ["::1", "::"])
+def test_an_ipv6_host_without_brackets_is_refused_saying_how_to_write_it(host: str, tmp_path: Path) -> None:
+    """gRPC read "::1:50243" as a domain name it could not resolve, after the probe passed and the
+    data directory was written; the user was told another process held the port (an outside test)."""
+    from imagesearch.server import app
+
+    with pytest.raises(
+        RuntimeError, match=rf"an IPv6 address is written in brackets, as in --host '\[{host}\]'"
+    ):
+        app.check_listenable(host, 0)
+    refused = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "imagesearch.server.cli",
+            "serve",
+            "--host",
+            host,
+            "--data",
+            str(tmp_path / "data"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "IMAGESEARCH_MODELS": str(tmp_path / "no-models")},
+    )
+    assert refused.returncode == 2 and "in brackets" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (tmp_path / "data").exists()
