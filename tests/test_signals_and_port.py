@@ -37,28 +37,24 @@ def test_a_hang_up_drains_and_stops_the_server_like_sigterm(tmp_path: Path) -> N
         assert again.terminate() == 0
 
 
+def _serve(tmp_path: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    """``imagesearch serve`` with ``options`` on a data directory under ``tmp_path``, no models."""
+    return subprocess.run(
+        [sys.executable, "-m", "imagesearch.server.cli", "serve", *options, "--data", str(tmp_path / "data")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "IMAGESEARCH_MODELS": str(tmp_path / "no-models")},
+    )
+
+
 def test_a_taken_port_is_refused_plainly_before_the_data_directory_is_touched(tmp_path: Path) -> None:
     with socket.socket() as holder:
         holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        refused = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "imagesearch.server.cli",
-                "serve",
-                "--port",
-                str(port),
-                "--data",
-                str(tmp_path / "data"),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env={**os.environ, "IMAGESEARCH_MODELS": str(tmp_path / "no-models")},
-        )
+        refused = _serve(tmp_path, "--port", str(port))
     assert refused.returncode == 2
     assert f"cannot listen on 127.0.0.1:{port} (Address already in use)" in refused.stderr
     assert "Choose another --port" in refused.stderr and "Traceback" not in refused.stderr
@@ -123,21 +119,6 @@ def test_an_ipv6_host_without_brackets_is_refused_saying_how_to_write_it(host: s
         RuntimeError, match=rf"an IPv6 address is written in brackets, as in --host '\[{host}\]'"
     ):
         app.check_listenable(host, 0)
-    refused = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "imagesearch.server.cli",
-            "serve",
-            "--host",
-            host,
-            "--data",
-            str(tmp_path / "data"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "IMAGESEARCH_MODELS": str(tmp_path / "no-models")},
-    )
+    refused = _serve(tmp_path, "--host", host)
     assert refused.returncode == 2 and "in brackets" in refused.stderr and "Traceback" not in refused.stderr
     assert not (tmp_path / "data").exists()
