@@ -12,7 +12,6 @@ any other key, or a value of the wrong type or range, stops start-up (PluginCont
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 
 from imagesearch.plugins import (
@@ -25,8 +24,6 @@ from imagesearch.plugins import (
 )
 from imagesearch.plugins.sift.extractors import SiftExtractor, SiftLocalFeatures, sift_plugins
 from imagesearch.plugins.sift.vocabulary import Vocabulary
-
-log = logging.getLogger(__name__)
 
 VOCABULARY_FILE = "sift-vocabulary.bin"
 
@@ -56,11 +53,6 @@ def _load(context: PluginContext) -> tuple[SiftLocalFeatures, list[SiftExtractor
         if vocabulary is not None:
             _built[key] = sift_plugins(vocabulary, **limits)
         else:
-            log.warning(
-                "no SIFT vocabulary at %s: sift-bovw and sift-vlad are not offered, the sift local "
-                "features are (`imagesearch model vocabulary` builds it; `make models` does)",
-                path,
-            )
             local_limits = {name: value for name, value in limits.items() if name != "vlad_pca_dim"}
             _built[key] = (SiftLocalFeatures(**local_limits), [])
     return _built[key]
@@ -76,5 +68,17 @@ def register_local_features(register: Callable[[LocalFeatures], None], context: 
 
 @hookimpl
 def register_extractors(register: Callable[[Extractor], None], context: PluginContext) -> None:
-    for extractor in _load(context)[1]:
+    """The extractors over the vocabulary; without it, none, and a problem saying why when the
+    models directory exists (as for a broken model file): a collection made with them said only
+    "not loaded", and ListPlugins nothing (an outside test)."""
+    extractors = _load(context)[1]
+    for extractor in extractors:
         register(extractor)
+    if not extractors and context.models_dir is not None and context.models_dir.is_dir():
+        raise RegistrationProblems(
+            [
+                f"sift-bovw and sift-vlad are not offered: no SIFT vocabulary at "
+                f"{context.models_dir / VOCABULARY_FILE} (`imagesearch model vocabulary` builds it; "
+                "`make models` does); the sift local features are"
+            ]
+        )

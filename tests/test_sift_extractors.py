@@ -53,6 +53,12 @@ def test_no_vocabulary_no_sift_extractors_but_the_local_features(tmp_path):
     registry = PluginRegistry(load_entry_points=False, models_dir=tmp_path, env={})
     assert not {"sift-bovw", "sift-vlad"} & set(registry.extractors)
     assert "sift" in registry.local_features
+    # and the reason is a plugin problem, which a collection made with them quotes (an outside test)
+    (problem,) = [p for p in registry.problems if "sift-vlad" in p]
+    assert f"no SIFT vocabulary at {tmp_path / 'sift-vocabulary.bin'}" in problem
+    assert not [
+        p for p in PluginRegistry(load_entry_points=False, models_dir=tmp_path / "none", env={}).problems
+    ]
 
 
 @pytest.mark.parametrize("shape", [(640, 640), (3000, 4000), (1200, 1100)])
