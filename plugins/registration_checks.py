@@ -105,12 +105,20 @@ def _check_strings(kind: str, obj: object, attributes: tuple[str, ...]) -> None:
             raise TypeError(f"{described(kind, obj)}: {attr} must be a str")
 
 
+# The largest dimension an extractor may declare: one vector is then 4 MiB, past any image
+# descriptor in use (SIFT-VLAD's largest is 32,768) and near the default message limit; 10**12 was
+# registered, and failed only at the first add (an outside test).
+MAX_DIM = 1 << 20
+
+
 def _check_dim(extractor: Extractor) -> None:
     """A positive integer of any integral type (``np.int64(4)`` too), stored as an int: FAISS's
     constructors, protobuf and JSON take a Python int, not every NumPy one."""
     dim = extractor.dim
-    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim <= 0:
-        raise TypeError(f"{described('extractor', extractor)} has invalid dim {dim!r}: a positive integer")
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or not 0 < dim <= MAX_DIM:
+        raise TypeError(
+            f"{described('extractor', extractor)} has invalid dim {dim!r}: a positive integer up to {MAX_DIM}"
+        )
     if type(dim) is not int:
         try:
             extractor.dim = int(dim)

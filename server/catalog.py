@@ -94,6 +94,7 @@ class Catalog:
         # Collections on disk that cannot be opened at all, with the reason: reported, never hidden,
         # and never a reason to stop serving the others.
         self._unavailable: dict[str, str] = {}
+        self._no_default = ""  # why the default collection was not made, for its NOT_FOUND (ensure_default)
         self._mutex = threading.Lock()
         self._clean_leftovers()
         for path in sorted(self._root.iterdir()):
@@ -184,8 +185,9 @@ class Catalog:
                     field="collection",
                     reason="COLLECTION_UNAVAILABLE",
                 )
+            why = self._no_default if name == DEFAULT_COLLECTION else ""
             raise NotFound(
-                f"collection {shown(name)} not found", field="collection", reason="COLLECTION_NOT_FOUND"
+                f"collection {shown(name)} not found{why}", field="collection", reason="COLLECTION_NOT_FOUND"
             )
         return collection
 
@@ -358,6 +360,10 @@ class Catalog:
         if DEFAULT_COLLECTION in self._collections:
             return
         if extractor not in self.registry.extractors:  # said at start-up (app.default_extractor_reported)
+            self._no_default = (
+                f"; it is made at start-up with default_extractor {extractor!r}, which is not loaded "
+                "(see the server's start-up log)"
+            )
             return
         try:
             self.create(

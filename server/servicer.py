@@ -189,7 +189,17 @@ def _with_request_id(status: grpc.Status, request_id: str) -> grpc.Status:
     return status._replace(trailing_metadata=(*status.trailing_metadata, (REQUEST_ID_KEY, request_id)))
 
 
-def _within_send_limit(response: Any, limit: int) -> Any:
+# What a caller can ask for instead of an answer past the send limit, by RPC ("": any other).
+_SMALLER_ANSWER = {
+    "Search": "Ask for fewer hits",
+    "SearchBatch": "Ask for fewer hits or send fewer queries",
+    "ListImages": "Ask for a smaller page",
+    "GetImage": "Ask without the original or the vector",
+    "": "Ask for less",
+}
+
+
+def _within_send_limit(response: Any, limit: int, rpc_name: str) -> Any:
     """``response``, or RESOURCE_EXHAUSTED if it is past the send limit. The limit covers what
     today's limits let anyone store, but rows stored under higher limits can be larger: gRPC then
     failed the send itself, with its own message, after the access log had said OK (an outside
@@ -198,8 +208,8 @@ def _within_send_limit(response: Any, limit: int) -> Any:
     if size > limit:
         raise errors.ResourceExhausted(
             f"the answer is {size} bytes, past this server's send limit of {limit} (derived from its "
-            "limits; docs/api.md, Message size): what it holds was stored under higher limits. Ask "
-            "for fewer hits or a smaller page, or have the operator raise the limits again",
+            f"limits; docs/api.md, Message size): what it holds was stored under higher limits. "
+            f"{_SMALLER_ANSWER.get(rpc_name, _SMALLER_ANSWER[''])}, or have the operator raise the limits again",
             reason="RESPONSE_TOO_LARGE",
             metadata={"limit": str(limit), "value": str(size)},
         )
@@ -219,7 +229,9 @@ def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
             if isinstance(request, MalformedRequest):
                 raise request.error()
             try:
-                return _within_send_limit(await method(self, request, context), self._send_limit)
+                return _within_send_limit(
+                    await method(self, request, context), self._send_limit, method.__name__
+                )
             except sqlite3.DatabaseError as exc:  # a store damaged while serving: DATA_LOSS, not INTERNAL
                 if not errors.is_corruption(exc):
                     raise

@@ -373,6 +373,11 @@ INVALID_OBJECTS = [  # (the hook's kind, what the plugin registers, what the mes
     ("extractors", FakeExtractor("zero", dim=0), "extractor 'zero' (class FakeExtractor) has invalid dim 0"),
     ("extractors", FakeExtractor("float", dim=2.5), "invalid dim 2.5"),  # type: ignore[arg-type]
     ("extractors", FakeExtractor("bool", dim=True), "invalid dim True"),
+    (
+        "extractors",
+        FakeExtractor("huge", dim=10**12),
+        "invalid dim 1000000000000: a positive integer up to 1048576",
+    ),
     ("extractors", FakeExtractor(""), "no usable name"),
     ("extractors", FakeExtractor("v", version=2), "version must be a str"),  # type: ignore[arg-type]
     ("extractors", NoVersion(), "extractor 'unversioned' (class NoVersion): version must be a str"),

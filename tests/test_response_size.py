@@ -157,6 +157,7 @@ def test_rows_stored_under_higher_limits_get_a_clear_refusal_not_a_failed_send(d
         assert refused.value.reason == "RESPONSE_TOO_LARGE" and "stored under higher limits" in str(
             refused.value
         )
+        assert "Ask for fewer hits, or have the operator" in str(refused.value)  # advice for a Search
         assert [hit.id for hit in client.search(vector=vector, top_k=1).hits] == [
             "i0"
         ]  # what fits is answered

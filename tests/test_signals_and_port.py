@@ -12,9 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from imagesearch.client import ImageItem, ImageSearchClient
+from imagesearch.client import ImageItem, ImageSearchClient, NotFound
 from tests.support.process import tiny_server
 from tests.support.tiny_plugin import TinyExtractor
 
@@ -85,6 +86,9 @@ def test_a_default_extractor_that_is_not_loaded_is_an_error_at_every_start(
         ImageSearchClient(running.target) as client,
     ):
         assert client.health() == "SERVING"
+        if not existing:  # no default collection was made: its NOT_FOUND says why
+            with pytest.raises(NotFound, match="made at start-up with default_extractor 'no-such-extractor'"):
+                client.add_images([ImageItem(id="a", vector=np.ones(3, np.float32))])
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1 and "default_extractor 'no-such-extractor' is not loaded" in errors[0]
     assert "tiny-8x8" in errors[0]
