@@ -251,6 +251,7 @@ def run_server(
     catalog = Catalog(config.data_dir, registry, config.limits)
     default_extractor_reported(config.default_extractor, registry)
     loop = pools = engine = None
+    served = False  # whether it served: "stopped" is logged then, once everything is persisted
     try:
         if config.create_default_collection:
             catalog.ensure_default(config.default_extractor)
@@ -267,6 +268,7 @@ def run_server(
                 "max_response_bytes": max_response_bytes(config.limits),  # what clients must accept
             },
         )
+        served = True
         try:
             yield RunningServer(server, port, engine, health_servicer, config)
         finally:
@@ -278,7 +280,6 @@ def run_server(
                 log.error("gRPC server did not stop within its grace period; persisting anyway")
             snapshotter.stopped.set()
             snapshotter.join()
-            log.info("stopped")
     finally:
         if pools is not None:
             pools.shutdown()
@@ -286,7 +287,9 @@ def run_server(
             engine.close()
         if loop is not None:
             loop.close()
-        catalog.close()
+        catalog.close()  # the final snapshots: "stopped" comes after what they log (an outside test)
+        if served:
+            log.info("stopped")
 
 
 def serve_forever(
