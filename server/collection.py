@@ -49,6 +49,7 @@ from imagesearch.server.errors import (
     shown,
 )
 from imagesearch.server.files import fsync_dir
+from imagesearch.server.plugin_output import checked_encode
 from imagesearch.server.rwlock import ReadWriteLock
 from imagesearch.server.snapshot import SnapshotError, read_snapshot, write_snapshot
 from imagesearch.server.store import CollectionStore, HitRow, ImageRow, NewImage, page_size_for
@@ -712,7 +713,7 @@ class Collection:
         stale = [i for i, image in enumerate(images) if image.encoded_with not in ("", extractor.version)]
         if not stale:
             return images
-        vectors = extractor.encode([images[i].local or b"" for i in stale])
+        vectors = checked_encode(extractor, [images[i].local or b"" for i in stale])
         fresh = list(images)
         for i, vector in zip(stale, vectors, strict=True):
             fresh[i] = dataclasses.replace(fresh[i], vector=vector, encoded_with=extractor.version)
@@ -1095,13 +1096,15 @@ class Collection:
                     np.random.default_rng(seed).choice(row_ids, TRAINING_SAMPLE_IMAGES, replace=False)
                 )
             features = self.local_features_of(sample.tolist())
-            try:
-                state = extractor.fit([features[r] for r in sample.tolist() if r in features], size, seed)
-            except NotEnoughTrainingData as exc:
-                raise FailedPrecondition(str(exc), reason="NOT_ENOUGH_TRAINING_DATA") from exc
+            with plugin_failure(f"extractor {extractor.name!r}", "EXTRACTOR_FAILED"):
+                try:
+                    state = extractor.fit([features[r] for r in sample.tolist() if r in features], size, seed)
+                except NotEnoughTrainingData as exc:
+                    raise FailedPrecondition(str(exc), reason="NOT_ENOUGH_TRAINING_DATA") from exc
             del features
             still_wanted()
-            trained = extractor.with_state(state)
+            with plugin_failure(f"extractor {extractor.name!r}", "EXTRACTOR_FAILED"):
+                trained = extractor.with_state(state)
             vectors: dict[int, np.ndarray] = {}
             self._encode_rows(trained, row_ids.tolist(), vectors, locked=False, still_wanted=still_wanted)
             with self._writing(), self.lock.write():
@@ -1142,7 +1145,7 @@ class Collection:
             found = self.store.local_features_of(chunk) if locked else self.local_features_of(chunk)
             present = [r for r in chunk if r in found]
             if present:
-                into.update(zip(present, extractor.encode([found[r] for r in present]), strict=True))
+                into.update(zip(present, checked_encode(extractor, [found[r] for r in present]), strict=True))
 
     # -- snapshots & lifecycle -------------------------------------------------------
     def pending_ops(self) -> int:

@@ -46,7 +46,7 @@ from imagesearch.server.errors import (
     shown,
     store_damage_reported,
 )
-from imagesearch.server.extraction import Extraction, checked_count
+from imagesearch.server.extraction import Extraction
 from imagesearch.server.imaging import DecodedImage
 from imagesearch.server.item_checks import (
     check_batch_pixels,
@@ -55,6 +55,7 @@ from imagesearch.server.item_checks import (
     check_vectors,
 )
 from imagesearch.server.page_tokens import decode_page_token, encode_page_token, row_position
+from imagesearch.server.plugin_output import checked_count
 from imagesearch.server.records import (
     AddOutcome,
     ClassifyQuery,

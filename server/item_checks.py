@@ -18,20 +18,16 @@ from imagesearch.server.image_header import HeaderError, read_header
 from imagesearch.server.imaging import decoded_pixels
 from imagesearch.server.records import ImageItem
 from imagesearch.server.vector_index import FLOAT16
-from imagesearch.server.vector_input import VectorInput, as_matrix, read_vector
+from imagesearch.server.vector_input import (
+    MAX_VECTOR_NORM,
+    VectorInput,
+    as_matrix,
+    read_vector,
+)
 
 CONTROL_CHARACTER = re.compile("[\x00\n\r\t]")  # refused in ids (they break logs and listings)
 
-# Squared L2 distances and inner products of vectors up to this norm stay far inside float32
-# (|a - b|^2 <= 4e36 < 3.4e38), so FAISS can rank them; beyond it a stored vector is unreachable.
-MAX_VECTOR_NORM = 1e18
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
-
-
-def within_index_range(vectors: np.ndarray) -> bool:
-    """Whether every row is finite with a norm FAISS can compute distances for."""
-    rows = np.atleast_2d(vectors).astype(np.float64)
-    return bool(np.all(np.isfinite(rows)) and np.all(np.einsum("ij,ij->i", rows, rows) <= MAX_VECTOR_NORM**2))
 
 
 def check_deadline(deadline: float | None, stage: str) -> None:

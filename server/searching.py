@@ -42,7 +42,7 @@ from imagesearch.server.errors import (
     shown,
     store_damage_reported,
 )
-from imagesearch.server.extraction import Extraction, checked_inliers, checked_vectors
+from imagesearch.server.extraction import Extraction
 from imagesearch.server.imaging import decode_image
 from imagesearch.server.item_checks import (
     check_batch_pixels,
@@ -50,6 +50,7 @@ from imagesearch.server.item_checks import (
     check_vector,
     decoded_total,
 )
+from imagesearch.server.plugin_output import checked_encode, checked_inliers
 from imagesearch.server.records import (
     ClassifyQuery,
     PendingSearch,
@@ -333,7 +334,7 @@ class Searching:
         extractor = plan.collection.loaded_extractor
         if not isinstance(extractor, TrainableExtractor) or plan.local is None:
             return False
-        plan.vector = checked_vectors(extractor, extractor.encode([plan.local]), 1)[0]
+        plan.vector = checked_encode(extractor, [plan.local])[0]
         plan.version = extractor.version
         return True
 

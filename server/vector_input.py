@@ -15,6 +15,17 @@ import numpy as np
 
 from imagesearch.server.errors import InvalidArgument
 
+# Squared L2 distances and inner products of vectors up to this norm stay far inside float32
+# (|a - b|^2 <= 4e36 < 3.4e38), so FAISS can rank them; beyond it a stored vector is unreachable.
+MAX_VECTOR_NORM = 1e18
+
+
+def within_index_range(vectors: np.ndarray) -> bool:
+    """Whether every row is finite with a norm FAISS can compute distances for."""
+    rows = np.atleast_2d(vectors).astype(np.float64)
+    return bool(np.all(np.isfinite(rows)) and np.all(np.einsum("ij,ij->i", rows, rows) <= MAX_VECTOR_NORM**2))
+
+
 LITTLE_ENDIAN_FLOAT32 = np.dtype("<f4")
 
 

@@ -19,7 +19,7 @@ import pytest
 from imagesearch.plugins.metrics import L2
 from imagesearch.plugins.types import LocalFeatures, NotEnoughTrainingData, TrainableExtractor
 from imagesearch.server.collection import SNAPSHOT_FILE, Collection, CollectionSpec
-from imagesearch.server.errors import Aborted, FailedPrecondition, Unavailable
+from imagesearch.server.errors import Aborted, FailedPrecondition, Internal, Unavailable
 from imagesearch.server.store import NewImage
 
 DIM = 4
@@ -238,3 +238,46 @@ def test_removed_images_are_not_reencoded_back(collection: Collection) -> None:
     assert "img1" not in stored_vectors(collection)
     assert collection.local_features_of([2]) == {}  # row 2 (img1) is gone, its features with it
     assert set(collection.local_features_of([1, 3])) == {1, 3}
+
+
+class Careless(Scaled):
+    """Fits by raising ``raised``, or encodes into NaN once trained (``nan_after_fit``)."""
+
+    raised: type[BaseException] | None = None
+    nan_after_fit = False
+
+    def fit(self, features: Sequence[bytes], size: int = 0, seed: int = 0) -> bytes:
+        if self.raised is not None:
+            raise self.raised("fit gave up")
+        return super().fit(features, size, seed)
+
+    def with_state(self, state: bytes) -> Scaled:
+        trained = Careless(struct.unpack("<f", state)[0])
+        trained.raised, trained.nan_after_fit = self.raised, self.nan_after_fit
+        return trained
+
+    def encode(self, features: Sequence[bytes]) -> np.ndarray:
+        encoded = super().encode(features)
+        return encoded * np.nan if self.nan_after_fit and self.scale != 1 else encoded
+
+
+@pytest.mark.parametrize("careless", ["KeyboardInterrupt", "SystemExit", "NaN vectors"])
+def test_a_careless_training_is_refused_by_name_and_changes_nothing(tmp_path: Path, careless: str) -> None:
+    """``fit`` raising a KeyboardInterrupt reached the event loop, which stopped, and vectors that
+    ``encode`` made NaN would have been committed, breaking the index at its rebuild: each is now
+    INTERNAL naming the extractor, and the collection stays as it was (a second outside test)."""
+    registered = Careless()
+    if careless == "NaN vectors":
+        registered.nan_after_fit = True
+    else:
+        registered.raised = KeyboardInterrupt if careless == "KeyboardInterrupt" else SystemExit
+    made = Collection.create(tmp_path / "c", SPEC, L2, registered, Features())
+    made.add([image(seed, registered) for seed in range(5)])
+    before = stored_vectors(made)
+    with pytest.raises(Internal, match="extractor 'scaled'") as refused:
+        made.train(0, 0)
+    assert refused.value.reason == "EXTRACTOR_FAILED" and made.spec.extractor_version == "1+1"
+    after = stored_vectors(made)
+    assert after.keys() == before.keys() and all(np.array_equal(after[k], before[k]) for k in before)
+    assert made.search(before["img0"], 1)[0].id == "img0"
+    made.close()

@@ -20,7 +20,7 @@ from imagesearch.server.app import RunningServer, run_server
 from imagesearch.server.collection import Collection
 from imagesearch.server.errors import FailedPrecondition
 from imagesearch.server.errors import Internal as ServerInternal
-from imagesearch.server.extraction import checked_count, checked_inliers, checked_vectors
+from imagesearch.server.plugin_output import checked_count, checked_inliers, checked_vectors
 from imagesearch.server.store import NewImage
 from tests.conftest import tiny_config
 from tests.support.images import encode, pattern
