@@ -52,7 +52,8 @@ def _add_renamed_copy(directory: Path, new_name: str) -> Path:
 def test_registers_one_extractor_per_model(models_dir):
     _add_renamed_copy(models_dir, "lite-copy")
     registry = _registry()
-    assert registry.problems == []
+    # this models directory holds the ONNX files only: the one problem is the SIFT vocabulary's
+    assert [p for p in registry.problems if "no SIFT vocabulary" not in p] == []
     extractor = registry.extractors[DEFAULT_MODEL].item
     assert isinstance(extractor, Extractor)
     assert registry.extractors[DEFAULT_MODEL].plugin == "onnx_cnn"
