@@ -79,6 +79,6 @@ def register_extractors(register: Callable[[Extractor], None], context: PluginCo
             [
                 f"sift-bovw and sift-vlad are not offered: no SIFT vocabulary at "
                 f"{context.models_dir / VOCABULARY_FILE} (`imagesearch model vocabulary` builds it; "
-                "`make models` does); the sift local features are"
+                "`make models` does); the sift local features are offered without it"
             ]
         )

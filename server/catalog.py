@@ -45,9 +45,11 @@ from imagesearch.server.errors import (
     AlreadyExists,
     DataDirLocked,
     FailedPrecondition,
+    Internal,
     InvalidArgument,
     NotFound,
     disk_full_reported,
+    plugin_failure,
     shown,
 )
 from imagesearch.server.files import fsync_dir, remove_temp_files
@@ -254,10 +256,11 @@ class Catalog:
             local_features = chosen.local_features
         local = self.local_features(local_features) if local_features else None
         try:
-            chosen.warm_up()
-        except Exception as exc:
+            with plugin_failure(f"extractor {shown(extractor)}", "EXTRACTOR_UNAVAILABLE"):
+                chosen.warm_up()  # in a worker thread: a KeyboardInterrupt there stopped the event loop
+        except Internal as exc:
             raise FailedPrecondition(
-                f"extractor {shown(extractor)} cannot start: {exc}",
+                f"extractor {shown(extractor)} cannot start: {exc.message}",
                 field="extractor",
                 reason="EXTRACTOR_UNAVAILABLE",
             ) from exc
@@ -357,8 +360,8 @@ class Catalog:
 
     def ensure_default(self, extractor: str) -> None:
         """Create the zero-setup ``default`` collection (default CNN + cosine) if it is missing."""
-        if DEFAULT_COLLECTION in self._collections:
-            return
+        if DEFAULT_COLLECTION in self._collections or DEFAULT_COLLECTION in self._unavailable:
+            return  # an unavailable one (a full disk at start-up) is reported, not made again over it
         if extractor not in self.registry.extractors:  # said at start-up (app.default_extractor_reported)
             self._no_default = (
                 f"; it is made at start-up with default_extractor {extractor!r}, which is not loaded "

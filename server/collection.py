@@ -280,8 +280,8 @@ def scored_by(metric: Metric, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         wrong = f"distances of type {distances.dtype} and scores of type {scores.dtype}, not numbers"
     elif distances.shape != raw.shape or scores.shape != raw.shape:
         wrong = f"{distances.shape} distances and {scores.shape} scores for {raw.shape} raw distances"
-    elif np.isnan(scores).any() or np.isnan(distances).any():
-        wrong = "NaN scores" if np.isnan(scores).any() else "NaN distances"
+    elif not np.isfinite(scores).all() or np.isnan(distances).any():
+        wrong = "non-finite scores" if not np.isfinite(scores).all() else "NaN distances"
     if wrong:
         raise Internal(f"metric {metric.name!r} produced {wrong}", reason="METRIC_FAILED")
     return distances, scores
@@ -381,7 +381,7 @@ class Collection:
                 )
             try:
                 bound = registered.with_state(state)
-            except ValueError as exc:
+            except Exception as exc:  # a plugin's bug fails this collection, not the server's start
                 return self._unbound(f"its stored extractor state is unusable: {exc}", error=True)
         if bound.version != self.spec.extractor_version:
             return self._unbound(f"the server has version {bound.version!r} of it")

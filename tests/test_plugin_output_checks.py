@@ -69,6 +69,12 @@ def _far_is_nan(distances: np.ndarray) -> np.ndarray:
     return np.where(np.asarray(distances) > 1000, np.nan, 1 / (1 + np.asarray(distances)))
 
 
+def _one_over(distances: np.ndarray) -> np.ndarray:
+    """1 / d: infinite for an exact match, which Classify turned into NaN confidences."""
+    with np.errstate(divide="ignore"):
+        return 1 / np.asarray(distances, np.float64)
+
+
 class TextFeatures(LocalFeatures):
     """Local features as ``str``, not ``bytes``."""
 
@@ -108,6 +114,7 @@ class CarelessPlugin:
         register(_metric("halving", lambda vectors: vectors[:, : vectors.shape[1] // 2]))
         register(_metric("nan-making", lambda vectors: vectors * np.nan))
         register(_metric("nan-far", to_score=_far_is_nan))
+        register(_metric("one-over", to_score=_one_over))
 
     @hookimpl
     def register_local_features(self, register) -> None:
@@ -244,11 +251,11 @@ def test_a_metric_that_cannot_score_a_hit_fails_that_query_by_name_in_search_and
     with ImageSearchClient(server.target) as client:
         client.create_collection("c", extractor=TinyExtractor.name, metric="nan-far")
         client.add_images([ImageItem(id="a", vector=near, label="x")], collection="c")
-        with pytest.raises(Internal, match="metric 'nan-far' produced NaN scores") as refused:
+        with pytest.raises(Internal, match="metric 'nan-far' produced non-finite scores") as refused:
             client.search(vector=far, collection="c")
         assert refused.value.reason == "METRIC_FAILED"
         for mode in ("knn", "centroid"):
-            with pytest.raises(Internal, match="metric 'nan-far' produced NaN scores"):
+            with pytest.raises(Internal, match="metric 'nan-far' produced non-finite scores"):
                 client.classify(vector=far, collection="c", mode=mode)
         assert client.classify(vector=near, collection="c").label == "x"
         unscorable, answered = client.search_batch(
@@ -292,3 +299,20 @@ def test_inliers_past_int32_and_ragged_vectors_are_refused_by_name() -> None:
     with pytest.raises(ServerInternal, match="extractor 'tiny-8x8' failed: ValueError") as refused:
         checked_vectors(TinyExtractor(), [np.zeros(TinyExtractor.dim), np.zeros(3)], 2)  # type: ignore[arg-type]
     assert refused.value.reason == "EXTRACTOR_FAILED"
+
+
+def test_an_infinite_score_is_refused_by_name(server: RunningServer) -> None:
+    """``1 / d`` passes registration, but an exact match scores +inf, which Classify normalised into
+    NaN confidences (a third outside test)."""
+    near = np.ones(TinyExtractor.dim, np.float32)
+    with ImageSearchClient(server.target) as client:
+        client.create_collection("c", extractor=TinyExtractor.name, metric="one-over")
+        client.add_images([ImageItem(id="a", vector=near, label="x")], collection="c")
+        for call in (
+            lambda: client.search(vector=near, collection="c"),
+            lambda: client.classify(vector=near, collection="c", mode="knn"),
+        ):
+            with pytest.raises(Internal, match="metric 'one-over' produced non-finite scores") as refused:
+                call()
+            assert refused.value.reason == "METRIC_FAILED"
+        assert client.search(vector=near * 2, collection="c").ids == ["a"]
