@@ -67,40 +67,44 @@ def checked_local_features(
 
 
 def checked_inliers(local: LocalFeatures, query: bytes, candidates: Sequence[bytes]) -> list[int]:
-    """``local.verify``'s inlier counts, refused unless one whole number >= 0 per candidate."""
+    """``local.verify``'s inlier counts, refused unless one ``_whole`` number per candidate."""
     with plugin_failure(f"local features {local.name!r}", "LOCAL_FEATURES_FAILED"):
         counts = local.verify(query, candidates)
     try:
-        inliers = [int(n) for n in counts] if len(counts) == len(candidates) else None
-    except (TypeError, ValueError, OverflowError):  # NaN, None, text
-        inliers = None
-    if inliers is None or any(
-        not 0 <= n <= MAX_COUNT or n != c for n, c in zip(inliers, counts, strict=True)
-    ):
+        inliers = [_whole(n) for n in counts] if len(counts) == len(candidates) else [None]
+    except TypeError:  # no length, not iterable
+        inliers = [None]
+    if None in inliers:
         raise Internal(
             f"local features {local.name!r} verified {len(candidates)} candidates into "
             f"{_shown_counts(counts)}, not one whole number from 0 to {MAX_COUNT} each",
             reason="LOCAL_FEATURES_FAILED",
         )
-    return inliers
+    return inliers  # type: ignore[return-value]
 
 
 def checked_count(local: LocalFeatures, features: bytes) -> int:
-    """``local.count``: how many keypoints ``features`` hold, refused unless a whole number from 0
-    to MAX_COUNT (NaN, text and negatives were taken as they came: an outside test)."""
+    """``local.count``: how many keypoints ``features`` hold, refused unless ``_whole`` (NaN, text
+    and negatives were taken as they came: an outside test)."""
     with plugin_failure(f"local features {local.name!r}", "LOCAL_FEATURES_FAILED"):
         count = local.count(features)
-    try:
-        whole = int(count)
-    except (TypeError, ValueError, OverflowError):
-        whole = -1
-    if whole != count or not 0 <= whole <= MAX_COUNT:
+    whole = _whole(count)
+    if whole is None:
         raise Internal(
             f"local features {local.name!r} counted {_shown_counts(count)} keypoints, not a whole number "
             f"from 0 to {MAX_COUNT}",
             reason="LOCAL_FEATURES_FAILED",
         )
     return whole
+
+
+def _whole(value: object) -> int | None:
+    """``value`` as an int if it is a whole number from 0 to MAX_COUNT (2.0 and np.int64 are), else None."""
+    try:
+        whole = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError, OverflowError):  # NaN, None, text
+        return None
+    return whole if whole == value and 0 <= whole <= MAX_COUNT else None
 
 
 def _shown_counts(counts: object) -> str:

@@ -404,3 +404,15 @@ def test_a_new_store_takes_its_page_size_and_an_old_one_keeps_its_own(tmp_path: 
     assert reopened.count() == 2
     reopened.close()
     assert page_size_of(old_path) == 4096
+
+
+def test_what_an_index_learnt_is_kept_until_a_training_replaces_the_vectors(store: CollectionStore) -> None:
+    """``keep_learnt`` writes on its own connection; ``reencode`` (TrainCollection) clears it in the
+    transaction that replaces the vectors it was learnt from."""
+    assert store.learnt() is None
+    centroids = np.arange(12, dtype=np.float32).reshape(3, 4)
+    store.keep_learnt(centroids)
+    kept = store.learnt()
+    assert kept is not None and kept.dtype == np.float32 and np.array_equal(kept, centroids)
+    store.reencode('{"spec": 1}', b"state", {})
+    assert store.learnt() is None
