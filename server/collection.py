@@ -1096,11 +1096,13 @@ class Collection:
                     np.random.default_rng(seed).choice(row_ids, TRAINING_SAMPLE_IMAGES, replace=False)
                 )
             features = self.local_features_of(sample.tolist())
-            with plugin_failure(f"extractor {extractor.name!r}", "EXTRACTOR_FAILED"):
-                try:
+            try:
+                with plugin_failure(
+                    f"extractor {extractor.name!r}", "EXTRACTOR_FAILED", NotEnoughTrainingData
+                ):
                     state = extractor.fit([features[r] for r in sample.tolist() if r in features], size, seed)
-                except NotEnoughTrainingData as exc:
-                    raise FailedPrecondition(str(exc), reason="NOT_ENOUGH_TRAINING_DATA") from exc
+            except NotEnoughTrainingData as exc:
+                raise FailedPrecondition(str(exc), reason="NOT_ENOUGH_TRAINING_DATA") from exc
             del features
             still_wanted()
             with plugin_failure(f"extractor {extractor.name!r}", "EXTRACTOR_FAILED"):

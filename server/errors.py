@@ -186,17 +186,20 @@ class DataDirLocked(RuntimeError):
 
 
 @contextmanager
-def plugin_failure(what: str, reason: str) -> Iterator[None]:
+def plugin_failure(
+    what: str, reason: str, passes: type[BaseException] | tuple[type[BaseException], ...] = ()
+) -> Iterator[None]:
     """A plugin's exception as INTERNAL naming the plugin object (the log keeps the traceback);
-    the server's own errors pass through. Any exception: a KeyboardInterrupt or SystemExit raised
-    by a plugin in a worker thread reached the event loop, which stopped, and every later call,
-    health checks too, hung until a restart (an outside test). Plugins run in worker threads, so a
-    real Ctrl-C never arrives here: it interrupts the main thread."""
+    only ``passes``, exceptions the plugin API gives a meaning (NotEnoughTrainingData), go
+    through. Any exception: a KeyboardInterrupt or SystemExit raised by a plugin in a worker thread
+    reached the event loop, which stopped, and every later call, health checks too, hung until a
+    restart; a GeneratorExit left its call unanswered; one of the server's own error classes
+    passed as the client's fault without the plugin's name (outside tests). Plugins run in worker
+    threads, so a real Ctrl-C never arrives here: it interrupts the main thread. The guard never
+    wraps a ``yield``, so the GeneratorExit it meets is the plugin's."""
     try:
         yield
-    except ImageSearchError:
-        raise
-    except GeneratorExit:
+    except passes:
         raise
     except BaseException as exc:
         log.error("%s failed", what, exc_info=exc)

@@ -18,7 +18,7 @@ from imagesearch.plugins import LocalFeatures, Metric, hookimpl, inverse_distanc
 from imagesearch.plugins.metrics import L2
 from imagesearch.server.app import RunningServer, run_server
 from imagesearch.server.collection import Collection
-from imagesearch.server.errors import FailedPrecondition
+from imagesearch.server.errors import FailedPrecondition, InvalidArgument
 from imagesearch.server.errors import Internal as ServerInternal
 from imagesearch.server.plugin_output import checked_count, checked_inliers, checked_vectors
 from imagesearch.server.store import NewImage
@@ -205,12 +205,14 @@ def test_an_extractor_whose_output_changed_size_serves_no_image_query_and_says_w
         collection.close(snapshot=False)
 
 
-@pytest.mark.parametrize("raised", [KeyboardInterrupt, SystemExit])
+@pytest.mark.parametrize("raised", [KeyboardInterrupt, SystemExit, GeneratorExit, InvalidArgument])
 def test_a_plugin_raising_an_interrupt_fails_its_call_and_the_server_keeps_serving(
     server: RunningServer, raised: type[BaseException], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A KeyboardInterrupt or SystemExit from an extractor reached the event loop, which stopped:
-    every later call, health checks too, hung until a restart (an outside test)."""
+    every later call, health checks too, hung until a restart; a GeneratorExit left the call
+    unanswered until its deadline; one of the server's own error classes passed as the client's
+    fault, without the plugin's name (outside tests)."""
     monkeypatch.setattr(Interrupting, "raised", raised)
     with ImageSearchClient(server.target, timeout=20) as client:
         client.create_collection("c", extractor="interrupting")
