@@ -45,14 +45,23 @@ class _File:
 
 
 def _per_file(values: PerFile, paths: Sequence[Path], what: str) -> list[str]:
+    """One ``str`` per path. Anything else is refused, naming the first: gRPC took ``b"a"`` for
+    ``"a"`` (so two files escaped the duplicate check) and failed an int mid-upload with a bare
+    TypeError (an outside test)."""
     if values is None:
         return [""] * len(paths)
-    if callable(values):
-        return [values(path) for path in paths]
-    if isinstance(values, str):
+    if isinstance(values, str | bytes):
         raise TypeError(f"{what} must be a sequence or a function of the path, not a single string")
-    if len(values) != len(paths):
+    if callable(values):
+        values = [values(path) for path in paths]
+    elif len(values) != len(paths):
         raise ValueError(f"{what} has {len(values)} entries for {len(paths)} paths")
+    for position, value in enumerate(values):
+        if not isinstance(value, str):
+            raise TypeError(
+                f"{what}[{position}] is {type(value).__name__} {value!r}, not str (for {paths[position]}); "
+                "nothing was sent"
+            )
     return list(values)
 
 

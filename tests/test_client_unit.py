@@ -291,6 +291,15 @@ def test_upload_fails_before_sending_for_bad_files(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"ids: 'x' is given to both .* and .*; nothing was sent"):
         plan([small, other], ids=["x", "x"], batch_size=1)
     assert len(plan([small, other], ids=["", ""]).files) == 2  # "": the server names them
+    # gRPC took b"a" for "a", escaping that check, and failed an int mid-upload (an outside test)
+    with pytest.raises(TypeError, match=r"ids\[1\] is bytes b'x', not str .*nothing was sent"):
+        plan([small, other], ids=["x", b"x"])
+    with pytest.raises(TypeError, match=r"ids\[0\] is int 7, not str"):
+        plan([small], ids=lambda path: 7)
+    with pytest.raises(TypeError, match=r"labels\[0\] is NoneType None, not str"):
+        plan([small], labels=[None])
+    with pytest.raises(TypeError, match="single string"):
+        plan([small], ids=b"x")
 
 
 # -------------------------------------------------------------------------------------------------
