@@ -7,9 +7,12 @@ benchmarks all use it, so what the tests exercise is what operators run.
 from __future__ import annotations
 
 import asyncio
+import errno
 import faulthandler
+import ipaddress
 import logging
 import os
+import re
 import signal
 import socket
 import threading
@@ -134,13 +137,9 @@ def check_listenable(host: str, port: int) -> None:
     """RuntimeError, saying what to do, unless ``host:port`` can be listened on. gRPC's own refusal
     ("Failed to bind to address ...; set GRPC_VERBOSITY=debug") came after the data directory had
     been locked and the default collection made (an outside test). Port 0 always can."""
-    if ":" in host and not host.startswith("["):
-        # gRPC reads "::1:50051" as a domain name it cannot resolve, after the probe passed and the
-        # data directory was written (an outside test).
-        raise RuntimeError(
-            f"cannot listen on {host}:{port}: an IPv6 address is written in brackets, as in "
-            f"--host '[{host}]' (or host = \"[{host}]\" in the config file)"
-        )
+    wrong = _miswritten(host)
+    if wrong:
+        raise RuntimeError(f"cannot listen on {host}:{port}: {wrong}")
     if port == 0:
         return
     try:
@@ -150,16 +149,54 @@ def check_listenable(host: str, port: int) -> None:
         )
     except socket.gaierror as exc:
         raise RuntimeError(_cannot_listen(host, port, exc.strerror or str(exc))) from exc
-    reason = ""
+    # gRPC listens on every address of the host it can bind, silently leaving out the others: with
+    # [::1]:port held by another process, "localhost" served on 127.0.0.1 alone, and clients of
+    # localhost reached the other process (an outside test). An address taken refuses the start;
+    # one the machine lacks (no IPv6) does not.
+    reason, bound = "", False
     for family, kind, protocol, _, address in addresses:
         with socket.socket(family, kind, protocol) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does
             try:
                 probe.bind(address)
-                return  # gRPC listens on every address it can bind
+                bound = True
             except OSError as exc:
+                if exc.errno == errno.EADDRINUSE and len(addresses) > 1:
+                    raise RuntimeError(
+                        _cannot_listen(host, port, f"{address[0]} is in use, and {host} names it too")
+                    ) from exc
                 reason = reason or exc.strerror or str(exc)
-    raise RuntimeError(_cannot_listen(host, port, reason))
+    if not bound:
+        raise RuntimeError(_cannot_listen(host, port, reason))
+
+
+def _miswritten(host: str) -> str:
+    """What is wrong with how ``host`` is written, or "". gRPC read "::1:50051" as a domain name it
+    could not resolve, after the probe passed and the data directory was written; "[::1" and
+    "[::1]:50799" were "held by another process" (outside tests)."""
+    inner = host.removeprefix("[").removesuffix("]")
+    port_given = re.fullmatch(r"(\[[^\[\]]*\]|[^:\[\]]*):(\d+)", host)
+    if port_given:
+        return f"the port goes in --port, not --host: --host '{port_given[1]}' --port {port_given[2]}"
+    if "[" in inner or "]" in inner or host.startswith("[") != host.endswith("]"):
+        example = bare if _is_ipv6(bare := inner.strip("[]")) else "::1"
+        return f"brackets that do not pair: an IPv6 address is written as in --host '[{example}]'"
+    if host.startswith("[") and not _is_ipv6(inner):
+        return f"brackets hold an IPv6 address, and {inner!r} is not one"
+    if ":" in host and not host.startswith("["):
+        return (
+            f"an IPv6 address is written in brackets, as in --host '[{host}]' "
+            f'(or host = "[{host}]" in the config file)'
+        )
+    return ""
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _cannot_listen(host: str, port: int, reason: str) -> str:

@@ -6,6 +6,7 @@ spot; a taken port gave gRPC's own message after the data directory was locked a
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -126,3 +127,46 @@ def test_an_ipv6_host_without_brackets_is_refused_saying_how_to_write_it(host: s
     refused = _serve(tmp_path, "--host", host)
     assert refused.returncode == 2 and "in brackets" in refused.stderr and "Traceback" not in refused.stderr
     assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize(
+    ("host", "said"),
+    [
+        ("[::1", r"brackets that do not pair: an IPv6 address is written as in --host '\[::1\]'"),
+        ("::1]", r"brackets that do not pair"),
+        ("[::1]:50799", r"the port goes in --port, not --host: --host '\[::1\]' --port 50799"),
+        ("localhost:50051", r"the port goes in --port, not --host: --host 'localhost' --port 50051"),
+        ("[localhost]", r"brackets hold an IPv6 address, and 'localhost' is not one"),
+    ],
+)
+def test_a_miswritten_host_is_refused_saying_how_to_write_it(host: str, said: str) -> None:
+    """These were "held by another process, or not an address of this machine" (an outside test)."""
+    from imagesearch.server import app
+
+    with pytest.raises(RuntimeError, match=rf"cannot listen on {re.escape(host)}:0: {said}"):
+        app.check_listenable(host, 0)
+
+
+def test_a_host_naming_an_address_another_process_holds_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gRPC listens on every address of the host it can bind and leaves out the rest without a
+    word: with [::1]:port held elsewhere, "localhost" served on 127.0.0.1 alone, and its clients
+    trying ::1 first reached the other process (an outside test). An address the machine lacks
+    does not refuse the start."""
+    from imagesearch.server import app
+
+    with socket.socket(socket.AF_INET6) as other:
+        other.bind(("::1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        both = [
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port)),
+            (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0)),
+        ]
+        monkeypatch.setattr(app.socket, "getaddrinfo", lambda *args, **kwargs: both)
+        with pytest.raises(
+            RuntimeError, match=rf"cannot listen on localhost:{port} \(::1 is in use, and localhost"
+        ):
+            app.check_listenable("localhost", port)
+    lacking = [both[0], (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("fe80::dead:1", port, 0, 0))]
+    monkeypatch.setattr(app.socket, "getaddrinfo", lambda *args, **kwargs: lacking)
+    app.check_listenable("localhost", port)  # fe80::dead:1 is no address here: 127.0.0.1 serves
