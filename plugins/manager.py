@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from importlib import metadata
@@ -105,6 +106,12 @@ class PluginRegistry:
         self._collect("register_local_features", self.local_features, check_local_features, "local features")
         self._check_default_metrics()
         self._check_trainable_inputs()
+
+    def problems_naming(self, name: str) -> list[str]:
+        """The problems that name ``name`` as a whole word (``sift-vlad``, not ``sift`` inside it):
+        why an extractor someone asks for is not there."""
+        naming = re.compile(rf"(?<![\w-]){re.escape(name)}(?![\w-])")
+        return [problem for problem in self.problems if naming.search(problem)] if name else []
 
     # -- loading -------------------------------------------------------------
     def _problem(self, message: str) -> None:

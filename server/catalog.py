@@ -16,7 +16,7 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,7 @@ from imagesearch.server.errors import (
     InvalidArgument,
     NotFound,
     disk_full_reported,
+    is_disk_full,
     plugin_failure,
     shown,
 )
@@ -128,8 +129,7 @@ class Catalog:
         or None and why: the collection's errors and GetCollection say it, not only this log."""
         registered = self.registry.extractors.get(spec.extractor)
         if registered is None:
-            problems = [p for p in self.registry.problems if spec.extractor in p]
-            problem = "it is not loaded" + (f" ({'; '.join(problems)})" if problems else "")
+            problem = "it is not loaded" + _because(self.registry.problems_naming(spec.extractor))
             log.warning("collection %s: extractor %s: %s", spec.name, spec.extractor, problem)
             return None, problem
         try:
@@ -214,15 +214,25 @@ class Catalog:
 
     def local_features(self, name: str) -> LocalFeatures:
         """The registered local features ``name``, or INVALID_ARGUMENT listing the available ones."""
-        return _registered(self.registry.local_features, "local features", name, "collection.local_features")
+        return _registered(
+            self.registry.local_features,
+            "local features",
+            name,
+            "collection.local_features",
+            self.registry.problems_naming(name),
+        )
 
     def extractor(self, name: str) -> Extractor:
         """The registered extractor ``name``, or INVALID_ARGUMENT listing the available ones."""
-        return _registered(self.registry.extractors, "extractor", name, "extractor")
+        return _registered(
+            self.registry.extractors, "extractor", name, "extractor", self.registry.problems_naming(name)
+        )
 
     def metric(self, name: str) -> Metric:
         """The registered metric ``name``, or INVALID_ARGUMENT listing the available ones."""
-        return _registered(self.registry.metrics, "metric", name, "metric")
+        return _registered(
+            self.registry.metrics, "metric", name, "metric", self.registry.problems_naming(name)
+        )
 
     # -- changes -------------------------------------------------------------------
     def create(
@@ -408,6 +418,10 @@ def _leftover_reported(function: object, path: str, exc_info: tuple[type, BaseEx
     log.warning("could not remove %s (%s); the next start removes it", path, exc_info[1])
 
 
+LOW_DISK_BYTES = 1 << 20
+"""Below this much free space a store that cannot be opened is taken as stopped by a full disk."""
+
+
 class MisplacedCollection(ValueError):
     """A collection directory whose store belongs to another name (copied or renamed)."""
 
@@ -417,10 +431,19 @@ def _why_unopenable(directory: Path, exc: Exception) -> str:
     is suggested only for a damaged store, never for intact data the server may not write or a
     store that was moved away (opening never creates one: CollectionStore(create=False))."""
     store = directory / STORE_FILE
-    if os.statvfs(directory).f_flag & os.ST_RDONLY:
+    disk = os.statvfs(directory)
+    if disk.f_flag & os.ST_RDONLY:
         return (
             f"{directory} is on a read-only file system ({exc}). Its data is intact: mount it "
             "read-write and restart the server"
+        )
+    free = disk.f_bavail * disk.f_frsize
+    if is_disk_full(exc) or free < LOW_DISK_BYTES:
+        # SQLite says "disk I/O error" when it cannot make its shared-memory file: the advice to
+        # restore or delete intact data was wrong (an outside test, restarting on a full disk).
+        return (
+            f"{directory} cannot be opened ({exc}): the disk holding it is full ({free} bytes free). "
+            "Nothing was changed: free space on that disk and restart the server"
         )
     if not os.access(directory, os.R_OK | os.W_OK | os.X_OK):
         return _no_access(directory, exc)
@@ -480,14 +503,23 @@ def _discarded_on_failure(staging: Path) -> Iterator[None]:
         raise
 
 
-def _registered(table: Mapping[str, Registered], kind: str, name: str, field: str) -> Any:
-    """``table[name]``'s plugin object, or INVALID_ARGUMENT (reason UNKNOWN_<KIND>) listing the names."""
+def _registered(
+    table: Mapping[str, Registered], kind: str, name: str, field: str, problems: Sequence[str]
+) -> Any:
+    """``table[name]``'s plugin object, or INVALID_ARGUMENT (reason UNKNOWN_<KIND>) listing the
+    names, and the plugin problems naming ``name`` (a missing SIFT vocabulary: "unknown" alone
+    sent the operator looking for a typo)."""
     registered = table.get(name)
     if registered is None:
         available = ", ".join(sorted(table)) or "none"
         raise InvalidArgument(
-            f"unknown {kind} {shown(name)} (available: {available})",
+            f"unknown {kind} {shown(name)} (available: {available}){_because(problems)}",
             field=field,
             reason=f"UNKNOWN_{kind.upper().replace(' ', '_')}",
         )
     return registered.item
+
+
+def _because(problems: Sequence[str]) -> str:
+    """`` (problem; problem)`` after a message, or nothing."""
+    return f" ({'; '.join(problems)})" if problems else ""

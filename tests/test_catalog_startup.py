@@ -108,6 +108,10 @@ def fail_to_open(directory: Path) -> Any:
     raise sqlite3.OperationalError("unable to open database file")
 
 
+def failing_io(directory: Path) -> Any:
+    raise sqlite3.OperationalError("disk I/O error")
+
+
 def test_a_read_only_file_system_is_named_with_advice_that_keeps_the_data(
     data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -123,6 +127,29 @@ def test_a_read_only_file_system_is_named_with_advice_that_keeps_the_data(
     reason = unavailable(data)
     assert f"{collection_dir(data)} is on a read-only file system (unable to open database file)" in reason
     assert "Its data is intact: mount it read-write and restart the server" in reason
+    assert "delete" not in reason
+
+
+def test_a_full_disk_is_named_with_advice_that_keeps_the_data(
+    data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Restarting on a full disk, SQLite says "disk I/O error" (it cannot make its shared-memory
+    file), and the advice was to restore or delete intact data (an outside test, on a 3 MB tmpfs;
+    simulated here: statvfs says no space left)."""
+    real_statvfs = os.statvfs
+
+    class Full:
+        def __init__(self, path: Any) -> None:
+            self.f_flag, self.f_frsize, self.f_bavail = real_statvfs(path).f_flag, 4096, 3
+
+    monkeypatch.setattr(Collection, "read_spec", staticmethod(failing_io))
+    monkeypatch.setattr(os, "statvfs", Full)
+    reason = unavailable(data)
+    assert (
+        f"{collection_dir(data)} cannot be opened (disk I/O error): the disk holding it is full (12288 bytes free)"
+        in reason
+    )
+    assert "Nothing was changed: free space on that disk and restart the server" in reason
     assert "delete" not in reason
 
 

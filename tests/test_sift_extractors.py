@@ -13,6 +13,8 @@ from skimage import data as skdata
 from imagesearch.client import ImageItem, ImageSearchClient
 from imagesearch.plugins.manager import PluginRegistry
 from imagesearch.server.app import run_server
+from imagesearch.server.catalog import Catalog
+from imagesearch.server.errors import InvalidArgument
 from imagesearch.server.sift_vocabulary import build_generic_vocabulary
 from tests.conftest import tiny_config
 from tests.support.tiny_plugin import TINY_PLUGIN
@@ -56,6 +58,13 @@ def test_no_vocabulary_no_sift_extractors_but_the_local_features(tmp_path):
     # and the reason is a plugin problem, which a collection made with them quotes (an outside test)
     (problem,) = [p for p in registry.problems if "sift-vlad" in p]
     assert f"no SIFT vocabulary at {tmp_path / 'sift-vocabulary.bin'}" in problem
+    assert registry.problems_naming("sift-vlad") == [problem] and registry.problems_naming("vlad") == []
+    # ... and so does asking for one: a plain "unknown extractor" sent operators looking for a typo
+    with pytest.raises(
+        InvalidArgument, match=r"unknown extractor 'sift-vlad'.*no SIFT vocabulary"
+    ) as unknown:
+        Catalog(tmp_path / "data", registry).extractor("sift-vlad")
+    assert unknown.value.reason == "UNKNOWN_EXTRACTOR"
     assert not [
         p for p in PluginRegistry(load_entry_points=False, models_dir=tmp_path / "none", env={}).problems
     ]
@@ -68,7 +77,6 @@ def test_jpegs_are_never_decoded_below_what_sift_runs_at(models, data_dir, shape
     square 640-px query at 320 px, and its pasted copy lost inliers; a CNN collection keeping SIFT
     features was decoded for the CNN alone."""
     from imagesearch.plugins import hookimpl
-    from imagesearch.server.catalog import Catalog
     from imagesearch.server.config import ServerConfig
     from imagesearch.server.extraction import Extraction
     from imagesearch.server.image_header import read_header
