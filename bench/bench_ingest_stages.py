@@ -43,6 +43,7 @@ from bench.common import (
     percentile,
     save,
 )
+from imagesearch.server import vector_index
 from imagesearch.server.app import run_server
 from imagesearch.server.collection import Collection
 from imagesearch.server.config import ServerConfig, default_models_dir
@@ -138,12 +139,13 @@ def matrix_ms(batch: np.ndarray) -> dict[str, float]:
     }
 
 
-def searches_during_ingest(engine: Engine, batches: list[list[ImageItem]], dim: int) -> dict[str, float]:
+def searches_during_ingest(
+    engine: Engine, batches: list[list[ImageItem]], dim: int, name: str = "searched", index_type: str = "flat"
+) -> dict[str, float]:
     """Search latency on a collection while one caller adds to it, against the same searches idle:
-    what a commit's fsync, and the index's storage growing, cost the readers (the first 20 batches
-    fill it, the rest are added)."""
-    name = "searched"
-    engine.create_collection(NewCollection(name, extractor=f"vectors-{dim}"))
+    what a commit's fsync, the index's storage growing, and for HNSW its inserts cost the readers
+    (the first 20 batches fill it, the rest are added)."""
+    engine.create_collection(NewCollection(name, extractor=f"vectors-{dim}", index_type=index_type))
     for batch in batches[:20]:
         engine.add_images(name, batch)
     query = SearchQuery(collection=name, vector=batches[0][0].vector, top_k=10)
@@ -159,16 +161,33 @@ def searches_during_ingest(engine: Engine, batches: list[list[ImageItem]], dim: 
     deadline = time.monotonic() + 2
     idle = search_times(lambda: time.monotonic() > deadline)
     with ThreadPoolExecutor(1) as pool:
+        started = time.perf_counter()
         adding = pool.submit(lambda: [engine.add_images(name, batch) for batch in batches[20:]])
         busy = search_times(adding.done)
         adding.result()
+        elapsed = time.perf_counter() - started
     return {
         "idle p50 ms": percentile(idle, 50),
         "idle p99 ms": percentile(idle, 99),
         "during ingest p50 ms": percentile(busy, 50),
         "during ingest p99 ms": percentile(busy, 99),
         "during ingest max ms": max(busy),  # the longest wait: once, an index update that copied it all
+        "ingest vectors/s": sum(len(batch) for batch in batches[20:]) / elapsed,
     }
+
+
+def hnsw_searches_during_ingest(engine: Engine, batches: list[list[ImageItem]], dim: int) -> dict[str, dict]:
+    """``searches_during_ingest`` on HNSW, its adds applied in pieces as the server does
+    (vector_index.HNSW_PIECE_S) and in one piece a batch, as before: what the pieces give the
+    searches and cost the ingest, same data, same run."""
+    found = {}
+    for way, piece_s in (("pieces", vector_index.HNSW_PIECE_S), ("one piece", 1e9)):
+        saved, vector_index.HNSW_PIECE_S = vector_index.HNSW_PIECE_S, piece_s
+        try:
+            found[way] = searches_during_ingest(engine, batches, dim, f"hnsw-{len(found)}", "hnsw")
+        finally:
+            vector_index.HNSW_PIECE_S = saved
+    return found
 
 
 def insert_while_python_runs(
@@ -260,6 +279,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=20000)
     parser.add_argument("--callers", default="1,4")
+    parser.add_argument("--hnsw-batches", type=int, default=20, help="batches added to the HNSW collections")
     args = parser.parse_args()
     dim = 1280
     base = np.random.default_rng(0).normal(size=(args.n, dim)).astype(np.float32)
@@ -336,6 +356,13 @@ def main() -> None:
                 f"searches of a {20 * 256}-vector collection while one caller adds {len(batches) - 20} batches to "
                 "it: " + ", ".join(f"{stage} {ms:.2f}" for stage, ms in results["searches"].items())
             )
+            hnsw_batches = batches[: 20 + args.hnsw_batches]
+            results["hnsw_searches"] = hnsw_searches_during_ingest(engine, hnsw_batches, dim)
+            for way, found in results["hnsw_searches"].items():
+                print(
+                    f"the same on HNSW, {args.hnsw_batches} batches added, {way}: "
+                    + ", ".join(f"{stage} {value:.2f}" for stage, value in found.items())
+                )
     save("ingest_stages", results)
 
 

@@ -670,15 +670,27 @@ class Collection:
             # Only index changes take _indexing, which this add holds: the index stands still while
             # its storage grows here, and searches go on (VectorIndex.room_for).
             grown = self.index.room_for(len(row_ids)) if self.index is not None else None
-            with self.lock.write():
-                index = self.index  # now: the add before may have rebuilt it after a failed update
-                if grown is not None:
-                    grown()
-                if index is not None:  # else that rebuild failed: read-only, the store keeps the rows
-                    self._follow_store(
-                        lambda: index.add(np.array(row_ids, dtype=np.int64), prepared), upto_seq=seqs[-1]
-                    )
-                self._applied_seq = seqs[-1]
+            if self.index is not None:
+                self.index.learn_ahead(prepared)  # IVF's k-means, before the lock too
+            ids = np.array(row_ids, dtype=np.int64)
+            pieces = self.index.pieces(len(ids)) if self.index is not None else [slice(0, len(ids))]
+            first: VectorIndex | None = None
+            for number, piece in enumerate(pieces):  # one, but on HNSW (VectorIndex.pieces)
+                with self.lock.write(after_waiting_readers=number > 0):
+                    index = self.index  # now: the add before may have rebuilt it after a failed update
+                    first = index if number == 0 else first
+                    if grown is not None and number == 0:
+                        grown()
+                    # Not after a rebuild (it holds every row of this add) or with none (read-only:
+                    # the store keeps the rows). Searches between pieces see part of the add, as a
+                    # search during it might, and label filters none of it (``_applied_seq``).
+                    if index is not None and index is first:
+                        self._follow_store(
+                            lambda index=index, piece=piece: index.add(ids[piece], prepared[piece]),
+                            upto_seq=seqs[-1],
+                        )
+                    if number == len(pieces) - 1:
+                        self._applied_seq = seqs[-1]
             self._keep_learnt()  # after the lock: searches need not wait for its commit
         finally:
             self._indexing.release()

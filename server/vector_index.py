@@ -23,6 +23,7 @@ import functools
 import logging
 import math
 import os
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -144,6 +145,17 @@ RESCORE_FACTOR = 4
 RESCORE_MARGIN_CAP = 300  # past k = 100 the pool grows by k only: top_k 1000 re-scores 1,300, not 4,000
 
 
+# HNSW inserts one vector at a time into a graph, about a millisecond each at 20,000 x 1280 on this
+# VM's two cores: an add of 256 held the collection's searches for 0.26 s. An HNSW add is applied
+# in pieces of about HNSW_PIECE_S each (sized from the last piece's time per vector, at least
+# HNSW_MIN_PIECE vectors), and the searches waiting go between them (``Collection.add``). Pieces
+# cost FAISS some of its parallel insertion: one 256 at a time against 64, 32 and 16, 12,000
+# vectors took 7.8, 9.3, 9.7 and 9.8 s, the longest piece 259, 109, 70 and 51 ms (ad hoc, this
+# VM; bench/bench_ingest_stages.py prints the longest search during an HNSW ingest).
+HNSW_PIECE_S = 0.05
+HNSW_MIN_PIECE = 16
+
+
 def rescore_pool(k: int) -> int:
     """How many int8 candidates to re-score for ``k`` hits: 4k for the usual small k, and a margin
     of at most RESCORE_MARGIN_CAP beyond k for large ones (each candidate is a float32 vector read
@@ -219,6 +231,7 @@ class VectorIndex:
         )
         self._warned_outliers = False
         self._room: tuple[int, int] = (0, 0)  # (address, bytes) of flat storage grown by ``room_for``
+        self._seconds_per_vector = 0.0  # of the last HNSW add (``pieces``)
 
     def _empty(self) -> faiss.Index:
         if self.spec.kind == HNSW:
@@ -255,12 +268,7 @@ class VectorIndex:
         same lists or codes, where learning again from the store could not: rows removed since
         are gone from it. None before training and for other kinds."""
         if isinstance(self._index, faiss.IndexIVF):
-            quantizer = faiss.downcast_index(self._index.quantizer)
-            return (
-                faiss.rev_swig_ptr(quantizer.get_xb(), quantizer.ntotal * quantizer.d)
-                .reshape(quantizer.ntotal, quantizer.d)
-                .copy()
-            )
+            return _lists(self._index)
         if self.quantized:
             return faiss.vector_to_array(faiss.downcast_index(self._index.index).sq.trained).astype(
                 np.float32
@@ -356,7 +364,9 @@ class VectorIndex:
         if self._will_train() and 0 < wanted < len(ids):
             self.add(ids[:wanted], prepared[:wanted])
             ids, prepared = ids[wanted:], prepared[wanted:]
+        started = time.perf_counter()
         self._index.add_with_ids(prepared, ids)
+        self._seconds_per_vector = (time.perf_counter() - started) / len(ids)
         if self._largest_norm is not None:
             self._largest_norm = max(self._largest_norm, _largest_norm(prepared))
         if self.quantized:  # the codes just stored, the last rows (read, not encoded again)
@@ -400,6 +410,31 @@ class VectorIndex:
             self._room = (_address(codes), capacity)
 
         return install
+
+    def pieces(self, count: int) -> list[slice]:
+        """How to apply an add of ``count`` vectors so that searches wait for no piece much longer
+        than HNSW_PIECE_S: in one piece but on HNSW, whose inserts are slow (above)."""
+        size = count
+        if self.spec.kind == HNSW and self._seconds_per_vector > 0:
+            size = max(HNSW_MIN_PIECE, int(HNSW_PIECE_S / self._seconds_per_vector))
+        return [slice(start, start + size) for start in range(0, count, max(size, 1))]
+
+    def learn_ahead(self, prepared: np.ndarray) -> None:
+        """Run now the k-means that adding ``prepared`` will set off (IVF's first ``train_size``
+        vectors), so that the add under the collection's write lock takes its lists as a rebuild
+        takes ``learnt``: k-means for 100 lists held every search for about a second, and it grows
+        with nlist. The caller holds the collection's ``_indexing``, so the index stands still;
+        searches read it meanwhile. FAISS's k-means is seeded: the same lists as under the lock."""
+        if self.spec.kind != IVF or self._given is not None or not self._will_train():
+            return
+        wanted = self._train_size() - self._index.ntotal
+        if not 0 < wanted <= len(prepared):
+            return
+        vectors = np.concatenate([np.array(self.stored_vectors()), as_float32(prepared)[:wanted]])
+        try:
+            self._given = _lists(self._trained_ivf(vectors))
+        except (RuntimeError, ValueError):
+            return  # trained again under the lock, where ``_train`` keeps the reason
 
     def _train_size(self) -> int:
         """How many vectors IVF trains on, or int8 learns its grid from."""
@@ -685,6 +720,16 @@ class VectorIndex:
         collection (there used to be a floor of 1,000 tombstones, which is what let small
         collections decay)."""
         return self.spec.kind == HNSW and len(self._tombstones) > self._index.ntotal // 4
+
+
+def _lists(ivf: faiss.Index) -> np.ndarray:
+    """An IVF index's centroids (nlist x dim), a copy."""
+    quantizer = faiss.downcast_index(faiss.downcast_index(ivf).quantizer)
+    return (
+        faiss.rev_swig_ptr(quantizer.get_xb(), quantizer.ntotal * quantizer.d)
+        .reshape(quantizer.ntotal, quantizer.d)
+        .copy()
+    )
 
 
 def _flat_storage(index: faiss.Index) -> tuple[faiss.IndexFlatCodes, Any] | None:

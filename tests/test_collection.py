@@ -16,7 +16,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,6 +26,7 @@ import pytest
 from imagesearch.plugins.metrics import COSINE, INNER_PRODUCT, L2
 from imagesearch.plugins.types import FLAT, HNSW, IVF, Metric
 from imagesearch.server import collection as collection_module
+from imagesearch.server import vector_index as vector_index_module
 from imagesearch.server.collection import (
     SNAPSHOT_FILE,
     STORE_FILE,
@@ -41,6 +42,7 @@ from imagesearch.server.errors import FailedPrecondition, InvalidArgument, NotFo
 from imagesearch.server.store import CollectionStore, NewImage
 from imagesearch.server.vector_index import INT8, INT8_LEARN_SIZE
 from tests.support.storage import storage_address
+from tests.support.waiting import until
 
 DIM = 8
 LABELS = ("a", "b", "c")
@@ -858,6 +860,76 @@ def test_a_removal_waits_for_an_index_update_still_to_come(
         assert removing.result(timeout=10) == 2
     assert collection.index is not None and collection.index.size == collection.count() == 13
     assert {hit.id for hit in collection.search(rows(10, 1)[0].vector, 13)}.isdisjoint({"img10", "img11"})
+    collection.close()
+
+
+def test_an_hnsw_add_is_applied_in_pieces_and_searches_go_between_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HNSW inserts are slow (an add of 256 held searches for 0.26 s at 20,000 x 1280): an add is
+    applied in pieces sized from the last one's time per vector, and the searches waiting go
+    between them. The index ends as one add would leave it: every row once, after a restart too."""
+    monkeypatch.setattr(vector_index_module, "HNSW_PIECE_S", 1e-9)  # pieces of HNSW_MIN_PIECE
+    collection = create(tmp_path, HNSW, hnsw_m=8, ef_search=64)
+    base: Base = {}
+    add(collection, base, rows(0, 20))  # its time per vector sizes the next add's pieces
+    events: list[str] = []
+    searching: list[Future] = []
+    original = collection_module.VectorIndex.add
+    pool = ThreadPoolExecutor(1)
+
+    def piece(index: vector_index_module.VectorIndex, ids: np.ndarray, prepared: np.ndarray) -> None:
+        events.append(f"piece of {len(ids)}")
+        original(index, ids, prepared)
+        if not searching:  # a search arrives during the first piece, and waits for the lock
+            searching.append(
+                pool.submit(
+                    lambda: events.append(f"search: {len(collection.search(rows(0, 1)[0].vector, K))}")
+                )
+            )
+            assert until(lambda: collection.lock._readers_waiting == 1)
+
+    monkeypatch.setattr(collection_module.VectorIndex, "add", piece)
+    add(collection, base, rows(20, 40))
+    searching[0].result(timeout=10)
+    pool.shutdown()
+    size = vector_index_module.HNSW_MIN_PIECE
+    assert events == [f"piece of {size}", f"search: {K}", f"piece of {size}", f"piece of {40 - 2 * size}"]
+    monkeypatch.undo()
+    check_against_brute_force(collection, base, seed=3)
+    collection.close()
+    again = reopen(collection)
+    assert again.index is not None and again.index.size == 60
+    check_against_brute_force(again, base, seed=3)
+    again.close()
+
+
+def test_ivf_trains_outside_the_write_lock_and_learns_what_it_would_under_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The k-means an add sets off ran under the write lock: every search waited for it (about a
+    second for 100 lists, more with more). It runs before the lock now, and learns the same lists."""
+    collection = create(tmp_path, IVF)
+    base: Base = {}
+    add(collection, base, rows(0, 12))
+    under_lock: list[bool] = []
+    original = collection_module.VectorIndex._trained_ivf
+
+    def k_means(index: vector_index_module.VectorIndex, vectors: np.ndarray) -> object:
+        if index._given is None:  # else it takes lists learnt before: no k-means
+            under_lock.append(collection.lock._writer)
+        return original(index, vectors)
+
+    monkeypatch.setattr(collection_module.VectorIndex, "_trained_ivf", k_means)
+    add(collection, base, rows(12, 15))  # crosses train_size (20)
+    monkeypatch.undo()
+    assert under_lock == [False], "one k-means, outside the lock; the add under it took its lists"
+    index = collection.live_index()
+    assert index.trained
+    alone = vector_index_module.VectorIndex(index.spec)
+    alone.add(np.arange(27, dtype=np.int64), np.stack([base[f"img{n}"].vector for n in range(27)]))
+    assert alone.trained and np.array_equal(alone.learnt, index.learnt)
+    check_against_brute_force(collection, base, seed=4)
     collection.close()
 
 
