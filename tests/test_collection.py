@@ -904,6 +904,34 @@ def test_an_hnsw_add_is_applied_in_pieces_and_searches_go_between_them(
     again.close()
 
 
+def test_a_failed_hnsw_piece_is_rebuilt_with_the_whole_add_and_the_rest_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The rebuild after a refused piece holds every row of the add: the pieces after it must not
+    add theirs a second time."""
+    monkeypatch.setattr(vector_index_module, "HNSW_PIECE_S", 1e-9)  # pieces of HNSW_MIN_PIECE
+    collection = create(tmp_path, HNSW, hnsw_m=8, ef_search=64)
+    base: Base = {}
+    add(collection, base, rows(0, 20))
+    original = collection_module.VectorIndex.add
+    pieces: list[int] = []
+
+    def second_fails(index: vector_index_module.VectorIndex, ids: np.ndarray, prepared: np.ndarray) -> None:
+        pieces.append(len(ids))
+        if len(pieces) == 2:
+            raise RuntimeError("FAISS refused the piece")
+        original(index, ids, prepared)
+
+    monkeypatch.setattr(collection_module.VectorIndex, "add", second_fails)
+    with caplog.at_level(logging.ERROR):
+        add(collection, base, rows(20, 40))
+    size = vector_index_module.HNSW_MIN_PIECE
+    assert pieces[:2] == [size, size] and "index update failed" in caplog.text
+    monkeypatch.undo()
+    check_against_brute_force(collection, base, seed=5)  # every row once: the index holds 60
+    collection.close()
+
+
 def test_ivf_trains_outside_the_write_lock_and_learns_what_it_would_under_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
