@@ -433,7 +433,7 @@ class VectorIndex:
         vectors = np.concatenate([np.array(self.stored_vectors()), as_float32(prepared)[:wanted]])
         try:
             self._given = _lists(self._trained_ivf(vectors))
-        except (RuntimeError, ValueError):
+        except Exception:  # the rows are committed: this add must not fail here
             return  # trained again under the lock, where ``_train`` keeps the reason
 
     def _train_size(self) -> int:

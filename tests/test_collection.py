@@ -961,6 +961,31 @@ def test_ivf_trains_outside_the_write_lock_and_learns_what_it_would_under_it(
     collection.close()
 
 
+def test_a_k_means_failing_before_the_lock_is_run_again_under_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rows are committed when the k-means runs: its failure (here MemoryError) must not fail
+    the add and leave the index behind the store; the add trains under the lock as before."""
+    collection = create(tmp_path, IVF)
+    base: Base = {}
+    add(collection, base, rows(0, 12))
+    original = collection_module.VectorIndex._trained_ivf
+    calls: list[int] = []
+
+    def first_fails(index: vector_index_module.VectorIndex, vectors: np.ndarray) -> object:
+        calls.append(len(vectors))
+        if len(calls) == 1:
+            raise MemoryError("k-means")
+        return original(index, vectors)
+
+    monkeypatch.setattr(collection_module.VectorIndex, "_trained_ivf", first_fails)
+    add(collection, base, rows(12, 15))
+    monkeypatch.undo()
+    assert calls == [20, 20] and collection.live_index().trained
+    check_against_brute_force(collection, base, seed=6)
+    collection.close()
+
+
 def test_a_lone_query_after_a_restart_from_the_snapshot_skips_faiss_and_finds_the_same(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
