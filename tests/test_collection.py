@@ -904,6 +904,49 @@ def test_an_hnsw_add_is_applied_in_pieces_and_searches_go_between_them(
     again.close()
 
 
+def test_hnsw_adds_in_pieces_removals_and_searches_at_once_end_as_brute_force_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pieces of two vectors, readers let in between every two, under four searching threads, an
+    adding one and a removing one: no error, every search whole (K hits, best first, none a row
+    removed before it began), and the end agrees with brute force, after a restart too."""
+    monkeypatch.setattr(vector_index_module, "HNSW_PIECE_S", 1e-9)
+    monkeypatch.setattr(vector_index_module, "HNSW_MIN_PIECE", 2)
+    collection = create(tmp_path, HNSW, hnsw_m=8, ef_search=64)
+    base: Base = {}
+    add(collection, base, rows(0, 40))
+    removed: set[str] = set()
+    stop = threading.Event()
+
+    def search(seed: int) -> int:
+        count = 0
+        while not stop.is_set():
+            gone = set(removed)
+            hits = collection.search(rows(1000 + seed * 100 + count % 50, 1)[0].vector, K)
+            assert len(hits) == K and not gone & {hit.id for hit in hits}
+            assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+            count += 1
+        return count
+
+    def write() -> None:
+        for start in range(40, 200, 20):
+            add(collection, base, rows(start, 20))
+            doomed = [f"img{n}" for n in range(start - 40, start - 30)]
+            remove(collection, base, doomed)
+            removed.update(doomed)
+        stop.set()
+
+    with ThreadPoolExecutor(5) as pool:
+        searches = [pool.submit(search, seed) for seed in range(4)]
+        pool.submit(write).result(timeout=60)
+        assert all(done.result(timeout=10) > 0 for done in searches)
+    check_against_brute_force(collection, base, seed=7)
+    collection.close()
+    again = reopen(collection)
+    check_against_brute_force(again, base, seed=7)
+    again.close()
+
+
 def test_a_failed_hnsw_piece_is_rebuilt_with_the_whole_add_and_the_rest_skipped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
