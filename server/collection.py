@@ -734,17 +734,37 @@ class Collection:
     def remove(self, ids: Sequence[str], before_commit: Callable[[], None] | None = None) -> int:
         """Remove the images with ``ids``; ``before_commit`` as in ``add``."""
         # The delete commits under the reader lock too: a search never meets a hit whose row is gone.
-        with self._writing(), self.lock.write():
-            self._check_open()
-            index = self.live_index()
-            if before_commit is not None:
-                before_commit()
-            removed = self.store.delete(ids)
-            self._follow_store(lambda: index.remove(np.array(removed, dtype=np.int64)))
-            self._applied_seq = self.store.last_seq()
+        with self._writing():
+            with self.lock.write():
+                self._check_open()
+                index = self.live_index()
+                if before_commit is not None:
+                    before_commit()
+                removed = self.store.delete(ids)
+                self._follow_store(lambda: index.remove(np.array(removed, dtype=np.int64)))
+                self._applied_seq = self.store.last_seq()
             if self.index is not None and self.index.needs_compaction():
-                self.index = self._rebuild(self.index.spec)
+                self._compact(self.index)
         return len(removed)
+
+    def _compact(self, index: VectorIndex) -> None:
+        """Rebuild an HNSW index without its tombstones (``needs_compaction``) while searches go on
+        with it, then put the new one in place. Rebuilt under the write lock, it held every search
+        of the collection for as long as inserting every vector takes: at the 1,100 vectors/s
+        bench/README.md measured for HNSW ("Ingest stages"), 18 s for 20,000. The caller holds
+        ``_writing``: nothing changes the store or the index meanwhile. A failure leaves the
+        tombstoned index serving, which answers rightly (the removal is committed either way)."""
+        try:
+            rebuilt = self._rebuild(index.spec)
+        except Exception as exc:
+            log.error(
+                "collection %s: compacting its HNSW index failed (%s); it keeps its tombstones",
+                self.spec.name,
+                exc,
+            )
+            return
+        with self.lock.write():
+            self.index = rebuilt
 
     @contextmanager
     def _writing(self) -> Iterator[None]:

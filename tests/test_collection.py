@@ -526,7 +526,9 @@ def test_a_corrupt_snapshot_is_rebuilt_from_the_store(
     healed.close(snapshot=False)
 
 
-def test_hnsw_past_the_compaction_threshold_is_rebuilt_without_tombstones(tmp_path: Path) -> None:
+def test_hnsw_past_the_compaction_threshold_is_rebuilt_without_tombstones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     collection = create(tmp_path, HNSW, hnsw_m=8)
     base: Base = {}
     add(collection, base, rows(0, 400))
@@ -537,10 +539,51 @@ def test_hnsw_past_the_compaction_threshold_is_rebuilt_without_tombstones(tmp_pa
     index = collection.live_index()
     assert len(index.tombstones) == 100 and index.faiss_index.ntotal == 400, "at the threshold: kept"
     check_against_brute_force(collection, base, seed=7)
-    remove(collection, base, ["img1"])  # 101 > 400 // 4
+    # 101 > 400 // 4: rebuilt while searches go on with the old graph (under the write lock, they
+    # waited for every vector to be inserted again)
+    rebuild = collection_module.Collection._rebuild
+    searched: list[list[Hit]] = []
+
+    def searched_meanwhile(self: Collection, spec: object, upto_seq: int | None = None) -> object:
+        done = threading.Event()  # a daemon thread: under the lock, it would wait for the rebuild
+
+        def search() -> None:
+            searched.append(collection.search(rows(0, 1)[0].vector, K))
+            done.set()
+
+        threading.Thread(target=search, daemon=True).start()
+        assert done.wait(timeout=10), "the search waited for the rebuild"
+        return rebuild(self, spec, upto_seq)
+
+    monkeypatch.setattr(collection_module.Collection, "_rebuild", searched_meanwhile)
+    remove(collection, base, ["img1"])
+    monkeypatch.undo()
+    assert len(searched) == 1 and searched[0][0].id == "img0"
     index = collection.live_index()
     assert len(index.tombstones) == 0 and index.faiss_index.ntotal == index.size == 299
     check_against_brute_force(collection, base, seed=8)
+    collection.close(snapshot=False)
+
+
+def test_a_failed_hnsw_compaction_keeps_the_tombstoned_graph_serving(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The removal is committed before the rebuild: its failure must not fail the call, and the
+    graph with tombstones still answers rightly."""
+    collection = create(tmp_path, HNSW, hnsw_m=8)
+    base: Base = {}
+    add(collection, base, rows(0, 40))
+
+    def refused(self: Collection, spec: object, upto_seq: int | None = None) -> object:
+        raise MemoryError("no room for a second graph")
+
+    monkeypatch.setattr(collection_module.Collection, "_rebuild", refused)
+    with caplog.at_level(logging.ERROR):
+        remove(collection, base, [f"img{n}" for n in range(11)])  # 11 > 40 // 4
+    monkeypatch.undo()
+    assert "compacting its HNSW index failed" in caplog.text
+    assert len(collection.live_index().tombstones) == 11
+    check_against_brute_force(collection, base, seed=9)
     collection.close(snapshot=False)
 
 
