@@ -23,6 +23,7 @@ from imagesearch.server.client_cli import (
     positive_int,
     server_error,
 )
+from imagesearch.server.printable import printable
 from imagesearch.server.progress import ProgressLine
 
 EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
@@ -138,5 +139,6 @@ def _summary(outcome: FolderImport, collection: str, holds: int) -> str:
 
 
 def _shown(name: str) -> str:
-    """A file name that prints in any locale (bytes that are not UTF-8 shown as \\xNN escapes)."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """A file name that prints in any locale and on one line: bytes that are not UTF-8 as \\xNN
+    escapes, control characters as theirs (a newline in a name printed it on two: an outside test)."""
+    return printable(name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"))

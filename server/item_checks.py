@@ -5,7 +5,6 @@ whether it fails the call or only the item (skip_invalid)."""
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterable, Sequence
 
@@ -16,6 +15,7 @@ from imagesearch.server.config import Limits
 from imagesearch.server.errors import DeadlineExceeded, ImageSearchError, InvalidArgument, ResourceExhausted
 from imagesearch.server.image_header import HeaderError, read_header
 from imagesearch.server.imaging import decoded_pixels
+from imagesearch.server.printable import UNPRINTABLE  # refused in ids and labels
 from imagesearch.server.records import ImageItem
 from imagesearch.server.vector_index import FLOAT16
 from imagesearch.server.vector_input import (
@@ -24,8 +24,6 @@ from imagesearch.server.vector_input import (
     as_matrix,
     read_vector,
 )
-
-CONTROL_CHARACTER = re.compile("[\x00\n\r\t]")  # refused in ids (they break logs and listings)
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
 
@@ -112,15 +110,17 @@ def _fits_storage(matrix: np.ndarray, collection: Collection) -> np.ndarray:
 
 def check_fields(item: ImageItem, prefix: str, limits: Limits) -> None:
     """An item's id, label and metadata within the limits (its image or vector is checked apart)."""
-    if len(item.id) > limits.max_id_length or CONTROL_CHARACTER.search(item.id):
+    if len(item.id) > limits.max_id_length or UNPRINTABLE.search(item.id):
         raise InvalidArgument(
-            f"id must be at most {limits.max_id_length} characters without control characters",
+            f"id must be at most {limits.max_id_length} characters without control characters, line "
+            "separators or bidirectional controls",
             field=f"{prefix}.id",
             reason="BAD_ID",
         )
-    if len(item.label) > limits.max_label_length:
+    if len(item.label) > limits.max_label_length or UNPRINTABLE.search(item.label):
         raise InvalidArgument(
-            f"label is longer than {limits.max_label_length} characters",
+            f"label must be at most {limits.max_label_length} characters without control characters, "
+            "line separators or bidirectional controls",
             field=f"{prefix}.label",
             reason="BAD_LABEL",
         )

@@ -21,6 +21,7 @@ from imagesearch.server.client_cli import (
     server_error,
 )
 from imagesearch.server.contact_sheet import SheetItem, hit_item, render_contact_sheet
+from imagesearch.server.printable import printable
 
 
 def add_search_command(commands: argparse._SubParsersAction) -> None:
@@ -113,14 +114,14 @@ def format_hits(hits: Sequence[SearchHit], *, inliers: bool = False) -> str:
     ``inliers``: a column of geometrically verified matches (re-ranked searches)."""
     if not hits:
         return "no hits"
-    id_width = max(2, *(len(hit.id) for hit in hits))
-    label_width = max(5, *(len(hit.label) for hit in hits))
+    ids, labels = [printable(hit.id) for hit in hits], [printable(hit.label) for hit in hits]
+    id_width, label_width = max(2, *map(len, ids)), max(5, *map(len, labels))
     extra = f"  {'inliers':>7}" if inliers else ""
     rows = [f"{'rank':>4}  {'id':<{id_width}}  {'label':<{label_width}}  {'score':>7}{extra}"]
     rows += [
-        f"{rank:>4}  {hit.id:<{id_width}}  {hit.label:<{label_width}}  {hit.score:>7.4f}"
+        f"{rank:>4}  {hit_id:<{id_width}}  {label:<{label_width}}  {hit.score:>7.4f}"
         + (f"  {hit.inliers:>7}" if inliers else "")
-        for rank, hit in enumerate(hits, 1)
+        for rank, (hit, hit_id, label) in enumerate(zip(hits, ids, labels, strict=True), 1)
     ]
     return "\n".join(rows)
 

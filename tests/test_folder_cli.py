@@ -265,3 +265,23 @@ def test_contact_sheet_shows_every_thumbnail_in_a_headless_browser(sheet, tmp_pa
     total = re.search(r'data-images-total="(\d+)"', rendered.stdout)
     assert loaded and total, "the page's load script did not run:\n" + rendered.stdout[:2000]
     assert int(loaded[1]) == int(total[1]) == sheet.read_text().count("<img ") == 7
+
+
+def test_the_search_table_and_file_names_print_unprintable_characters_as_escapes() -> None:
+    """A server may hold what it now refuses (stored before the rule): a newline in a label forged
+    a row of the table, ESC sequences cleared the screen, a newline in a file name split the
+    import's summary (an outside test)."""
+    from imagesearch.client import SearchHit
+    from imagesearch.server.folder_cli import _shown
+    from imagesearch.server.search_cli import format_hits
+
+    hits = [
+        SearchHit(id="g\u202egnp.exe", label="cats\n   2  forged", score=0.5, distance=0.5),
+        SearchHit(id="b", label="\x1b[2Jdogs", score=0.25, distance=0.75),
+    ]
+    table = format_hits(hits)
+    assert table.splitlines()[1:] == [
+        "   1  g\\u202egnp.exe  cats\\n   2  forged   0.5000",
+        "   2  b               \\x1b[2Jdogs          0.2500",
+    ]
+    assert _shown("nl/new\nline.png") == "nl/new\\nline.png"

@@ -732,6 +732,26 @@ CORPUS: list[Case] = [
         NOT_FOUND,
         "COLLECTION_NOT_FOUND",
     ),
+    # Unprintable ids and labels: a newline in a label forged a row of `imagesearch search`'s
+    # table, ESC sequences cleared the screen, U+202E showed "g\u202egnp.exe" as "gexe.png".
+    *(
+        Case(
+            f"add-{field}-holding-{name}",
+            "AddImages",
+            add(pb.ImageInput(vector=vec([0.5] * DIM), **{"id": "u", field: f"cats{char}x"})),
+            INVALID_ARGUMENT,
+            f"BAD_{field.upper()}",
+        )
+        for field in ("id", "label")
+        for name, char in (
+            ("newline", "\n"),
+            ("escape", "\x1b"),
+            ("delete", "\x7f"),
+            ("next-line", "\x85"),
+            ("line-separator", "\u2028"),
+            ("right-to-left-override", "\u202e"),
+        )
+    ),
     Case(
         "add-label-257-chars",
         "AddImages",
