@@ -7,7 +7,7 @@ import logging
 import sys
 from typing import Any
 
-from imagesearch.server.client_cli import path_argument
+from imagesearch.server.client_cli import EXIT_INTERRUPTED, path_argument
 from imagesearch.server.config import load_config
 from imagesearch.server.errors import DataDirLocked
 from imagesearch.server.folder_cli import add_folder_command
@@ -143,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     try:
         return int(args.handler(args) or 0)
+    except KeyboardInterrupt:  # Ctrl-C: a line, not gRPC's traceback (each command says what is left)
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except ModuleNotFoundError as exc:
         return _server_extra_needed(exc)
     except (ValueError, RuntimeError) as exc:  # bad configuration, plugin conflicts

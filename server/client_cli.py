@@ -17,6 +17,7 @@ from imagesearch.client._requests import DEFAULT_TARGET
 
 TARGET_ENV = "IMAGESEARCH_TARGET"
 EXIT_OK, EXIT_PARTIAL, EXIT_ERROR = 0, 1, 2
+EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
 
 
 def add_server_arguments(parser: argparse.ArgumentParser, *, collection: bool = True) -> None:
@@ -32,6 +33,14 @@ def add_server_arguments(parser: argparse.ArgumentParser, *, collection: bool = 
         parser.add_argument(
             "--collection", metavar="NAME", help="collection (default: the 'default' collection)"
         )
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a number above 0 (a timeout of 0 or less failed every call at once)."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
 
 
 def positive_int(text: str) -> int:

@@ -15,6 +15,7 @@ import sys
 from imagesearch.client import ImageSearchClient, ImageSearchError, NotFound
 from imagesearch.client.folders import FolderImport, FolderScan, add_folder, scan_folder
 from imagesearch.server.client_cli import (
+    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_PARTIAL,
     add_server_arguments,
@@ -26,7 +27,6 @@ from imagesearch.server.client_cli import (
 from imagesearch.server.printable import printable
 from imagesearch.server.progress import ProgressLine
 
-EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
 _LABELS_SHOWN = 10
 
 

@@ -13,8 +13,15 @@ import sys
 import threading
 import time
 
-from imagesearch.client import ImageSearchClient, ImageSearchError
-from imagesearch.server.client_cli import EXIT_OK, add_server_arguments, server_error
+from imagesearch.client import DeadlineExceeded, ImageSearchClient, ImageSearchError
+from imagesearch.server.client_cli import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    add_server_arguments,
+    positive_float,
+    server_error,
+)
 from imagesearch.server.progress import format_duration
 
 TICK_S = 1.0
@@ -35,7 +42,13 @@ def add_train_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the fit (same images + seed: same vocabulary)"
     )
-    parser.add_argument("--timeout", type=float, default=3600.0, metavar="S", help="give up after S seconds")
+    parser.add_argument(
+        "--timeout",
+        type=positive_float,
+        default=3600.0,
+        metavar="S",
+        help="stop waiting after S seconds (the server finishes the training all the same)",
+    )
     add_server_arguments(parser)
     parser.set_defaults(handler=cmd_train)
 
@@ -52,6 +65,19 @@ def _ticker(label: str, done: threading.Event) -> None:
         sys.stderr.write("\n")
 
 
+def _still_training(name: str, code: int) -> int:
+    """What waiting less than the training leaves: the server carries on and commits it (TrainCollection
+    is not cancelled by its caller going away), which a user told only "failed" did not expect (an
+    outside test: the version changed five seconds after the error)."""
+    print(
+        f"stopped waiting; the server goes on training collection '{name}' and commits it unless it is "
+        f"stopped first: `imagesearch` cannot tell when. Its extractor version changes when it lands "
+        "(GetCollection); a second training meanwhile is refused (TRAINING_RUNNING).",
+        file=sys.stderr,
+    )
+    return code
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     name = args.collection or "default"
     done = threading.Event()
@@ -62,8 +88,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             result = client.train_collection(
                 args.collection, model_size=args.words, seed=args.seed, timeout=args.timeout
             )
+    except DeadlineExceeded as error:
+        server_error(error, args.target)
+        return _still_training(name, EXIT_ERROR)
     except ImageSearchError as error:
         return server_error(error, args.target)
+    except KeyboardInterrupt:
+        return _still_training(name, EXIT_INTERRUPTED)
     finally:
         done.set()
         ticker.join()

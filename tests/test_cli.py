@@ -60,3 +60,45 @@ def test_plugins_prints_each_problem_once(tmp_path):
     assert done.returncode == 1
     assert done.stdout.count("[plugins.nope] configures no loaded plugin") == 1
     assert "[plugins.nope]" not in done.stderr
+
+
+def _raising(error: BaseException):
+    def call(*args, **kwargs):
+        raise error
+
+    return call
+
+
+def test_train_interrupted_or_timed_out_says_the_server_goes_on(monkeypatch, capsys):
+    """The server finishes a training its caller stopped waiting for; the CLI said only "failed"
+    (or printed a traceback on Ctrl-C) and the version changed seconds later (an outside test)."""
+    import pytest
+
+    from imagesearch.client import DeadlineExceeded, ImageSearchClient
+
+    train = ["train", "--collection", "c", "--target", "127.0.0.1:9"]
+    monkeypatch.setattr(ImageSearchClient, "train_collection", _raising(KeyboardInterrupt()))
+    assert main(train) == 130
+    err = capsys.readouterr().err
+    assert "stopped waiting; the server goes on training collection 'c'" in err and "Traceback" not in err
+    monkeypatch.setattr(
+        ImageSearchClient, "train_collection", _raising(DeadlineExceeded("Deadline Exceeded"))
+    )
+    assert main(train) == 2
+    err = capsys.readouterr().err
+    assert "did not answer in time" in err and "commits it unless it is stopped first" in err
+    for bad in ("0", "-1"):
+        with pytest.raises(SystemExit):
+            from imagesearch.server.cli import build_parser
+
+            build_parser().parse_args([*train, "--timeout", bad])
+        assert "must be above 0" in capsys.readouterr().err
+
+
+def test_ctrl_c_in_any_command_is_one_line_and_exit_130(monkeypatch, capsys):
+    """`search` and `eval` died of SIGINT with gRPC's traceback; `add` said one line (an outside test)."""
+    from imagesearch.client import ImageSearchClient
+
+    monkeypatch.setattr(ImageSearchClient, "search", _raising(KeyboardInterrupt()))
+    assert main(["search", __file__, "--target", "127.0.0.1:9"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "interrupted"
