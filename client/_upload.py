@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import grpc
 
-from imagesearch.client.errors import from_rpc_error
+from imagesearch.client.errors import ImageSearchError, from_rpc_error
 from imagesearch.client.types import AddResult, PathLike
 from imagesearch.v1 import image_search_service_pb2 as pb
 
@@ -75,6 +75,17 @@ def _check_distinct(ids: Sequence[str], paths: Sequence[Path]) -> None:
             raise ValueError(
                 f"ids: {image_id!r} is given to both {first[image_id]} and {path}; nothing was sent"
             )
+
+
+def server_batch_limit(failure: BaseException, batch_size: int) -> int | None:
+    """The chunk size of a server that refused ours as BATCH_TOO_LARGE (its ``limit``), if below
+    ``batch_size``, else None. ``add_files`` then sends again in chunks that size: a server with a
+    lowered ``max_batch_size`` refused every `imagesearch add` and `eval` at their defaults, for
+    good, and "run the same command again" could not help (an outside test)."""
+    if not isinstance(failure, ImageSearchError) or failure.reason != "BATCH_TOO_LARGE":
+        return None
+    limit = failure.details.metadata.get("limit", "")
+    return int(limit) if limit.isdigit() and 0 < int(limit) < batch_size else None
 
 
 class Upload:

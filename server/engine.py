@@ -228,8 +228,8 @@ class Engine:
             raise InvalidArgument("no images in the request", field="images", reason="EMPTY_BATCH")
         if len(items) > self.limits.max_batch_size:
             raise ResourceExhausted(
-                f"batch has {len(items)} images; the limit is {self.limits.max_batch_size} "
-                "(split it, or use AddImagesStream)",
+                f"batch has {len(items)} images; the limit is {self.limits.max_batch_size}: split it "
+                "(a stream's chunks too; the Python client's add_files does it by itself)",
                 field="images",
                 reason="BATCH_TOO_LARGE",
                 metadata={"limit": str(self.limits.max_batch_size), "value": str(len(items))},

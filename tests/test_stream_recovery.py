@@ -18,7 +18,7 @@ from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
 from tests.conftest import tiny_config
 from tests.support.images import encode, pattern
 from tests.support.process import tiny_server
-from tests.support.tiny_plugin import TINY_PLUGIN
+from tests.support.tiny_plugin import TINY_PLUGIN, TinyExtractor
 from tests.support.uploads import listed_ids, stored_progress
 
 pytestmark = pytest.mark.e2e
@@ -272,3 +272,29 @@ def test_the_client_says_when_to_retry_a_stream_refused_by_back_pressure(data_di
             release.set()
             holder.join(10)
     assert (caught.value.reason, caught.value.retry_delay) == ("TOO_MANY_STREAMS", 1.0)
+
+
+def test_an_upload_larger_than_the_servers_batches_is_sent_again_in_chunks_it_takes(data_dir, tmp_path):
+    """A server with a lowered max_batch_size refused every `imagesearch add` and `eval` at their
+    defaults (chunks of 32), and "run the same command again" failed the same way (an outside
+    test). add_files sends again in the chunks the refusal names, each image stored once; so does
+    the asyncio client, and the folder import and evaluation that use it."""
+    import asyncio
+
+    from imagesearch.client.aio import AsyncImageSearchClient
+
+    paths = _photos(tmp_path, 11)
+    config = tiny_config(data_dir, limits={"max_batch_size": 4})
+    with run_server(config, extra_plugins=[TINY_PLUGIN]) as running:
+        with ImageSearchClient(running.target) as client:
+            client.create_collection("sync", extractor=TinyExtractor.name)
+            added = client.add_files(paths, collection="sync")
+            assert added.added_count == 11 and added.chunk_count == 3
+            assert sorted(image.id for image in client.iter_images(collection="sync")) == sorted(added.ids)
+            client.create_collection("async", extractor=TinyExtractor.name)
+
+        async def upload():
+            async with AsyncImageSearchClient(running.target) as client:
+                return await client.add_files(paths, ids=[p.stem for p in paths], collection="async")
+
+        assert asyncio.run(upload()).added_count == 11
