@@ -7,7 +7,7 @@ clients differ only in which module builds the channel and in ``await``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -15,6 +15,8 @@ import grpc
 from google.protobuf.descriptor import MethodDescriptor
 
 from imagesearch.client import _requests as R
+from imagesearch.client._upload import PerFile, Progress, Upload
+from imagesearch.client.types import PathLike
 
 
 class ClientBase:
@@ -61,6 +63,30 @@ class ClientBase:
         if rpc is not None:
             rpc.check_size(self.max_message_bytes, request_id)
         return kwargs, request_id
+
+    def _upload(
+        self,
+        paths: Iterable[PathLike],
+        labels: PerFile,
+        ids: PerFile,
+        collection: str | None,
+        skip_invalid: bool,
+        skip_existing: bool,
+        batch_size: int,
+        progress: Progress | None,
+    ) -> Upload:
+        """The upload both clients' ``add_files`` send: planned, every file checked, none read yet."""
+        return Upload(
+            paths,
+            labels=labels,
+            ids=ids,
+            collection=collection,
+            skip_invalid=skip_invalid,
+            skip_existing=skip_existing,
+            batch_size=batch_size,
+            max_message_bytes=self.max_message_bytes,
+            progress=progress,
+        )
 
     def _check_open(self) -> None:
         if self._closed:

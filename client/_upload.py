@@ -140,12 +140,32 @@ class Upload:
         self.skip_existing = skip_existing or ids is None  # our own fresh ids cannot clash
         self.chunks = _chunk_sizes(entries, batch_size, budget)
         self.progress = progress
+        self.batch_size, self.max_message_bytes = batch_size, max_message_bytes
         self.sent = 0
         self.error: BaseException | None = None
 
     @property
     def total(self) -> int:
         return len(self.files)
+
+    def in_smaller_chunks(self, failure: BaseException) -> Upload | None:
+        """This upload again, in the chunks of a server that refused it as BATCH_TOO_LARGE
+        (``server_batch_limit``), with its ids and ``skip_existing`` (each image stored once); None
+        for any other failure."""
+        limit = server_batch_limit(failure, self.batch_size)
+        if limit is None:
+            return None
+        return Upload(
+            [file.path for file in self.files],
+            labels=[file.label for file in self.files],
+            ids=list(self.ids),
+            collection=self.collection or None,
+            skip_invalid=self.skip_invalid,
+            skip_existing=True,
+            batch_size=limit,
+            max_message_bytes=self.max_message_bytes,
+            progress=self.progress,
+        )
 
     def __iter__(self) -> Iterator[pb.AddImagesStreamRequest]:
         # Ending the iterator closes the stream normally: every chunk sent is committed and the

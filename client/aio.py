@@ -19,7 +19,7 @@ import grpc.aio
 from imagesearch.client import _requests as R
 from imagesearch.client._base import ClientBase
 from imagesearch.client._requests import CallOptions
-from imagesearch.client._upload import NOTHING_ADDED, PerFile, Progress, Upload, server_batch_limit
+from imagesearch.client._upload import NOTHING_ADDED, PerFile, Progress, Upload
 from imagesearch.client.errors import ImageSearchError, from_rpc_error
 from imagesearch.client.types import (
     AddResult,
@@ -125,34 +125,25 @@ class AsyncImageSearchClient(ClientBase):
         A cancelled call raises its CancelledError carrying ``upload_ids`` (under ``asyncio.timeout``
         or ``wait_for``, the ``__cause__`` of their TimeoutError)."""
         kwargs, request_id = self._prepare(options, deadline=False)
-        paths = list(paths)
-        while True:  # twice at most: again in the chunks a server's max_batch_size allows
-            upload = Upload(
-                paths,
-                labels=labels,
-                ids=ids,
-                collection=collection,
-                skip_invalid=skip_invalid,
-                skip_existing=skip_existing,
-                batch_size=batch_size,
-                max_message_bytes=self.max_message_bytes,
-                progress=progress,
-            )
+        upload: Upload | None = self._upload(
+            paths, labels, ids, collection, skip_invalid, skip_existing, batch_size, progress
+        )
+        while upload is not None:  # twice at most: again in the chunks a server's max_batch_size allows
             if not upload.total:
                 return NOTHING_ADDED
             try:
                 response = await self._multicallable(R.ADD_IMAGES_STREAM)(_off_loop(iter(upload)), **kwargs)
             except grpc.RpcError as error:
                 failure = upload.call_failed(error, request_id)
-                smaller = server_batch_limit(failure, batch_size)
-                if smaller is None:
+                upload = upload.in_smaller_chunks(failure)
+                if upload is None:
                     raise failure from error
-                batch_size, ids, skip_existing = smaller, upload.ids, True  # each image stored once
-                continue
             except BaseException as error:  # a cancelled task (grpc.aio cancels the call): the same
                 upload.interrupted(error)  # exception, carrying the ids to finish with
                 raise
-            return upload.result(response)
+            else:
+                return upload.result(response)
+        raise AssertionError("unreachable: the loop returns or raises")
 
     async def search(
         self,

@@ -16,7 +16,7 @@ import grpc
 from imagesearch.client import _requests as R
 from imagesearch.client._base import ClientBase
 from imagesearch.client._requests import CallOptions
-from imagesearch.client._upload import NOTHING_ADDED, PerFile, Progress, Upload, server_batch_limit
+from imagesearch.client._upload import NOTHING_ADDED, PerFile, Progress, Upload
 from imagesearch.client.errors import ImageSearchError, from_rpc_error
 from imagesearch.client.types import (
     AddResult,
@@ -157,19 +157,10 @@ class ImageSearchClient(ClientBase):
         is missing or too large fails before anything is sent.
         """
         kwargs, request_id = self._prepare(options, deadline=False)
-        paths = list(paths)
-        while True:  # twice at most: again in the chunks a server's max_batch_size allows
-            upload = Upload(
-                paths,
-                labels=labels,
-                ids=ids,
-                collection=collection,
-                skip_invalid=skip_invalid,
-                skip_existing=skip_existing,
-                batch_size=batch_size,
-                max_message_bytes=self.max_message_bytes,
-                progress=progress,
-            )
+        upload: Upload | None = self._upload(
+            paths, labels, ids, collection, skip_invalid, skip_existing, batch_size, progress
+        )
+        while upload is not None:  # twice at most: again in the chunks a server's max_batch_size allows
             if not upload.total:
                 return NOTHING_ADDED
             # A future, not a blocking call: a Ctrl-C must be able to cancel the call, which a
@@ -179,16 +170,16 @@ class ImageSearchClient(ClientBase):
                 response = call.result()
             except grpc.RpcError as error:
                 failure = upload.call_failed(error, request_id)
-                smaller = server_batch_limit(failure, batch_size)
-                if smaller is None:
+                upload = upload.in_smaller_chunks(failure)
+                if upload is None:
                     raise failure from error
-                batch_size, ids, skip_existing = smaller, upload.ids, True  # each image stored once
-                continue
             except BaseException as error:  # Ctrl-C: stop sending; the same exception, carrying the ids
                 call.cancel()
                 upload.interrupted(error)
                 raise
-            return upload.result(response)
+            else:
+                return upload.result(response)
+        raise AssertionError("unreachable: the loop returns or raises")
 
     def search(
         self,
