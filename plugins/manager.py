@@ -107,6 +107,12 @@ class PluginRegistry:
         self._check_default_metrics()
         self._check_trainable_inputs()
 
+    def missing_models_dir(self) -> Path | None:
+        """The models directory the plugins were told of, if it does not exist (no CNN extractors, no
+        SIFT vocabulary: every model-backed extractor is unknown, which alone explained nothing)."""
+        directory = self._models_dir
+        return directory if directory is not None and not directory.is_dir() else None
+
     def problems_naming(self, name: str) -> list[str]:
         """The problems that name ``name`` as a whole word (``sift-vlad``, not ``sift`` inside it):
         why an extractor someone asks for is not there."""

@@ -223,10 +223,17 @@ class Catalog:
         )
 
     def extractor(self, name: str) -> Extractor:
-        """The registered extractor ``name``, or INVALID_ARGUMENT listing the available ones."""
-        return _registered(
-            self.registry.extractors, "extractor", name, "extractor", self.registry.problems_naming(name)
-        )
+        """The registered extractor ``name``, or INVALID_ARGUMENT listing the available ones (and
+        why a model-backed one may be missing: a plugin problem, or no models directory at all)."""
+        problems = self.registry.problems_naming(name)
+        missing = self.registry.missing_models_dir()
+        if missing is not None:
+            problems.append(
+                f"the models directory {missing} does not exist, so no model-backed extractor is loaded: "
+                "`make models` builds the default models there, `imagesearch model export NAME` one, or "
+                "point --models (IMAGESEARCH_MODELS) at them"
+            )
+        return _registered(self.registry.extractors, "extractor", name, "extractor", problems)
 
     def metric(self, name: str) -> Metric:
         """The registered metric ``name``, or INVALID_ARGUMENT listing the available ones."""

@@ -65,6 +65,13 @@ def test_no_vocabulary_no_sift_extractors_but_the_local_features(tmp_path):
     ) as unknown:
         Catalog(tmp_path / "data", registry).extractor("sift-vlad")
     assert unknown.value.reason == "UNKNOWN_EXTRACTOR"
+    # no models directory at all: no plugin problem, but the refusal says what is missing
+    nowhere = PluginRegistry(load_entry_points=False, models_dir=tmp_path / "none", env={})
+    for name in ("sift-vlad", "efficientnet-lite0"):
+        with pytest.raises(
+            InvalidArgument, match=rf"unknown extractor '{name}'.*models directory .*none does not"
+        ):
+            Catalog(tmp_path / f"data-{name}", nowhere).extractor(name)
     assert not [
         p for p in PluginRegistry(load_entry_points=False, models_dir=tmp_path / "none", env={}).problems
     ]
