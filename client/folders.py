@@ -154,6 +154,8 @@ def _local_problem(image: FolderImage, max_message_bytes: int) -> FailedFile | N
         size = image.path.stat().st_size
     except OSError as error:
         return FailedFile(image.path, image.id, "FILE_UNREADABLE", str(error))
+    if not image.path.is_file():  # a FIFO, a device: add_files refused the whole upload, for good
+        return FailedFile(image.path, image.id, "FILE_UNREADABLE", "not a regular file")
     if not os.access(image.path, os.R_OK):
         return FailedFile(image.path, image.id, "FILE_UNREADABLE", "permission denied")
     if size > max_message_bytes - _MESSAGE_MARGIN:

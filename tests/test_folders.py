@@ -8,6 +8,7 @@ thing is tested through the CLI in test_folder_cli.py).
 from __future__ import annotations
 
 import io
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -154,6 +155,22 @@ def test_files_too_large_for_a_message_are_reported_not_sent(tmp_path):
         ("big/huge.jpg", "FILE_TOO_LARGE")
     ]
     assert [image.id for image in servicer.last("AddImagesStream").request[0].images] == ["big/small.jpg"]
+
+
+def test_a_fifo_or_a_device_among_the_images_is_listed_and_the_rest_stored(remembering, tmp_path):
+    """One FIFO named like an image aborted the whole import, and every re-run the same way
+    (an outside test): it is listed as unreadable, as a dangling link is."""
+    _, client = remembering
+    (tmp_path / "cats").mkdir()
+    (tmp_path / "cats" / "a.jpg").write_bytes(b"jpg")
+    os.mkfifo(tmp_path / "cats" / "pipe.jpg")
+    (tmp_path / "cats" / "zero.png").symlink_to("/dev/zero")
+    outcome = add_folder(client, tmp_path)
+    assert outcome.stored == 1
+    assert sorted((f.id, f.reason, f.message) for f in outcome.failed) == [
+        ("cats/pipe.jpg", "FILE_UNREADABLE", "not a regular file"),
+        ("cats/zero.png", "FILE_UNREADABLE", "not a regular file"),
+    ]
 
 
 def test_a_folder_without_images_sends_nothing(remembering, tmp_path):
