@@ -147,8 +147,11 @@ def check_listenable(host: str, port: int) -> None:
         addresses = socket.getaddrinfo(
             host.removeprefix("[").removesuffix("]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
-    except socket.gaierror as exc:
-        raise RuntimeError(_cannot_listen(host, port, exc.strerror or str(exc))) from exc
+    except socket.gaierror as exc:  # not a port conflict: the name itself is unknown
+        raise RuntimeError(
+            f"cannot listen on {host}:{port}: {host!r} does not resolve to an address of this machine "
+            f"({exc.strerror or exc}); give an address (127.0.0.1, 0.0.0.0, [::1]) or a name that resolves"
+        ) from exc
     # gRPC listens on every address of the host it can bind, silently leaving out the others: with
     # [::1]:port held by another process, "localhost" served on 127.0.0.1 alone, and clients of
     # localhost reached the other process (an outside test). An address taken refuses the start;
@@ -174,6 +177,11 @@ def _miswritten(host: str) -> str:
     """What is wrong with how ``host`` is written, or "". gRPC read "::1:50051" as a domain name it
     could not resolve, after the probe passed and the data directory was written; "[::1" and
     "[::1]:50799" were "held by another process" (outside tests)."""
+    if "://" in host:
+        bare = host.split("://", 1)[1].split("/", 1)[0]
+        return f"a host name or address, not a URL: --host '{bare}'"
+    if any(character.isspace() for character in host):
+        return f"{host!r} holds white space; a host name or address has none"
     inner = host.removeprefix("[").removesuffix("]")
     port_given = re.fullmatch(r"(\[[^\[\]]*\]|[^:\[\]]*):(\d+)", host)
     if port_given:

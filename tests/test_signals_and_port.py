@@ -137,6 +137,8 @@ def test_an_ipv6_host_without_brackets_is_refused_saying_how_to_write_it(host: s
         ("[::1]:50799", r"the port goes in --port, not --host: --host '\[::1\]' --port 50799"),
         ("localhost:50051", r"the port goes in --port, not --host: --host 'localhost' --port 50051"),
         ("[localhost]", r"brackets hold an IPv6 address, and 'localhost' is not one"),
+        ("http://127.0.0.1", r"a host name or address, not a URL: --host '127.0.0.1'"),
+        ("127.0.0.1 ", r"'127.0.0.1 ' holds white space"),
     ],
 )
 def test_a_miswritten_host_is_refused_saying_how_to_write_it(host: str, said: str) -> None:
@@ -170,3 +172,11 @@ def test_a_host_naming_an_address_another_process_holds_is_refused(monkeypatch: 
     lacking = [both[0], (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("fe80::dead:1", port, 0, 0))]
     monkeypatch.setattr(app.socket, "getaddrinfo", lambda *args, **kwargs: lacking)
     app.check_listenable("localhost", port)  # fe80::dead:1 is no address here: 127.0.0.1 serves
+
+
+def test_a_host_name_that_does_not_resolve_is_not_blamed_on_another_process() -> None:
+    from imagesearch.server import app
+
+    with pytest.raises(RuntimeError, match=r"'no-such-host\.invalid' does not resolve") as refused:
+        app.check_listenable("no-such-host.invalid", 50999)
+    assert "another process" not in str(refused.value)
