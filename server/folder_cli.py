@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from imagesearch.client import ImageSearchClient, ImageSearchError, NotFound
+from imagesearch.client import AlreadyExists, ImageSearchClient, ImageSearchError, NotFound
 from imagesearch.client.folders import FolderImport, FolderScan, add_folder, scan_folder
 from imagesearch.server.client_cli import (
     EXIT_INTERRUPTED,
@@ -75,7 +75,10 @@ def _ensure_collection(client: ImageSearchClient, name: str | None) -> None:
     except NotFound:
         if name is None:
             raise
-        created = client.create_collection(name)
+        try:
+            created = client.create_collection(name)
+        except AlreadyExists:  # another import made it meanwhile: use it (the loser exited 2)
+            return
         print(
             f"created collection {name!r}: {created.extractor}, {created.metric}, {created.index_type.value}"
         )

@@ -285,3 +285,25 @@ def test_the_search_table_and_file_names_print_unprintable_characters_as_escapes
         "   2  b               \\x1b[2Jdogs          0.2500",
     ]
     assert _shown("nl/new\nline.png") == "nl/new\\nline.png"
+
+
+def test_an_import_that_loses_the_race_to_create_its_collection_uses_it(server, tree, monkeypatch):
+    """Two imports into one new collection at once: the one whose create came second exited 2 with
+    ALREADY_EXISTS (an outside test, 1 run in 3)."""
+    from imagesearch.client import NotFound
+    from imagesearch.server.folder_cli import _ensure_collection
+
+    with ImageSearchClient(server.target) as client:
+        client.create_collection("raced")  # made by the other import after this one looked
+        real_get = client.get_collection
+        looked: list[str] = []
+
+        def not_yet(name: str | None = None, **options: object):
+            if not looked:
+                looked.append(str(name))
+                raise NotFound("collection 'raced' not found")
+            return real_get(name, **options)
+
+        monkeypatch.setattr(client, "get_collection", not_yet)
+        _ensure_collection(client, "raced")  # no AlreadyExists
+        assert looked == ["raced"] and client.get_collection("raced").name == "raced"
