@@ -37,7 +37,8 @@ class Dataset:
     root: Path
     images: tuple[LabelledImage, ...]
     other_files: tuple[Path, ...] = ()
-    """Files that are not images by extension (and files outside any class folder)."""
+    """Files that are not images by extension, files outside any class folder, and files whose
+    names are not UTF-8 (they cannot be sent as ids)."""
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -57,10 +58,20 @@ def read_dataset(root: PathLike) -> Dataset:
     non-hidden subfolder is a class, holding every image below it. Files that are not images and
     images directly in ``root`` (they have no class) land in ``other_files``."""
     scan = scan_folder(root)
-    images = [image for image in scan.images if image.label]
-    unclassed = [image.path for image in scan.images if not image.label]
+    images = [image for image in scan.images if image.label and _utf8(image.id)]
+    # A name that is not UTF-8 cannot be an id (a protobuf string): one failed the whole evaluation
+    # (an outside test); `imagesearch add` lists such a file and goes on.
+    left_out = [image.path for image in scan.images if not image.label or not _utf8(image.id)]
     ordered = sorted(images, key=lambda image: (image.label, image.id))
-    return Dataset(scan.directory, tuple(ordered), tuple(sorted([*unclassed, *scan.not_images])))
+    return Dataset(scan.directory, tuple(ordered), tuple(sorted([*left_out, *scan.not_images])))
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def class_rng(seed: int, name: str) -> np.random.Generator:

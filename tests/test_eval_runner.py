@@ -65,6 +65,18 @@ def test_read_dataset_lists_classes_images_and_other_files(tree: Path):
         read_dataset(tree / "missing")
 
 
+def test_an_image_whose_name_is_not_utf8_is_left_out_not_fatal(tree: Path):
+    """It cannot be sent as an id, and it failed the whole evaluation (an outside test)."""
+    import os
+
+    odd = os.fsencode(tree / "a") + b"/bad\xff.jpg"
+    with open(odd, "wb") as file:
+        file.write(b"x")
+    dataset = read_dataset(tree)
+    assert len(dataset.images) == 7 and all("bad" not in image.id for image in dataset.images)
+    assert [os.fsencode(path) for path in dataset.other_files if "bad" in str(path)] == [odd]
+
+
 def test_a_dataset_given_by_a_relative_path_lists_its_other_files(tree: Path, monkeypatch):
     """``imagesearch eval set`` from the folder above (an outside test: the report's listing of
     other files failed, relative root against absolute paths, and the run exited 2)."""
