@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     from imagesearch.client import SearchHit
 
 # Leading bytes of the formats a browser shows; anything else is labelled JPEG (the server's thumbnails).
-_MIME_BY_MAGIC = (
+_MIME_BY_MAGIC = (  # what browsers show; anything else (a TIFF query) gets no broken picture
+    (b"\xff\xd8\xff", "image/jpeg"),
     (b"\x89PNG", "image/png"),
     (b"GIF8", "image/gif"),
     (b"BM", "image/bmp"),
@@ -53,18 +54,22 @@ def hit_item(rank: int, hit: SearchHit, thumbnail: bytes | None) -> SheetItem:
 
 
 def _data_uri(image: bytes | None) -> str:
-    if not image:
-        return ""
-    mime = next((mime for magic, mime in _MIME_BY_MAGIC if image.startswith(magic)), "image/jpeg")
-    return f"data:{mime};base64," + base64.b64encode(image).decode()
+    """The image inlined, or "" when there is none or browsers cannot show its format (a TIFF
+    query was inlined labelled image/jpeg: a broken picture in every browser, an outside test)."""
+    mime = next((mime for magic, mime in _MIME_BY_MAGIC if image and image.startswith(magic)), "")
+    return f"data:{mime};base64," + base64.b64encode(image).decode() if image and mime else ""
 
 
 def cell(item: SheetItem, css_class: str) -> str:
     """One thumbnail with its caption, as the contact sheet and the evaluation report show it."""
-    image = (
-        f'<img src="{_data_uri(item.thumbnail)}" alt="{html.escape(item.title)}">' if item.thumbnail else ""
+    uri = _data_uri(item.thumbnail)
+    image = f'<img src="{uri}" alt="{html.escape(item.title)}">' if uri else ""
+    shown = (
+        [*item.lines, "(no preview: a format browsers do not show)"]
+        if item.thumbnail and not uri
+        else item.lines
     )
-    lines = "".join(f"<div>{html.escape(line)}</div>" for line in item.lines)
+    lines = "".join(f"<div>{html.escape(line)}</div>" for line in shown)
     return f'<figure class="{css_class}">{image}<figcaption><b>{html.escape(item.title)}</b>{lines}</figcaption></figure>'
 
 

@@ -11,7 +11,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from imagesearch.client import ImageSearchClient, ImageSearchError, SearchHit, SearchResult
+from imagesearch.client import ImageSearchClient, ImageSearchError, NotFound, SearchHit, SearchResult
 from imagesearch.server.client_cli import (
     EXIT_OK,
     add_server_arguments,
@@ -94,9 +94,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                 )
             print(format_hits(result.hits, inliers=bool(args.rerank)))
             if args.html:
-                thumbnails = [
-                    client.get_image(hit.id, collection=args.collection).thumbnail for hit in result
-                ]
+                thumbnails = [_thumbnail(client, hit.id, args.collection) for hit in result]
                 page = _sheet(args.image, query, result, thumbnails, args.collection or "default")
     except ImageSearchError as error:
         return server_error(error, args.target)
@@ -124,6 +122,15 @@ def format_hits(hits: Sequence[SearchHit], *, inliers: bool = False) -> str:
         for rank, (hit, hit_id, label) in enumerate(zip(hits, ids, labels, strict=True), 1)
     ]
     return "\n".join(rows)
+
+
+def _thumbnail(client: ImageSearchClient, image_id: str, collection: str | None) -> bytes | None:
+    """A hit's thumbnail, or None when it was removed since the search (the whole sheet failed
+    with NOT_FOUND: an outside test, under concurrent removals)."""
+    try:
+        return client.get_image(image_id, collection=collection).thumbnail
+    except NotFound:
+        return None
 
 
 def _sheet(

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from itertools import count
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from imagesearch.client import ImageSearchClient
@@ -307,3 +308,22 @@ def test_an_import_that_loses_the_race_to_create_its_collection_uses_it(server, 
         monkeypatch.setattr(client, "get_collection", not_yet)
         _ensure_collection(client, "raced")  # no AlreadyExists
         assert looked == ["raced"] and client.get_collection("raced").name == "raced"
+
+
+def test_a_query_browsers_cannot_show_gets_no_broken_picture_and_a_removed_hit_no_failure(
+    server, indexed, tree, tmp_path
+):
+    """A TIFF query was inlined labelled image/jpeg (broken in every browser), and a hit removed
+    before its thumbnail was fetched failed the whole sheet with NOT_FOUND (outside tests)."""
+    import cv2
+
+    from imagesearch.server.contact_sheet import SheetItem, cell
+    from imagesearch.server.search_cli import _thumbnail
+
+    tiff = tmp_path / "query.tiff"
+    assert cv2.imwrite(str(tiff), np.full((40, 40, 3), 200, np.uint8))
+    shown = cell(SheetItem("query", tiff.read_bytes(), ["query.tiff"]), "query")
+    assert "<img" not in shown and "no preview" in shown
+    assert 'src="data:image/png;base64,' in cell(SheetItem("hit", b"\x89PNG\r\n", []), "hit")
+    with ImageSearchClient(server.target) as client:
+        assert _thumbnail(client, "no-such-image", indexed) is None
