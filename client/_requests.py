@@ -229,7 +229,27 @@ def header(key: str, value: str | bytes) -> tuple[str, str | bytes]:
 
 
 def _collection(name: str | None) -> str:
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"collection must be a str or None, not {type(name).__name__} {name!r}")
     return name or ""
+
+
+def _file_bytes(path: PathLike, what: str) -> bytes:
+    """A file's bytes; an empty path is refused (it read the current directory: "Is a directory: '.'")."""
+    if not os.fspath(path):
+        raise ValueError(f"{what}: an empty path")
+    return Path(path).read_bytes()
+
+
+def _text_fields(item: ImageItem, where: str) -> None:
+    """TypeError naming the field, for what protobuf refused with "bad argument type for built-in
+    operation" (a metadata value 1: an outside test)."""
+    wrong = [(f"{where}.{name}", value) for name, value in (("id", item.id), ("label", item.label))]
+    wrong += [(f"{where}.metadata[{key!r}]", value) for key, value in dict(item.metadata).items()]
+    wrong += [(f"{where}.metadata key", key) for key in dict(item.metadata)]
+    for field, value in wrong:
+        if not isinstance(value, str):
+            raise TypeError(f"{field} must be a str, not {type(value).__name__} {value!r}")
 
 
 def float_vector(values: VectorLike, what: str = "vector") -> pb.FloatVector:
@@ -249,9 +269,10 @@ def _is_path(value: object) -> bool:
 def image_input(item: ImageItem | PathLike, *, where: str = "item") -> pb.ImageInput:
     """The ImageInput of an ImageItem, or of a file path (read now, id left to the server)."""
     if _is_path(item):
-        item = ImageItem.from_path(item)  # type: ignore[arg-type]
+        item = ImageItem(content=_file_bytes(item, where))  # type: ignore[arg-type]
     if not isinstance(item, ImageItem):
         raise TypeError(f"{where} must be an ImageItem or a file path, not {type(item).__name__}")
+    _text_fields(item, where)
     message = pb.ImageInput(id=item.id, label=item.label, metadata=dict(item.metadata))
     if item.content is not None:
         message.content = bytes(item.content)
@@ -341,7 +362,7 @@ def _set_query(
     if len(given) != 1:
         raise ValueError(f"a query needs exactly one of image, image_id or vector; got {given or 'none'}")
     if image is not None:
-        request.image = Path(image).read_bytes() if _is_path(image) else bytes(image)  # type: ignore[arg-type]
+        request.image = _file_bytes(image, "image") if _is_path(image) else bytes(image)  # type: ignore[arg-type]
     elif image_id is not None:
         request.image_id = image_id
     else:

@@ -913,3 +913,18 @@ def test_an_async_upload_timed_out_by_asyncio_carries_its_ids_in_the_cause(tmp_p
     with fake_server() as (_, target):
         error = asyncio.run(upload_for_a_moment())
     assert len(error.__cause__.upload_ids) == 6  # type: ignore[union-attr]
+
+
+def test_misused_arguments_name_themselves() -> None:
+    """protobuf said "bad argument type for built-in operation" for a metadata value 1 or a
+    collection 123, and an empty image path read the current directory (an outside test)."""
+    with pytest.raises(TypeError, match=r"item\.metadata\['a'\] must be a str, not int 1"):
+        R.image_input(ImageItem(id="x", vector=[1.0], metadata={"a": 1}))  # type: ignore[dict-item]
+    with pytest.raises(TypeError, match=r"item\.label must be a str, not int 3"):
+        R.image_input(ImageItem(id="x", vector=[1.0], label=3))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="collection must be a str or None, not int 123"):
+        R.get_collection(123)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="image: an empty path"):
+        _search(image="")
+    with pytest.raises(ValueError, match="an empty path"):
+        R.image_input("")
