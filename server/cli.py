@@ -151,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError) as exc:  # bad configuration, plugin conflicts
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a path that is a file, not a folder, or the reverse: no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -626,6 +626,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace, connect: Callable[[str], ImageSearchClient] = ImageSearchClient) -> int:
+    for report in (args.json, args.html):  # before the evaluation, which can take hours
+        if report is not None and not report.resolve().parent.is_dir():
+            raise ValueError(f"cannot write {report}: no directory {report.resolve().parent}")
     dataset = read_dataset(args.dataset)
     if not dataset.images:
         raise ValueError(f"no images in class folders under {args.dataset} (DATASET/<class>/<images>)")

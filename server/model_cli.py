@@ -18,6 +18,7 @@ from imagesearch.plugins import onnx_cnn
 from imagesearch.plugins.cnn.labels import top_k
 from imagesearch.plugins.cnn.preprocess import preprocess
 from imagesearch.plugins.cnn.recipes import RECIPES
+from imagesearch.server.client_cli import non_negative_int
 from imagesearch.server.config import Limits, default_models_dir
 from imagesearch.server.errors import ImageSearchError
 from imagesearch.server.imaging import decode_image
@@ -177,7 +178,7 @@ def add_model_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     vocabulary.add_argument("--out", help="output directory (default: the models directory)")
     vocabulary.add_argument("--words", type=int, default=32, help="vocabulary size k (default 32)")
-    vocabulary.add_argument("--seed", type=int, default=0, help="k-means seed (default 0)")
+    vocabulary.add_argument("--seed", type=non_negative_int, default=0, help="k-means seed (default 0)")
     vocabulary.set_defaults(handler=cmd_vocabulary)
 
     verify = commands.add_parser("verify", help="classify images (top-5) and check ONNX vs torch parity")

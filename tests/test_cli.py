@@ -102,3 +102,18 @@ def test_ctrl_c_in_any_command_is_one_line_and_exit_130(monkeypatch, capsys):
     monkeypatch.setattr(ImageSearchClient, "search", _raising(KeyboardInterrupt()))
     assert main(["search", __file__, "--target", "127.0.0.1:9"]) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == "interrupted"
+
+
+def test_paths_and_seeds_the_commands_cannot_use_are_one_line_errors(tmp_path, capsys):
+    """`dataset FILE` and `model vocabulary --out FILE` ended in tracebacks; `--seed -1` was taken;
+    `eval --json /missing/x.json` ran the whole evaluation before failing to write (an outside test)."""
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert main(["dataset", str(a_file)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert main(["model", "vocabulary", "--seed", "-1"]) == 2
+    assert "must be at least 0" in capsys.readouterr().err
+    missing = tmp_path / "missing" / "x.json"
+    assert main(["eval", str(tmp_path), "--json", str(missing), "--target", "127.0.0.1:9"]) == 2
+    assert f"cannot write {missing}" in capsys.readouterr().err
