@@ -153,8 +153,9 @@ class Upload:
         (``server_batch_limit``), with its ids and ``skip_existing`` (each image stored once); None
         for any other failure."""
         limit = server_batch_limit(failure, self.batch_size)
-        if limit is None:
-            return None
+        stored = getattr(getattr(failure, "details", None), "stored", None)
+        if limit is None or (not all(self.ids) and (stored is None or stored.added_count)):
+            return None  # images the server named, some perhaps stored: sent again, they would be twice
         return Upload(
             [file.path for file in self.files],
             labels=[file.label for file in self.files],

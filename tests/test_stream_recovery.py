@@ -291,6 +291,9 @@ def test_an_upload_larger_than_the_servers_batches_is_sent_again_in_chunks_it_ta
             added = client.add_files(paths, collection="sync")
             assert added.added_count == 11 and added.chunk_count == 3
             assert sorted(image.id for image in client.iter_images(collection="sync")) == sorted(added.ids)
+            # ids the server makes: sent again only because the refusal stored nothing
+            assert client.add_files(paths, ids=[""] * 11, collection="sync").added_count == 11
+            assert client.get_collection("sync").image_count == 22
             client.create_collection("async", extractor=TinyExtractor.name)
 
         async def upload():
