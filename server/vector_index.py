@@ -146,12 +146,11 @@ RESCORE_MARGIN_CAP = 300  # past k = 100 the pool grows by k only: top_k 1000 re
 
 
 # HNSW inserts one vector at a time into a graph, about a millisecond each at 20,000 x 1280 on this
-# VM's two cores: an add of 256 held the collection's searches for 0.26 s. An HNSW add is applied
-# in pieces of about HNSW_PIECE_S each (sized from the last piece's time per vector, at least
-# HNSW_MIN_PIECE vectors), and the searches waiting go between them (``Collection.add``). Pieces
-# cost FAISS some of its parallel insertion: one 256 at a time against 64, 32 and 16, 12,000
-# vectors took 7.8, 9.3, 9.7 and 9.8 s, the longest piece 259, 109, 70 and 51 ms (ad hoc, this
-# VM; bench/bench_ingest_stages.py prints the longest search during an HNSW ingest).
+# VM's two cores: an add of 256 held the collection's searches for a quarter of a second. An HNSW
+# add is applied in pieces of about HNSW_PIECE_S each (sized from the last piece's time per vector,
+# at least HNSW_MIN_PIECE vectors), and the searches waiting go between them (``Collection.add``).
+# Pieces cost FAISS some of its parallel insertion: bench/bench_ingest_stages.py runs an HNSW ingest
+# both ways in one run, searches meanwhile (bench/README.md, "Ingest stages").
 HNSW_PIECE_S = 0.05
 HNSW_MIN_PIECE = 16
 

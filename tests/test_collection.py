@@ -909,7 +909,7 @@ def test_a_removal_waits_for_an_index_update_still_to_come(
 def test_an_hnsw_add_is_applied_in_pieces_and_searches_go_between_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """HNSW inserts are slow (an add of 256 held searches for 0.26 s at 20,000 x 1280): an add is
+    """HNSW inserts are slow (an add of 256 held searches for a quarter of a second at 20,000 x 1280): an add is
     applied in pieces sized from the last one's time per vector, and the searches waiting go
     between them. The index ends as one add would leave it: every row once, after a restart too."""
     monkeypatch.setattr(vector_index_module, "HNSW_PIECE_S", 1e-9)  # pieces of HNSW_MIN_PIECE
