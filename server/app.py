@@ -292,6 +292,8 @@ def run_server(
     config = config or ServerConfig()
     check_decoder_cap(config.limits)
     check_listenable(config.host, config.port)  # before the data directory is locked or touched
+    if config.data_dir.exists() and not config.data_dir.is_dir():  # said only "[Errno 17] File exists"
+        raise RuntimeError(f"the data directory {config.data_dir} is a file; give --data a directory")
     registry = registry or plugin_registry(config, extra_plugins)
     catalog = Catalog(config.data_dir, registry, config.limits)
     default_extractor_reported(config.default_extractor, registry)

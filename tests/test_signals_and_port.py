@@ -180,3 +180,11 @@ def test_a_host_name_that_does_not_resolve_is_not_blamed_on_another_process() ->
     with pytest.raises(RuntimeError, match=r"'no-such-host\.invalid' does not resolve") as refused:
         app.check_listenable("no-such-host.invalid", 50999)
     assert "another process" not in str(refused.value)
+
+
+def test_a_data_directory_that_is_a_file_is_named_as_such(tmp_path: Path) -> None:
+    """It said only "[Errno 17] File exists: ..." (an outside test)."""
+    (tmp_path / "data").write_text("not a directory")
+    refused = _serve(tmp_path, "--port", "0")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert f"the data directory {tmp_path / 'data'} is a file; give --data a directory" in refused.stderr
