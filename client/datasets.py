@@ -18,7 +18,7 @@ from typing import Self
 
 import numpy as np
 
-from imagesearch.client.folders import FolderImage, scan_folder
+from imagesearch.client.folders import FolderImage, is_utf8, scan_folder
 from imagesearch.client.types import PathLike
 
 HOLDOUT = "holdout"
@@ -58,20 +58,13 @@ def read_dataset(root: PathLike) -> Dataset:
     non-hidden subfolder is a class, holding every image below it. Files that are not images and
     images directly in ``root`` (they have no class) land in ``other_files``."""
     scan = scan_folder(root)
-    images = [image for image in scan.images if image.label and _utf8(image.id)]
-    # A name that is not UTF-8 cannot be an id (a protobuf string): one failed the whole evaluation
-    # (an outside test); `imagesearch add` lists such a file and goes on.
-    left_out = [image.path for image in scan.images if not image.label or not _utf8(image.id)]
+    # A name that is not UTF-8 cannot be an id: one failed the whole evaluation (an outside test);
+    # `imagesearch add` lists such a file and goes on.
+    usable = {image.id: bool(image.label) and is_utf8(image.id) for image in scan.images}
+    images = [image for image in scan.images if usable[image.id]]
+    left_out = [image.path for image in scan.images if not usable[image.id]]
     ordered = sorted(images, key=lambda image: (image.label, image.id))
     return Dataset(scan.directory, tuple(ordered), tuple(sorted([*left_out, *scan.not_images])))
-
-
-def _utf8(text: str) -> bool:
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def class_rng(seed: int, name: str) -> np.random.Generator:

@@ -144,11 +144,18 @@ def add_folder(
     return _summary(scan, sendable, result, tuple(local_failures.values()))
 
 
+def is_utf8(name: str) -> bool:
+    """Whether a file name can be an id (a protobuf string): bytes that are not UTF-8 cannot."""
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _local_problem(image: FolderImage, max_message_bytes: int) -> FailedFile | None:
     """Why a file cannot be sent at all (add_files would refuse the whole upload for it)."""
-    try:
-        image.id.encode()  # a name with bytes that are not UTF-8 cannot be an id (a protobuf string)
-    except UnicodeEncodeError:
+    if not is_utf8(image.id):
         return FailedFile(image.path, image.id, "FILE_NAME_NOT_UTF8", "the file name is not valid UTF-8")
     try:
         size = image.path.stat().st_size

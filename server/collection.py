@@ -669,16 +669,16 @@ class Collection:
         try:
             # Only index changes take _indexing, which this add holds: the index stands still while
             # its storage grows here, and searches go on (VectorIndex.room_for).
-            grown = self.index.room_for(len(row_ids)) if self.index is not None else None
-            if self.index is not None:
-                self.index.learn_ahead(prepared)  # IVF's k-means, before the lock too
+            first = self.index  # the add before may have rebuilt it after a failed update
             ids = np.array(row_ids, dtype=np.int64)
-            pieces = self.index.pieces(len(ids)) if self.index is not None else [slice(0, len(ids))]
-            first: VectorIndex | None = None
+            grown, pieces = None, [slice(0, len(ids))]
+            if first is not None:
+                grown = first.room_for(len(ids))
+                first.learn_ahead(prepared)  # IVF's k-means, before the lock too
+                pieces = first.pieces(len(ids))
             for number, piece in enumerate(pieces):  # one, but on HNSW (VectorIndex.pieces)
                 with self.lock.write(after_waiting_readers=number > 0):
-                    index = self.index  # now: the add before may have rebuilt it after a failed update
-                    first = index if number == 0 else first
+                    index = self.index  # another after a piece's failed update (rebuilt, or None)
                     if grown is not None and number == 0:
                         grown()
                     # Not after a rebuild (it holds every row of this add) or with none (read-only:
@@ -751,7 +751,8 @@ class Collection:
         """Rebuild an HNSW index without its tombstones (``needs_compaction``) while searches go on
         with it, then put the new one in place. Rebuilt under the write lock, it held every search
         of the collection for as long as inserting every vector takes: at the 1,100 vectors/s
-        bench/README.md measured for HNSW ("Ingest stages"), 18 s for 20,000. The caller holds
+        bench/README.md measured for HNSW ("Ingest stages", into 5,000 to 10,000 vectors; slower
+        into more), 18 s or more for 20,000. The caller holds
         ``_writing``: nothing changes the store or the index meanwhile. A failure leaves the
         tombstoned index serving, which answers rightly (the removal is committed either way)."""
         try:
