@@ -8,6 +8,7 @@ it saw, so every state is distinguishable and every vector can be predicted.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import threading
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ import pytest
 
 from imagesearch.plugins.metrics import L2
 from imagesearch.plugins.types import LocalFeatures, NotEnoughTrainingData, TrainableExtractor
+from imagesearch.server import collection as collection_module
 from imagesearch.server.collection import SNAPSHOT_FILE, Collection, CollectionSpec
 from imagesearch.server.errors import Aborted, FailedPrecondition, Internal, Unavailable
 from imagesearch.server.store import NewImage
@@ -210,6 +212,80 @@ def test_a_training_no_longer_wanted_is_abandoned_uncommitted(collection: Collec
     assert all(np.array_equal(before[key], after[key]) for key in before)
     assert (collection.directory / SNAPSHOT_FILE).exists()  # untouched: nothing was committed
     assert collection.train(0, 0).training_images == 5  # and the next training may run
+
+
+def test_searches_go_on_while_the_new_index_is_built(
+    collection: Collection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new index is built before the commit, outside the writer lock: built after it, under
+    the lock, it held every search for as long as adding every vector takes."""
+    old_query = np.frombuffer(raw(2), np.float32)
+    add = collection_module.VectorIndex.add
+    searched: list[str] = []
+
+    def searched_meanwhile(index: collection_module.VectorIndex, *args: object) -> None:
+        if index is not collection.index and not searched:
+            done = threading.Event()  # a daemon thread: under the lock, it would wait for the build
+
+            def search() -> None:
+                searched.append(collection.search(old_query, 1)[0].id)
+                done.set()
+
+            threading.Thread(target=search, daemon=True).start()
+            assert done.wait(timeout=10), "the search waited for the new index"
+        add(index, *args)
+
+    monkeypatch.setattr(collection_module.VectorIndex, "add", searched_meanwhile)
+    collection.train(0, 0)
+    monkeypatch.undo()
+    assert searched == ["img2"]  # answered by the old state, whole
+    assert collection.search(old_query * 5, 1)[0].id == "img2"
+    assert collection.live_index().size == 5
+
+
+def test_a_failed_index_build_commits_nothing(
+    collection: Collection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Built after the commit, a failed index turned the trained collection read-only."""
+    before = stored_vectors(collection)
+    collection.snapshot()
+
+    def refused(index: collection_module.VectorIndex, *args: object) -> None:
+        raise MemoryError("no room for a second index")
+
+    monkeypatch.setattr(collection_module.VectorIndex, "add", refused)
+    with pytest.raises(Internal, match=r"could not be built .*MemoryError.*not committed") as failed:
+        collection.train(0, 0)
+    monkeypatch.undo()
+    assert failed.value.reason == "TRAINING_FAILED"
+    assert collection.extractor.version == collection.spec.extractor_version == "1+1"
+    assert collection.state_reason == "" and (collection.directory / SNAPSHOT_FILE).exists()
+    after = stored_vectors(collection)
+    assert all(np.array_equal(before[key], after[key]) for key in before)
+    collection.add([image(7, collection.extractor)])  # still writable
+    assert collection.train(0, 0).reencoded_images == 6
+
+
+def test_an_ivf_collection_learns_its_lists_from_the_new_vectors_and_keeps_them(
+    tmp_path: Path, registered: Scaled
+) -> None:
+    spec = dataclasses.replace(SPEC, index_type="ivf", nlist=2, nprobe=2, train_size=4)
+    collection = Collection.create(tmp_path / "ivf", spec, L2, registered, Features())
+    collection.add([image(seed, registered) for seed in range(6)])
+    old_lists = collection.live_index().learnt
+    assert old_lists is not None
+    collection.train(0, 0)
+    lists = collection.live_index().learnt
+    assert lists is not None and not np.allclose(lists, old_lists)  # learnt from vectors × 6
+    stored = collection.store.learnt()
+    assert stored is not None and np.array_equal(stored, lists)
+    expected = np.frombuffer(raw(4), np.float32) * 6
+    assert collection.search(expected, 1)[0].id == "img4"
+    collection.close()
+    again = Collection(tmp_path / "ivf", Collection.read_spec(tmp_path / "ivf"), L2, registered, Features())
+    assert np.array_equal(again.live_index().learnt, lists)
+    assert again.search(expected, 1)[0].id == "img4"
+    again.close()
 
 
 def test_too_little_data_and_a_second_training_are_refused(tmp_path: Path, registered: Scaled) -> None:
