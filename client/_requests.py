@@ -28,6 +28,7 @@ from google.protobuf.message import Message
 from imagesearch.client import _health
 from imagesearch.client.errors import (
     ERROR_CLASSES,
+    MESSAGE_TOO_LARGE,
     REQUEST_ID_HEADER,
     ErrorDetails,
     FieldViolation,
@@ -108,6 +109,9 @@ class Rpc(Generic[T]):
                 f"max_message_bytes ({max_message_bytes}): nothing was sent. {_SMALLER.get(self.method.name, _SMALLER[''])}, "
                 "or raise max_message_bytes on the client and the server",
                 code=grpc.StatusCode.RESOURCE_EXHAUSTED,
+                details=ErrorDetails(
+                    reason=MESSAGE_TOO_LARGE, metadata={"limit": str(max_message_bytes), "size": str(size)}
+                ),
                 request_id=request_id,
             )
 

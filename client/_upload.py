@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import grpc
 
-from imagesearch.client.errors import ImageSearchError, from_rpc_error
+from imagesearch.client.errors import MESSAGE_TOO_LARGE, ImageSearchError, from_rpc_error
 from imagesearch.client.types import AddResult, PathLike
 from imagesearch.v1 import image_search_service_pb2 as pb
 
@@ -77,15 +77,16 @@ def _check_distinct(ids: Sequence[str], paths: Sequence[Path]) -> None:
             )
 
 
-def server_batch_limit(failure: BaseException, batch_size: int) -> int | None:
-    """The chunk size of a server that refused ours as BATCH_TOO_LARGE (its ``limit``), if below
-    ``batch_size``, else None. ``add_files`` then sends again in chunks that size: a server with a
-    lowered ``max_batch_size`` refused every `imagesearch add` and `eval` at their defaults, for
-    good, and "run the same command again" could not help (an outside test)."""
-    if not isinstance(failure, ImageSearchError) or failure.reason != "BATCH_TOO_LARGE":
+def server_limit(failure: BaseException, reason: str, ours: int) -> int | None:
+    """The limit a server named when it refused an upload for ``reason`` (BATCH_TOO_LARGE: its
+    ``max_batch_size``; MESSAGE_TOO_LARGE: its ``max_message_bytes``), if below ``ours``, else
+    None. ``add_files`` then sends again within it: a server with a lowered limit refused every
+    `imagesearch add` and `eval` at their defaults, for good, and "run the same command again"
+    could not help (an outside test)."""
+    if not isinstance(failure, ImageSearchError) or failure.reason != reason:
         return None
     limit = failure.details.metadata.get("limit", "")
-    return int(limit) if limit.isdigit() and 0 < int(limit) < batch_size else None
+    return int(limit) if limit.isdigit() and 0 < int(limit) < ours else None
 
 
 class Upload:
@@ -128,19 +129,20 @@ class Upload:
             _File(path, _file_size(path), file_id, label)
             for path, file_id, label in zip(files, id_list, label_list, strict=True)
         ]
+        self.max_message_bytes = max_message_bytes
+        over = self.first_over(max_message_bytes)
+        if over is not None:
+            raise ValueError(
+                f"{over[0].path} needs {over[1]} bytes, more than one message may carry ({budget}); "
+                "raise max_message_bytes on the client and the server, or shrink the image"
+            )
         entries = [_entry_bytes(f) for f in self.files]
-        for file, size in zip(self.files, entries, strict=True):
-            if size > budget:
-                raise ValueError(
-                    f"{file.path} needs {size} bytes, more than one message may carry ({budget}); "
-                    "raise max_message_bytes on the client and the server, or shrink the image"
-                )
         self.collection = collection or ""
         self.skip_invalid = skip_invalid
         self.skip_existing = skip_existing or ids is None  # our own fresh ids cannot clash
         self.chunks = _chunk_sizes(entries, batch_size, budget)
         self.progress = progress
-        self.batch_size, self.max_message_bytes = batch_size, max_message_bytes
+        self.batch_size = batch_size
         self.sent = 0
         self.error: BaseException | None = None
 
@@ -149,13 +151,24 @@ class Upload:
         return len(self.files)
 
     def in_smaller_chunks(self, failure: BaseException) -> Upload | None:
-        """This upload again, in the chunks of a server that refused it as BATCH_TOO_LARGE
-        (``server_batch_limit``), with its ids and ``skip_existing`` (each image stored once); None
-        for any other failure."""
-        limit = server_batch_limit(failure, self.batch_size)
+        """This upload again, within the limits of a server that refused it as BATCH_TOO_LARGE or
+        MESSAGE_TOO_LARGE (``server_limit``), with its ids and ``skip_existing`` (each image stored
+        once); None for any other failure, and when a file alone is over the server's message
+        limit (``failure`` then names it)."""
+        batch_size = server_limit(failure, "BATCH_TOO_LARGE", self.batch_size)
+        message_bytes = server_limit(failure, MESSAGE_TOO_LARGE, self.max_message_bytes)
         stored = getattr(getattr(failure, "details", None), "stored", None)
-        if limit is None or (not all(self.ids) and (stored is None or stored.added_count)):
+        if batch_size is None and message_bytes is None:
+            return None
+        if not all(self.ids) and (stored is None or stored.added_count):
             return None  # images the server named, some perhaps stored: sent again, they would be twice
+        if message_bytes is not None and isinstance(failure, ImageSearchError):
+            over = self.first_over(message_bytes)
+            if over is not None:
+                failure.message += (
+                    f". {over[0].path} alone needs {over[1]} bytes: shrink it, or raise the server's limit"
+                )
+                return None
         return Upload(
             [file.path for file in self.files],
             labels=[file.label for file in self.files],
@@ -163,10 +176,15 @@ class Upload:
             collection=self.collection or None,
             skip_invalid=self.skip_invalid,
             skip_existing=True,
-            batch_size=limit,
-            max_message_bytes=self.max_message_bytes,
+            batch_size=batch_size or self.batch_size,
+            max_message_bytes=message_bytes or self.max_message_bytes,
             progress=self.progress,
         )
+
+    def first_over(self, max_message_bytes: int) -> tuple[_File, int] | None:
+        """The first file that no message of ``max_message_bytes`` can carry, with its bytes."""
+        budget = max_message_bytes - _CHUNK_HEADROOM
+        return next(((f, size) for f in self.files if (size := _entry_bytes(f)) > budget), None)
 
     def __iter__(self) -> Iterator[pb.AddImagesStreamRequest]:
         # Ending the iterator closes the stream normally: every chunk sent is committed and the

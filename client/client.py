@@ -160,7 +160,7 @@ class ImageSearchClient(ClientBase):
         upload: Upload | None = self._upload(
             paths, labels, ids, collection, skip_invalid, skip_existing, batch_size, progress
         )
-        while upload is not None:  # twice at most: again in the chunks a server's max_batch_size allows
+        while upload is not None:  # again within the limits a server names (each retry lowers one)
             if not upload.total:
                 return NOTHING_ADDED
             # A future, not a blocking call: a Ctrl-C must be able to cancel the call, which a

@@ -12,6 +12,7 @@ a 2-D vector, ...) are ordinary ``ValueError`` / ``TypeError``, not these.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -225,9 +226,36 @@ def from_rpc_error(error: grpc.RpcError, *, request_id: str | None = None) -> Im
     code = code_of() if callable(code_of) else grpc.StatusCode.UNKNOWN
     message = (details_of() if callable(details_of) else str(error)) or code.name
     cls = ERROR_CLASSES.get(code, ImageSearchError)
+    details = parse_details(error)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and not details.reason:
+        message, details = _server_message_limit(message, details)
     return cls(
         message,
         code=code,
-        details=parse_details(error),
+        details=details,
         request_id=_echoed_request_id(error) or request_id or "",
+    )
+
+
+MESSAGE_TOO_LARGE = "MESSAGE_TOO_LARGE"
+"""The reason of a request over a message size limit: the client's own (nothing sent) or, from
+gRPC's refusal, the server's; ``details.metadata["limit"]`` is that limit in bytes."""
+
+_GRPC_REFUSAL = re.compile(r"SERVER: Received message larger than max \((\d+) vs\. (\d+)\)")
+
+
+def _server_message_limit(message: str, details: ErrorDetails) -> tuple[str, ErrorDetails]:
+    """gRPC refuses a request over the server's ``max_message_bytes`` itself, before the server
+    sees it, with a terse text and no reason or limit a caller could act on (an outside test: a
+    server whose limit was below the client's failed every `imagesearch add` for good). Read as
+    MESSAGE_TOO_LARGE with the server's limit; anything else is left as it came."""
+    found = _GRPC_REFUSAL.search(message)
+    if found is None:
+        return message, details
+    size, limit = found.groups()
+    return (
+        f"the request is {size} bytes, more than the server takes in one message ({limit} bytes, its "
+        "max_message_bytes): nothing of it was stored. Send less at once, or raise max_message_bytes "
+        "on the server",
+        ErrorDetails(reason=MESSAGE_TOO_LARGE, metadata={"limit": limit, "size": size}),
     )

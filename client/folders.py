@@ -13,8 +13,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from imagesearch.client._upload import Progress
+from imagesearch.client._upload import Progress, server_limit
 from imagesearch.client.client import ImageSearchClient
+from imagesearch.client.errors import MESSAGE_TOO_LARGE, ImageSearchError
 from imagesearch.client.types import AddResult, PathLike
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -125,23 +126,34 @@ def add_folder(
     again finishes it.
     """
     scan = directory if isinstance(directory, FolderScan) else scan_folder(directory)
-    local_failures = {
-        image.id: failure
-        for image in scan.images
-        if (failure := _local_problem(image, client.max_message_bytes)) is not None
-    }
-    sendable = [image for image in scan.images if image.id not in local_failures]
-    result = client.add_files(
-        [image.path for image in sendable],
-        ids=[image.id for image in sendable],
-        labels=[image.label for image in sendable],
-        collection=collection,
-        skip_existing=True,
-        skip_invalid=True,
-        batch_size=batch_size,
-        progress=progress,
-    )
-    return _summary(scan, sendable, result, tuple(local_failures.values()))
+    limit, whose = client.max_message_bytes, "the client's"
+    while True:  # once more at most: within a server's lower message limit
+        local_failures = {
+            image.id: failure
+            for image in scan.images
+            if (failure := _local_problem(image, limit, whose)) is not None
+        }
+        sendable = [image for image in scan.images if image.id not in local_failures]
+        try:
+            result = client.add_files(
+                [image.path for image in sendable],
+                ids=[image.id for image in sendable],
+                labels=[image.label for image in sendable],
+                collection=collection,
+                skip_existing=True,
+                skip_invalid=True,
+                batch_size=batch_size,
+                progress=progress,
+            )
+        except ImageSearchError as refused:
+            # A file alone over the server's max_message_bytes: listed as too large, the rest sent
+            # again (the ids are ours and skip_existing is set, so nothing is stored twice).
+            lower = server_limit(refused, MESSAGE_TOO_LARGE, limit)
+            if lower is None:
+                raise
+            limit, whose = lower, "the server's"
+            continue
+        return _summary(scan, sendable, result, tuple(local_failures.values()))
 
 
 def is_utf8(name: str) -> bool:
@@ -153,7 +165,7 @@ def is_utf8(name: str) -> bool:
     return True
 
 
-def _local_problem(image: FolderImage, max_message_bytes: int) -> FailedFile | None:
+def _local_problem(image: FolderImage, max_message_bytes: int, whose: str) -> FailedFile | None:
     """Why a file cannot be sent at all (add_files would refuse the whole upload for it)."""
     if not is_utf8(image.id):
         return FailedFile(image.path, image.id, "FILE_NAME_NOT_UTF8", "the file name is not valid UTF-8")
@@ -170,8 +182,8 @@ def _local_problem(image: FolderImage, max_message_bytes: int) -> FailedFile | N
             image.path,
             image.id,
             "FILE_TOO_LARGE",
-            f"{size} bytes do not fit in one message ({max_message_bytes} bytes; raise max_message_bytes "
-            "on the client and the server to send it)",
+            f"{size} bytes do not fit in one message ({max_message_bytes} bytes, {whose} max_message_bytes; "
+            "raise max_message_bytes on the client and the server to send it)",
         )
     return None
 

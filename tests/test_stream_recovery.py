@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 
 import grpc
+import numpy as np
 import pytest
 
 from imagesearch.client import ImageItem, ImageSearchClient, InvalidArgument, ResourceExhausted
@@ -301,3 +302,49 @@ def test_an_upload_larger_than_the_servers_batches_is_sent_again_in_chunks_it_ta
                 return await client.add_files(paths, ids=[p.stem for p in paths], collection="async")
 
         assert asyncio.run(upload()).added_count == 11
+
+
+def _noise(path, side: int, seed: int):
+    """A PNG of random pixels: about 3 bytes a pixel, whatever PNG tries."""
+    path.write_bytes(encode(np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)))
+    return path
+
+
+def test_an_upload_larger_than_the_servers_messages_is_sent_within_them(data_dir, tmp_path):
+    """gRPC refuses a request over the server's max_message_bytes itself, with no reason or limit:
+    a server with a limit below the client's failed every `imagesearch add` for good, "run the same
+    command again" included (an outside test). The refusal now reads MESSAGE_TOO_LARGE with the
+    server's limit; add_files sends again in chunks within it, names a file that no message can
+    carry, and the folder import lists that file and stores the rest."""
+    from imagesearch.client import add_folder
+
+    small = [_noise(tmp_path / f"s{i}.png", 80, i) for i in range(6)]  # ~19 KB each, 3 a message
+    (tmp_path / "folder" / "cats").mkdir(parents=True)
+    big = _noise(tmp_path / "folder" / "cats" / "big.png", 200, 99)  # ~120 KB: over the limit alone
+    for path in small[:2]:
+        (tmp_path / "folder" / "cats" / path.name).write_bytes(path.read_bytes())
+    limit = 64 * 1024
+    config = tiny_config(data_dir, limits={"max_message_bytes": limit})
+    with (
+        run_server(config, extra_plugins=[TINY_PLUGIN]) as running,
+        ImageSearchClient(running.target) as client,
+    ):
+        client.create_collection("c", extractor=TinyExtractor.name)
+        with pytest.raises(ResourceExhausted) as refused:
+            client.add_images([big], collection="c")
+        assert refused.value.reason == "MESSAGE_TOO_LARGE"
+        assert refused.value.details.metadata["limit"] == str(limit)
+        assert "more than the server takes in one message (65536 bytes" in refused.value.message
+
+        added = client.add_files(small, collection="c")
+        assert added.added_count == 6 and added.chunk_count >= 2
+        with pytest.raises(ResourceExhausted, match=r"big\.png alone needs \d+ bytes") as too_large:
+            client.add_files([*small, big], ids=[p.stem for p in [*small, big]], collection="c")
+        assert too_large.value.reason == "MESSAGE_TOO_LARGE"
+        assert client.get_collection("c").image_count == 6  # the refused chunk stored nothing
+
+        imported = add_folder(client, tmp_path / "folder", collection="c")
+        assert imported.stored == 2
+        assert [(f.id, f.reason) for f in imported.failed] == [("cats/big.png", "FILE_TOO_LARGE")]
+        assert "the server's max_message_bytes" in imported.failed[0].message
+        assert client.get_collection("c").image_count == 8
