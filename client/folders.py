@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,15 +136,8 @@ def add_folder(
         }
         sendable = [image for image in scan.images if image.id not in local_failures]
         try:
-            result = client.add_files(
-                [image.path for image in sendable],
-                ids=[image.id for image in sendable],
-                labels=[image.label for image in sendable],
-                collection=collection,
-                skip_existing=True,
-                skip_invalid=True,
-                batch_size=batch_size,
-                progress=progress,
+            result = add_labelled(
+                client, sendable, collection=collection, progress=progress, batch_size=batch_size
             )
         except ImageSearchError as refused:
             # A file alone over the server's max_message_bytes: listed as too large, the rest sent
@@ -154,6 +148,28 @@ def add_folder(
             limit, whose = lower, "the server's"
             continue
         return _summary(scan, sendable, result, tuple(local_failures.values()))
+
+
+def add_labelled(
+    client: ImageSearchClient,
+    images: Sequence[FolderImage],
+    *,
+    collection: str | None,
+    progress: Progress | None,
+    batch_size: int = 32,
+) -> AddResult:
+    """Upload files under their own ids and labels: each stored once however often this runs
+    (``skip_existing``), a bad one reported in the result and the rest stored (``skip_invalid``)."""
+    return client.add_files(
+        [image.path for image in images],
+        ids=[image.id for image in images],
+        labels=[image.label for image in images],
+        collection=collection,
+        skip_existing=True,
+        skip_invalid=True,
+        batch_size=batch_size,
+        progress=progress,
+    )
 
 
 def is_utf8(name: str) -> bool:

@@ -54,6 +54,7 @@ from imagesearch.client.evaluation import (
     summarize,
     worst_first,
 )
+from imagesearch.client.folders import add_labelled
 from imagesearch.server.client_cli import add_server_arguments, fail, path_argument, server_error
 from imagesearch.server.contact_sheet import SheetItem
 from imagesearch.server.dataset_builder import encode_jpeg, resize_long_side
@@ -335,14 +336,8 @@ def _index(
     if not images:
         return []
     with progress(f"index {collection}", len(images), stream) as bar:
-        result = client.add_files(
-            [image.path for image in images],
-            ids=[image.id for image in images],
-            labels=[image.label for image in images],
-            collection=collection,
-            skip_existing=True,
-            skip_invalid=True,
-            progress=lambda sent, _total: bar.update(sent),
+        result = add_labelled(
+            client, images, collection=collection, progress=lambda sent, _total: bar.update(sent)
         )
     return [image for image, stored_id in zip(images, result.ids, strict=True) if stored_id]
 
