@@ -113,6 +113,7 @@ class Rpc(Generic[T]):
                     reason=MESSAGE_TOO_LARGE, metadata={"limit": str(max_message_bytes), "size": str(size)}
                 ),
                 request_id=request_id,
+                sent=False,
             )
 
 

@@ -68,12 +68,16 @@ class ImageSearchError(Exception):
         code: grpc.StatusCode = grpc.StatusCode.UNKNOWN,
         details: ErrorDetails | None = None,
         request_id: str = "",
+        sent: bool = True,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.details = details or ErrorDetails()
         self.request_id: str = request_id
+        self.sent = sent
+        """False when the client refused the call itself and sent nothing (a request over its own
+        ``max_message_bytes``): the server never saw it."""
 
     @property
     def reason(self) -> str:
@@ -255,7 +259,7 @@ def _server_message_limit(message: str, details: ErrorDetails) -> tuple[str, Err
     size, limit = found.groups()
     return (
         f"the request is {size} bytes, more than the server takes in one message ({limit} bytes, its "
-        "max_message_bytes): nothing of it was stored. Send less at once, or raise max_message_bytes "
+        "max_message_bytes), and was refused unread. Send less at once, or raise max_message_bytes "
         "on the server",
         ErrorDetails(reason=MESSAGE_TOO_LARGE, metadata={"limit": limit, "size": size}),
     )

@@ -25,6 +25,7 @@ def add_server_arguments(parser: argparse.ArgumentParser, *, collection: bool = 
     the command makes its own collections, ``--collection``."""
     parser.add_argument(
         "--target",
+        type=target_argument,
         default=os.environ.get(TARGET_ENV) or DEFAULT_TARGET,
         metavar="HOST:PORT",
         help=f"server address (default ${TARGET_ENV}, else {DEFAULT_TARGET})",
@@ -33,6 +34,14 @@ def add_server_arguments(parser: argparse.ArgumentParser, *, collection: bool = 
         parser.add_argument(
             "--collection", metavar="NAME", help="collection (default: the 'default' collection)"
         )
+
+
+def target_argument(text: str) -> str:
+    """An argparse type: a server address, never empty nor holding white space (gRPC printed its
+    core's log lines and a source-location trace for ``--target ""``: an outside test)."""
+    if not text or text != text.strip() or any(c.isspace() for c in text):
+        raise argparse.ArgumentTypeError(f"must be HOST:PORT (e.g. {DEFAULT_TARGET}), got {text!r}")
+    return text
 
 
 def positive_float(text: str) -> float:
@@ -82,4 +91,6 @@ def server_error(error: ImageSearchError, target: str) -> int:
         )
     if isinstance(error, DeadlineExceeded):
         return fail(f"the imagesearch server at {target} did not answer in time ({error.message})")
+    if not error.sent:
+        return fail(f"{error.code.name} (refused by this client, nothing sent to {target}): {error.message}")
     return fail(f"{error.code.name} from {target}: {error.message}")

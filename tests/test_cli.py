@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from imagesearch.plugins.manager import ALLOW_ENV, BLOCK_ENV
 from imagesearch.server.cli import main
 
@@ -72,7 +74,6 @@ def _raising(error: BaseException):
 def test_train_interrupted_or_timed_out_says_the_server_goes_on(monkeypatch, capsys):
     """The server finishes a training its caller stopped waiting for; the CLI said only "failed"
     (or printed a traceback on Ctrl-C) and the version changed seconds later (an outside test)."""
-    import pytest
 
     from imagesearch.client import DeadlineExceeded, ImageSearchClient
 
@@ -117,3 +118,20 @@ def test_paths_and_seeds_the_commands_cannot_use_are_one_line_errors(tmp_path, c
     missing = tmp_path / "missing" / "x.json"
     assert main(["eval", str(tmp_path), "--json", str(missing), "--target", "127.0.0.1:9"]) == 2
     assert f"cannot write {missing}" in capsys.readouterr().err
+
+
+def test_an_empty_target_and_a_refusal_by_the_client_say_so(tmp_path, capsys):
+    """`--target ""` printed gRPC core's log lines and a source-location trace; a request the client
+    refused itself (over its max_message_bytes) was reported "from" the server it never reached
+    (an outside test)."""
+    from imagesearch.client._requests import DEFAULT_MAX_MESSAGE_BYTES
+
+    for target in ("", " ", "127.0.0.1 :50051"):
+        assert main(["search", __file__, "--target", target]) == 2
+        err = capsys.readouterr().err
+        assert "argument --target: must be HOST:PORT" in err and "dns_resolver" not in err
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\x89PNG" + bytes(DEFAULT_MAX_MESSAGE_BYTES))
+    assert main(["search", str(big), "--target", "127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err
+    assert "refused by this client, nothing sent to 127.0.0.1:9" in err and "from 127.0.0.1:9" not in err
