@@ -490,6 +490,7 @@ class Collection:
                 log.warning(
                     "collection %s: snapshot unusable (%s); rebuilding from the store", self.spec.name, exc
                 )
+                self._discard_snapshot()
             return self._rebuild(index_spec)
         self._snapshot_seq = seq
         compacted_live = self._replay(index, after_seq=seq)
@@ -500,6 +501,7 @@ class Collection:
                 index.size,
                 self.store.count(),
             )
+            self._discard_snapshot()
             return self._rebuild(index_spec)
         if compacted_live or index.needs_compaction():  # removals replayed as tombstones after a crash
             log.info(
@@ -507,6 +509,14 @@ class Collection:
             )
             return self._rebuild(index_spec)
         return index
+
+    def _discard_snapshot(self) -> None:
+        """Delete a snapshot the store disagrees with, before any write. Left on disk, one refused
+        beside a store restored from an older backup was taken back once new writes brought the
+        store to the writes it covers, and served the old rows' vectors under the new rows' ids,
+        for good (an outside test: a restore as documented, adds, a kill -9)."""
+        (self.directory / SNAPSHOT_FILE).unlink(missing_ok=True)
+        fsync_dir(self.directory)
 
     def _replay(self, index: VectorIndex, after_seq: int, upto_seq: int | None = None) -> bool:
         """Apply the store's changes after ``after_seq`` (up to ``upto_seq``, else all) to ``index``.
