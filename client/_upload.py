@@ -160,8 +160,6 @@ class Upload:
         stored = getattr(getattr(failure, "details", None), "stored", None)
         if batch_size is None and message_bytes is None:
             return None
-        if not all(self.ids) and (stored is None or stored.added_count):
-            return None  # images the server named, some perhaps stored: sent again, they would be twice
         if message_bytes is not None and isinstance(failure, ImageSearchError):
             over = self.first_over(message_bytes)
             if over is not None:
@@ -169,6 +167,8 @@ class Upload:
                     f". {over[0].path} alone needs {over[1]} bytes: shrink it, or raise the server's limit"
                 )
                 return None
+        if not all(self.ids) and (stored is None or stored.added_count):
+            return None  # images the server named, some perhaps stored: sent again, they would be twice
         return Upload(
             [file.path for file in self.files],
             labels=[file.label for file in self.files],
