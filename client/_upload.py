@@ -152,9 +152,10 @@ class Upload:
 
     def in_smaller_chunks(self, failure: BaseException) -> Upload | None:
         """This upload again, within the limits of a server that refused it as BATCH_TOO_LARGE or
-        MESSAGE_TOO_LARGE (``server_limit``), with its ids and ``skip_existing`` (each image stored
-        once); None for any other failure, and when a file alone is over the server's message
-        limit (``failure`` then names it)."""
+        MESSAGE_TOO_LARGE (``server_limit``), with the same ids and options, when that stores each
+        image once: the refusal stored nothing, or every id is fixed and already-stored ones are
+        skipped. None otherwise, for any other failure, and when a file alone is over the server's
+        message limit (``failure`` then names it)."""
         batch_size = server_limit(failure, "BATCH_TOO_LARGE", self.batch_size)
         message_bytes = server_limit(failure, MESSAGE_TOO_LARGE, self.max_message_bytes)
         stored = getattr(getattr(failure, "details", None), "stored", None)
@@ -167,15 +168,20 @@ class Upload:
                     f". {over[0].path} alone needs {over[1]} bytes: shrink it, or raise the server's limit"
                 )
                 return None
-        if not all(self.ids) and (stored is None or stored.added_count):
-            return None  # images the server named, some perhaps stored: sent again, they would be twice
+        nothing_stored = stored is not None and not stored.added_count  # the first chunk was refused
+        if not nothing_stored and not (all(self.ids) and self.skip_existing):
+            # Some chunks may be stored: sent again, images the server named would be stored twice,
+            # and without skip_existing the caller's own would fail as taken.
+            return None
         return Upload(
             [file.path for file in self.files],
             labels=[file.label for file in self.files],
             ids=list(self.ids),
             collection=self.collection or None,
             skip_invalid=self.skip_invalid,
-            skip_existing=True,
+            # The caller's choice: turned on, an id another image already held was skipped on a
+            # server with a lower limit and refused on any other (an outside test).
+            skip_existing=self.skip_existing,
             batch_size=batch_size or self.batch_size,
             max_message_bytes=message_bytes or self.max_message_bytes,
             progress=self.progress,

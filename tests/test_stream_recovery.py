@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 import pytest
 
-from imagesearch.client import ImageItem, ImageSearchClient, InvalidArgument, ResourceExhausted
+from imagesearch.client import AlreadyExists, ImageItem, ImageSearchClient, InvalidArgument, ResourceExhausted
 from imagesearch.server.app import run_server
 from imagesearch.server.servicer import ADDED_COUNT_KEY
 from imagesearch.v1 import image_search_service_pb2 as pb
@@ -295,6 +295,14 @@ def test_an_upload_larger_than_the_servers_batches_is_sent_again_in_chunks_it_ta
             # ids the server makes: sent again only because the refusal stored nothing
             assert client.add_files(paths, ids=[""] * 11, collection="sync").added_count == 11
             assert client.get_collection("sync").image_count == 22
+            # the caller's skip_existing is kept: a taken id fails as on a server that took the
+            # chunks at once (the resend turned it on, and the image was silently not stored)
+            client.add_images(
+                [ImageItem(id="f10", content=paths[0].read_bytes(), label="old")], collection="sync"
+            )
+            with pytest.raises(AlreadyExists, match="'f10' already exists"):
+                client.add_files(paths, ids=[f"f{n}" for n in range(11)], collection="sync")
+            assert client.get_image("f10", collection="sync").label == "old"
             client.create_collection("async", extractor=TinyExtractor.name)
 
         async def upload():
