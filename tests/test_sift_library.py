@@ -292,3 +292,41 @@ def test_a_vocabulary_fitted_on_few_descriptors_warns_in_the_log_not_on_stderr(c
         fit_vocabulary(descriptors, k=32, seed=SEED)
     assert "WARNING clustering" not in capfd.readouterr().err
     assert "clustering 200 descriptors into 32 visual words: 1248 or more" in caplog.text
+
+
+# -------------------------------------------------------------------------- (d) a collection's state
+
+
+def test_a_collection_encodes_the_keypoints_its_state_was_made_with(
+    vocabulary: Vocabulary, originals: dict[str, LocalFeatures]
+) -> None:
+    """The keypoints an image encodes are the collection's, kept in its state: read from the
+    server's max_keypoints, lowering the setting cut every stored image's features at the next
+    training (an outside test: 39 images held 30,703 keypoints, the training read 10,237) and
+    made queries encode sparser than the images they were compared with."""
+    from imagesearch.plugins import NotEnoughTrainingData
+    from imagesearch.plugins.sift.extractors import STATE_MAGIC, pack_state, sift_plugins, unpack_state
+
+    made = {e.name: e for e in sift_plugins(vocabulary)[1]}["sift-bovw"]  # created at the default 1000
+    lowered = {e.name: e for e in sift_plugins(vocabulary, max_keypoints=300)[1]}["sift-bovw"]
+    assert made.version == f"1+{vocabulary.version}"  # the default is not named: versions stay
+    assert lowered.version == f"1+{vocabulary.version}.kp300"
+    served = lowered.with_state(made.state())  # its collection, on a server whose setting is lower
+    assert (served.encoded_keypoints, served.version) == (1000, made.version)
+    stored = [pack(features) for features in originals.values()]
+    np.testing.assert_array_equal(served.encode(stored), made.encode(stored))
+    assert unpack_state(made.state())[2] == 1000
+
+    words = sum(min(len(f.descriptors), 1000) for f in originals.values()) // 4  # all it has, 4 a word
+    assert words > sum(min(len(f.descriptors), 300) for f in originals.values()) // 4
+    fitted = served.with_state(served.fit(stored, size=words, seed=0))  # the 300 cut had too few
+    assert fitted.encoded_keypoints == 1000 and fitted.vocabulary.k == words
+    with pytest.raises(NotEnoughTrainingData, match="at most 300 an image"):
+        lowered.fit(stored, size=words, seed=0)
+
+    # A state from before the cap was kept: encoded at the server's setting, its version unchanged.
+    legacy = pack_state(vocabulary, None)
+    assert legacy.startswith(STATE_MAGIC) and unpack_state(legacy)[2] is None
+    old = lowered.with_state(legacy)
+    assert (old.encoded_keypoints, old.version) == (300, made.version)
+    assert unpack_state(vocabulary.to_bytes())[2] is None  # the first states: a bare vocabulary
