@@ -7,6 +7,7 @@ clients differ only in which module builds the channel and in ``await``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from types import ModuleType
 from typing import Any
@@ -112,11 +113,31 @@ class ClientBase:
         )
 
 
-def _address(target: str | None, channel: object) -> str:
-    """What the client connects to: the target, the default one, or "" when a passed channel
-    holds its own (gRPC does not say which)."""
-    if target is not None:
+_HOST_PORT = re.compile(r"(\[[^\[\]\s]+\]|[^:\[\]\s]+):(\d{1,5})")
+_SCHEMES = ("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:")  # gRPC's own target forms
+
+
+def check_target(target: str) -> str:
+    """``target`` if it is HOST:PORT with a port from 1 to 65535 (an IPv6 address in brackets), or
+    a target in one of gRPC's own schemes (``dns:``, ``unix:``, ...), taken as given; else
+    ValueError saying what to write. gRPC took port 116537 as 50001 (another server answered),
+    a missing port as 443, and "" with its core's log lines on stderr (an outside test)."""
+    if target.startswith(_SCHEMES):
         return target
+    found = _HOST_PORT.fullmatch(target)
+    if found is None or not 1 <= int(found.group(2)) <= 65535:
+        raise ValueError(
+            f"target must be HOST:PORT with a port from 1 to 65535 ({R.DEFAULT_TARGET}; [::1]:50051 for "
+            f"IPv6), or a gRPC target such as unix:/path; got {target!r}"
+        )
+    return target
+
+
+def _address(target: str | None, channel: object) -> str:
+    """What the client connects to: the target (``check_target``), the default one, or "" when a
+    passed channel holds its own (gRPC does not say which)."""
+    if target is not None:
+        return check_target(target)
     return "" if channel is not None else R.DEFAULT_TARGET
 
 

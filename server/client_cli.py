@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from imagesearch.client import DeadlineExceeded, ImageSearchError, Unavailable
+from imagesearch.client._base import check_target
 from imagesearch.client._requests import DEFAULT_TARGET
 
 TARGET_ENV = "IMAGESEARCH_TARGET"
@@ -37,11 +38,11 @@ def add_server_arguments(parser: argparse.ArgumentParser, *, collection: bool = 
 
 
 def target_argument(text: str) -> str:
-    """An argparse type: a server address, never empty nor holding white space (gRPC printed its
-    core's log lines and a source-location trace for ``--target ""``: an outside test)."""
-    if not text or text != text.strip() or any(c.isspace() for c in text):
-        raise argparse.ArgumentTypeError(f"must be HOST:PORT (e.g. {DEFAULT_TARGET}), got {text!r}")
-    return text
+    """An argparse type: a server address, as the client takes it (``check_target``)."""
+    try:
+        return check_target(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix("target ")) from error
 
 
 def positive_float(text: str) -> float:

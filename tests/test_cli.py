@@ -121,12 +121,12 @@ def test_paths_and_seeds_the_commands_cannot_use_are_one_line_errors(tmp_path, c
 
 
 def test_an_empty_target_and_a_refusal_by_the_client_say_so(tmp_path, capsys):
-    """`--target ""` printed gRPC core's log lines and a source-location trace; a request the client
-    refused itself (over its max_message_bytes) was reported "from" the server it never reached
+    """`--target ""` printed gRPC core's log lines and a source-location trace, port 116537 reached
+    the server on 50001, a missing port meant 443; a request the client refused itself (over its max_message_bytes) was reported "from" the server it never reached
     (an outside test)."""
     from imagesearch.client._requests import DEFAULT_MAX_MESSAGE_BYTES
 
-    for target in ("", " ", "127.0.0.1 :50051"):
+    for target in ("", " ", "127.0.0.1 :50051", "127.0.0.1:116537", "127.0.0.1", "::1", "127.0.0.1:0"):
         assert main(["search", __file__, "--target", target]) == 2
         err = capsys.readouterr().err
         assert "argument --target: must be HOST:PORT" in err and "dns_resolver" not in err

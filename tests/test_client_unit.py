@@ -928,3 +928,26 @@ def test_misused_arguments_name_themselves() -> None:
         _search(image="")
     with pytest.raises(ValueError, match="an empty path"):
         R.image_input("")
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["127.0.0.1:50051", "localhost:1", "[::1]:65535", "unix:/run/imagesearch.sock", "dns:///h:50051"],
+)
+def test_targets_grpc_reads_as_written_are_taken(target: str) -> None:
+    from imagesearch.client import ImageSearchClient
+
+    with ImageSearchClient(target) as client:
+        assert client.target == target
+
+
+@pytest.mark.parametrize(
+    "target", ["", "127.0.0.1", "127.0.0.1:116537", "127.0.0.1:0", "::1", "h :1", "[::1]"]
+)
+def test_targets_grpc_would_misread_are_refused(target: str) -> None:
+    """gRPC took port 116537 as 50001 (another server answered), a missing port as 443, and "" with
+    its core's log lines on stderr (an outside test)."""
+    from imagesearch.client import ImageSearchClient
+
+    with pytest.raises(ValueError, match="must be HOST:PORT with a port from 1 to 65535"):
+        ImageSearchClient(target)
