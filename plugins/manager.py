@@ -13,7 +13,7 @@ import importlib
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -60,6 +60,26 @@ def _names_from_env(env: Mapping[str, str], key: str) -> set[str] | None:
     return {part.strip() for part in raw.split(",") if part.strip()}
 
 
+class _Watched(Mapping[str, Any]):
+    """A plugin's ``[plugins.<name>]`` table that notes, in ``read``, that the plugin looked at it
+    (through ``context.settings()`` or ``context.config``)."""
+
+    def __init__(self, table: Mapping[str, Any], plugin: str, read: set[str]) -> None:
+        self._table, self._plugin, self._read = dict(table), plugin, read
+
+    def __getitem__(self, key: str) -> Any:
+        self._read.add(self._plugin)
+        return self._table[key]
+
+    def __iter__(self) -> Iterator[str]:
+        self._read.add(self._plugin)
+        return iter(self._table)
+
+    def __len__(self) -> int:
+        self._read.add(self._plugin)
+        return len(self._table)
+
+
 class PluginRegistry:
     """The extractors and metrics available to this process.
 
@@ -88,6 +108,7 @@ class PluginRegistry:
         self.metrics: dict[str, Registered] = {}
         self.local_features: dict[str, Registered] = {}
         self.loaded: dict[str, object] = {}  # plugin name -> the plugin (a module or an object)
+        self._tables_read: set[str] = set()  # plugins that looked at their [plugins.<name>] table
         self._pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self._pm.add_hookspecs(hookspecs)
         for name, module_path in DEFAULT_PLUGINS.items():
@@ -104,6 +125,7 @@ class PluginRegistry:
         self._collect("register_extractors", self.extractors, check_extractor, "extractor")
         self._collect("register_metrics", self.metrics, check_metric, "metric")
         self._collect("register_local_features", self.local_features, check_local_features, "local features")
+        self._check_unread_tables()
         self._check_default_metrics()
         self._check_trainable_inputs()
 
@@ -177,6 +199,19 @@ class PluginRegistry:
                     f"[plugins.{name}] configures no loaded plugin (loaded: {loaded}); is it misspelt?"
                 )
 
+    def _check_unread_tables(self) -> None:
+        """SettingsError for a loaded plugin's ``[plugins.<name>]`` keys that its hooks never read:
+        every one of them is unknown to it, as an unknown key of a plugin that reads its table is,
+        and it stops start-up the same way (``[plugins.colorhist] bins = 4`` was accepted without a
+        word: an outside test). A plugin whose hooks failed may not have reached its table: its
+        problem says why."""
+        for name in sorted(set(self._plugin_config) & set(self.loaded) - self._tables_read):
+            keys = sorted(self._plugin_config[name])
+            if keys and not any(f"plugin {name!r}" in problem for problem in self.problems):
+                raise SettingsError(
+                    f"unknown [plugins.{name}] keys: {', '.join(keys)} (plugin {name!r} takes no settings)"
+                )
+
     def _collect(
         self,
         hook_name: str,
@@ -193,7 +228,9 @@ class PluginRegistry:
                 check(obj)
                 staged.append(obj)
 
-            table = dict(self._plugin_config.get(impl.plugin_name, {}))
+            table = _Watched(
+                self._plugin_config.get(impl.plugin_name, {}), impl.plugin_name, self._tables_read
+            )
             context = PluginContext(self._models_dir, table, impl.plugin_name)
             try:
                 # Pass only the arguments the implementation declares, as pluggy itself would.

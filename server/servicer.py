@@ -132,9 +132,23 @@ def add_to_server(servicer: ImageSearchServicer, server: grpc.aio.Server) -> Non
 class StreamFailure(Exception):
     """A domain error that ended a stream, with what the stream had committed before it."""
 
-    def __init__(self, error: errors.ImageSearchError, progress: pb.AddImagesStreamResponse) -> None:
+    def __init__(
+        self, error: errors.ImageSearchError, progress: pb.AddImagesStreamResponse, collection: str | None
+    ) -> None:
         super().__init__(error.message)
-        self.error, self.progress = error, progress
+        self.error, self.progress, self.collection = error, progress, collection
+
+
+def collection_named(request: Any) -> str | None:
+    """The collection a unary request is about (``collection``, or ``name`` for the calls on a
+    collection itself), for its errors' metadata; None for calls about no one collection."""
+    for field in ("collection", "name"):
+        value = getattr(request, field, None)
+        if isinstance(value, str):
+            return value
+        if isinstance(value, pb.Collection):
+            return value.name
+    return None
 
 
 def _packed(message: Any) -> any_pb2.Any:
@@ -237,17 +251,15 @@ def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
                     raise
                 raise errors.store_damaged(exc) from exc
         except (errors.ImageSearchError, StreamFailure) as caught:
-            error, extra, trailers = caught, (), ()
+            error, extra, trailers, named = caught, (), (), collection_named(request)
             if isinstance(caught, StreamFailure):
-                error, extra = caught.error, (caught.progress,)
+                error, extra, named = caught.error, (caught.progress,), caught.collection
                 trailers = ((ADDED_COUNT_KEY, str(caught.progress.added_count)),)
             outcome = status_of(error).name
             if isinstance(error, errors.Internal):
                 log.error(
                     "internal error", extra={"request_id": request_id, "rpc": method.__name__}, exc_info=True
                 )
-            collection = getattr(request, "collection", None)  # most requests name one
-            named = collection if isinstance(collection, str) else None
             status = rpc_status.to_status(to_rpc_status(error, extra, named))
             status = status._replace(trailing_metadata=(*status.trailing_metadata, *trailers))
             await context.abort_with_status(_with_request_id(status, request_id))
@@ -658,7 +670,7 @@ class ImageSearchServicer(pb_grpc.ImageSearchServiceServicer):
                 "images not stored, and every other image of those chunks is stored"
             )
             error.message = f"chunk {failed.number}: {error.message} ({response.added_count} images from earlier chunks were stored; {listed})"
-            raise StreamFailure(error, progress) from error
+            raise StreamFailure(error, progress, first.collection if first is not None else None) from error
         finally:
             await _given_up(order, in_flight)
         response.chunk_count = received

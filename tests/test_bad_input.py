@@ -272,7 +272,24 @@ def test_error_info_metadata_names_the_collection_the_field_and_the_limit(stub):
     hnsw = pb.Collection(name="h", index_type=pb.INDEX_TYPE_HNSW, hnsw=pb.HnswParams(m=100_000))
     info = error_info(call_error(stub.CreateCollection, pb.CreateCollectionRequest(collection=hnsw)))
     assert info.reason == "BAD_INDEX_PARAM"
-    assert dict(info.metadata) == {"field": "collection.hnsw.m", "min": "2", "max": "64", "value": "100000"}
+    assert dict(info.metadata) == {
+        "collection": "h",
+        "field": "collection.hnsw.m",
+        "min": "2",
+        "max": "64",
+        "value": "100000",
+    }
+    # A stream's and the calls on a collection itself name it too (they did not: an outside test).
+    stream = [pb.AddImagesStreamRequest(collection="default", images=[pb.ImageInput(content=b"junk data!")])]
+    info = error_info(call_error(stub.AddImagesStream, iter(stream)))
+    assert (info.reason, dict(info.metadata)) == (
+        "IMAGE_UNDECODABLE",
+        {"collection": "default", "field": "images[0].content"},
+    )
+    info = error_info(call_error(stub.TrainCollection, pb.TrainCollectionRequest(name="default")))
+    assert (info.reason, info.metadata["collection"]) == ("NOT_TRAINABLE", "default")
+    info = error_info(call_error(stub.GetCollection, pb.GetCollectionRequest(name="nope")))
+    assert (info.reason, info.metadata["collection"]) == ("COLLECTION_NOT_FOUND", "nope")
 
 
 def test_per_item_results_carry_the_reason_and_field_a_whole_request_would(stub):

@@ -168,6 +168,8 @@ PLUGIN_TABLES = [  # (plugin name, its table, what the message must say)
     ("sift", {"vlad_pca_dim": -1}, "[plugins.sift] vlad_pca_dim must be an integer >= 0 (0: no PCA), got -1"),
     ("onnx_cnn", {"thread": 2}, "unknown [plugins.onnx_cnn] keys: thread"),
     ("onnx_cnn", {"threads": 0}, "[plugins.onnx_cnn] threads must be an integer >= 1, got 0"),
+    # A plugin that reads no table: every key is unknown to it (accepted without a word: an outside test).
+    ("metrics", {"threds": 4}, "unknown [plugins.metrics] keys: threds (plugin 'metrics' takes no settings)"),
 ]
 
 
