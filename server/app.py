@@ -56,6 +56,24 @@ class CollectionHealth(health.aio.HealthServicer):
     def __init__(self, catalog: Catalog) -> None:
         super().__init__()
         self._catalog = catalog
+        self._stopping = asyncio.Event()
+
+    async def Watch(self, request, context):
+        """grpc.health.v1's Watch, ended when the server stops taking calls (``end_watches``): gRPC
+        counts an open Watch as a call in flight, so one (as clients' own health checking and
+        Envoy keep) held every stop for the whole ``shutdown_grace_s`` (an outside test). Its
+        watchers have had NOT_SERVING since the announcement."""
+        watching = asyncio.ensure_future(super().Watch(request, context))
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait((watching, stopping), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (watching, stopping):
+                task.cancel()
+            await asyncio.gather(watching, stopping, return_exceptions=True)
+
+    def end_watches(self) -> None:
+        self._stopping.set()
 
     async def Check(self, request, context):
         if not request.service.startswith(COLLECTION_HEALTH_PREFIX):
@@ -278,6 +296,7 @@ async def _announce_and_stop(
     """Tell load balancers first (NOT_SERVING while still answering), then drain in-flight calls."""
     await health_servicer.enter_graceful_shutdown()
     await asyncio.sleep(config.shutdown_announce_s)
+    health_servicer.end_watches()  # not work to drain: they would hold the stop for the whole grace
     await server.stop(config.shutdown_grace_s)
 
 

@@ -158,6 +158,27 @@ def test_stop_drains_in_flight_calls(data_dir):
         assert [i.id for i in images] == ["inflight"]
 
 
+def test_an_open_health_watch_does_not_hold_the_stop(data_dir):
+    """gRPC counts an open Watch as a call in flight: one (as clients' own health checking and Envoy
+    keep) held every stop for the whole shutdown_grace_s (an outside test). The watcher is told
+    NOT_SERVING at the announcement, and its stream ends when the server stops taking calls."""
+    config = tiny_config(data_dir, shutdown_grace_s=30.0, shutdown_announce_s=0.2)
+    seen: list[int] = []
+    with run_server(config) as running:
+        chan = grpc.insecure_channel(running.target)
+        watch = health_pb2_grpc.HealthStub(chan).Watch(health_pb2.HealthCheckRequest())
+        watcher = threading.Thread(target=lambda: seen.extend(reply.status for reply in watch))
+        watcher.start()
+        while not seen:
+            time.sleep(0.01)
+        stopping = time.monotonic()
+    took = time.monotonic() - stopping
+    watcher.join(10)
+    chan.close()
+    assert took < 10, f"the stop waited {took:.1f} s for the Watch"
+    assert seen == [health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING]
+
+
 def test_request_id_is_echoed(stub):
     _, call = stub.ListCollections.with_call(
         pb.ListCollectionsRequest(), metadata=[("x-request-id", "abc123")]
