@@ -10,6 +10,7 @@ without a server.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 import re
 import uuid
@@ -315,6 +316,18 @@ def add_images(
     return Rpc(_method("AddImages"), request, AddResult.from_proto)
 
 
+def _integer(name: str, value: int, bits: int = 32) -> int:
+    """``value`` if it fits the request field's integer type, else ``TypeError`` / ``ValueError``
+    naming ``name``: protobuf's own said only "Value out of range" (an outside test). The server
+    checks the range that makes sense (``BAD_SEED``, ``BAD_TOP_K``, ...)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__} {value!r}")
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    if not low <= value <= high:
+        raise ValueError(f"{name} is {value}, outside what the API carries ({bits}-bit: {low} to {high})")
+    return int(value)
+
+
 def search(
     image: bytes | PathLike | None,
     *,
@@ -337,14 +350,14 @@ def search(
     request = pb.SearchRequest(
         mode=SEARCH_MODES[mode],
         collection=_collection(collection),
-        top_k=top_k,
+        top_k=_integer("top_k", top_k),
         labels=list(labels or ()),  # None: no filter, like ()
         metric=metric or "",
         exclude_query=exclude_query,
         extractor=extractor or "",
         extractor_version=extractor_version or "",
     )
-    if rerank < 0:
+    if _integer("rerank", rerank) < 0:
         raise ValueError(f"rerank must be 0 (none) or the number of candidates to verify, not {rerank}")
     if rerank:
         request.rerank.CopyFrom(pb.Rerank(method=pb.RERANK_METHOD_GEOMETRIC, candidates=rerank))
@@ -400,7 +413,7 @@ def classify(
         raise ValueError(f"mode must be one of {sorted(m for m in CLASSIFY_MODES if m)}, not {mode!r}")
     request = pb.ClassifyRequest(
         collection=_collection(collection),
-        neighbors=neighbors,
+        neighbors=_integer("neighbors", neighbors),
         mode=CLASSIFY_MODES[mode],
         exclude_query=exclude_query,
     )
@@ -450,7 +463,10 @@ def get_image(
 
 def list_images(collection: str | None, page_size: int, page_token: str, label: str | None) -> Rpc[ImagePage]:
     request = pb.ListImagesRequest(
-        collection=_collection(collection), page_size=page_size, page_token=page_token, label=label or ""
+        collection=_collection(collection),
+        page_size=_integer("page_size", page_size),
+        page_token=page_token,
+        label=label or "",
     )
     return Rpc(_method("ListImages"), request, ImagePage.from_proto)
 
@@ -535,7 +551,9 @@ def delete_collection(name: str) -> Rpc[None]:
 
 
 def train_collection(name: str | None, model_size: int, seed: int) -> Rpc[TrainResult]:
-    request = pb.TrainCollectionRequest(name=_collection(name), model_size=model_size, seed=seed)
+    request = pb.TrainCollectionRequest(
+        name=_collection(name), model_size=_integer("model_size", model_size), seed=_integer("seed", seed, 64)
+    )
     return Rpc(_method("TrainCollection"), request, TrainResult.from_proto)
 
 

@@ -38,11 +38,14 @@ def add_server_arguments(parser: argparse.ArgumentParser, *, collection: bool = 
 
 
 def target_argument(text: str) -> str:
-    """An argparse type: a server address, as the client takes it (``check_target``)."""
+    """An argparse type: a server address, as the client takes it (``check_target``). A bad
+    ``$IMAGESEARCH_TARGET`` is named as such: the message named only ``--target``, which the
+    user had not given (an outside test)."""
     try:
         return check_target(text)
     except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error).removeprefix("target ")) from error
+        where = f" (from ${TARGET_ENV})" if text == os.environ.get(TARGET_ENV) else ""
+        raise argparse.ArgumentTypeError(f"{str(error).removeprefix('target ')}{where}") from error
 
 
 def positive_float(text: str) -> float:

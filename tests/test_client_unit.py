@@ -951,3 +951,18 @@ def test_targets_grpc_would_misread_are_refused(target: str) -> None:
 
     with pytest.raises(ValueError, match="must be HOST:PORT with a port from 1 to 65535"):
         ImageSearchClient(target)
+
+
+def test_integers_outside_what_the_api_carries_name_their_argument() -> None:
+    """protobuf said only "Value out of range" for train_collection(seed=2**64 - 1) (an outside test)."""
+    from imagesearch.client import _requests as R
+
+    with pytest.raises(
+        ValueError, match=r"seed is 18446744073709551615, outside what the API carries \(64-bit"
+    ):
+        R.train_collection("c", 0, 2**64 - 1)
+    with pytest.raises(ValueError, match="model_size is 2147483648"):
+        R.train_collection("c", 2**31, 0)
+    with pytest.raises(TypeError, match=r"page_size must be an int, not float 2\.5"):
+        R.list_images(None, 2.5, "", None)  # type: ignore[arg-type]
+    assert R.train_collection("c", np.int64(8), 0).request.model_size == 8
