@@ -295,6 +295,12 @@ class Engine:
                         fail(position, error)
             check_deadline(deadline, "feature extraction")
             notes: dict[int, str] = {}
+            if collection.spec.local_features:  # as the keypoint-less image's note below says
+                for position in (p for p in given if p in rows):
+                    notes[position] = (
+                        f"added as a vector, without {collection.spec.local_features} local features: "
+                        "stored, but geometric re-ranking cannot confirm it"
+                    )
             if decoded:
                 positions = list(decoded)
                 vectors, features, version = self.extraction.vectors(

@@ -156,6 +156,14 @@ def test_an_image_without_keypoints_is_stored_with_a_note(client: ImageSearchCli
     assert client.search(flat, collection="flat-colour", rerank=5).hits[0].inliers == 0
 
 
+def test_a_vector_added_where_images_keep_local_features_says_it_has_none(client: ImageSearchClient) -> None:
+    """It can never be re-ranked; it was stored without a word (an outside test)."""
+    client.create_collection("cnn-sift-vector", extractor="efficientnet-lite0", local_features="sift")
+    vector = ImageItem(id="v", vector=np.ones(1280, np.float32))
+    result = client.add_images([vector], collection="cnn-sift-vector")
+    assert result.added_count == 1 and "without sift local features" in result.results[0].note
+
+
 def test_training_with_too_few_images_says_how_many_are_needed(client: ImageSearchClient, images) -> None:
     client.create_collection("too-few", extractor="sift-bovw")
     client.add_images([ImageItem(id="one", content=next(iter(images.values())))], collection="too-few")
