@@ -36,3 +36,16 @@ def test_the_lookup_reasons_follow_the_catalogs_rule() -> None:
     """UNKNOWN_<KIND> is built, not written out: check the rule the test assumes is the code's."""
     source = (ROOT / "server" / "catalog.py").read_text()
     assert "reason=f\"UNKNOWN_{kind.upper().replace(' ', '_')}\"" in source
+
+
+def test_client_md_gives_query_every_field_it_has() -> None:
+    """The documented signature left out mode, rerank and extractor_version (an outside test)."""
+    import dataclasses
+
+    from imagesearch.client import Query
+
+    text = " ".join((ROOT / "docs" / "client.md").read_text().split())
+    signature = re.search(r"Each `Query\((.*?)\)` takes", text)
+    assert signature is not None
+    documented = re.findall(r"(\w+)=", signature.group(1))
+    assert documented == [field.name for field in dataclasses.fields(Query)]
