@@ -514,9 +514,17 @@ class Collection:
         """Delete a snapshot the store disagrees with, before any write. Left on disk, one refused
         beside a store restored from an older backup was taken back once new writes brought the
         store to the writes it covers, and served the old rows' vectors under the new rows' ids,
-        for good (an outside test: a restore as documented, adds, a kill -9)."""
-        (self.directory / SNAPSHOT_FILE).unlink(missing_ok=True)
-        fsync_dir(self.directory)
+        for good (an outside test: a restore as documented, adds, a kill -9). One that cannot be
+        deleted (a directory in its place) is logged: it cannot be read either, and the snapshot
+        is only a cache, never a reason not to serve."""
+        path = self.directory / SNAPSHOT_FILE
+        try:
+            path.unlink(missing_ok=True)
+            fsync_dir(self.directory)
+        except OSError as exc:
+            log.error(
+                "collection %s: the refused snapshot %s could not be deleted: %s", self.spec.name, path, exc
+            )
 
     def _replay(self, index: VectorIndex, after_seq: int, upto_seq: int | None = None) -> bool:
         """Apply the store's changes after ``after_seq`` (up to ``upto_seq``, else all) to ``index``.
