@@ -279,7 +279,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=20000)
     parser.add_argument("--callers", default="1,4")
-    parser.add_argument("--hnsw-batches", type=int, default=20, help="batches added to the HNSW collections")
+    parser.add_argument(
+        "--hnsw-batches", type=int, default=20, help="batches added to the HNSW collections (0: no HNSW part)"
+    )
     args = parser.parse_args()
     dim = 1280
     base = np.random.default_rng(0).normal(size=(args.n, dim)).astype(np.float32)
@@ -357,7 +359,9 @@ def main() -> None:
                 "it: " + ", ".join(f"{stage} {ms:.2f}" for stage, ms in results["searches"].items())
             )
             hnsw_batches = batches[: 20 + args.hnsw_batches]
-            results["hnsw_searches"] = hnsw_searches_during_ingest(engine, hnsw_batches, dim)
+            results["hnsw_searches"] = (
+                hnsw_searches_during_ingest(engine, hnsw_batches, dim) if args.hnsw_batches else {}
+            )
             for way, found in results["hnsw_searches"].items():
                 print(
                     f"the same on HNSW, {args.hnsw_batches} batches added, {way}: "
