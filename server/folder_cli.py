@@ -85,7 +85,7 @@ def _ensure_collection(client: ImageSearchClient, name: str | None) -> None:
 
 
 def _import(client: ImageSearchClient, scan: FolderScan, args: argparse.Namespace) -> int:
-    progress = ProgressLine()
+    progress = ProgressLine(label="sent")  # handed to gRPC: the last chunks are stored after it reads 100 %
     try:
         outcome = add_folder(
             client, scan, collection=args.collection, progress=progress, batch_size=args.batch_size
