@@ -629,6 +629,11 @@ def run_cli(args: argparse.Namespace, connect: Callable[[str], ImageSearchClient
         raise ValueError(f"no images in class folders under {args.dataset} (DATASET/<class>/<images>)")
     if args.split == HOLDOUT:
         split = holdout_split(dataset, args.fraction, args.seed)
+        if not split.queries:  # known before the server is touched: it indexed all, then failed
+            raise ValueError(
+                f"no class under {args.dataset} has 2 images or more, so the holdout split leaves no query "
+                "(a class of one image is only indexed): add images, or use --split leave-one-out"
+            )
     else:
         split = leave_one_out(dataset)
     config = EvalConfig(
@@ -650,8 +655,11 @@ def run_cli(args: argparse.Namespace, connect: Callable[[str], ImageSearchClient
         print(f"wrote {path}")
     unmeasured = [run for run in evaluation.runs if not run.skipped and not run.queries]
     if unmeasured:  # every query failed: figures of nothing must not pass for a result
-        notes = "; ".join(dict.fromkeys(note for run in unmeasured for note in run.notes))
-        return fail(f"{len(unmeasured)} of {len(evaluation.runs)} runs measured no query: {notes}")
+        notes = "; ".join(dict.fromkeys(note for run in unmeasured for note in run.notes if note))
+        return fail(
+            f"{len(unmeasured)} of {len(evaluation.runs)} runs measured no query"
+            + (f": {notes}" if notes else " (no query could be asked)")
+        )
     return 0
 
 

@@ -278,6 +278,17 @@ def test_the_cli_refuses_a_folder_without_images(tmp_path: Path, capsys):
     assert "no images in class folders" in capsys.readouterr().err
 
 
+def test_a_holdout_with_no_query_is_refused_before_touching_the_server(tmp_path: Path, capsys):
+    """Every class of one image: the holdout leaves no query. It indexed everything, then ended
+    "measured no query: " with nothing after the colon (an outside test)."""
+    for name in ("cats/1.jpg", "dogs/1.jpg"):
+        _touch(tmp_path / "set" / name)
+    assert eval_runner.main([str(tmp_path / "set"), "--target", "127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err
+    assert "the holdout split leaves no query" in err and "--split leave-one-out" in err
+    assert "cannot reach" not in err  # nothing listens there: refused first
+
+
 def test_the_cli_refuses_negative_neighbors_before_touching_the_server(tree: Path, capsys):
     """Exit 2 and one line, as for ``--fraction 0``; the target is never called (nothing listens)."""
     assert eval_runner.main([str(tree), "--target", "127.0.0.1:1", "--neighbors", "-1"]) == 2
