@@ -483,7 +483,12 @@ class Collection:
         path = self.directory / SNAPSHOT_FILE
         try:
             index, seq = read_snapshot(
-                path, index_spec, self.store.identity, self.store.last_seq(), self._stored_learnt()
+                path,
+                index_spec,
+                self.store.identity,
+                self.store.last_seq(),
+                self._stored_learnt(),
+                self.store.commit_token,
             )
         except SnapshotError as exc:
             if path.exists():
@@ -1268,7 +1273,13 @@ class Collection:
                 return
             started = time.monotonic()
             with disk_full_reported("the index snapshot was not written (the store is intact)", logged=False):
-                write_snapshot(self.directory / SNAPSHOT_FILE, self.index, seq, self.store.identity)
+                write_snapshot(
+                    self.directory / SNAPSHOT_FILE,
+                    self.index,
+                    seq,
+                    self.store.identity,
+                    self.store.commit_token(seq),
+                )
                 self.store.prune_removals(seq)
             self._snapshot_seq = seq
             self._last_snapshot = time.monotonic()

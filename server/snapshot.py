@@ -18,6 +18,7 @@ import json
 import os
 import struct
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -50,14 +51,16 @@ class _CrcWriter:
         return len(data)
 
 
-def write_snapshot(path: Path, index: VectorIndex, seq: int, store: str) -> None:
+def write_snapshot(path: Path, index: VectorIndex, seq: int, store: str, commit: bytes | None = None) -> None:
     """Persist ``index`` as covering the store's writes up to ``seq``; ``store`` is that store's
-    identity, checked when the snapshot is loaded."""
+    identity and ``commit`` the token of its change that ended at ``seq`` (None: it has none),
+    both checked when the snapshot is loaded."""
     dead = index.tombstones.tobytes()
     header = json.dumps(
         {
             "seq": seq,
             "store": store,
+            "commit": commit.hex() if commit is not None else "",
             "kind": index.spec.kind,
             "dim": index.spec.dim,
             "metric": index.spec.metric.name,
@@ -93,13 +96,20 @@ def _verify_body(handle: BinaryIO, start: int, end: int) -> int:
 
 
 def read_snapshot(
-    path: Path, spec: IndexSpec, store: str, last_seq: int, learnt: np.ndarray | None = None
+    path: Path,
+    spec: IndexSpec,
+    store: str,
+    last_seq: int,
+    learnt: np.ndarray | None = None,
+    commit_at: Callable[[int], bytes | None] = lambda seq: None,
 ) -> tuple[VectorIndex, int]:
     """Load a snapshot; SnapshotError if it is absent, damaged, does not match ``spec``, or is not
-    a past state of this store (another store's, or newer than its last write ``last_seq``: the
-    store was restored from an older copy). Snapshots made before stores had an identity carry
-    none and are checked by sequence only. ``learnt``: what the index learnt, kept by the store,
-    for an index snapshotted before it trained (``VectorIndex``)."""
+    a past state of this store: another store's, newer than its last write ``last_seq`` (the store
+    was restored from an older copy), or of another history of it (the token of the change it
+    covers last is not the store's, ``commit_at``: restored from another backup). Snapshots made
+    before stores had an identity, or their changes tokens, are checked without them. ``learnt``:
+    what the index learnt, kept by the store, for an index snapshotted before it trained
+    (``VectorIndex``)."""
     try:
         handle = open(path, "rb")  # noqa: SIM115  closed below
     except FileNotFoundError as exc:
@@ -131,6 +141,11 @@ def read_snapshot(
             raise SnapshotError(
                 f"snapshot covers writes up to {header['seq']} but the store's last is {last_seq} "
                 "(the store was restored from an older copy?)"
+            )
+        if header.get("commit") and (commit_at(int(header["seq"])) or b"").hex() != header["commit"]:
+            raise SnapshotError(
+                f"snapshot covers writes up to {header['seq']}, which are not the store's own (the store "
+                "was restored from a copy of another point in its history?)"
             )
         handle.seek(body_start)
         tombstones = _read_exact(handle, dead_len)

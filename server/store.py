@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -77,6 +78,7 @@ CREATE TABLE IF NOT EXISTS removals (seq INTEGER PRIMARY KEY, row_id INTEGER NOT
 CREATE TABLE IF NOT EXISTS local_features (row_id INTEGER PRIMARY KEY, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS extractor_state (slot INTEGER PRIMARY KEY CHECK (slot = 1), data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS index_learnt (slot INTEGER PRIMARY KEY CHECK (slot = 1), data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS commits (seq INTEGER PRIMARY KEY, token BLOB NOT NULL);
 """
 
 
@@ -257,6 +259,28 @@ class CollectionStore:
     def set_meta(self, key: str, value: str) -> None:
         self._writer.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
 
+    def _advance(self, seq: int, to: int) -> None:
+        """Move the last sequence number from ``seq`` to ``to`` in the open write transaction, and
+        mark the change with a random token (``commit_token``): a snapshot records the token of
+        the last change it covers, so a store restored from another point of the same history
+        (two backups, and writes in between) cannot pass its snapshot off as its own just by
+        having as many writes (an outside test served other images' vectors under the ids)."""
+        if to == seq:
+            return
+        self.set_meta("seq", str(to))
+        self._writer.execute("INSERT OR REPLACE INTO commits(seq, token) VALUES (?, ?)", (to, os.urandom(8)))
+
+    def commit_token(self, seq: int) -> bytes | None:
+        """The token of the change that ended at ``seq`` (``_advance``), None if there is none: no
+        change ends there, or it was made before stores kept them, or pruned (``prune_removals``)."""
+        try:
+            row = self._reader().execute("SELECT token FROM commits WHERE seq = ?", (seq,)).fetchone()
+        except sqlite3.OperationalError as exc:
+            if "no such table" not in str(exc):
+                raise
+            return None
+        return None if row is None else bytes(row[0])
+
     def _identity(self) -> str:
         """A random id made once per store, kept in it: a snapshot records the id of the store it
         was made from, so one copied from another collection, or left over when an older copy of
@@ -320,7 +344,7 @@ class CollectionStore:
             local = [(row[0], image.local) for row, image in zip(rows, images, strict=True) if image.local]
             if local:
                 insert_many(conn, "INSERT INTO local_features(row_id, data) VALUES ", local)
-            self.set_meta("seq", str(seq + len(images)))
+            self._advance(seq, seq + len(images))
         return [row[0] for row in rows], [row[1] for row in rows]
 
     def _tail(self) -> tuple[int, int]:
@@ -338,6 +362,7 @@ class CollectionStore:
         """Delete rows by id in one transaction, logging each removal with a sequence number."""
         with self._transaction("nothing was removed") as conn:
             seq, _ = self._tail()
+            first = seq
             removed: list[int] = []
             for image_id in ids:
                 row = conn.execute("SELECT row_id FROM images WHERE id = ?", (image_id,)).fetchone()
@@ -348,7 +373,7 @@ class CollectionStore:
                 conn.execute("DELETE FROM local_features WHERE row_id = ?", (row[0],))
                 conn.execute("INSERT INTO removals(seq, row_id) VALUES (?, ?)", (seq, row[0]))
                 removed.append(int(row[0]))
-            self.set_meta("seq", str(seq))
+            self._advance(first, seq)
         return removed
 
     def reencode(self, spec_json: str, state: bytes, vectors: dict[int, np.ndarray]) -> int:
@@ -364,7 +389,7 @@ class CollectionStore:
             conn.execute("DELETE FROM index_learnt")  # learnt from the vectors replaced here
             self.set_meta("spec", spec_json)
             seq = self._tail()[0] + 1
-            self.set_meta("seq", str(seq))
+            self._advance(seq - 1, seq)
         return seq
 
     def keep_learnt(self, learnt: np.ndarray) -> None:
@@ -397,8 +422,9 @@ class CollectionStore:
         self._writer.execute("INSERT OR REPLACE INTO extractor_state(slot, data) VALUES (1, ?)", (state,))
 
     def prune_removals(self, upto_seq: int) -> None:
-        """Forget removals an index snapshot already covers."""
+        """Forget removals an index snapshot already covers, and the commit tokens before its own."""
         self._writer.execute("DELETE FROM removals WHERE seq <= ?", (upto_seq,))
+        self._writer.execute("DELETE FROM commits WHERE seq < ?", (upto_seq,))
 
     # -- reads -------------------------------------------------------------------
     def count(self, label: str | None = None) -> int:

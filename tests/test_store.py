@@ -416,3 +416,16 @@ def test_what_an_index_learnt_is_kept_until_a_training_replaces_the_vectors(stor
     assert kept is not None and kept.dtype == np.float32 and np.array_equal(kept, centroids)
     store.reencode('{"spec": 1}', b"state", {})
     assert store.learnt() is None
+
+
+def test_each_change_carries_its_own_token_until_a_snapshot_prunes_it(store: CollectionStore) -> None:
+    """What a snapshot checks to tell this store's history from another of it (test_collection)."""
+    _, seqs = store.insert([image("a"), image("b")])
+    assert seqs == [1, 2] and store.commit_token(1) is None  # a change has one token, at its end
+    first = store.commit_token(2)
+    assert first is not None and len(first) == 8
+    assert store.delete(["nope"]) == [] and store.commit_token(2) == first  # no change, no new token
+    store.delete(["a"])
+    assert store.commit_token(3) not in (None, first)
+    store.prune_removals(3)
+    assert store.commit_token(2) is None and store.commit_token(3) is not None  # the snapshot's kept
