@@ -116,7 +116,14 @@ class RunningServer:
 
     @property
     def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        """Where a client on this machine reaches it: the banner's commands and the demo said
+        127.0.0.1 for a server bound to [::1] only, and were refused (an outside test)."""
+        host = self.config.host.strip("[]")
+        if host in ("", "0.0.0.0"):
+            host = "127.0.0.1"
+        elif host == "::":
+            host = "::1"
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
 
 class _SnapshotThread(threading.Thread):

@@ -14,7 +14,7 @@ from imagesearch.server.config import ServerConfig
 
 
 def print_ready_banner(running) -> None:
-    engine, config, port = running.engine, running.config, running.port
+    engine, config, port, target = running.engine, running.config, running.port, running.target
     plugins = engine.list_plugins()
     collections = ", ".join(f"{c.spec.name} ({c.image_count} images)" for c in engine.collections()) or "none"
     print(
@@ -26,11 +26,11 @@ imagesearch is serving on {config.host}:{port}
   metrics:     {", ".join(m.name for m in plugins.metrics)}
 
 Query it:
-  grpcurl -plaintext 127.0.0.1:{port} list
+  grpcurl -plaintext {target} list
   grpcurl -plaintext -d "{{\\"image\\": \\"$(base64 -w0 photo.jpg)\\", \\"top_k\\": 3}}" \\
-      127.0.0.1:{port} imagesearch.v1.ImageSearchService/Search
+      {target} imagesearch.v1.ImageSearchService/Search
   {shlex.quote(sys.executable)} -c "from imagesearch.client import ImageSearchClient as C; \\
-print(C('127.0.0.1:{port}').search('photo.jpg', top_k=3))"
+print(C('{target}').search('photo.jpg', top_k=3))"
 """,
         flush=True,
     )

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from imagesearch.client import FailedPrecondition, ImageItem, ImageSearchClient
-from imagesearch.server.config import Limits
+from imagesearch.server.config import Limits, ServerConfig
 from imagesearch.server.imaging import decode_image
 from tests.cnn_fixtures import default_extractor, default_models_dir, distorted_copy, jpeg_bytes, photos  # noqa: F401
 from tests.support.process import ServerProcess
@@ -92,3 +92,22 @@ def test_corrupt_default_model_keeps_the_server_up(tmp_path, default_models_dir)
         assert "default" not in {c.name for c in client.list_collections()}
         with pytest.raises(FailedPrecondition, match="cannot start"):
             client.create_collection("photos", extractor="efficientnet-lite0")
+
+
+@pytest.mark.parametrize(
+    ("host", "target"),
+    [
+        ("127.0.0.1", "127.0.0.1:7"),
+        ("0.0.0.0", "127.0.0.1:7"),
+        ("::", "[::1]:7"),
+        ("::1", "[::1]:7"),
+        ("[::1]", "[::1]:7"),
+        ("localhost", "localhost:7"),
+    ],
+)
+def test_the_banner_and_the_demo_reach_the_server_where_it_listens(host: str, target: str) -> None:
+    """They said 127.0.0.1 for a server bound to [::1] only, and were refused (an outside test)."""
+    from imagesearch.server.app import RunningServer
+
+    running = RunningServer(None, 7, None, None, ServerConfig(host=host))  # type: ignore[arg-type]
+    assert running.target == target
