@@ -16,6 +16,7 @@ One ``Evaluation`` object feeds the terminal table, the JSON file and the HTML r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import itertools
 import math
@@ -58,6 +59,7 @@ from imagesearch.client.folders import add_labelled
 from imagesearch.server.client_cli import add_server_arguments, fail, path_argument, server_error
 from imagesearch.server.contact_sheet import SheetItem
 from imagesearch.server.dataset_builder import encode_jpeg, resize_long_side
+from imagesearch.server.printable import printable
 from imagesearch.server.progress import ProgressLine
 
 PLAIN = "plain"
@@ -331,15 +333,19 @@ def _check_names(client: ImageSearchClient, config: EvalConfig) -> None:
 
 def _index(
     client: ImageSearchClient, collection: str, images: Sequence[LabelledImage], stream: TextIO | None
-) -> list[LabelledImage]:
-    """Upload the indexed images with their labels; return those the server stored."""
+) -> tuple[list[LabelledImage], list[str]]:
+    """Upload the indexed images with their labels; return those the server stored, and why it
+    refused each other one (``<id>: <reason>``)."""
     if not images:
-        return []
+        return [], []
     with progress(f"index {collection}", len(images), stream) as bar:
         result = add_labelled(
             client, images, collection=collection, progress=lambda sent, _total: bar.update(sent)
         )
-    return [image for image, stored_id in zip(images, result.ids, strict=True) if stored_id]
+    refused = [
+        f"{printable(images[item.index].id)}: {item.reason or item.code.name}" for item in result.failed
+    ]
+    return [image for image, stored_id in zip(images, result.ids, strict=True) if stored_id], refused
 
 
 def _classify(
@@ -496,11 +502,20 @@ def _evaluate_collection(
     """Index ``split`` into the (new, empty) ``collection``, classify once, search in every mode."""
     info = client.get_collection(collection)
     started = time.perf_counter()
-    stored = _index(client, collection, split.indexed, stream)
+    stored, refused = _index(client, collection, split.indexed, stream)
     index_seconds = time.perf_counter() - started
     notes: list[str] = []
     if len(stored) < len(split.indexed):
-        notes.append(f"{len(split.indexed) - len(stored)} images could not be indexed")
+        missing = len(split.indexed) - len(stored)
+        shown = "; ".join(refused[:3]) + ("; ..." if len(refused) > 3 else "")
+        notes.append(
+            f"{missing} image{'s' if missing > 1 else ''} could not be indexed"
+            + (", so left out of the queries" if split.queries_are_indexed else "")
+            + (f": {shown}" if shown else "")
+        )
+    if split.queries_are_indexed:  # asked by id, one the server refused was "not found", hiding why
+        kept = {image.id for image in stored}
+        split = dataclasses.replace(split, queries=tuple(q for q in split.queries if q.id in kept))
     predictions = _classify(client, collection, split, config, stream, notes)
     runs = []
     for mode in config.modes:

@@ -8,6 +8,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from imagesearch.client import ImageSearchClient, InvalidArgument
@@ -186,6 +187,47 @@ def test_classify_failures_are_noted_not_swallowed(tree: Path):
         f"recognition: Classify failed for {len(split.queries)} of {len(split.queries)} queries, left out "
         "of its accuracy (first: BAD_TOP_K: neighbors must be at least 1)"
     ]
+
+
+class _RefusingOneImage:
+    """A client whose server refuses the first image of an upload (undecodable) and records the ids
+    asked as queries."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def get_collection(self, name):
+        return type("Info", (), {"extractor": "x", "metric": "cosine"})()
+
+    def add_files(self, paths, *, ids, labels, collection, skip_existing, skip_invalid, batch_size, progress):
+        from imagesearch.client.types import AddResult, ItemResult
+
+        refused = ItemResult(0, "", grpc.StatusCode.INVALID_ARGUMENT, "undecodable", "IMAGE_UNDECODABLE")
+        stored = [ItemResult(n, i, grpc.StatusCode.OK) for n, i in enumerate(ids) if n]
+        return AddResult(("", *ids[1:]), (refused, *stored), len(stored))
+
+    def classify(self, image=None, *, image_id=None, neighbors=0, collection=None, **options):
+        raise InvalidArgument("not here", details=ErrorDetails(reason="BAD_QUERY"))
+
+    def search(self, image=None, *, image_id=None, top_k=0, collection=None, **options):
+        self.asked.append(image_id)
+        from imagesearch.client.types import SearchResult, StageTimings
+
+        return SearchResult((), StageTimings(0, 0, 0, 0), "cosine")
+
+
+def test_an_image_the_server_refused_is_named_and_not_asked_as_a_query(tree: Path):
+    """Leave-one-out asked it by id, and reported it "not found", hiding why (an outside test)."""
+    split = eval_runner.leave_one_out(read_dataset(tree))
+    client = _RefusingOneImage()
+    config = eval_runner.EvalConfig(modes=(eval_runner.PLAIN,), worst=0)
+    (run,) = eval_runner._evaluate_collection(client, "c", split, config, None)
+    refused = split.indexed[0].id
+    assert refused not in client.asked and len(client.asked) == len(split.queries) - 1
+    assert (
+        run.notes[0]
+        == f"1 image could not be indexed, so left out of the queries: {refused}: IMAGE_UNDECODABLE"
+    )
 
 
 @pytest.mark.parametrize(
