@@ -7,7 +7,7 @@ import logging
 import sys
 from typing import Any
 
-from imagesearch.server.client_cli import EXIT_INTERRUPTED, path_argument
+from imagesearch.server.client_cli import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, path_argument
 from imagesearch.server.config import load_config
 from imagesearch.server.errors import DataDirLocked
 from imagesearch.server.folder_cli import add_folder_command
@@ -143,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     try:
         return int(args.handler(args) or 0)
+    except Terminated:  # SIGTERM where a command asked to unwind on it (sigterm_unwinds)
+        print("terminated", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:  # Ctrl-C: a line, not gRPC's traceback (each command says what is left)
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

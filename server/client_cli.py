@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from imagesearch.client import DeadlineExceeded, ImageSearchError, Unavailable
@@ -19,6 +23,7 @@ from imagesearch.client._requests import DEFAULT_TARGET
 TARGET_ENV = "IMAGESEARCH_TARGET"
 EXIT_OK, EXIT_PARTIAL, EXIT_ERROR = 0, 1, 2
 EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
+EXIT_TERMINATED = 143  # and for SIGTERM
 
 
 def add_server_arguments(parser: argparse.ArgumentParser, *, collection: bool = True) -> None:
@@ -78,6 +83,30 @@ def path_argument(text: str) -> Path:
     if not text:
         raise argparse.ArgumentTypeError("must not be empty")
     return Path(text)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command is (``sigterm_unwinds``): a KeyboardInterrupt, so that
+    what cleans up after Ctrl-C cleans up after it too."""
+
+
+@contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """Make SIGTERM (what `timeout`, CI cancellation and systemd send) unwind the command like
+    Ctrl-C, running its cleanup: an evaluation stopped so left its collections on the server (an
+    outside test). The main thread only, where Python runs signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def fail(message: str) -> int:

@@ -56,7 +56,13 @@ from imagesearch.client.evaluation import (
     worst_first,
 )
 from imagesearch.client.folders import add_labelled
-from imagesearch.server.client_cli import add_server_arguments, fail, path_argument, server_error
+from imagesearch.server.client_cli import (
+    add_server_arguments,
+    fail,
+    path_argument,
+    server_error,
+    sigterm_unwinds,
+)
 from imagesearch.server.contact_sheet import SheetItem
 from imagesearch.server.dataset_builder import encode_jpeg, resize_long_side
 from imagesearch.server.printable import printable
@@ -661,7 +667,7 @@ def run_cli(args: argparse.Namespace, connect: Callable[[str], ImageSearchClient
         keep=args.keep,
         worst=args.worst if args.html else min(args.worst, 0),  # a bad value is refused either way
     )
-    with connect(args.target) as client:
+    with connect(args.target) as client, sigterm_unwinds():
         evaluation = evaluate(client, dataset, split, config, stream=sys.stderr)
     from imagesearch.server.eval_report import format_table, write_reports  # the report needs the runner
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -135,3 +136,30 @@ def test_an_empty_target_and_a_refusal_by_the_client_say_so(tmp_path, capsys):
     assert main(["search", str(big), "--target", "127.0.0.1:9"]) == 2
     err = capsys.readouterr().err
     assert "refused by this client, nothing sent to 127.0.0.1:9" in err and "from 127.0.0.1:9" not in err
+
+
+def test_sigterm_unwinds_an_evaluation_like_ctrl_c(monkeypatch, capsys):
+    """SIGTERM (timeout, CI cancellation, systemd) killed `imagesearch eval` without its cleanup,
+    leaving its collections on the server (an outside test); it now unwinds as Ctrl-C does."""
+    import signal
+
+    from imagesearch.server import eval_runner
+    from imagesearch.server.client_cli import Terminated, sigterm_unwinds
+
+    before = signal.getsignal(signal.SIGTERM)
+    cleaned: list[str] = []
+    with pytest.raises(Terminated):
+        try:
+            with sigterm_unwinds():
+                os.kill(os.getpid(), signal.SIGTERM)  # handled at the next bytecode boundary
+                time.sleep(5)  # not reached
+        finally:
+            cleaned.append("collections deleted")
+    assert cleaned and signal.getsignal(signal.SIGTERM) is before
+
+    def terminated(args):
+        raise Terminated
+
+    monkeypatch.setattr(eval_runner, "main_with_args", terminated)
+    assert main(["eval", __file__, "--target", "127.0.0.1:9"]) == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "terminated"
