@@ -109,6 +109,14 @@ def sigterm_unwinds() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def unwritable(report: Path | None) -> str | None:
+    """Why ``report`` cannot be written (its folder is missing), checked before the work it reports
+    on: an evaluation ran for hours, and a search ran, before failing to write (outside tests)."""
+    if report is not None and not report.resolve().parent.is_dir():
+        return f"cannot write {report}: no directory {report.resolve().parent}"
+    return None
+
+
 def fail(message: str) -> int:
     """Print ``error: message`` on stderr; return the exit code for a command that could not run."""
     print(f"error: {message}", file=sys.stderr)

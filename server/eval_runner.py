@@ -62,6 +62,7 @@ from imagesearch.server.client_cli import (
     path_argument,
     server_error,
     sigterm_unwinds,
+    unwritable,
 )
 from imagesearch.server.contact_sheet import SheetItem
 from imagesearch.server.dataset_builder import encode_jpeg, resize_long_side
@@ -643,8 +644,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_cli(args: argparse.Namespace, connect: Callable[[str], ImageSearchClient] = ImageSearchClient) -> int:
     for report in (args.json, args.html):  # before the evaluation, which can take hours
-        if report is not None and not report.resolve().parent.is_dir():
-            raise ValueError(f"cannot write {report}: no directory {report.resolve().parent}")
+        if problem := unwritable(report):
+            raise ValueError(problem)
     dataset = read_dataset(args.dataset)
     if not dataset.images:
         raise ValueError(f"no images in class folders under {args.dataset} (DATASET/<class>/<images>)")

@@ -19,6 +19,7 @@ from imagesearch.server.client_cli import (
     path_argument,
     positive_int,
     server_error,
+    unwritable,
 )
 from imagesearch.server.contact_sheet import SheetItem, hit_item, render_contact_sheet
 from imagesearch.server.printable import printable
@@ -76,6 +77,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         query = args.image.read_bytes()
     except OSError as error:
         return fail(f"cannot read the query image: {error}")
+    if problem := unwritable(args.html):
+        return fail(problem)
     try:
         with ImageSearchClient(args.target) as client:
             mode = "bucketed" if args.bucketed else None

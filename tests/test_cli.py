@@ -163,3 +163,11 @@ def test_sigterm_unwinds_an_evaluation_like_ctrl_c(monkeypatch, capsys):
     monkeypatch.setattr(eval_runner, "main_with_args", terminated)
     assert main(["eval", __file__, "--target", "127.0.0.1:9"]) == 143
     assert capsys.readouterr().err.strip().splitlines()[-1] == "terminated"
+
+
+def test_search_checks_where_its_contact_sheet_goes_first(tmp_path, capsys):
+    """It searched, then failed to write into a missing folder (an outside test); nothing listens
+    at the target, so reaching it would say so instead."""
+    missing = tmp_path / "missing" / "sheet.html"
+    assert main(["search", __file__, "--html", str(missing), "--target", "127.0.0.1:9"]) == 2
+    assert f"cannot write {missing}" in capsys.readouterr().err
