@@ -122,9 +122,13 @@ def check_target(target: str) -> str:
     a target in one of gRPC's own schemes (``dns:``, ``unix:``, ...), taken as given; else
     ValueError saying what to write. gRPC took port 116537 as 50001 (another server answered),
     a missing port as 443, and "" with its core's log lines on stderr (an outside test)."""
-    if target.startswith(_SCHEMES):
+    address = target
+    if target.startswith("dns:"):  # dns:[//authority/]host:port: its port defaults to 443 too
+        address = target.removeprefix("dns:")
+        address = address.split("/", 3)[-1] if address.startswith("//") else address
+    elif target.startswith(_SCHEMES):
         return target
-    found = _HOST_PORT.fullmatch(target)
+    found = _HOST_PORT.fullmatch(address)
     if found is None or not 1 <= int(found.group(2)) <= 65535:
         raise ValueError(
             f"target must be HOST:PORT with a port from 1 to 65535 ({R.DEFAULT_TARGET}; [::1]:50051 for "

@@ -932,7 +932,14 @@ def test_misused_arguments_name_themselves() -> None:
 
 @pytest.mark.parametrize(
     "target",
-    ["127.0.0.1:50051", "localhost:1", "[::1]:65535", "unix:/run/imagesearch.sock", "dns:///h:50051"],
+    [
+        "127.0.0.1:50051",
+        "localhost:1",
+        "[::1]:65535",
+        "unix:/run/imagesearch.sock",
+        "dns:///h:50051",
+        "dns:h:1",
+    ],
 )
 def test_targets_grpc_reads_as_written_are_taken(target: str) -> None:
     from imagesearch.client import ImageSearchClient
@@ -942,7 +949,8 @@ def test_targets_grpc_reads_as_written_are_taken(target: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "target", ["", "127.0.0.1", "127.0.0.1:116537", "127.0.0.1:0", "::1", "h :1", "[::1]"]
+    "target",
+    ["", "127.0.0.1", "127.0.0.1:116537", "127.0.0.1:0", "::1", "h :1", "[::1]", "dns:///127.0.0.1", "dns:h"],
 )
 def test_targets_grpc_would_misread_are_refused(target: str) -> None:
     """gRPC took port 116537 as 50001 (another server answered), a missing port as 443, and "" with
