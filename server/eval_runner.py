@@ -520,6 +520,8 @@ def _evaluate_collection(
             + (", so left out of the queries" if split.queries_are_indexed else "")
             + (f": {shown}" if shown else "")
         )
+    if len({image.label for image in stored}) == 1:
+        notes.append("one class only: recognition cannot be wrong, so its accuracy of 1.0 measures nothing")
     if split.queries_are_indexed:  # asked by id, one the server refused was "not found", hiding why
         kept = {image.id for image in stored}
         split = dataclasses.replace(split, queries=tuple(q for q in split.queries if q.id in kept))

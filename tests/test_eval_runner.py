@@ -193,8 +193,9 @@ class _RefusingOneImage:
     """A client whose server refuses the first image of an upload (undecodable) and records the ids
     asked as queries."""
 
-    def __init__(self) -> None:
+    def __init__(self, refuse_first: bool = True) -> None:
         self.asked: list[str] = []
+        self.refuse_first = refuse_first
 
     def get_collection(self, name):
         return type("Info", (), {"extractor": "x", "metric": "cosine"})()
@@ -202,6 +203,10 @@ class _RefusingOneImage:
     def add_files(self, paths, *, ids, labels, collection, skip_existing, skip_invalid, batch_size, progress):
         from imagesearch.client.types import AddResult, ItemResult
 
+        if not self.refuse_first:
+            return AddResult(
+                tuple(ids), tuple(ItemResult(n, i, grpc.StatusCode.OK) for n, i in enumerate(ids)), len(ids)
+            )
         refused = ItemResult(0, "", grpc.StatusCode.INVALID_ARGUMENT, "undecodable", "IMAGE_UNDECODABLE")
         stored = [ItemResult(n, i, grpc.StatusCode.OK) for n, i in enumerate(ids) if n]
         return AddResult(("", *ids[1:]), (refused, *stored), len(stored))
@@ -228,6 +233,16 @@ def test_an_image_the_server_refused_is_named_and_not_asked_as_a_query(tree: Pat
         run.notes[0]
         == f"1 image could not be indexed, so left out of the queries: {refused}: IMAGE_UNDECODABLE"
     )
+
+
+def test_a_single_class_says_its_recognition_measures_nothing(tmp_path: Path):
+    """It reported recognition 1.0 without a word (an outside test)."""
+    for name in ("cats/1.jpg", "cats/2.jpg", "cats/3.jpg"):
+        _touch(tmp_path / "set" / name)
+    split = eval_runner.leave_one_out(read_dataset(tmp_path / "set"))
+    config = eval_runner.EvalConfig(modes=(eval_runner.PLAIN,), worst=0)
+    (run,) = eval_runner._evaluate_collection(_RefusingOneImage(refuse_first=False), "c", split, config, None)
+    assert any("one class only" in note for note in run.notes)
 
 
 @pytest.mark.parametrize(
