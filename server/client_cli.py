@@ -109,6 +109,26 @@ def sigterm_unwinds() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM off while a cleanup runs, then deliver the first to come: a second
+    signal a moment after the first (a double Ctrl-C, a CI runner signalling the process group)
+    interrupted the cleanup the first had started (an outside test). The main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    wanted = (signal.SIGINT, signal.SIGTERM)
+    previous = {number: signal.signal(number, lambda number, frame: held.append(number)) for number in wanted}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if held:
+        signal.raise_signal(held[0])
+
+
 def unwritable(report: Path | None) -> str | None:
     """Why ``report`` cannot be written (its folder is missing), checked before the work it reports
     on: an evaluation ran for hours, and a search ran, before failing to write (outside tests)."""

@@ -61,6 +61,7 @@ from imagesearch.server.client_cli import (
     fail,
     path_argument,
     server_error,
+    signals_held,
     sigterm_unwinds,
     unwritable,
 )
@@ -568,16 +569,17 @@ def evaluate(
     try:
         for extractor, metric in itertools.product(config.extractors, config.metrics):
             collection = f"eval-{tag}-{len(created)}"
+            created.append(collection)  # before it exists: a signal during the call must not orphan it
             client.create_collection(
                 collection, extractor=extractor, metric=metric, description="eval_runner"
             )
-            created.append(collection)
             evaluation.runs += _evaluate_collection(client, collection, split, config, stream)
     finally:
         if not config.keep:
-            for collection in created:
-                with suppress(NotFound):
-                    client.delete_collection(collection)
+            with signals_held():  # a second Ctrl-C or SIGTERM a moment after the first left them
+                for collection in created:
+                    with suppress(NotFound):
+                        client.delete_collection(collection)
     return evaluation
 
 

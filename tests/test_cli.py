@@ -171,3 +171,18 @@ def test_search_checks_where_its_contact_sheet_goes_first(tmp_path, capsys):
     missing = tmp_path / "missing" / "sheet.html"
     assert main(["search", __file__, "--html", str(missing), "--target", "127.0.0.1:9"]) == 2
     assert f"cannot write {missing}" in capsys.readouterr().err
+
+
+def test_a_second_signal_waits_for_the_cleanup_the_first_started():
+    """A second Ctrl-C or SIGTERM a moment after the first interrupted eval's cleanup, leaving its
+    collections (an outside test); held off during it, it is delivered after."""
+    import signal
+
+    from imagesearch.server.client_cli import signals_held
+
+    cleaned: list[int] = []
+    with pytest.raises(KeyboardInterrupt), signals_held():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # a handler would run here: it must not
+        cleaned.append(1)
+    assert cleaned == [1] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
