@@ -1273,13 +1273,8 @@ class Collection:
                 return
             started = time.monotonic()
             with disk_full_reported("the index snapshot was not written (the store is intact)", logged=False):
-                write_snapshot(
-                    self.directory / SNAPSHOT_FILE,
-                    self.index,
-                    seq,
-                    self.store.identity,
-                    self.store.commit_token(seq),
-                )
+                token = self.store.snapshot_token(seq)
+                write_snapshot(self.directory / SNAPSHOT_FILE, self.index, seq, self.store.identity, token)
                 self.store.prune_removals(seq)
             self._snapshot_seq = seq
             self._last_snapshot = time.monotonic()

@@ -51,16 +51,16 @@ class _CrcWriter:
         return len(data)
 
 
-def write_snapshot(path: Path, index: VectorIndex, seq: int, store: str, commit: bytes | None = None) -> None:
+def write_snapshot(path: Path, index: VectorIndex, seq: int, store: str, commit: bytes) -> None:
     """Persist ``index`` as covering the store's writes up to ``seq``; ``store`` is that store's
-    identity and ``commit`` the token of its change that ended at ``seq`` (None: it has none),
+    identity and ``commit`` the token it keeps for ``seq`` (``CollectionStore.snapshot_token``),
     both checked when the snapshot is loaded."""
     dead = index.tombstones.tobytes()
     header = json.dumps(
         {
             "seq": seq,
             "store": store,
-            "commit": commit.hex() if commit is not None else "",
+            "commit": commit.hex(),
             "kind": index.spec.kind,
             "dim": index.spec.dim,
             "metric": index.spec.metric.name,
@@ -106,8 +106,9 @@ def read_snapshot(
     """Load a snapshot; SnapshotError if it is absent, damaged, does not match ``spec``, or is not
     a past state of this store: another store's, newer than its last write ``last_seq`` (the store
     was restored from an older copy), or of another history of it (the token of the change it
-    covers last is not the store's, ``commit_at``: restored from another backup). Snapshots made
-    before stores had an identity, or their changes tokens, are checked without them. ``learnt``:
+    covers last is not the store's, ``commit_at``: restored from another backup), or made by a
+    version that recorded no such token: one of another history passed as the store's (an outside
+    test), so it is rebuilt once. ``learnt``:
     what the index learnt, kept by the store, for an index snapshotted before it trained
     (``VectorIndex``)."""
     try:
@@ -142,7 +143,12 @@ def read_snapshot(
                 f"snapshot covers writes up to {header['seq']} but the store's last is {last_seq} "
                 "(the store was restored from an older copy?)"
             )
-        if header.get("commit") and (commit_at(int(header["seq"])) or b"").hex() != header["commit"]:
+        if not header.get("commit"):
+            raise SnapshotError(
+                "snapshot made before snapshots recorded the history they cover (an earlier version): "
+                "it cannot show it is this store's"
+            )
+        if (commit_at(int(header["seq"])) or b"").hex() != header["commit"]:
             raise SnapshotError(
                 f"snapshot covers writes up to {header['seq']}, which are not the store's own (the store "
                 "was restored from a copy of another point in its history?)"

@@ -270,6 +270,13 @@ class CollectionStore:
         self.set_meta("seq", str(to))
         self._writer.execute("INSERT OR REPLACE INTO commits(seq, token) VALUES (?, ?)", (to, os.urandom(8)))
 
+    def snapshot_token(self, seq: int) -> bytes:
+        """The token a snapshot covering the store's writes up to ``seq`` records: that change's
+        own, or one made now when it has none (made before stores kept them, or an empty store),
+        so that every snapshot can prove which history it covers. The caller holds the writer."""
+        self._writer.execute("INSERT OR IGNORE INTO commits(seq, token) VALUES (?, ?)", (seq, os.urandom(8)))
+        return bytes(self._writer.execute("SELECT token FROM commits WHERE seq = ?", (seq,)).fetchone()[0])
+
     def commit_token(self, seq: int) -> bytes | None:
         """The token of the change that ended at ``seq`` (``_advance``), None if there is none: no
         change ends there, or it was made before stores kept them, or pruned (``prune_removals``)."""

@@ -31,13 +31,18 @@ def filled(kind: str) -> VectorIndex:
 
 
 STORE = "c0ffee"  # a store identity
+TOKEN = b"\x01" * 8  # the token the store keeps for the snapshot's last change
+
+
+def kept(seq: int) -> bytes:  # the store's tokens, as CollectionStore.commit_token gives them
+    return TOKEN
 
 
 @pytest.mark.parametrize("kind", [FLAT, IVF, HNSW])
 def test_round_trip_keeps_ids_vectors_tombstones_and_seq(tmp_path, kind):
     index = filled(kind)
-    write_snapshot(tmp_path / "s", index, seq=77, store=STORE)
-    loaded, seq = read_snapshot(tmp_path / "s", index.spec, STORE, 77)
+    write_snapshot(tmp_path / "s", index, seq=77, store=STORE, commit=TOKEN)
+    loaded, seq = read_snapshot(tmp_path / "s", index.spec, STORE, 77, commit_at=kept)
     assert seq == 77 and loaded.size == index.size == 48 and loaded.trained == index.trained
     assert sorted(loaded.ids().tolist()) == sorted(index.ids().tolist())
     assert loaded.tombstones.tolist() == index.tombstones.tolist()
@@ -64,22 +69,22 @@ def damaged(path: Path, how: str) -> None:
 )
 def test_damage_is_refused_never_loaded(tmp_path, how, says):
     index = filled(FLAT)
-    write_snapshot(tmp_path / "s", index, seq=5, store=STORE)
+    write_snapshot(tmp_path / "s", index, seq=5, store=STORE, commit=TOKEN)
     damaged(tmp_path / "s", how)
     with pytest.raises(SnapshotError, match=says):
-        read_snapshot(tmp_path / "s", index.spec, STORE, 5)
+        read_snapshot(tmp_path / "s", index.spec, STORE, 5, commit_at=kept)
 
 
 def test_a_snapshot_of_another_layout_is_refused(tmp_path):
     index = filled(FLAT)
-    write_snapshot(tmp_path / "s", index, seq=5, store=STORE)
+    write_snapshot(tmp_path / "s", index, seq=5, store=STORE, commit=TOKEN)
     for other in (
         IndexSpec(kind=FLAT, dim=DIM, metric=COSINE),
         IndexSpec(kind=HNSW, dim=DIM, metric=L2),
         IndexSpec(kind=FLAT, dim=DIM + 1, metric=L2),
     ):
         with pytest.raises(SnapshotError, match="different index layout"):
-            read_snapshot(tmp_path / "s", other, STORE, 5)
+            read_snapshot(tmp_path / "s", other, STORE, 5, commit_at=kept)
 
 
 def test_an_ivf_snapshot_of_the_old_idmap_layout_is_refused(tmp_path):
@@ -94,17 +99,19 @@ def test_a_snapshot_of_another_store_or_newer_than_the_store_is_refused(tmp_path
     """A snapshot copied from another collection, or left beside a store restored from an older
     copy (it covers writes the store does not have), is not this store's past: rebuild instead."""
     index = filled(FLAT)
-    write_snapshot(tmp_path / "s", index, seq=5, store=STORE)
+    write_snapshot(tmp_path / "s", index, seq=5, store=STORE, commit=TOKEN)
     with pytest.raises(SnapshotError, match="another store"):
-        read_snapshot(tmp_path / "s", index.spec, "other-store", 5)
+        read_snapshot(tmp_path / "s", index.spec, "other-store", 5, commit_at=kept)
     with pytest.raises(SnapshotError, match="restored from an older copy"):
-        read_snapshot(tmp_path / "s", index.spec, STORE, 4)
-    assert read_snapshot(tmp_path / "s", index.spec, STORE, 9)[1] == 5  # older than the store: replayed
+        read_snapshot(tmp_path / "s", index.spec, STORE, 4, commit_at=kept)
+    assert (
+        read_snapshot(tmp_path / "s", index.spec, STORE, 9, commit_at=kept)[1] == 5
+    )  # older than the store: replayed
 
 
 def test_missing_snapshot(tmp_path):
     with pytest.raises(SnapshotError, match="no snapshot"):
-        read_snapshot(tmp_path / "absent", filled(FLAT).spec, STORE, 0)
+        read_snapshot(tmp_path / "absent", filled(FLAT).spec, STORE, 0, commit_at=kept)
 
 
 MEMORY_PROBE = """
@@ -132,9 +139,9 @@ for start in range(0, 40_000, 5_000):
     index.add(np.arange(start, start + 5_000), rng.random((5_000, 1024), dtype=np.float32))
 size = 40_000 * 1024 * 4
 path = Path({path!r})
-write = peak_extra(lambda: write_snapshot(path, index, 1, "store"))
+write = peak_extra(lambda: write_snapshot(path, index, 1, "store", b"t"))
 del index
-read = peak_extra(lambda: read_snapshot(path, spec, "store", 1))
+read = peak_extra(lambda: read_snapshot(path, spec, "store", 1, None, lambda seq: b"t"))
 print(size, write, read)
 """
 
@@ -150,3 +157,28 @@ def test_a_snapshot_costs_a_small_fraction_of_the_index_in_extra_memory(tmp_path
     size, write, read = (int(v) for v in done.stdout.split())
     assert write < 0.1 * size, f"writing a {size >> 20} MB index took {write >> 20} MB more at its peak"
     assert read < 1.1 * size, f"reading a {size >> 20} MB index took {read >> 20} MB at its peak"
+
+
+def test_a_snapshot_of_another_history_or_without_one_is_refused(tmp_path):
+    """The store keeps a token for each change; a snapshot records its last change's. Another
+    history of the store (a second backup restored) has another, and a snapshot of a version
+    that recorded none cannot show which history it covers: one passed another's as the store's
+    (an outside test), so it is rebuilt once."""
+    import json
+    import struct
+
+    index = filled(FLAT)
+    write_snapshot(tmp_path / "s", index, seq=5, store=STORE, commit=TOKEN)
+    with pytest.raises(SnapshotError, match="not the store's own"):
+        read_snapshot(tmp_path / "s", index.spec, STORE, 5, commit_at=lambda seq: b"\x02" * 8)
+    with pytest.raises(SnapshotError, match="not the store's own"):
+        read_snapshot(tmp_path / "s", index.spec, STORE, 5, commit_at=lambda seq: None)
+    data = (tmp_path / "s").read_bytes()
+    (length,) = struct.unpack_from("<I", data, len(MAGIC))
+    header = json.loads(data[len(MAGIC) + 4 : len(MAGIC) + 4 + length])
+    del header["commit"]  # as the previous version wrote it
+    older = json.dumps(header).encode()
+    rest = data[len(MAGIC) + 4 + length :]
+    (tmp_path / "s").write_bytes(MAGIC + struct.pack("<I", len(older)) + older + rest)
+    with pytest.raises(SnapshotError, match="before snapshots recorded the history"):
+        read_snapshot(tmp_path / "s", index.spec, STORE, 5, commit_at=kept)
