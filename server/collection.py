@@ -52,7 +52,7 @@ from imagesearch.server.errors import (
 from imagesearch.server.files import fsync_dir
 from imagesearch.server.plugin_output import checked_encode
 from imagesearch.server.rwlock import ReadWriteLock
-from imagesearch.server.snapshot import SnapshotError, read_snapshot, write_snapshot
+from imagesearch.server.snapshot import EarlierSnapshot, SnapshotError, read_snapshot, write_snapshot
 from imagesearch.server.store import CollectionStore, HitRow, ImageRow, NewImage, page_size_for
 from imagesearch.server.vector_index import (
     FLOAT32,
@@ -492,8 +492,13 @@ class Collection:
             )
         except SnapshotError as exc:
             if path.exists():
-                log.warning(
-                    "collection %s: snapshot unusable (%s); rebuilding from the store", self.spec.name, exc
+                log.log(
+                    logging.INFO
+                    if isinstance(exc, EarlierSnapshot)
+                    else logging.WARNING,  # once after an upgrade
+                    "collection %s: snapshot unusable (%s); rebuilding from the store",
+                    self.spec.name,
+                    exc,
                 )
                 self._discard_snapshot()
             return self._rebuild(index_spec)

@@ -38,6 +38,11 @@ class SnapshotError(RuntimeError):
     """The snapshot is missing, damaged or belongs to another collection layout."""
 
 
+class EarlierSnapshot(SnapshotError):
+    """A snapshot of an earlier version, which recorded no history token: rebuilt once, as an
+    upgrade's expected step rather than a fault."""
+
+
 class _CrcWriter:
     """FAISS's write callback: pass bytes to the file, keeping their count and CRC."""
 
@@ -144,7 +149,7 @@ def read_snapshot(
                 "(the store was restored from an older copy?)"
             )
         if not header.get("commit"):
-            raise SnapshotError(
+            raise EarlierSnapshot(
                 "snapshot made before snapshots recorded the history they cover (an earlier version): "
                 "it cannot show it is this store's"
             )

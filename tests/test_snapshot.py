@@ -14,7 +14,7 @@ import pytest
 
 from imagesearch.plugins.metrics import COSINE, L2
 from imagesearch.plugins.types import FLAT, HNSW, IVF
-from imagesearch.server.snapshot import MAGIC, SnapshotError, read_snapshot, write_snapshot
+from imagesearch.server.snapshot import MAGIC, EarlierSnapshot, SnapshotError, read_snapshot, write_snapshot
 from imagesearch.server.vector_index import IndexSpec, VectorIndex
 from tests.support.process import REPO
 
@@ -180,5 +180,5 @@ def test_a_snapshot_of_another_history_or_without_one_is_refused(tmp_path):
     older = json.dumps(header).encode()
     rest = data[len(MAGIC) + 4 + length :]
     (tmp_path / "s").write_bytes(MAGIC + struct.pack("<I", len(older)) + older + rest)
-    with pytest.raises(SnapshotError, match="before snapshots recorded the history"):
+    with pytest.raises(EarlierSnapshot, match="before snapshots recorded the history"):  # logged at INFO
         read_snapshot(tmp_path / "s", index.spec, STORE, 5, commit_at=kept)
