@@ -487,15 +487,16 @@ class Collection:
                 index_spec,
                 self.store.identity,
                 self.store.last_seq(),
-                self._stored_learnt(),
                 self.store.commit_token,
+                self._stored_learnt(),
             )
         except SnapshotError as exc:
             if path.exists():
+                level = (
+                    logging.INFO if isinstance(exc, EarlierSnapshot) else logging.WARNING
+                )  # once after an upgrade
                 log.log(
-                    logging.INFO
-                    if isinstance(exc, EarlierSnapshot)
-                    else logging.WARNING,  # once after an upgrade
+                    level,
                     "collection %s: snapshot unusable (%s); rebuilding from the store",
                     self.spec.name,
                     exc,

@@ -105,8 +105,8 @@ def read_snapshot(
     spec: IndexSpec,
     store: str,
     last_seq: int,
+    commit_at: Callable[[int], bytes | None],
     learnt: np.ndarray | None = None,
-    commit_at: Callable[[int], bytes | None] = lambda seq: None,
 ) -> tuple[VectorIndex, int]:
     """Load a snapshot; SnapshotError if it is absent, damaged, does not match ``spec``, or is not
     a past state of this store: another store's, newer than its last write ``last_seq`` (the store

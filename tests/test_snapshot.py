@@ -42,7 +42,7 @@ def kept(seq: int) -> bytes:  # the store's tokens, as CollectionStore.commit_to
 def test_round_trip_keeps_ids_vectors_tombstones_and_seq(tmp_path, kind):
     index = filled(kind)
     write_snapshot(tmp_path / "s", index, seq=77, store=STORE, commit=TOKEN)
-    loaded, seq = read_snapshot(tmp_path / "s", index.spec, STORE, 77, commit_at=kept)
+    loaded, seq = read_snapshot(tmp_path / "s", index.spec, STORE, 77, kept)
     assert seq == 77 and loaded.size == index.size == 48 and loaded.trained == index.trained
     assert sorted(loaded.ids().tolist()) == sorted(index.ids().tolist())
     assert loaded.tombstones.tolist() == index.tombstones.tolist()
@@ -72,7 +72,7 @@ def test_damage_is_refused_never_loaded(tmp_path, how, says):
     write_snapshot(tmp_path / "s", index, seq=5, store=STORE, commit=TOKEN)
     damaged(tmp_path / "s", how)
     with pytest.raises(SnapshotError, match=says):
-        read_snapshot(tmp_path / "s", index.spec, STORE, 5, commit_at=kept)
+        read_snapshot(tmp_path / "s", index.spec, STORE, 5, kept)
 
 
 def test_a_snapshot_of_another_layout_is_refused(tmp_path):
@@ -84,7 +84,7 @@ def test_a_snapshot_of_another_layout_is_refused(tmp_path):
         IndexSpec(kind=FLAT, dim=DIM + 1, metric=L2),
     ):
         with pytest.raises(SnapshotError, match="different index layout"):
-            read_snapshot(tmp_path / "s", other, STORE, 5, commit_at=kept)
+            read_snapshot(tmp_path / "s", other, STORE, 5, kept)
 
 
 def test_an_ivf_snapshot_of_the_old_idmap_layout_is_refused(tmp_path):
@@ -101,17 +101,15 @@ def test_a_snapshot_of_another_store_or_newer_than_the_store_is_refused(tmp_path
     index = filled(FLAT)
     write_snapshot(tmp_path / "s", index, seq=5, store=STORE, commit=TOKEN)
     with pytest.raises(SnapshotError, match="another store"):
-        read_snapshot(tmp_path / "s", index.spec, "other-store", 5, commit_at=kept)
+        read_snapshot(tmp_path / "s", index.spec, "other-store", 5, kept)
     with pytest.raises(SnapshotError, match="restored from an older copy"):
-        read_snapshot(tmp_path / "s", index.spec, STORE, 4, commit_at=kept)
-    assert (
-        read_snapshot(tmp_path / "s", index.spec, STORE, 9, commit_at=kept)[1] == 5
-    )  # older than the store: replayed
+        read_snapshot(tmp_path / "s", index.spec, STORE, 4, kept)
+    assert read_snapshot(tmp_path / "s", index.spec, STORE, 9, kept)[1] == 5  # older than the store: replayed
 
 
 def test_missing_snapshot(tmp_path):
     with pytest.raises(SnapshotError, match="no snapshot"):
-        read_snapshot(tmp_path / "absent", filled(FLAT).spec, STORE, 0, commit_at=kept)
+        read_snapshot(tmp_path / "absent", filled(FLAT).spec, STORE, 0, kept)
 
 
 MEMORY_PROBE = """
@@ -141,7 +139,7 @@ size = 40_000 * 1024 * 4
 path = Path({path!r})
 write = peak_extra(lambda: write_snapshot(path, index, 1, "store", b"t"))
 del index
-read = peak_extra(lambda: read_snapshot(path, spec, "store", 1, None, lambda seq: b"t"))
+read = peak_extra(lambda: read_snapshot(path, spec, "store", 1, lambda seq: b"t"))
 print(size, write, read)
 """
 
@@ -170,9 +168,9 @@ def test_a_snapshot_of_another_history_or_without_one_is_refused(tmp_path):
     index = filled(FLAT)
     write_snapshot(tmp_path / "s", index, seq=5, store=STORE, commit=TOKEN)
     with pytest.raises(SnapshotError, match="not the store's own"):
-        read_snapshot(tmp_path / "s", index.spec, STORE, 5, commit_at=lambda seq: b"\x02" * 8)
+        read_snapshot(tmp_path / "s", index.spec, STORE, 5, lambda seq: b"\x02" * 8)
     with pytest.raises(SnapshotError, match="not the store's own"):
-        read_snapshot(tmp_path / "s", index.spec, STORE, 5, commit_at=lambda seq: None)
+        read_snapshot(tmp_path / "s", index.spec, STORE, 5, lambda seq: None)
     data = (tmp_path / "s").read_bytes()
     (length,) = struct.unpack_from("<I", data, len(MAGIC))
     header = json.loads(data[len(MAGIC) + 4 : len(MAGIC) + 4 + length])
@@ -181,4 +179,4 @@ def test_a_snapshot_of_another_history_or_without_one_is_refused(tmp_path):
     rest = data[len(MAGIC) + 4 + length :]
     (tmp_path / "s").write_bytes(MAGIC + struct.pack("<I", len(older)) + older + rest)
     with pytest.raises(EarlierSnapshot, match="before snapshots recorded the history"):  # logged at INFO
-        read_snapshot(tmp_path / "s", index.spec, STORE, 5, commit_at=kept)
+        read_snapshot(tmp_path / "s", index.spec, STORE, 5, kept)

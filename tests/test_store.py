@@ -429,3 +429,15 @@ def test_each_change_carries_its_own_token_until_a_snapshot_prunes_it(store: Col
     assert store.commit_token(3) not in (None, first)
     store.prune_removals(3)
     assert store.commit_token(2) is None and store.commit_token(3) is not None  # the snapshot's kept
+
+
+def test_a_snapshot_of_a_change_without_a_token_gets_one_and_keeps_it(store: CollectionStore) -> None:
+    """A store's last change made before stores kept tokens (or none at all): the snapshot of it
+    makes one, the same at every later snapshot of that point, so every snapshot proves its history."""
+    assert store.commit_token(0) is None
+    empty = store.snapshot_token(0)
+    assert store.snapshot_token(0) == empty == store.commit_token(0)
+    store.insert([image("a")])
+    store._writer.execute("DELETE FROM commits WHERE seq = 1")  # as a change of an earlier version
+    made = store.snapshot_token(1)
+    assert len(made) == 8 and store.snapshot_token(1) == made == store.commit_token(1)
