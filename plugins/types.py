@@ -109,6 +109,11 @@ class NotEnoughTrainingData(ValueError):
     how many images or features are needed (the server answers FAILED_PRECONDITION with it)."""
 
 
+class FitAbandoned(Exception):
+    """Raised by the ``still_wanted`` callback the server gives ``TrainableExtractor.fit`` when it
+    no longer wants the fit (it is stopping). Let it through: the training ends uncommitted."""
+
+
 class TrainableExtractor(Extractor):
     """An extractor that turns local features into one vector through a fitted model (a visual
     vocabulary, a PCA ...): the state belongs to each collection.
@@ -142,9 +147,18 @@ class TrainableExtractor(Extractor):
         Its ``dim`` may differ from this one's (a bigger vocabulary)."""
         raise NotImplementedError
 
-    def fit(self, features: Sequence[bytes], size: int = 0, seed: int = 0) -> bytes:
+    def fit(
+        self,
+        features: Sequence[bytes],
+        size: int = 0,
+        seed: int = 0,
+        still_wanted: Callable[[], None] | None = None,
+    ) -> bytes:
         """Fit a new state on a collection's local features (``size``: the model size, 0 for the
-        default); raise ``NotEnoughTrainingData`` saying what is needed when the sample is too small."""
+        default); raise ``NotEnoughTrainingData`` saying what is needed when the sample is too small.
+        A fit that takes long should call ``still_wanted`` now and then (between k-means
+        iterations: ``imagesearch.plugins.kmeans``); it raises ``FitAbandoned`` once the server is
+        stopping. The server passes it only to a ``fit`` that has this parameter."""
         raise NotImplementedError
 
     def encode(self, features: Sequence[bytes]) -> np.ndarray:

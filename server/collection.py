@@ -12,6 +12,7 @@ but never see an index mid-update.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import logging
 import re
@@ -29,6 +30,7 @@ from imagesearch.plugins.types import (
     FLAT,
     IVF,
     Extractor,
+    FitAbandoned,
     LocalFeatures,
     Metric,
     NotEnoughTrainingData,
@@ -287,6 +289,22 @@ def scored_by(metric: Metric, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if wrong:
         raise Internal(f"metric {metric.name!r} produced {wrong}", reason="METRIC_FAILED")
     return distances, scores
+
+
+def _fit_options(extractor: TrainableExtractor, still_wanted: Callable[[], None]) -> dict[str, object]:
+    """``still_wanted`` for a ``fit`` that takes it (a plugin written before it may not), raising
+    the plugin API's ``FitAbandoned`` (caused by the server's own error) so the plugin can let it
+    through while its other exceptions are the plugin's failure."""
+    if "still_wanted" not in inspect.signature(extractor.fit).parameters:
+        return {}
+
+    def fit_still_wanted() -> None:
+        try:
+            still_wanted()
+        except ImageSearchError as exc:
+            raise FitAbandoned(str(exc)) from exc
+
+    return {"still_wanted": fit_still_wanted}
 
 
 def _hits(metric: Metric, pairs: list[tuple[float, int]], rows: dict[int, HitRow], k: int) -> list[Hit]:
@@ -1163,11 +1181,25 @@ class Collection:
             features = self.local_features_of(sample.tolist())
             try:
                 with plugin_failure(
-                    f"extractor {extractor.name!r}", "EXTRACTOR_FAILED", NotEnoughTrainingData
+                    f"extractor {extractor.name!r}",
+                    "EXTRACTOR_FAILED",
+                    (NotEnoughTrainingData, FitAbandoned),
                 ):
-                    state = extractor.fit([features[r] for r in sample.tolist() if r in features], size, seed)
+                    state = extractor.fit(
+                        [features[r] for r in sample.tolist() if r in features],
+                        size,
+                        seed,
+                        **_fit_options(extractor, still_wanted),
+                    )
             except NotEnoughTrainingData as exc:
                 raise FailedPrecondition(str(exc), reason="NOT_ENOUGH_TRAINING_DATA") from exc
+            except FitAbandoned as exc:  # ours, from still_wanted: the server's own error
+                if isinstance(exc.__cause__, ImageSearchError):
+                    raise exc.__cause__ from None
+                raise Internal(
+                    f"extractor {extractor.name!r} failed: FitAbandoned without the server asking",
+                    reason="EXTRACTOR_FAILED",
+                ) from exc
             del features
             still_wanted()
             with plugin_failure(f"extractor {extractor.name!r}", "EXTRACTOR_FAILED"):
@@ -1218,7 +1250,11 @@ class Collection:
             for start in range(0, len(row_ids), REBUILD_CHUNK):
                 still_wanted()
                 chunk = row_ids[start : start + REBUILD_CHUNK]
-                index.add(chunk, prepared_by(self.metric, np.stack([vectors[r] for r in chunk.tolist()])))
+                index.add(
+                    chunk,
+                    prepared_by(self.metric, np.stack([vectors[r] for r in chunk.tolist()])),
+                    still_wanted,
+                )
         except ImageSearchError:
             raise
         except Exception as exc:

@@ -33,6 +33,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from imagesearch.plugins.kmeans import kmeans
 from imagesearch.plugins.types import FLAT, HNSW, IVF, Metric
 from imagesearch.server.config import available_cpus
 
@@ -347,8 +348,12 @@ class VectorIndex:
         return ids + inner.ntotal * inner.d * 4
 
     # -- writes ------------------------------------------------------------------
-    def add(self, ids: np.ndarray, prepared: np.ndarray) -> None:
-        """Add vectors; an IVF index trains once it holds ``train_size`` of them.
+    def add(
+        self, ids: np.ndarray, prepared: np.ndarray, still_wanted: Callable[[], None] | None = None
+    ) -> None:
+        """Add vectors; an IVF index trains once it holds ``train_size`` of them (calling
+        ``still_wanted`` between k-means iterations: a training's new index stops when the server
+        does; an add after its commit passes none, as it must not fail).
 
         It trains on exactly the first ``train_size`` vectors held, whatever the batches: a batch
         that crosses the size is split around the training. A rebuild from the store (which replays
@@ -361,7 +366,7 @@ class VectorIndex:
             return
         wanted = self._train_size() - self._index.ntotal
         if self._will_train() and 0 < wanted < len(ids):
-            self.add(ids[:wanted], prepared[:wanted])
+            self.add(ids[:wanted], prepared[:wanted], still_wanted)
             ids, prepared = ids[wanted:], prepared[wanted:]
         started = time.perf_counter()
         self._index.add_with_ids(prepared, ids)
@@ -373,7 +378,7 @@ class VectorIndex:
                 self._clipped(ids, _codes(faiss.downcast_index(self._index.index))[-len(ids) :])
             )
         if self._will_train() and self._index.ntotal >= self._train_size():
-            self._train()
+            self._train(still_wanted)
 
     def room_for(self, count: int) -> Callable[[], None] | None:
         """Room in a flat index's storage for ``count`` more vectors, made now, outside the
@@ -475,7 +480,7 @@ class VectorIndex:
             self._index.remove_ids(selector)
             self._outliers.difference_update(int(i) for i in ids)
 
-    def _train(self) -> None:
+    def _train(self, still_wanted: Callable[[], None] | None = None) -> None:
         """Train IVF's lists on every vector held so far and move them into the trained index, keyed
         by their own ids.
 
@@ -487,7 +492,7 @@ class VectorIndex:
             self._index = self._int8_index(ids, vectors)
             return
         try:
-            trained = self._trained_ivf(vectors)
+            trained = self._trained_ivf(vectors, still_wanted)
             trained.add_with_ids(vectors, ids)
         except (RuntimeError, ValueError) as exc:
             self.training_error = f"IVF training failed, searching exactly instead: {exc}"
@@ -517,7 +522,9 @@ class VectorIndex:
         self._outliers = self._clipped(ids, _codes(quantizer))
         return index
 
-    def _trained_ivf(self, vectors: np.ndarray) -> faiss.Index:
+    def _trained_ivf(
+        self, vectors: np.ndarray, still_wanted: Callable[[], None] | None = None
+    ) -> faiss.Index:
         if len(vectors) < self.spec.nlist:
             raise ValueError(f"{len(vectors)} vectors cannot train {self.spec.nlist} lists")
         ivf = faiss.IndexIVFFlat(
@@ -538,7 +545,9 @@ class VectorIndex:
                 len(vectors),
                 TRAIN_POINTS_PER_LIST * self.spec.nlist,
             )
-        ivf.train(vectors)
+        # FAISS's own k-means (``ivf.train``), one iteration at a time (the same lists, bit for bit)
+        ivf.quantizer.add(kmeans(vectors, self.spec.nlist, ivf.cp, _flat(self.spec), still_wanted))
+        ivf.is_trained = True
         return _with_direct_map(ivf)
 
     # -- search ------------------------------------------------------------------

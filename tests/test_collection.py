@@ -1072,10 +1072,10 @@ def test_ivf_trains_outside_the_write_lock_and_learns_what_it_would_under_it(
     under_lock: list[bool] = []
     original = collection_module.VectorIndex._trained_ivf
 
-    def k_means(index: vector_index_module.VectorIndex, vectors: np.ndarray) -> object:
+    def k_means(index: vector_index_module.VectorIndex, vectors: np.ndarray, *more: object) -> object:
         if index._given is None:  # else it takes lists learnt before: no k-means
             under_lock.append(collection.lock._writer)
-        return original(index, vectors)
+        return original(index, vectors, *more)
 
     monkeypatch.setattr(collection_module.VectorIndex, "_trained_ivf", k_means)
     add(collection, base, rows(12, 15))  # crosses train_size (20)
@@ -1101,11 +1101,11 @@ def test_a_k_means_failing_before_the_lock_is_run_again_under_it(
     original = collection_module.VectorIndex._trained_ivf
     calls: list[int] = []
 
-    def first_fails(index: vector_index_module.VectorIndex, vectors: np.ndarray) -> object:
+    def first_fails(index: vector_index_module.VectorIndex, vectors: np.ndarray, *more: object) -> object:
         calls.append(len(vectors))
         if len(calls) == 1:
             raise MemoryError("k-means")
-        return original(index, vectors)
+        return original(index, vectors, *more)
 
     monkeypatch.setattr(collection_module.VectorIndex, "_trained_ivf", first_fails)
     add(collection, base, rows(12, 15))

@@ -11,14 +11,14 @@ from __future__ import annotations
 import dataclasses
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from imagesearch.plugins.metrics import L2
-from imagesearch.plugins.types import LocalFeatures, NotEnoughTrainingData, TrainableExtractor
+from imagesearch.plugins.types import FitAbandoned, LocalFeatures, NotEnoughTrainingData, TrainableExtractor
 from imagesearch.server import collection as collection_module
 from imagesearch.server.collection import SNAPSHOT_FILE, Collection, CollectionSpec
 from imagesearch.server.errors import Aborted, FailedPrecondition, Internal, Unavailable
@@ -356,4 +356,73 @@ def test_a_careless_training_is_refused_by_name_and_changes_nothing(tmp_path: Pa
     after = stored_vectors(made)
     assert after.keys() == before.keys() and all(np.array_equal(after[k], before[k]) for k in before)
     assert made.search(before["img0"], 1)[0].id == "img0"
+    made.close()
+
+
+class Iterating(Scaled):
+    """A fit that iterates like k-means and asks ``still_wanted`` before each iteration, as the
+    plugin API invites a long fit to; or one that raises ``FitAbandoned`` unasked (``rogue``)."""
+
+    rogue = False
+
+    def __init__(self, scale: float = 1.0) -> None:
+        super().__init__(scale)
+        self.iterations = 0
+
+    def fit(
+        self,
+        features: Sequence[bytes],
+        size: int = 0,
+        seed: int = 0,
+        still_wanted: Callable[[], None] | None = None,
+    ) -> bytes:
+        if self.rogue:
+            raise FitAbandoned("nobody asked")
+        assert still_wanted is not None  # the server passes it to a fit that takes it
+        for _ in range(50):
+            still_wanted()
+            self.iterations += 1
+        return struct.pack("<f", float(len(features)))
+
+    def with_state(self, state: bytes) -> Iterating:
+        return type(self)(struct.unpack("<f", state)[0])
+
+
+class Rogue(Iterating):
+    rogue = True
+
+
+def test_a_long_fit_stops_between_its_iterations_when_the_server_stops(tmp_path: Path) -> None:
+    """The server stopping during a fit that asks ``still_wanted``: the fit ends at its next
+    iteration, not at its end (a 16,384-word vocabulary's k-means held a stop for minutes, past
+    its watchdog), the training is refused as SHUTTING_DOWN and nothing is committed."""
+    registered = Iterating()
+    made = Collection.create(tmp_path / "c", SPEC, L2, registered, Features())
+    made.add([image(seed, registered) for seed in range(5)])
+    before = stored_vectors(made)
+    asked = 0
+
+    def still_wanted() -> None:
+        nonlocal asked
+        asked += 1
+        if asked > 3:
+            raise Unavailable("the server is shutting down", reason="SHUTTING_DOWN")
+
+    with pytest.raises(Unavailable) as stopped:
+        made.train(0, 0, still_wanted)
+    assert stopped.value.reason == "SHUTTING_DOWN" and asked == 4
+    assert made.extractor.version == made.spec.extractor_version == "1+1"
+    after = stored_vectors(made)
+    assert all(np.array_equal(before[key], after[key]) for key in before)
+    assert made.train(0, 0).training_images == 5  # wanted throughout: it runs to its end
+    made.close()
+
+
+def test_fit_abandoned_raised_unasked_is_the_plugins_failure(tmp_path: Path) -> None:
+    registered = Rogue()
+    made = Collection.create(tmp_path / "c", SPEC, L2, registered, Features())
+    made.add([image(seed, registered) for seed in range(5)])
+    with pytest.raises(Internal, match="extractor 'scaled'") as refused:
+        made.train(0, 0)
+    assert refused.value.reason == "EXTRACTOR_FAILED" and made.spec.extractor_version == "1+1"
     made.close()

@@ -211,8 +211,15 @@ class SiftExtractor(TrainableExtractor):
             keypoints=keypoints,
         )
 
-    def fit(self, features: Sequence[bytes], size: int = 0, seed: int = 0) -> bytes:
-        """FAISS k-means over the sample's descriptors (at most 200,000, seeded), then idf weights."""
+    def fit(
+        self,
+        features: Sequence[bytes],
+        size: int = 0,
+        seed: int = 0,
+        still_wanted: Callable[[], None] | None = None,
+    ) -> bytes:
+        """FAISS k-means over the sample's descriptors (at most 200,000, seeded), then idf weights;
+        ``still_wanted`` is called between k-means iterations."""
         words = size or self.default_model_size
         per_image = [self._descriptors(packed) for packed in features]
         total = sum(len(d) for d in per_image)
@@ -234,7 +241,7 @@ class SiftExtractor(TrainableExtractor):
         if len(pooled) > MAX_TRAINING_DESCRIPTORS:
             chosen = np.random.default_rng(seed).choice(len(pooled), MAX_TRAINING_DESCRIPTORS, replace=False)
             pooled = pooled[np.sort(chosen)]
-        vocabulary = fit_vocabulary(pooled, words, seed).fit_idf(per_image)
+        vocabulary = fit_vocabulary(pooled, words, seed, still_wanted=still_wanted).fit_idf(per_image)
         pca = None
         keypoints = self.encoded_keypoints  # a state from before it was kept gets the cap it trained at
         if self.pca_dim:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
 
+from imagesearch.plugins.kmeans import kmeans
 from imagesearch.plugins.sift.features import DESCRIPTOR_DIM
 
 FORMAT_VERSION = 1
@@ -104,8 +105,15 @@ class Vocabulary:
         return cls(centroids.copy(), idf.copy())
 
 
-def fit_vocabulary(descriptors: np.ndarray, k: int, seed: int, niter: int = 20) -> Vocabulary:
-    """Cluster descriptors into ``k`` visual words with FAISS k-means (Euclidean, not spherical).
+def fit_vocabulary(
+    descriptors: np.ndarray,
+    k: int,
+    seed: int,
+    niter: int = 20,
+    still_wanted: Callable[[], None] | None = None,
+) -> Vocabulary:
+    """Cluster descriptors into ``k`` visual words with FAISS k-means (Euclidean, not spherical),
+    calling ``still_wanted`` before each iteration (``kmeans``: a stopping server abandons the fit).
 
     FAISS cannot place k centroids with fewer than k points, so that is refused here with the
     number needed; below ``POINTS_PER_CENTROID_ADVISED × k`` it works, the centroids are noisier,
@@ -128,8 +136,7 @@ def fit_vocabulary(descriptors: np.ndarray, k: int, seed: int, niter: int = 20) 
             k,
             POINTS_PER_CENTROID_ADVISED * k,
         )
-    kmeans = faiss.Kmeans(
-        DESCRIPTOR_DIM, k, niter=niter, seed=seed, spherical=False, verbose=False, min_points_per_centroid=1
-    )
-    kmeans.train(descriptors)
-    return Vocabulary(np.asarray(kmeans.centroids, np.float32), np.ones(k, np.float32))
+    params = faiss.ClusteringParameters()  # as faiss.Kmeans(niter=niter, seed=seed, ...) sets them
+    params.niter, params.seed, params.spherical, params.min_points_per_centroid = niter, seed, False, 1
+    centroids = kmeans(descriptors, k, params, still_wanted=still_wanted)
+    return Vocabulary(centroids, np.ones(k, np.float32))
