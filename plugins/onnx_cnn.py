@@ -35,7 +35,14 @@ from typing import Any
 
 import numpy as np
 
-from imagesearch.plugins import Extractor, PluginContext, RegistrationProblems, Setting, hookimpl
+from imagesearch.plugins import (
+    Extractor,
+    PluginContext,
+    RegistrationProblems,
+    Setting,
+    SettingsError,
+    hookimpl,
+)
 from imagesearch.plugins.cnn.preprocess import preprocess
 from imagesearch.plugins.cnn.sidecar import FORMAT, Sidecar, SidecarError, read_sidecar, sha256_file
 from imagesearch.server.config import available_cpus
@@ -55,15 +62,18 @@ class ModelError(RuntimeError):
 
 
 def _positive_int_env(key: str, default: int) -> int:
+    """The variable's value, or ``default`` when unset; SettingsError (start-up stops, as for the
+    same setting in [plugins.onnx_cnn]) when it is not a positive integer: reported as a plugin
+    problem, a typo here served without the default CNN while health said SERVING (an outside test)."""
     raw = os.environ.get(key, "").strip()
     if not raw:
         return default
     try:
         value = int(raw)
     except ValueError:
-        raise ModelError(f"{key}={raw!r} is not an integer") from None
+        raise SettingsError(f"environment variable {key}={raw!r} must be an integer >= 1") from None
     if value <= 0:
-        raise ModelError(f"{key}={raw!r} must be positive")
+        raise SettingsError(f"environment variable {key}={raw!r} must be an integer >= 1")
     return value
 
 
@@ -276,6 +286,8 @@ def register_extractors(register: Callable[[OnnxCnnExtractor], None], context: P
     quietly, but it must not take the good models (the default one) down with it.
     """
     settings = context.settings(SETTINGS)
+    for variable in (THREADS_ENV, MAX_BATCH_ENV):  # checked like the table, models or not
+        _positive_int_env(variable, 1)
     if context.models_dir is None:
         return
     extractors, problems = discover(context.models_dir, settings)

@@ -182,6 +182,19 @@ def test_a_bad_plugin_table_stops_start_up(plugin, table, message):
 
 
 @pytest.mark.parametrize(
+    ("variable", "value"), [("IMAGESEARCH_ORT_THREADS", "abc"), ("IMAGESEARCH_ORT_MAX_BATCH", "0")]
+)
+def test_a_bad_onnx_environment_variable_stops_start_up_like_its_table_key(variable, value, monkeypatch):
+    """A typo in the variable was a plugin problem, logged: the server served without its default
+    CNN while health said SERVING, where the same value in [plugins.onnx_cnn] stops start-up (an
+    outside test). Checked whether or not there are models."""
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as refused:
+        PluginRegistry(load_entry_points=False, plugin_config={})
+    assert f"environment variable {variable}={value!r} must be an integer >= 1" in str(refused.value)
+
+
+@pytest.mark.parametrize(
     ("rule", "words"),
     [
         (Setting(float, low=0, high=1, above=True), "a number above 0 and at most 1"),

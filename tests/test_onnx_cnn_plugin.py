@@ -276,5 +276,5 @@ def test_thread_and_batch_settings_from_env(default_extractor, monkeypatch):  # 
     extractor = OnnxCnnExtractor(default_extractor.sidecar, default_extractor.onnx_path)
     assert (extractor.threads, extractor.max_batch) == (1, 4)
     monkeypatch.setenv(onnx_cnn.THREADS_ENV, "many")
-    with pytest.raises(ModelError, match="IMAGESEARCH_ORT_THREADS"):
+    with pytest.raises(SettingsError, match="IMAGESEARCH_ORT_THREADS"):
         OnnxCnnExtractor(default_extractor.sidecar, default_extractor.onnx_path)
