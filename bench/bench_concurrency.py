@@ -338,11 +338,20 @@ def main() -> None:
         default=None,
         help="override server/vector_index.py's GEMV_MAX_QUERIES (0: every search through FAISS)",
     )
+    parser.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an environment variable for the server's process only (repeatable); e.g. "
+        "GOMP_SPINCOUNT=300000 gives FAISS's OpenMP threads libgomp's default spinning back",
+    )
     args = parser.parse_args()
+    server_env = dict(item.split("=", 1) for item in args.server_env)
     callers = [int(c) for c in args.callers.split(",")]
     base, queries = random_data(args)
     query_messages = [float_vector(q) for q in queries]
-    results: dict = {"n": args.n, "dim": args.dim, "machine": machine()}
+    results: dict = {"n": args.n, "dim": args.dim, "machine": machine(), "server_env": server_env}
 
     raw = raw_faiss(base, queries, callers)
     results["raw_faiss"] = raw
@@ -371,7 +380,9 @@ def main() -> None:
             extract_max_wait_ms=args.extract_max_wait_ms,
         ).replace(limits={"max_streams_per_peer": args.idle_streams + 8})
         with (
-            server_process(config, vector_dim=args.dim, gemv_max_queries=args.gemv_max_queries) as running,
+            server_process(
+                config, vector_dim=args.dim, gemv_max_queries=args.gemv_max_queries, env=server_env
+            ) as running,
             grpc.insecure_channel(running.target, options=OPTIONS) as channel,
         ):
             stub = pb_grpc.ImageSearchServiceStub(channel)
@@ -485,6 +496,8 @@ def report(results: dict, callers: list[int]) -> None:
     best_single = min(raw["single_p50_ms"].values())
     print(f"machine: {results['machine']}")
     print(f"data: {results['n']} x {results['dim']} flat cosine, top-10")
+    if results["server_env"]:
+        print(f"server environment: {' '.join(f'{k}={v}' for k, v in results['server_env'].items())}")
     print(
         f"1 caller, search by vector: server p50 {levels[1]['p50_ms']:.2f} ms; raw FAISS p50 "
         f"{raw['single_p50_ms'][1]:.2f} ms (1 thread), {raw['single_p50_ms'][2]:.2f} ms (2 threads); "

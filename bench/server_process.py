@@ -135,12 +135,17 @@ class ServerProcess:
 
 @contextmanager
 def server_process(
-    config: ServerConfig, *, vector_dim: int | None = None, gemv_max_queries: int | None = None
+    config: ServerConfig,
+    *,
+    vector_dim: int | None = None,
+    gemv_max_queries: int | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[ServerProcess]:
     """Start the server in a spawned process (``vector_dim``: register a vectors-only extractor of
-    that dimension, ``vectors-<dim>``; ``gemv_max_queries``: override vector_index's); stop it,
-    drained and snapshotted, on exit."""
-    with _child(_serve, (config, vector_dim, gemv_max_queries), config.host) as started:
+    that dimension, ``vectors-<dim>``; ``gemv_max_queries``: override vector_index's; ``env``:
+    variables for the server's process only, as its libraries read them when they load); stop
+    it, drained and snapshotted, on exit."""
+    with _child(_serve, (config, vector_dim, gemv_max_queries), config.host, env) as started:
         yield started
 
 
@@ -161,11 +166,27 @@ def pipeline_process(options: list[tuple[str, int]], directory: Path) -> Iterato
 
 
 @contextmanager
-def _child(serve, args: tuple, host: str) -> Iterator[ServerProcess]:
+def _environment(changes: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``changes`` for the duration, then as it was."""
+    before = {key: os.environ.get(key) for key in changes}
+    os.environ.update(changes)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextmanager
+def _child(serve, args: tuple, host: str, env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
     context = multiprocessing.get_context("spawn")
     ours, theirs = context.Pipe()
     child = context.Process(target=serve, args=(*args, theirs), name="imagesearch-server")
-    child.start()
+    with _environment(env or {}):  # a spawned child starts with a copy of the parent's
+        child.start()
     try:
         deadline = time.monotonic() + 120
         while not ours.poll(0.2):

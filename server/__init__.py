@@ -10,6 +10,13 @@ imported: by default its helper threads spin for about 0.1 s of CPU after every
 matrix product (a lone query's scan, vector_index.GEMV_MAX_QUERIES), which on
 two cores takes one from the batches, extractions and requests that follow.
 2^4 cycles instead (bench/bench_search_threads.py measures both).
+
+FAISS's OpenMP runtime (libgomp) reads OMP_WAIT_POLICY once, when it loads: by
+default a thread that finishes its share of a parallel loop spins for
+milliseconds waiting for the next one. On cores shared with other work (other
+processes, or this server's own event loop and clients) a team member that spins
+while another waits to be scheduled turned 16 concurrent searches slower than one
+(bench/README.md, "OpenMP threads sleep"). PASSIVE makes them sleep at once.
 """
 
 import os
@@ -18,3 +25,4 @@ import os
 # this variable is raised with it (imaging.check_decoder_cap).
 os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", "40000000")
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
