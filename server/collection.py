@@ -176,7 +176,14 @@ def index_params(index_type: str, given: dict[str, int], limits: Limits) -> dict
     for key, ceiling in ceilings.items():
         if key not in chosen and getattr(CollectionSpec, key) > ceiling:
             chosen[key] = ceiling
-    nprobe = min(CollectionSpec.nprobe, chosen.get("nlist", CollectionSpec.nlist))
+    nlist = chosen.get("nlist", CollectionSpec.nlist)
+    if (
+        index_type == IVF
+        and "train_size" not in chosen
+        and default_train_size(nlist, 0) > limits.max_train_size
+    ):
+        chosen["train_size"] = limits.max_train_size  # 39 a list, lowered like the others (an outside test)
+    nprobe = min(CollectionSpec.nprobe, nlist)
     if "nprobe" not in chosen and (index_type == IVF or nprobe != CollectionSpec.nprobe):
         chosen["nprobe"] = nprobe
     return chosen
@@ -222,7 +229,13 @@ def check_index_params(spec: CollectionSpec, limits: Limits) -> None:
         if not lowest <= value <= highest:
             raise InvalidArgument(
                 f"{field_path.rsplit('.', 1)[1]} is {value}; it must be between {lowest} and {highest}"
-                + (" (k-means needs at least one training vector per list)" if name == "train_size" else ""),
+                + (" (k-means needs at least one training vector per list)" if name == "train_size" else "")
+                + (
+                    f": {spec.nlist} lists need more training vectors than this server's max_train_size "
+                    f"allows; ask for at most {highest} lists"
+                    if name == "train_size" and lowest > highest
+                    else ""
+                ),
                 field=field_path,
                 reason="BAD_INDEX_PARAM",
                 metadata={"min": str(lowest), "max": str(highest), "value": str(value)},

@@ -1227,6 +1227,19 @@ def test_defaults_above_lowered_limits_are_lowered_to_them(index_type: str) -> N
         check_index_params(make_spec(index_type, L2, **index_params(index_type, given, limits)), limits)
 
 
+def test_the_default_train_size_is_lowered_to_max_train_size() -> None:
+    """An explicit train_size past ``max_train_size`` was refused while a create that left it unset
+    trained on 39 a list anyway, past the operator's limit (an outside test)."""
+    limits = Limits(max_train_size=200)
+    chosen = index_params(IVF, {"nlist": 10}, limits)
+    assert chosen["train_size"] == 200  # 390 by default
+    check_index_params(make_spec(IVF, L2, **chosen), limits)
+    assert "train_size" not in index_params(IVF, {"nlist": 5}, limits)  # 195 is within it
+    with pytest.raises(InvalidArgument, match=r"100 lists need more training vectors .* at most 50 lists"):
+        limited = Limits(max_train_size=50)
+        check_index_params(make_spec(IVF, L2, **index_params(IVF, {"nlist": 100}, limited)), limited)
+
+
 @pytest.mark.parametrize(
     "params",
     [
