@@ -109,31 +109,53 @@ def _fits_storage(matrix: np.ndarray, collection: Collection) -> np.ndarray:
 
 
 def check_fields(item: ImageItem, prefix: str, limits: Limits) -> None:
-    """An item's id, label and metadata within the limits (its image or vector is checked apart)."""
-    if len(item.id) > limits.max_id_length or UNPRINTABLE.search(item.id):
-        raise InvalidArgument(
-            f"id must be at most {limits.max_id_length} characters without control characters, line "
-            "separators or bidirectional controls",
-            field=f"{prefix}.id",
-            reason="BAD_ID",
-        )
-    if len(item.label) > limits.max_label_length or UNPRINTABLE.search(item.label):
-        raise InvalidArgument(
-            f"label must be at most {limits.max_label_length} characters without control characters, "
-            "line separators or bidirectional controls",
-            field=f"{prefix}.label",
-            reason="BAD_LABEL",
-        )
+    """An item's id, label and metadata within the limits (its image or vector is checked apart).
+    A limit passed names itself in the message and in ``limit`` and ``value`` (docs/api.md)."""
+    for name, value, limit, reason in (
+        ("id", item.id, limits.max_id_length, "BAD_ID"),
+        ("label", item.label, limits.max_label_length, "BAD_LABEL"),
+    ):
+        if len(value) > limit:
+            _over_limit(
+                f"{name} is {len(value)} characters",
+                "characters",
+                limit,
+                len(value),
+                f"{prefix}.{name}",
+                reason,
+            )
+        if UNPRINTABLE.search(value):
+            raise InvalidArgument(
+                f"{name} must be without control characters, line separators or bidirectional controls",
+                field=f"{prefix}.{name}",
+                reason=reason,
+            )
     if not item.metadata:
         return
+    field = f"{prefix}.metadata"
+    if len(item.metadata) > limits.max_metadata_entries:
+        entries = len(item.metadata)
+        _over_limit(f"metadata has {entries} entries", "entries", limits.max_metadata_entries, entries, field)
     size = sum(utf8_size(k) + utf8_size(v) for k, v in item.metadata.items())
-    if len(item.metadata) > limits.max_metadata_entries or size > limits.max_metadata_bytes:
-        raise InvalidArgument(
-            f"metadata is limited to {limits.max_metadata_entries} entries and {limits.max_metadata_bytes} "
-            "bytes (UTF-8 keys and values)",
-            field=f"{prefix}.metadata",
-            reason="METADATA_TOO_LARGE",
+    if size > limits.max_metadata_bytes:
+        _over_limit(
+            f"metadata is {size} bytes (UTF-8 keys and values)",
+            "bytes",
+            limits.max_metadata_bytes,
+            size,
+            field,
         )
+
+
+def _over_limit(
+    said: str, unit: str, limit: int, value: int, field: str, reason: str = "METADATA_TOO_LARGE"
+) -> None:
+    raise InvalidArgument(
+        f"{said}; the limit is {limit} {unit}",
+        field=field,
+        reason=reason,
+        metadata={"limit": str(limit), "value": str(value)},
+    )
 
 
 def decoded_total(contents: Iterable[bytes | None], min_side: int | None, limits: Limits) -> int:

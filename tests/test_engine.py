@@ -1088,7 +1088,37 @@ def test_metadata_is_limited_in_utf8_bytes_not_characters(engine: Engine) -> Non
         lambda: engine.add_images("c", [ImageItem(id="over", vector=vector(1), metadata=over)]),
     )
     assert error.field == "images[0].metadata"
+    assert error.metadata == {"limit": str(limit), "value": "16385"} and "16385 bytes" in error.message
     assert stored_ids(engine) == ["fits"]
+
+
+@pytest.mark.parametrize(
+    ("item", "reason", "said", "limit", "value"),
+    [
+        (ImageItem(id="x" * 257, vector=vector(0)), "BAD_ID", "id is 257 characters", "256", "257"),
+        (
+            ImageItem(id="l", label="y" * 300, vector=vector(0)),
+            "BAD_LABEL",
+            "label is 300 characters",
+            "256",
+            "300",
+        ),
+        (
+            ImageItem(id="m", vector=vector(0), metadata={str(n): "" for n in range(65)}),
+            "METADATA_TOO_LARGE",
+            "metadata has 65 entries; the limit is 64 entries",
+            "64",
+            "65",
+        ),
+    ],
+)
+def test_each_field_limit_names_itself(
+    engine: Engine, item: ImageItem, reason: str, said: str, limit: str, value: str
+) -> None:
+    """api.md promises ``limit`` and ``value`` for a limit passed; the id, label and metadata limits
+    gave neither, and the metadata message did not say whether entries or bytes (an outside test)."""
+    error = raises(InvalidArgument, reason, lambda: engine.add_images("c", [item]))
+    assert said in error.message and error.metadata == {"limit": limit, "value": value}
 
 
 def test_a_tiny_vector_is_its_own_nearest_neighbour_under_cosine(engine: Engine) -> None:
