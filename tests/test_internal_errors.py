@@ -61,6 +61,7 @@ def test_plugin_failures_are_internal(data_dir, extractor, text):
             stub.AddImages(request, metadata=[("x-request-id", "req-7")])
         assert error.value.code() == grpc.StatusCode.INTERNAL
         assert text in error.value.details()
+        assert error.value.details().endswith("; request id req-7")  # for clients reading only the message
         assert ("x-request-id", "req-7") in error.value.trailing_metadata()
         assert stub.ListImages(pb.ListImagesRequest(collection="c")).images == []
         stub.AddImages(pb.AddImagesRequest(images=[pb.ImageInput(id="ok", content=encode(pattern(2)))]))

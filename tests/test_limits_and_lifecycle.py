@@ -186,6 +186,13 @@ def test_request_id_is_echoed(stub):
     assert ("x-request-id", "abc123") in call.trailing_metadata()
     _, call = stub.ListCollections.with_call(pb.ListCollectionsRequest())
     assert len(dict(call.trailing_metadata())["x-request-id"]) == 32
+    trace = "t" * 100  # a trace id and a suffix: whole (64 characters were kept, without a word)
+    _, call = stub.ListCollections.with_call(pb.ListCollectionsRequest(), metadata=[("x-request-id", trace)])
+    assert dict(call.trailing_metadata())["x-request-id"] == trace
+    _, call = stub.ListCollections.with_call(
+        pb.ListCollectionsRequest(), metadata=[("x-request-id", "u" * 300)]
+    )
+    assert dict(call.trailing_metadata())["x-request-id"] == "u" * 256  # docs/api.md: cut past 256
 
 
 def test_config_file_and_unknown_keys(tmp_path):
