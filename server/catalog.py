@@ -31,6 +31,8 @@ from imagesearch.plugins.types import (
     TrainableExtractor,
 )
 from imagesearch.server.collection import (
+    NAME_PATTERN,
+    NAME_RULE,
     SNAPSHOT_ERRORS,
     STORE_FILE,
     Collection,
@@ -177,19 +179,29 @@ class Catalog:
         )
 
     # -- queries -------------------------------------------------------------------
-    def get(self, name: str) -> Collection:
+    def get(self, name: str, field: str = "collection") -> Collection:
+        """The serving collection ``name`` ("" for the default); ``field`` names the request field
+        that gave it (``name`` for the calls on a collection itself) in the error when there is none:
+        INVALID_ARGUMENT for a name no collection can have (NOT_FOUND said it might exist: an
+        outside test), FAILED_PRECONDITION for one that cannot serve, else NOT_FOUND."""
         name = name or DEFAULT_COLLECTION
         collection = self._collections.get(name)
         if collection is None or collection.closed:
             if name in self._unavailable:
                 raise FailedPrecondition(
                     f"collection {name!r} is unavailable: {self._unavailable[name]}",
-                    field="collection",
+                    field=field,
                     reason="COLLECTION_UNAVAILABLE",
+                )
+            if not NAME_PATTERN.fullmatch(name):
+                raise InvalidArgument(
+                    f"invalid collection name {shown(name)}: {NAME_RULE}",
+                    field=field,
+                    reason="BAD_COLLECTION_NAME",
                 )
             why = self._no_default if name == DEFAULT_COLLECTION else ""
             raise NotFound(
-                f"collection {shown(name)} not found{why}", field="collection", reason="COLLECTION_NOT_FOUND"
+                f"collection {shown(name)} not found{why}", field=field, reason="COLLECTION_NOT_FOUND"
             )
         return collection
 
@@ -345,7 +357,7 @@ class Catalog:
                 directory = self._root / name
                 del self._unavailable[name]
             else:
-                collection = self.get(name)
+                collection = self.get(name, "name")
                 unmovable = _why_unmovable(collection.directory)
                 if unmovable:  # refused while it still serves: nothing to reopen, no restart to advise
                     raise FailedPrecondition(

@@ -97,12 +97,13 @@ ENCODE_CHUNK = 256
 REBUILD_CHUNK = 4096  # vectors a training's new index is given at once (the store's replay chunk)
 
 
+NAME_RULE = "use 1-64 characters of A-Z a-z 0-9 _ -, starting with a letter or digit"
+
+
 def check_collection_name(name: str) -> str:
     if not NAME_PATTERN.fullmatch(name):
         raise InvalidArgument(
-            f"invalid collection name {shown(name)}: use 1-64 characters of A-Z a-z 0-9 _ -, starting with a letter or digit",
-            field="name",
-            reason="BAD_COLLECTION_NAME",
+            f"invalid collection name {shown(name)}: {NAME_RULE}", field="name", reason="BAD_COLLECTION_NAME"
         )
     return name
 

@@ -459,13 +459,13 @@ class Engine:
                 f"seed is {seed}; it must be between 0 and {MAX_SEED}", field="seed", reason="BAD_SEED"
             )
         started = time.perf_counter()
-        collection = self.catalog.get(name)
+        collection = self.catalog.get(name, "name")
         self.check_accepting_writes()
         outcome = collection.train(model_size, seed, still_wanted=self._training_still_wanted)
         return collection.info(), dataclasses.replace(outcome, train_ms=_ms(started))
 
     def get_collection(self, name: str) -> CollectionInfo:
-        return self.catalog.get(name).info()
+        return self.catalog.get(name, "name").info()
 
     def delete_collection(self, name: str, deadline: float | None = None) -> None:
         if not name:

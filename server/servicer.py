@@ -165,7 +165,9 @@ def to_rpc_status(
     code = status_of(error)
     metadata = {**error.metadata}
     if collection is not None:
-        metadata.setdefault("collection", errors.shown(collection or "default").strip("'"))
+        metadata.setdefault(
+            "collection", (collection or "default")[: errors.SHOWN_CHARS]
+        )  # the name, not its quote
     if error.field:
         metadata.setdefault("field", error.field)
     info = error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=metadata)

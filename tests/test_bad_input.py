@@ -289,7 +289,14 @@ def test_error_info_metadata_names_the_collection_the_field_and_the_limit(stub):
     info = error_info(call_error(stub.TrainCollection, pb.TrainCollectionRequest(name="default")))
     assert (info.reason, info.metadata["collection"]) == ("NOT_TRAINABLE", "default")
     info = error_info(call_error(stub.GetCollection, pb.GetCollectionRequest(name="nope")))
-    assert (info.reason, info.metadata["collection"]) == ("COLLECTION_NOT_FOUND", "nope")
+    assert (info.reason, info.metadata["collection"], info.metadata["field"]) == (
+        "COLLECTION_NOT_FOUND",
+        "nope",
+        "name",
+    )
+    # The name itself, cut plainly, not as the message quotes it ("'ccc...'... (300 characters)").
+    info = error_info(call_error(stub.Search, pb.SearchRequest(collection="c" * 300, image_id="x")))
+    assert (info.reason, info.metadata["collection"]) == ("BAD_COLLECTION_NAME", "c" * 80)
 
 
 def test_per_item_results_carry_the_reason_and_field_a_whole_request_would(stub):

@@ -991,7 +991,20 @@ def test_get_and_delete_collection(engine: Engine) -> None:
     engine.add_images("c", vector_items(0, 2))
     info = engine.get_collection("c")
     assert (info.spec.name, info.image_count) == ("c", 2)
-    assert raises(NotFound, "COLLECTION_NOT_FOUND", lambda: engine.get_collection("x")).field == "collection"
+    assert raises(NotFound, "COLLECTION_NOT_FOUND", lambda: engine.get_collection("x")).field == "name"
+    # A name no collection can have is the caller's mistake, not a missing collection (an outside test).
+    assert (
+        raises(InvalidArgument, "BAD_COLLECTION_NAME", lambda: engine.get_collection("bad name!")).field
+        == "name"
+    )
+    assert (
+        raises(InvalidArgument, "BAD_COLLECTION_NAME", lambda: engine.delete_collection("x" * 65)).field
+        == "name"
+    )
+    refused = raises(
+        InvalidArgument, "BAD_COLLECTION_NAME", lambda: engine.add_images("a/b", vector_items(0, 1))
+    )
+    assert refused.field == "collection"
     raises(NotFound, "COLLECTION_NOT_FOUND", lambda: engine.get_collection(""))  # "" is "default"
     raises(InvalidArgument, "BAD_COLLECTION_NAME", lambda: engine.delete_collection(""))
     engine.delete_collection("c")
