@@ -28,6 +28,7 @@ import numpy as np
 
 from imagesearch.plugins.types import (
     FLAT,
+    HNSW,
     IVF,
     Extractor,
     FitAbandoned,
@@ -160,14 +161,26 @@ class CollectionSpec:
         )
 
 
+IVF_KEYS = frozenset({"nlist", "nprobe", "train_size"})
+HNSW_KEYS = frozenset({"hnsw_m", "ef_construction", "ef_search"})
+
+
 def index_params(index_type: str, given: dict[str, int], limits: Limits) -> dict[str, int]:
     """The parameters a new collection gets: the given ones (0 = unset) over the spec's defaults.
 
-    A default above the server's limit for it is lowered to the limit: an operator who lowers
+    Parameters of another index type are refused (the Python client refuses them too). A default
+    above the server's limit for it is lowered to the limit: an operator who lowers
     ``max_hnsw_m`` or ``max_ef`` has not asked for every create that leaves them unset to fail.
     nprobe's default, 10 lists, is capped at nlist: probing more lists than exist is meaningless.
     """
     chosen = {key: value for key, value in given.items() if value}
+    for kind, group, keys in ((IVF, "ivf", IVF_KEYS), (HNSW, "hnsw", HNSW_KEYS)):
+        if index_type != kind and chosen.keys() & keys:  # dropped without a word (an outside test)
+            raise InvalidArgument(
+                f"{group} parameters are for index_type {kind}, not {index_type}",
+                field=f"collection.{group}",
+                reason="BAD_INDEX_PARAM",
+            )
     ceilings = {
         "nlist": limits.max_nlist,
         "hnsw_m": limits.max_hnsw_m,

@@ -1210,6 +1210,25 @@ def test_index_params_fill_defaults_and_cap_nprobe_at_nlist() -> None:
     assert index_params(HNSW, {"hnsw_m": 16, "ef_search": 0}, limits) == {"hnsw_m": 16}
 
 
+@pytest.mark.parametrize(
+    ("index_type", "given", "group"),
+    [
+        (FLAT, {"nlist": 5}, "ivf"),
+        (HNSW, {"nprobe": 3}, "ivf"),
+        (IVF, {"hnsw_m": 8}, "hnsw"),
+        (FLAT, {"ef_search": 9}, "hnsw"),
+    ],
+)
+def test_parameters_of_another_index_type_are_refused(
+    index_type: str, given: dict[str, int], group: str
+) -> None:
+    """They were checked, then dropped without a word: a client that forgot index_type got a flat
+    collection (an outside test); the Python client refuses them before sending."""
+    with pytest.raises(InvalidArgument, match=f"{group} parameters are for index_type") as refused:
+        index_params(index_type, given, Limits())
+    assert (refused.value.reason, refused.value.field) == ("BAD_INDEX_PARAM", f"collection.{group}")
+
+
 @pytest.mark.parametrize("index_type", [FLAT, IVF, HNSW])
 def test_defaults_above_lowered_limits_are_lowered_to_them(index_type: str) -> None:
     """``max_nlist = 8``, ``max_hnsw_m = 6`` or ``max_ef = 20`` are valid limits, yet the built-in
