@@ -25,15 +25,17 @@ from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 
 from imagesearch.plugins.manager import PluginRegistry
 from imagesearch.server.catalog import Catalog
 from imagesearch.server.config import ServerConfig
 from imagesearch.server.engine import Engine
+from imagesearch.server.errors import ResourceExhausted
 from imagesearch.server.imaging import check_decoder_cap
 from imagesearch.server.reflection import enable_reflection
 from imagesearch.server.response_size import max_response_bytes
-from imagesearch.server.servicer import ImageSearchServicer, add_to_server
+from imagesearch.server.servicer import ImageSearchServicer, add_to_server, to_rpc_status
 from imagesearch.server.streams import StreamGuard
 from imagesearch.v1 import image_search_service_pb2 as pb
 
@@ -53,16 +55,26 @@ class CollectionHealth(health.aio.HealthServicer):
     Check, so it is never stale; Watch covers the fixed names only. Answered on the event loop
     itself, so no amount of queued work delays it."""
 
-    def __init__(self, catalog: Catalog) -> None:
+    def __init__(self, catalog: Catalog, watches: StreamGuard) -> None:
         super().__init__()
         self._catalog = catalog
+        self._watches = watches  # open Watch streams per client address
         self._stopping = asyncio.Event()
 
     async def Watch(self, request, context):
-        """grpc.health.v1's Watch, ended when the server stops taking calls (``end_watches``): gRPC
-        counts an open Watch as a call in flight, so one (as clients' own health checking and
-        Envoy keep) held every stop for the whole ``shutdown_grace_s`` (an outside test). Its
-        watchers have had NOT_SERVING since the announcement."""
+        """grpc.health.v1's Watch, at most ``max_streams_per_peer`` open from one client address
+        (256 from one channel held every slot of the server's call limit, health checks refused
+        with the rest: an outside test), and ended when the server stops taking calls
+        (``end_watches``): gRPC counts an open Watch as a call in flight, so one (as clients' own
+        health checking and Envoy keep) held every stop for the whole ``shutdown_grace_s`` (an
+        outside test). Its watchers have had NOT_SERVING since the announcement."""
+        try:
+            with self._watches.admit(context.peer()):
+                await self._watch_until_stop(request, context)
+        except ResourceExhausted as refused:  # only admit raises it
+            await context.abort_with_status(rpc_status.to_status(to_rpc_status(refused)))
+
+    async def _watch_until_stop(self, request, context) -> None:
         watching = asyncio.ensure_future(super().Watch(request, context))
         stopping = asyncio.ensure_future(self._stopping.wait())
         try:
@@ -246,7 +258,15 @@ def _grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.max_receive_message_length", config.limits.max_message_bytes),
         ("grpc.max_send_message_length", max_response_bytes(config.limits)),
         ("grpc.so_reuseport", 0),
+        ("grpc.max_concurrent_streams", connection_streams(config.limits.max_concurrent_rpcs)),
     ]
+
+
+def connection_streams(max_concurrent_rpcs: int) -> int:
+    """Calls one connection may have open at once (HTTP/2's limit; more wait in the client): above
+    the call limit, so a client's calls past it are refused (RESOURCE_EXHAUSTED) rather than
+    queued, yet bounded, so a connection's requests that never finish arriving cannot pile up."""
+    return min(max(2 * max_concurrent_rpcs, 100), 2**31 - 1)
 
 
 def plugin_registry(config: ServerConfig, extra_plugins: Iterable[tuple[str, object]] = ()) -> PluginRegistry:
@@ -277,12 +297,14 @@ class _Pools:
 async def _start(
     config: ServerConfig, engine: Engine, catalog: Catalog, pools: _Pools
 ) -> tuple[grpc.aio.Server, int, CollectionHealth]:
-    server = grpc.aio.server(
-        options=_grpc_options(config), maximum_concurrent_rpcs=config.limits.max_concurrent_rpcs
-    )
-    streams = StreamGuard(config.limits.max_streams_per_peer, config.limits.stream_idle_timeout_s)
+    # No maximum_concurrent_rpcs: the servicer counts its own calls (streams.CallLimit), so that
+    # health is never refused; each connection holds a bounded number of streams.
+    server = grpc.aio.server(options=_grpc_options(config))
+    limits = config.limits
+    streams = StreamGuard(limits.max_streams_per_peer, limits.stream_idle_timeout_s)
     add_to_server(ImageSearchServicer(engine, pools.workers, pools.reads, streams), server)
-    health_servicer = CollectionHealth(catalog)
+    watches = StreamGuard(limits.max_streams_per_peer, limits.stream_idle_timeout_s, "health Watch streams")
+    health_servicer = CollectionHealth(catalog, watches)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection(server, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
     try:

@@ -44,7 +44,7 @@ from imagesearch.server.records import (
 from imagesearch.server.response_size import RESPONSE_FRAMING, max_response_bytes
 from imagesearch.server.searching import GEOMETRIC
 from imagesearch.server.store import ImageRow
-from imagesearch.server.streams import ChunkOrder, ChunkTurn, StreamGuard
+from imagesearch.server.streams import CallLimit, ChunkOrder, ChunkTurn, StreamGuard
 from imagesearch.server.vector_index import FLOAT16, FLOAT32, INT8
 from imagesearch.server.vector_input import vector_input
 from imagesearch.v1 import image_search_service_pb2 as pb
@@ -249,14 +249,15 @@ def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
         try:
             if isinstance(request, MalformedRequest):
                 raise request.error()
-            try:
-                return _within_send_limit(
-                    await method(self, request, context), self._send_limit, method.__name__
-                )
-            except sqlite3.DatabaseError as exc:  # a store damaged while serving: DATA_LOSS, not INTERNAL
-                if not errors.is_corruption(exc):
-                    raise
-                raise errors.store_damaged(exc) from exc
+            with self._calls.admit():
+                try:
+                    return _within_send_limit(
+                        await method(self, request, context), self._send_limit, method.__name__
+                    )
+                except sqlite3.DatabaseError as exc:  # a store damaged while serving: DATA_LOSS, not INTERNAL
+                    if not errors.is_corruption(exc):
+                        raise
+                    raise errors.store_damaged(exc) from exc
         except (errors.ImageSearchError, StreamFailure) as caught:
             error, extra, trailers, named = caught, (), (), collection_named(request)
             if isinstance(caught, StreamFailure):
@@ -559,6 +560,7 @@ class ImageSearchServicer(pb_grpc.ImageSearchServiceServicer):
     def __init__(self, engine: Engine, workers: Executor, reads: Executor, streams: StreamGuard) -> None:
         self.engine = engine
         self._workers, self._reads, self._streams = workers, reads, streams
+        self._calls = CallLimit(engine.limits.max_concurrent_rpcs)  # health and reflection are not counted
         self._send_limit = max_response_bytes(engine.limits)  # the server's grpc.max_send_message_length
 
     async def _work(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -1,8 +1,13 @@
-"""Guards for client streams: a cap per peer and an idle timeout.
+"""Guards for calls and client streams: a cap on calls in flight, a cap per peer and an idle timeout.
 
 On the asyncio server a stream that sends nothing holds no thread, but it still
 holds a slot of ``max_concurrent_rpcs`` and a little memory, so one client must
-not be able to open them without limit or leave them open for ever.
+not be able to open them without limit or leave them open for ever. The cap on
+calls in flight is the server's own, not gRPC's ``maximum_concurrent_rpcs``:
+gRPC's counts every call from its first byte, health checks and calls whose
+request never finishes arriving included, so one client holding that many (health
+Watch streams, or requests sent a byte short) had health checks refused for as long
+as it liked, and a load balancer then pulled an idle server (an outside test).
 """
 
 from __future__ import annotations
@@ -25,10 +30,36 @@ def peer_host(peer: str) -> str:
     return host if host and port.isdigit() else peer
 
 
+class CallLimit:
+    """At most ``limit`` calls of the image search service in flight, counted from the moment a
+    handler runs (its request has arrived): RESOURCE_EXHAUSTED with a retry hint past it. Health
+    and reflection are not counted. Touched only from the event loop's thread."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_flight = 0
+
+    @contextmanager
+    def admit(self) -> Iterator[None]:
+        if self.in_flight >= self.limit:
+            raise ResourceExhausted(
+                f"{self.in_flight} calls are in flight; the limit is {self.limit} (retry shortly)",
+                reason="TOO_MANY_CALLS",
+                metadata={"limit": str(self.limit)},
+                retry_after_s=0.5,
+            )
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+
+
 class StreamGuard:
-    def __init__(self, max_per_peer: int, idle_timeout_s: float) -> None:
+    def __init__(self, max_per_peer: int, idle_timeout_s: float, what: str = "upload streams") -> None:
         self.max_per_peer = max_per_peer
         self.idle_timeout_s = idle_timeout_s
+        self.what = what  # what the streams are, as the refusal names them
         self._open: Counter[str] = Counter()  # touched only from the event loop's thread
 
     @contextmanager
@@ -37,7 +68,7 @@ class StreamGuard:
         host = peer_host(peer)
         if self._open[host] >= self.max_per_peer:
             raise ResourceExhausted(
-                f"{self._open[host]} upload streams are open from {host}; the limit is {self.max_per_peer} "
+                f"{self._open[host]} {self.what} are open from {host}; the limit is {self.max_per_peer} "
                 "per client (finish or close one, then retry)",
                 reason="TOO_MANY_STREAMS",
                 metadata={"limit": str(self.max_per_peer)},

@@ -20,7 +20,8 @@ from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
 from tests.conftest import tiny_config
 from tests.support.gate_plugin import GatePlugin
 from tests.support.images import encode, pattern
-from tests.support.tiny_plugin import TinyExtractor
+from tests.support.tiny_plugin import TINY_PLUGIN, TinyExtractor
+from tests.support.waiting import until as wait_until
 
 pytestmark = pytest.mark.e2e
 DIM = TinyExtractor.dim
@@ -37,7 +38,10 @@ def add_one(stub, image_id: str, **kwargs):
     return stub.AddImages(request, **kwargs)
 
 
-def test_concurrent_rpc_limit_answers_resource_exhausted(data_dir):
+def test_concurrent_rpc_limit_answers_resource_exhausted_and_health_still_answers(data_dir):
+    """Past ``max_concurrent_rpcs`` calls of the service: RESOURCE_EXHAUSTED with a reason and a
+    retry hint. Health is not counted: gRPC's own limit counted it, so a client holding every slot
+    had health checks refused and a load balancer pull an idle server (an outside test)."""
     gate, server = gated_server(data_dir, limits={"max_concurrent_rpcs": 1})
     with server as running, grpc.insecure_channel(running.target) as chan:
         stub = pb_grpc.ImageSearchServiceStub(chan)
@@ -48,8 +52,56 @@ def test_concurrent_rpc_limit_answers_resource_exhausted(data_dir):
         with pytest.raises(grpc.RpcError) as error:
             stub.ListCollections(pb.ListCollectionsRequest())
         assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        details = {d.type_url.rsplit("/", 1)[1]: d for d in rpc_status.from_call(error.value).details}
+        assert "google.rpc.RetryInfo" in details and "TOO_MANY_CALLS" in str(
+            details["google.rpc.ErrorInfo"].value
+        )
+        health = health_pb2_grpc.HealthStub(chan)
+        assert (
+            health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
         gate.release.set()
         assert first.result(10).ids == ["a"]
+        assert stub.ListCollections(
+            pb.ListCollectionsRequest(), timeout=5
+        ).collections  # the slot is free again
+
+
+def test_health_watch_streams_are_capped_per_client(data_dir):
+    """256 Watch streams from one channel held every call slot (an outside test): one client
+    address may keep ``max_streams_per_peer`` open; past it RESOURCE_EXHAUSTED, TOO_MANY_STREAMS,
+    while Check answers and a closed Watch frees its place."""
+    config = tiny_config(data_dir).replace(limits={"max_streams_per_peer": 2})
+    with (
+        run_server(config, extra_plugins=[TINY_PLUGIN]) as running,
+        grpc.insecure_channel(running.target) as chan,
+    ):
+        health = health_pb2_grpc.HealthStub(chan)
+        watches = [health.Watch(health_pb2.HealthCheckRequest()) for _ in range(2)]
+        assert [next(w).status for w in watches] == [health_pb2.HealthCheckResponse.SERVING] * 2
+        third = health.Watch(health_pb2.HealthCheckRequest())
+        with pytest.raises(grpc.RpcError) as refused:
+            next(third)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "2 health Watch streams are open" in refused.value.details()
+        assert (
+            health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
+        watches[0].cancel()
+        assert wait_until(lambda: _watch_opens(health))
+        watches[1].cancel()
+
+
+def _watch_opens(health: health_pb2_grpc.HealthStub) -> bool:
+    watch = health.Watch(health_pb2.HealthCheckRequest())
+    try:
+        return next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    except grpc.RpcError:
+        return False
+    finally:
+        watch.cancel()
 
 
 def test_deadline_passed_during_extraction_stores_nothing(data_dir, caplog):
