@@ -23,12 +23,14 @@ server's process would add their Python work to the server's GIL.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -66,6 +68,28 @@ BARE_PAGE_SIZES = (
     32768,
 )  # the store's for 1280-d rows, and the largest (each more written before the stream slows it)
 OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+
+
+def _spin() -> None:
+    while True:
+        pass
+
+
+@contextmanager
+def busy_processes(count: int) -> Iterator[None]:
+    """``count`` processes that keep a core busy each, for the duration: the server sharing its
+    cores with other work, as on a shared host (where FAISS's spinning OpenMP threads made 16
+    callers slower than one; docs/operations.md, OMP_WAIT_POLICY)."""
+    context = multiprocessing.get_context("spawn")
+    spinners = [context.Process(target=_spin, daemon=True) for _ in range(count)]
+    for spinner in spinners:
+        spinner.start()
+    try:
+        yield
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.join()
 
 
 def latencies(call: Callable[[int], object], callers: int, seconds: float) -> tuple[float, list[float]]:
@@ -346,12 +370,24 @@ def main() -> None:
         help="an environment variable for the server's process only (repeatable); e.g. "
         "GOMP_SPINCOUNT=300000 gives FAISS's OpenMP threads libgomp's default spinning back",
     )
+    parser.add_argument(
+        "--busy-processes",
+        type=int,
+        default=0,
+        help="processes keeping a core busy each while the searches by vector are measured (a shared host)",
+    )
     args = parser.parse_args()
     server_env = dict(item.split("=", 1) for item in args.server_env)
     callers = [int(c) for c in args.callers.split(",")]
     base, queries = random_data(args)
     query_messages = [float_vector(q) for q in queries]
-    results: dict = {"n": args.n, "dim": args.dim, "machine": machine(), "server_env": server_env}
+    results: dict = {
+        "n": args.n,
+        "dim": args.dim,
+        "machine": machine(),
+        "server_env": server_env,
+        "busy_processes": args.busy_processes,
+    }
 
     raw = raw_faiss(base, queries, callers)
     results["raw_faiss"] = raw
@@ -427,8 +463,7 @@ def main() -> None:
                 server_timings.append((response.timings.total_ms, response.timings.search_ms))
                 return response
 
-            levels = {}
-            for c in callers:
+            def measure_level(c: int) -> None:
                 batches, items = running.batcher_counts()
                 server_timings.clear()
                 qps, times = latencies(search_vector, c, args.seconds)
@@ -444,6 +479,11 @@ def main() -> None:
                     "p99_ms": percentile(times, 99),
                     "mean_batch": (items_now - items) / max(1, batches_now - batches),
                 }
+
+            levels: dict[int, dict] = {}
+            with busy_processes(args.busy_processes):  # other work on the same cores, if asked for
+                for c in callers:
+                    measure_level(c)
             results["server_by_vector"] = levels
             health = health_pb2_grpc.HealthStub(channel)
             _, empty = latencies(lambda i: health.Check(health_pb2.HealthCheckRequest()), 1, 2)
@@ -498,6 +538,8 @@ def report(results: dict, callers: list[int]) -> None:
     print(f"data: {results['n']} x {results['dim']} flat cosine, top-10")
     if results["server_env"]:
         print(f"server environment: {' '.join(f'{k}={v}' for k, v in results['server_env'].items())}")
+    if results["busy_processes"]:
+        print(f"searches by vector measured beside {results['busy_processes']} busy process(es)")
     print(
         f"1 caller, search by vector: server p50 {levels[1]['p50_ms']:.2f} ms; raw FAISS p50 "
         f"{raw['single_p50_ms'][1]:.2f} ms (1 thread), {raw['single_p50_ms'][2]:.2f} ms (2 threads); "
