@@ -11,12 +11,14 @@ matrix product (a lone query's scan, vector_index.GEMV_MAX_QUERIES), which on
 two cores takes one from the batches, extractions and requests that follow.
 2^4 cycles instead (bench/bench_search_threads.py measures both).
 
-FAISS's OpenMP runtime (libgomp) reads OMP_WAIT_POLICY once, when it loads: by
-default a thread that finishes its share of a parallel loop spins for
-milliseconds waiting for the next one. On cores shared with other work (other
-processes, or this server's own event loop and clients) a team member that spins
-while another waits to be scheduled turned 16 concurrent searches slower than one
-(bench/README.md, "OpenMP threads sleep"). PASSIVE makes them sleep at once.
+FAISS's OpenMP runtime (libgomp) reads GOMP_SPINCOUNT and OMP_WAIT_POLICY once,
+when it loads: by default a thread that finishes its share of a parallel loop
+spins for about 10 ms of CPU waiting for the next one. On cores shared with other
+work (another process here) that turned 16 concurrent searches slower than one;
+sleeping at once (OMP_WAIT_POLICY=PASSIVE) cost a third of their speed on a quiet
+machine, where the spin bridges the gaps between the loops of one batch. 10,000
+spins (under 2 ms) keep most of both (bench/README.md, "OpenMP threads"). Set only
+when the environment says nothing of either: an operator's choice wins.
 """
 
 import os
@@ -25,4 +27,5 @@ import os
 # this variable is raised with it (imaging.check_decoder_cap).
 os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", "40000000")
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["GOMP_SPINCOUNT"] = "10000"
