@@ -7,7 +7,10 @@ watchdog gave up first. Each step here continues from the centroids the step bef
 gives, bit for bit, the centroids of one FAISS run of all the iterations: FAISS draws its sample
 and its first centroids from ``seed`` and splits empty clusters with a fixed seed, so restarting
 from given centroids changes nothing (tests/test_kmeans.py compares them with ``faiss.Kmeans`` and
-``IndexIVFFlat.train``).
+``IndexIVFFlat.train``). FAISS stops early once an iteration no longer improves its objective
+(its centroids then no longer move); one step at a time cannot see that objective across calls,
+so the steps stop where the centroids stop moving: run to the end, they doubled the time of a
+4,000-word vocabulary (an outside test).
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ def kmeans(
         if centroids is not None:
             faiss.copy_array_to_vector(centroids.ravel(), clustering.centroids)
         clustering.train(vectors, index)  # empties the index first, as FAISS's own run does
-        centroids = faiss.vector_to_array(clustering.centroids).reshape(k, dim)
+        previous, centroids = centroids, faiss.vector_to_array(clustering.centroids).reshape(k, dim)
+        if previous is not None and np.array_equal(previous, centroids):
+            break  # a fixed point: every further iteration gives these again (FAISS stops one later)
     assert centroids is not None
     return centroids
