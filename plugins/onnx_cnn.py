@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -54,7 +55,11 @@ THREADS_ENV = "IMAGESEARCH_ORT_THREADS"
 MAX_BATCH_ENV = "IMAGESEARCH_ORT_MAX_BATCH"
 DEFAULT_MAX_BATCH = 1  # images per run: larger runs were slower on this CPU (docs/models.md)
 # [plugins.onnx_cnn]: any other key, or a value outside these, stops start-up.
-SETTINGS = {"threads": Setting(int, low=1), "max_batch": Setting(int, low=1)}
+# At most this many threads or images a run: onnxruntime refused 99,999,999,999 threads with a
+# TypeError, which left the server without its CNN (an outside test).
+MOST = 1024
+SETTINGS = {"threads": Setting(int, low=1, high=MOST), "max_batch": Setting(int, low=1, high=MOST)}
+ENV_SETTINGS = {THREADS_ENV: SETTINGS["threads"], MAX_BATCH_ENV: SETTINGS["max_batch"]}
 
 
 class ModelError(RuntimeError):
@@ -63,18 +68,16 @@ class ModelError(RuntimeError):
 
 def _positive_int_env(key: str, default: int) -> int:
     """The variable's value, or ``default`` when unset; SettingsError (start-up stops, as for the
-    same setting in [plugins.onnx_cnn]) when it is not a positive integer: reported as a plugin
-    problem, a typo here served without the default CNN while health said SERVING (an outside test)."""
-    raw = os.environ.get(key, "").strip()
+    same setting in [plugins.onnx_cnn], by the same rule) unless it is plain ASCII digits within
+    the rule: reported as a plugin problem, a typo here served without the default CNN while
+    health said SERVING, and int() took " 2" and Arabic-Indic digits (outside tests)."""
+    raw = os.environ.get(key, "")
     if not raw:
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise SettingsError(f"environment variable {key}={raw!r} must be an integer >= 1") from None
-    if value <= 0:
-        raise SettingsError(f"environment variable {key}={raw!r} must be an integer >= 1")
-    return value
+    rule = ENV_SETTINGS[key]
+    if not re.fullmatch(r"[0-9]{1,10}", raw) or not rule.accepts(int(raw)):
+        raise SettingsError(f"environment variable {key}={raw!r} must be {rule.expected()}")
+    return int(raw)
 
 
 # -------------------------------------------------------------------------- sessions

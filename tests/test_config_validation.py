@@ -167,7 +167,8 @@ PLUGIN_TABLES = [  # (plugin name, its table, what the message must say)
     ("sift", {"max_side": "big"}, "[plugins.sift] max_side must be an integer >= 1, got 'big'"),
     ("sift", {"vlad_pca_dim": -1}, "[plugins.sift] vlad_pca_dim must be an integer >= 0 (0: no PCA), got -1"),
     ("onnx_cnn", {"thread": 2}, "unknown [plugins.onnx_cnn] keys: thread"),
-    ("onnx_cnn", {"threads": 0}, "[plugins.onnx_cnn] threads must be an integer >= 1, got 0"),
+    ("onnx_cnn", {"threads": 0}, "[plugins.onnx_cnn] threads must be an integer from 1 to 1024, got 0"),
+    ("onnx_cnn", {"threads": 99_999_999_999}, "[plugins.onnx_cnn] threads must be an integer from 1 to 1024"),
     # A plugin that reads no table: every key is unknown to it (accepted without a word: an outside test).
     ("metrics", {"threds": 4}, "unknown [plugins.metrics] keys: threds (plugin 'metrics' takes no settings)"),
 ]
@@ -182,7 +183,14 @@ def test_a_bad_plugin_table_stops_start_up(plugin, table, message):
 
 
 @pytest.mark.parametrize(
-    ("variable", "value"), [("IMAGESEARCH_ORT_THREADS", "abc"), ("IMAGESEARCH_ORT_MAX_BATCH", "0")]
+    ("variable", "value"),
+    [
+        ("IMAGESEARCH_ORT_THREADS", "abc"),
+        ("IMAGESEARCH_ORT_MAX_BATCH", "0"),
+        ("IMAGESEARCH_ORT_THREADS", "99999999999"),  # onnxruntime refused it with a TypeError
+        ("IMAGESEARCH_ORT_THREADS", " 2"),
+        ("IMAGESEARCH_ORT_THREADS", "\u0663"),  # an Arabic-Indic 3, which int() takes
+    ],
 )
 def test_a_bad_onnx_environment_variable_stops_start_up_like_its_table_key(variable, value, monkeypatch):
     """A typo in the variable was a plugin problem, logged: the server served without its default
@@ -191,7 +199,9 @@ def test_a_bad_onnx_environment_variable_stops_start_up_like_its_table_key(varia
     monkeypatch.setenv(variable, value)
     with pytest.raises(SettingsError) as refused:
         PluginRegistry(load_entry_points=False, plugin_config={})
-    assert f"environment variable {variable}={value!r} must be an integer >= 1" in str(refused.value)
+    assert f"environment variable {variable}={value!r} must be an integer from 1 to 1024" in str(
+        refused.value
+    )
 
 
 @pytest.mark.parametrize(

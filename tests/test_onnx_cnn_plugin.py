@@ -77,7 +77,7 @@ def test_the_plugin_config_table_sets_threads_and_batch(models_dir):
     extractor = _registry(threads=1, max_batch=4).extractors[DEFAULT_MODEL].item
     assert (extractor.threads, extractor.max_batch) == (1, 4)
     with pytest.raises(
-        SettingsError, match=r"\[plugins.onnx_cnn\] threads must be an integer >= 1, got 'two'"
+        SettingsError, match=r"\[plugins.onnx_cnn\] threads must be an integer from 1 to 1024, got 'two'"
     ):
         _registry(threads="two")  # the operator's mistake: start-up stops (tests/test_config_validation.py)
 
