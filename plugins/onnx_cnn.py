@@ -66,7 +66,7 @@ class ModelError(RuntimeError):
     """A model in the models directory is unusable; the message names the file."""
 
 
-def _positive_int_env(key: str, default: int) -> int:
+def _env_setting(key: str, default: int) -> int:
     """The variable's value, or ``default`` when unset; SettingsError (start-up stops, as for the
     same setting in [plugins.onnx_cnn], by the same rule) unless it is plain ASCII digits within
     the rule: reported as a plugin problem, a typo here served without the default CNN while
@@ -158,8 +158,8 @@ class OnnxCnnExtractor(Extractor):
         self.version = f"{sidecar.version}+{sidecar.short_sha}"
         self.dim = sidecar.dim
         self.description = f"{sidecar.description} [onnxruntime, {onnx_path.name}]"
-        self.max_batch = max_batch or _positive_int_env(MAX_BATCH_ENV, DEFAULT_MAX_BATCH)
-        self.threads = threads or _positive_int_env(THREADS_ENV, available_cpus())
+        self.max_batch = max_batch or _env_setting(MAX_BATCH_ENV, DEFAULT_MAX_BATCH)
+        self.threads = threads or _env_setting(THREADS_ENV, available_cpus())
         self.has_logits = sidecar.logits_output is not None
 
     @property
@@ -289,8 +289,8 @@ def register_extractors(register: Callable[[OnnxCnnExtractor], None], context: P
     quietly, but it must not take the good models (the default one) down with it.
     """
     settings = context.settings(SETTINGS)
-    for variable in (THREADS_ENV, MAX_BATCH_ENV):  # checked like the table, models or not
-        _positive_int_env(variable, 1)
+    for variable in ENV_SETTINGS:  # checked like the table, models or not
+        _env_setting(variable, 1)
     if context.models_dir is None:
         return
     extractors, problems = discover(context.models_dir, settings)

@@ -13,11 +13,12 @@ two cores takes one from the batches, extractions and requests that follow.
 
 FAISS's OpenMP runtime (libgomp) reads GOMP_SPINCOUNT and OMP_WAIT_POLICY once,
 when it loads: by default a thread that finishes its share of a parallel loop
-spins for about 10 ms of CPU waiting for the next one. On cores shared with other
+spins for milliseconds waiting for the next one (more than 5 ms of CPU in a
+20 ms pause: tests/test_server_environment.py's probe). On cores shared with other
 work (another process here) that turned 16 concurrent searches slower than one;
 sleeping at once (OMP_WAIT_POLICY=PASSIVE) cost a third of their speed on a quiet
 machine, where the spin bridges the gaps between the loops of one batch. 10,000
-spins (under 2 ms) keep most of both (bench/README.md, "OpenMP threads"). Set only
+spins (under 4 ms in that probe) keep most of both (bench/README.md, "OpenMP threads"). Set only
 when the environment says nothing of either: an operator's choice wins.
 """
 

@@ -240,20 +240,22 @@ def check_index_params(spec: CollectionSpec, limits: Limits) -> None:
         value = getattr(spec, name)
         if name == "train_size" and value == 0:  # unset: 39 per list
             continue
-        if not lowest <= value <= highest:
-            raise InvalidArgument(
-                f"{field_path.rsplit('.', 1)[1]} is {value}; it must be between {lowest} and {highest}"
-                + (" (k-means needs at least one training vector per list)" if name == "train_size" else "")
-                + (
-                    f": {spec.nlist} lists need more training vectors than this server's max_train_size "
-                    f"allows; ask for at most {highest} lists"
-                    if name == "train_size" and lowest > highest
-                    else ""
-                ),
-                field=field_path,
-                reason="BAD_INDEX_PARAM",
-                metadata={"min": str(lowest), "max": str(highest), "value": str(value)},
+        if lowest <= value <= highest:
+            continue
+        said = f"{field_path.rsplit('.', 1)[1]} is {value}; it must be between {lowest} and {highest}"
+        if name == "train_size":  # k-means needs a vector a list; nlist may be more than the limit
+            said += (
+                f": {spec.nlist} lists need more training vectors than this server's max_train_size "
+                f"allows; ask for at most {highest} lists"
+                if lowest > highest
+                else " (k-means needs at least one training vector per list)"
             )
+        raise InvalidArgument(
+            said,
+            field=field_path,
+            reason="BAD_INDEX_PARAM",
+            metadata={"min": str(lowest), "max": str(highest), "value": str(value)},
+        )
 
 
 @dataclass(frozen=True)
@@ -537,9 +539,8 @@ class Collection:
             )
         except SnapshotError as exc:
             if path.exists():
-                level = (
-                    logging.INFO if isinstance(exc, EarlierSnapshot) else logging.WARNING
-                )  # once after an upgrade
+                # INFO for an earlier version's snapshot: rebuilt once, as an upgrade's expected step
+                level = logging.INFO if isinstance(exc, EarlierSnapshot) else logging.WARNING
                 log.log(
                     level,
                     "collection %s: snapshot unusable (%s); rebuilding from the store",

@@ -165,9 +165,8 @@ def to_rpc_status(
     code = status_of(error)
     metadata = {**error.metadata}
     if collection is not None:
-        metadata.setdefault(
-            "collection", (collection or "default")[: errors.SHOWN_CHARS]
-        )  # the name, not its quote
+        name = (collection or "default")[: errors.SHOWN_CHARS]  # the name, not as a message quotes it
+        metadata.setdefault("collection", name)
     if error.field:
         metadata.setdefault("field", error.field)
     info = error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=metadata)
