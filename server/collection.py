@@ -697,6 +697,7 @@ class Collection:
         before_storing: Callable[[], None] | None = None,
         after_storing: Callable[[], None] | None = None,
         before_commit: Callable[[], None] | None = None,
+        training_wanted: Callable[[], None] | None = None,
     ) -> list[int]:
         """Commit rows to the store, then to the index. Returns row ids.
 
@@ -707,6 +708,8 @@ class Collection:
         committed, before the index takes them (a stream's next chunk may then commit).
         ``before_commit`` runs under the writer lock, right before the commit: it may raise to
         store nothing (a deadline that passed while the add waited for the lock).
+        ``training_wanted`` runs between the iterations of an IVF k-means this add sets off, after
+        its commit: it raises ``TrainingPostponed`` to leave the index untrained (a stopping server).
 
         Searches go on during the store's commit and see the rows once the index has them, when
         this returns; a reader of the store (``get``, ``count``) may see them a moment sooner.
@@ -751,7 +754,7 @@ class Collection:
             grown, pieces = None, [slice(0, len(ids))]
             if first is not None:
                 grown = first.room_for(len(ids))
-                first.learn_ahead(prepared)  # IVF's k-means, before the lock too
+                first.learn_ahead(prepared, training_wanted)  # IVF's k-means, before the lock too
                 pieces = first.pieces(len(ids))
             for number, piece in enumerate(pieces):  # one, but on HNSW (VectorIndex.pieces)
                 with self.lock.write(after_waiting_readers=number > 0):
@@ -763,7 +766,9 @@ class Collection:
                     # search during it might, and label filters none of it (``_applied_seq``).
                     if index is not None and index is first:
                         self._follow_store(
-                            lambda index=index, piece=piece: index.add(ids[piece], prepared[piece]),
+                            lambda index=index, piece=piece: index.add(
+                                ids[piece], prepared[piece], training_wanted
+                            ),
                             upto_seq=seqs[-1],
                         )
                     if number == len(pieces) - 1:

@@ -71,6 +71,7 @@ from imagesearch.server.records import (
 )
 from imagesearch.server.searching import Searching
 from imagesearch.server.store import ImageRow, NewImage
+from imagesearch.server.vector_index import TrainingPostponed
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -141,6 +142,12 @@ class Engine:
     def _refuse_when_stopping(self, message: str) -> None:
         if self._stopping.is_set():
             raise Unavailable(message, reason="SHUTTING_DOWN")
+
+    def _postpone_training_when_stopping(self) -> None:
+        """An add's IVF training, which runs after its commit, is put off once shutdown has begun:
+        the stop must not wait for a k-means that can take minutes (the next add trains)."""
+        if self._stopping.is_set():
+            raise TrainingPostponed("the server is stopping")
 
     def _training_still_wanted(self) -> None:
         """Unavailable once shutdown has begun: a training stops at its next step, uncommitted."""
@@ -336,6 +343,7 @@ class Engine:
                 # Again once the writer lock is held: an add may wait there behind others' commits
                 # (an outside test: adds stored up to 1.2 s after their deadline had passed).
                 before_commit=functools.partial(check_deadline, deadline, "storing the batch"),
+                training_wanted=self._postpone_training_when_stopping,
             )
             for position, row_id in zip(stored, row_ids, strict=True):
                 if row_id == SKIPPED:  # another call stored this id after the check above

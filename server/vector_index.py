@@ -39,6 +39,13 @@ from imagesearch.server.config import available_cpus
 
 log = logging.getLogger(__name__)
 
+
+class TrainingPostponed(Exception):
+    """Raised by an add's ``still_wanted`` to stop IVF's first k-means, which runs after the add's
+    commit: the index keeps the vectors untrained (exact) and a later add trains it. A server being
+    told to stop raises it, so that a stop does not wait for a k-means that can take minutes."""
+
+
 # FAISS's rule of thumb for a well-trained k-means: at least 39 points per centroid.
 TRAIN_POINTS_PER_LIST = 39
 
@@ -223,6 +230,7 @@ class VectorIndex:
         self._index = _with_direct_map(index) if index is not None else self._empty()
         self._tombstones: set[int] = set() if tombstones is None else {int(t) for t in tombstones}
         self.training_error = ""
+        self._postponed = False  # an IVF training put off by a stopping server (logged once)
         self._largest_norm: float | None = None  # of any vector held here (``_norm_bound``)
         self._outliers: set[int] = (
             self._clipped(self.ids(), _codes(faiss.downcast_index(self._index.index)))
@@ -351,9 +359,11 @@ class VectorIndex:
     def add(
         self, ids: np.ndarray, prepared: np.ndarray, still_wanted: Callable[[], None] | None = None
     ) -> None:
-        """Add vectors; an IVF index trains once it holds ``train_size`` of them (calling
+        """Add vectors; an IVF index trains once it holds ``train_size`` of them, calling
         ``still_wanted`` between k-means iterations: a training's new index stops when the server
-        does; an add after its commit passes none, as it must not fail).
+        does (whatever it raises propagates), and an add after its commit, which must not fail,
+        passes one that raises ``TrainingPostponed``: the index then holds the vectors untrained,
+        searching exactly, and trains on a later add.
 
         It trains on exactly the first ``train_size`` vectors held, whatever the batches: a batch
         that crosses the size is split around the training. A rebuild from the store (which replays
@@ -423,12 +433,13 @@ class VectorIndex:
             size = max(HNSW_MIN_PIECE, int(HNSW_PIECE_S / self._seconds_per_vector))
         return [slice(start, start + size) for start in range(0, count, max(size, 1))]
 
-    def learn_ahead(self, prepared: np.ndarray) -> None:
+    def learn_ahead(self, prepared: np.ndarray, still_wanted: Callable[[], None] | None = None) -> None:
         """Run now the k-means that adding ``prepared`` will set off (IVF's first ``train_size``
         vectors), so that the add under the collection's write lock takes its lists as a rebuild
         takes ``learnt``: k-means for 100 lists held every search for about a second, and it grows
         with nlist. The caller holds the collection's ``_indexing``, so the index stands still;
-        searches read it meanwhile. FAISS's k-means is seeded: the same lists as under the lock."""
+        searches read it meanwhile. FAISS's k-means is seeded: the same lists as under the lock.
+        ``still_wanted`` as in ``add``."""
         if self.spec.kind != IVF or self._given is not None or not self._will_train():
             return
         wanted = self._train_size() - self._index.ntotal
@@ -436,7 +447,7 @@ class VectorIndex:
             return
         vectors = np.concatenate([np.array(self.stored_vectors()), as_float32(prepared)[:wanted]])
         try:
-            self._given = _lists(self._trained_ivf(vectors))
+            self._given = _lists(self._trained_ivf(vectors, still_wanted))
         except Exception:  # the rows are committed: this add must not fail here
             return  # trained again under the lock, where ``_train`` keeps the reason
 
@@ -481,19 +492,33 @@ class VectorIndex:
             self._outliers.difference_update(int(i) for i in ids)
 
     def _train(self, still_wanted: Callable[[], None] | None = None) -> None:
-        """Train IVF's lists on every vector held so far and move them into the trained index, keyed
-        by their own ids.
+        """Train IVF's lists on the first ``train_size`` vectors held (all of them, but after a
+        postponed training: what a rebuild from the store trains on) and move every vector into the
+        trained index, keyed by its own id.
 
         On failure the exact index keeps serving and the reason is kept for
-        GetCollection and the logs: a write must never fail after its rows are committed.
+        GetCollection and the logs: a write must never fail after its rows are committed. A
+        ``TrainingPostponed`` leaves it serving, untrained, with no reason kept: a later add trains.
         """
         ids, vectors = self.ids(), np.array(self.stored_vectors())
         if self.spec.storage == INT8:
             self._index = self._int8_index(ids, vectors)
             return
         try:
-            trained = self._trained_ivf(vectors, still_wanted)
+            if still_wanted is not None:
+                still_wanted()
+            trained = self._trained_ivf(vectors[: self._train_size()], still_wanted)
             trained.add_with_ids(vectors, ids)
+        except TrainingPostponed as postponed:
+            if not self._postponed:  # once, not for each piece of the add
+                log.warning(
+                    "IVF training of %d vectors postponed (%s): the index searches exactly until an "
+                    "add trains it",
+                    len(ids),
+                    postponed,
+                )
+            self._postponed = True
+            return
         except (RuntimeError, ValueError) as exc:
             self.training_error = f"IVF training failed, searching exactly instead: {exc}"
             log.error("%s", self.training_error)

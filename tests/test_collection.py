@@ -858,14 +858,14 @@ def _index_update_held(
     original = collection_module.VectorIndex.add
     calls = []
 
-    def held(index, row_ids, vectors):
+    def held(index, row_ids, *args):
         calls.append(len(row_ids))
         if len(calls) == 1:
             updating.set()
             assert release.wait(10)
             if fail:
                 raise RuntimeError("FAISS refused the add")
-        return original(index, row_ids, vectors)
+        return original(index, row_ids, *args)
 
     monkeypatch.setattr(collection_module.VectorIndex, "add", held)
     return updating, release
@@ -964,9 +964,9 @@ def test_an_hnsw_add_is_applied_in_pieces_and_searches_go_between_them(
     original = collection_module.VectorIndex.add
     pool = ThreadPoolExecutor(1)
 
-    def piece(index: vector_index_module.VectorIndex, ids: np.ndarray, prepared: np.ndarray) -> None:
+    def piece(index: vector_index_module.VectorIndex, ids: np.ndarray, *args: object) -> None:
         events.append(f"piece of {len(ids)}")
-        original(index, ids, prepared)
+        original(index, ids, *args)
         if not searching:  # a search arrives during the first piece, and waits for the lock
             searching.append(
                 pool.submit(
@@ -1045,11 +1045,11 @@ def test_a_failed_hnsw_piece_is_rebuilt_with_the_whole_add_and_the_rest_skipped(
     original = collection_module.VectorIndex.add
     pieces: list[int] = []
 
-    def second_fails(index: vector_index_module.VectorIndex, ids: np.ndarray, prepared: np.ndarray) -> None:
+    def second_fails(index: vector_index_module.VectorIndex, ids: np.ndarray, *args: object) -> None:
         pieces.append(len(ids))
         if len(pieces) == 2:
             raise RuntimeError("FAISS refused the piece")
-        original(index, ids, prepared)
+        original(index, ids, *args)
 
     monkeypatch.setattr(collection_module.VectorIndex, "add", second_fails)
     with caplog.at_level(logging.ERROR):
@@ -1379,9 +1379,9 @@ def test_an_add_never_copies_the_index_storage_while_searches_wait(
     moved: list[bool] = []
     add = VectorIndex.add
 
-    def watched(index: VectorIndex, ids: np.ndarray, prepared: np.ndarray) -> None:
+    def watched(index: VectorIndex, *args: object) -> None:
         before = storage_address(index)
-        add(index, ids, prepared)
+        add(index, *args)
         moved.append(before != 0 and storage_address(index) != before)
 
     monkeypatch.setattr(VectorIndex, "add", watched)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from contextlib import ExitStack
 
 import grpc
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
+from imagesearch.client import ImageItem, ImageSearchClient
 from imagesearch.server import servicer
 from imagesearch.server.app import run_server
 from imagesearch.server.config import load_config
@@ -300,3 +302,53 @@ def test_a_search_listing_many_labels_is_read_off_the_event_loop(data_dir, monke
             pb.SearchRequest(vector=pb.FloatVector(values=vectors[0]), labels=["l1"], top_k=3)
         )
         assert [hit.id for hit in found.hits] == ["v1"] and on_loop == [1]
+
+
+def test_a_stop_during_an_adds_first_ivf_training_puts_the_training_off(data_dir, caplog) -> None:
+    """SIGTERM while an add's first IVF k-means runs (after the add's commit, so the add must not
+    fail): the k-means stops at its next iteration, the add is answered, and the server stops
+    within its grace instead of when the k-means would have ended (8,192 lists over 20,000
+    vectors, several seconds here; a large collection's, minutes: the watchdog's exit code 1).
+    After the restart every vector is there, searched exactly (the next add trains:
+    test_vector_index's postponed training)."""
+    config = tiny_config(data_dir)
+    rng = np.random.default_rng(5)
+    base = rng.normal(size=(20_156, DIM)).astype(np.float32)
+    ivf = {"nlist": 8192, "nprobe": 8192, "train_size": 20_000}
+    items = [ImageItem(id=str(i), vector=v) for i, v in enumerate(base)]
+    outcome: list[object] = []
+    server = ExitStack()
+    running = server.enter_context(run_server(config, extra_plugins=[TINY_PLUGIN]))
+    with ImageSearchClient(running.target) as client:
+        client.create_collection("lists", metric="l2", index_type="ivf", ivf=ivf)
+        for start in range(0, 19_900, 256):
+            client.add_images(items[start : min(start + 256, 19_900)], collection="lists")
+
+        def crossing_add() -> None:  # 19,900 + 256 crosses train_size: the k-means starts after the commit
+            try:
+                outcome.append(client.add_images(items[19_900:], collection="lists"))
+            except Exception as exc:
+                outcome.append(exc)
+
+        adding = threading.Thread(target=crossing_add)
+        adding.start()
+        time.sleep(1.5)  # the rows are committed and the k-means runs
+        started = time.monotonic()
+        server.close()  # the server stops as on SIGTERM (grace 2 s in tiny_config)
+        stopped_after = time.monotonic() - started
+        adding.join(30)
+    assert stopped_after < 3.0, f"the stop waited {stopped_after:.1f} s for the k-means"
+    assert "IVF training of 20000 vectors postponed" in caplog.text
+    assert len(outcome) == 1 and outcome[0].added_count == 256, outcome
+    with (
+        run_server(config, extra_plugins=[TINY_PLUGIN]) as running,
+        ImageSearchClient(running.target) as client,
+    ):
+        info = client.get_collection("lists")
+        assert info.image_count == 20_156 and not info.index_trained and info.state_reason == ""
+        held = base[: info.image_count].astype(np.float64)
+        for query in rng.normal(size=(3, DIM)).astype(np.float32):
+            expected = np.argsort(((held - query) ** 2).sum(axis=1), kind="stable")[:5]
+            assert [hit.id for hit in client.search(vector=query, collection="lists", top_k=5).hits] == [
+                str(i) for i in expected
+            ]

@@ -668,3 +668,34 @@ def test_ivf_training_on_few_vectors_warns_in_the_log_not_on_stderr(capfd, caplo
     loud.train(vectors)
     capfd.readouterr()
     np.testing.assert_array_equal(quiet.centroids, loud.centroids)
+
+
+def test_a_postponed_ivf_training_leaves_every_vector_searchable_and_trains_later_as_a_rebuild_would() -> (
+    None
+):
+    """An add whose ``still_wanted`` raises ``TrainingPostponed`` (a stopping server) keeps its
+    vectors in the exact index, untrained and with no error kept; a later add trains on the first
+    ``train_size`` vectors, so its lists are those of an index that trained at once (a rebuild)."""
+    made = spec(IVF)
+    rng = np.random.default_rng(21)
+    base = rng.normal(size=(120, DIM)).astype(np.float32)
+    calls = []
+
+    def stopping() -> None:
+        calls.append(1)
+        raise vector_index.TrainingPostponed("the server is stopping")
+
+    index = VectorIndex(made)
+    index.add(np.arange(30), base[:30])
+    index.learn_ahead(base[30:100], stopping)  # the k-means before the lock stops too
+    index.add(np.arange(30, 100), base[30:100], stopping)  # crosses train_size (40)
+    assert calls and not index.trained and index.training_error == ""
+    assert index.learnt is None
+    expected = {i: base[i] for i in range(100)}
+    for query in rng.normal(size=(5, DIM)).astype(np.float32):
+        assert index.search(query[None, :], 5)[1][0].tolist() == brute_force_ids(expected, query, 5)
+    index.add(np.arange(100, 120), base[100:120])  # no stop: trains
+    at_once = VectorIndex(made)
+    at_once.add(np.arange(120), base)
+    assert index.trained and np.array_equal(index.learnt, at_once.learnt)
+    assert sorted(index.ids().tolist()) == list(range(120))
