@@ -14,6 +14,7 @@ SCRIPTS = [
     "bench_search_threads.py",
     "bench_ingest_stages.py",
     "bench_storage.py",
+    "bench_hnsw_removals.py",
     "bench_buckets.py",
     "bench_sift.py",
 ]
