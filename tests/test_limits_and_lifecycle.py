@@ -337,7 +337,7 @@ def test_a_stop_during_an_adds_first_ivf_training_puts_the_training_off(data_dir
         server.close()  # the server stops as on SIGTERM (grace 2 s in tiny_config)
         stopped_after = time.monotonic() - started
         adding.join(30)
-    assert stopped_after < 3.0, f"the stop waited {stopped_after:.1f} s for the k-means"
+    assert stopped_after < 4.0, f"the stop waited {stopped_after:.1f} s for the k-means"
     assert "IVF training of 20000 vectors postponed" in caplog.text
     assert len(outcome) == 1 and outcome[0].added_count == 256, outcome
     with (
