@@ -56,6 +56,7 @@ from imagesearch.server.errors import (
     shown,
 )
 from imagesearch.server.files import fsync_dir, remove_temp_files
+from imagesearch.server.vector_index import FLOAT16, INT8, quantizable
 
 log = logging.getLogger(__name__)
 
@@ -306,6 +307,13 @@ class Catalog:
                 f"metric {metric!r} supports index types {sorted(metric_obj.index_types)}, not {index_type!r}",
                 field="index_type",
                 reason="METRIC_INDEX_MISMATCH",
+            )
+        if storage in (FLOAT16, INT8) and not quantizable(metric_obj):
+            raise FailedPrecondition(
+                f"storage {storage} keeps quantised vectors, which FAISS searches by L2 and inner product "
+                f"only (metrics l2, ip, cosine); metric {metric!r} needs float32 storage",
+                field="collection.storage",
+                reason="METRIC_STORAGE_MISMATCH",
             )
         spec = CollectionSpec(
             name=name,

@@ -1156,7 +1156,7 @@ class Collection:
         GetCollection must see it, not only the start-up log; an outside test)."""
         if self.problem:
             return self.problem
-        warnings = [self.index.training_error if self.index is not None else ""]
+        warnings = [self.index.training_error, self.index.storage_note] if self.index is not None else []
         if self._extractor is None:
             warnings.insert(
                 0,

@@ -136,6 +136,18 @@ def search_threads(queries: int, vectors: int, dim: int) -> int:
 FLOAT32, FLOAT16, INT8 = "float32", "float16", "int8"
 STORAGES = (FLOAT32, FLOAT16, INT8)
 
+# FAISS's scalar quantizer (float16 and int8 storage) searches by L2 and inner product only: its
+# search asserts on any other metric. CreateCollection refuses other metrics with those storages;
+# a float16 collection made with one before that check (a plugin's l1: every search failed, an
+# outside test) keeps float32 vectors, and says so.
+QUANTIZABLE_METRICS = (faiss.METRIC_L2, faiss.METRIC_INNER_PRODUCT)
+
+
+def quantizable(metric: Metric) -> bool:
+    """Whether float16 and int8 storage can serve ``metric``."""
+    return metric.faiss_metric in QUANTIZABLE_METRICS
+
+
 SCALAR_TYPES = {FLOAT16: faiss.ScalarQuantizer.QT_fp16, INT8: faiss.ScalarQuantizer.QT_8bit}
 
 # int8 is for cosine collections, whose prepared vectors have unit length: every component lies in
@@ -288,7 +300,7 @@ class VectorIndex:
         if self.spec.kind == HNSW:
             inner = faiss.IndexHNSWFlat(self.spec.dim, self.spec.hnsw_m, self.spec.metric.faiss_metric)
             inner.hnsw.efConstruction = self.spec.ef_construction
-        elif self.spec.storage == FLOAT16:  # flat only: CreateCollection refuses it elsewhere
+        elif self.stored_as == FLOAT16:  # flat only: CreateCollection refuses it elsewhere
             inner = self._scalar_quantizer(SCALAR_TYPES[FLOAT16])
         else:  # flat, IVF before it is trained, int8 before it learns its grid
             inner = _flat(self.spec)
@@ -301,6 +313,21 @@ class VectorIndex:
         return inner
 
     # -- state -------------------------------------------------------------------
+    @property
+    def stored_as(self) -> str:
+        """The storage the index keeps: the spec's, but float32 for a metric FAISS cannot quantise."""
+        return self.spec.storage if quantizable(self.spec.metric) else FLOAT32
+
+    @property
+    def storage_note(self) -> str:
+        """Why the index keeps another storage than the spec asks for ("" when it does not)."""
+        if self.stored_as == self.spec.storage:
+            return ""
+        return (
+            f"storage {self.spec.storage} cannot serve metric {self.spec.metric.name!r} (FAISS quantises "
+            "for L2 and inner product only): its vectors are kept as float32"
+        )
+
     @property
     def faiss_index(self) -> faiss.Index:
         """The FAISS object itself (for persistence)."""
@@ -773,8 +800,8 @@ class VectorIndex:
             inner = faiss.downcast_index(index.index)
             if self.spec.kind == HNSW:
                 wanted = faiss.IndexHNSWFlat
-            elif self.spec.storage == FLOAT16 or (
-                self.spec.storage == INT8 and isinstance(inner, faiss.IndexScalarQuantizer)
+            elif self.stored_as == FLOAT16 or (
+                self.stored_as == INT8 and isinstance(inner, faiss.IndexScalarQuantizer)
             ):  # int8 holds float32 until it learns its grid
                 wanted = faiss.IndexScalarQuantizer
             else:

@@ -55,3 +55,15 @@ def test_colorhist_collection_end_to_end(colorhist_plugin, data_dir, metric):
         except grpc.RpcError as caught:
             error = caught
         assert error is not None and error.code() == grpc.StatusCode.FAILED_PRECONDITION
+        # FAISS quantises for L2 and inner product only: a float16 collection of this metric was
+        # accepted, then every search failed INTERNAL while it reported READY (an outside test).
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.CreateCollection(
+                pb.CreateCollectionRequest(
+                    collection=pb.Collection(
+                        name="y", extractor="colorhist-hsv", metric=metric, storage=pb.VECTOR_STORAGE_FLOAT16
+                    )
+                )
+            )
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "needs float32 storage" in refused.value.details()

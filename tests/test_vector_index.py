@@ -12,7 +12,7 @@ import pytest
 
 from imagesearch.plugins import l2_normalize
 from imagesearch.plugins.metrics import COSINE, INNER_PRODUCT, L2
-from imagesearch.plugins.types import FLAT, HNSW, IVF
+from imagesearch.plugins.types import FLAT, HNSW, IVF, Metric
 from imagesearch.server import vector_index
 from imagesearch.server.vector_index import (
     FLOAT16,
@@ -170,6 +170,23 @@ def test_hnsw_widens_its_beam_by_the_share_of_tombstones_and_keeps_its_recall() 
     finally:
         vector_index.hnsw_beam = original
     assert widened > narrow + 0.02, (widened, narrow)
+
+
+def test_float16_storage_of_a_metric_faiss_cannot_quantise_keeps_float32_and_says_so() -> None:
+    """A float16 collection of a plugin's L1 metric (created before CreateCollection refused it)
+    searched nothing: FAISS's scalar quantizer asserts on any metric but L2 and inner product. Its
+    index keeps float32 instead, answers exactly, and says why (GetCollection's state_reason)."""
+    l1 = Metric(name="l1", faiss_metric=faiss.METRIC_L1, description="", to_score=lambda d: -d)
+    rng = np.random.default_rng(13)
+    base = rng.normal(size=(200, DIM)).astype(np.float32)
+    index = VectorIndex(IndexSpec(kind=FLAT, dim=DIM, metric=l1, storage=FLOAT16))
+    index.add(np.arange(200), base)
+    assert index.stored_as == FLOAT32 and "kept as float32" in index.storage_note
+    query = rng.normal(size=(1, DIM)).astype(np.float32)
+    expected = np.argsort(np.abs(base - query).sum(axis=1), kind="stable")[:5]
+    assert index.search(query, 5)[1][0].tolist() == expected.tolist()
+    index.check_layout()  # a snapshot of it loads again
+    assert VectorIndex(IndexSpec(kind=FLAT, dim=DIM, metric=L2, storage=FLOAT16)).storage_note == ""
 
 
 def test_float16_storage_halves_memory_and_keeps_recall():
