@@ -9,6 +9,7 @@ leaves a half-made collection under a real name.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -17,7 +18,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -64,28 +65,60 @@ DEFAULT_COLLECTION = "default"
 
 
 class DataDirLock:
-    """An exclusive flock on ``<data>/LOCK``; released by the OS if the process dies."""
+    """Exclusive flocks on the data directory itself and on ``<data>/LOCK`` (which keeps the
+    owner's pid for the message a second server prints); released by the OS if the process dies.
+
+    The directory's own lock is the one that cannot be taken away: a file lock alone went with
+    the file, and a LOCK deleted by hand (a kill -9 leaves it, pid and all, which invites it) let
+    a second server open the same collections beside the first, whose indexes then disagreed and
+    whose adds went into a collection the other had deleted (an outside test). The file keeps its
+    lock too, so a server of an earlier version, which locks only the file, is kept out as well."""
 
     def __init__(self, data_dir: Path) -> None:
-        data_dir.mkdir(parents=True, exist_ok=True)
         self.path = data_dir / "LOCK"
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._fds: list[int] = []
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            data_dir.mkdir(parents=True, exist_ok=True)
+            directory = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY)
+            self._fds.append(directory)
+            self._lock(directory, data_dir)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            self._fds.append(self._fd)
+            self._lock(self._fd, data_dir)
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:
+            self.release()
+            if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise DataDirLocked(
+                    f"data directory {data_dir} cannot be written ({exc.strerror}): the server keeps its "
+                    "collections there and must write them; mount it read-write, give this user write "
+                    "access, or point --data (IMAGESEARCH_DATA) elsewhere"
+                ) from None
+            raise
+        except DataDirLocked:
+            self.release()
+            raise
+
+    def _lock(self, fd: int, data_dir: Path) -> None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            os.close(self._fd)
+            holder = "unknown"
+            with suppress(OSError):
+                holder = self.path.read_text(errors="replace").strip() or holder
             raise DataDirLocked(
                 f"data directory {data_dir} is in use by another process (pid {holder})"
             ) from None
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
 
     def release(self) -> None:
-        if self._fd >= 0:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = -1
+        for fd in self._fds:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
+        self._fds = []
+        self._fd = -1
 
 
 class Catalog:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import time
 
 import grpc
@@ -10,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from imagesearch.client import ImageSearchClient
 from imagesearch.server.app import run_server
+from imagesearch.server.catalog import DataDirLock
 from imagesearch.server.collection import SNAPSHOT_FILE
 from imagesearch.server.errors import DataDirLocked
 from imagesearch.v1 import image_search_service_pb2 as pb
@@ -106,6 +109,39 @@ def test_one_process_owns_a_data_directory(data_dir):
         pass
     with run_server(config, extra_plugins=[TINY_PLUGIN]):  # released on stop
         pass
+
+
+def test_a_deleted_lock_file_does_not_let_a_second_server_in(data_dir):
+    """The LOCK file is left by a kill -9, pid and all, which invites deleting it; deleted while a
+    server ran, it let a second one open the same collections (an outside test: their indexes
+    disagreed and an add went into a collection the other had deleted). The directory's own lock
+    holds."""
+    config = tiny_config(data_dir)
+    with run_server(config, extra_plugins=[TINY_PLUGIN]):
+        (data_dir / "LOCK").unlink()
+        with (
+            pytest.raises(DataDirLocked, match="in use by another process"),
+            run_server(config, extra_plugins=[TINY_PLUGIN]),
+        ):
+            pass
+    with run_server(config, extra_plugins=[TINY_PLUGIN]):  # released on stop, LOCK made again
+        assert (data_dir / "LOCK").read_text().strip() == str(os.getpid())
+
+
+def test_a_data_directory_that_cannot_be_written_is_named_with_what_to_do(data_dir, monkeypatch):
+    """A read-only file system stopped start-up with a bare ``[Errno 30] ... LOCK``."""
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        if str(path).endswith("LOCK"):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(DataDirLocked, match=r"cannot be written .*mount it read-write"):
+        DataDirLock(data_dir)
+    monkeypatch.undo()
+    DataDirLock(data_dir).release()  # nothing was left locked
 
 
 def test_sigterm_drains_and_persists(data_dir):
