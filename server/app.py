@@ -30,6 +30,7 @@ from grpc_status import rpc_status
 from imagesearch.plugins.manager import PluginRegistry
 from imagesearch.server.catalog import Catalog
 from imagesearch.server.config import ServerConfig
+from imagesearch.server.descriptors import raise_soft_limit
 from imagesearch.server.engine import Engine
 from imagesearch.server.errors import ResourceExhausted
 from imagesearch.server.imaging import check_decoder_cap
@@ -149,6 +150,7 @@ class _SnapshotThread(threading.Thread):
         while not self.stopped.wait(period):
             try:
                 self.catalog.snapshot_due(self.config.snapshot_every_ops, self.config.snapshot_interval_s)
+                self.catalog.close_idle_readers()
             except Exception:  # never let one failure end every collection's snapshots
                 log.exception("periodic snapshot failed")
 
@@ -345,6 +347,7 @@ def run_server(
     if config.data_dir.exists() and not config.data_dir.is_dir():  # said only "[Errno 17] File exists"
         raise RuntimeError(f"the data directory {config.data_dir} is a file; give --data a directory")
     registry = registry or plugin_registry(config, extra_plugins)
+    open_files = raise_soft_limit()  # before the collections are opened (server/descriptors.py)
     catalog = Catalog(config.data_dir, registry, config.limits)
     default_extractor_reported(config.default_extractor, registry)
     loop = pools = engine = None
@@ -363,6 +366,8 @@ def run_server(
                 "address": f"{config.host}:{port}",
                 "data_dir": str(config.data_dir),
                 "max_response_bytes": max_response_bytes(config.limits),  # what clients must accept
+                "open_files_limit": open_files,
+                "collections_allowed": catalog.collections_allowed(),
             },
         )
         served = True

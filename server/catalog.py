@@ -44,6 +44,15 @@ from imagesearch.server.collection import (
     index_params,
 )
 from imagesearch.server.config import Limits
+from imagesearch.server.descriptors import (
+    SEE,
+    NotEnoughDescriptors,
+    check_can_open,
+    collections_allowed,
+    open_files_limit,
+    out_of_descriptors,
+    out_of_descriptors_said,
+)
 from imagesearch.server.errors import (
     AlreadyExists,
     DataDirLocked,
@@ -51,12 +60,14 @@ from imagesearch.server.errors import (
     Internal,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
     disk_full_reported,
     is_disk_full,
     plugin_failure,
     shown,
 )
 from imagesearch.server.files import fsync_dir, remove_temp_files
+from imagesearch.server.store import READER_IDLE_S
 from imagesearch.server.vector_index import FLOAT16, INT8, quantizable
 
 log = logging.getLogger(__name__)
@@ -135,11 +146,16 @@ class Catalog:
         self._unavailable: dict[str, str] = {}
         self._no_default = ""  # why the default collection was not made, for its NOT_FOUND (ensure_default)
         self._mutex = threading.Lock()
-        self._clean_leftovers()
-        for path in sorted(self._root.iterdir()):
-            if path.is_dir() and not path.name.startswith("."):
+        try:
+            self._clean_leftovers()
+            found = [p for p in sorted(self._root.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+            check_can_open(len(found), open_files_limit())  # not half of them, the rest "damaged"
+            for path in found:
                 _remove_temp_files(path)
                 self._open_or_report(path)
+        except BaseException:
+            self.close()
+            raise
 
     def _open_or_report(self, path: Path) -> None:
         try:
@@ -147,6 +163,10 @@ class Catalog:
         except MisplacedCollection as exc:
             self._report_unavailable(path.name, str(exc))
         except (sqlite3.DatabaseError, ValueError, TypeError, OSError) as exc:
+            if out_of_descriptors():  # not the collection's fault: say so, and do not serve half
+                raise NotEnoughDescriptors(
+                    f"collection {path.name} cannot be opened ({exc}): {out_of_descriptors_said()}"
+                ) from exc
             self._report_unavailable(path.name, _why_unopenable(path, exc))
 
     def _report_unavailable(self, name: str, reason: str) -> None:
@@ -204,6 +224,7 @@ class Catalog:
         except sqlite3.DatabaseError:
             collection.close(snapshot=False)
             raise
+        collection.store.close_idle_readers()  # at start, each collection holds only its writer
         self._collections[spec.name] = collection
         log.info(
             "collection %s loaded: %d images in %.1f ms",
@@ -369,6 +390,7 @@ class Catalog:
                 raise AlreadyExists(
                     f"collection {name!r} already exists", field="name", reason="COLLECTION_EXISTS"
                 )
+            self._check_room_for_one_more()
             if (self._root / name).exists():  # a file, or a directory the server skipped at start
                 raise FailedPrecondition(
                     f"{self._root / name} is in the way and is not a collection: move it away first",
@@ -452,6 +474,34 @@ class Catalog:
             except SNAPSHOT_ERRORS as exc:
                 log.error("collection %s: snapshot failed: %s", collection.spec.name, exc)
 
+    def collections_allowed(self) -> int:
+        """How many collections this server takes: ``max_collections``, or fewer if its open-files
+        limit cannot hold that many under load (``descriptors``)."""
+        return min(self.limits.max_collections, collections_allowed(open_files_limit()))
+
+    def _check_room_for_one_more(self) -> None:
+        """RESOURCE_EXHAUSTED when one more collection would pass ``collections_allowed``."""
+        held = len(self._collections) + len(self._unavailable)
+        allowed = self.collections_allowed()
+        if held < allowed:
+            return
+        why = (
+            "the limit max_collections"
+            if allowed == self.limits.max_collections
+            else f"what this server's open-files limit ({open_files_limit()}) holds: {SEE}"
+        )
+        raise ResourceExhausted(
+            f"the server holds {held} collections, {why}; delete one first",
+            reason="TOO_MANY_COLLECTIONS",
+            metadata={"limit": str(allowed), "value": str(held)},
+        )
+
+    def close_idle_readers(self) -> None:
+        """Close every store's reader connections unused for READER_IDLE_S: an idle collection
+        holds only its writer's file descriptors (``CollectionStore._take_reader``)."""
+        for collection in list(self._collections.values()):
+            collection.store.close_idle_readers(READER_IDLE_S)
+
     def close(self) -> None:
         with self._mutex:
             for collection in self._collections.values():
@@ -491,6 +541,8 @@ def _why_unopenable(directory: Path, exc: Exception) -> str:
     is suggested only for a damaged store, never for intact data the server may not write or a
     store that was moved away (opening never creates one: CollectionStore(create=False))."""
     store = directory / STORE_FILE
+    if out_of_descriptors():
+        return f"{directory} cannot be opened ({exc}): {out_of_descriptors_said()}. Nothing was changed"
     disk = os.statvfs(directory)
     if disk.f_flag & os.ST_RDONLY:
         return (

@@ -39,6 +39,7 @@ from imagesearch.plugins.types import (
 )
 from imagesearch.server.classify import CENTROID, Classification, shares
 from imagesearch.server.config import Limits
+from imagesearch.server.descriptors import out_of_descriptors, out_of_descriptors_said
 from imagesearch.server.errors import (
     Aborted,
     AlreadyExists,
@@ -1132,7 +1133,9 @@ class Collection:
             except sqlite3.DatabaseError as exc:  # damaged since it opened: say so, and let others list
                 count, self._local_bytes = 0, None
                 unreadable = (
-                    f"its store cannot be read: {exc}; restore it from a backup, or delete the collection"
+                    f"its store cannot be read: {exc}; {out_of_descriptors_said()}"
+                    if out_of_descriptors()
+                    else f"its store cannot be read: {exc}; restore it from a backup, or delete the collection"
                 )
         return CollectionInfo(
             spec=dataclasses.replace(spec, train_size=default_train_size(spec.nlist, spec.train_size)),

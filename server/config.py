@@ -63,6 +63,10 @@ class Limits:
     max_description_length: int = 1024
     default_page_size: int = 100
     max_page_size: int = 1000
+    # Collections the server holds (CreateCollection past it: RESOURCE_EXHAUSTED); fewer when the
+    # open-files limit cannot hold that many (server/descriptors.py). Each holds SQLite connections
+    # and about half a megabyte however small.
+    max_collections: int = 1000
     # Index parameters a client may choose (CreateCollection). Each bound keeps one collection's
     # index memory and build time proportional to its vectors: HNSW m=100000 costs 156 MB per
     # 200 vectors.

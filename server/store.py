@@ -138,6 +138,12 @@ def any_of(values: Iterable[object]) -> str:
     return json.dumps([v if isinstance(v, str) else int(v) for v in values])  # type: ignore[call-overload]
 
 
+# Reader connections a store has at most (reads beyond wait for one: each is one short statement),
+# and how long an unused one stays open (``CollectionStore._take_reader``).
+MAX_READERS = 4
+READER_IDLE_S = 60.0
+
+
 def insert_many(conn: sqlite3.Connection, insert: str, rows: Sequence[tuple[object, ...]]) -> None:
     """``insert`` ("INSERT INTO t(a, b) VALUES ") of every row, as few statements of many rows each.
 
@@ -187,9 +193,10 @@ class CollectionStore:
         collection checks first that none it relies on was lost, ``tables_at_open``)."""
         self.path = path
         self.tables_at_open: frozenset[str] = frozenset()  # an existing store's tables (``require_tables``)
-        self._local = threading.local()
-        self._readers: list[sqlite3.Connection] = []
+        self._idle_readers: list[tuple[sqlite3.Connection, float]] = []  # (connection, when given back)
+        self._reader_slots = threading.BoundedSemaphore(MAX_READERS)
         self._readers_lock = threading.Lock()
+        self._closed = False
         self._writer = _connect(path, create, page_size)
         if not create:
             self.tables_at_open = frozenset(
@@ -211,20 +218,77 @@ class CollectionStore:
             raise sqlite3.DatabaseError(f"the store has lost its {', '.join(missing)} table(s) (damaged)")
 
     # -- connections -----------------------------------------------------------
-    def _reader(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = _connect(self.path, create=False)
-            self._local.conn = conn
+    # Reads take one of at most MAX_READERS connections (waiting for one when all are busy) and
+    # give it back after their statement, instead of one connection for every thread that ever
+    # read. A connection holds two file descriptors, the database's and its WAL's, and SQLite keeps
+    # a closed connection's database descriptor open for reuse while the writer holds its lock: so
+    # a collection's descriptors follow the most connections it ever had at once. With every
+    # worker thread reading, that came to 41, and a client creating a few hundred collections ran
+    # the server out of descriptors: every call failed, and a restart under the same limit left
+    # most collections unreadable or did not start (an outside test). Now at most 3 + 2 x
+    # MAX_READERS. No read holds a connection while it asks for another (a statement is run and
+    # fetched whole), so waiting for one cannot deadlock. Connections unused for READER_IDLE_S are
+    # closed (``close_idle_readers``, from the snapshot thread): their WAL descriptors and caches go.
+    def _take_reader(self) -> sqlite3.Connection:
+        self._reader_slots.acquire()
+        try:
             with self._readers_lock:
-                self._readers.append(conn)
-        return conn
+                if self._closed:  # as a closed connection says it
+                    raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
+                if self._idle_readers:
+                    return self._idle_readers.pop()[0]  # the most recently used: its pages are warm
+            return _connect(self.path, create=False)
+        except BaseException:
+            self._reader_slots.release()
+            raise
+
+    def _give_back(self, conn: sqlite3.Connection) -> None:
+        try:
+            with self._readers_lock:
+                if not self._closed:
+                    self._idle_readers.append((conn, time.monotonic()))
+                    return
+            conn.close()
+        finally:
+            self._reader_slots.release()
+
+    def _rows(self, sql: str, args: Sequence[object] = ()) -> list[tuple]:
+        """Every row of one read statement, on a pooled reader connection."""
+        conn = self._take_reader()
+        try:
+            return conn.execute(sql, args).fetchall()
+        finally:
+            self._give_back(conn)
+
+    def _row(self, sql: str, args: Sequence[object] = ()) -> tuple | None:
+        """The first row of one read statement (or None), its statement ended before the connection
+        goes back: one left open would hold its snapshot, and the next reader would see old data."""
+        conn = self._take_reader()
+        try:
+            cursor = conn.execute(sql, args)
+            try:
+                return cursor.fetchone()
+            finally:
+                cursor.close()
+        finally:
+            self._give_back(conn)
+
+    def close_idle_readers(self, unused_for_s: float = 0.0) -> int:
+        """Close the pooled reader connections unused for ``unused_for_s``; returns how many."""
+        cutoff = time.monotonic() - unused_for_s
+        with self._readers_lock:
+            closing = [conn for conn, since in self._idle_readers if since <= cutoff]
+            self._idle_readers = [(conn, since) for conn, since in self._idle_readers if since > cutoff]
+        for conn in closing:
+            conn.close()
+        return len(closing)
 
     def close(self) -> None:
         with self._readers_lock:
-            for conn in self._readers:
-                conn.close()
-            self._readers.clear()
+            self._closed = True
+            idle, self._idle_readers = self._idle_readers, []
+        for conn, _ in idle:
+            conn.close()
         self._writer.close()
 
     @contextmanager
@@ -253,7 +317,7 @@ class CollectionStore:
 
     # -- small key/value state ---------------------------------------------------
     def get_meta(self, key: str) -> str | None:
-        row = self._reader().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        row = self._row("SELECT value FROM meta WHERE key = ?", (key,))
         return None if row is None else row[0]
 
     def set_meta(self, key: str, value: str) -> None:
@@ -281,7 +345,7 @@ class CollectionStore:
         """The token of the change that ended at ``seq`` (``_advance``), None if there is none: no
         change ends there, or it was made before stores kept them, or pruned (``prune_removals``)."""
         try:
-            row = self._reader().execute("SELECT token FROM commits WHERE seq = ?", (seq,)).fetchone()
+            row = self._row("SELECT token FROM commits WHERE seq = ?", (seq,))
         except sqlite3.OperationalError as exc:
             if "no such table" not in str(exc):
                 raise
@@ -304,7 +368,7 @@ class CollectionStore:
 
     # -- writes ------------------------------------------------------------------
     def existing_ids(self, ids: Sequence[str]) -> set[str]:
-        rows = self._reader().execute(f"SELECT id FROM images WHERE id IN {ANY_OF}", (any_of(ids),))
+        rows = self._rows(f"SELECT id FROM images WHERE id IN {ANY_OF}", (any_of(ids),))
         return {r[0] for r in rows}
 
     def insert(self, images: Sequence[NewImage]) -> tuple[list[int], list[int]]:
@@ -418,7 +482,7 @@ class CollectionStore:
         """What the index learnt, as ``keep_learnt`` kept it; None if nothing was (or the store is
         read without the tables later versions brought)."""
         try:
-            row = self._reader().execute("SELECT data FROM index_learnt WHERE slot = 1").fetchone()
+            row = self._row("SELECT data FROM index_learnt WHERE slot = 1")
         except sqlite3.OperationalError as exc:
             if "no such table" not in str(exc):
                 raise
@@ -439,19 +503,15 @@ class CollectionStore:
             sql, args = "SELECT COUNT(*) FROM images WHERE label = ?", (label,)
         else:
             sql, args = "SELECT COUNT(*) FROM images", ()
-        return int(self._reader().execute(sql, args).fetchone()[0])
+        return int(self._row(sql, args)[0])
 
     def get(
         self, image_id: str, *, with_original: bool = False, with_vector: bool = False
     ) -> ImageRow | None:
-        row = (
-            self._reader()
-            .execute(
-                "SELECT row_id, id, label, metadata, width, height, created, thumbnail, original, vector"
-                " FROM images WHERE id = ?",
-                (image_id,),
-            )
-            .fetchone()
+        row = self._row(
+            "SELECT row_id, id, label, metadata, width, height, created, thumbnail, original, vector"
+            " FROM images WHERE id = ?",
+            (image_id,),
         )
         if row is None:
             return None
@@ -469,7 +529,7 @@ class CollectionStore:
         )
 
     def vector_of(self, image_id: str) -> tuple[int, np.ndarray] | None:
-        row = self._reader().execute("SELECT row_id, vector FROM images WHERE id = ?", (image_id,)).fetchone()
+        row = self._row("SELECT row_id, vector FROM images WHERE id = ?", (image_id,))
         if row is None:
             return None
         return int(row[0]), np.frombuffer(row[1], dtype=np.float32).copy()
@@ -480,7 +540,7 @@ class CollectionStore:
         hits instead of ~0.1)."""
         if len(row_ids) == 0:
             return {}
-        rows = self._reader().execute(
+        rows = self._rows(
             f"SELECT row_id, id, label, metadata FROM images WHERE row_id IN {ANY_OF}", (any_of(row_ids),)
         )
         return {r[0]: HitRow(r[0], r[1], r[2], {} if r[3] == "{}" else json.loads(r[3])) for r in rows}
@@ -489,9 +549,7 @@ class CollectionStore:
         """Raw float32 vectors keyed by row id (rows deleted meanwhile are absent)."""
         if len(row_ids) == 0:
             return {}
-        rows = self._reader().execute(
-            f"SELECT row_id, vector FROM images WHERE row_id IN {ANY_OF}", (any_of(row_ids),)
-        )
+        rows = self._rows(f"SELECT row_id, vector FROM images WHERE row_id IN {ANY_OF}", (any_of(row_ids),))
         return {r[0]: np.frombuffer(r[1], dtype=np.float32) for r in rows}
 
     def row_ids_with_labels(self, labels: Sequence[str], upto_seq: int) -> np.ndarray:
@@ -511,8 +569,7 @@ class CollectionStore:
             for label in labels
             if "\x00" in label
         ]
-        conn = self._reader()
-        found = [row[0] for sql, value in queries for row in conn.execute(sql, (value, upto_seq))]
+        found = [row[0] for sql, value in queries for row in self._rows(sql, (value, upto_seq))]
         return np.unique(np.array(found, dtype=np.int64))
 
     def page(self, after_row_id: int, limit: int, label: str | None = None) -> list[ImageRow]:
@@ -524,24 +581,20 @@ class CollectionStore:
             args.append(label)
         sql += " ORDER BY row_id LIMIT ?"
         args.append(limit)
-        return [
-            ImageRow(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5], r[6])
-            for r in self._reader().execute(sql, args)
-        ]
+        return [ImageRow(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5], r[6]) for r in self._rows(sql, args)]
 
     def iter_vectors(
         self, after_seq: int = 0, chunk: int = 4096, upto_seq: int | None = None
     ) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
         """Yield (row_ids, raw vectors, their seqs) in seq order for rows added after ``after_seq``
         (and up to ``upto_seq``, when given)."""
-        conn = self._reader()
         last = after_seq
         upto = MAX_SEQ if upto_seq is None else upto_seq
         while True:
-            rows = conn.execute(
+            rows = self._rows(
                 "SELECT row_id, vector, seq FROM images WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
                 (last, upto, chunk),
-            ).fetchall()
+            )
             if not rows:
                 return
             ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
@@ -552,13 +605,12 @@ class CollectionStore:
 
     def iter_labelled(self, chunk: int = 4096) -> Iterator[tuple[np.ndarray, list[str], np.ndarray]]:
         """Yield (row_ids, labels, raw vectors) of every labelled row, in row order."""
-        conn = self._reader()
         last = 0
         while True:
-            rows = conn.execute(
+            rows = self._rows(
                 "SELECT row_id, label, vector FROM images WHERE label != '' AND row_id > ? ORDER BY row_id LIMIT ?",
                 (last, chunk),
-            ).fetchall()
+            )
             if not rows:
                 return
             last = rows[-1][0]
@@ -566,29 +618,27 @@ class CollectionStore:
             yield ids, [r[1] for r in rows], np.stack([np.frombuffer(r[2], dtype=np.float32) for r in rows])
 
     def extractor_state(self) -> bytes | None:
-        row = self._reader().execute("SELECT data FROM extractor_state WHERE slot = 1").fetchone()
+        row = self._row("SELECT data FROM extractor_state WHERE slot = 1")
         return None if row is None else bytes(row[0])
 
     def local_features_of(self, row_ids: Sequence[int]) -> dict[int, bytes]:
         """Stored local features by row id (rows without any are absent)."""
-        rows = self._reader().execute(
+        rows = self._rows(
             f"SELECT row_id, data FROM local_features WHERE row_id IN {ANY_OF}", (any_of(row_ids),)
         )
         return {r: bytes(d) for r, d in rows}
 
     def local_row_ids(self) -> np.ndarray:
         """Row ids of every image with local features, ascending."""
-        rows = self._reader().execute("SELECT row_id FROM local_features ORDER BY row_id")
+        rows = self._rows("SELECT row_id FROM local_features ORDER BY row_id")
         return np.fromiter((r[0] for r in rows), dtype=np.int64)
 
     def local_features_bytes(self) -> int:
-        return int(
-            self._reader().execute("SELECT COALESCE(SUM(LENGTH(data)), 0) FROM local_features").fetchone()[0]
-        )
+        return int(self._row("SELECT COALESCE(SUM(LENGTH(data)), 0) FROM local_features")[0])
 
     def removals_after(self, seq: int, upto_seq: int | None = None) -> list[tuple[int, int]]:
         """(seq, row_id) of removals logged after ``seq`` (and up to ``upto_seq``, when given)."""
-        rows = self._reader().execute(
+        rows = self._rows(
             "SELECT seq, row_id FROM removals WHERE seq > ? AND seq <= ? ORDER BY seq",
             (seq, MAX_SEQ if upto_seq is None else upto_seq),
         )

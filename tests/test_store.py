@@ -8,6 +8,7 @@ is checked directly against a store on a temporary file.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 
 from imagesearch.server.errors import AlreadyExists
-from imagesearch.server.store import CollectionStore, HitRow, ImageRow, NewImage, page_size_for
+from imagesearch.server.store import MAX_READERS, CollectionStore, HitRow, ImageRow, NewImage, page_size_for
 
 DIM = 4
 
@@ -441,3 +442,43 @@ def test_a_snapshot_of_a_change_without_a_token_gets_one_and_keeps_it(store: Col
     store._writer.execute("DELETE FROM commits WHERE seq = 1")  # as a change of an earlier version
     made = store.snapshot_token(1)
     assert len(made) == 8 and store.snapshot_token(1) == made == store.commit_token(1)
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_reads_share_a_few_pooled_connections_and_idle_ones_close(store: CollectionStore) -> None:
+    """Each connection holds two file descriptors; one per thread that ever read brought a
+    collection to 41, and a few hundred collections ran the server out (an outside test). Reads
+    from 32 threads at once open at most MAX_READERS connections, and idle ones close (SQLite keeps
+    a closed one's database descriptor for reuse while the writer holds its lock: not its WAL's)."""
+    before = open_descriptors()
+    store.insert([image(f"img{i}") for i in range(10)])
+    start = threading.Barrier(32)
+
+    def read() -> None:
+        start.wait()
+        for _ in range(20):
+            assert store.count() == 10 and store.get("img3") is not None
+
+    threads = [threading.Thread(target=read) for _ in range(32)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert open_descriptors() - before <= 2 * MAX_READERS
+    assert store.close_idle_readers(unused_for_s=3600) == 0  # just used: kept
+    assert store.close_idle_readers() <= MAX_READERS
+    assert open_descriptors() - before <= MAX_READERS
+
+
+def test_a_pooled_connection_sees_every_commit_before_its_read(store: CollectionStore) -> None:
+    """A statement left open on a pooled connection would hold its snapshot for the next reader."""
+    store.insert([image("a"), image("b")])
+    assert store.get_meta("seq") == "2" and store.count() == 2  # fetchone: the statement is ended
+    store.insert([image("c")])
+    assert store.get_meta("seq") == "3" and store.count() == 3
+    store.close()
+    with pytest.raises(sqlite3.ProgrammingError):
+        store.count()
