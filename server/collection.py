@@ -1160,6 +1160,13 @@ class Collection:
         if self.problem:
             return self.problem
         warnings = [self.index.training_error, self.index.storage_note] if self.index is not None else []
+        if self.spec.local_features and self._local is None:
+            warnings.insert(
+                0,
+                f"image adds and re-ranking are refused: local features {self.spec.local_features!r} "
+                f"version {self.spec.local_features_version!r} are not provided by this server (install "
+                "or enable that plugin)",
+            )
         if self._extractor is None:
             warnings.insert(
                 0,

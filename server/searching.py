@@ -283,7 +283,8 @@ class Searching:
         plan.rerank = self._rerank_candidates(query, collection, k)
         if query.image is not None:
             collection.check_extractor()
-            collection.local_features  # noqa: B018  (raises when the server cannot extract them)
+            if plan.rerank or collection.spec.trainable:  # needed: raises when the server cannot extract them
+                collection.local_features  # noqa: B018  (a hybrid collection's plain query needs none)
             step = time.perf_counter()
             plan.pixels = decode_image(
                 query.image, self.limits, "image", self.extraction.min_side(collection)

@@ -127,6 +127,34 @@ def test_the_hybrid_reranks_cnn_candidates_by_geometry(
     assert by_id.hits[1].inliers < by_id.hits[0].inliers
 
 
+def test_a_hybrid_without_its_local_features_plugin_says_so_and_still_answers_plain_queries(
+    tmp_path: Path, images: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Restarted with the sift plugin disabled, a CNN collection keeping SIFT features reported
+    READY with no state_reason while it refused every image search, re-ranked or not (an outside
+    test). A plain query needs no local features; adds and re-ranking do, and GetCollection says so."""
+    config = tiny_config(tmp_path / "data")
+    with (
+        run_server(config, extra_plugins=[TINY_PLUGIN]) as running,
+        ImageSearchClient(running.target) as client,
+    ):
+        fill(client, "hybrid", images, extractor="tiny-8x8", local_features="sift")
+    query = images[sorted(images)[0]]
+    monkeypatch.setenv("IMAGESEARCH_DISABLE_PLUGINS", "sift")
+    with (
+        run_server(config, extra_plugins=[TINY_PLUGIN]) as running,
+        ImageSearchClient(running.target) as client,
+    ):
+        info = client.get_collection("hybrid")
+        assert "re-ranking are refused: local features 'sift'" in info.state_reason
+        assert client.search(query, collection="hybrid", top_k=3).hits[0].id == sorted(images)[0]
+        with pytest.raises(FailedPrecondition) as refused:
+            client.search(query, collection="hybrid", top_k=3, rerank=10)
+        assert refused.value.reason == "LOCAL_FEATURES_UNAVAILABLE"
+        with pytest.raises(FailedPrecondition):
+            client.add_images([ImageItem(id="new", content=query)], collection="hybrid")
+
+
 def test_rerank_needs_local_features_and_an_image(
     client: ImageSearchClient, images: dict[str, bytes]
 ) -> None:
