@@ -224,7 +224,7 @@ class Catalog:
         except sqlite3.DatabaseError:
             collection.close(snapshot=False)
             raise
-        collection.store.close_idle_readers()  # at start, each collection holds only its writer
+        collection.store.close_idle_readers()  # the reader that loaded the index: its WAL descriptor goes
         self._collections[spec.name] = collection
         log.info(
             "collection %s loaded: %d images in %.1f ms",
@@ -498,7 +498,7 @@ class Catalog:
 
     def close_idle_readers(self) -> None:
         """Close every store's reader connections unused for READER_IDLE_S: an idle collection
-        holds only its writer's file descriptors (``CollectionStore._take_reader``)."""
+        gives back their WAL descriptors and page caches (``CollectionStore._take_reader``)."""
         for collection in list(self._collections.values()):
             collection.store.close_idle_readers(READER_IDLE_S)
 
