@@ -122,7 +122,7 @@ def hnsw_beam(ef_search: int, k: int, held: int, tombstones: int) -> int:
     widened by the share of nodes that are tombstones (at most a quarter, ``needs_compaction``),
     which take room in it without being answers, so that it holds ``ef_search`` live candidates
     as a graph without removals would (an outside test measured recall@10 0.83 after heavy churn;
-    bench/bench_index.py prints recall with a quarter removed)."""
+    bench/bench_hnsw_removals.py prints recall with and without it)."""
     alive = max(held - tombstones, 1)
     return max(ef_search, k) * held // alive if tombstones else max(ef_search, k)
 
