@@ -45,6 +45,8 @@ from imagesearch.server.collection import (
 )
 from imagesearch.server.config import Limits
 from imagesearch.server.descriptors import (
+    PER_COLLECTION,
+    RESERVED,
     SEE,
     NotEnoughDescriptors,
     check_can_open,
@@ -57,6 +59,7 @@ from imagesearch.server.errors import (
     AlreadyExists,
     DataDirLocked,
     FailedPrecondition,
+    ImageSearchError,
     Internal,
     InvalidArgument,
     NotFound,
@@ -365,7 +368,7 @@ class Catalog:
         if storage in (FLOAT16, INT8) and not quantizable(metric_obj):
             raise FailedPrecondition(
                 f"storage {storage} keeps quantised vectors, which FAISS searches by L2 and inner product "
-                f"only (metrics l2, ip, cosine); metric {metric!r} needs float32 storage",
+                f"only; metric {metric!r} needs float32 storage",
                 field="collection.storage",
                 reason="METRIC_STORAGE_MISMATCH",
             )
@@ -464,8 +467,10 @@ class Catalog:
             self.create(
                 DEFAULT_COLLECTION, extractor=extractor, metric="cosine", description="zero-setup collection"
             )
-        except FailedPrecondition as exc:
+        except ImageSearchError as exc:  # never a reason not to start: the others serve
+            # (a full collection budget or disk stopped start-up with a traceback: an outside test)
             log.error("default collection not created: %s", exc.message)
+            self._no_default = f"; it was not created at start-up: {exc.message}"
 
     def snapshot_due(self, every_ops: int, interval_s: float) -> None:
         for collection in list(self._collections.values()):
@@ -486,12 +491,13 @@ class Catalog:
         if held < allowed:
             return
         why = (
-            "the limit max_collections"
+            "the limit max_collections: delete one first, or raise the limit"
             if allowed == self.limits.max_collections
-            else f"what this server's open-files limit ({open_files_limit()}) holds: {SEE}"
+            else f"as many as its open-files limit ({open_files_limit()}) holds at {PER_COLLECTION} "
+            f"descriptors a collection and {RESERVED} kept for the rest: {SEE}"
         )
         raise ResourceExhausted(
-            f"the server holds {held} collections, {why}; delete one first",
+            f"the server holds {held} collections, {why}",
             reason="TOO_MANY_COLLECTIONS",
             metadata={"limit": str(allowed), "value": str(held)},
         )

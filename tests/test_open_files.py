@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imagesearch.client import ImageItem, ImageSearchClient, ResourceExhausted
+from imagesearch.client import ImageItem, ImageSearchClient, NotFound, ResourceExhausted
 from imagesearch.server import descriptors
 from imagesearch.server.app import run_server
 from tests.conftest import tiny_config
@@ -59,8 +59,33 @@ def test_collections_are_refused_past_what_the_open_files_limit_holds(
     ):
         client.create_collection("a")
         client.create_collection("b")
-        with pytest.raises(ResourceExhausted, match=r"open-files limit \(278\) holds: raise it \(ulimit -n"):
+        with pytest.raises(
+            ResourceExhausted, match=r"open-files limit \(278\) holds .*: raise it \(ulimit -n"
+        ):
             client.create_collection("c")
+
+
+def test_a_full_collection_budget_leaves_the_default_collection_out_and_starts(
+    data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Restarted with ``max_collections`` collections and ``default`` deleted, the server stopped
+    with a traceback (exit code 1) trying to make ``default`` again (an outside test)."""
+    config = tiny_config(data_dir, limits={"max_collections": 2})
+    with (
+        run_server(config, extra_plugins=[TINY_PLUGIN]) as running,
+        ImageSearchClient(running.target) as client,
+    ):
+        client.create_collection("a")
+        client.delete_collection("default")
+        client.create_collection("b")
+    with (
+        run_server(config, extra_plugins=[TINY_PLUGIN]) as running,
+        ImageSearchClient(running.target) as client,
+    ):
+        assert sorted(c.name for c in client.list_collections()) == ["a", "b"]
+        with pytest.raises(NotFound, match="not created at start-up: the server holds 2 collections"):
+            client.get_collection("default")
+    assert "default collection not created" in caplog.text
 
 
 def test_a_start_the_open_files_limit_cannot_hold_is_refused_with_what_to_do(tmp_path: Path) -> None:
