@@ -143,8 +143,16 @@ def fail(message: str) -> int:
     return EXIT_ERROR
 
 
-def server_error(error: ImageSearchError, target: str) -> int:
-    """Report a failed call in terms a shell user can act on (naming the server it tried)."""
+def server_error(error: ImageSearchError, target: str, *, reached: bool = False) -> int:
+    """Report a failed call in terms a shell user can act on (naming the server it tried).
+    ``reached``: the command had already been answered by that server, so an UNAVAILABLE means it
+    went away (stopped, restarted, the network failed), not a wrong address (an outside test: an
+    import cut off by a killed server was told to check --target)."""
+    if isinstance(error, Unavailable) and reached:
+        return fail(
+            f"lost the imagesearch server at {target} ({error.message}): it stopped, or the network "
+            "to it failed"
+        )
     if isinstance(error, Unavailable):
         return fail(
             f"cannot reach an imagesearch server at {target} ({error.message}). Is it running? "

@@ -92,7 +92,7 @@ def _import(client: ImageSearchClient, scan: FolderScan, args: argparse.Namespac
         )
         holds = client.get_collection(args.collection).image_count
     except ImageSearchError as error:
-        return _unfinished(progress, server_error(error, args.target))
+        return _unfinished(progress, server_error(error, args.target, reached=True))
     except OSError as error:  # a file vanished or changed while it was being sent
         return _unfinished(progress, fail(str(error)))
     except KeyboardInterrupt:

@@ -135,6 +135,22 @@ def test_killed_import_completes_on_rerun_storing_each_image_once(server, client
     assert set(images) == expected_ids(tree) and client.get_collection(collection).image_count == TREE_SIZE
 
 
+def test_a_server_lost_mid_import_is_not_called_unreachable(tree, tmp_path):
+    """A killed server was reported as "cannot reach ... Is it running? Pass --target", advice for
+    a wrong address, after it had stored part of the import (an outside test)."""
+    own = tiny_server(tmp_path / "data")
+    try:
+        process = start_until_progress("add", str(tree), "--target", own.target, "--batch-size", "2")
+        own.kill9()
+        _, errors = process.communicate(timeout=60)
+    finally:
+        if own.proc.poll() is None:
+            own.kill9()
+    assert process.returncode == 2, errors
+    assert f"lost the imagesearch server at {own.target}" in errors and "--target" not in errors
+    assert "run the same command again" in errors
+
+
 def test_ctrl_c_is_exit_code_130_and_says_how_to_finish(server, collection, tree):
     process = start_until_progress("add", str(tree), "--collection", collection, "--target", server.target, "--batch-size", "2")  # fmt: skip
     process.send_signal(signal.SIGINT)
