@@ -22,6 +22,7 @@ from imagesearch.v1 import image_search_service_pb2_grpc as pb_grpc
 from tests.conftest import tiny_config
 from tests.support.gate_plugin import GatePlugin
 from tests.support.images import encode, pattern
+from tests.support.stopping import stop_during
 from tests.support.tiny_plugin import TINY_PLUGIN, TinyExtractor
 from tests.support.waiting import until as wait_until
 
@@ -316,30 +317,19 @@ def test_a_stop_during_an_adds_first_ivf_training_puts_the_training_off(data_dir
     base = rng.normal(size=(20_156, DIM)).astype(np.float32)
     ivf = {"nlist": 8192, "nprobe": 8192, "train_size": 20_000}
     items = [ImageItem(id=str(i), vector=v) for i, v in enumerate(base)]
-    outcome: list[object] = []
     server = ExitStack()
     running = server.enter_context(run_server(config, extra_plugins=[TINY_PLUGIN]))
     with ImageSearchClient(running.target) as client:
         client.create_collection("lists", metric="l2", index_type="ivf", ivf=ivf)
         for start in range(0, 19_900, 256):
             client.add_images(items[start : min(start + 256, 19_900)], collection="lists")
-
-        def crossing_add() -> None:  # 19,900 + 256 crosses train_size: the k-means starts after the commit
-            try:
-                outcome.append(client.add_images(items[19_900:], collection="lists"))
-            except Exception as exc:
-                outcome.append(exc)
-
-        adding = threading.Thread(target=crossing_add)
-        adding.start()
-        time.sleep(1.5)  # the rows are committed and the k-means runs
-        started = time.monotonic()
-        server.close()  # the server stops as on SIGTERM (grace 2 s in tiny_config)
-        stopped_after = time.monotonic() - started
-        adding.join(30)
+        # 19,900 + 256 crosses train_size: the k-means starts after the commit (grace 2 s in tiny_config)
+        stopped_after, outcome = stop_during(
+            server, lambda: client.add_images(items[19_900:], collection="lists")
+        )
     assert stopped_after < 4.0, f"the stop waited {stopped_after:.1f} s for the k-means"
     assert "IVF training of 20000 vectors postponed" in caplog.text
-    assert len(outcome) == 1 and outcome[0].added_count == 256, outcome
+    assert getattr(outcome, "added_count", None) == 256, outcome
     with (
         run_server(config, extra_plugins=[TINY_PLUGIN]) as running,
         ImageSearchClient(running.target) as client,

@@ -5,7 +5,6 @@ CNN candidates (the hybrid), and the bad input around them."""
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -18,13 +17,13 @@ from imagesearch.client import (
     FailedPrecondition,
     ImageItem,
     ImageSearchClient,
-    ImageSearchError,
     InvalidArgument,
     Unavailable,
 )
 from imagesearch.server.app import RunningServer, run_server
 from imagesearch.server.dataset_builder import available_sources, encode_jpeg, resize_long_side
 from tests.conftest import tiny_config
+from tests.support.stopping import stop_during
 from tests.support.tiny_plugin import TINY_PLUGIN
 
 pytestmark = pytest.mark.e2e
@@ -269,29 +268,17 @@ def test_a_stop_during_a_long_vocabulary_fit_ends_the_fit_at_once(
     16,384-word fit is minutes: the stop's watchdog gave up first, exit code 1). The training is
     refused as SHUTTING_DOWN and the collection keeps its vocabulary across the restart."""
     config = tiny_config(tmp_path / "data")
-    outcome: list[BaseException | object] = []
     server = ExitStack()
     running = server.enter_context(run_server(config, extra_plugins=[TINY_PLUGIN]))
     with ImageSearchClient(running.target) as client:  # outlives the server: its call must end
         fill(client, "big", images, extractor="sift-bovw")
         before = client.get_collection("big").extractor_version
-
-        def train() -> None:  # 6,000 words over the ~27,000 descriptors of these photos: ~10 s here
-            try:
-                outcome.append(client.train_collection("big", model_size=6000, seed=1))
-            except ImageSearchError as exc:
-                outcome.append(exc)
-
-        training = threading.Thread(target=train)
-        training.start()
-        time.sleep(1.5)  # the features are read and the k-means runs
-        started = time.monotonic()
-        server.close()  # the server stops as on SIGTERM (grace 2 s in tiny_config)
-        stopped_after = time.monotonic() - started
-    training.join(30)
+        # 6,000 words over the ~27,000 descriptors of these photos: ~10 s here (grace 2 s in tiny_config)
+        stopped_after, outcome = stop_during(
+            server, lambda: client.train_collection("big", model_size=6000, seed=1)
+        )
     assert stopped_after < 4.0, f"the stop waited {stopped_after:.1f} s for the fit"
-    assert len(outcome) == 1 and isinstance(outcome[0], Unavailable), outcome
-    assert outcome[0].reason == "SHUTTING_DOWN"
+    assert isinstance(outcome, Unavailable) and outcome.reason == "SHUTTING_DOWN", outcome
     with (
         run_server(config, extra_plugins=[TINY_PLUGIN]) as running,
         ImageSearchClient(running.target) as client,
@@ -396,7 +383,6 @@ def test_training_under_concurrent_adds_and_searches_never_mixes_vocabularies(
     (a query encoded with the replaced vocabulary is encoded again from its local features), and
     afterwards every image, added before, during or after, is encoded with the final vocabulary
     (its own bytes, encoded now, find it with cosine 1)."""
-    import threading
 
     from imagesearch.client import Aborted
 
