@@ -96,11 +96,11 @@ class DataDirLock:
             directory = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY)
             self._fds.append(directory)
             self._lock(directory, data_dir)
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            self._fds.append(self._fd)
-            self._lock(self._fd, data_dir)
-            os.ftruncate(self._fd, 0)
-            os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+            lock_file = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            self._fds.append(lock_file)
+            self._lock(lock_file, data_dir)
+            os.ftruncate(lock_file, 0)
+            os.pwrite(lock_file, f"{os.getpid()}\n".encode(), 0)
         except OSError as exc:
             self.release()
             if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
@@ -132,7 +132,6 @@ class DataDirLock:
             finally:
                 os.close(fd)
         self._fds = []
-        self._fd = -1
 
 
 class Catalog:

@@ -79,6 +79,6 @@ def out_of_descriptors() -> bool:
     return False
 
 
-def out_of_descriptors_said(limit: int | None = None) -> str:
+def out_of_descriptors_said() -> str:
     """What to tell an operator when ``out_of_descriptors``."""
-    return f"the server has run out of open files (its limit is {limit or open_files_limit()}): {SEE}"
+    return f"the server has run out of open files (its limit is {open_files_limit()}): {SEE}"

@@ -149,3 +149,40 @@ def test_a_collection_used_from_many_threads_keeps_its_descriptors_bounded(data_
             list(pool.map(use, range(32)))
         per_collection = (open_descriptors() - before) / len(names)
     assert per_collection <= descriptors.PER_COLLECTION, per_collection
+
+
+def test_running_out_of_descriptors_is_told_apart_from_a_damaged_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite says only "unable to open database file"; out of descriptors, that advised deleting an
+    intact collection. ``out_of_descriptors`` probes for EMFILE (here in a child run out of them),
+    and a start that meets it is refused saying so, with nothing marked damaged."""
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import os, resource\n"
+            "from imagesearch.server.descriptors import out_of_descriptors\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))\n"
+            "before = out_of_descriptors()\n"
+            "held = []\n"
+            "try:\n"
+            "    while True: held.append(os.open(os.devnull, os.O_RDONLY))\n"
+            "except OSError: pass\n"
+            "print(before, out_of_descriptors())\n",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert probe.stdout.split() == ["False", "True"], probe.stdout + probe.stderr
+    data = tmp_path / "data"
+    with run_server(tiny_config(data), extra_plugins=[TINY_PLUGIN]):
+        pass
+    (data / "collections" / "default" / "store.sqlite3").write_bytes(b"not a database")
+    monkeypatch.setattr("imagesearch.server.catalog.out_of_descriptors", lambda: True)
+    with (
+        pytest.raises(descriptors.NotEnoughDescriptors, match=r"run out of open files .*ulimit -n"),
+        run_server(tiny_config(data), extra_plugins=[TINY_PLUGIN]),
+    ):
+        pass

@@ -474,7 +474,8 @@ def test_reads_share_a_few_pooled_connections_and_idle_ones_close(store: Collect
 
 
 def test_a_pooled_connection_sees_every_commit_before_its_read(store: CollectionStore) -> None:
-    """A statement left open on a pooled connection would hold its snapshot for the next reader."""
+    """Reads on pooled connections see every commit made before them (one given back inside a read
+    transaction would not), and a closed store refuses reads as a closed connection does."""
     store.insert([image("a"), image("b")])
     assert store.get_meta("seq") == "2" and store.count() == 2  # fetchone: the statement is ended
     store.insert([image("c")])
